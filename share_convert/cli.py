@@ -1,0 +1,274 @@
+"""The ``share-convert`` command line: a thin shell over the library.
+
+Every command turns a :class:`~share_convert.errors.ShareError` (or an OS error such as a full
+disk) into one line on stderr and exit code 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import api
+from .consolidation import DEFAULT_TARGET_ERROR, ConsolidationConfig
+from .errors import ShareError
+
+app = typer.Typer(
+    name="share-convert",
+    help=(
+        "Consolidate many LoRA adapters into one Share checkpoint (shared bases per module plus tiny "
+        "per-task coefficients), and take any task back out as a PEFT adapter.\n\n"
+        "Example: share-convert merge adapters/*.safetensors -o share.safetensors"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn user errors into one line and exit code 2; let bugs surface."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ShareError as e:
+            fail(e.one_line())
+        except OSError as e:
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            fail(f"{where}{e.strerror or e}")
+        except KeyboardInterrupt:
+            fail("interrupted; nothing was written", 130)
+
+    return wrapper
+
+
+@contextmanager
+def progress_bar(description: str) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A rich progress bar on a terminal; silence in pipes."""
+    if not err.is_terminal:
+        yield None
+        return
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[item]}"), console=err, transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=None, item="")
+
+        def update(item: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, item=item[-60:])
+
+        yield update
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+InputsArg = Annotated[
+    list[str],
+    typer.Argument(
+        help="Adapters: PEFT folders, .safetensors/.bin files, globs, folders of adapters, Share checkpoints, "
+        "or hf://owner/name[@revision][/subfolder]. NAME=PATH names a task.",
+        show_default=False,
+    ),
+]
+
+
+def config_from_options(
+    k: Optional[int], private_rank: int, energy: Optional[float], budget: Optional[str], target_error: float,
+    target_metric: str, weighting: str, canonicalize: bool, device: str, dtype: str, seed: int,
+) -> ConsolidationConfig:
+    return ConsolidationConfig(
+        k=k, private_rank=private_rank, energy=energy, budget=budget, target_error=target_error,
+        target_metric=target_metric, weighting=weighting, canonicalize=canonicalize, device=device, dtype=dtype, seed=seed,
+    )
+
+
+# Options shared by merge, add and plan.
+KOpt = Annotated[Optional[int], typer.Option("--k", help="Fixed shared rank per module and side (pure Share unless --private-rank).")]
+PrivOpt = Annotated[int, typer.Option("--private-rank", help="With --k: private rank every task keeps per module.")]
+EnergyOpt = Annotated[Optional[float], typer.Option("--energy", help="Energy target: keep this fraction of each stack's squared norm (e.g. 0.99).")]
+BudgetOpt = Annotated[Optional[str], typer.Option("--budget", help="Storage budget, a ratio ('4x') or a size ('20MB'): least mean error within it.")]
+TargetOpt = Annotated[float, typer.Option("--target-error", help="Relative ΔW error target per module (default rule; least storage that meets it).")]
+MetricOpt = Annotated[str, typer.Option("--target-metric", help="What the target bounds per module: the 'mean' task error or the worst ('max').")]
+WeightOpt = Annotated[str, typer.Option("--weighting", help="'equal': every task counts the same in the basis fit; 'norm': by ‖ΔW‖.")]
+CanonOpt = Annotated[bool, typer.Option("--canonicalize/--no-canonicalize", help="Stack each adapter's balanced SVD factors (gauge-free).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Storage dtype of bases and coefficients: auto (the inputs'), float32, bfloat16, float16.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD.")]
+AlphaOpt = Annotated[Optional[float], typer.Option("--alpha", help="lora_alpha to assume for weights files with no config beside them.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
+
+
+@app.command()
+@handle_errors
+def merge(
+    inputs: InputsArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="The Share checkpoint to write (.safetensors).")],
+    k: KOpt = None,
+    private_rank: PrivOpt = 0,
+    energy: EnergyOpt = None,
+    budget: BudgetOpt = None,
+    target_error: TargetOpt = DEFAULT_TARGET_ERROR,
+    target_metric: MetricOpt = "mean",
+    weighting: WeightOpt = "equal",
+    canonicalize: CanonOpt = True,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    seed: SeedOpt = 0,
+    alpha: AlphaOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Consolidate adapters into one Share checkpoint and print the report.
+
+    By default each module gets the representation with the least storage whose mean relative
+    ΔW error is at most 5%: shared bases, per-task private corrections, or both. Use --k,
+    --energy or --budget for another rule.
+
+    Example: share-convert merge adapters/*.safetensors -o share.safetensors
+    """
+    config = config_from_options(k, private_rank, energy, budget, target_error, target_metric, weighting, canonicalize, device, dtype, seed)
+    with progress_bar("merging") as progress:
+        summary = api.merge(inputs, output, config, alpha=alpha, force=force, progress=progress)
+    show(summary, as_json)
+
+
+def show(summary: dict[str, Any], as_json: bool) -> None:
+    from .report import render
+
+    if as_json:
+        emit_json(summary)
+    else:
+        render(summary, out)
+
+
+@app.command()
+@handle_errors
+def info(
+    checkpoint: Annotated[str, typer.Argument(help="A Share checkpoint (path or hf://owner/name).", show_default=False)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a checkpoint's tasks, their ΔW errors, its storage and its history.
+
+    Example: share-convert info share.safetensors --json
+    """
+    show(api.info(checkpoint), as_json)
+
+
+@app.command()
+@handle_errors
+def tasks(
+    checkpoint: Annotated[str, typer.Argument(help="A Share checkpoint.", show_default=False)],
+    as_json: JsonOpt = False,
+) -> None:
+    """List the tasks of a checkpoint, one per line.
+
+    Example: share-convert tasks share.safetensors
+    """
+    names = api.list_tasks(checkpoint)
+    if as_json:
+        emit_json(names)
+    else:
+        for n in names:
+            out.print(n, highlight=False, markup=False)
+
+
+@app.command()
+@handle_errors
+def extract(
+    checkpoint: Annotated[str, typer.Argument(help="A Share checkpoint.", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write the PEFT adapter to (with --all: one sub-folder per task).")],
+    task: Annotated[Optional[str], typer.Option("--task", help="The task to extract.")] = None,
+    all_tasks: Annotated[bool, typer.Option("--all", help="Extract every task.")] = False,
+    rank: Annotated[Optional[int], typer.Option("--rank", help="Truncate to at most this rank (best rank-R approximation), for engines with a maximum LoRA rank.")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a task back out as a standard PEFT LoRA adapter folder.
+
+    Example: share-convert extract share.safetensors --task sst2 -o sst2-lora/
+    """
+    if (task is None) == (not all_tasks):
+        fail("give exactly one of --task NAME or --all")
+    results = api.extract(checkpoint, output, task=task, all_tasks=all_tasks, rank=rank, force=force)
+    if as_json:
+        emit_json([r.as_dict() for r in results])
+        return
+    for r in results:
+        out.print(f"wrote {r.path} (task {r.task}, rank {r.rank}, {r.modules} modules)", highlight=False)
+        for w in r.warnings:
+            err.print(f"[yellow]warning:[/yellow] {r.task}: {w}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def verify(
+    checkpoint: Annotated[str, typer.Argument(help="A Share checkpoint.", show_default=False)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a checkpoint fully: checksums, shapes, orthonormal bases, finite values, stored errors.
+
+    Exits 0 when everything holds, 2 with the first problem otherwise.
+    Example: share-convert verify share.safetensors
+    """
+    result = api.verify(checkpoint)
+    if as_json:
+        emit_json(result)
+    else:
+        out.print(f"ok: {result['tensors']} tensors, {result['tasks']} tasks, {result['modules']} modules verified", highlight=False)
+
+
+@app.command()
+def demo(
+    keep: Annotated[Optional[Path], typer.Option("--keep", help="Keep the demo's files in this folder instead of a temporary one.")] = None,
+) -> None:
+    """Build six small example adapters with a shared structure, consolidate them, report, extract one.
+
+    Example: share-convert demo
+    """
+    from .synthetic import write_synthetic_adapters
+
+    with tempfile.TemporaryDirectory(prefix="share-convert-demo-") as tmp:
+        root = Path(keep) if keep else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        out.print(f"Writing 6 example adapters (rank 8, 2 layers × q_proj,v_proj, hidden 64) to {root / 'adapters'}")
+        write_synthetic_adapters(root / "adapters", count=6)
+        ckpt = root / "share.safetensors"
+        out.print(f"$ share-convert merge {root / 'adapters'} -o {ckpt}")
+        summary = api.merge([str(root / "adapters")], ckpt, ConsolidationConfig(), force=True)
+        show(summary, False)
+        target = root / "task-000"
+        out.print(f"$ share-convert extract {ckpt} --task task-000 -o {target}")
+        r = api.extract(ckpt, target, task="task-000", force=True)[0]
+        out.print(f"wrote {r.path} (rank {r.rank}, {r.modules} modules): a PEFT adapter, loadable with PeftModel.from_pretrained")
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

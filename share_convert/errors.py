@@ -1,0 +1,67 @@
+"""The errors share-convert raises.
+
+Every error a user can cause is a :class:`ShareError`. Each carries the file it is about and
+a hint saying what to do, so that the CLI can print it as one line and exit with code 2.
+Anything else that escapes is a bug in share-convert, not a user error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ShareError(Exception):
+    """Base class: a problem with the user's input or environment, reported in one line."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None, hint: str | None = None):
+        self.message = message
+        self.path = str(path) if path is not None else None
+        self.hint = hint
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        """``<file>: <problem>. <what to do>`` on a single line (no newlines, no control characters)."""
+        text = f"{self.path}: {self.message}" if self.path else self.message
+        if self.hint:
+            text = f"{text.rstrip('.')}. {self.hint}"
+        return "".join(ch if ch.isprintable() else "?" for ch in text)
+
+
+class BadAdapterError(ShareError):
+    """An input adapter cannot be read or is not a LoRA adapter share-convert supports."""
+
+
+class IncompatibleAdaptersError(ShareError):
+    """Adapters (or checkpoints) that cannot be consolidated together, e.g. different bases."""
+
+
+class DuplicateTaskError(ShareError):
+    """Two inputs would get the same task name, or a task already exists in a checkpoint."""
+
+
+class InvalidTaskNameError(ShareError):
+    """A task name that cannot be used (path separators, control characters, too long...)."""
+
+
+class CorruptCheckpointError(ShareError):
+    """A file that is not a Share checkpoint, or one whose content fails its checksums."""
+
+
+class UnsupportedFormatError(ShareError):
+    """A Share checkpoint written by an unknown (newer) format version."""
+
+
+class UnknownTaskError(ShareError):
+    """A task name that the checkpoint does not hold."""
+
+
+class OutputExistsError(ShareError):
+    """The output already exists and ``--force`` was not given."""
+
+
+class InvalidOptionError(ShareError):
+    """Options that contradict each other or are out of range."""
+
+
+class HubError(ShareError):
+    """A Hugging Face Hub repository that cannot be read or written."""

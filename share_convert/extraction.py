@@ -1,0 +1,169 @@
+"""Extraction: a task back out of a Share checkpoint as a standard PEFT LoRA adapter (spec, section 3).
+
+The exported factors are the balanced SVD form of ΔŴ = β E_B (α E_A)ᵀ + P_B P_A with the scale
+folded in, so the config says ``r = lora_alpha`` (scale 1). Every module gets the same rank
+(modules that need less are padded with zero directions, which change nothing), because serving
+engines such as vLLM read one ``r`` per adapter and ignore ``rank_pattern``.
+Only the tensors of the requested task (and the bases of its modules) are read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import Checkpoint
+from .errors import InvalidOptionError, OutputExistsError
+from .formats import PEFT_PREFIX
+from .linalg import canonicalize
+
+_DTYPES = {"F32": torch.float32, "F64": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+#: Ranks above this are refused by common serving engines' default settings (vLLM's max_lora_rank).
+ENGINE_RANK_LIMIT = 64
+
+
+@dataclass
+class ExtractedAdapter:
+    """What :func:`extract` wrote."""
+
+    task: str
+    path: Path
+    rank: int
+    modules: int
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "path": str(self.path), "rank": self.rank, "modules": self.modules, "warnings": self.warnings}
+
+
+def prepare_output_dir(path: Path, force: bool) -> None:
+    if path.exists():
+        if not path.is_dir():
+            raise OutputExistsError("exists and is not a folder", path=path, hint="Choose another output folder")
+        if any(path.iterdir()) and not force:
+            raise OutputExistsError("exists and is not empty", path=path, hint="Pass --force to replace it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputExistsError("the parent folder does not exist", path=parent, hint="Create it first")
+    if not os.access(parent, os.W_OK):
+        raise OutputExistsError("the output folder is not writable", path=parent, hint="Choose another output")
+
+
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Move a fully written folder into place; an existing target is replaced only at the end."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old.rmdir()
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def adapter_tensors(ckpt: Checkpoint, task: str, rank: int | None) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+    """Per module of ``task``: balanced (B̂ n × p, Â p × d) float64, truncated to ``rank``."""
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module, info in ckpt.modules.items():
+        if task not in info["tasks"]:
+            continue
+        Bh, Ah = ckpt.reconstruction(task, module)
+        Bc, Ac, _ = canonicalize(Bh, Ah, max_rank=rank)
+        out[module] = (Bc, Ac.T.contiguous())
+    width = max((b.shape[1] for b, _ in out.values()), default=0)
+    return out, max(width, 1)
+
+
+def extract(
+    checkpoint: str | Path | Checkpoint,
+    task: str,
+    output: str | Path,
+    *,
+    rank: int | None = None,
+    force: bool = False,
+) -> ExtractedAdapter:
+    """Write task ``task`` of ``checkpoint`` to the folder ``output`` as a PEFT LoRA adapter.
+
+    ``rank`` re-truncates every module to its best rank-``rank`` approximation.
+    """
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    record = ckpt.task(task)
+    if rank is not None and rank < 1:
+        raise InvalidOptionError(f"--rank must be ≥ 1, got {rank}", hint="For example --rank 16")
+    output = Path(output)
+    prepare_output_dir(output, force)
+    factors, width = adapter_tensors(ckpt, task, rank)
+    dtype = _DTYPES.get(record.get("weights_dtype", "F32"), torch.float32)
+    tensors: dict[str, torch.Tensor] = {}
+    for module, (B, A) in factors.items():
+        pad = width - B.shape[1]
+        B = torch.cat([B, B.new_zeros(B.shape[0], pad)], 1)
+        A = torch.cat([A, A.new_zeros(pad, A.shape[1])], 0)
+        tensors[f"{module}.lora_A.weight"] = A.to(dtype).contiguous()
+        tensors[f"{module}.lora_B.weight"] = B.to(dtype).contiguous()
+    heads = ckpt.heads(task)
+    tensors.update(heads)
+    config = exported_config(record, list(factors), width)
+    warnings = engine_warnings(record, heads, width)
+    parent = output.parent if str(output.parent) else Path(".")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=parent))
+    try:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        os.chmod(tmp, 0o755)
+        publish_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExtractedAdapter(task=task, path=output, rank=width, modules=len(factors), warnings=warnings)
+
+
+def extract_all(
+    checkpoint: str | Path | Checkpoint, output: str | Path, *, rank: int | None = None, force: bool = False
+) -> list[ExtractedAdapter]:
+    """Every task, one sub-folder each (named after the task), under ``output``."""
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    output = Path(output)
+    if output.exists() and any(output.iterdir()) and not force:
+        raise OutputExistsError("exists and is not empty", path=output, hint="Pass --force to replace it")
+    output.mkdir(parents=True, exist_ok=True)
+    return [extract(ckpt, t, output / t, rank=rank, force=force) for t in ckpt.tasks]
+
+
+def exported_config(record: dict[str, Any], modules: list[str], rank: int) -> dict[str, Any]:
+    """The original adapter_config with the scale folded: r = lora_alpha = rank (spec, section 3)."""
+    cfg = dict(record.get("adapter_config") or {})
+    if not cfg:
+        names = sorted({m.rsplit(".", 1)[-1] for m in modules})
+        cfg = {"peft_type": "LORA", "target_modules": names, "bias": "none", "fan_in_fan_out": False, "task_type": None,
+               "base_model_name_or_path": None}
+    cfg.update(
+        {"r": rank, "lora_alpha": rank, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
+         "peft_type": "LORA", "inference_mode": True}
+    )
+    return cfg
+
+
+def engine_warnings(record: dict[str, Any], heads: dict[str, torch.Tensor], rank: int) -> list[str]:
+    warnings = []
+    if heads:
+        names = sorted({k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k for k in heads})
+        warnings.append(
+            f"carries non-LoRA tensors ({', '.join(names[:3])}{'…' if len(names) > 3 else ''}) saved through "
+            "modules_to_save: PEFT loads them, but serving engines such as vLLM reject such adapters"
+        )
+    if rank > ENGINE_RANK_LIMIT:
+        warnings.append(
+            f"rank {rank} exceeds {ENGINE_RANK_LIMIT}, above the default maximum LoRA rank of serving engines "
+            "such as vLLM; re-extract with --rank to truncate"
+        )
+    return warnings

@@ -1,0 +1,461 @@
+"""Reading LoRA adapters: PEFT folders, bare ``.safetensors`` / ``.bin`` files, globs.
+
+An :class:`AdapterSource` is lazy, like ``safetensors.safe_open``: opening it reads only the
+header (names, shapes, dtypes) and the config; :meth:`AdapterSource.read_module` hands over
+one module's factors when asked. Consolidation walks module by module, so memory holds one
+module's stack at a time, whatever the number of adapters.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .errors import BadAdapterError, DuplicateTaskError, InvalidTaskNameError
+
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+CONFIG_NAME = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+SUPPORTED_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
+_TORCH_TO_ST = {v: k for k, v in SUPPORTED_DTYPES.items()}
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+_REFUSED_KEYS = {
+    "lora_embedding_A": "embedding LoRA (lora_embedding_A/B) is not supported",
+    "lora_embedding_B": "embedding LoRA (lora_embedding_A/B) is not supported",
+    "lora_magnitude_vector": "DoRA adapters (lora_magnitude_vector) are not supported",
+}
+MAX_TASK_NAME = 100
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """One adapted layer as the header describes it: ΔW is ``out_features × in_features``."""
+
+    name: str
+    out_features: int
+    in_features: int
+    rank: int
+    key_A: str
+    key_B: str
+
+
+@dataclass
+class LoraFactors:
+    """One module's update with the scale folded in: ΔW = B @ A (spec, section 2, step 1).
+
+    ``B`` is ``out × r`` and ``A`` is ``r × in``, both float32.
+    """
+
+    B: torch.Tensor
+    A: torch.Tensor
+
+
+def validate_task_name(name: str, *, origin: str | None = None) -> str:
+    """Return ``name`` if it can name a task (and a folder); raise otherwise."""
+    problem = None
+    if not name:
+        problem = "is empty"
+    elif len(name) > MAX_TASK_NAME:
+        problem = f"is {len(name)} characters long (at most {MAX_TASK_NAME})"
+    elif any(not ch.isprintable() for ch in name):
+        problem = "contains control characters"
+    elif "/" in name or "\\" in name:
+        problem = "contains a path separator"
+    elif name.startswith("."):
+        problem = "starts with '.'"
+    elif name != name.strip():
+        problem = "starts or ends with whitespace"
+    if problem:
+        shown = "".join(ch if ch.isprintable() else "?" for ch in name[:40])
+        raise InvalidTaskNameError(
+            f"task name {shown!r} {problem}",
+            path=origin,
+            hint="Name the task explicitly: NAME=PATH, with letters, digits, '-', '_' or '.'",
+        )
+    return name
+
+
+def task_name_for(path: Path) -> str:
+    """The default task name: the folder of a PEFT adapter, or the file's stem."""
+    if path.is_dir():
+        return path.resolve().name
+    if path.name in WEIGHT_NAMES:
+        return path.resolve().parent.name
+    return path.name.split(".")[0] if path.name.endswith(".safetensors") else path.stem
+
+
+class AdapterSource:
+    """A LoRA adapter on disk, opened lazily (only its header and config are read).
+
+    Args:
+        path: a PEFT folder, or a ``.safetensors`` / ``.bin`` weights file.
+        task: the task name; defaults to the folder or file name.
+        alpha: ``lora_alpha`` to assume when no config is found beside a bare weights file.
+        origin: what the user typed, for messages.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        task: str | None = None,
+        alpha: float | None = None,
+        origin: str | None = None,
+    ):
+        path = Path(path)
+        self.origin = origin or str(path)
+        self.config, self.weights_path, self.config_path = _locate(path, self.origin)
+        self.alpha_assumed: float | None = None
+        if self.config is None:
+            if alpha is None:
+                raise BadAdapterError(
+                    "no adapter_config.json beside this weights file, so its scale is unknown",
+                    path=self.weights_path,
+                    hint="Give --alpha (the lora_alpha it was trained with) or put its config beside it",
+                )
+            self.alpha_assumed = float(alpha)
+        _check_config(self.config, self.config_path)
+        self.task = validate_task_name(task if task is not None else task_name_for(path), origin=self.origin)
+        self._bin: dict[str, torch.Tensor] | None = None
+        shapes, dtypes = self._read_header()
+        self.modules, self.head_keys = _parse_keys(shapes, dtypes, self.weights_path)
+        self.dtypes = dtypes
+        self.shapes = shapes
+        self.weights_dtype = _dominant_dtype(dtypes, self.modules)
+        self.stored_params = sum(math.prod(s) for s in shapes.values())
+        self.stored_bytes = sum(
+            math.prod(s) * torch.empty((), dtype=SUPPORTED_DTYPES.get(dtypes[k], torch.float32)).element_size()
+            for k, s in shapes.items()
+        )
+        for spec in self.modules.values():
+            self.scale(spec.name)  # validate ranks against the config up front
+
+    # -- header -------------------------------------------------------------------------------
+    def _read_header(self) -> tuple[dict[str, list[int]], dict[str, str]]:
+        shapes: dict[str, list[int]] = {}
+        dtypes: dict[str, str] = {}
+        if self.weights_path.suffix == ".bin":
+            for key, tensor in self._load_bin().items():
+                shapes[key] = list(tensor.shape)
+                dtypes[key] = _TORCH_TO_ST.get(tensor.dtype, str(tensor.dtype))
+            return shapes, dtypes
+        try:
+            with safe_open(self.weights_path, framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    shapes[key] = list(sl.get_shape())
+                    dtypes[key] = sl.get_dtype()
+        except Exception as e:  # safetensors raises several types for malformed files
+            raise BadAdapterError(
+                f"not a readable safetensors file ({_short(e)})",
+                path=self.weights_path,
+                hint="Re-download or re-save the adapter",
+            ) from None
+        return shapes, dtypes
+
+    def _load_bin(self) -> dict[str, torch.Tensor]:
+        if self._bin is None:
+            try:
+                obj = torch.load(self.weights_path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                try:  # old (non-zip) torch files cannot be memory-mapped
+                    obj = torch.load(self.weights_path, map_location="cpu", weights_only=True)
+                except Exception:
+                    raise BadAdapterError(
+                        f"cannot be loaded safely as a tensor file ({_short(e)}); nothing in it was executed",
+                        path=self.weights_path,
+                        hint="Convert it to .safetensors from a trusted environment",
+                    ) from None
+            if not isinstance(obj, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+            ):
+                raise BadAdapterError(
+                    "is not a dictionary of named tensors",
+                    path=self.weights_path,
+                    hint="Pass a PEFT adapter_model.bin or .safetensors file",
+                )
+            self._bin = obj
+        return self._bin
+
+    # -- scale ----------------------------------------------------------------------------------
+    def scale(self, module: str) -> float:
+        """s = lora_alpha / r (or / sqrt(r) with rsLoRA), with rank/alpha patterns applied."""
+        spec = self.modules[module]
+        if self.config is None:
+            return self.alpha_assumed / spec.rank  # type: ignore[operator]
+        cfg = self.config
+        name = module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
+        r = _pattern_value(cfg.get("rank_pattern") or {}, name, cfg.get("r", 8))
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8))
+        if int(r) != spec.rank:
+            raise BadAdapterError(
+                f"module {module} has rank {spec.rank} in the weights but r={r} in the config",
+                path=self.config_path,
+                hint="Fix r or rank_pattern in adapter_config.json",
+            )
+        if cfg.get("use_rslora"):
+            return float(alpha) / math.sqrt(spec.rank)
+        return float(alpha) / spec.rank
+
+    # -- data -----------------------------------------------------------------------------------
+    def _get(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        if self.weights_path.suffix == ".bin":
+            data = self._load_bin()
+            return {k: data[k] for k in keys}
+        try:
+            with safe_open(self.weights_path, framework="pt") as f:
+                return {k: f.get_tensor(k) for k in keys}
+        except Exception as e:
+            raise BadAdapterError(
+                f"cannot read tensors ({_short(e)})", path=self.weights_path, hint="Re-download the adapter"
+            ) from None
+
+    def read_module(self, module: str) -> LoraFactors:
+        """One module's factors, scale folded, as float32; rejects NaN and Inf."""
+        spec = self.modules[module]
+        t = self._get([spec.key_A, spec.key_B])
+        A = t[spec.key_A].to(torch.float32)
+        B = t[spec.key_B].to(torch.float32) * self.scale(module)
+        for key, x in ((spec.key_A, A), (spec.key_B, B)):
+            if not torch.isfinite(x).all():
+                raise BadAdapterError(
+                    f"tensor {key} contains NaN or Inf", path=self.weights_path, hint="This adapter is broken; retrain or re-export it"
+                )
+        return LoraFactors(B=B, A=A)
+
+    def read_heads(self) -> dict[str, torch.Tensor]:
+        """The non-LoRA tensors (classifier heads, ``modules_to_save``), unchanged."""
+        return self._get(list(self.head_keys)) if self.head_keys else {}
+
+    def module_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """Module name → (out_features, in_features, rank)."""
+        return {m.name: (m.out_features, m.in_features, m.rank) for m in self.modules.values()}
+
+    def prior(self, module: str) -> None:
+        """An adapter is an original: its ΔW is exact (no prior reconstruction error)."""
+        return None
+
+    def task_record(self) -> dict[str, Any]:
+        """What the checkpoint keeps about this task (manifest ``tasks`` entry)."""
+        return {
+            "source": self.origin,
+            "adapter_config": self.config,
+            "alpha_assumed": self.alpha_assumed,
+            "weights_dtype": self.weights_dtype,
+            "heads": list(self.head_keys),
+            "head_dtypes": {k: self.dtypes[k] for k in self.head_keys},
+            "original_params": self.stored_params,
+            "original_bytes": self.stored_bytes,
+        }
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:200]
+
+
+def _locate(path: Path, origin: str) -> tuple[dict | None, Path, Path | None]:
+    """Find the weights file and config for ``path``; read the config if any."""
+    if not path.exists():
+        raise BadAdapterError("no such file or folder", path=origin, hint="Check the path")
+    if path.is_dir():
+        weights = next((path / n for n in WEIGHT_NAMES if (path / n).is_file()), None)
+        if weights is None:
+            raise BadAdapterError(
+                "folder holds no adapter_model.safetensors or adapter_model.bin",
+                path=origin,
+                hint="Pass a PEFT adapter folder or the weights files themselves",
+            )
+        config_path = path / CONFIG_NAME
+        if not config_path.is_file():
+            raise BadAdapterError(
+                "PEFT folder without adapter_config.json",
+                path=origin,
+                hint="Restore the config, or pass the weights file with --alpha",
+            )
+        return _read_config(config_path), weights, config_path
+    if path.suffix not in (".safetensors", ".bin"):
+        raise BadAdapterError(
+            "is not a .safetensors or .bin file", path=origin, hint="Pass PEFT folders or adapter weights files"
+        )
+    stem = path.name[: -len(path.suffix)]
+    candidates = [path.parent / f"{stem}.json", path.parent / f"{stem}_config.json"]
+    if path.name in WEIGHT_NAMES:
+        candidates.insert(0, path.parent / CONFIG_NAME)
+    for c in candidates:
+        if c.is_file():
+            return _read_config(c), path, c
+    return None, path, None
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadAdapterError(
+            f"config is not valid JSON ({_short(e)})", path=path, hint="Fix or restore adapter_config.json"
+        ) from None
+    if not isinstance(cfg, dict):
+        raise BadAdapterError("config is not a JSON object", path=path, hint="Fix or restore adapter_config.json")
+    return cfg
+
+
+def _check_config(cfg: dict | None, path: Path | None) -> None:
+    if cfg is None:
+        return
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise BadAdapterError(
+            f"is a {peft_type} adapter; only LoRA adapters can be consolidated",
+            path=path,
+            hint="Remove it from the inputs",
+        )
+    if cfg.get("use_dora"):
+        raise BadAdapterError(
+            "is a DoRA adapter (use_dora=true), which share-convert does not support",
+            path=path,
+            hint="Remove it from the inputs",
+        )
+    for key in ("r", "lora_alpha"):
+        if key in cfg and not (isinstance(cfg[key], (int, float)) and not isinstance(cfg[key], bool) and cfg[key] > 0):
+            raise BadAdapterError(f"config has an invalid {key}: {cfg[key]!r}", path=path, hint="Fix adapter_config.json")
+
+
+def _pattern_value(patterns: dict, name: str, default: Any) -> Any:
+    """PEFT's rule: a pattern key applies when the module name ends with it (on a '.' boundary)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _parse_keys(
+    shapes: dict[str, list[int]], dtypes: dict[str, str], path: Path
+) -> tuple[dict[str, ModuleSpec], list[str]]:
+    pairs: dict[str, dict[str, str]] = {}
+    heads: list[str] = []
+    for key in sorted(shapes):
+        for marker, why in _REFUSED_KEYS.items():
+            if f".{marker}" in key:
+                raise BadAdapterError(why, path=path, hint="Remove this adapter from the inputs")
+        m = _LORA_KEY.match(key)
+        if m:
+            pairs.setdefault(m["module"], {})[m["side"]] = key
+        elif ".lora_" in key:
+            raise BadAdapterError(f"unsupported LoRA tensor {key}", path=path, hint="Only lora_A/lora_B weights are supported")
+        else:
+            heads.append(key)
+    if not pairs:
+        raise BadAdapterError("holds no LoRA tensors (no *.lora_A.weight / *.lora_B.weight)", path=path, hint="Pass a LoRA adapter")
+    modules: dict[str, ModuleSpec] = {}
+    for module, sides in pairs.items():
+        if set(sides) != {"A", "B"}:
+            missing = "lora_B" if "B" not in sides else "lora_A"
+            raise BadAdapterError(f"module {module} has no {missing} weight", path=path, hint="The adapter is incomplete")
+        kA, kB = sides["A"], sides["B"]
+        for k in (kA, kB):
+            if dtypes[k] not in SUPPORTED_DTYPES:
+                raise BadAdapterError(
+                    f"tensor {k} has dtype {dtypes[k]}; LoRA weights must be float32, float16 or bfloat16",
+                    path=path,
+                    hint="Re-export the adapter in a floating-point dtype",
+                )
+            if len(shapes[k]) != 2 or 0 in shapes[k]:
+                raise BadAdapterError(f"tensor {k} has shape {shapes[k]}, not a non-empty matrix", path=path, hint="The adapter is broken")
+        (ra, d), (n, rb) = shapes[kA], shapes[kB]
+        if ra != rb:
+            raise BadAdapterError(
+                f"module {module}: lora_A has rank {ra} but lora_B has rank {rb}", path=path, hint="The adapter is broken"
+            )
+        modules[module] = ModuleSpec(module, n, d, ra, kA, kB)
+    for k in heads:
+        if 0 in shapes[k]:
+            raise BadAdapterError(f"tensor {k} is empty (shape {shapes[k]})", path=path, hint="The adapter is broken")
+    return modules, heads
+
+
+def _dominant_dtype(dtypes: dict[str, str], modules: dict[str, ModuleSpec]) -> str:
+    seen = sorted({dtypes[s.key_A] for s in modules.values()} | {dtypes[s.key_B] for s in modules.values()})
+    for pref in ("F64", "F32", "BF16", "F16"):
+        if pref in seen:
+            return pref
+    return "F32"
+
+
+@dataclass
+class InputSpec:
+    """One input as typed: an optional explicit task name and a path (or pattern)."""
+
+    path: str
+    task: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def parse_input(text: str) -> InputSpec:
+    """``NAME=PATH`` names the task explicitly; anything else is a path, glob or hf:// address."""
+    if "=" in text and not text.startswith("hf://"):
+        name, _, rest = text.partition("=")
+        if name and "/" not in name and not os.path.exists(text):
+            return InputSpec(path=rest, task=name)
+    return InputSpec(path=text)
+
+
+def expand_paths(text: str) -> list[Path]:
+    """A path, a glob, or a folder of adapters, expanded to adapter paths (sorted)."""
+    if glob.has_magic(text) and not os.path.exists(text):
+        matches = sorted(glob.glob(text))
+        if not matches:
+            raise BadAdapterError("no file matches this pattern", path=text, hint="Check the pattern")
+        return [Path(m) for m in matches]
+    path = Path(text)
+    if path.is_dir() and not any((path / n).is_file() for n in WEIGHT_NAMES) and not (path / CONFIG_NAME).is_file():
+        found = sorted(
+            p for p in path.iterdir() if (p.is_dir() and (p / CONFIG_NAME).is_file()) or p.suffix in (".safetensors", ".bin")
+        )
+        if not found:
+            raise BadAdapterError("folder holds no adapter", path=text, hint="Pass PEFT adapter folders or weights files")
+        return found
+    return [path]
+
+
+def open_adapters(inputs: list[str], *, alpha: float | None = None) -> list[AdapterSource]:
+    """Open every input (paths, globs, folders, ``NAME=PATH``) as an :class:`AdapterSource`.
+
+    Raises a :class:`~share_convert.errors.ShareError` for the first bad input, and
+    :class:`DuplicateTaskError` when two inputs would share a task name.
+    """
+    sources: list[AdapterSource] = []
+    for text in inputs:
+        spec = parse_input(text)
+        paths = expand_paths(spec.path)
+        if spec.task is not None and len(paths) != 1:
+            raise BadAdapterError("NAME=PATH needs exactly one adapter", path=text, hint="Name each adapter separately")
+        for p in paths:
+            sources.append(AdapterSource(p, task=spec.task, alpha=alpha, origin=str(p)))
+    check_unique_tasks([s.task for s in sources], [s.origin for s in sources])
+    return sources
+
+
+def check_unique_tasks(names: list[str], origins: list[str]) -> None:
+    seen: dict[str, str] = {}
+    for name, origin in zip(names, origins):
+        if name in seen:
+            raise DuplicateTaskError(
+                f"task name {name!r} is used by both {seen[name]} and {origin}",
+                hint="Name them explicitly: NAME=PATH",
+            )
+        seen[name] = origin

@@ -1,0 +1,225 @@
+"""Choosing, per module, the shared k and each task's private rank q (spec, sections 2.5 and 6).
+
+The planner sees one module at a time: each task's canonical singular values and its
+coordinates in candidate bases (``Eb = βᵀB'``, ``Ea = αᵀA'`` for the largest k computed).
+For any k (a prefix of those bases) and q it knows each task's exact relative ΔW error from
+2r × 2r matrices (:func:`share_convert.linalg.residual_spectrum`), so it can search the
+plan space — pure sharing (q = 0) through independent truncation (k = 0) — cheaply and
+choose the plan with the least storage that meets a target, or the least error within a budget.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .linalg import residual_spectrum
+
+#: The k values tried between 0 and the number of basis vectors computed.
+K_GRID = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128,
+          160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 2048, 3072, 4096)
+
+
+@dataclass
+class TaskFit:
+    """One task in one module: canonical singular values and coordinates in the bases."""
+
+    s: torch.Tensor  # (r,) float64, canonical singular values of ΔW
+    Eb: torch.Tensor  # (K_B, r) float64, βᵀB'
+    Ea: torch.Tensor  # (K_A, r) float64, αᵀA'
+
+    @property
+    def rank(self) -> int:
+        return int(self.s.numel())
+
+    @property
+    def norm2(self) -> float:
+        return float((self.s**2).sum())
+
+
+@dataclass
+class ModulePlan:
+    """The representation chosen for one module."""
+
+    k_B: int
+    k_A: int
+    private_ranks: list[int]
+    predicted_errors: list[float]
+    params: int
+
+    @property
+    def kind(self) -> str:
+        """'shared' (pure Share), 'private' (independent truncation, no sharing) or 'mixed'."""
+        if self.k_B == 0 and self.k_A == 0:
+            return "private"
+        return "shared" if not any(self.private_ranks) else "mixed"
+
+    @property
+    def mean_error(self) -> float:
+        return sum(self.predicted_errors) / max(len(self.predicted_errors), 1)
+
+
+class ModulePlanner:
+    """Evaluates plans for one module of shape ``n × d`` (out × in)."""
+
+    def __init__(self, n: int, d: int, fits: list[TaskFit]):
+        self.n, self.d, self.fits = n, d, fits
+        self.K_B = max((f.Eb.shape[0] for f in fits), default=0)
+        self.K_A = max((f.Ea.shape[0] for f in fits), default=0)
+        self._tails: dict[tuple[int, int], list[list[float]]] = {}
+
+    # -- storage ------------------------------------------------------------------------------------
+    def shared_params(self, k_B: int, k_A: int) -> int:
+        """Parameters of the bases plus every task's coefficients for this k."""
+        if k_B == 0 or k_A == 0:
+            return 0
+        coef = sum(min(f.rank, k_B, k_A) * (k_B + k_A) for f in self.fits)
+        return k_B * self.n + k_A * self.d + coef
+
+    def original_params(self) -> int:
+        return sum(f.rank * (self.n + self.d) for f in self.fits)
+
+    def sides(self, k: int) -> tuple[int, int]:
+        return min(k, self.K_B), min(k, self.K_A)
+
+    # -- errors --------------------------------------------------------------------------------------
+    def tails(self, k_B: int, k_A: int) -> list[list[float]]:
+        """Per task, the relative error for q = 0 … r private directions at this k."""
+        key = (k_B, k_A)
+        if key in self._tails:
+            return self._tails[key]
+        if k_B == 0 or k_A == 0:
+            k_B = k_A = 0
+        out: list[list[float] | None] = [None] * len(self.fits)
+        by_rank: dict[int, list[int]] = {}
+        for i, f in enumerate(self.fits):
+            by_rank.setdefault(f.rank, []).append(i)
+        for r, idx in by_rank.items():
+            s = torch.stack([self.fits[i].s for i in idx])
+            Eb = torch.stack([self.fits[i].Eb[:k_B] for i in idx])
+            Ea = torch.stack([self.fits[i].Ea[:k_A] for i in idx])
+            spec = residual_spectrum(s, Eb, Ea)  # (t, 2r) descending
+            # tail[q] = energy left after keeping q private directions
+            tail = spec.flip(-1).cumsum(-1).flip(-1)
+            tail = torch.cat([tail, torch.zeros_like(tail[:, :1])], -1)
+            for j, i in enumerate(idx):
+                norm2 = self.fits[i].norm2
+                errs = (tail[j, : r + 1] / norm2).clamp_min(0).sqrt().tolist() if norm2 > 0 else [0.0] * (r + 1)
+                out[i] = errs
+        self._tails[key] = out  # type: ignore[assignment]
+        return out  # type: ignore[return-value]
+
+    def evaluate(self, k_B: int, k_A: int, q: list[int]) -> ModulePlan:
+        tails = self.tails(k_B, k_A)
+        errs = [tails[i][q[i]] for i in range(len(q))]
+        params = self.shared_params(k_B, k_A) + sum(q) * (self.n + self.d)
+        if k_B == 0 or k_A == 0:
+            k_B = k_A = 0
+        return ModulePlan(k_B, k_A, list(q), errs, params)
+
+    def grid(self, extra: tuple[int, ...] = ()) -> list[int]:
+        K = max(self.K_B, self.K_A)
+        return sorted({k for k in K_GRID if k <= K} | {K} | {k for k in extra if 0 <= k <= K})
+
+    # -- allocation of private ranks --------------------------------------------------------------------
+    def _greedy(self, tails: list[list[float]], stop) -> list[int]:
+        """Add private directions one at a time to the task whose error drops most."""
+        q = [0] * len(tails)
+        heap = [(-(t[0] - t[1]), i) for i, t in enumerate(tails) if len(t) > 1]
+        heapq.heapify(heap)
+        total = sum(t[0] for t in tails)
+        while heap and not stop(q, total):
+            gain, i = heapq.heappop(heap)
+            q[i] += 1
+            total += gain
+            t = tails[i]
+            if q[i] + 1 < len(t):
+                heapq.heappush(heap, (-(t[q[i]] - t[q[i] + 1]), i))
+        return q
+
+    # -- the three ways of choosing ---------------------------------------------------------------------
+    def fixed(self, k: int, private_rank: int = 0) -> ModulePlan:
+        k_B, k_A = self.sides(k)
+        return self.evaluate(k_B, k_A, [min(private_rank, f.rank) for f in self.fits])
+
+    def for_target(self, error: float, metric: str = "mean") -> ModulePlan:
+        """The plan with the least storage whose mean (or worst) task error is ≤ ``error``."""
+        best: ModulePlan | None = None
+        T = len(self.fits)
+        for k in self.grid():
+            k_B, k_A = self.sides(k)
+            tails = self.tails(k_B, k_A)
+            if metric == "max":
+                q = []
+                for t in tails:
+                    ok = [j for j, e in enumerate(t) if e <= error]
+                    if not ok:
+                        break
+                    q.append(ok[0])
+                if len(q) < T:
+                    continue
+            else:
+                q = self._greedy(tails, lambda q, total: total <= error * T)
+                if sum(t[qi] for t, qi in zip(tails, q)) > error * T + 1e-12:
+                    continue
+            plan = self.evaluate(k_B, k_A, q)
+            if best is None or (plan.params, plan.mean_error) < (best.params, best.mean_error):
+                best = plan
+        assert best is not None  # k = 0 with q = r is exact, so some plan always meets the target
+        return best
+
+    def for_budget(self, params: int) -> ModulePlan:
+        """The plan with the least mean task error whose storage is ≤ ``params``."""
+        # the largest pure-sharing k that fits, so that the extreme q = 0 is always a candidate
+        K = max(self.K_B, self.K_A)
+        k_pure = max((k for k in range(K + 1) if self.shared_params(*self.sides(k)) <= params), default=0)
+        best: ModulePlan | None = None
+        step = self.n + self.d
+        for k in self.grid((k_pure,)):
+            k_B, k_A = self.sides(k)
+            base = self.shared_params(k_B, k_A)
+            if base > params:
+                continue
+            slots = (params - base) // step
+            tails = self.tails(k_B, k_A)
+            q = self._greedy(tails, lambda q, total: sum(q) >= slots)
+            plan = self.evaluate(k_B, k_A, q)
+            if best is None or (plan.mean_error, plan.params) < (best.mean_error, best.params):
+                best = plan
+        if best is None:
+            best = self.evaluate(0, 0, [0] * len(self.fits))
+        return best
+
+    # -- the extremes, for comparison ------------------------------------------------------------------
+    def pure_sharing(self, params: int) -> ModulePlan:
+        """Largest k with q = 0 whose storage fits ``params``."""
+        K = max(self.K_B, self.K_A)
+        k = max((k for k in range(K + 1) if self.shared_params(*self.sides(k)) <= params), default=0)
+        return self.evaluate(*self.sides(k), [0] * len(self.fits))
+
+    def truncation(self, params: int) -> ModulePlan:
+        """No sharing: every task keeps the same number h of its own top directions."""
+        step = self.n + self.d
+        h = 0
+        while sum(min(h + 1, f.rank) for f in self.fits) * step <= params and h < max(f.rank for f in self.fits):
+            h += 1
+        return self.evaluate(0, 0, [min(h, f.rank) for f in self.fits])
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+    """``'4x'`` → ('ratio', 4.0); ``'10MB'`` / ``'2.5GiB'`` / ``'1000000'`` → ('bytes', …)."""
+    t = text.strip().lower().replace(" ", "")
+    if t.endswith("x"):
+        return "ratio", float(t[:-1])
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 1e3, "mb": 1e6, "gb": 1e9, "b": 1}
+    for u, f in units.items():
+        if t.endswith(u):
+            return "bytes", float(t[: -len(u)]) * f
+    return "bytes", float(t)
+
+
+def isclose(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)

@@ -1,0 +1,179 @@
+"""Reports: what a checkpoint holds, how faithful it is, and what it saves (spec, section 4).
+
+:func:`summarize` turns a checkpoint into plain data (the ``--json`` output); :func:`render`
+draws that data as rich tables. ``merge`` and ``info`` use the same two functions, so they
+always show the same figures.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .checkpoint import Checkpoint
+from .consolidation import ConsolidationConfig, task_errors
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def storage_breakdown(ckpt: Checkpoint) -> dict[str, dict[str, int]]:
+    """Parameters and bytes of the checkpoint's tensors by role, from the file's header."""
+    parts = {k: {"params": 0, "bytes": 0} for k in ("bases", "grams", "coefficients", "private", "heads")}
+    for name in ckpt.manifest.get("tensors", {}):
+        sl = ckpt._file.get_slice(name)
+        numel = math.prod(sl.get_shape())
+        nbytes = numel * _ITEMSIZE.get(sl.get_dtype(), 4)
+        if name.startswith("modules/"):
+            role = "grams" if name.endswith(("gram_B", "gram_A")) else "bases"
+        elif "/heads/" in name:
+            role = "heads"
+        elif name.endswith(("private_B", "private_A")):
+            role = "private"
+        else:
+            role = "coefficients"
+        parts[role]["params"] += numel
+        parts[role]["bytes"] += nbytes
+    return parts
+
+
+def summarize(ckpt: Checkpoint) -> dict[str, Any]:
+    """Everything ``info`` shows, as JSON-ready data."""
+    modules = ckpt.modules
+    tasks = []
+    for name, rec in ckpt.tasks.items():
+        errs = task_errors(modules, name)
+        tmods = [m for m in modules.values() if name in m["tasks"]]
+        tasks.append(
+            {
+                "task": name,
+                "source": rec.get("source"),
+                "modules": len(tmods),
+                "mean_error": errs["mean"],
+                "max_error": errs["max"],
+                "error_is_bound": any(m["tasks"][name].get("bound") for m in tmods),
+                "original_rank": max((m["tasks"][name]["original_rank"] for m in tmods), default=0),
+                "shared_rank": max((m["tasks"][name]["rank"] for m in tmods), default=0),
+                "private_rank": max((m["tasks"][name]["private_rank"] for m in tmods), default=0),
+                "original_params": rec.get("original_params", 0),
+                "original_bytes": rec.get("original_bytes", 0),
+                "alpha_assumed": rec.get("alpha_assumed"),
+            }
+        )
+    parts = storage_breakdown(ckpt)
+    ckpt_params = sum(p["params"] for p in parts.values())
+    ckpt_bytes = sum(p["bytes"] for p in parts.values())
+    orig_params = sum(t["original_params"] for t in tasks)
+    orig_bytes = sum(t["original_bytes"] for t in tasks)
+    head_bytes = parts["heads"]["bytes"]
+    per_task_bytes = parts["coefficients"]["bytes"] + parts["private"]["bytes"]
+    kinds = {"shared": 0, "mixed": 0, "private": 0}
+    for m in modules.values():
+        kinds[m["kind"]] = kinds.get(m["kind"], 0) + 1
+    all_errs = [t["mean_error"] for t in tasks]
+    totals = {
+        "tasks": len(tasks),
+        "modules": len(modules),
+        "original_params": orig_params,
+        "original_bytes": orig_bytes,
+        "checkpoint_params": ckpt_params,
+        "checkpoint_bytes": ckpt_bytes,
+        "checkpoint_file_bytes": ckpt.path.stat().st_size,
+        "ratio": orig_bytes / ckpt_bytes if ckpt_bytes else math.inf,
+        "ratio_excluding_shared_bases": (orig_bytes - head_bytes) / per_task_bytes if per_task_bytes else None,
+        "mean_error": sum(all_errs) / len(all_errs) if all_errs else 0.0,
+        "max_error": max((t["max_error"] for t in tasks), default=0.0),
+        "storage": parts,
+    }
+    try:
+        describe = ConsolidationConfig(**ckpt.config).describe()
+    except TypeError:
+        describe = str(ckpt.config)
+    return {
+        "checkpoint": str(ckpt.path),
+        "format_version": ckpt.manifest["format_version"],
+        "plan": {"rule": describe, "modules_by_kind": kinds, "verdict": verdict(kinds, totals)},
+        "config": ckpt.config,
+        "tasks": tasks,
+        "totals": totals,
+        "modules": {
+            name: {"k_B": m["k_B"], "k_A": m["k_A"], "kind": m["kind"],
+                   "private_rank_total": sum(t["private_rank"] for t in m["tasks"].values())}
+            for name, m in modules.items()
+        },
+        "history": ckpt.history,
+    }
+
+
+def verdict(kinds: dict[str, int], totals: dict[str, Any]) -> str:
+    """One sentence: do these adapters share enough structure for consolidation to pay off?"""
+    n = sum(kinds.values()) or 1
+    sharing = kinds["shared"] + kinds["mixed"]
+    ratio = totals["ratio"]
+    if sharing == 0:
+        return (
+            f"These adapters share little: at this setting no module is worth a shared basis, so every module keeps "
+            f"each task's own top directions (independent truncation), saving {ratio:.2f}× by truncation alone."
+        )
+    if sharing < n / 2:
+        return (
+            f"These adapters share some structure: {sharing} of {n} modules use a shared basis and the rest are "
+            f"cheaper as independent truncations; overall {ratio:.2f}× smaller."
+        )
+    return (
+        f"These adapters share structure: {sharing} of {n} modules use a shared basis "
+        f"({kinds['mixed']} with private corrections); overall {ratio:.2f}× smaller."
+    )
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def render(summary: dict[str, Any], console: Console) -> None:
+    """Draw a summary as tables."""
+    table = Table(title=f"Share checkpoint {summary['checkpoint']}", title_justify="left")
+    for col in ("task", "modules", "rank (orig → shared+private)", "mean ΔW error", "worst ΔW error"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for t in summary["tasks"]:
+        mark = " ≤" if t["error_is_bound"] else ""
+        table.add_row(
+            t["task"],
+            str(t["modules"]),
+            f"{t['original_rank']} → {t['shared_rank']}+{t['private_rank']}",
+            f"{mark}{t['mean_error']:.2%}",
+            f"{mark}{t['max_error']:.2%}",
+        )
+    console.print(table)
+    tot = summary["totals"]
+    st = tot["storage"]
+    sizes = Table(title="Storage (tensor data; heads counted on both sides)", title_justify="left")
+    for col in ("", "parameters", "bytes"):
+        sizes.add_column(col, justify="right")
+    sizes.add_row("original adapters", f"{tot['original_params']:,}", human_bytes(tot["original_bytes"]))
+    sizes.add_row("checkpoint, all tensors", f"{tot['checkpoint_params']:,}", human_bytes(tot["checkpoint_bytes"]))
+    for role in ("bases", "grams", "coefficients", "private", "heads"):
+        if st[role]["params"]:
+            sizes.add_row(f"  {role}", f"{st[role]['params']:,}", human_bytes(st[role]["bytes"]))
+    console.print(sizes)
+    console.print(f"Compression: [bold]{tot['ratio']:.2f}×[/bold] (shared bases counted; file {human_bytes(tot['checkpoint_file_bytes'])})")
+    if tot["ratio_excluding_shared_bases"]:
+        console.print(f"  per-task data only, excluding shared bases and heads: {tot['ratio_excluding_shared_bases']:.1f}×")
+    kinds = summary["plan"]["modules_by_kind"]
+    console.print(
+        f"Plan: {summary['plan']['rule']}; modules: {kinds['shared']} shared, {kinds['mixed']} shared + private, "
+        f"{kinds['private']} private only"
+    )
+    console.print(f"Mean ΔW error {tot['mean_error']:.2%}, worst task-module {tot['max_error']:.2%}.")
+    console.print(summary["plan"]["verdict"])
+    assumed = [t for t in summary["tasks"] if t.get("alpha_assumed") is not None]
+    for t in assumed:
+        console.print(f"[yellow]Assumed lora_alpha={t['alpha_assumed']:g} for {t['task']} (no config beside its weights).[/yellow]")
+    if any(t["error_is_bound"] for t in summary["tasks"]):
+        console.print("≤: the error is an upper bound (the task came from an earlier checkpoint, its original is gone).")
