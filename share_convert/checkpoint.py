@@ -36,9 +36,18 @@ FORMAT_NAME = "share-convert"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "share_convert"
 MANIFEST_SHA_KEY = "share_convert_sha256"
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
@@ -101,7 +110,9 @@ class CheckpointWriter:
         """Publish the file atomically with ``manifest`` (plus tensor hashes) in its metadata."""
         manifest = dict(manifest, tensors={k: self.hashes[k] for k in sorted(self.hashes)})
         text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False)
-        header: dict[str, Any] = {"__metadata__": {"format": "pt", MANIFEST_KEY: text, MANIFEST_SHA_KEY: sha256(text.encode())}}
+        header: dict[str, Any] = {
+            "__metadata__": {"format": "pt", MANIFEST_KEY: text, MANIFEST_SHA_KEY: sha256(text.encode())}
+        }
         header.update(self._entries)
         blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
@@ -190,13 +201,19 @@ class Checkpoint:
             )
         text = meta[MANIFEST_KEY]
         if sha256(text.encode()) != meta.get(MANIFEST_SHA_KEY):
-            raise CorruptCheckpointError("manifest checksum mismatch: the file is corrupt", path=self.path, hint="Re-create or re-download it")
+            raise CorruptCheckpointError(
+                "manifest checksum mismatch: the file is corrupt", path=self.path, hint="Re-create or re-download it"
+            )
         try:
             self.manifest: dict[str, Any] = json.loads(text)
         except json.JSONDecodeError:
-            raise CorruptCheckpointError("manifest is not valid JSON", path=self.path, hint="Re-create or re-download it") from None
+            raise CorruptCheckpointError(
+                "manifest is not valid JSON", path=self.path, hint="Re-create or re-download it"
+            ) from None
         if self.manifest.get("format") != FORMAT_NAME:
-            raise CorruptCheckpointError("manifest is not a share-convert manifest", path=self.path, hint="Re-create it")
+            raise CorruptCheckpointError(
+                "manifest is not a share-convert manifest", path=self.path, hint="Re-create it"
+            )
         version = self.manifest.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
             raise UnsupportedFormatError(
@@ -237,14 +254,20 @@ class Checkpoint:
         """Read one tensor and verify its checksum."""
         expected = self.manifest.get("tensors", {}).get(name)
         if name not in self._keys or expected is None:
-            raise CorruptCheckpointError(f"tensor {name} is missing", path=self.path, hint="Re-create or re-download it")
+            raise CorruptCheckpointError(
+                f"tensor {name} is missing", path=self.path, hint="Re-create or re-download it"
+            )
         try:
             t = self._file.get_tensor(name)
         except Exception:
-            raise CorruptCheckpointError(f"tensor {name} cannot be read", path=self.path, hint="Re-create or re-download it") from None
+            raise CorruptCheckpointError(
+                f"tensor {name} cannot be read", path=self.path, hint="Re-create or re-download it"
+            ) from None
         if sha256(tensor_bytes(t)) != expected:
             raise CorruptCheckpointError(
-                f"checksum mismatch in tensor {name}: the file is corrupt", path=self.path, hint="Re-create or re-download it"
+                f"checksum mismatch in tensor {name}: the file is corrupt",
+                path=self.path,
+                hint="Re-create or re-download it",
             )
         return t
 
@@ -298,4 +321,6 @@ class Checkpoint:
             self.tensor(name)
         extra = self._keys - set(self.manifest.get("tensors", {}))
         if extra:
-            raise CorruptCheckpointError(f"tensor {sorted(extra)[0]} is not in the manifest", path=self.path, hint="Re-create it")
+            raise CorruptCheckpointError(
+                f"tensor {sorted(extra)[0]} is not in the manifest", path=self.path, hint="Re-create it"
+            )

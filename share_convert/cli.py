@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -36,7 +36,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -69,8 +69,13 @@ def progress_bar(description: str) -> Iterator[Callable[[str, int, int], None] |
         yield None
         return
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[item]}"), console=err, transient=True,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[item]}"),
+        console=err,
+        transient=True,
     ) as bar:
         task = bar.add_task(description, total=None, item="")
 
@@ -85,7 +90,7 @@ def emit_json(data: Any) -> None:
 
 
 InputsArg = Annotated[
-    list[str],
+    list[str] | None,
     typer.Argument(
         help="Adapters: PEFT folders, .safetensors/.bin files, globs, folders of adapters, Share checkpoints, "
         "or hf://owner/name[@revision][/subfolder]. NAME=PATH names a task.",
@@ -95,28 +100,76 @@ InputsArg = Annotated[
 
 
 def config_from_options(
-    k: Optional[int], private_rank: int, energy: Optional[float], budget: Optional[str], target_error: float,
-    target_metric: str, weighting: str, canonicalize: bool, device: str, dtype: str, seed: int,
+    k: int | None,
+    private_rank: int,
+    energy: float | None,
+    budget: str | None,
+    target_error: float,
+    target_metric: str,
+    weighting: str,
+    canonicalize: bool,
+    device: str,
+    dtype: str,
+    seed: int,
 ) -> ConsolidationConfig:
     return ConsolidationConfig(
-        k=k, private_rank=private_rank, energy=energy, budget=budget, target_error=target_error,
-        target_metric=target_metric, weighting=weighting, canonicalize=canonicalize, device=device, dtype=dtype, seed=seed,
+        k=k,
+        private_rank=private_rank,
+        energy=energy,
+        budget=budget,
+        target_error=target_error,
+        target_metric=target_metric,
+        weighting=weighting,
+        canonicalize=canonicalize,
+        device=device,
+        dtype=dtype,
+        seed=seed,
     )
 
 
 # Options shared by merge, add and plan.
-KOpt = Annotated[Optional[int], typer.Option("--k", help="Fixed shared rank per module and side (pure Share unless --private-rank).")]
+KOpt = Annotated[
+    int | None, typer.Option("--k", help="Fixed shared rank per module and side (pure Share unless --private-rank).")
+]
 PrivOpt = Annotated[int, typer.Option("--private-rank", help="With --k: private rank every task keeps per module.")]
-EnergyOpt = Annotated[Optional[float], typer.Option("--energy", help="Energy target: keep this fraction of each stack's squared norm (e.g. 0.99).")]
-BudgetOpt = Annotated[Optional[str], typer.Option("--budget", help="Storage budget, a ratio ('4x') or a size ('20MB'): least mean error within it.")]
-TargetOpt = Annotated[float, typer.Option("--target-error", help="Relative ΔW error target per module (default rule; least storage that meets it).")]
-MetricOpt = Annotated[str, typer.Option("--target-metric", help="What the target bounds per module: the 'mean' task error or the worst ('max').")]
-WeightOpt = Annotated[str, typer.Option("--weighting", help="'equal': every task counts the same in the basis fit; 'norm': by ‖ΔW‖.")]
-CanonOpt = Annotated[bool, typer.Option("--canonicalize/--no-canonicalize", help="Stack each adapter's balanced SVD factors (gauge-free).")]
+EnergyOpt = Annotated[
+    float | None,
+    typer.Option("--energy", help="Energy target: keep this fraction of each stack's squared norm (e.g. 0.99)."),
+]
+BudgetOpt = Annotated[
+    str | None,
+    typer.Option("--budget", help="Storage budget, a ratio ('4x') or a size ('20MB'): least mean error within it."),
+]
+TargetOpt = Annotated[
+    float,
+    typer.Option(
+        "--target-error", help="Relative ΔW error target per module (default rule; least storage that meets it)."
+    ),
+]
+MetricOpt = Annotated[
+    str,
+    typer.Option(
+        "--target-metric", help="What the target bounds per module: the 'mean' task error or the worst ('max')."
+    ),
+]
+WeightOpt = Annotated[
+    str, typer.Option("--weighting", help="'equal': every task counts the same in the basis fit; 'norm': by ‖ΔW‖.")
+]
+CanonOpt = Annotated[
+    bool,
+    typer.Option("--canonicalize/--no-canonicalize", help="Stack each adapter's balanced SVD factors (gauge-free)."),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Storage dtype of bases and coefficients: auto (the inputs'), float32, bfloat16, float16.")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype", help="Storage dtype of bases and coefficients: auto (the inputs'), float32, bfloat16, float16."
+    ),
+]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD.")]
-AlphaOpt = Annotated[Optional[float], typer.Option("--alpha", help="lora_alpha to assume for weights files with no config beside them.")]
+AlphaOpt = Annotated[
+    float | None, typer.Option("--alpha", help="lora_alpha to assume for weights files with no config beside them.")
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
 
@@ -124,8 +177,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON 
 @app.command()
 @handle_errors
 def merge(
-    inputs: InputsArg,
-    output: Annotated[Path, typer.Option("-o", "--output", help="The Share checkpoint to write (.safetensors).")],
+    inputs: InputsArg = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="The Share checkpoint to write (.safetensors).", show_default=False),
+    ] = None,
     k: KOpt = None,
     private_rank: PrivOpt = 0,
     energy: EnergyOpt = None,
@@ -149,7 +205,13 @@ def merge(
 
     Example: share-convert merge adapters/*.safetensors -o share.safetensors
     """
-    config = config_from_options(k, private_rank, energy, budget, target_error, target_metric, weighting, canonicalize, device, dtype, seed)
+    if not inputs:
+        fail("no inputs were given: pass adapter folders, files or globs (share-convert merge --help)")
+    if output is None:
+        fail("no output was given: pass -o CHECKPOINT.safetensors")
+    config = config_from_options(
+        k, private_rank, energy, budget, target_error, target_metric, weighting, canonicalize, device, dtype, seed
+    )
     with progress_bar("merging") as progress:
         summary = api.merge(inputs, output, config, alpha=alpha, force=force, progress=progress)
     show(summary, as_json)
@@ -167,7 +229,9 @@ def show(summary: dict[str, Any], as_json: bool) -> None:
 @app.command()
 @handle_errors
 def info(
-    checkpoint: Annotated[str, typer.Argument(help="A Share checkpoint (path or hf://owner/name).", show_default=False)],
+    checkpoint: Annotated[
+        str, typer.Argument(help="A Share checkpoint (path or hf://owner/name).", show_default=False)
+    ],
     as_json: JsonOpt = False,
 ) -> None:
     """Show a checkpoint's tasks, their ΔW errors, its storage and its history.
@@ -199,10 +263,21 @@ def tasks(
 @handle_errors
 def extract(
     checkpoint: Annotated[str, typer.Argument(help="A Share checkpoint.", show_default=False)],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write the PEFT adapter to (with --all: one sub-folder per task).")],
-    task: Annotated[Optional[str], typer.Option("--task", help="The task to extract.")] = None,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "-o", "--output", help="Folder to write the PEFT adapter to (with --all: one sub-folder per task)."
+        ),
+    ],
+    task: Annotated[str | None, typer.Option("--task", help="The task to extract.")] = None,
     all_tasks: Annotated[bool, typer.Option("--all", help="Extract every task.")] = False,
-    rank: Annotated[Optional[int], typer.Option("--rank", help="Truncate to at most this rank (best rank-R approximation), for engines with a maximum LoRA rank.")] = None,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            "--rank",
+            help="Truncate to at most this rank (best rank-R approximation), for engines with a maximum LoRA rank.",
+        ),
+    ] = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -237,12 +312,17 @@ def verify(
     if as_json:
         emit_json(result)
     else:
-        out.print(f"ok: {result['tensors']} tensors, {result['tasks']} tasks, {result['modules']} modules verified", highlight=False)
+        out.print(
+            f"ok: {result['tensors']} tensors, {result['tasks']} tasks, {result['modules']} modules verified",
+            highlight=False,
+        )
 
 
 @app.command()
 def demo(
-    keep: Annotated[Optional[Path], typer.Option("--keep", help="Keep the demo's files in this folder instead of a temporary one.")] = None,
+    keep: Annotated[
+        Path | None, typer.Option("--keep", help="Keep the demo's files in this folder instead of a temporary one.")
+    ] = None,
 ) -> None:
     """Build six small example adapters with a shared structure, consolidate them, report, extract one.
 
@@ -262,7 +342,9 @@ def demo(
         target = root / "task-000"
         out.print(f"$ share-convert extract {ckpt} --task task-000 -o {target}")
         r = api.extract(ckpt, target, task="task-000", force=True)[0]
-        out.print(f"wrote {r.path} (rank {r.rank}, {r.modules} modules): a PEFT adapter, loadable with PeftModel.from_pretrained")
+        out.print(
+            f"wrote {r.path} (rank {r.rank}, {r.modules} modules): a PEFT adapter, loadable with PeftModel.from_pretrained"
+        )
 
 
 def main() -> None:

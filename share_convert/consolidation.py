@@ -105,7 +105,9 @@ class ConsolidationConfig:
             try:
                 kind, value = parse_budget(self.budget)
             except ValueError:
-                bad(f"--budget {self.budget!r} is neither a ratio ('4x') nor a size ('10MB')", "For example --budget 4x")
+                bad(
+                    f"--budget {self.budget!r} is neither a ratio ('4x') nor a size ('10MB')", "For example --budget 4x"
+                )
             if value <= 0 or (kind == "ratio" and value < 1):
                 bad(f"--budget {self.budget!r} must be a ratio ≥ 1 or a positive size", "For example --budget 4x")
 
@@ -235,7 +237,8 @@ def consolidate_module(
     else:
         weights = [1.0] * len(members)
     m_total = sum(m.B.shape[1] for m in members)
-    full = min(n, d, m_total, config.max_k or m_total)
+    cap = config.max_k or m_total
+    full = max(min(n, m_total, cap), min(d, m_total, cap))
     if config.mode() == "fixed":
         K = min(config.k or 0, full)
     elif config.mode() == "energy" or m_total <= 512:
@@ -246,13 +249,15 @@ def consolidate_module(
     stack_A = torch.cat([m.A * w**0.5 for m, w in zip(members, weights)], 1).to(device)
     canon = [canonicalize(m.B, m.A) if not config.canonicalize else (m.B.double(), m.A.double(), m.s) for m in members]
     while True:
-        beta, sB = principal_basis(stack_B, K, seed=config.seed, n_oversamples=config.n_oversamples, n_iter=config.n_iter)
-        alpha, sA = principal_basis(stack_A, K, seed=config.seed + 1, n_oversamples=config.n_oversamples, n_iter=config.n_iter)
+        opts = {"n_oversamples": config.n_oversamples, "n_iter": config.n_iter}
+        beta, sB = principal_basis(stack_B, min(K, cap), seed=config.seed, **opts)
+        alpha, sA = principal_basis(stack_A, min(K, cap), seed=config.seed + 1, **opts)
         beta64, alpha64 = beta.double().cpu(), alpha.double().cpu()
         fits = [TaskFit(s=s, Eb=beta64.T @ Bc, Ea=alpha64.T @ Ac) for (Bc, Ac, s) in canon]
         planner = ModulePlanner(n, d, fits)
         plan = _choose(planner, config, stack_B, stack_A, sB, sA, budget_params)
-        at_edge = max(plan.k_B, plan.k_A) >= K and K < full and K == max(beta.shape[1], alpha.shape[1])
+        # the best k may lie beyond the vectors computed: compute more and plan again
+        at_edge = max(plan.k_B, plan.k_A) >= K and K < full
         if config.mode() in ("fixed", "energy") or not at_edge:
             break
         K = min(2 * K, full)
@@ -268,7 +273,7 @@ def consolidate_module(
         result.tensors[f"modules/{name}/gram_B"] = gram_B.to(torch.float64)
         result.tensors[f"modules/{name}/gram_A"] = gram_A.to(torch.float64)
         b64, a64 = beta_s.double(), alpha_s.double()
-    for i, (m, (Bc, Ac, s)) in enumerate(zip(members, canon)):
+    for i, (m, (Bc, Ac, _s)) in enumerate(zip(members, canon)):
         q = plan.private_ranks[i]
         Bh = [torch.zeros(n, 0, dtype=torch.float64)]
         Ah = [torch.zeros(d, 0, dtype=torch.float64)]
@@ -374,7 +379,8 @@ def merge(
             if progress:
                 progress(name, step, len(modules))
             members = [
-                prepare_member(sources[i].task, sources[i].read_module(name), config, sources[i].prior(name)) for i in idx
+                prepare_member(sources[i].task, sources[i].read_module(name), config, sources[i].prior(name))
+                for i in idx
             ]
             budget = module_budget(config, n, d, [m.factors.B.shape[1] for m in members], total_original)
             res = consolidate_module(name, n, d, members, config, dtype, budget)

@@ -42,7 +42,13 @@ class ExtractedAdapter:
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "path": str(self.path), "rank": self.rank, "modules": self.modules, "warnings": self.warnings}
+        return {
+            "task": self.task,
+            "path": str(self.path),
+            "rank": self.rank,
+            "modules": self.modules,
+            "warnings": self.warnings,
+        }
 
 
 def prepare_output_dir(path: Path, force: bool) -> None:
@@ -70,7 +76,9 @@ def publish_dir(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def adapter_tensors(ckpt: Checkpoint, task: str, rank: int | None) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+def adapter_tensors(
+    ckpt: Checkpoint, task: str, rank: int | None
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
     """Per module of ``task``: balanced (B̂ n × p, Â p × d) float64, truncated to ``rank``."""
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for module, info in ckpt.modules.items():
@@ -144,11 +152,25 @@ def exported_config(record: dict[str, Any], modules: list[str], rank: int) -> di
     cfg = dict(record.get("adapter_config") or {})
     if not cfg:
         names = sorted({m.rsplit(".", 1)[-1] for m in modules})
-        cfg = {"peft_type": "LORA", "target_modules": names, "bias": "none", "fan_in_fan_out": False, "task_type": None,
-               "base_model_name_or_path": None}
+        cfg = {
+            "peft_type": "LORA",
+            "target_modules": names,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "task_type": None,
+            "base_model_name_or_path": None,
+        }
     cfg.update(
-        {"r": rank, "lora_alpha": rank, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
-         "peft_type": "LORA", "inference_mode": True}
+        {
+            "r": rank,
+            "lora_alpha": rank,
+            "use_rslora": False,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "use_dora": False,
+            "peft_type": "LORA",
+            "inference_mode": True,
+        }
     )
     return cfg
 
@@ -156,7 +178,7 @@ def exported_config(record: dict[str, Any], modules: list[str], rank: int) -> di
 def engine_warnings(record: dict[str, Any], heads: dict[str, torch.Tensor], rank: int) -> list[str]:
     warnings = []
     if heads:
-        names = sorted({k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k for k in heads})
+        names = sorted({k[len(PEFT_PREFIX) :] if k.startswith(PEFT_PREFIX) else k for k in heads})
         warnings.append(
             f"carries non-LoRA tensors ({', '.join(names[:3])}{'…' if len(names) > 3 else ''}) saved through "
             "modules_to_save: PEFT loads them, but serving engines such as vLLM reject such adapters"

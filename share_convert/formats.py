@@ -233,7 +233,9 @@ class AdapterSource:
         for key, x in ((spec.key_A, A), (spec.key_B, B)):
             if not torch.isfinite(x).all():
                 raise BadAdapterError(
-                    f"tensor {key} contains NaN or Inf", path=self.weights_path, hint="This adapter is broken; retrain or re-export it"
+                    f"tensor {key} contains NaN or Inf",
+                    path=self.weights_path,
+                    hint="This adapter is broken; retrain or re-export it",
                 )
         return LoraFactors(B=B, A=A)
 
@@ -332,7 +334,9 @@ def _check_config(cfg: dict | None, path: Path | None) -> None:
         )
     for key in ("r", "lora_alpha"):
         if key in cfg and not (isinstance(cfg[key], (int, float)) and not isinstance(cfg[key], bool) and cfg[key] > 0):
-            raise BadAdapterError(f"config has an invalid {key}: {cfg[key]!r}", path=path, hint="Fix adapter_config.json")
+            raise BadAdapterError(
+                f"config has an invalid {key}: {cfg[key]!r}", path=path, hint="Fix adapter_config.json"
+            )
 
 
 def _pattern_value(patterns: dict, name: str, default: Any) -> Any:
@@ -356,16 +360,22 @@ def _parse_keys(
         if m:
             pairs.setdefault(m["module"], {})[m["side"]] = key
         elif ".lora_" in key:
-            raise BadAdapterError(f"unsupported LoRA tensor {key}", path=path, hint="Only lora_A/lora_B weights are supported")
+            raise BadAdapterError(
+                f"unsupported LoRA tensor {key}", path=path, hint="Only lora_A/lora_B weights are supported"
+            )
         else:
             heads.append(key)
     if not pairs:
-        raise BadAdapterError("holds no LoRA tensors (no *.lora_A.weight / *.lora_B.weight)", path=path, hint="Pass a LoRA adapter")
+        raise BadAdapterError(
+            "holds no LoRA tensors (no *.lora_A.weight / *.lora_B.weight)", path=path, hint="Pass a LoRA adapter"
+        )
     modules: dict[str, ModuleSpec] = {}
     for module, sides in pairs.items():
         if set(sides) != {"A", "B"}:
             missing = "lora_B" if "B" not in sides else "lora_A"
-            raise BadAdapterError(f"module {module} has no {missing} weight", path=path, hint="The adapter is incomplete")
+            raise BadAdapterError(
+                f"module {module} has no {missing} weight", path=path, hint="The adapter is incomplete"
+            )
         kA, kB = sides["A"], sides["B"]
         for k in (kA, kB):
             if dtypes[k] not in SUPPORTED_DTYPES:
@@ -375,11 +385,15 @@ def _parse_keys(
                     hint="Re-export the adapter in a floating-point dtype",
                 )
             if len(shapes[k]) != 2 or 0 in shapes[k]:
-                raise BadAdapterError(f"tensor {k} has shape {shapes[k]}, not a non-empty matrix", path=path, hint="The adapter is broken")
+                raise BadAdapterError(
+                    f"tensor {k} has shape {shapes[k]}, not a non-empty matrix", path=path, hint="The adapter is broken"
+                )
         (ra, d), (n, rb) = shapes[kA], shapes[kB]
         if ra != rb:
             raise BadAdapterError(
-                f"module {module}: lora_A has rank {ra} but lora_B has rank {rb}", path=path, hint="The adapter is broken"
+                f"module {module}: lora_A has rank {ra} but lora_B has rank {rb}",
+                path=path,
+                hint="The adapter is broken",
             )
         modules[module] = ModuleSpec(module, n, d, ra, kA, kB)
     for k in heads:
@@ -424,10 +438,14 @@ def expand_paths(text: str) -> list[Path]:
     path = Path(text)
     if path.is_dir() and not any((path / n).is_file() for n in WEIGHT_NAMES) and not (path / CONFIG_NAME).is_file():
         found = sorted(
-            p for p in path.iterdir() if (p.is_dir() and (p / CONFIG_NAME).is_file()) or p.suffix in (".safetensors", ".bin")
+            p
+            for p in path.iterdir()
+            if (p.is_dir() and (p / CONFIG_NAME).is_file()) or p.suffix in (".safetensors", ".bin")
         )
         if not found:
-            raise BadAdapterError("folder holds no adapter", path=text, hint="Pass PEFT adapter folders or weights files")
+            raise BadAdapterError(
+                "folder holds no adapter", path=text, hint="Pass PEFT adapter folders or weights files"
+            )
         return found
     return [path]
 

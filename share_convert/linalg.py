@@ -77,7 +77,7 @@ def principal_basis(
     if k <= 0 or m == 0:
         return stack.new_zeros((n, 0)), torch.zeros(0, dtype=torch.float64)
     if m <= exact_below or k + n_oversamples >= min(n, m):
-        G = (stack.T @ stack).to(torch.float64) if m <= exact_below else None
+        G = stack.T.to(torch.float64) @ stack.to(torch.float64) if m <= exact_below else None
         if G is not None:
             evals, V = torch.linalg.eigh(G)
             evals, V = evals.flip(0).clamp_min(0), V.flip(1)

@@ -19,8 +19,49 @@ import torch
 from .linalg import residual_spectrum
 
 #: The k values tried between 0 and the number of basis vectors computed.
-K_GRID = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128,
-          160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 2048, 3072, 4096)
+K_GRID = (
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    8,
+    10,
+    12,
+    14,
+    16,
+    20,
+    24,
+    28,
+    32,
+    40,
+    48,
+    56,
+    64,
+    80,
+    96,
+    112,
+    128,
+    160,
+    192,
+    224,
+    256,
+    320,
+    384,
+    448,
+    512,
+    640,
+    768,
+    896,
+    1024,
+    1280,
+    1536,
+    2048,
+    3072,
+    4096,
+)
 
 
 @dataclass
@@ -185,7 +226,7 @@ class ModulePlanner:
                 continue
             slots = (params - base) // step
             tails = self.tails(k_B, k_A)
-            q = self._greedy(tails, lambda q, total: sum(q) >= slots)
+            q = self._greedy(tails, lambda q, total, slots=slots: sum(q) >= slots)
             plan = self.evaluate(k_B, k_A, q)
             if best is None or (plan.mean_error, plan.params) < (best.mean_error, best.params):
                 best = plan

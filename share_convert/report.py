@@ -99,8 +99,12 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         "tasks": tasks,
         "totals": totals,
         "modules": {
-            name: {"k_B": m["k_B"], "k_A": m["k_A"], "kind": m["kind"],
-                   "private_rank_total": sum(t["private_rank"] for t in m["tasks"].values())}
+            name: {
+                "k_B": m["k_B"],
+                "k_A": m["k_A"],
+                "kind": m["kind"],
+                "private_rank_total": sum(t["private_rank"] for t in m["tasks"].values()),
+            }
             for name, m in modules.items()
         },
         "history": ckpt.history,
@@ -162,9 +166,13 @@ def render(summary: dict[str, Any], console: Console) -> None:
         if st[role]["params"]:
             sizes.add_row(f"  {role}", f"{st[role]['params']:,}", human_bytes(st[role]["bytes"]))
     console.print(sizes)
-    console.print(f"Compression: [bold]{tot['ratio']:.2f}×[/bold] (shared bases counted; file {human_bytes(tot['checkpoint_file_bytes'])})")
+    console.print(
+        f"Compression: [bold]{tot['ratio']:.2f}×[/bold] (shared bases counted; file {human_bytes(tot['checkpoint_file_bytes'])})"
+    )
     if tot["ratio_excluding_shared_bases"]:
-        console.print(f"  per-task data only, excluding shared bases and heads: {tot['ratio_excluding_shared_bases']:.1f}×")
+        console.print(
+            f"  per-task data only, excluding shared bases and heads: {tot['ratio_excluding_shared_bases']:.1f}×"
+        )
     kinds = summary["plan"]["modules_by_kind"]
     console.print(
         f"Plan: {summary['plan']['rule']}; modules: {kinds['shared']} shared, {kinds['mixed']} shared + private, "
@@ -174,6 +182,10 @@ def render(summary: dict[str, Any], console: Console) -> None:
     console.print(summary["plan"]["verdict"])
     assumed = [t for t in summary["tasks"] if t.get("alpha_assumed") is not None]
     for t in assumed:
-        console.print(f"[yellow]Assumed lora_alpha={t['alpha_assumed']:g} for {t['task']} (no config beside its weights).[/yellow]")
+        console.print(
+            f"[yellow]Assumed lora_alpha={t['alpha_assumed']:g} for {t['task']} (no config beside its weights).[/yellow]"
+        )
     if any(t["error_is_bound"] for t in summary["tasks"]):
-        console.print("≤: the error is an upper bound (the task came from an earlier checkpoint, its original is gone).")
+        console.print(
+            "≤: the error is an upper bound (the task came from an earlier checkpoint, its original is gone)."
+        )

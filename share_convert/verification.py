@@ -32,7 +32,9 @@ def verify_checkpoint(ckpt: Checkpoint, *, tol: float = 1e-3) -> dict[str, Any]:
         beta, alpha = ckpt.bases(module)
         if beta is not None:
             if tuple(beta.shape) != (n, kB) or tuple(alpha.shape) != (d, kA):
-                bad(f"bases of {module} have shapes {tuple(beta.shape)}, {tuple(alpha.shape)}; expected ({n}, {kB}), ({d}, {kA})")
+                bad(
+                    f"bases of {module} have shapes {tuple(beta.shape)}, {tuple(alpha.shape)}; expected ({n}, {kB}), ({d}, {kA})"
+                )
             eps = 1e-2 if beta.dtype in (torch.bfloat16, torch.float16) else 1e-4
             for side, U in (("B", beta), ("A", alpha)):
                 G = U.double().T @ U.double()
@@ -52,7 +54,9 @@ def verify_checkpoint(ckpt: Checkpoint, *, tol: float = 1e-3) -> dict[str, Any]:
             # triangle inequality: ‖ΔW‖(1 − e) ≤ ‖ΔŴ‖ ≤ ‖ΔW‖(1 + e) for any reconstruction with error e
             recon = frob2(Bh, Ah) ** 0.5
             if norm > 0 and not (norm * (1 - e) * (1 - tol) - 1e-12 <= recon <= norm * (1 + e) * (1 + tol) + 1e-12):
-                bad(f"task {task} in {module}: reconstruction norm {recon:.4g} is inconsistent with stored error {e:.4g}")
+                bad(
+                    f"task {task} in {module}: reconstruction norm {recon:.4g} is inconsistent with stored error {e:.4g}"
+                )
     return {
         "checkpoint": str(ckpt.path),
         "tensors": len(ckpt.manifest["tensors"]),

@@ -1,0 +1,83 @@
+"""The linear algebra against dense brute force on small shapes."""
+
+import torch
+
+from share_convert.linalg import canonicalize, principal_basis, relative_error, residual_spectrum
+
+
+def dense(B, A):
+    return B.double() @ A.double().T
+
+
+def test_canonicalize_keeps_delta_w():
+    g = torch.Generator().manual_seed(0)
+    B, A = torch.randn(20, 5, generator=g), torch.randn(15, 5, generator=g)
+    Bc, Ac, s = canonicalize(B, A)
+    assert torch.allclose(dense(Bc, Ac), dense(B, A), atol=1e-10)
+    assert torch.allclose(Bc.T @ Bc, torch.diag(s), atol=1e-10)
+    assert torch.allclose(Ac.T @ Ac, torch.diag(s), atol=1e-10)
+
+
+def test_canonicalize_is_gauge_invariant():
+    g = torch.Generator().manual_seed(1)
+    B, A = torch.randn(20, 4, generator=g).double(), torch.randn(15, 4, generator=g).double()
+    R = torch.randn(4, 4, generator=g).double() + 3 * torch.eye(4, dtype=torch.float64)
+    Bc1, Ac1, _ = canonicalize(B, A)
+    Bc2, Ac2, _ = canonicalize(B @ R, A @ torch.linalg.inv(R).T)
+    assert torch.allclose(Bc1, Bc2, atol=1e-9) and torch.allclose(Ac1, Ac2, atol=1e-9)
+
+
+def test_canonicalize_drops_zero_directions():
+    g = torch.Generator().manual_seed(2)
+    B = torch.randn(10, 2, generator=g)
+    B = torch.cat([B, B[:, :1]], 1)  # rank 2 in a rank-3 adapter
+    A = torch.cat([torch.randn(8, 2, generator=g), torch.zeros(8, 1)], 1)
+    _, _, s = canonicalize(B, A)
+    assert s.numel() == 2
+
+
+def test_relative_error_matches_dense():
+    g = torch.Generator().manual_seed(3)
+    B, A = torch.randn(12, 3, generator=g), torch.randn(9, 3, generator=g)
+    Bh, Ah = torch.randn(12, 2, generator=g), torch.randn(9, 2, generator=g)
+    expected = torch.linalg.norm(dense(B, A) - dense(Bh, Ah)) / torch.linalg.norm(dense(B, A))
+    assert abs(relative_error(B, A, Bh, Ah) - float(expected)) < 1e-10
+
+
+def test_randomized_basis_matches_exact_on_a_low_rank_stack():
+    g = torch.Generator().manual_seed(4)
+    stack = torch.randn(300, 6, generator=g) @ torch.randn(6, 700, generator=g)
+    U_exact, s_exact = principal_basis(stack, 6, exact_below=10_000)
+    U_rand, s_rand = principal_basis(stack, 6, exact_below=0)
+    assert torch.allclose(s_exact, s_rand, rtol=1e-4)
+    assert torch.allclose(U_exact @ U_exact.T, U_rand @ U_rand.T, atol=1e-4)
+
+
+def test_basis_is_clamped_to_numerical_rank():
+    g = torch.Generator().manual_seed(5)
+    stack = torch.randn(50, 3, generator=g) @ torch.randn(3, 40, generator=g)
+    U, s = principal_basis(stack, 30)
+    assert U.shape == (50, 3) and s.numel() == 3
+
+
+def test_basis_sign_convention_is_fixed():
+    g = torch.Generator().manual_seed(6)
+    stack = torch.randn(30, 10, generator=g)
+    U1, _ = principal_basis(stack, 4)
+    U2, _ = principal_basis(-stack, 4)
+    assert torch.equal(U1, U2)
+    idx = U1.abs().argmax(0)
+    assert (U1[idx, torch.arange(4)] > 0).all()
+
+
+def test_residual_spectrum_matches_dense_svd():
+    g = torch.Generator().manual_seed(7)
+    n, d, r, k = 30, 25, 4, 6
+    Bc, Ac, s = canonicalize(torch.randn(n, r, generator=g), torch.randn(d, r, generator=g))
+    beta = torch.linalg.qr(torch.randn(n, k, generator=g).double()).Q
+    alpha = torch.linalg.qr(torch.randn(d, k, generator=g).double()).Q
+    W = dense(Bc, Ac)
+    R = W - beta @ beta.T @ W @ alpha @ alpha.T
+    expected = torch.linalg.svdvals(R)[: 2 * r] ** 2
+    got = residual_spectrum(s, beta.T @ Bc, alpha.T @ Ac)
+    assert torch.allclose(got, expected, atol=1e-8 * float(expected[0]))
