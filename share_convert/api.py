@@ -13,19 +13,39 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, is_checkpoint
 from .consolidation import ConsolidationConfig, Progress
 from .consolidation import merge as _merge
+from .continual import CheckpointTask, checkpoint_tasks
+from .continual import add as _add
+from .continual import remove as _remove
 from .extraction import ExtractedAdapter
 from .extraction import extract as _extract
 from .extraction import extract_all as _extract_all
-from .formats import open_adapters
+from .formats import check_unique_tasks, expand_paths, open_adapters, parse_input
 from .report import summarize
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a checkpoint from a path (or an ``hf://`` address once downloaded)."""
     return Checkpoint(path)
+
+
+def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
+    """Adapters and Share checkpoints (every task of a checkpoint is an input) from what was typed."""
+    sources: list = []
+    for text in inputs:
+        spec = parse_input(text)
+        for path in expand_paths(spec.path):
+            if path.is_file() and path.suffix == ".safetensors" and is_checkpoint(path):
+                ckpt = Checkpoint(path)
+                sources += (
+                    [CheckpointTask(ckpt, t) for t in ckpt.tasks] if spec.task is None else checkpoint_tasks(ckpt)
+                )
+            else:
+                sources += open_adapters([f"{spec.task}={path}" if spec.task else str(path)], alpha=alpha)
+    check_unique_tasks([s.task for s in sources], [s.origin for s in sources])
+    return sources
 
 
 def merge(
@@ -37,8 +57,8 @@ def merge(
     force: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Consolidate adapters (paths, globs, folders) into ``output``; return the report."""
-    sources = open_adapters(list(inputs), alpha=alpha)
+    """Consolidate adapters (paths, globs, folders, checkpoints) into ``output``; return the report."""
+    sources = open_inputs(inputs, alpha=alpha)
     _merge(sources, output, config, force=force, progress=progress)
     return summarize(Checkpoint(output))
 
@@ -73,3 +93,36 @@ def verify(checkpoint: str | Path) -> dict[str, Any]:
     from .verification import verify_checkpoint
 
     return verify_checkpoint(open_checkpoint(checkpoint))
+
+
+def add(
+    checkpoint: str | Path,
+    inputs: Sequence[str],
+    output: str | Path,
+    config: ConsolidationConfig | None = None,
+    *,
+    alpha: float | None = None,
+    replace: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Fold new adapters (or checkpoints) into ``checkpoint``, writing ``output``; return the report."""
+    ckpt = open_checkpoint(checkpoint)
+    sources = open_inputs(inputs, alpha=alpha)
+    _add(ckpt.path, sources, output, config, replace=replace, force=force, progress=progress)
+    return summarize(Checkpoint(output))
+
+
+def remove(
+    checkpoint: str | Path,
+    tasks: Sequence[str],
+    output: str | Path,
+    *,
+    refit: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Drop ``tasks`` from ``checkpoint`` (optionally refitting the bases); return the report."""
+    ckpt = open_checkpoint(checkpoint)
+    _remove(ckpt.path, tasks, output, refit=refit, force=force, progress=progress)
+    return summarize(Checkpoint(output))

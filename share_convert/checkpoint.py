@@ -109,7 +109,7 @@ class CheckpointWriter:
     def finish(self, manifest: dict[str, Any]) -> None:
         """Publish the file atomically with ``manifest`` (plus tensor hashes) in its metadata."""
         manifest = dict(manifest, tensors={k: self.hashes[k] for k in sorted(self.hashes)})
-        text = json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        text = json.dumps(manifest, separators=(",", ":"), allow_nan=False)
         header: dict[str, Any] = {
             "__metadata__": {"format": "pt", MANIFEST_KEY: text, MANIFEST_SHA_KEY: sha256(text.encode())}
         }

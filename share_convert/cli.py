@@ -297,6 +297,78 @@ def extract(
             err.print(f"[yellow]warning:[/yellow] {r.task}: {w}", highlight=False)
 
 
+def _update_target(checkpoint: str, output: Path | None, in_place: bool) -> Path:
+    if in_place == (output is not None):
+        fail("give exactly one of -o OUT or --in-place")
+    return Path(checkpoint) if in_place else output  # type: ignore[return-value]
+
+
+@app.command()
+@handle_errors
+def add(
+    checkpoint: Annotated[str, typer.Argument(help="The Share checkpoint to update.", show_default=False)],
+    inputs: InputsArg = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Where to write the updated checkpoint.", show_default=False)
+    ] = None,
+    in_place: Annotated[bool, typer.Option("--in-place", help="Replace CHECKPOINT itself (atomically).")] = False,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Replace tasks that already exist instead of failing.")
+    ] = False,
+    k: KOpt = None,
+    target_error: Annotated[
+        float | None, typer.Option("--target-error", help="Error target for this update (default: the checkpoint's).")
+    ] = None,
+    alpha: AlphaOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fold new adapters (or another checkpoint) into a checkpoint, without the old adapters.
+
+    The report shows each old task's ΔW error before and after (its drift) and the new tasks' errors.
+    Example: share-convert add share.safetensors new-task/ -o share-v2.safetensors
+    """
+    from .checkpoint import Checkpoint
+    from .continual import config_of
+
+    if not inputs:
+        fail("no new adapters were given: pass adapter folders, files, globs or checkpoints")
+    target = _update_target(checkpoint, output, in_place)
+    config = config_of(Checkpoint(checkpoint))
+    if k is not None:
+        config.k = k
+    if target_error is not None:
+        config.target_error = target_error
+    with progress_bar("adding") as progress:
+        summary = api.add(
+            checkpoint, inputs, target, config, alpha=alpha, replace=replace, force=force or in_place, progress=progress
+        )
+    show(summary, as_json)
+
+
+@app.command()
+@handle_errors
+def remove(
+    checkpoint: Annotated[str, typer.Argument(help="The Share checkpoint to update.", show_default=False)],
+    task: Annotated[list[str], typer.Option("--task", help="Task to remove (repeatable).")],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Where to write the result.", show_default=False)
+    ] = None,
+    in_place: Annotated[bool, typer.Option("--in-place", help="Replace CHECKPOINT itself (atomically).")] = False,
+    refit: Annotated[bool, typer.Option("--refit", help="Recompute the bases from the remaining tasks.")] = False,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove tasks from a checkpoint, optionally refitting the bases to the tasks that remain.
+
+    Example: share-convert remove share.safetensors --task old-task --in-place
+    """
+    target = _update_target(checkpoint, output, in_place)
+    with progress_bar("removing") as progress:
+        summary = api.remove(checkpoint, task, target, refit=refit, force=force or in_place, progress=progress)
+    show(summary, as_json)
+
+
 @app.command()
 @handle_errors
 def verify(

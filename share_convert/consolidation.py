@@ -142,7 +142,7 @@ class TaskSource(Protocol):
     def read_module(self, module: str) -> LoraFactors: ...
     def read_heads(self) -> dict[str, torch.Tensor]: ...
     def task_record(self) -> dict[str, Any]: ...
-    def prior(self, module: str) -> tuple[float, float] | None: ...  # (error, ‖ΔW‖) of a reconstruction
+    def prior(self, module: str) -> tuple[float, float, bool] | None: ...  # (error, ‖ΔW‖, is_bound) of a reconstruction
 
 
 @dataclass
@@ -154,7 +154,7 @@ class ModuleMember:
     B: torch.Tensor  # canonical (or raw) column factors that are stacked, float32
     A: torch.Tensor
     s: torch.Tensor  # canonical singular values, float64
-    prior: tuple[float, float] | None = None
+    prior: tuple[float, float, bool] | None = None
 
 
 @dataclass
@@ -263,55 +263,88 @@ def consolidate_module(
         K = min(2 * K, full)
     del stack_B, stack_A
     result = ModuleResult(plan=plan)
-    k_B, k_A = plan.k_B, plan.k_A
-    if k_B and k_A:
-        beta_s, alpha_s = beta[:, :k_B].cpu().to(dtype), alpha[:, :k_A].cpu().to(dtype)
-        result.tensors[f"modules/{name}/basis_B"] = beta_s
-        result.tensors[f"modules/{name}/basis_A"] = alpha_s
-        gram_B = sum(w * f.Eb[:k_B] @ f.Eb[:k_B].T for f, w in zip(fits, weights))
-        gram_A = sum(w * f.Ea[:k_A] @ f.Ea[:k_A].T for f, w in zip(fits, weights))
-        result.tensors[f"modules/{name}/gram_B"] = gram_B.to(torch.float64)
-        result.tensors[f"modules/{name}/gram_A"] = gram_A.to(torch.float64)
-        b64, a64 = beta_s.double(), alpha_s.double()
+    beta_s, alpha_s = store_bases(name, beta, alpha, plan, dtype, result)
     for i, (m, (Bc, Ac, _s)) in enumerate(zip(members, canon)):
-        q = plan.private_ranks[i]
-        Bh = [torch.zeros(n, 0, dtype=torch.float64)]
-        Ah = [torch.zeros(d, 0, dtype=torch.float64)]
-        p = 0
-        if k_B and k_A:
-            Eb, Ea = b64.T @ Bc, a64.T @ Ac  # coordinates in the stored (rounded) bases
-            cB, cA, _ = canonicalize(Eb, Ea)  # balanced core: E_B E_Aᵀ with rank p ≤ r (section 2.7)
-            p = cB.shape[1]
-            if p:
-                cB, cA = cB.to(dtype), cA.to(dtype)
-                result.tensors[f"tasks/{m.task}/{name}/coef_B"] = cB
-                result.tensors[f"tasks/{m.task}/{name}/coef_A"] = cA
-                Bh.append(b64 @ cB.double())
-                Ah.append(a64 @ cA.double())
-        if q:
-            shared_B, shared_A = torch.cat(Bh, 1), torch.cat(Ah, 1)
-            # residual R = ΔW − ΔŴ_shared as factors [Bc, −B̂] [Ac, Â]ᵀ; its best rank-q part
-            PB, PA, _ = canonicalize(torch.cat([Bc, -shared_B], 1), torch.cat([Ac, shared_A], 1), max_rank=q)
-            q = PB.shape[1]
-            if q:
-                PB, PA = PB.to(dtype), PA.T.contiguous().to(dtype)
-                result.tensors[f"tasks/{m.task}/{name}/private_B"] = PB
-                result.tensors[f"tasks/{m.task}/{name}/private_A"] = PA
-                Bh.append(PB.double())
-                Ah.append(PA.double().T)
-        Bh_all, Ah_all = torch.cat(Bh, 1), torch.cat(Ah, 1)
-        err = relative_error(m.factors.B, m.factors.A.T, Bh_all, Ah_all)
-        record = {"rank": p, "private_rank": q, "original_rank": int(m.factors.B.shape[1]), "error": err}
-        if m.prior is not None:  # the input was itself a reconstruction: bound the error to the original
-            prior_err, prior_norm = m.prior
-            drift = err * norms[i]
-            record["error"] = prior_err + (drift / prior_norm if prior_norm > 0 else 0.0)
-            record["bound"] = True
-            record["norm"] = prior_norm
-        else:
-            record["norm"] = norms[i]
+        tensors, record = encode_task(m, Bc, Ac, plan.private_ranks[i], beta_s, alpha_s, dtype, n, d, norms[i])
+        result.tensors.update({f"tasks/{m.task}/{name}/{part}": t for part, t in tensors.items()})
         result.records[m.task] = record
+    store_grams(name, result, [(m.task, weights[i]) for i, m in enumerate(members)], plan)
     return result
+
+
+def store_bases(name: str, beta, alpha, plan: ModulePlan, dtype: torch.dtype, result: ModuleResult):
+    """Round the chosen bases to the storage dtype and add them to ``result``."""
+    if not (plan.k_B and plan.k_A):
+        return None, None
+    beta_s, alpha_s = beta[:, : plan.k_B].cpu().to(dtype), alpha[:, : plan.k_A].cpu().to(dtype)
+    result.tensors[f"modules/{name}/basis_B"] = beta_s
+    result.tensors[f"modules/{name}/basis_A"] = alpha_s
+    return beta_s, alpha_s
+
+
+def store_grams(name: str, result: ModuleResult, weighted_tasks: list[tuple[str, float]], plan: ModulePlan) -> None:
+    """Σ_i w_i E_i E_iᵀ over the stored coefficients, per side: the stack as the checkpoint knows it
+    (spec, section 5). Kept so that later updates cost nothing per old task."""
+    if not (plan.k_B and plan.k_A):
+        return
+    for side, k in (("B", plan.k_B), ("A", plan.k_A)):
+        G = torch.zeros(k, k, dtype=torch.float64)
+        for task, w in weighted_tasks:
+            c = result.tensors.get(f"tasks/{task}/{name}/coef_{side}")
+            if c is not None:
+                c = c.double()
+                G += w * (c @ c.T)
+        result.tensors[f"modules/{name}/gram_{side}"] = G
+
+
+def encode_task(
+    m: ModuleMember,
+    Bc: torch.Tensor,
+    Ac: torch.Tensor,
+    q: int,
+    beta_s: torch.Tensor | None,
+    alpha_s: torch.Tensor | None,
+    dtype: torch.dtype,
+    n: int,
+    d: int,
+    norm: float,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One task's coefficients and private factors in stored bases, and its exact ΔW error."""
+    tensors: dict[str, torch.Tensor] = {}
+    Bh = [torch.zeros(n, 0, dtype=torch.float64)]
+    Ah = [torch.zeros(d, 0, dtype=torch.float64)]
+    p = 0
+    if beta_s is not None:
+        b64, a64 = beta_s.double(), alpha_s.double()
+        Eb, Ea = b64.T @ Bc, a64.T @ Ac  # coordinates in the stored (rounded) bases
+        cB, cA, _ = canonicalize(Eb, Ea)  # balanced core E_B E_Aᵀ of rank p ≤ r (spec, section 2.7)
+        p = cB.shape[1]
+        if p:
+            tensors["coef_B"], tensors["coef_A"] = cB.to(dtype), cA.to(dtype)
+            Bh.append(b64 @ tensors["coef_B"].double())
+            Ah.append(a64 @ tensors["coef_A"].double())
+    if q:
+        shared_B, shared_A = torch.cat(Bh, 1), torch.cat(Ah, 1)
+        # residual R = ΔW − ΔŴ_shared as factors [Bc, −B̂] [Ac, Â]ᵀ; keep its best rank-q part (spec, section 6)
+        PB, PA, _ = canonicalize(torch.cat([Bc, -shared_B], 1), torch.cat([Ac, shared_A], 1), max_rank=q)
+        q = PB.shape[1]
+        if q:
+            tensors["private_B"], tensors["private_A"] = PB.to(dtype), PA.T.contiguous().to(dtype)
+            Bh.append(tensors["private_B"].double())
+            Ah.append(tensors["private_A"].double().T)
+    err = relative_error(m.factors.B, m.factors.A.T, torch.cat(Bh, 1), torch.cat(Ah, 1))
+    record: dict[str, Any] = {
+        "rank": p,
+        "private_rank": q,
+        "original_rank": int(m.factors.B.shape[1]),
+        "error": err,
+        "norm": norm,
+    }
+    if m.prior is not None:  # the input was itself a reconstruction: bound the error to the original
+        prior_err, prior_norm, prior_bound = m.prior
+        drift = err * norm / prior_norm if prior_norm > 0 else 0.0
+        record.update(error=prior_err + drift, norm=prior_norm, bound=prior_bound or drift > 1e-6)
+    return tensors, record
 
 
 def _choose(planner: ModulePlanner, config, stack_B, stack_A, sB, sA, budget_params) -> ModulePlan:

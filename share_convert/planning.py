@@ -106,8 +106,10 @@ class ModulePlan:
 class ModulePlanner:
     """Evaluates plans for one module of shape ``n × d`` (out × in)."""
 
-    def __init__(self, n: int, d: int, fits: list[TaskFit]):
+    def __init__(self, n: int, d: int, fits: list[TaskFit], frozen: list[bool] | None = None):
         self.n, self.d, self.fits = n, d, fits
+        #: tasks whose private rank is fixed at 0 here (old tasks during a continual update)
+        self.frozen = frozen or [False] * len(fits)
         self.K_B = max((f.Eb.shape[0] for f in fits), default=0)
         self.K_A = max((f.Ea.shape[0] for f in fits), default=0)
         self._tails: dict[tuple[int, int], list[list[float]]] = {}
@@ -169,7 +171,7 @@ class ModulePlanner:
     def _greedy(self, tails: list[list[float]], stop) -> list[int]:
         """Add private directions one at a time to the task whose error drops most."""
         q = [0] * len(tails)
-        heap = [(-(t[0] - t[1]), i) for i, t in enumerate(tails) if len(t) > 1]
+        heap = [(-(t[0] - t[1]), i) for i, t in enumerate(tails) if len(t) > 1 and not self.frozen[i]]
         heapq.heapify(heap)
         total = sum(t[0] for t in tails)
         while heap and not stop(q, total):
@@ -184,7 +186,9 @@ class ModulePlanner:
     # -- the three ways of choosing ---------------------------------------------------------------------
     def fixed(self, k: int, private_rank: int = 0) -> ModulePlan:
         k_B, k_A = self.sides(k)
-        return self.evaluate(k_B, k_A, [min(private_rank, f.rank) for f in self.fits])
+        return self.evaluate(
+            k_B, k_A, [0 if fr else min(private_rank, f.rank) for f, fr in zip(self.fits, self.frozen)]
+        )
 
     def for_target(self, error: float, metric: str = "mean") -> ModulePlan:
         """The plan with the least storage whose mean (or worst) task error is ≤ ``error``."""
@@ -195,8 +199,8 @@ class ModulePlanner:
             tails = self.tails(k_B, k_A)
             if metric == "max":
                 q = []
-                for t in tails:
-                    ok = [j for j, e in enumerate(t) if e <= error]
+                for t, frozen in zip(tails, self.frozen):
+                    ok = [j for j, e in enumerate(t[: 1 if frozen else None]) if e <= error]
                     if not ok:
                         break
                     q.append(ok[0])
@@ -209,7 +213,9 @@ class ModulePlanner:
             plan = self.evaluate(k_B, k_A, q)
             if best is None or (plan.params, plan.mean_error) < (best.params, best.mean_error):
                 best = plan
-        assert best is not None  # k = 0 with q = r is exact, so some plan always meets the target
+        if best is None:  # only with frozen tasks: keep every direction
+            K = max(self.K_B, self.K_A)
+            return self.evaluate(*self.sides(K), [0 if fr else f.rank for f, fr in zip(self.fits, self.frozen)])
         return best
 
     def for_budget(self, params: int) -> ModulePlan:

@@ -144,7 +144,7 @@ def render(summary: dict[str, Any], console: Console) -> None:
     """Draw a summary as tables."""
     table = Table(title=f"Share checkpoint {summary['checkpoint']}", title_justify="left")
     for col in ("task", "modules", "rank (orig → shared+private)", "mean ΔW error", "worst ΔW error"):
-        table.add_column(col, justify="left" if col == "task" else "right")
+        table.add_column(col, justify="left" if col == "task" else "right", overflow="fold")
     for t in summary["tasks"]:
         mark = " ≤" if t["error_is_bound"] else ""
         table.add_row(
@@ -180,6 +180,7 @@ def render(summary: dict[str, Any], console: Console) -> None:
     )
     console.print(f"Mean ΔW error {tot['mean_error']:.2%}, worst task-module {tot['max_error']:.2%}.")
     console.print(summary["plan"]["verdict"])
+    render_history(summary["history"], console)
     assumed = [t for t in summary["tasks"] if t.get("alpha_assumed") is not None]
     for t in assumed:
         console.print(
@@ -189,3 +190,39 @@ def render(summary: dict[str, Any], console: Console) -> None:
         console.print(
             "≤: the error is an upper bound (the task came from an earlier checkpoint, its original is gone)."
         )
+
+
+def render_history(history: list[dict[str, Any]], console: Console) -> None:
+    """How each task's mean ΔW error evolved across updates, and the last update's drift."""
+    if len(history) < 2:
+        return
+    table = Table(title="History: mean ΔW error per task after each update", title_justify="left")
+    table.add_column("task")
+    for i, h in enumerate(history, 1):
+        table.add_column(f"#{i} {h['op']}", justify="right")
+    tasks: list[str] = []
+    for h in history:
+        tasks += [t for t in h.get("errors", {}) if t not in tasks]
+    for t in tasks:
+        row = [t]
+        for h in history:
+            e = h.get("errors", {}).get(t)
+            row.append("" if e is None else f"{e['mean']:.2%}")
+        table.add_row(*row)
+    console.print(table)
+    last = history[-1]
+    if last.get("drift"):
+        drift = Table(title=f"Last update ({last['op']}): old tasks before → after", title_justify="left")
+        for col in ("task", "mean ΔW error before", "after (bound)", "mean drift", "worst drift"):
+            drift.add_column(col, justify="left" if col == "task" else "right")
+        for t, d in last["drift"].items():
+            before = last.get("errors_before", {}).get(t, {}).get("mean")
+            after = last.get("errors", {}).get(t, {}).get("mean")
+            drift.add_row(
+                t,
+                "" if before is None else f"{before:.2%}",
+                "" if after is None else f"≤{after:.2%}",
+                f"{d['mean']:.2%}",
+                f"{d['max']:.2%}",
+            )
+        console.print(drift)

@@ -1,0 +1,431 @@
+"""Continual updates of a Share checkpoint without the original adapters (spec, section 5).
+
+- :func:`add` folds new adapters (or another checkpoint's tasks) into a checkpoint. Per module,
+  the old tasks are known only through the bases, the stored Gram matrix and their coefficients:
+  the new bases come from a QR of ``[β, B'_new]`` and the eigendecomposition of a (k+m) × (k+m)
+  matrix (Brand 2006), so the n-sized work does not grow with the number of old tasks; old
+  coefficients are rotated into the new bases (k-sized work per task).
+- :func:`remove` drops tasks, optionally refitting the bases to the tasks that remain.
+- :class:`CheckpointTask` lets a checkpoint's tasks be inputs of ``merge`` (the paper's
+  asynchronous continual learning: groups consolidated separately, merged later).
+
+Old tasks' errors can only be bounded after an update (their originals are gone): the new error
+is at most the old error plus the drift ‖ΔŴ_before − ΔŴ_after‖ / ‖ΔW‖, and both are recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace as dc_replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import Checkpoint, CheckpointWriter, check_output
+from .consolidation import (
+    ConsolidationConfig,
+    ModuleMember,
+    ModuleResult,
+    Progress,
+    TaskSource,
+    build_manifest,
+    check_compatible,
+    consolidate_module,
+    encode_task,
+    merge,
+    module_record,
+    natural_key,
+    prepare_member,
+    storage_dtype,
+    store_bases,
+    store_grams,
+    task_errors,
+)
+from .errors import DuplicateTaskError, IncompatibleAdaptersError, InvalidOptionError, UnknownTaskError
+from .formats import LoraFactors
+from .linalg import RANK_RTOL, canonicalize, fix_signs, frob2, inner
+from .planning import ModulePlanner, TaskFit
+
+_DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointTask:
+    """One task of a Share checkpoint, seen as an input: its factors are the reconstruction ΔŴ."""
+
+    def __init__(self, ckpt: Checkpoint, task: str, *, rename: str | None = None):
+        self.ckpt, self.source_task = ckpt, task
+        self.task = rename or task
+        self.origin = f"{ckpt.path}:{task}"
+        rec = ckpt.task(task)
+        self.record = rec
+        self.config = rec.get("adapter_config")
+        self.head_keys = list(rec.get("heads", []))
+        self.weights_dtype = rec.get("weights_dtype", "F32")
+        self.stored_params = rec.get("original_params", 0)
+        self.stored_bytes = rec.get("original_bytes", 0)
+
+    def module_shapes(self) -> dict[str, tuple[int, int, int]]:
+        out = {}
+        for name, info in self.ckpt.modules.items():
+            if self.source_task in info["tasks"]:
+                t = info["tasks"][self.source_task]
+                out[name] = (info["out_features"], info["in_features"], max(t["rank"] + t["private_rank"], 1))
+        return out
+
+    def read_module(self, module: str) -> LoraFactors:
+        Bh, Ah = self.ckpt.reconstruction(self.source_task, module)
+        if Bh.shape[1] == 0:  # an all-zero update: keep one zero direction
+            Bh, Ah = Bh.new_zeros(Bh.shape[0], 1), Ah.new_zeros(Ah.shape[0], 1)
+        return LoraFactors(B=Bh.to(torch.float32), A=Ah.T.contiguous().to(torch.float32))
+
+    def read_heads(self) -> dict[str, torch.Tensor]:
+        return self.ckpt.heads(self.source_task)
+
+    def prior(self, module: str) -> tuple[float, float, bool]:
+        t = self.ckpt.modules[module]["tasks"][self.source_task]
+        return t["error"], t["norm"], bool(t.get("bound"))
+
+    def task_record(self) -> dict[str, Any]:
+        return dict(self.record, from_checkpoint=str(self.ckpt.path))
+
+
+def checkpoint_tasks(ckpt: Checkpoint) -> list[CheckpointTask]:
+    return [CheckpointTask(ckpt, t) for t in ckpt.tasks]
+
+
+def config_of(ckpt: Checkpoint) -> ConsolidationConfig:
+    fields = ConsolidationConfig.__dataclass_fields__
+    return ConsolidationConfig(**{k: v for k, v in ckpt.config.items() if k in fields})
+
+
+def _copy_task_tensors(ckpt: Checkpoint, writer: CheckpointWriter, task: str, module: str | None = None) -> None:
+    prefix = f"tasks/{task}/" + (f"{module}/" if module else "")
+    for name in sorted(ckpt.manifest["tensors"]):
+        if name.startswith(prefix):
+            writer.add(name, ckpt.tensor(name))
+
+
+def _carry_module(
+    ckpt: Checkpoint, writer: CheckpointWriter, name: str, keep: list[str], dropped: Sequence[str], weighting: str
+) -> dict[str, Any] | None:
+    """Copy one module unchanged for the tasks in ``keep``; downdate its Gram matrices for ``dropped``."""
+    info = ckpt.modules[name]
+    left = {t: r for t, r in info["tasks"].items() if t in keep}
+    if not left:
+        return None
+    if info["k_B"]:
+        for part in ("basis_B", "basis_A"):
+            writer.add(f"modules/{name}/{part}", ckpt.tensor(f"modules/{name}/{part}"))
+        for side in ("B", "A"):
+            G = ckpt.tensor(f"modules/{name}/gram_{side}").double().clone()
+            for t in dropped:
+                if t in info["tasks"] and ckpt.has(f"tasks/{t}/{name}/coef_{side}"):
+                    c = ckpt.tensor(f"tasks/{t}/{name}/coef_{side}").double()
+                    G -= _weight(info["tasks"][t]["norm"], weighting) * (c @ c.T)
+            writer.add(f"modules/{name}/gram_{side}", G)
+    for t in left:
+        _copy_task_tensors(ckpt, writer, t, name)
+    return {**info, "tasks": left}
+
+
+def _weight(norm: float, weighting: str) -> float:
+    """A task's weight in the basis fit: 1/‖ΔW‖ with equal weighting (spec, section 6)."""
+    if weighting != "equal":
+        return 1.0
+    return 1.0 / norm if norm > 0 else 0.0
+
+
+def add(
+    checkpoint: str | Path,
+    sources: Sequence[TaskSource],
+    output: str | Path,
+    config: ConsolidationConfig | None = None,
+    *,
+    replace: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Fold ``sources`` into ``checkpoint`` and write the result to ``output`` (may be the same path).
+
+    ``config`` defaults to the checkpoint's own options. Existing task names are an error unless
+    ``replace``, in which case the old task is dropped first.
+    """
+    ckpt = Checkpoint(checkpoint)
+    config = config or config_of(ckpt)
+    config.validate()
+    output = Path(output)
+    if not sources:
+        raise InvalidOptionError("no new adapters were given", hint="Pass adapter folders, files, globs or checkpoints")
+    same_file = output.exists() and Path(checkpoint).exists() and output.resolve() == Path(checkpoint).resolve()
+    check_output(output, force or same_file)
+    clashes = [s.task for s in sources if s.task in ckpt.tasks]
+    if clashes and not replace:
+        raise DuplicateTaskError(
+            f"task {clashes[0]!r} already exists in the checkpoint",
+            path=ckpt.path,
+            hint="Pass --replace to replace it, or rename: NAME=PATH",
+        )
+    old_tasks = [t for t in ckpt.tasks if t not in clashes]
+    new_shapes = check_compatible(list(sources))
+    for name, (n, d, _) in new_shapes.items():
+        if name in ckpt.modules:
+            info = ckpt.modules[name]
+            if (info["out_features"], info["in_features"]) != (n, d):
+                raise IncompatibleAdaptersError(
+                    f"module {name} is {n}×{d} in the new adapters but {info['out_features']}×{info['in_features']} "
+                    "in the checkpoint: they adapt different base models",
+                    path=ckpt.path,
+                    hint="Add adapters of the checkpoint's base model",
+                )
+    if not set(new_shapes) & set(ckpt.modules):
+        raise IncompatibleAdaptersError(
+            "the new adapters share no module with the checkpoint: they adapt a different base model",
+            path=ckpt.path,
+            hint="Add adapters of the checkpoint's base model",
+        )
+    dtype = storage_dtype(config, [s.weights_dtype for s in sources]) if config.dtype != "auto" else None
+    modules_out: dict[str, Any] = {}
+    all_modules = sorted(set(ckpt.modules) | set(new_shapes), key=natural_key)
+    drift: dict[str, list[float]] = {}
+    with CheckpointWriter(output) as writer:
+        for t in old_tasks:
+            for key in ckpt.task(t).get("heads", []):
+                writer.add(f"tasks/{t}/heads/{key}", ckpt.tensor(f"tasks/{t}/heads/{key}"))
+        for src in sources:
+            for key, tensor in src.read_heads().items():
+                writer.add(f"tasks/{src.task}/heads/{key}", tensor)
+        for step, name in enumerate(all_modules):
+            if progress:
+                progress(name, step, len(all_modules))
+            old_info = ckpt.modules.get(name)
+            mdtype = dtype or (
+                _DT[old_info["dtype"]] if old_info else storage_dtype(config, [s.weights_dtype for s in sources])
+            )
+            members = [
+                prepare_member(s.task, s.read_module(name), config, s.prior(name))
+                for s in sources
+                if name in s.module_shapes()
+            ]
+            if old_info is None:
+                n, d, _ = new_shapes[name]
+                res = consolidate_module(name, n, d, members, config, mdtype)
+            elif not members:
+                carried = _carry_module(ckpt, writer, name, old_tasks, clashes, config.weighting)
+                if carried is not None:
+                    modules_out[name] = carried
+                continue
+            else:
+                res = update_module(
+                    ckpt, name, [t for t in old_tasks if t in old_info["tasks"]], members, config, mdtype
+                )
+                for t, rec in res.records.items():
+                    if "drift" in rec:
+                        drift.setdefault(t, []).append(rec["drift"])
+            for tname in sorted(res.tensors, key=lambda t: (not t.startswith("modules/"), t)):
+                writer.add(tname, res.tensors[tname])
+            modules_out[name] = module_record(*_shape(ckpt, new_shapes, name), res, mdtype)
+        if progress:
+            progress("", len(all_modules), len(all_modules))
+        old_sources = [_OldTask(ckpt, t) for t in old_tasks]
+        manifest = build_manifest(config, [*old_sources, *sources], modules_out, ckpt.history, "add")
+        entry = manifest["history"][-1]
+        entry["tasks_added"] = [s.task for s in sources]
+        entry["tasks_replaced"] = clashes
+        entry["drift"] = {t: {"mean": sum(v) / len(v), "max": max(v)} for t, v in drift.items()}
+        entry["errors_before"] = {t: task_errors(ckpt.modules, t) for t in old_tasks}
+        writer.finish(manifest)
+    return manifest
+
+
+def _shape(ckpt: Checkpoint, new_shapes: dict, name: str) -> tuple[int, int]:
+    if name in ckpt.modules:
+        return ckpt.modules[name]["out_features"], ckpt.modules[name]["in_features"]
+    return new_shapes[name][0], new_shapes[name][1]
+
+
+class _OldTask:
+    """A task kept as it is: only its manifest record travels."""
+
+    def __init__(self, ckpt: Checkpoint, task: str):
+        self.task = task
+        self._rec = ckpt.task(task)
+
+    def task_record(self) -> dict[str, Any]:
+        return self._rec
+
+
+def _updated_basis(
+    basis: torch.Tensor | None, gram: torch.Tensor | None, new: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors and values of [β E … , N] from β, G = Σ w E Eᵀ and N (spec, section 5).
+
+    M Mᵀ = β G βᵀ + N Nᵀ = Q R blockdiag(G, I) Rᵀ Qᵀ with Q R = qr([β, N]); the eigenvectors U of
+    the small middle matrix give the new basis Q U. Cost O(n (k+m)²), whatever the number of old tasks.
+    """
+    n = new.shape[0]
+    k = 0 if basis is None else basis.shape[1]
+    parts = ([basis.double()] if k else []) + [new.double()]
+    Q, R = torch.linalg.qr(torch.cat(parts, 1))
+    middle = torch.zeros(R.shape[1], R.shape[1], dtype=torch.float64)
+    if k:
+        middle[:k, :k] = gram.double()
+    middle[k:, k:] = torch.eye(new.shape[1], dtype=torch.float64)
+    K = R @ middle @ R.T
+    evals, U = torch.linalg.eigh((K + K.T) / 2)
+    evals, U = evals.flip(0).clamp_min(0), U.flip(1)
+    s = evals.sqrt()
+    rank = int((s > RANK_RTOL * s[0]).sum()) if s.numel() and s[0] > 0 else 0
+    B = (Q @ U[:, :rank]) if rank else torch.zeros(n, 0, dtype=torch.float64)
+    B = B * fix_signs(B)
+    return B.to(torch.float32), s[:rank]
+
+
+def update_module(
+    ckpt: Checkpoint,
+    name: str,
+    old_tasks: list[str],
+    members: list[ModuleMember],
+    config: ConsolidationConfig,
+    dtype: torch.dtype,
+) -> ModuleResult:
+    """Fold new members into one module of ``ckpt`` incrementally; old tasks keep their private parts."""
+    info = ckpt.modules[name]
+    n, d = info["out_features"], info["in_features"]
+    beta, alpha = ckpt.bases(name)
+    GB, GA = ckpt.grams(name)
+    norms = [float((m.s**2).sum()) ** 0.5 for m in members]
+    weights = [(1.0 / nm if nm > 0 else 0.0) if config.weighting == "equal" else 1.0 for nm in norms]
+    NB = torch.cat([m.B.double() * w**0.5 for m, w in zip(members, weights)], 1)
+    NA = torch.cat([m.A.double() * w**0.5 for m, w in zip(members, weights)], 1)
+    new_beta, sB = _updated_basis(beta, GB, NB)
+    new_alpha, sA = _updated_basis(alpha, GA, NA)
+    nb64, na64 = new_beta.double(), new_alpha.double()
+    # old tasks, in coordinates: their shared part is β X_b (α X_a)ᵀ
+    old = []
+    for t in old_tasks:
+        parts = ckpt.task_tensors(t, name)
+        if "coef_B" in parts:
+            Xb, Xa, s = canonicalize(
+                beta.double() @ parts["coef_B"].double(), alpha.double() @ parts["coef_A"].double()
+            )
+        else:
+            Xb, Xa, s = (
+                torch.zeros(n, 0, dtype=torch.float64),
+                torch.zeros(d, 0, dtype=torch.float64),
+                torch.zeros(0, dtype=torch.float64),
+            )
+        old.append((t, parts, Xb, Xa, s))
+    canon = [(m.B.double(), m.A.double(), m.s) if config.canonicalize else canonicalize(m.B, m.A) for m in members]
+    fits = [TaskFit(s=s, Eb=nb64.T @ Xb, Ea=na64.T @ Xa) for (_, _, Xb, Xa, s) in old]
+    fits += [TaskFit(s=s, Eb=nb64.T @ Bc, Ea=na64.T @ Ac) for (Bc, Ac, s) in canon]
+    planner = ModulePlanner(n, d, fits, frozen=[True] * len(old) + [False] * len(members))
+    mode = config.mode()
+    if mode == "fixed":
+        plan = planner.fixed(config.k, config.private_rank)
+    elif mode == "energy":
+        kB = _energy(sB, config.energy)
+        kA = _energy(sA, config.energy)
+        plan = planner.evaluate(kB, kA, [0] * len(fits))
+    else:  # budgets are per merge; an update keeps the error target
+        plan = planner.for_target(config.target_error, config.target_metric)
+    result = ModuleResult(plan=plan)
+    beta_s, alpha_s = store_bases(name, new_beta, new_alpha, plan, dtype, result)
+    weighted: list[tuple[str, float]] = []
+    for t, parts, Xb, Xa, _s in old:
+        rec = dict(info["tasks"][t])
+        before_B, before_A = Xb, Xa
+        tensors: dict[str, torch.Tensor] = {}
+        p = 0
+        if beta_s is not None and Xb.shape[1]:
+            cB, cA, _ = canonicalize(beta_s.double().T @ Xb, alpha_s.double().T @ Xa)
+            p = cB.shape[1]
+            if p:
+                tensors["coef_B"], tensors["coef_A"] = cB.to(dtype), cA.to(dtype)
+                after_B = beta_s.double() @ tensors["coef_B"].double()
+                after_A = alpha_s.double() @ tensors["coef_A"].double()
+            else:
+                after_B, after_A = torch.zeros(n, 0, dtype=torch.float64), torch.zeros(d, 0, dtype=torch.float64)
+        else:
+            after_B, after_A = torch.zeros(n, 0, dtype=torch.float64), torch.zeros(d, 0, dtype=torch.float64)
+        for part in ("private_B", "private_A"):
+            if part in parts:
+                tensors[part] = parts[part]
+        diff2 = frob2(before_B, before_A) - 2 * inner(before_B, before_A, after_B, after_A) + frob2(after_B, after_A)
+        drift_abs = max(diff2, 0.0) ** 0.5
+        drift = drift_abs / rec["norm"] if rec["norm"] > 0 else 0.0
+        rec["error_before"] = rec["error"]
+        rec["drift"] = drift
+        rec["error"] = rec["error"] + drift
+        rec["rank"] = p
+        if drift > 1e-6:
+            rec["bound"] = True
+        result.tensors.update({f"tasks/{t}/{name}/{part}": v for part, v in tensors.items()})
+        result.records[t] = rec
+        weighted.append((t, _weight(rec["norm"], config.weighting)))
+    for j, (m, (Bc, Ac, _s)) in enumerate(zip(members, canon)):
+        q = plan.private_ranks[len(old) + j]
+        tensors, rec = encode_task(m, Bc, Ac, q, beta_s, alpha_s, dtype, n, d, norms[j])
+        result.tensors.update({f"tasks/{m.task}/{name}/{part}": v for part, v in tensors.items()})
+        result.records[m.task] = rec
+        weighted.append((m.task, weights[j]))
+    store_grams(name, result, weighted, plan)
+    return result
+
+
+def _energy(s: torch.Tensor, tau: float) -> int:
+    total = float((s**2).sum())
+    if total <= 0:
+        return 0
+    cum = (s**2).cumsum(0) / total
+    hits = (cum >= tau * (1 - 1e-9)).nonzero()
+    return int(hits[0]) + 1 if hits.numel() else s.numel()
+
+
+def remove(
+    checkpoint: str | Path,
+    tasks: Sequence[str],
+    output: str | Path,
+    *,
+    refit: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Drop ``tasks``. Without ``refit`` the bases stay (their Gram matrices are downdated);
+    with ``refit`` the bases are recomputed from the remaining tasks' reconstructions."""
+    ckpt = Checkpoint(checkpoint)
+    for t in tasks:
+        ckpt.task(t)  # raises UnknownTaskError with the list
+    keep = [t for t in ckpt.tasks if t not in tasks]
+    if not keep:
+        raise UnknownTaskError(
+            "removing every task would leave an empty checkpoint", path=ckpt.path, hint="Delete the file instead"
+        )
+    output = Path(output)
+    same_file = output.exists() and output.resolve() == ckpt.path.resolve()
+    check_output(output, force or same_file)
+    config = config_of(ckpt)
+    if refit:
+        return merge(
+            [CheckpointTask(ckpt, t) for t in keep],
+            output,
+            dc_replace(config),
+            force=True,
+            progress=progress,
+            history=ckpt.history,
+            op="remove+refit",
+        )
+    modules_out: dict[str, Any] = {}
+    with CheckpointWriter(output) as writer:
+        for t in keep:
+            for key in ckpt.task(t).get("heads", []):
+                writer.add(f"tasks/{t}/heads/{key}", ckpt.tensor(f"tasks/{t}/heads/{key}"))
+        for name in ckpt.modules:
+            carried = _carry_module(ckpt, writer, name, keep, tasks, config.weighting)
+            if carried is not None:
+                modules_out[name] = carried
+        manifest = build_manifest(config, [_OldTask(ckpt, t) for t in keep], modules_out, ckpt.history, "remove")
+        manifest["history"][-1]["tasks_removed"] = list(tasks)
+        manifest["history"][-1]["tasks_added"] = []
+        writer.finish(manifest)
+    return manifest

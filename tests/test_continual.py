@@ -1,0 +1,217 @@
+"""Continual updates: add, merge of checkpoints, remove — without the original adapters."""
+
+import json
+
+import pytest
+import torch
+
+from share_convert import api
+from share_convert.checkpoint import Checkpoint
+from share_convert.consolidation import ConsolidationConfig, merge
+from share_convert.continual import CheckpointTask, add, remove
+from share_convert.errors import DuplicateTaskError, IncompatibleAdaptersError, UnknownTaskError, UnsupportedFormatError
+from share_convert.formats import open_adapters
+
+from .conftest import random_factors, write_adapter
+
+FULL = ConsolidationConfig(k=100_000)
+
+
+def recon(ckpt: Checkpoint, task: str, module: str) -> torch.Tensor:
+    B, A = ckpt.reconstruction(task, module)
+    return B @ A.T
+
+
+def dense(src, module):
+    f = src.read_module(module)
+    return f.B.double() @ f.A.double()
+
+
+def close(W1, W2, rtol=1e-4):
+    return float(torch.linalg.norm(W1 - W2)) <= rtol * float(torch.linalg.norm(W2)) + 1e-10
+
+
+def test_adding_one_by_one_equals_consolidating_all_at_once_without_truncation(tmp_path, real):
+    sources = open_adapters([str(real / "gpt2-c_attn"), str(real / "gpt2-c_attn+c_proj")])
+    merge(sources, tmp_path / "all.safetensors", FULL)
+    merge(sources[:1], tmp_path / "step.safetensors", FULL)
+    for src in sources[1:]:
+        add(tmp_path / "step.safetensors", [src], tmp_path / "step.safetensors", FULL)
+    a, b = Checkpoint(tmp_path / "all.safetensors"), Checkpoint(tmp_path / "step.safetensors")
+    assert list(b.tasks) == [s.task for s in sources]
+    for module, info in a.modules.items():
+        for task in info["tasks"]:
+            W = dense(next(s for s in sources if s.task == task), module)
+            assert close(recon(b, task, module), recon(a, task, module))
+            assert close(recon(b, task, module), W)
+
+
+def test_with_truncation_the_drift_is_reported_and_bounded_by_the_target(tmp_path, real):
+    # the three checkpoints of one training run share a subspace; the target is on the worst task
+    eps = 0.2
+    cfg = ConsolidationConfig(target_error=eps, target_metric="max")
+    first = open_adapters(
+        [str(real / "gpt2-c_attn/winkitee__imdb-checkpoint-125"), str(real / "gpt2-c_attn/winkitee__peft-lora-gpt2")]
+    )
+    merge(first, tmp_path / "c.safetensors", cfg)
+    before = Checkpoint(tmp_path / "c.safetensors").modules
+    add(
+        tmp_path / "c.safetensors",
+        open_adapters([str(real / "gpt2-c_attn/winkitee__imdb-checkpoint-1000")]),
+        tmp_path / "c2.safetensors",
+    )
+    after = Checkpoint(tmp_path / "c2.safetensors")
+    entry = after.history[-1]
+    assert entry["op"] == "add" and set(entry["drift"]) == {s.task for s in first}
+    for module, info in after.modules.items():
+        for t in (s.task for s in first):
+            rec, old = info["tasks"][t], before[module]["tasks"][t]
+            # bound stated: the drift of an old task is at most ε times its (shared) reconstruction's size
+            assert rec["drift"] <= eps * (1 + old["error"]) + 1e-6
+            assert rec["error"] == pytest.approx(old["error"] + rec["drift"])
+            assert rec["error_before"] == pytest.approx(old["error"])
+    assert any(m["k_B"] > 0 for m in after.modules.values())  # the update really had a shared basis to move
+
+
+def test_update_cost_does_not_depend_on_old_adapters_being_present(tmp_path, real):
+    sources = open_adapters([str(real / "gpt2-c_attn")])
+    merge(sources[:3], tmp_path / "c.safetensors", FULL)
+    # the originals of the old tasks are gone: the update reads only the checkpoint
+    add(tmp_path / "c.safetensors", sources[3:], tmp_path / "c2.safetensors", FULL)
+    assert len(Checkpoint(tmp_path / "c2.safetensors").tasks) == 5
+
+
+def test_merging_two_checkpoints_equals_consolidating_their_reconstructions(tmp_path, real):
+    cfg = ConsolidationConfig(k=6)
+    merge(open_adapters([str(real / "gpt2-c_attn")]), tmp_path / "g1.safetensors", cfg)
+    merge(open_adapters([str(real / "gpt2-c_attn+c_proj")]), tmp_path / "g2.safetensors", cfg)
+    api.merge([str(tmp_path / "g1.safetensors"), str(tmp_path / "g2.safetensors")], tmp_path / "both.safetensors", cfg)
+    api.extract(tmp_path / "g1.safetensors", tmp_path / "x", all_tasks=True)
+    api.extract(tmp_path / "g2.safetensors", tmp_path / "x", all_tasks=True, force=True)
+    api.merge([str(tmp_path / "x")], tmp_path / "recon.safetensors", cfg)
+    a, b = Checkpoint(tmp_path / "both.safetensors"), Checkpoint(tmp_path / "recon.safetensors")
+    assert (
+        set(a.tasks)
+        == set(b.tasks)
+        == set(Checkpoint(tmp_path / "g1.safetensors").tasks) | set(Checkpoint(tmp_path / "g2.safetensors").tasks)
+    )
+    for module, info in a.modules.items():
+        for t in info["tasks"]:
+            assert close(recon(a, t, module), recon(b, t, module), 1e-3)
+
+
+def test_tasks_from_a_checkpoint_carry_an_error_bound(tmp_path, real):
+    merge(open_adapters([str(real / "gpt2-c_attn")]), tmp_path / "g1.safetensors", ConsolidationConfig(k=4))
+    api.merge([str(tmp_path / "g1.safetensors")], tmp_path / "again.safetensors", ConsolidationConfig(k=2))
+    before = Checkpoint(tmp_path / "g1.safetensors").modules
+    for module, info in Checkpoint(tmp_path / "again.safetensors").modules.items():
+        for t, rec in info["tasks"].items():
+            assert rec["bound"] and rec["error"] >= before[module]["tasks"][t]["error"] - 1e-9
+
+
+def test_an_existing_task_name_is_an_error_unless_replace(tmp_path, real):
+    sources = open_adapters([str(real / "gpt2-c_attn")])
+    merge(sources, tmp_path / "c.safetensors")
+    with pytest.raises(DuplicateTaskError, match="--replace"):
+        add(tmp_path / "c.safetensors", sources[:1], tmp_path / "c2.safetensors")
+    add(tmp_path / "c.safetensors", sources[:1], tmp_path / "c2.safetensors", replace=True)
+    ckpt = Checkpoint(tmp_path / "c2.safetensors")
+    assert sorted(ckpt.tasks) == sorted(s.task for s in sources)
+    assert ckpt.history[-1]["tasks_replaced"] == [sources[0].task]
+
+
+def test_adapters_of_another_base_are_refused(tmp_path, real):
+    merge(open_adapters([str(real / "gpt2-c_attn")]), tmp_path / "c.safetensors")
+    with pytest.raises(IncompatibleAdaptersError, match="different base model"):
+        add(tmp_path / "c.safetensors", open_adapters([str(real / "bert-tiny")]), tmp_path / "c2.safetensors")
+    assert not (tmp_path / "c2.safetensors").exists()
+
+
+def test_shapes_that_disagree_with_the_checkpoint_are_refused(tmp_path):
+    a = write_adapter(tmp_path / "a", {"layers.0.q": random_factors(8, 6, 2, 0)})
+    b = write_adapter(tmp_path / "b", {"layers.0.q": random_factors(9, 6, 2, 1)})
+    merge(open_adapters([str(a)]), tmp_path / "c.safetensors")
+    with pytest.raises(IncompatibleAdaptersError, match="9×6"):
+        add(tmp_path / "c.safetensors", open_adapters([str(b)]), tmp_path / "c2.safetensors")
+
+
+def test_a_checkpoint_of_an_unknown_format_version_is_refused(tmp_path, real):
+    from share_convert.checkpoint import CheckpointWriter
+
+    merge(open_adapters([str(real / "gpt2-c_attn/ShutterStack__peft_model")]), tmp_path / "c.safetensors")
+    ckpt = Checkpoint(tmp_path / "c.safetensors")
+    manifest = dict(ckpt.manifest, format_version=99)
+    manifest.pop("tensors")
+    w = CheckpointWriter(tmp_path / "future.safetensors")
+    for name in ckpt.manifest["tensors"]:
+        w.add(name, ckpt.tensor(name))
+    w.finish(manifest)
+    with pytest.raises(UnsupportedFormatError, match="version 99"):
+        Checkpoint(tmp_path / "future.safetensors")
+
+
+def test_remove_drops_a_task_and_keeps_the_others_unchanged(tmp_path, real):
+    sources = open_adapters([str(real / "gpt2-c_attn")])
+    merge(sources, tmp_path / "c.safetensors", ConsolidationConfig(k=8))
+    remove(tmp_path / "c.safetensors", [sources[0].task], tmp_path / "r.safetensors")
+    a, b = Checkpoint(tmp_path / "c.safetensors"), Checkpoint(tmp_path / "r.safetensors")
+    assert sources[0].task not in b.tasks and len(b.tasks) == 4
+    for module, info in b.modules.items():
+        for t in info["tasks"]:
+            assert torch.equal(recon(a, t, module), recon(b, t, module))
+    with pytest.raises(UnknownTaskError, match="Available tasks"):
+        remove(tmp_path / "c.safetensors", ["nope"], tmp_path / "r2.safetensors")
+
+
+def test_remove_with_refit_fits_the_bases_to_the_remaining_tasks(tmp_path, real):
+    sources = open_adapters([str(real / "gpt2-c_attn")])
+    merge(sources, tmp_path / "c.safetensors", ConsolidationConfig(k=8))
+    remove(tmp_path / "c.safetensors", [s.task for s in sources[:3]], tmp_path / "r.safetensors", refit=True)
+    b = Checkpoint(tmp_path / "r.safetensors")
+    assert b.history[-1]["op"] == "remove+refit" and len(b.tasks) == 2
+    for info in b.modules.values():  # the two remaining rank-8 tasks span 16 directions; k = 8 keeps 8
+        assert info["k_B"] == 8 and set(info["tasks"]) == set(b.tasks)
+
+
+def test_private_corrections_survive_add(tmp_path, real):
+    sources = open_adapters([str(real / "gpt2-c_attn")])
+    merge(sources[:3], tmp_path / "c.safetensors", ConsolidationConfig(k=4, private_rank=2))
+    before = Checkpoint(tmp_path / "c.safetensors")
+    add(tmp_path / "c.safetensors", sources[3:], tmp_path / "c2.safetensors")
+    after = Checkpoint(tmp_path / "c2.safetensors")
+    for module, info in after.modules.items():
+        for t in (s.task for s in sources[:3]):
+            assert info["tasks"][t]["private_rank"] == before.modules[module]["tasks"][t]["private_rank"] > 0
+            assert torch.equal(
+                after.tensor(f"tasks/{t}/{module}/private_B"), before.tensor(f"tasks/{t}/{module}/private_B")
+            )
+
+
+def test_cli_add_in_place_reports_drift_and_info_shows_history(tmp_path, real):
+    from typer.testing import CliRunner
+
+    from share_convert.cli import app
+
+    runner = CliRunner()
+    ck = tmp_path / "c.safetensors"
+    assert (
+        runner.invoke(app, ["merge", str(real / "gpt2-c_attn/winkitee__imdb-checkpoint-125"), "-o", str(ck)]).exit_code
+        == 0
+    )
+    r = runner.invoke(app, ["add", str(ck), str(real / "gpt2-c_attn/winkitee__peft-lora-gpt2"), "--in-place"])
+    assert r.exit_code == 0, r.output
+    assert "before → after" in r.output and "History" in r.output
+    info = json.loads(runner.invoke(app, ["info", str(ck), "--json"]).output)
+    assert [h["op"] for h in info["history"]] == ["merge", "add"]
+    assert "winkitee__imdb-checkpoint-125" in info["history"][-1]["drift"]
+    r = runner.invoke(app, ["add", str(ck), str(real / "bert-tiny"), "--in-place"])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1
+
+
+def test_checkpoint_task_source_reads_reconstructions(tmp_path, real):
+    merge(open_adapters([str(real / "gpt2-c_attn/ShutterStack__peft_model")]), tmp_path / "c.safetensors", FULL)
+    ckpt = Checkpoint(tmp_path / "c.safetensors")
+    src = CheckpointTask(ckpt, "ShutterStack__peft_model")
+    module = next(iter(ckpt.modules))
+    f = src.read_module(module)
+    assert close(f.B.double() @ f.A.double(), recon(ckpt, src.task, module))
