@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint, is_checkpoint
-from .consolidation import ConsolidationConfig, Progress
+from .consolidation import ConsolidationConfig, Progress, only_modules
 from .consolidation import merge as _merge
 from .continual import CheckpointTask, checkpoint_tasks
 from .continual import add as _add
@@ -54,11 +54,15 @@ def merge(
     config: ConsolidationConfig | None = None,
     *,
     alpha: float | None = None,
+    modules: str | None = None,
     force: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Consolidate adapters (paths, globs, folders, checkpoints) into ``output``; return the report."""
-    sources = open_inputs(inputs, alpha=alpha)
+    """Consolidate adapters (paths, globs, folders, checkpoints) into ``output``; return the report.
+
+    ``modules`` keeps only the modules whose names match that regular expression.
+    """
+    sources = only_modules(open_inputs(inputs, alpha=alpha), modules)
     _merge(sources, output, config, force=force, progress=progress)
     return summarize(Checkpoint(output))
 
@@ -126,3 +130,22 @@ def remove(
     ckpt = open_checkpoint(checkpoint)
     _remove(ckpt.path, tasks, output, refit=refit, force=force, progress=progress)
     return summarize(Checkpoint(output))
+
+
+def plan(
+    inputs: Sequence[str],
+    config: ConsolidationConfig | None = None,
+    *,
+    alpha: float | None = None,
+    modules: str | None = None,
+    plot: str | Path | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Error-against-compression curves of a collection, without writing a checkpoint."""
+    from .analysis import plan_collection, plot_curves
+
+    result = plan_collection(only_modules(open_inputs(inputs, alpha=alpha), modules), config, progress=progress)
+    if plot is not None:
+        plot_curves(result, plot)
+        result["plot"] = str(plot)
+    return result

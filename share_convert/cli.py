@@ -167,6 +167,10 @@ DtypeOpt = Annotated[
     ),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD.")]
+ModulesOpt = Annotated[
+    str | None,
+    typer.Option("--modules", help="Only the modules whose names match this regular expression (e.g. 'c_attn')."),
+]
 AlphaOpt = Annotated[
     float | None, typer.Option("--alpha", help="lora_alpha to assume for weights files with no config beside them.")
 ]
@@ -194,6 +198,7 @@ def merge(
     dtype: DtypeOpt = "auto",
     seed: SeedOpt = 0,
     alpha: AlphaOpt = None,
+    modules: ModulesOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -213,7 +218,7 @@ def merge(
         k, private_rank, energy, budget, target_error, target_metric, weighting, canonicalize, device, dtype, seed
     )
     with progress_bar("merging") as progress:
-        summary = api.merge(inputs, output, config, alpha=alpha, force=force, progress=progress)
+        summary = api.merge(inputs, output, config, alpha=alpha, modules=modules, force=force, progress=progress)
     show(summary, as_json)
 
 
@@ -295,6 +300,68 @@ def extract(
         out.print(f"wrote {r.path} (task {r.task}, rank {r.rank}, {r.modules} modules)", highlight=False)
         for w in r.warnings:
             err.print(f"[yellow]warning:[/yellow] {r.task}: {w}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def plan(
+    inputs: InputsArg = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Also draw the curves to this PNG file (needs matplotlib).")
+    ] = None,
+    target_error: TargetOpt = DEFAULT_TARGET_ERROR,
+    target_metric: MetricOpt = "mean",
+    device: DeviceOpt = "auto",
+    alpha: AlphaOpt = None,
+    modules: ModulesOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show how much a collection shares before consolidating it: error against compression.
+
+    For a range of budgets: pure sharing (weighted by ‖ΔW‖ as in the paper, and with tasks
+    weighted equally), no sharing (truncating each adapter), and the planner's mix; then where
+    the default plan lands, and one sentence on whether consolidation pays off. Writes nothing
+    (except the --plot image).
+    Example: share-convert plan adapters/ --plot curves.png
+    """
+    if not inputs:
+        fail("no inputs were given: pass adapter folders, files or globs")
+    config = ConsolidationConfig(target_error=target_error, target_metric=target_metric, device=device)
+    with progress_bar("planning") as progress:
+        result = api.plan(inputs, config, alpha=alpha, modules=modules, plot=plot, progress=progress)
+    if as_json:
+        emit_json(result)
+        return
+    from rich.table import Table
+
+    table = Table(
+        title=f"{result['tasks']} adapters, {result['modules']} modules: mean ΔW error at each budget",
+        title_justify="left",
+    )
+    table.add_column("budget", justify="right")
+    for col in (
+        "pure sharing (paper)",
+        "pure sharing, equal weights",
+        "no sharing, equal ranks",
+        "no sharing, allocated",
+        "shared + private (planner)",
+    ):
+        table.add_column(col, justify="right")
+    for row in result["curves"]:
+        cells = [f"{row['budget_ratio']:g}×"]
+        for s in ("shared_unweighted", "shared", "private", "private_allocated", "mixed"):
+            c = row[s]
+            cells.append(f"{c['mean_error']:.1%} @ {c['ratio']:.2f}×" if c["ratio"] else "–")
+        table.add_row(*cells)
+    out.print(table)
+    dp = result["default_plan"]
+    out.print(
+        f"Default plan ({dp['rule']}): {dp['ratio']:.2f}× with {dp['mean_error']:.1%} mean ΔW error; at the same storage "
+        f"pure sharing gives {dp['at_same_storage']['shared']:.1%} and no sharing {dp['at_same_storage']['private']:.1%}."
+    )
+    out.print(result["verdict"])
+    if plot is not None:
+        out.print(f"wrote {plot}")
 
 
 def _update_target(checkpoint: str, output: Path | None, in_place: bool) -> Path:

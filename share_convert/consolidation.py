@@ -178,6 +178,39 @@ def storage_dtype(config: ConsolidationConfig, weights_dtypes: Sequence[str]) ->
     return torch.float32
 
 
+class ModuleFilter:
+    """A task source restricted to the modules whose names match a regular expression."""
+
+    def __init__(self, source: TaskSource, pattern: str):
+        self._source, self._pattern = source, re.compile(pattern)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
+
+    def module_shapes(self) -> dict[str, tuple[int, int, int]]:
+        return {k: v for k, v in self._source.module_shapes().items() if self._pattern.search(k)}
+
+
+def only_modules(sources: Sequence[TaskSource], pattern: str | None) -> list[TaskSource]:
+    """Keep only the modules matching ``pattern`` (a regex searched in module names)."""
+    if not pattern:
+        return list(sources)
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise InvalidOptionError(
+            f"--modules {pattern!r} is not a valid regular expression ({e})",
+            hint="For example --modules 'attn\\.c_attn'",
+        ) from None
+    kept = [ModuleFilter(s, pattern) for s in sources]
+    kept = [s for s in kept if s.module_shapes()]
+    if not kept:
+        raise InvalidOptionError(
+            f"--modules {pattern!r} matches no module of the inputs", hint="Check the pattern against the module names"
+        )
+    return kept
+
+
 def check_compatible(sources: Sequence[TaskSource]) -> dict[str, tuple[int, int, list[int]]]:
     """Module name → (n, d, indices of the sources that have it); raises on disagreements."""
     modules: dict[str, tuple[int, int, list[int]]] = {}
@@ -220,6 +253,37 @@ def prepare_member(task: str, factors: LoraFactors, config: ConsolidationConfig,
     return ModuleMember(task, factors, B, A, s, prior)
 
 
+class ModuleStack:
+    """One module's weighted stacks, ready for decomposition (spec, section 2, steps 3–4)."""
+
+    def __init__(self, n: int, d: int, members: list[ModuleMember], config: ConsolidationConfig):
+        self.n, self.d, self.members, self.config = n, d, members, config
+        self.norms = [float((m.s**2).sum()) ** 0.5 for m in members]
+        if config.weighting == "equal":  # spec, section 6: every task scaled to ‖ΔW_i‖_F = 1 for the fit
+            self.weights = [1.0 / nm if nm > 0 else 0.0 for nm in self.norms]
+        else:
+            self.weights = [1.0] * len(members)
+        device = config.torch_device()
+        self.stack_B = torch.cat([m.B * w**0.5 for m, w in zip(members, self.weights)], 1).to(device)
+        self.stack_A = torch.cat([m.A * w**0.5 for m, w in zip(members, self.weights)], 1).to(device)
+        self.canon = [
+            canonicalize(m.B, m.A) if not config.canonicalize else (m.B.double(), m.A.double(), m.s) for m in members
+        ]
+        m_total = self.stack_B.shape[1]
+        self.cap = config.max_k or m_total
+        #: the most basis vectors either side can have
+        self.full = max(min(n, m_total, self.cap), min(d, m_total, self.cap))
+
+    def fit(self, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ModulePlanner]:
+        """Top-K bases of both stacks and a planner over them."""
+        opts = {"n_oversamples": self.config.n_oversamples, "n_iter": self.config.n_iter}
+        beta, sB = principal_basis(self.stack_B, min(K, self.cap), seed=self.config.seed, **opts)
+        alpha, sA = principal_basis(self.stack_A, min(K, self.cap), seed=self.config.seed + 1, **opts)
+        beta64, alpha64 = beta.double().cpu(), alpha.double().cpu()
+        fits = [TaskFit(s=s, Eb=beta64.T @ Bc, Ea=alpha64.T @ Ac) for (Bc, Ac, s) in self.canon]
+        return beta, alpha, sB, sA, ModulePlanner(self.n, self.d, fits)
+
+
 def consolidate_module(
     name: str,
     n: int,
@@ -230,38 +294,23 @@ def consolidate_module(
     budget_params: int | None = None,
 ) -> ModuleResult:
     """Bases, plan, coefficients, private factors and errors for one module."""
-    device = config.torch_device()
-    norms = [float((m.s**2).sum()) ** 0.5 for m in members]
-    if config.weighting == "equal":  # spec, section 6: every task scaled to ‖ΔW_i‖_F = 1 for the fit
-        weights = [1.0 / nm if nm > 0 else 0.0 for nm in norms]
-    else:
-        weights = [1.0] * len(members)
-    m_total = sum(m.B.shape[1] for m in members)
-    cap = config.max_k or m_total
-    full = max(min(n, m_total, cap), min(d, m_total, cap))
+    stack = ModuleStack(n, d, members, config)
+    full = stack.full
     if config.mode() == "fixed":
         K = min(config.k or 0, full)
-    elif config.mode() == "energy" or m_total <= 512:
+    elif config.mode() == "energy" or stack.stack_B.shape[1] <= 512:
         K = full
     else:
         K = min(64, full)
-    stack_B = torch.cat([m.B * w**0.5 for m, w in zip(members, weights)], 1).to(device)
-    stack_A = torch.cat([m.A * w**0.5 for m, w in zip(members, weights)], 1).to(device)
-    canon = [canonicalize(m.B, m.A) if not config.canonicalize else (m.B.double(), m.A.double(), m.s) for m in members]
     while True:
-        opts = {"n_oversamples": config.n_oversamples, "n_iter": config.n_iter}
-        beta, sB = principal_basis(stack_B, min(K, cap), seed=config.seed, **opts)
-        alpha, sA = principal_basis(stack_A, min(K, cap), seed=config.seed + 1, **opts)
-        beta64, alpha64 = beta.double().cpu(), alpha.double().cpu()
-        fits = [TaskFit(s=s, Eb=beta64.T @ Bc, Ea=alpha64.T @ Ac) for (Bc, Ac, s) in canon]
-        planner = ModulePlanner(n, d, fits)
-        plan = _choose(planner, config, stack_B, stack_A, sB, sA, budget_params)
+        beta, alpha, sB, sA, planner = stack.fit(K)
+        plan = _choose(planner, config, stack.stack_B, stack.stack_A, sB, sA, budget_params)
         # the best k may lie beyond the vectors computed: compute more and plan again
         at_edge = max(plan.k_B, plan.k_A) >= K and K < full
         if config.mode() in ("fixed", "energy") or not at_edge:
             break
         K = min(2 * K, full)
-    del stack_B, stack_A
+    canon, norms, weights = stack.canon, stack.norms, stack.weights
     result = ModuleResult(plan=plan)
     beta_s, alpha_s = store_bases(name, beta, alpha, plan, dtype, result)
     for i, (m, (Bc, Ac, _s)) in enumerate(zip(members, canon)):
@@ -434,6 +483,8 @@ def module_record(n: int, d: int, res: ModuleResult, dtype: torch.dtype) -> dict
         "k_B": res.plan.k_B,
         "k_A": res.plan.k_A,
         "kind": res.plan.kind,
+        "alternatives": res.plan.alternatives,
+        "params": res.plan.params,
         "dtype": str(dtype).replace("torch.", ""),
         "tasks": res.records,
     }
@@ -453,7 +504,19 @@ def build_manifest(
     history: list[dict[str, Any]],
     op: str,
 ) -> dict[str, Any]:
-    tasks = {s.task: s.task_record() for s in sources}
+    tasks = {s.task: dict(s.task_record()) for s in sources}
+    for name, rec in tasks.items():
+        if "original_params" in rec:
+            continue  # a task from an earlier checkpoint keeps its originals' size
+        # the originals counted are what this checkpoint replaces: the LoRA tensors of its modules, and the heads
+        lora = sum(
+            m["tasks"][name]["original_rank"] * (m["out_features"] + m["in_features"])
+            for m in modules.values()
+            if name in m["tasks"]
+        )
+        itemsize = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}.get(rec.get("weights_dtype", "F32"), 4)
+        rec["original_params"] = lora + rec.get("head_params", 0)
+        rec["original_bytes"] = lora * itemsize + rec.get("head_bytes", 0)
     entry = {
         "op": op,
         "tasks_added": [s.task for s in sources if not s.task_record().get("from_checkpoint")],

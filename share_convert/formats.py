@@ -137,10 +137,7 @@ class AdapterSource:
         self.shapes = shapes
         self.weights_dtype = _dominant_dtype(dtypes, self.modules)
         self.stored_params = sum(math.prod(s) for s in shapes.values())
-        self.stored_bytes = sum(
-            math.prod(s) * torch.empty((), dtype=SUPPORTED_DTYPES.get(dtypes[k], torch.float32)).element_size()
-            for k, s in shapes.items()
-        )
+        self.stored_bytes = sum(math.prod(s) * _itemsize(dtypes[k]) for k, s in shapes.items())
         for spec in self.modules.values():
             self.scale(spec.name)  # validate ranks against the config up front
 
@@ -260,9 +257,15 @@ class AdapterSource:
             "weights_dtype": self.weights_dtype,
             "heads": list(self.head_keys),
             "head_dtypes": {k: self.dtypes[k] for k in self.head_keys},
-            "original_params": self.stored_params,
-            "original_bytes": self.stored_bytes,
+            "head_params": sum(math.prod(self.shapes[k]) for k in self.head_keys),
+            "head_bytes": sum(math.prod(self.shapes[k]) * _itemsize(self.dtypes[k]) for k in self.head_keys),
         }
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}.get(
+        dtype, 4
+    )
 
 
 def _short(e: BaseException) -> str:

@@ -90,6 +90,8 @@ class ModulePlan:
     private_ranks: list[int]
     predicted_errors: list[float]
     params: int
+    #: storage (parameters) of the cheapest pure-sharing and no-sharing plans meeting the same target
+    alternatives: dict[str, int | None] | None = None
 
     @property
     def kind(self) -> str:
@@ -194,7 +196,9 @@ class ModulePlanner:
         """The plan with the least storage whose mean (or worst) task error is ≤ ``error``."""
         best: ModulePlan | None = None
         T = len(self.fits)
-        for k in self.grid():
+        pure = self.pure_sharing_for_target(error, metric)
+        no_sharing: ModulePlan | None = None
+        for k in self.grid((pure.k_B,) if pure else ()):
             k_B, k_A = self.sides(k)
             tails = self.tails(k_B, k_A)
             if metric == "max":
@@ -211,12 +215,37 @@ class ModulePlanner:
                 if sum(t[qi] for t, qi in zip(tails, q)) > error * T + 1e-12:
                     continue
             plan = self.evaluate(k_B, k_A, q)
+            if k == 0:
+                no_sharing = plan
             if best is None or (plan.params, plan.mean_error) < (best.params, best.mean_error):
                 best = plan
         if best is None:  # only with frozen tasks: keep every direction
             K = max(self.K_B, self.K_A)
-            return self.evaluate(*self.sides(K), [0 if fr else f.rank for f, fr in zip(self.fits, self.frozen)])
+            best = self.evaluate(*self.sides(K), [0 if fr else f.rank for f, fr in zip(self.fits, self.frozen)])
+        best.alternatives = {
+            "shared": pure.params if pure else None,
+            "private": no_sharing.params if no_sharing else None,
+        }
         return best
+
+    def _meets(self, errs: list[float], error: float, metric: str) -> bool:
+        value = max(errs) if metric == "max" else sum(errs) / len(errs)
+        return value <= error + 1e-12
+
+    def pure_sharing_for_target(self, error: float, metric: str = "mean") -> ModulePlan | None:
+        """The smallest k whose pure-sharing plan (q = 0) meets the target, or None."""
+        K = max(self.K_B, self.K_A)
+        zero = [0] * len(self.fits)
+        if K == 0 or not self._meets(self.evaluate(*self.sides(K), zero).predicted_errors, error, metric):
+            return None
+        lo, hi = 1, K  # errors fall as k grows: binary search for the first k that meets the target
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._meets(self.evaluate(*self.sides(mid), zero).predicted_errors, error, metric):
+                hi = mid
+            else:
+                lo = mid + 1
+        return self.evaluate(*self.sides(lo), zero)
 
     def for_budget(self, params: int) -> ModulePlan:
         """The plan with the least mean task error whose storage is ≤ ``params``."""
@@ -246,6 +275,12 @@ class ModulePlanner:
         K = max(self.K_B, self.K_A)
         k = max((k for k in range(K + 1) if self.shared_params(*self.sides(k)) <= params), default=0)
         return self.evaluate(*self.sides(k), [0] * len(self.fits))
+
+    def truncation_allocated(self, params: int) -> ModulePlan:
+        """No sharing, with each task's rank allocated greedily where it lowers the mean error most."""
+        slots = params // (self.n + self.d)
+        q = self._greedy(self.tails(0, 0), lambda q, total: sum(q) >= slots)
+        return self.evaluate(0, 0, q)
 
     def truncation(self, params: int) -> ModulePlan:
         """No sharing: every task keeps the same number h of its own top directions."""

@@ -94,7 +94,7 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
     return {
         "checkpoint": str(ckpt.path),
         "format_version": ckpt.manifest["format_version"],
-        "plan": {"rule": describe, "modules_by_kind": kinds, "verdict": verdict(kinds, totals)},
+        "plan": {"rule": describe, "modules_by_kind": kinds, "verdict": verdict(kinds, totals), **why(modules)},
         "config": ckpt.config,
         "tasks": tasks,
         "totals": totals,
@@ -108,6 +108,31 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
             for name, m in modules.items()
         },
         "history": ckpt.history,
+    }
+
+
+def why(modules: dict[str, Any]) -> dict[str, Any]:
+    """What the plan cost against the two extremes that meet the same target, summed over modules."""
+    alts = [m.get("alternatives") for m in modules.values()]
+    if not alts or any(a is None for a in alts):
+        return {}
+    chosen = sum(m.get("params", 0) for m in modules.values())
+    shared_missing = sum(a["shared"] is None for a in alts)
+    shared = None if shared_missing else sum(a["shared"] for a in alts)
+    private = None if any(a["private"] is None for a in alts) else sum(a["private"] for a in alts)
+    parts = [f"the cheapest representation meeting the target was chosen per module: {chosen:,} LoRA parameters in all"]
+    parts.append(
+        f"pure sharing would need {shared:,}"
+        if shared is not None
+        else f"pure sharing cannot meet the target in {shared_missing} modules"
+    )
+    if private is not None:
+        parts.append(f"independent truncation {private:,}")
+    return {
+        "chosen_params": chosen,
+        "pure_sharing_params": shared,
+        "no_sharing_params": private,
+        "why": "; ".join(parts) + ".",
     }
 
 
@@ -179,6 +204,8 @@ def render(summary: dict[str, Any], console: Console) -> None:
         f"{kinds['private']} private only"
     )
     console.print(f"Mean ΔW error {tot['mean_error']:.2%}, worst task-module {tot['max_error']:.2%}.")
+    if summary["plan"].get("why"):
+        console.print("Why: " + summary["plan"]["why"])
     console.print(summary["plan"]["verdict"])
     render_history(summary["history"], console)
     assumed = [t for t in summary["tasks"] if t.get("alpha_assumed") is not None]
