@@ -57,13 +57,15 @@ def merge(
     modules: str | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Consolidate adapters (paths, globs, folders, checkpoints) into ``output``; return the report.
 
-    ``modules`` keeps only the modules whose names match that regular expression.
+    ``modules`` keeps only the modules whose names match that regular expression; ``timings``
+    receives where the time went (see :func:`share_convert.consolidation.merge`).
     """
     sources = only_modules(open_inputs(inputs, alpha=alpha), modules)
-    _merge(sources, output, config, force=force, progress=progress)
+    _merge(sources, output, config, force=force, progress=progress, timings=timings)
     return summarize(Checkpoint(output))
 
 

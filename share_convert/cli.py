@@ -201,6 +201,9 @@ def merge(
     modules: ModulesOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
+    timings: Annotated[
+        Path | None, typer.Option("--timings", hidden=True, help="Write where the time went (JSON).")
+    ] = None,
 ) -> None:
     """Consolidate adapters into one Share checkpoint and print the report.
 
@@ -218,7 +221,12 @@ def merge(
         k, private_rank, energy, budget, target_error, target_metric, weighting, canonicalize, device, dtype, seed
     )
     with progress_bar("merging") as progress:
-        summary = api.merge(inputs, output, config, alpha=alpha, modules=modules, force=force, progress=progress)
+        clock: dict[str, float] = {}
+        summary = api.merge(
+            inputs, output, config, alpha=alpha, modules=modules, force=force, progress=progress, timings=clock
+        )
+    if timings is not None:
+        timings.write_text(json.dumps(clock, indent=2) + "\n")
     show(summary, as_json)
 
 

@@ -10,6 +10,7 @@ memory.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from .checkpoint import FORMAT_NAME, FORMAT_VERSION, CheckpointWriter, check_output
 from .errors import IncompatibleAdaptersError, InvalidOptionError
 from .formats import LoraFactors
-from .linalg import canonicalize, principal_basis, relative_error
+from .linalg import canonicalize, canonicalize_many, principal_basis
 from .planning import ModulePlan, ModulePlanner, TaskFit, parse_budget
 
 Progress = Callable[[str, int, int], None]
@@ -65,8 +66,10 @@ class ConsolidationConfig:
     """Seed of the randomized range finder."""
     n_oversamples: int = 10
     """Extra random directions of the range finder (Halko et al. 2011)."""
-    n_iter: int = 3
-    """Power iterations of the range finder."""
+    n_iter: int = 1
+    """Power iterations of the range finder (1 suffices for stacks whose spectrum decays; the
+    planner measures the true errors of whatever basis it gets, so a weaker basis costs storage,
+    never honesty)."""
     max_k: int | None = None
     """Upper bound on k for every module."""
 
@@ -150,11 +153,17 @@ class ModuleMember:
     """One task's update in one module, ready for stacking."""
 
     task: str
-    factors: LoraFactors  # the reference ΔW (scale folded)
-    B: torch.Tensor  # canonical (or raw) column factors that are stacked, float32
-    A: torch.Tensor
-    s: torch.Tensor  # canonical singular values, float64
+    rank: int  # the adapter's rank r in this module
+    Bc: torch.Tensor  # canonical factors, float64: ΔW = Bc Acᵀ, BcᵀBc = AcᵀAc = diag(s)
+    Ac: torch.Tensor
+    s: torch.Tensor  # singular values of ΔW, float64
+    raw: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, Aᵀ) as trained, stacked when not canonicalizing
     prior: tuple[float, float, bool] | None = None
+
+    @property
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The column factors that enter the stacks (spec, section 2, step 3)."""
+        return self.raw if self.raw is not None else (self.Bc, self.Ac)
 
 
 @dataclass
@@ -245,12 +254,19 @@ def check_compatible(sources: Sequence[TaskSource]) -> dict[str, tuple[int, int,
 
 def prepare_member(task: str, factors: LoraFactors, config: ConsolidationConfig, prior=None) -> ModuleMember:
     """Canonicalize one task's factors (spec, section 2, step 2)."""
-    Bc, Ac, s = canonicalize(factors.B, factors.A.T)
-    if config.canonicalize:
-        B, A = Bc.to(torch.float32), Ac.to(torch.float32)
-    else:  # raw factors, but the same ΔW; canonical singular values still serve the planner
-        B, A = factors.B, factors.A.T.contiguous()
-    return ModuleMember(task, factors, B, A, s, prior)
+    return prepare_members([task], [factors], config, [prior])[0]
+
+
+def prepare_members(
+    tasks: Sequence[str], factors: Sequence[LoraFactors], config: ConsolidationConfig, priors: Sequence | None = None
+) -> list[ModuleMember]:
+    """Canonicalize many tasks' factors in one module at once (batched; spec, section 2, step 2)."""
+    canon = canonicalize_many([f.B for f in factors], [f.A.T for f in factors])
+    priors = priors or [None] * len(tasks)
+    return [
+        ModuleMember(t, int(f.B.shape[1]), Bc, Ac, s, None if config.canonicalize else (f.B, f.A.T.contiguous()), p)
+        for t, f, (Bc, Ac, s), p in zip(tasks, factors, canon, priors)
+    ]
 
 
 class ModuleStack:
@@ -264,11 +280,8 @@ class ModuleStack:
         else:
             self.weights = [1.0] * len(members)
         device = config.torch_device()
-        self.stack_B = torch.cat([m.B * w**0.5 for m, w in zip(members, self.weights)], 1).to(device)
-        self.stack_A = torch.cat([m.A * w**0.5 for m, w in zip(members, self.weights)], 1).to(device)
-        self.canon = [
-            canonicalize(m.B, m.A) if not config.canonicalize else (m.B.double(), m.A.double(), m.s) for m in members
-        ]
+        self.stack_B = torch.cat([m.stacked[0].float() * w**0.5 for m, w in zip(members, self.weights)], 1).to(device)
+        self.stack_A = torch.cat([m.stacked[1].float() * w**0.5 for m, w in zip(members, self.weights)], 1).to(device)
         m_total = self.stack_B.shape[1]
         self.cap = config.max_k or m_total
         #: the most basis vectors either side can have
@@ -277,10 +290,18 @@ class ModuleStack:
     def fit(self, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ModulePlanner]:
         """Top-K bases of both stacks and a planner over them."""
         opts = {"n_oversamples": self.config.n_oversamples, "n_iter": self.config.n_iter}
-        beta, sB = principal_basis(self.stack_B, min(K, self.cap), seed=self.config.seed, **opts)
-        alpha, sA = principal_basis(self.stack_A, min(K, self.cap), seed=self.config.seed + 1, **opts)
-        beta64, alpha64 = beta.double().cpu(), alpha.double().cpu()
-        fits = [TaskFit(s=s, Eb=beta64.T @ Bc, Ea=alpha64.T @ Ac) for (Bc, Ac, s) in self.canon]
+        beta, sB, projB = principal_basis(self.stack_B, min(K, self.cap), seed=self.config.seed, **opts)
+        alpha, sA, projA = principal_basis(self.stack_A, min(K, self.cap), seed=self.config.seed + 1, **opts)
+        if self.config.canonicalize:  # the projections hold every task's coordinates, weighted
+            fits, off = [], 0
+            for m, w in zip(self.members, self.weights):
+                r = m.stacked[0].shape[1]
+                scale = w**-0.5 if w > 0 else 0.0
+                fits.append(TaskFit(s=m.s, Eb=projB[:, off : off + r] * scale, Ea=projA[:, off : off + r] * scale))
+                off += r
+        else:
+            b64, a64 = beta.double().cpu(), alpha.double().cpu()
+            fits = [TaskFit(s=m.s, Eb=b64.T @ m.Bc, Ea=a64.T @ m.Ac) for m in self.members]
         return beta, alpha, sB, sA, ModulePlanner(self.n, self.d, fits)
 
 
@@ -292,16 +313,18 @@ def consolidate_module(
     config: ConsolidationConfig,
     dtype: torch.dtype,
     budget_params: int | None = None,
+    clock: dict[str, float] | None = None,
 ) -> ModuleResult:
     """Bases, plan, coefficients, private factors and errors for one module."""
+    t0 = time.perf_counter()
     stack = ModuleStack(n, d, members, config)
     full = stack.full
     if config.mode() == "fixed":
         K = min(config.k or 0, full)
     elif config.mode() == "energy" or stack.stack_B.shape[1] <= 512:
         K = full
-    else:
-        K = min(64, full)
+    else:  # start small; the loop below widens the bases when the best k is at the edge
+        K = min(48, full)
     while True:
         beta, alpha, sB, sA, planner = stack.fit(K)
         plan = _choose(planner, config, stack.stack_B, stack.stack_A, sB, sA, budget_params)
@@ -310,14 +333,18 @@ def consolidate_module(
         if config.mode() in ("fixed", "energy") or not at_edge:
             break
         K = min(2 * K, full)
-    canon, norms, weights = stack.canon, stack.norms, stack.weights
+    norms, weights = stack.norms, stack.weights
+    t1 = time.perf_counter()
     result = ModuleResult(plan=plan)
-    beta_s, alpha_s = store_bases(name, beta, alpha, plan, dtype, result)
-    for i, (m, (Bc, Ac, _s)) in enumerate(zip(members, canon)):
-        tensors, record = encode_task(m, Bc, Ac, plan.private_ranks[i], beta_s, alpha_s, dtype, n, d, norms[i])
+    bases = StoredBases.of(*store_bases(name, beta, alpha, plan, dtype, result))
+    for i, (m, coords) in enumerate(zip(members, coordinates(members, bases))):
+        tensors, record = encode_task(m, plan.private_ranks[i], bases, dtype, norms[i], coords)
         result.tensors.update({f"tasks/{m.task}/{name}/{part}": t for part, t in tensors.items()})
         result.records[m.task] = record
     store_grams(name, result, [(m.task, weights[i]) for i, m in enumerate(members)], plan)
+    if clock is not None:
+        clock["decompose"] += t1 - t0
+        clock["encode"] += time.perf_counter() - t1
     return result
 
 
@@ -346,49 +373,84 @@ def store_grams(name: str, result: ModuleResult, weighted_tasks: list[tuple[str,
         result.tensors[f"modules/{name}/gram_{side}"] = G
 
 
+@dataclass
+class StoredBases:
+    """The bases as stored (rounded to the storage dtype), in float64, with their Gram matrices."""
+
+    beta: torch.Tensor
+    alpha: torch.Tensor
+    gram_beta: torch.Tensor
+    gram_alpha: torch.Tensor
+
+    @classmethod
+    def of(cls, beta_s: torch.Tensor | None, alpha_s: torch.Tensor | None) -> StoredBases | None:
+        if beta_s is None or alpha_s is None:
+            return None
+        b64, a64 = beta_s.to(torch.float64), alpha_s.to(torch.float64)
+        return cls(b64, a64, b64.T @ b64, a64.T @ a64)
+
+
+def coordinates(members: Sequence[ModuleMember], bases: StoredBases | None, chunk: int = 64) -> list:
+    """(βᵀBc, αᵀAc) of every member in float64, batched in chunks (one matmul per chunk and side)."""
+    if bases is None:
+        return [None] * len(members)
+    out: list = []
+    for start in range(0, len(members), chunk):
+        part = members[start : start + chunk]
+        widths = [m.Bc.shape[1] for m in part]
+        Eb = (bases.beta.T @ torch.cat([m.Bc for m in part], 1)).split(widths, 1)
+        Ea = (bases.alpha.T @ torch.cat([m.Ac for m in part], 1)).split(widths, 1)
+        out += list(zip(Eb, Ea))
+    return out
+
+
 def encode_task(
     m: ModuleMember,
-    Bc: torch.Tensor,
-    Ac: torch.Tensor,
     q: int,
-    beta_s: torch.Tensor | None,
-    alpha_s: torch.Tensor | None,
+    bases: StoredBases | None,
     dtype: torch.dtype,
-    n: int,
-    d: int,
     norm: float,
+    coords: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """One task's coefficients and private factors in stored bases, and its exact ΔW error."""
+    """One task's coefficients and private factors in the stored bases, and its exact ΔW error.
+
+    The error is computed from the tensors as stored (after rounding to ``dtype``) by traces of
+    small products (spec, section 4): with ΔW = Bc Acᵀ, shared part β cB (α cA)ᵀ and private
+    part P_B P_Aᵀ, every inner product reduces to k-, r- or q-sized matrices.
+    """
     tensors: dict[str, torch.Tensor] = {}
-    Bh = [torch.zeros(n, 0, dtype=torch.float64)]
-    Ah = [torch.zeros(d, 0, dtype=torch.float64)]
+    f64 = torch.float64
+    ref2 = float((m.s**2).sum())  # ‖ΔW‖²
+    cross = recon2 = 0.0  # ⟨ΔW, ΔŴ⟩, ‖ΔŴ‖²
     p = 0
-    if beta_s is not None:
-        b64, a64 = beta_s.double(), alpha_s.double()
-        Eb, Ea = b64.T @ Bc, a64.T @ Ac  # coordinates in the stored (rounded) bases
+    shared_B = shared_A = None
+    if bases is not None:
+        # coordinates in the stored (rounded) bases
+        Eb, Ea = coords if coords is not None else (bases.beta.T @ m.Bc, bases.alpha.T @ m.Ac)
         cB, cA, _ = canonicalize(Eb, Ea)  # balanced core E_B E_Aᵀ of rank p ≤ r (spec, section 2.7)
         p = cB.shape[1]
         if p:
             tensors["coef_B"], tensors["coef_A"] = cB.to(dtype), cA.to(dtype)
-            Bh.append(b64 @ tensors["coef_B"].double())
-            Ah.append(a64 @ tensors["coef_A"].double())
+            cB, cA = tensors["coef_B"].to(f64), tensors["coef_A"].to(f64)
+            cross += float(((Eb.T @ cB) * (Ea.T @ cA)).sum())
+            recon2 += float(((cB.T @ bases.gram_beta @ cB) * (cA.T @ bases.gram_alpha @ cA)).sum())
+            if q:
+                shared_B, shared_A = bases.beta @ cB, bases.alpha @ cA
     if q:
-        shared_B, shared_A = torch.cat(Bh, 1), torch.cat(Ah, 1)
-        # residual R = ΔW − ΔŴ_shared as factors [Bc, −B̂] [Ac, Â]ᵀ; keep its best rank-q part (spec, section 6)
-        PB, PA, _ = canonicalize(torch.cat([Bc, -shared_B], 1), torch.cat([Ac, shared_A], 1), max_rank=q)
+        if shared_B is None:
+            PB, PA, _ = canonicalize(m.Bc, m.Ac, max_rank=q)  # no shared part: the task's own top q
+        else:  # residual ΔW − ΔŴ_shared as factors [Bc, −β cB] [Ac, α cA]ᵀ; its best rank-q part (spec, section 6)
+            PB, PA, _ = canonicalize(torch.cat([m.Bc, -shared_B], 1), torch.cat([m.Ac, shared_A], 1), max_rank=q)
         q = PB.shape[1]
         if q:
             tensors["private_B"], tensors["private_A"] = PB.to(dtype), PA.T.contiguous().to(dtype)
-            Bh.append(tensors["private_B"].double())
-            Ah.append(tensors["private_A"].double().T)
-    err = relative_error(m.factors.B, m.factors.A.T, torch.cat(Bh, 1), torch.cat(Ah, 1))
-    record: dict[str, Any] = {
-        "rank": p,
-        "private_rank": q,
-        "original_rank": int(m.factors.B.shape[1]),
-        "error": err,
-        "norm": norm,
-    }
+            PB, PA = tensors["private_B"].to(f64), tensors["private_A"].to(f64).T
+            cross += float(((m.Bc.T @ PB) * (m.Ac.T @ PA)).sum())
+            recon2 += float(((PB.T @ PB) * (PA.T @ PA)).sum())
+            if shared_B is not None:
+                recon2 += 2 * float(((shared_B.T @ PB) * (shared_A.T @ PA)).sum())
+    err = (max(ref2 - 2 * cross + recon2, 0.0) / ref2) ** 0.5 if ref2 > 0 else 0.0
+    record: dict[str, Any] = {"rank": p, "private_rank": q, "original_rank": m.rank, "error": err, "norm": norm}
     if m.prior is not None:  # the input was itself a reconstruction: bound the error to the original
         prior_err, prior_norm, prior_bound = m.prior
         drift = err * norm / prior_norm if prior_norm > 0 else 0.0
@@ -438,10 +500,13 @@ def merge(
     progress: Progress | None = None,
     history: list[dict[str, Any]] | None = None,
     op: str = "merge",
+    timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Consolidate ``sources`` into the Share checkpoint ``output``; return its manifest.
 
     Nothing is written unless every input is valid: the file appears atomically at the end.
+    ``timings``, when given, receives the seconds spent reading, canonicalizing, decomposing
+    (bases and planning), encoding (coefficients, private factors, errors) and writing.
     """
     config = config or ConsolidationConfig()
     config.validate()
@@ -453,6 +518,7 @@ def merge(
     dtype = storage_dtype(config, [s.weights_dtype for s in sources])
     total_original = sum(r * (n + d) for s in sources for (n, d, r) in s.module_shapes().values())
     manifest_modules: dict[str, Any] = {}
+    clock = dict.fromkeys(("read", "canonicalize", "decompose", "encode", "write"), 0.0)
     with CheckpointWriter(output) as writer:
         for src in sources:
             for key, t in src.read_heads().items():
@@ -460,19 +526,30 @@ def merge(
         for step, (name, (n, d, idx)) in enumerate(modules.items()):
             if progress:
                 progress(name, step, len(modules))
-            members = [
-                prepare_member(sources[i].task, sources[i].read_module(name), config, sources[i].prior(name))
-                for i in idx
-            ]
-            budget = module_budget(config, n, d, [m.factors.B.shape[1] for m in members], total_original)
-            res = consolidate_module(name, n, d, members, config, dtype, budget)
+            t0 = time.perf_counter()
+            factors = [sources[i].read_module(name) for i in idx]
+            t1 = time.perf_counter()
+            members = prepare_members(
+                [sources[i].task for i in idx], factors, config, [sources[i].prior(name) for i in idx]
+            )
+            del factors
+            clock["read"] += t1 - t0
+            clock["canonicalize"] += time.perf_counter() - t1
+            budget = module_budget(config, n, d, [m.rank for m in members], total_original)
+            res = consolidate_module(name, n, d, members, config, dtype, budget, clock)
+            t2 = time.perf_counter()
             for tname in sorted(res.tensors, key=lambda t: (not t.startswith("modules/"), t)):
                 writer.add(tname, res.tensors[tname])
             manifest_modules[name] = module_record(n, d, res, dtype)
+            clock["write"] += time.perf_counter() - t2
         if progress:
             progress("", len(modules), len(modules))
         manifest = build_manifest(config, sources, manifest_modules, history or [], op)
+        t3 = time.perf_counter()
         writer.finish(manifest)
+        clock["write"] += time.perf_counter() - t3
+    if timings is not None:
+        timings.update(clock)
     return manifest
 
 

@@ -28,6 +28,7 @@ from .consolidation import (
     ModuleMember,
     ModuleResult,
     Progress,
+    StoredBases,
     TaskSource,
     build_manifest,
     check_compatible,
@@ -296,8 +297,8 @@ def update_module(
     GB, GA = ckpt.grams(name)
     norms = [float((m.s**2).sum()) ** 0.5 for m in members]
     weights = [(1.0 / nm if nm > 0 else 0.0) if config.weighting == "equal" else 1.0 for nm in norms]
-    NB = torch.cat([m.B.double() * w**0.5 for m, w in zip(members, weights)], 1)
-    NA = torch.cat([m.A.double() * w**0.5 for m, w in zip(members, weights)], 1)
+    NB = torch.cat([m.stacked[0].double() * w**0.5 for m, w in zip(members, weights)], 1)
+    NA = torch.cat([m.stacked[1].double() * w**0.5 for m, w in zip(members, weights)], 1)
     new_beta, sB = _updated_basis(beta, GB, NB)
     new_alpha, sA = _updated_basis(alpha, GA, NA)
     nb64, na64 = new_beta.double(), new_alpha.double()
@@ -316,9 +317,8 @@ def update_module(
                 torch.zeros(0, dtype=torch.float64),
             )
         old.append((t, parts, Xb, Xa, s))
-    canon = [(m.B.double(), m.A.double(), m.s) if config.canonicalize else canonicalize(m.B, m.A) for m in members]
     fits = [TaskFit(s=s, Eb=nb64.T @ Xb, Ea=na64.T @ Xa) for (_, _, Xb, Xa, s) in old]
-    fits += [TaskFit(s=s, Eb=nb64.T @ Bc, Ea=na64.T @ Ac) for (Bc, Ac, s) in canon]
+    fits += [TaskFit(s=m.s, Eb=nb64.T @ m.Bc, Ea=na64.T @ m.Ac) for m in members]
     planner = ModulePlanner(n, d, fits, frozen=[True] * len(old) + [False] * len(members))
     mode = config.mode()
     if mode == "fixed":
@@ -331,6 +331,7 @@ def update_module(
         plan = planner.for_target(config.target_error, config.target_metric)
     result = ModuleResult(plan=plan)
     beta_s, alpha_s = store_bases(name, new_beta, new_alpha, plan, dtype, result)
+    stored = StoredBases.of(beta_s, alpha_s)
     weighted: list[tuple[str, float]] = []
     for t, parts, Xb, Xa, _s in old:
         rec = dict(info["tasks"][t])
@@ -363,9 +364,9 @@ def update_module(
         result.tensors.update({f"tasks/{t}/{name}/{part}": v for part, v in tensors.items()})
         result.records[t] = rec
         weighted.append((t, _weight(rec["norm"], config.weighting)))
-    for j, (m, (Bc, Ac, _s)) in enumerate(zip(members, canon)):
+    for j, m in enumerate(members):
         q = plan.private_ranks[len(old) + j]
-        tensors, rec = encode_task(m, Bc, Ac, q, beta_s, alpha_s, dtype, n, d, norms[j])
+        tensors, rec = encode_task(m, q, stored, dtype, norms[j])
         result.tensors.update({f"tasks/{m.task}/{name}/{part}": v for part, v in tensors.items()})
         result.records[m.task] = rec
         weighted.append((m.task, weights[j]))

@@ -41,17 +41,86 @@ def canonicalize(
     if r == 0:
         z = B64.new_zeros
         return z((n, 0)), z((A64.shape[0], 0)), z((0,))
-    QB, RB = torch.linalg.qr(B64)
-    QA, RA = torch.linalg.qr(A64)
+    RB, RA = _triangular_factor(B64), _triangular_factor(A64)
+    if RB is None or RA is None:  # ill-conditioned: the slower, always-stable Householder route
+        QB, RB = torch.linalg.qr(B64)
+        QA, RA = torch.linalg.qr(A64)
+        U, S, V = _core(RB, RA, rtol, max_rank)
+        Bc, Ac = QB @ (U * S.sqrt()), QA @ (V * S.sqrt())
+    else:  # B = Q_B R_B with Q_B = B R_B⁻¹: no n-sized factorization needed
+        U, S, V = _core(RB, RA, rtol, max_rank)
+        Bc = B64 @ torch.linalg.solve_triangular(RB, U * S.sqrt(), upper=True)
+        Ac = A64 @ torch.linalg.solve_triangular(RA, V * S.sqrt(), upper=True)
+    signs = fix_signs(Bc)
+    return Bc * signs, Ac * signs, S
+
+
+def canonicalize_many(
+    Bs: list[torch.Tensor], As: list[torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`canonicalize` of many factor pairs at once, batched over pairs of equal shape.
+
+    Gives the same result as calling :func:`canonicalize` on each pair (the batched Cholesky
+    route is used where every pair of a batch is well conditioned; otherwise pair by pair).
+    """
+    out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(Bs)
+    groups: dict[tuple, list[int]] = {}
+    for i, (B, A) in enumerate(zip(Bs, As)):
+        groups.setdefault((tuple(B.shape), tuple(A.shape)), []).append(i)
+    for (bshape, _), idx in groups.items():
+        if bshape[1] == 0 or len(idx) == 1:
+            for i in idx:
+                out[i] = canonicalize(Bs[i], As[i])
+            continue
+        B = torch.stack([Bs[i] for i in idx]).to(torch.float64)
+        A = torch.stack([As[i] for i in idx]).to(torch.float64)
+        LB, infoB = torch.linalg.cholesky_ex(B.transpose(-1, -2) @ B)
+        LA, infoA = torch.linalg.cholesky_ex(A.transpose(-1, -2) @ A)
+        dB, dA = torch.diagonal(LB, dim1=-2, dim2=-1), torch.diagonal(LA, dim1=-2, dim2=-1)
+        ok = (
+            (infoB == 0)
+            & (infoA == 0)
+            & (dB.min(-1).values > 1e-5 * dB.max(-1).values)
+            & (dA.min(-1).values > 1e-5 * dA.max(-1).values)
+        )
+        RB, RA = LB.transpose(-1, -2), LA.transpose(-1, -2)
+        eye = torch.eye(RB.shape[-1], dtype=torch.float64).expand_as(RB)
+        RB = torch.where(ok[:, None, None], RB, eye)  # placeholders for the pairs redone one by one
+        RA = torch.where(ok[:, None, None], RA, eye)
+        U, S, Vh = torch.linalg.svd(RB @ RA.transpose(-1, -2))
+        half = S.sqrt().unsqueeze(-2)
+        XB = torch.linalg.solve_triangular(RB, U * half, upper=True)  # Q_B U S^½ = B R_B⁻¹ U S^½
+        XA = torch.linalg.solve_triangular(RA, Vh.transpose(-1, -2) * half, upper=True)
+        Bc_all, Ac_all = B @ XB, A @ XA
+        for j, i in enumerate(idx):
+            if not bool(ok[j]):
+                out[i] = canonicalize(Bs[i], As[i])
+                continue
+            keep = int((S[j] > 1e-10 * S[j, 0]).sum()) if S[j, 0] > 0 else 0
+            Bc, Ac = Bc_all[j, :, :keep], Ac_all[j, :, :keep]
+            signs = fix_signs(Bc)
+            out[i] = (Bc * signs, Ac * signs, S[j, :keep])
+    return out  # type: ignore[return-value]
+
+
+def _triangular_factor(X: torch.Tensor) -> torch.Tensor | None:
+    """R with X = Q R from the Cholesky factor of XᵀX, or None when X is too ill-conditioned for it."""
+    G = X.T @ X
+    L, info = torch.linalg.cholesky_ex(G)
+    if int(info) != 0:
+        return None
+    d = torch.diagonal(L)
+    if float(d.min()) <= 1e-5 * float(d.max()):  # cond(X) > 1e5: Cholesky-QR would lose digits
+        return None
+    return L.T
+
+
+def _core(RB: torch.Tensor, RA: torch.Tensor, rtol: float, max_rank: int | None):
     U, S, Vh = torch.linalg.svd(RB @ RA.T)
     keep = int((S > rtol * S[0]).sum()) if S.numel() and S[0] > 0 else 0
     if max_rank is not None:
         keep = min(keep, max_rank)
-    U, S, V = U[:, :keep], S[:keep], Vh[:keep].T
-    Bc = QB @ (U * S.sqrt())
-    Ac = QA @ (V * S.sqrt())
-    signs = fix_signs(Bc)
-    return Bc * signs, Ac * signs, S
+    return U[:, :keep], S[:keep], Vh[:keep].T
 
 
 def principal_basis(
@@ -60,52 +129,61 @@ def principal_basis(
     *,
     seed: int = 0,
     n_oversamples: int = 10,
-    n_iter: int = 3,
+    n_iter: int = 1,
     exact_below: int = 512,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` left singular vectors and values of ``stack`` (``n × m``), uncentered.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` left singular vectors U and values S of ``stack`` (``n × m``), uncentered.
 
     Exact when ``m ≤ exact_below`` (eigh of the ``m × m`` Gram matrix in float64) or when
     ``k + n_oversamples`` covers the stack; otherwise the randomized range finder of Halko,
     Martinsson & Tropp (2011) with ``n_oversamples`` extra columns and ``n_iter`` power
     iterations re-orthonormalized by QR, from a fixed ``seed`` (spec, section 2, step 4).
-    The result is clamped to the numerical rank (spec, section 2, step 5), has the sign
-    convention of :func:`fix_signs`, and lives on ``stack``'s device in float32.
+    The result is clamped to the numerical rank (spec, section 2, step 5) and has the sign
+    convention of :func:`fix_signs`. Returns U (float32, on ``stack``'s device), S (float64) and
+    the projection Uᵀ·stack (``k × m``, float64, on the CPU), which the randomized route gets for free.
     """
     n, m = stack.shape
     k = min(k, n, m)
     if k <= 0 or m == 0:
-        return stack.new_zeros((n, 0)), torch.zeros(0, dtype=torch.float64)
+        return stack.new_zeros((n, 0)), torch.zeros(0, dtype=torch.float64), torch.zeros(0, m, dtype=torch.float64)
     if m <= exact_below or k + n_oversamples >= min(n, m):
-        G = stack.T.to(torch.float64) @ stack.to(torch.float64) if m <= exact_below else None
-        if G is not None:
-            evals, V = torch.linalg.eigh(G)
-            evals, V = evals.flip(0).clamp_min(0), V.flip(1)
-            S = evals.sqrt()
-            U = (stack.to(torch.float64) @ V[:, :k]) / torch.where(S[:k] > 0, S[:k], 1)
+        s64 = stack.to(torch.float64)
+        if m <= exact_below:
+            evals, V = torch.linalg.eigh(s64.T @ s64)
+            S = evals.flip(0).clamp_min(0).sqrt()
+            V = V.flip(1)
+            U = (s64 @ V[:, :k]) / torch.where(S[:k] > 0, S[:k], 1)
         else:
-            U64, S, _ = torch.linalg.svd(stack.to(torch.float64), full_matrices=False)
+            U64, S, _ = torch.linalg.svd(s64, full_matrices=False)
             U = U64[:, :k]
-    else:
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        omega = torch.randn(m, k + n_oversamples, generator=gen, dtype=torch.float32).to(stack.device)
-        Q = torch.linalg.qr(stack @ omega).Q
-        for _ in range(n_iter):
-            Q = torch.linalg.qr(stack.T @ Q).Q
-            Q = torch.linalg.qr(stack @ Q).Q
-        small = (Q.T @ stack).to(torch.float64)
-        Us, S, _ = torch.linalg.svd(small, full_matrices=False)
-        U = Q.to(torch.float64) @ Us[:, :k]
-    S = S.to(torch.float64).cpu()
-    rank = int((S[:k] > RANK_RTOL * S[0]).sum()) if S.numel() and S[0] > 0 else 0
-    U = U[:, :rank]
-    if rank:  # re-orthonormalize (the Gram route loses orthogonality in weak directions)
-        Q, R = torch.linalg.qr(U)
-        d = torch.sign(torch.diagonal(R))
-        d[d == 0] = 1
-        U = Q * d
-    U = U * fix_signs(U)
-    return U.to(torch.float32), S[:rank]
+        rank = _numerical_rank(S, k)
+        U = U[:, :rank]
+        if rank:  # re-orthonormalize (the Gram route loses orthogonality in weak directions)
+            Q, R = torch.linalg.qr(U)
+            d = torch.sign(torch.diagonal(R))
+            d[d == 0] = 1
+            U = Q * d
+        U = (U * fix_signs(U)).to(torch.float32)
+        proj = (U.to(torch.float64).T @ s64).cpu()
+        return U, S[:rank].cpu(), proj
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(m, k + n_oversamples, generator=gen, dtype=torch.float32).to(stack.device)
+    Q = torch.linalg.qr(stack @ omega).Q
+    for _ in range(n_iter):
+        Q = torch.linalg.qr(stack.T @ Q).Q
+        Q = torch.linalg.qr(stack @ Q).Q
+    small = (Q.T @ stack).to(torch.float64)
+    Us, S, Vh = torch.linalg.svd(small, full_matrices=False)
+    rank = _numerical_rank(S, k)
+    U = Q @ Us[:, :rank].to(Q.dtype)
+    signs = fix_signs(U)
+    # Uᵀ·stack = Usᵀ Qᵀ stack = S Vᵀ: the coordinates of every stacked column, at no extra cost
+    proj = (S[:rank, None] * Vh[:rank]) * signs.to(torch.float64)[:, None]
+    return U * signs, S[:rank].cpu(), proj.cpu()
+
+
+def _numerical_rank(S: torch.Tensor, k: int) -> int:
+    return int((S[:k] > RANK_RTOL * S[0]).sum()) if S.numel() and S[0] > 0 else 0
 
 
 def frob2(B: torch.Tensor, A: torch.Tensor) -> float:

@@ -131,13 +131,40 @@ class ModulePlanner:
         return min(k, self.K_B), min(k, self.K_A)
 
     # -- errors --------------------------------------------------------------------------------------
+    def _by_rank(self) -> dict[int, list[int]]:
+        groups: dict[int, list[int]] = {}
+        for i, f in enumerate(self.fits):
+            groups.setdefault(f.rank, []).append(i)
+        return groups
+
+    def shared_errors(self, k_B: int, k_A: int) -> list[float]:
+        """Per task, the error of pure sharing (q = 0): e² = 1 − ‖E_B E_Aᵀ‖² / ‖ΔW‖² (spec, section 4)."""
+        if k_B == 0 or k_A == 0:
+            return [1.0 if f.norm2 > 0 else 0.0 for f in self.fits]
+        out = [0.0] * len(self.fits)
+        for _r, idx in self._by_rank().items():
+            Eb = torch.stack([self.fits[i].Eb[:k_B] for i in idx])
+            Ea = torch.stack([self.fits[i].Ea[:k_A] for i in idx])
+            kept = ((Eb.transpose(-1, -2) @ Eb) * (Ea.transpose(-1, -2) @ Ea)).sum((-1, -2))
+            for j, i in enumerate(idx):
+                norm2 = self.fits[i].norm2
+                out[i] = max(1.0 - float(kept[j]) / norm2, 0.0) ** 0.5 if norm2 > 0 else 0.0
+        return out
+
     def tails(self, k_B: int, k_A: int) -> list[list[float]]:
         """Per task, the relative error for q = 0 … r private directions at this k."""
+        if k_B == 0 or k_A == 0:
+            k_B = k_A = 0
         key = (k_B, k_A)
         if key in self._tails:
             return self._tails[key]
-        if k_B == 0 or k_A == 0:
-            k_B = k_A = 0
+        if k_B == 0:  # no shared part: the residual is ΔW itself, whose spectrum is known
+            out0 = []
+            for f in self.fits:
+                tail = torch.cat([(f.s**2).flip(0).cumsum(0).flip(0), f.s.new_zeros(1)])
+                out0.append((tail / f.norm2).clamp_min(0).sqrt().tolist() if f.norm2 > 0 else [0.0] * (f.rank + 1))
+            self._tails[key] = out0
+            return out0
         out: list[list[float] | None] = [None] * len(self.fits)
         by_rank: dict[int, list[int]] = {}
         for i, f in enumerate(self.fits):
@@ -193,31 +220,44 @@ class ModulePlanner:
         )
 
     def for_target(self, error: float, metric: str = "mean") -> ModulePlan:
-        """The plan with the least storage whose mean (or worst) task error is ≤ ``error``."""
-        best: ModulePlan | None = None
+        """The plan with the least storage whose mean (or worst) task error is ≤ ``error``.
+
+        Candidates: the cheapest pure-sharing k, no sharing (k = 0), and every k of the grid in
+        between with private ranks added greedily. A k is skipped when a lower bound on its cost
+        (its bases and coefficients, plus the fewest private directions that could meet the
+        target) is no better than the best plan found so far.
+        """
         T = len(self.fits)
+        step = self.n + self.d
         pure = self.pure_sharing_for_target(error, metric)
-        no_sharing: ModulePlan | None = None
-        for k in self.grid((pure.k_B,) if pure else ()):
+        best = pure
+        no_sharing = self._target_at(0, 0, error, metric)
+        if no_sharing is not None and (
+            best is None or (no_sharing.params, no_sharing.mean_error) < (best.params, best.mean_error)
+        ):
+            best = no_sharing
+        for k in self.grid():
+            if k == 0 or (pure is not None and k >= pure.k_B and k >= pure.k_A):
+                continue
             k_B, k_A = self.sides(k)
-            tails = self.tails(k_B, k_A)
+            base = self.shared_params(k_B, k_A)
+            if best is not None and base >= best.params:
+                break  # costs only grow with k
+            errs = self.shared_errors(k_B, k_A)
             if metric == "max":
-                q = []
-                for t, frozen in zip(tails, self.frozen):
-                    ok = [j for j, e in enumerate(t[: 1 if frozen else None]) if e <= error]
-                    if not ok:
-                        break
-                    q.append(ok[0])
-                if len(q) < T:
+                if any(e > error for e, fr in zip(errs, self.frozen) if fr):
                     continue
+                needed = sum(e > error for e in errs)
             else:
-                q = self._greedy(tails, lambda q, total: total <= error * T)
-                if sum(t[qi] for t, qi in zip(tails, q)) > error * T + 1e-12:
+                excess = sum(errs) - error * T
+                movable = max((e for e, fr in zip(errs, self.frozen) if not fr), default=0.0)
+                needed = 0 if excess <= 0 else (math.ceil(excess / movable - 1e-9) if movable > 0 else None)
+                if needed is None:
                     continue
-            plan = self.evaluate(k_B, k_A, q)
-            if k == 0:
-                no_sharing = plan
-            if best is None or (plan.params, plan.mean_error) < (best.params, best.mean_error):
+            if best is not None and base + needed * step >= best.params:
+                continue
+            plan = self._target_at(k_B, k_A, error, metric)
+            if plan is not None and (best is None or (plan.params, plan.mean_error) < (best.params, best.mean_error)):
                 best = plan
         if best is None:  # only with frozen tasks: keep every direction
             K = max(self.K_B, self.K_A)
@@ -228,6 +268,23 @@ class ModulePlanner:
         }
         return best
 
+    def _target_at(self, k_B: int, k_A: int, error: float, metric: str) -> ModulePlan | None:
+        """At this k, the fewest private directions that meet the target, or None."""
+        T = len(self.fits)
+        tails = self.tails(k_B, k_A)
+        if metric == "max":
+            q = []
+            for t, frozen in zip(tails, self.frozen):
+                ok = [j for j, e in enumerate(t[: 1 if frozen else None]) if e <= error]
+                if not ok:
+                    return None
+                q.append(ok[0])
+        else:
+            q = self._greedy(tails, lambda q, total: total <= error * T)
+            if sum(t[qi] for t, qi in zip(tails, q)) > error * T + 1e-12:
+                return None
+        return self.evaluate(k_B, k_A, q)
+
     def _meets(self, errs: list[float], error: float, metric: str) -> bool:
         value = max(errs) if metric == "max" else sum(errs) / len(errs)
         return value <= error + 1e-12
@@ -235,17 +292,23 @@ class ModulePlanner:
     def pure_sharing_for_target(self, error: float, metric: str = "mean") -> ModulePlan | None:
         """The smallest k whose pure-sharing plan (q = 0) meets the target, or None."""
         K = max(self.K_B, self.K_A)
-        zero = [0] * len(self.fits)
-        if K == 0 or not self._meets(self.evaluate(*self.sides(K), zero).predicted_errors, error, metric):
+        if K == 0 or not self._meets(self.shared_errors(*self.sides(K)), error, metric):
             return None
         lo, hi = 1, K  # errors fall as k grows: binary search for the first k that meets the target
         while lo < hi:
             mid = (lo + hi) // 2
-            if self._meets(self.evaluate(*self.sides(mid), zero).predicted_errors, error, metric):
+            if self._meets(self.shared_errors(*self.sides(mid)), error, metric):
                 hi = mid
             else:
                 lo = mid + 1
-        return self.evaluate(*self.sides(lo), zero)
+        return self.pure(*self.sides(lo))
+
+    def pure(self, k_B: int, k_A: int) -> ModulePlan:
+        """The pure-sharing plan (q = 0) at this k, without spectra."""
+        errs = self.shared_errors(k_B, k_A)
+        if k_B == 0 or k_A == 0:
+            k_B = k_A = 0
+        return ModulePlan(k_B, k_A, [0] * len(self.fits), errs, self.shared_params(k_B, k_A))
 
     def for_budget(self, params: int) -> ModulePlan:
         """The plan with the least mean task error whose storage is ≤ ``params``."""
@@ -274,7 +337,7 @@ class ModulePlanner:
         """Largest k with q = 0 whose storage fits ``params``."""
         K = max(self.K_B, self.K_A)
         k = max((k for k in range(K + 1) if self.shared_params(*self.sides(k)) <= params), default=0)
-        return self.evaluate(*self.sides(k), [0] * len(self.fits))
+        return self.pure(*self.sides(k))
 
     def truncation_allocated(self, params: int) -> ModulePlan:
         """No sharing, with each task's rank allocated greedily where it lowers the mean error most."""

@@ -47,8 +47,8 @@ def test_relative_error_matches_dense():
 def test_randomized_basis_matches_exact_on_a_low_rank_stack():
     g = torch.Generator().manual_seed(4)
     stack = torch.randn(300, 6, generator=g) @ torch.randn(6, 700, generator=g)
-    U_exact, s_exact = principal_basis(stack, 6, exact_below=10_000)
-    U_rand, s_rand = principal_basis(stack, 6, exact_below=0)
+    U_exact, s_exact, _ = principal_basis(stack, 6, exact_below=10_000)
+    U_rand, s_rand, _ = principal_basis(stack, 6, exact_below=0)
     assert torch.allclose(s_exact, s_rand, rtol=1e-4)
     assert torch.allclose(U_exact @ U_exact.T, U_rand @ U_rand.T, atol=1e-4)
 
@@ -56,15 +56,15 @@ def test_randomized_basis_matches_exact_on_a_low_rank_stack():
 def test_basis_is_clamped_to_numerical_rank():
     g = torch.Generator().manual_seed(5)
     stack = torch.randn(50, 3, generator=g) @ torch.randn(3, 40, generator=g)
-    U, s = principal_basis(stack, 30)
+    U, s, _ = principal_basis(stack, 30)
     assert U.shape == (50, 3) and s.numel() == 3
 
 
 def test_basis_sign_convention_is_fixed():
     g = torch.Generator().manual_seed(6)
     stack = torch.randn(30, 10, generator=g)
-    U1, _ = principal_basis(stack, 4)
-    U2, _ = principal_basis(-stack, 4)
+    U1, _, _ = principal_basis(stack, 4)
+    U2, _, _ = principal_basis(-stack, 4)
     assert torch.equal(U1, U2)
     idx = U1.abs().argmax(0)
     assert (U1[idx, torch.arange(4)] > 0).all()
@@ -81,3 +81,11 @@ def test_residual_spectrum_matches_dense_svd():
     expected = torch.linalg.svdvals(R)[: 2 * r] ** 2
     got = residual_spectrum(s, beta.T @ Bc, alpha.T @ Ac)
     assert torch.allclose(got, expected, atol=1e-8 * float(expected[0]))
+
+
+def test_projection_returned_with_the_basis_is_its_coordinates():
+    g = torch.Generator().manual_seed(8)
+    stack = torch.randn(200, 8, generator=g) @ torch.randn(8, 900, generator=g)
+    for exact_below in (0, 10_000):
+        U, _, proj = principal_basis(stack, 8, exact_below=exact_below)
+        assert torch.allclose(proj, U.double().T @ stack.double(), atol=1e-3 * float(proj.abs().max()))
