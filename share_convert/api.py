@@ -70,8 +70,10 @@ def merge(
 
 
 def info(checkpoint: str | Path) -> dict[str, Any]:
-    """The report of an existing checkpoint."""
-    return summarize(open_checkpoint(checkpoint))
+    """The report of an existing checkpoint (every tensor's checksum is verified first)."""
+    ckpt = open_checkpoint(checkpoint)
+    ckpt.verify_all()
+    return summarize(ckpt)
 
 
 def list_tasks(checkpoint: str | Path) -> list[str]:

@@ -21,7 +21,7 @@ import torch
 from .checkpoint import FORMAT_NAME, FORMAT_VERSION, CheckpointWriter, check_output
 from .errors import IncompatibleAdaptersError, InvalidOptionError
 from .formats import LoraFactors
-from .linalg import canonicalize, canonicalize_many, principal_basis
+from .linalg import canonicalize, canonicalize_many, deterministic, principal_basis
 from .planning import ModulePlan, ModulePlanner, TaskFit, parse_budget
 
 Progress = Callable[[str, int, int], None]
@@ -519,7 +519,7 @@ def merge(
     total_original = sum(r * (n + d) for s in sources for (n, d, r) in s.module_shapes().values())
     manifest_modules: dict[str, Any] = {}
     clock = dict.fromkeys(("read", "canonicalize", "decompose", "encode", "write"), 0.0)
-    with CheckpointWriter(output) as writer:
+    with deterministic(), CheckpointWriter(output) as writer:
         for src in sources:
             for key, t in src.read_heads().items():
                 writer.add(f"tasks/{src.task}/heads/{key}", t)

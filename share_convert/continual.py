@@ -45,7 +45,7 @@ from .consolidation import (
 )
 from .errors import DuplicateTaskError, IncompatibleAdaptersError, InvalidOptionError, UnknownTaskError
 from .formats import LoraFactors
-from .linalg import RANK_RTOL, canonicalize, fix_signs, frob2, inner
+from .linalg import RANK_RTOL, canonicalize, deterministic, fix_signs, frob2, inner
 from .planning import ModulePlanner, TaskFit
 
 _DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -189,7 +189,7 @@ def add(
     modules_out: dict[str, Any] = {}
     all_modules = sorted(set(ckpt.modules) | set(new_shapes), key=natural_key)
     drift: dict[str, list[float]] = {}
-    with CheckpointWriter(output) as writer:
+    with deterministic(), CheckpointWriter(output) as writer:
         for t in old_tasks:
             for key in ckpt.task(t).get("heads", []):
                 writer.add(f"tasks/{t}/heads/{key}", ckpt.tensor(f"tasks/{t}/heads/{key}"))

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from .checkpoint import Checkpoint
 from .errors import InvalidOptionError, OutputExistsError
 from .formats import PEFT_PREFIX
-from .linalg import canonicalize
+from .linalg import canonicalize, deterministic
 
 _DTYPES = {"F32": torch.float32, "F64": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -109,7 +109,8 @@ def extract(
         raise InvalidOptionError(f"--rank must be ≥ 1, got {rank}", hint="For example --rank 16")
     output = Path(output)
     prepare_output_dir(output, force)
-    factors, width = adapter_tensors(ckpt, task, rank)
+    with deterministic():
+        factors, width = adapter_tensors(ckpt, task, rank)
     dtype = _DTYPES.get(record.get("weights_dtype", "F32"), torch.float32)
     tensors: dict[str, torch.Tensor] = {}
     for module, (B, A) in factors.items():
@@ -141,10 +142,19 @@ def extract_all(
     """Every task, one sub-folder each (named after the task), under ``output``."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     output = Path(output)
-    if output.exists() and any(output.iterdir()) and not force:
-        raise OutputExistsError("exists and is not empty", path=output, hint="Pass --force to replace it")
-    output.mkdir(parents=True, exist_ok=True)
-    return [extract(ckpt, t, output / t, rank=rank, force=force) for t in ckpt.tasks]
+    prepare_output_dir(output, force)
+    parent = output.parent if str(output.parent) else Path(".")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=parent))
+    try:  # every task is written under a temporary folder, published in one rename at the end
+        results = [extract(ckpt, t, tmp / t, rank=rank) for t in ckpt.tasks]
+        os.chmod(tmp, 0o755)
+        publish_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for r in results:
+        r.path = output / r.task
+    return results
 
 
 def exported_config(record: dict[str, Any], modules: list[str], rank: int) -> dict[str, Any]:

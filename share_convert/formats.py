@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,17 +167,19 @@ class AdapterSource:
 
     def _load_bin(self) -> dict[str, torch.Tensor]:
         if self._bin is None:
-            try:
-                obj = torch.load(self.weights_path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                try:  # old (non-zip) torch files cannot be memory-mapped
-                    obj = torch.load(self.weights_path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's warnings about pickle protocols are not the user's concern
+                try:
+                    obj = torch.load(self.weights_path, map_location="cpu", weights_only=True, mmap=True)
                 except Exception:
-                    raise BadAdapterError(
-                        f"cannot be loaded safely as a tensor file ({_short(e)}); nothing in it was executed",
-                        path=self.weights_path,
-                        hint="Convert it to .safetensors from a trusted environment",
-                    ) from None
+                    try:  # old (non-zip) torch files cannot be memory-mapped
+                        obj = torch.load(self.weights_path, map_location="cpu", weights_only=True)
+                    except Exception as e:
+                        raise BadAdapterError(
+                            f"cannot be loaded safely as a tensor file ({_short(e)}); nothing in it was executed",
+                            path=self.weights_path,
+                            hint="Convert it to .safetensors from a trusted environment",
+                        ) from None
             if not isinstance(obj, dict) or not all(
                 isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
             ):

@@ -7,10 +7,29 @@ Small cores are computed in float64 (spec, section 2, step 4).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 #: Singular values below ``RANK_RTOL × σ_max`` are treated as zero (numerical rank).
 RANK_RTOL = 1e-6
+
+
+@contextmanager
+def deterministic() -> Iterator[None]:
+    """Run the enclosed numerics on one CPU thread.
+
+    Multi-threaded BLAS and reductions split sums differently for different thread counts, which
+    changes the last bits of results; one thread makes every output byte-identical whatever the
+    machine's thread settings (the project's determinism rule). GPU work is unaffected.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def fix_signs(U: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ def write_synthetic_adapters(
     dtype: str = "float32",
     seed: int = 0,
     base_model: str = "synthetic/llama-like",
+    prefix: str = "task",
 ) -> list[Path]:
     """Write ``count`` PEFT adapter folders under ``folder``; return their paths."""
     folder = Path(folder)
@@ -51,10 +52,10 @@ def write_synthetic_adapters(
             mix_A = torch.randn(shared_rank, rank, generator=g) / shared_rank**0.5
             B = U @ mix_B + noise * torch.randn(hidden, rank, generator=g) / hidden**0.5
             A = (V @ mix_A + noise * torch.randn(hidden, rank, generator=g) / hidden**0.5).T
-            prefix = f"base_model.model.model.layers.{layer}.self_attn.{t}"
-            tensors[f"{prefix}.lora_A.weight"] = A.contiguous().to(_DTYPES[dtype])
-            tensors[f"{prefix}.lora_B.weight"] = (B / scale).contiguous().to(_DTYPES[dtype])
-        out = folder / f"task-{i:03d}"
+            module = f"base_model.model.model.layers.{layer}.self_attn.{t}"
+            tensors[f"{module}.lora_A.weight"] = A.contiguous().to(_DTYPES[dtype])
+            tensors[f"{module}.lora_B.weight"] = (B / scale).contiguous().to(_DTYPES[dtype])
+        out = folder / f"{prefix}-{i:03d}"
         out.mkdir(exist_ok=True)
         save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
         config = {

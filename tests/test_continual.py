@@ -86,9 +86,9 @@ def test_merging_two_checkpoints_equals_consolidating_their_reconstructions(tmp_
     merge(open_adapters([str(real / "gpt2-c_attn")]), tmp_path / "g1.safetensors", cfg)
     merge(open_adapters([str(real / "gpt2-c_attn+c_proj")]), tmp_path / "g2.safetensors", cfg)
     api.merge([str(tmp_path / "g1.safetensors"), str(tmp_path / "g2.safetensors")], tmp_path / "both.safetensors", cfg)
-    api.extract(tmp_path / "g1.safetensors", tmp_path / "x", all_tasks=True)
-    api.extract(tmp_path / "g2.safetensors", tmp_path / "x", all_tasks=True, force=True)
-    api.merge([str(tmp_path / "x")], tmp_path / "recon.safetensors", cfg)
+    api.extract(tmp_path / "g1.safetensors", tmp_path / "x1", all_tasks=True)
+    api.extract(tmp_path / "g2.safetensors", tmp_path / "x2", all_tasks=True)
+    api.merge([str(tmp_path / "x1"), str(tmp_path / "x2")], tmp_path / "recon.safetensors", cfg)
     a, b = Checkpoint(tmp_path / "both.safetensors"), Checkpoint(tmp_path / "recon.safetensors")
     assert (
         set(a.tasks)

@@ -1,0 +1,204 @@
+"""Integrity, crash safety and determinism of what share-convert writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from share_convert.checkpoint import Checkpoint, CheckpointWriter
+from share_convert.cli import app
+from share_convert.consolidation import ConsolidationConfig, merge
+from share_convert.errors import CorruptCheckpointError
+from share_convert.formats import open_adapters
+from share_convert.synthetic import write_synthetic_adapters
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def ckpt(tmp_path, real) -> Path:
+    out = tmp_path / "c.safetensors"
+    merge(open_adapters([str(real / "gpt2-c_attn")]), out, ConsolidationConfig(k=6, private_rank=1))
+    return out
+
+
+def flip_byte(path: Path, where: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[where] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def data_start(path: Path) -> int:
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+@pytest.mark.parametrize("command", ["info", "extract", "add", "verify"])
+@pytest.mark.parametrize("region", ["data", "manifest"])
+def test_a_flipped_byte_is_detected_with_a_clear_error(tmp_path, ckpt, real, command, region):
+    size = ckpt.stat().st_size
+    if region == "data":
+        flip_byte(ckpt, (data_start(ckpt) + size) // 2)
+    else:
+        text = ckpt.read_bytes()[: data_start(ckpt)]
+        flip_byte(ckpt, text.index(b"history") + 2)
+    args = {
+        "info": ["info", str(ckpt)],
+        "extract": ["extract", str(ckpt), "--all", "-o", str(tmp_path / "x")],
+        "add": [
+            "add",
+            str(ckpt),
+            str(real / "gpt2-c_attn+c_proj/parikshit-06__legal"),
+            "-o",
+            str(tmp_path / "y.safetensors"),
+        ],
+        "verify": ["verify", str(ckpt)],
+    }[command]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and ("corrupt" in lines[0] or "checksum" in lines[0] or "not a readable" in lines[0]), lines
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y.safetensors").exists()
+
+
+def test_verify_accepts_a_good_checkpoint(ckpt):
+    result = runner.invoke(app, ["verify", str(ckpt), "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["ok"]
+
+
+def rewrite(ckpt: Path, out: Path, change) -> None:
+    """Re-save a checkpoint with one tensor changed but valid checksums (a logically broken file)."""
+    c = Checkpoint(ckpt)
+    manifest = {k: v for k, v in c.manifest.items() if k != "tensors"}
+    w = CheckpointWriter(out)
+    for name in c.manifest["tensors"]:
+        w.add(name, change(name, c.tensor(name)))
+    w.finish(manifest)
+
+
+def test_verify_finds_a_basis_that_is_not_orthonormal(tmp_path, ckpt):
+    rewrite(ckpt, tmp_path / "bad.safetensors", lambda n, t: t * 1.5 if n.endswith("basis_B") else t)
+    result = runner.invoke(app, ["verify", str(tmp_path / "bad.safetensors")])
+    assert result.exit_code == 2 and "not orthonormal" in result.output
+
+
+def test_verify_finds_non_finite_values(tmp_path, ckpt):
+    def poison(name, t):
+        if name.endswith("coef_B"):
+            t = t.clone()
+            t[0, 0] = float("nan")
+        return t
+
+    rewrite(ckpt, tmp_path / "bad.safetensors", poison)
+    result = runner.invoke(app, ["verify", str(tmp_path / "bad.safetensors")])
+    assert result.exit_code == 2 and "NaN or Inf" in result.output
+
+
+def test_verify_finds_stored_errors_that_do_not_match_the_tensors(tmp_path, ckpt):
+    rewrite(ckpt, tmp_path / "bad.safetensors", lambda n, t: t * 3 if n.endswith("coef_B") else t)
+    result = runner.invoke(app, ["verify", str(tmp_path / "bad.safetensors")])
+    assert result.exit_code == 2 and "inconsistent with stored error" in result.output
+
+
+def test_same_inputs_give_byte_identical_checkpoints_whatever_the_thread_count(tmp_path):
+    write_synthetic_adapters(
+        tmp_path / "a", count=40, layers=1, hidden=256, rank=16, shared_rank=8
+    )  # randomized SVD path
+    outs = []
+    for threads in ("1", "2", "2"):
+        out = tmp_path / f"c{len(outs)}.safetensors"
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        proc = subprocess.run(
+            [sys.executable, "-m", "share_convert.cli", "merge", str(tmp_path / "a"), "-o", str(out)],
+            env=env,
+            capture_output=True,
+        )
+        assert proc.returncode == 0, proc.stderr
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_extraction_is_byte_identical_run_after_run(tmp_path, ckpt):
+    runner.invoke(app, ["extract", str(ckpt), "--all", "-o", str(tmp_path / "1")])
+    runner.invoke(app, ["extract", str(ckpt), "--all", "-o", str(tmp_path / "2")])
+    for p in (tmp_path / "1").rglob("*"):
+        if p.is_file():
+            assert p.read_bytes() == (tmp_path / "2" / p.relative_to(tmp_path / "1")).read_bytes()
+
+
+KILL_CASES = ["merge", "add", "extract"]
+
+
+@pytest.fixture(scope="module")
+def slow_inputs(tmp_path_factory):
+    """Adapters big enough that a merge takes a couple of seconds: room to kill it mid-way."""
+    root = tmp_path_factory.mktemp("slow")
+    write_synthetic_adapters(root / "a", count=24, layers=6, hidden=384, rank=16, shared_rank=16)
+    write_synthetic_adapters(root / "b", count=2, layers=6, hidden=384, rank=16, shared_rank=16, seed=7, prefix="new")
+    return root
+
+
+@pytest.mark.parametrize("command", KILL_CASES)
+def test_sigkill_at_any_moment_leaves_the_previous_file_and_no_partial_one(tmp_path, slow_inputs, command):
+    base = tmp_path / "base.safetensors"
+    subprocess.run(
+        [sys.executable, "-m", "share_convert.cli", "merge", str(slow_inputs / "a"), "-o", str(base)],
+        check=True,
+        capture_output=True,
+    )
+    target = tmp_path / ("out" if command == "extract" else "out.safetensors")
+    if command == "extract":
+        target.mkdir()
+        (target / "adapter_model.safetensors").write_bytes(b"previous")
+        previous = None
+    else:
+        target.write_bytes(b"previous version")
+        previous = target.read_bytes()
+    args = {
+        "merge": ["merge", str(slow_inputs / "a"), "-o", str(target), "--force"],
+        "add": ["add", str(base), str(slow_inputs / "b"), "-o", str(target), "--force"],
+        "extract": ["extract", str(base), "--task", "task-000", "-o", str(target), "--force"],
+    }[command]
+    start = time.perf_counter()
+    full = subprocess.run([sys.executable, "-m", "share_convert.cli", *args], capture_output=True)
+    duration = time.perf_counter() - start
+    assert full.returncode == 0, full.stderr
+    for fraction in (0.3, 0.6, 0.8, 0.95):
+        if command == "extract":
+            for p in target.iterdir():
+                p.unlink()
+            (target / "adapter_model.safetensors").write_bytes(b"previous")
+        else:
+            target.write_bytes(previous)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "share_convert.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        time.sleep(duration * fraction)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if command == "extract":
+            files = sorted(p.name for p in target.iterdir())
+            # either the old folder, untouched, or the complete new adapter
+            if files == ["adapter_model.safetensors"]:
+                assert (target / "adapter_model.safetensors").read_bytes() == b"previous"
+            else:
+                assert files == ["adapter_config.json", "adapter_model.safetensors"]
+        else:
+            data = target.read_bytes()
+            if data != previous:  # the kill came after the atomic rename: the new file is whole
+                Checkpoint(target).verify_all()
+
+
+def test_reading_a_corrupt_checkpoint_as_an_input_is_refused(tmp_path, ckpt):
+    flip_byte(ckpt, data_start(ckpt) + 10)
+    with pytest.raises(CorruptCheckpointError):
+        Checkpoint(ckpt).verify_all()
+    assert torch.__version__  # torch still importable: no crash
