@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import hub
 from .checkpoint import Checkpoint, is_checkpoint
 from .consolidation import ConsolidationConfig, Progress, only_modules
 from .consolidation import merge as _merge
@@ -22,13 +23,21 @@ from .continual import remove as _remove
 from .extraction import ExtractedAdapter
 from .extraction import extract as _extract
 from .extraction import extract_all as _extract_all
-from .formats import check_unique_tasks, expand_paths, open_adapters, parse_input
+from .formats import AdapterSource, check_unique_tasks, expand_paths, open_adapters, parse_input
 from .report import summarize
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a checkpoint from a path (or an ``hf://`` address once downloaded)."""
+    """Open a checkpoint from a path or an ``hf://owner/name`` address (downloaded through the cache)."""
+    if hub.is_hub_address(str(path)):
+        return Checkpoint(hub.checkpoint_path(str(path), progress=_tty()))
     return Checkpoint(path)
+
+
+def _tty() -> bool:
+    import sys
+
+    return sys.stderr.isatty()
 
 
 def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
@@ -36,6 +45,15 @@ def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
     sources: list = []
     for text in inputs:
         spec = parse_input(text)
+        if hub.is_hub_address(spec.path):
+            for path in hub.download_inputs(spec.path, progress=_tty()):
+                if is_checkpoint(path):
+                    sources += checkpoint_tasks(Checkpoint(path))
+                else:
+                    addr = hub.parse_address(spec.path)
+                    name = spec.task or (addr.subfolder or addr.repo_id).rstrip("/").split("/")[-1]
+                    sources.append(AdapterSource(path, task=name, alpha=alpha, origin=str(addr)))
+            continue
         for path in expand_paths(spec.path):
             if path.is_file() and path.suffix == ".safetensors" and is_checkpoint(path):
                 ckpt = Checkpoint(path)
@@ -153,3 +171,13 @@ def plan(
         plot_curves(result, plot)
         result["plot"] = str(plot)
     return result
+
+
+def push(checkpoint: str | Path, repo_id: str, **kwargs: Any) -> str:
+    """Upload a checkpoint with a model card; see :func:`share_convert.hub.push`."""
+    return hub.push(checkpoint, repo_id, **kwargs)
+
+
+def pull(repo: str, output: str | Path, **kwargs: Any) -> Path:
+    """Download a pushed checkpoint; see :func:`share_convert.hub.pull`."""
+    return hub.pull(repo, output, progress=_tty(), **kwargs)

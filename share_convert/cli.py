@@ -403,13 +403,14 @@ def add(
     The report shows each old task's ΔW error before and after (its drift) and the new tasks' errors.
     Example: share-convert add share.safetensors new-task/ -o share-v2.safetensors
     """
-    from .checkpoint import Checkpoint
     from .continual import config_of
 
     if not inputs:
         fail("no new adapters were given: pass adapter folders, files, globs or checkpoints")
+    if in_place and checkpoint.startswith("hf://"):
+        fail("--in-place needs a local checkpoint; write the update with -o and push it")
     target = _update_target(checkpoint, output, in_place)
-    config = config_of(Checkpoint(checkpoint))
+    config = config_of(api.open_checkpoint(checkpoint))
     if k is not None:
         config.k = k
     if target_error is not None:
@@ -463,6 +464,62 @@ def verify(
             f"ok: {result['tensors']} tensors, {result['tasks']} tasks, {result['modules']} modules verified",
             highlight=False,
         )
+
+
+@app.command()
+@handle_errors
+def push(
+    checkpoint: Annotated[str, typer.Argument(help="The Share checkpoint to upload.", show_default=False)],
+    repo: Annotated[
+        str, typer.Option("--repo", help="owner/name of the Hub repository (created when needed).", show_default=False)
+    ],
+    private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch to push to (created when needed).")] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", help="Hub token (default: HF_TOKEN or the saved login). Never printed.")
+    ] = None,
+    commit_message: Annotated[str | None, typer.Option("--commit-message", help="Commit message.")] = None,
+    license: Annotated[
+        str | None, typer.Option("--license", help="Licence for the model card (e.g. mit, apache-2.0).")
+    ] = None,
+) -> None:
+    """Upload a checkpoint to the Hub with a machine-readable config and a model card.
+
+    Example: share-convert push share.safetensors --repo alice/my-share
+    """
+    url = api.push(
+        checkpoint,
+        repo,
+        private=private,
+        revision=revision,
+        token=token,
+        commit_message=commit_message,
+        license=license,
+    )
+    out.print(f"pushed {checkpoint} to {repo}: {url}", highlight=False)
+
+
+@app.command()
+@handle_errors
+def pull(
+    repo: Annotated[
+        str, typer.Argument(help="owner/name (or hf://owner/name@revision) of a pushed checkpoint.", show_default=False)
+    ],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Folder to download into.", show_default=False)
+    ] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit.")] = None,
+    token: Annotated[str | None, typer.Option("--token", help="Hub token (default: HF_TOKEN). Never printed.")] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Download a checkpoint pushed with 'share-convert push'.
+
+    Example: share-convert pull alice/my-share -o share/
+    """
+    if output is None:
+        fail("no output folder was given: pass -o DIR")
+    path = api.pull(repo, output, revision=revision, token=token, force=force)
+    out.print(f"wrote {path}", highlight=False)
 
 
 @app.command()

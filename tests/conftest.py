@@ -10,6 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+# No test may reach the real Hub: anything not pointed at a local server fails fast on a closed port.
+os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
 REPO = Path(__file__).resolve().parents[1]
 REAL = Path(os.environ.get("SHARE_REAL_ADAPTERS", REPO.parent / "shared" / "data" / "real-adapters"))
 

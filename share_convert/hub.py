@@ -1,0 +1,311 @@
+"""The Hugging Face Hub: adapters and checkpoints in, checkpoints out.
+
+Addresses look like ``hf://owner/name[@revision][/subfolder]``. Downloads go through
+huggingface_hub's cache and honour ``HF_TOKEN``, ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` (read
+when a call is made, not only at import). Every failure becomes a :class:`HubError` with one
+line that says what to do; tokens never appear in messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import HubError, OutputExistsError
+
+CHECKPOINT_NAME = "share.safetensors"
+CONFIG_NAME = "share_config.json"
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
+_ADDRESS = re.compile(r"^hf://(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<rev>[^/]+))?(?:/(?P<sub>.+))?$")
+
+
+@dataclass(frozen=True)
+class HubAddress:
+    repo_id: str
+    revision: str | None = None
+    subfolder: str | None = None
+
+    def __str__(self) -> str:
+        rev = f"@{self.revision}" if self.revision else ""
+        sub = f"/{self.subfolder}" if self.subfolder else ""
+        return f"hf://{self.repo_id}{rev}{sub}"
+
+
+def is_hub_address(text: str) -> bool:
+    return str(text).startswith("hf://")
+
+
+def parse_address(text: str) -> HubAddress:
+    m = _ADDRESS.match(text.rstrip("/"))
+    if not m:
+        raise HubError(
+            f"{text!r} is not a Hub address", hint="Write hf://owner/name, optionally @revision and /subfolder"
+        )
+    return HubAddress(m["repo"], m["rev"], m["sub"])
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("HF_ENDPOINT") or None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _token(token: str | None) -> str | None:
+    return token or os.environ.get("HF_TOKEN") or None
+
+
+def _scrub(text: str, token: str | None) -> str:
+    text = text.splitlines()[0] if text else ""
+    return text.replace(token, "***") if token else text
+
+
+def _translate(e: Exception, what: str, token: str | None) -> HubError:
+    """One clear line for each way a Hub call fails."""
+    from huggingface_hub import errors as hf
+
+    if isinstance(e, hf.GatedRepoError):
+        return HubError(f"{what}: the repository is gated", hint="Accept its terms on the Hub and set HF_TOKEN")
+    if isinstance(e, hf.RevisionNotFoundError):
+        return HubError(f"{what}: revision not found", hint="Check the branch, tag or commit after @")
+    if isinstance(e, hf.RepositoryNotFoundError):
+        which = "repository or revision" if "@" in what else "repository"
+        return HubError(
+            f"{what}: {which} not found (or private)",
+            hint="Check the name; for a private repository set HF_TOKEN or pass --token",
+        )
+    if isinstance(e, hf.LocalEntryNotFoundError) or isinstance(e, hf.OfflineModeIsEnabled):
+        return HubError(
+            f"{what}: offline (HF_HUB_OFFLINE) and no cached copy",
+            hint="Download it once while online, or unset HF_HUB_OFFLINE",
+        )
+    if isinstance(e, hf.EntryNotFoundError):
+        return HubError(f"{what}: file not found in the repository", hint="Check the subfolder")
+    if isinstance(e, hf.HfHubHTTPError):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            return HubError(
+                f"{what}: authentication failed (HTTP {status})", hint="Check HF_TOKEN or --token and its permissions"
+            )
+        return HubError(
+            f"{what}: the Hub answered HTTP {status} ({_scrub(str(e), token)[:160]})", hint="Try again later"
+        )
+    return HubError(
+        f"{what}: cannot reach the Hub ({type(e).__name__}: {_scrub(str(e), token)[:160]})",
+        hint="Check the network or HF_ENDPOINT",
+    )
+
+
+def _quiet_progress(show: bool) -> None:
+    """Progress bars on a terminal only; huggingface_hub's own warnings never reach the user's screen."""
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars, logging
+
+    logging.set_verbosity_error()
+    enable_progress_bars() if show else disable_progress_bars()
+
+
+def download(
+    address: str | HubAddress,
+    *,
+    patterns: list[str] | None = None,
+    token: str | None = None,
+    local_dir: str | Path | None = None,
+    progress: bool = False,
+) -> Path:
+    """Download (through the cache) the files of a repository matching ``patterns``; return the folder."""
+    from huggingface_hub import snapshot_download
+
+    addr = parse_address(address) if isinstance(address, str) else address
+    token = _token(token)
+    if patterns is not None and addr.subfolder:
+        patterns = [f"{addr.subfolder}/{p}" for p in patterns]
+    _quiet_progress(progress)
+    try:
+        warnings.filterwarnings("ignore", module="huggingface_hub")
+        path = snapshot_download(
+            addr.repo_id,
+            revision=addr.revision,
+            allow_patterns=patterns,
+            token=token,
+            endpoint=_endpoint(),
+            local_files_only=_offline(),
+            local_dir=str(local_dir) if local_dir else None,
+        )
+    except Exception as e:
+        raise _translate(e, str(addr), token) from None
+    # may not exist when nothing matched the patterns: callers say what was missing
+    return Path(path) / addr.subfolder if addr.subfolder else Path(path)
+
+
+def download_inputs(address: str, *, token: str | None = None, progress: bool = False) -> list[Path]:
+    """The local paths of what an ``hf://`` input holds: a PEFT adapter, or Share checkpoints."""
+    addr = parse_address(address)
+    folder = download(addr, patterns=[*ADAPTER_FILES, "*.safetensors", "*.json"], token=token, progress=progress)
+    if any((folder / n).is_file() for n in ADAPTER_FILES[1:]):
+        return [folder]
+    from .checkpoint import is_checkpoint
+
+    checkpoints = sorted(p for p in folder.glob("*.safetensors") if is_checkpoint(p))
+    if checkpoints:
+        return checkpoints
+    raise HubError(
+        f"{addr}: holds no adapter (adapter_model.safetensors/.bin) and no Share checkpoint",
+        hint="Point at the folder that holds the adapter: hf://owner/name/subfolder",
+    )
+
+
+def checkpoint_path(address: str, *, token: str | None = None, progress: bool = False) -> Path:
+    """The local path of the Share checkpoint an ``hf://`` address names."""
+    addr = parse_address(address)
+    folder = download(addr, patterns=[CHECKPOINT_NAME, "*.safetensors"], token=token, progress=progress)
+    from .checkpoint import is_checkpoint
+
+    found = [folder / CHECKPOINT_NAME] if (folder / CHECKPOINT_NAME).is_file() else sorted(folder.glob("*.safetensors"))
+    found = [p for p in found if is_checkpoint(p)]
+    if not found:
+        raise HubError(f"{addr}: holds no Share checkpoint", hint="Push one with 'share-convert push'")
+    return found[0]
+
+
+def model_card(summary: dict[str, Any], repo_id: str, *, license: str | None = None) -> str:
+    """A README.md for a pushed checkpoint: YAML front matter, the tasks' errors, savings, commands."""
+    bases = sorted(
+        {str((t.get("adapter_config") or {}).get("base_model_name_or_path")) for t in summary["_task_records"].values()}
+        - {"None"}
+    )
+    front = ["---", "library_name: share-convert"]
+    if len(bases) == 1:
+        front.append(f"base_model: {bases[0]}")
+    if license:
+        front.append(f"license: {license}")
+    front += ["tags:", "- lora", "- share", "- peft", "- share-convert", "---", ""]
+    tot = summary["totals"]
+    lines = [
+        f"# {repo_id}",
+        "",
+        f"A [Share](https://arxiv.org/abs/2602.06043) checkpoint made with share-convert: {tot['tasks']} LoRA adapters"
+        f"{' for ' + bases[0] if len(bases) == 1 else ''} consolidated into shared bases per module plus per-task coefficients"
+        " (and private corrections where they pay).",
+        "",
+        f"- Storage: {tot['checkpoint_bytes']:,} bytes of tensors against {tot['original_bytes']:,} for the original adapters: "
+        f"**{tot['ratio']:.2f}×** smaller, shared bases counted.",
+        f"- Mean relative ΔW error {tot['mean_error']:.2%}, worst task-module {tot['max_error']:.2%}.",
+        f"- Plan: {summary['plan']['rule']}. {summary['plan']['verdict']}",
+        "",
+        "| task | mean ΔW error | worst ΔW error |",
+        "|---|---:|---:|",
+    ]
+    for t in summary["tasks"]:
+        lines.append(f"| {t['task']} | {t['mean_error']:.2%} | {t['max_error']:.2%} |")
+    example = summary["tasks"][0]["task"] if summary["tasks"] else "TASK"
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```bash",
+        "pip install share-convert",
+        f"share-convert tasks hf://{repo_id}",
+        f"share-convert extract hf://{repo_id} --task {example} -o {example}/   # a standard PEFT adapter",
+        f"share-convert pull {repo_id} -o share/                              # the checkpoint itself",
+        "```",
+        "",
+        "The extracted folder loads with `PeftModel.from_pretrained(base_model, folder)`.",
+        "",
+    ]
+    return "\n".join(front + lines)
+
+
+def push(
+    checkpoint: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    license: str | None = None,
+) -> str:
+    """Upload a checkpoint, its config and a model card to ``repo_id`` (created when needed); return the commit URL."""
+    from huggingface_hub import HfApi
+
+    from .checkpoint import Checkpoint
+    from .report import summarize
+
+    ckpt = Checkpoint(checkpoint)
+    ckpt.verify_all()
+    summary = summarize(ckpt)
+    summary["_task_records"] = ckpt.tasks
+    token = _token(token)
+    if _offline():
+        raise HubError("cannot push while HF_HUB_OFFLINE is set", hint="Unset HF_HUB_OFFLINE")
+    api = HfApi(endpoint=_endpoint(), token=token)
+    with tempfile.TemporaryDirectory(prefix="share-convert-push-") as tmp:
+        folder = Path(tmp)
+        shutil.copy(ckpt.path, folder / CHECKPOINT_NAME)
+        (folder / CONFIG_NAME).write_text(
+            json.dumps(
+                {
+                    "format": "share-convert",
+                    "format_version": ckpt.manifest["format_version"],
+                    "checkpoint": CHECKPOINT_NAME,
+                    "tasks": list(ckpt.tasks),
+                    "config": ckpt.config,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        (folder / "README.md").write_text(model_card(summary, repo_id, license=license))
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision and revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=str(folder),
+                revision=revision,
+                commit_message=commit_message or f"Share checkpoint: {len(ckpt.tasks)} tasks",
+            )
+        except Exception as e:
+            raise _translate(e, f"hf://{repo_id}", token) from None
+    return str(getattr(info, "commit_url", info))
+
+
+def pull(
+    repo: str,
+    output: str | Path,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Download a pushed checkpoint repository into ``output``; return the checkpoint's path."""
+    output = Path(output)
+    if output.exists() and any(output.iterdir()) and not force:
+        raise OutputExistsError("exists and is not empty", path=output, hint="Pass --force to replace it")
+    addr = parse_address(repo if is_hub_address(repo) else f"hf://{repo}")
+    if revision:
+        addr = HubAddress(addr.repo_id, revision, addr.subfolder)
+    src = download(addr, patterns=[CHECKPOINT_NAME, CONFIG_NAME, "README.md"], token=token, progress=progress)
+    if not (src / CHECKPOINT_NAME).is_file():
+        raise HubError(f"{addr}: holds no {CHECKPOINT_NAME}", hint="Is this a repository pushed by share-convert?")
+    output.mkdir(parents=True, exist_ok=True)
+    for name in (CHECKPOINT_NAME, CONFIG_NAME, "README.md"):
+        if (src / name).is_file():
+            tmp = output / f".{name}.tmp"
+            shutil.copyfile(src / name, tmp)
+            os.replace(tmp, output / name)
+    return output / CHECKPOINT_NAME
+
+
+Resolver = Callable[[str], list[Path]]

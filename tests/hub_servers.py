@@ -1,0 +1,179 @@
+"""Local Hub-compatible servers for the tests: olah (downloads) and a tiny upload server.
+
+olah serves git repositories under ``<mirrors>/models/<owner>/<name>`` offline, with its
+upstream pointed at a closed local port. olah has no upload API, so :class:`UploadServer`
+implements the endpoints huggingface_hub's ``create_repo``, ``create_branch`` and
+``upload_folder`` use, committing what it receives into those same git repositories, so that a
+push followed by a pull goes through both servers.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+GIT = ["git", "-c", "user.email=tests@share-convert", "-c", "user.name=tests"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_repo(mirrors: Path, repo_id: str, files: dict[str, bytes | Path], *, tag: str | None = None) -> Path:
+    """A git repository holding ``files`` (path in repo -> content or file to copy), committed on main."""
+    path = mirrors / "models" / repo_id
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / ".git").exists():
+        subprocess.run(["git", "init", "-q", "-b", "main", str(path)], check=True)
+    for name, content in files.items():
+        dst = path / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(content.read_bytes() if isinstance(content, Path) else content)
+    subprocess.run([*GIT, "-C", str(path), "add", "-A"], check=True)
+    subprocess.run([*GIT, "-C", str(path), "commit", "-q", "-m", "files"], check=True)
+    if tag:
+        subprocess.run([*GIT, "-C", str(path), "tag", tag], check=True)
+    return path
+
+
+class Olah:
+    """An olah server on 127.0.0.1, offline, serving ``mirrors``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.mirrors = root / "mirrors"
+        self.mirrors.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        closed = free_port()  # nothing listens there: olah's upstream is unreachable
+        config = root / "olah.toml"
+        config.write_text(
+            "[basic]\n"
+            f'host = "127.0.0.1"\nport = {self.port}\n'
+            f'repos-path = "{root / "cache"}"\nmirrors-path = ["{self.mirrors}"]\n'
+            f'hf-scheme = "http"\nhf-netloc = "127.0.0.1:{closed}"\nhf-lfs-netloc = "127.0.0.1:{closed}"\n'
+            f'mirror-scheme = "http"\nmirror-netloc = "127.0.0.1:{self.port}"\nmirror-lfs-netloc = "127.0.0.1:{self.port}"\n'
+            "metadata-cache-ttl = 0\n"
+            "[accessibility]\noffline = true\n"
+        )
+        olah = Path(sys.executable).with_name("olah-cli")
+        self.proc = subprocess.Popen(
+            [str(olah), "-c", str(config)], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("olah exited at start") from None
+                time.sleep(0.2)
+        raise RuntimeError("olah did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class UploadServer:
+    """create_repo, create_branch, preupload and commit (plus validate-yaml, which upload_folder
+    calls for a README), writing into git repos under ``mirrors``."""
+
+    def __init__(self, mirrors: Path, *, require_token: str | None = None):
+        self.mirrors, self.require_token = mirrors, require_token
+        self.received: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def reply(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                server.received.append(self.path)
+                if server.require_token and self.headers.get("Authorization") != f"Bearer {server.require_token}":
+                    return self.reply(401, {"error": "Invalid credentials in Authorization header"})
+                if self.path == "/api/repos/create":
+                    p = json.loads(body)
+                    repo_id = f"{p['organization']}/{p['name']}" if p.get("organization") else p["name"]
+                    repo = server.mirrors / "models" / repo_id
+                    if not (repo / ".git").exists():
+                        repo.mkdir(parents=True, exist_ok=True)
+                        subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+                        subprocess.run(
+                            [*GIT, "-C", str(repo), "commit", "-q", "--allow-empty", "-m", "init"], check=True
+                        )
+                    return self.reply(200, {"url": f"{server.url}/{repo_id}", "name": repo_id})
+                if self.path.startswith("/api/validate-yaml"):  # huggingface_hub checks a README's front matter
+                    return self.reply(200, {"errors": [], "warnings": []})
+                m = re.match(r"^/api/models/(.+?)/(preupload|commit|branch)/([^?]+)", self.path)
+                if not m:
+                    return self.reply(404, {"error": "not found"})
+                repo_id, verb, rev = m.groups()
+                repo = server.mirrors / "models" / repo_id
+                if not repo.exists():
+                    return self.reply(404, {"error": "Repository not found"})
+                if verb == "branch":
+                    subprocess.run([*GIT, "-C", str(repo), "branch", "-f", rev], check=True, capture_output=True)
+                    return self.reply(200, {})
+                if verb == "preupload":
+                    files = json.loads(body)["files"]
+                    return self.reply(
+                        200,
+                        {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]},
+                    )
+                lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+                header = next(x["value"] for x in lines if x["key"] == "header")
+                subprocess.run([*GIT, "-C", str(repo), "checkout", "-q", rev], check=True, capture_output=True)
+                for item in lines:
+                    if item["key"] == "file":
+                        dst = repo / item["value"]["path"]
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                        dst.write_bytes(base64.b64decode(item["value"]["content"]))
+                subprocess.run([*GIT, "-C", str(repo), "add", "-A"], check=True)
+                subprocess.run([*GIT, "-C", str(repo), "commit", "-q", "-m", header["summary"]], check=True)
+                oid = subprocess.run(
+                    ["git", "-C", str(repo), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
+                ).stdout.strip()
+                subprocess.run([*GIT, "-C", str(repo), "checkout", "-q", "main"], check=True, capture_output=True)
+                return self.reply(
+                    200, {"commitUrl": f"{server.url}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
+                )
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def hub_env(endpoint: str, home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update({"HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"}, **extra)
+    return env
