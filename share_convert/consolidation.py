@@ -9,9 +9,13 @@ memory.
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -501,12 +505,15 @@ def merge(
     history: list[dict[str, Any]] | None = None,
     op: str = "merge",
     timings: dict[str, float] | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Consolidate ``sources`` into the Share checkpoint ``output``; return its manifest.
 
     Nothing is written unless every input is valid: the file appears atomically at the end.
     ``timings``, when given, receives the seconds spent reading, canonicalizing, decomposing
-    (bases and planning), encoding (coefficients, private factors, errors) and writing.
+    (bases and planning), encoding (coefficients, private factors, errors) and writing, summed
+    over workers. ``workers`` modules are processed at once (default: one per CPU core, at most
+    4); memory holds that many modules' stacks.
     """
     config = config or ConsolidationConfig()
     config.validate()
@@ -523,9 +530,11 @@ def merge(
         for src in sources:
             for key, t in src.read_heads().items():
                 writer.add(f"tasks/{src.task}/heads/{key}", t)
-        for step, (name, (n, d, idx)) in enumerate(modules.items()):
-            if progress:
-                progress(name, step, len(modules))
+        lock = threading.Lock()
+
+        def work(item: tuple[str, tuple[int, int, list[int]]]) -> ModuleResult:
+            name, (n, d, idx) = item
+            local = dict.fromkeys(clock, 0.0)
             t0 = time.perf_counter()
             factors = [sources[i].read_module(name) for i in idx]
             t1 = time.perf_counter()
@@ -533,10 +542,21 @@ def merge(
                 [sources[i].task for i in idx], factors, config, [sources[i].prior(name) for i in idx]
             )
             del factors
-            clock["read"] += t1 - t0
-            clock["canonicalize"] += time.perf_counter() - t1
+            local["read"] += t1 - t0
+            local["canonicalize"] += time.perf_counter() - t1
             budget = module_budget(config, n, d, [m.rank for m in members], total_original)
-            res = consolidate_module(name, n, d, members, config, dtype, budget, clock)
+            res = consolidate_module(name, n, d, members, config, dtype, budget, local)
+            with lock:
+                for k, v in local.items():
+                    clock[k] += v
+            return res
+
+        # Modules are independent: workers compute them concurrently (each numeric op on one
+        # thread, so results do not depend on the thread count) and the writer takes them in order.
+        for step, (item, res) in enumerate(zip(modules.items(), _ordered_map(work, list(modules.items()), workers))):
+            name, (n, d, _idx) = item
+            if progress:
+                progress(name, step, len(modules))
             t2 = time.perf_counter()
             for tname in sorted(res.tensors, key=lambda t: (not t.startswith("modules/"), t)):
                 writer.add(tname, res.tensors[tname])
@@ -551,6 +571,26 @@ def merge(
     if timings is not None:
         timings.update(clock)
     return manifest
+
+
+def _ordered_map(fn: Callable, items: list, workers: int | None) -> Iterator:
+    """``map(fn, items)`` on a few threads, in order, with at most ``2 × workers`` results pending."""
+    workers = workers or min(os.cpu_count() or 1, 4)
+    if workers <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="share-convert") as pool:
+        pending: deque = deque()
+        it = iter(items)
+        for item in it:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            yield pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(fn, nxt))
 
 
 def module_record(n: int, d: int, res: ModuleResult, dtype: torch.dtype) -> dict[str, Any]:

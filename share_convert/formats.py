@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,6 +268,7 @@ class AdapterSource:
 
 _HANDLES: dict[tuple, Any] = {}
 _MAX_HANDLES = 128
+_HANDLES_LOCK = threading.Lock()
 
 
 def _open_cached(path: Path) -> Any:
@@ -274,12 +276,13 @@ def _open_cached(path: Path) -> Any:
     module by module does not re-open and re-parse every file for every module."""
     st = path.stat()
     key = (path.resolve(), st.st_mtime_ns, st.st_size, st.st_ino)  # a rewritten file is opened afresh
-    handle = _HANDLES.pop(key, None)
-    if handle is None:
-        handle = safe_open(path, framework="pt")
-        if len(_HANDLES) >= _MAX_HANDLES:
-            _HANDLES.pop(next(iter(_HANDLES)))
-    _HANDLES[key] = handle  # most recently used last
+    with _HANDLES_LOCK:  # modules are read from several threads
+        handle = _HANDLES.pop(key, None)
+        if handle is None:
+            handle = safe_open(path, framework="pt")
+            if len(_HANDLES) >= _MAX_HANDLES:
+                _HANDLES.pop(next(iter(_HANDLES)))
+        _HANDLES[key] = handle  # most recently used last
     return handle
 
 

@@ -1,0 +1,81 @@
+"""Adding one adapter to checkpoints of growing size: the cost must not grow with the old tasks.
+
+Builds checkpoints with N old tasks (merged once, untimed), then times the whole process
+``share-convert add CKPT NEW -o OUT`` for each N, side by side in one run.
+
+    python benchmarks/bench_add.py --tasks 10,50,100,200 --work /tmp/bench-add --out benchmarks/results/add.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from measure import measure  # noqa: E402
+
+from share_convert.synthetic import write_synthetic_adapters  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="10,50,100,200")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--work", default="/tmp/share-bench-add")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    counts = [int(x) for x in a.tasks.split(",")]
+    work = Path(a.work)
+    pool = work / "pool"
+    if not pool.exists():
+        write_synthetic_adapters(pool, count=max(counts), layers=a.layers, hidden=a.hidden, rank=a.rank, shared_rank=16)
+        write_synthetic_adapters(
+            work / "new", count=1, layers=a.layers, hidden=a.hidden, rank=a.rank, shared_rank=16, seed=0, prefix="new"
+        )
+    new = work / "new" / "new-000"
+    sc = [sys.executable, "-m", "share_convert.cli"]
+    rows = []
+    for n in counts:
+        folder = work / f"n{n}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        for x in sorted(pool.iterdir())[:n]:
+            (folder / x.name).symlink_to(x.resolve())
+        ckpt = work / f"ckpt-{n}.safetensors"
+        subprocess.run([*sc, "merge", str(folder), "-o", str(ckpt), "--force"], check=True, capture_output=True)
+        runs = []
+        for _ in range(a.repeat):
+            r = measure([*sc, "add", str(ckpt), str(new), "-o", str(work / "out.safetensors"), "--force"])
+            assert r.returncode == 0, r.stderr
+            runs.append(r)
+        best = min(runs, key=lambda r: r.wall_s)
+        row = {
+            "old_tasks": n,
+            "checkpoint_bytes": ckpt.stat().st_size,
+            "wall_s_best": best.wall_s,
+            "wall_s_all": [r.wall_s for r in runs],
+            "peak_rss_mb": best.peak_rss_mb,
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(
+        json.dumps(
+            {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "setting": vars(a), "rows": rows},
+            indent=2,
+        )
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
