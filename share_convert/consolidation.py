@@ -158,7 +158,7 @@ class ModuleMember:
 
     task: str
     rank: int  # the adapter's rank r in this module
-    Bc: torch.Tensor  # canonical factors, float64: ΔW = Bc Acᵀ, BcᵀBc = AcᵀAc = diag(s)
+    Bc: torch.Tensor  # canonical factors, float32: ΔW = Bc Acᵀ, BcᵀBc = AcᵀAc = diag(s)
     Ac: torch.Tensor
     s: torch.Tensor  # singular values of ΔW, float64
     raw: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, Aᵀ) as trained, stacked when not canonicalizing
@@ -305,7 +305,7 @@ class ModuleStack:
                 off += r
         else:
             b64, a64 = beta.double().cpu(), alpha.double().cpu()
-            fits = [TaskFit(s=m.s, Eb=b64.T @ m.Bc, Ea=a64.T @ m.Ac) for m in self.members]
+            fits = [TaskFit(s=m.s, Eb=b64.T @ m.Bc.double(), Ea=a64.T @ m.Ac.double()) for m in self.members]
         return beta, alpha, sB, sA, ModulePlanner(self.n, self.d, fits)
 
 
@@ -325,7 +325,7 @@ def consolidate_module(
     full = stack.full
     if config.mode() == "fixed":
         K = min(config.k or 0, full)
-    elif config.mode() == "energy" or stack.stack_B.shape[1] <= 512:
+    elif config.mode() == "energy" or full <= 64:
         K = full
     else:  # start small; the loop below widens the bases when the best k is at the edge
         K = min(48, full)
@@ -374,7 +374,7 @@ def store_grams(name: str, result: ModuleResult, weighted_tasks: list[tuple[str,
             if c is not None:
                 c = c.double()
                 G += w * (c @ c.T)
-        result.tensors[f"modules/{name}/gram_{side}"] = G
+        result.tensors[f"modules/{name}/gram_{side}"] = G.to(torch.float32)
 
 
 @dataclass
@@ -385,27 +385,34 @@ class StoredBases:
     alpha: torch.Tensor
     gram_beta: torch.Tensor
     gram_alpha: torch.Tensor
+    beta32: torch.Tensor
+    alpha32: torch.Tensor
 
     @classmethod
     def of(cls, beta_s: torch.Tensor | None, alpha_s: torch.Tensor | None) -> StoredBases | None:
         if beta_s is None or alpha_s is None:
             return None
         b64, a64 = beta_s.to(torch.float64), alpha_s.to(torch.float64)
-        return cls(b64, a64, b64.T @ b64, a64.T @ a64)
+        return cls(b64, a64, b64.T @ b64, a64.T @ a64, beta_s.float(), alpha_s.float())
 
 
 def coordinates(members: Sequence[ModuleMember], bases: StoredBases | None, chunk: int = 64) -> list:
-    """(βᵀBc, αᵀAc) of every member in float64, batched in chunks (one matmul per chunk and side)."""
+    """(βᵀBc, αᵀAc) of every member, batched in chunks (one float32 matmul per chunk and side)."""
     if bases is None:
         return [None] * len(members)
     out: list = []
     for start in range(0, len(members), chunk):
         part = members[start : start + chunk]
         widths = [m.Bc.shape[1] for m in part]
-        Eb = (bases.beta.T @ torch.cat([m.Bc for m in part], 1)).split(widths, 1)
-        Ea = (bases.alpha.T @ torch.cat([m.Ac for m in part], 1)).split(widths, 1)
+        Eb = (bases.beta32.T @ torch.cat([m.Bc for m in part], 1)).double().split(widths, 1)
+        Ea = (bases.alpha32.T @ torch.cat([m.Ac for m in part], 1)).double().split(widths, 1)
         out += list(zip(Eb, Ea))
     return out
+
+
+#: Below this error, the float32 coordinates are not precise enough (e² = 1 − ‖C‖²/‖ΔW‖² cancels):
+#: the error is recomputed in float64.
+PRECISE_BELOW = 0.02
 
 
 def encode_task(
@@ -416,50 +423,73 @@ def encode_task(
     norm: float,
     coords: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """One task's coefficients and private factors in the stored bases, and its exact ΔW error.
-
-    The error is computed from the tensors as stored (after rounding to ``dtype``) by traces of
-    small products (spec, section 4): with ΔW = Bc Acᵀ, shared part β cB (α cA)ᵀ and private
-    part P_B P_Aᵀ, every inner product reduces to k-, r- or q-sized matrices.
-    """
+    """One task's coefficients and private factors in the stored bases, and its ΔW error."""
     tensors: dict[str, torch.Tensor] = {}
     f64 = torch.float64
-    ref2 = float((m.s**2).sum())  # ‖ΔW‖²
-    cross = recon2 = 0.0  # ⟨ΔW, ΔŴ⟩, ‖ΔŴ‖²
     p = 0
     shared_B = shared_A = None
     if bases is not None:
-        # coordinates in the stored (rounded) bases
-        Eb, Ea = coords if coords is not None else (bases.beta.T @ m.Bc, bases.alpha.T @ m.Ac)
+        Eb, Ea = coords if coords is not None else (bases.beta.T @ m.Bc.double(), bases.alpha.T @ m.Ac.double())
         cB, cA, _ = canonicalize(Eb, Ea)  # balanced core E_B E_Aᵀ of rank p ≤ r (spec, section 2.7)
         p = cB.shape[1]
         if p:
             tensors["coef_B"], tensors["coef_A"] = cB.to(dtype), cA.to(dtype)
-            cB, cA = tensors["coef_B"].to(f64), tensors["coef_A"].to(f64)
-            cross += float(((Eb.T @ cB) * (Ea.T @ cA)).sum())
-            recon2 += float(((cB.T @ bases.gram_beta @ cB) * (cA.T @ bases.gram_alpha @ cA)).sum())
             if q:
-                shared_B, shared_A = bases.beta @ cB, bases.alpha @ cA
+                shared_B = bases.beta @ tensors["coef_B"].to(f64)
+                shared_A = bases.alpha @ tensors["coef_A"].to(f64)
     if q:
+        Bc, Ac = m.Bc.to(f64), m.Ac.to(f64)
         if shared_B is None:
-            PB, PA, _ = canonicalize(m.Bc, m.Ac, max_rank=q)  # no shared part: the task's own top q
+            PB, PA, _ = canonicalize(Bc, Ac, max_rank=q)  # no shared part: the task's own top q
         else:  # residual ΔW − ΔŴ_shared as factors [Bc, −β cB] [Ac, α cA]ᵀ; its best rank-q part (spec, section 6)
-            PB, PA, _ = canonicalize(torch.cat([m.Bc, -shared_B], 1), torch.cat([m.Ac, shared_A], 1), max_rank=q)
+            PB, PA, _ = canonicalize(torch.cat([Bc, -shared_B], 1), torch.cat([Ac, shared_A], 1), max_rank=q)
         q = PB.shape[1]
         if q:
             tensors["private_B"], tensors["private_A"] = PB.to(dtype), PA.T.contiguous().to(dtype)
-            PB, PA = tensors["private_B"].to(f64), tensors["private_A"].to(f64).T
-            cross += float(((m.Bc.T @ PB) * (m.Ac.T @ PA)).sum())
-            recon2 += float(((PB.T @ PB) * (PA.T @ PA)).sum())
-            if shared_B is not None:
-                recon2 += 2 * float(((shared_B.T @ PB) * (shared_A.T @ PA)).sum())
-    err = (max(ref2 - 2 * cross + recon2, 0.0) / ref2) ** 0.5 if ref2 > 0 else 0.0
+    err = stored_error(m, tensors, bases, coords)
+    if err < PRECISE_BELOW and coords is not None:
+        err = stored_error(m, tensors, bases, None)
     record: dict[str, Any] = {"rank": p, "private_rank": q, "original_rank": m.rank, "error": err, "norm": norm}
     if m.prior is not None:  # the input was itself a reconstruction: bound the error to the original
         prior_err, prior_norm, prior_bound = m.prior
         drift = err * norm / prior_norm if prior_norm > 0 else 0.0
         record.update(error=prior_err + drift, norm=prior_norm, bound=prior_bound or drift > 1e-6)
     return tensors, record
+
+
+def stored_error(
+    m: ModuleMember,
+    tensors: dict[str, torch.Tensor],
+    bases: StoredBases | None,
+    coords: tuple[torch.Tensor, torch.Tensor] | None,
+) -> float:
+    """‖ΔW − ΔŴ‖_F / ‖ΔW‖_F of the tensors as stored (rounded to their dtype), by traces of small
+    products (spec, section 4). With ``coords`` (float32 coordinates), fast; without, float64 throughout,
+    with ΔW = Bc Acᵀ as the reference so that a perfect reconstruction reads as (almost exactly) zero."""
+    f64 = torch.float64
+    precise = coords is None
+    Bc = Ac = None
+    if precise or "private_B" in tensors:
+        Bc, Ac = m.Bc.to(f64), m.Ac.to(f64)
+    ref2 = float(((Bc.T @ Bc) * (Ac.T @ Ac)).sum()) if precise else float((m.s**2).sum())
+    if ref2 <= 0:
+        return 0.0
+    cross = recon2 = 0.0
+    shared_B = shared_A = None
+    if "coef_B" in tensors:
+        Eb, Ea = (bases.beta.T @ Bc, bases.alpha.T @ Ac) if precise else coords
+        cB, cA = tensors["coef_B"].to(f64), tensors["coef_A"].to(f64)
+        cross += float(((Eb.T @ cB) * (Ea.T @ cA)).sum())
+        recon2 += float(((cB.T @ bases.gram_beta @ cB) * (cA.T @ bases.gram_alpha @ cA)).sum())
+        if "private_B" in tensors:
+            shared_B, shared_A = bases.beta @ cB, bases.alpha @ cA
+    if "private_B" in tensors:
+        PB, PA = tensors["private_B"].to(f64), tensors["private_A"].to(f64).T
+        cross += float(((Bc.T @ PB) * (Ac.T @ PA)).sum())
+        recon2 += float(((PB.T @ PB) * (PA.T @ PA)).sum())
+        if shared_B is not None:
+            recon2 += 2 * float(((shared_B.T @ PB) * (shared_A.T @ PA)).sum())
+    return (max(ref2 - 2 * cross + recon2, 0.0) / ref2) ** 0.5
 
 
 def _choose(planner: ModulePlanner, config, stack_B, stack_A, sB, sA, budget_params) -> ModulePlan:
@@ -483,16 +513,29 @@ def _energy_k(s: torch.Tensor, total: float, tau: float) -> int:
     return int(hits[0]) + 1 if hits.numel() else s.numel()
 
 
-def module_budget(config: ConsolidationConfig, n: int, d: int, ranks: list[int], total_original: int) -> int | None:
-    """Parameters allowed for one module under ``--budget`` (a size is split in proportion)."""
+def module_budget(
+    config: ConsolidationConfig,
+    n: int,
+    d: int,
+    ranks: list[int],
+    total_original: int,
+    dtype: torch.dtype,
+    fixed_bytes: int = 0,
+) -> int | None:
+    """Parameters allowed for one module under ``--budget``.
+
+    A ratio applies to each module's original size; a size is what the whole file may take:
+    what is not LoRA data (heads, the manifest: ``fixed_bytes``) is set aside first, and the rest
+    is split across modules in proportion to their original size.
+    """
     if config.budget is None:
         return None
     kind, value = parse_budget(config.budget)
     original = sum(ranks) * (n + d)
     if kind == "ratio":
         return int(original / value)
-    bytes_per = 4 if config.dtype in ("auto", "float32") else 2
-    return int(value / bytes_per * original / max(total_original, 1))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return max(int((value - fixed_bytes) / itemsize * original / max(total_original, 1)), 0)
 
 
 def merge(
@@ -524,6 +567,9 @@ def merge(
     modules = check_compatible(sources)
     dtype = storage_dtype(config, [s.weights_dtype for s in sources])
     total_original = sum(r * (n + d) for s in sources for (n, d, r) in s.module_shapes().values())
+    # bytes that are not LoRA data: heads, and the manifest (about 400 bytes per task and module)
+    pairs = sum(len(idx) for (_, _, idx) in modules.values())
+    fixed_bytes = sum(s.task_record().get("head_bytes", 0) for s in sources) + 400 * pairs + 2000 * len(modules) + 4096
     manifest_modules: dict[str, Any] = {}
     clock = dict.fromkeys(("read", "canonicalize", "decompose", "encode", "write"), 0.0)
     with deterministic(), CheckpointWriter(output) as writer:
@@ -544,7 +590,7 @@ def merge(
             del factors
             local["read"] += t1 - t0
             local["canonicalize"] += time.perf_counter() - t1
-            budget = module_budget(config, n, d, [m.rank for m in members], total_original)
+            budget = module_budget(config, n, d, [m.rank for m in members], total_original, dtype, fixed_bytes)
             res = consolidate_module(name, n, d, members, config, dtype, budget, local)
             with lock:
                 for k, v in local.items():
@@ -553,6 +599,16 @@ def merge(
 
         # Modules are independent: workers compute them concurrently (each numeric op on one
         # thread, so results do not depend on the thread count) and the writer takes them in order.
+        if workers is None:
+            workers = auto_workers(
+                max(
+                    (
+                        sum(sources[i].module_shapes()[m][2] for i in idx) * (n + d)
+                        for m, (n, d, idx) in modules.items()
+                    ),
+                    default=0,
+                )
+            )
         for step, (item, res) in enumerate(zip(modules.items(), _ordered_map(work, list(modules.items()), workers))):
             name, (n, d, _idx) = item
             if progress:
@@ -571,6 +627,19 @@ def merge(
     if timings is not None:
         timings.update(clock)
     return manifest
+
+
+#: Memory one module may take (bytes) before modules are processed one at a time.
+PARALLEL_MODULE_BYTES = 384 * 2**20
+
+
+def auto_workers(largest_module_params: int) -> int:
+    """One worker per core (at most 4), or one when a module's stack is large: memory holds one
+    module per worker, and the project's rule is that memory stays small and flat."""
+    # factors as read, canonical factors and the stacks: about four float32 copies of the module
+    if largest_module_params * 4 * 4 > PARALLEL_MODULE_BYTES:
+        return 1
+    return min(os.cpu_count() or 1, 4)
 
 
 def _ordered_map(fn: Callable, items: list, workers: int | None) -> Iterator:

@@ -318,7 +318,7 @@ def update_module(
             )
         old.append((t, parts, Xb, Xa, s))
     fits = [TaskFit(s=s, Eb=nb64.T @ Xb, Ea=na64.T @ Xa) for (_, _, Xb, Xa, s) in old]
-    fits += [TaskFit(s=m.s, Eb=nb64.T @ m.Bc, Ea=na64.T @ m.Ac) for m in members]
+    fits += [TaskFit(s=m.s, Eb=nb64.T @ m.Bc.double(), Ea=na64.T @ m.Ac.double()) for m in members]
     planner = ModulePlanner(n, d, fits, frozen=[True] * len(old) + [False] * len(members))
     mode = config.mode()
     if mode == "fixed":

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,8 +217,10 @@ class AdapterSource:
             data = self._load_bin()
             return {k: data[k] for k in keys}
         try:
-            f = _open_cached(self.weights_path)
-            return {k: f.get_tensor(k) for k in keys}
+            # opened per call: a handle kept open keeps the file's pages mapped, and memory would
+            # grow with the number of adapters
+            with safe_open(self.weights_path, framework="pt") as f:
+                return {k: f.get_tensor(k) for k in keys}
         except Exception as e:
             raise BadAdapterError(
                 f"cannot read tensors ({_short(e)})", path=self.weights_path, hint="Re-download the adapter"
@@ -264,26 +265,6 @@ class AdapterSource:
             "head_params": sum(math.prod(self.shapes[k]) for k in self.head_keys),
             "head_bytes": sum(math.prod(self.shapes[k]) * _itemsize(self.dtypes[k]) for k in self.head_keys),
         }
-
-
-_HANDLES: dict[tuple, Any] = {}
-_MAX_HANDLES = 128
-_HANDLES_LOCK = threading.Lock()
-
-
-def _open_cached(path: Path) -> Any:
-    """A safetensors handle kept open across modules (a few hundred at most), so that streaming
-    module by module does not re-open and re-parse every file for every module."""
-    st = path.stat()
-    key = (path.resolve(), st.st_mtime_ns, st.st_size, st.st_ino)  # a rewritten file is opened afresh
-    with _HANDLES_LOCK:  # modules are read from several threads
-        handle = _HANDLES.pop(key, None)
-        if handle is None:
-            handle = safe_open(path, framework="pt")
-            if len(_HANDLES) >= _MAX_HANDLES:
-                _HANDLES.pop(next(iter(_HANDLES)))
-        _HANDLES[key] = handle  # most recently used last
-    return handle
 
 
 def _itemsize(dtype: str) -> int:

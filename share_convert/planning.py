@@ -118,11 +118,11 @@ class ModulePlanner:
 
     # -- storage ------------------------------------------------------------------------------------
     def shared_params(self, k_B: int, k_A: int) -> int:
-        """Parameters of the bases plus every task's coefficients for this k."""
+        """Parameters of the bases (and their k × k Gram matrices) plus every task's coefficients."""
         if k_B == 0 or k_A == 0:
             return 0
         coef = sum(min(f.rank, k_B, k_A) * (k_B + k_A) for f in self.fits)
-        return k_B * self.n + k_A * self.d + coef
+        return k_B * self.n + k_A * self.d + k_B * k_B + k_A * k_A + coef
 
     def original_params(self) -> int:
         return sum(f.rank * (self.n + self.d) for f in self.fits)
