@@ -26,7 +26,11 @@ HERE = Path(__file__).parent
 
 
 def vlora_run(vlora: str, folders: list[Path], modules: str | None) -> dict | None:
-    usable = [f for f in folders if (f / "adapter_model.safetensors").is_file()]
+    # vLoRA reads only adapter_model.safetensors and needs one rank for all: keep the largest such subset
+    readable = [f for f in folders if (f / "adapter_model.safetensors").is_file()]
+    ranks = {f: json.loads((f / "adapter_config.json").read_text()).get("r") for f in readable}
+    common = max(set(ranks.values()), key=lambda r: sum(v == r for v in ranks.values()), default=None)
+    usable = [f for f in readable if ranks[f] == common]
     if len(usable) < 2:
         return None
     with tempfile.TemporaryDirectory() as tmp:

@@ -567,9 +567,9 @@ def merge(
     modules = check_compatible(sources)
     dtype = storage_dtype(config, [s.weights_dtype for s in sources])
     total_original = sum(r * (n + d) for s in sources for (n, d, r) in s.module_shapes().values())
-    # bytes that are not LoRA data: heads, and the manifest (about 400 bytes per task and module)
+    # bytes that are not LoRA data: heads, and the manifest (up to about 1 KB per task and module)
     pairs = sum(len(idx) for (_, _, idx) in modules.values())
-    fixed_bytes = sum(s.task_record().get("head_bytes", 0) for s in sources) + 400 * pairs + 2000 * len(modules) + 4096
+    fixed_bytes = sum(s.task_record().get("head_bytes", 0) for s in sources) + 1000 * pairs + 2000 * len(modules) + 4096
     manifest_modules: dict[str, Any] = {}
     clock = dict.fromkeys(("read", "canonicalize", "decompose", "encode", "write"), 0.0)
     with deterministic(), CheckpointWriter(output) as writer:

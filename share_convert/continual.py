@@ -45,7 +45,7 @@ from .consolidation import (
 )
 from .errors import DuplicateTaskError, IncompatibleAdaptersError, InvalidOptionError, UnknownTaskError
 from .formats import LoraFactors
-from .linalg import RANK_RTOL, canonicalize, deterministic, fix_signs, frob2, inner
+from .linalg import RANK_RTOL, canonicalize_many, deterministic, fix_signs
 from .planning import ModulePlanner, TaskFit
 
 _DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -302,22 +302,27 @@ def update_module(
     new_beta, sB = _updated_basis(beta, GB, NB)
     new_alpha, sA = _updated_basis(alpha, GA, NA)
     nb64, na64 = new_beta.double(), new_alpha.double()
-    # old tasks, in coordinates: their shared part is β X_b (α X_a)ᵀ
+    # Old tasks stay in coordinates: their shared part is β x_b (α x_a)ᵀ with (x_b, x_a) the
+    # balanced form of their coefficients, so nothing n-sized is computed per old task (section 5).
+    k_old = 0 if beta is None else beta.shape[1]
+    b_old = beta.double() if beta is not None else torch.zeros(n, 0, dtype=torch.float64)
+    a_old = alpha.double() if alpha is not None else torch.zeros(d, 0, dtype=torch.float64)
+    to_new_B, to_new_A = nb64.T @ b_old, na64.T @ a_old  # (K' × k): old coordinates → new
     old = []
     for t in old_tasks:
         parts = ckpt.task_tensors(t, name)
-        if "coef_B" in parts:
-            Xb, Xa, s = canonicalize(
-                beta.double() @ parts["coef_B"].double(), alpha.double() @ parts["coef_A"].double()
-            )
+        if "coef_B" in parts and k_old:
+            # stored coefficients are already balanced (c_Bᵀc_B = c_Aᵀc_A = S): their column norms give S
+            xb, xa = parts["coef_B"].double(), parts["coef_A"].double()
+            s = (xb * xb).sum(0).clamp_min(0) ** 0.5 * (xa * xa).sum(0).clamp_min(0) ** 0.5
         else:
-            Xb, Xa, s = (
-                torch.zeros(n, 0, dtype=torch.float64),
-                torch.zeros(d, 0, dtype=torch.float64),
+            xb, xa, s = (
+                torch.zeros(k_old, 0, dtype=torch.float64),
+                torch.zeros(k_old, 0, dtype=torch.float64),
                 torch.zeros(0, dtype=torch.float64),
             )
-        old.append((t, parts, Xb, Xa, s))
-    fits = [TaskFit(s=s, Eb=nb64.T @ Xb, Ea=na64.T @ Xa) for (_, _, Xb, Xa, s) in old]
+        old.append((t, parts, xb, xa, s))
+    fits = [TaskFit(s=s, Eb=to_new_B @ xb, Ea=to_new_A @ xa) for (_, _, xb, xa, s) in old]
     fits += [TaskFit(s=m.s, Eb=nb64.T @ m.Bc.double(), Ea=na64.T @ m.Ac.double()) for m in members]
     planner = ModulePlanner(n, d, fits, frozen=[True] * len(old) + [False] * len(members))
     mode = config.mode()
@@ -333,27 +338,34 @@ def update_module(
     beta_s, alpha_s = store_bases(name, new_beta, new_alpha, plan, dtype, result)
     stored = StoredBases.of(beta_s, alpha_s)
     weighted: list[tuple[str, float]] = []
-    for t, parts, Xb, Xa, _s in old:
+    gram_old_B, gram_old_A = b_old.T @ b_old, a_old.T @ a_old
+    if stored is not None:
+        stored_from_old_B, stored_from_old_A = stored.beta.T @ b_old, stored.alpha.T @ a_old  # (k_s × k)
+    # the old tasks' coordinates in the stored new bases, rebalanced all at once (batched)
+    if stored is not None:
+        rebalanced = canonicalize_many(
+            [stored_from_old_B @ xb for (_, _, xb, _, _) in old], [stored_from_old_A @ xa for (_, _, _, xa, _) in old]
+        )
+    for j, (t, parts, xb, xa, _s) in enumerate(old):
         rec = dict(info["tasks"][t])
-        before_B, before_A = Xb, Xa
         tensors: dict[str, torch.Tensor] = {}
         p = 0
-        if beta_s is not None and Xb.shape[1]:
-            cB, cA, _ = canonicalize(beta_s.double().T @ Xb, alpha_s.double().T @ Xa)
+        before2 = float(((xb.T @ gram_old_B @ xb) * (xa.T @ gram_old_A @ xa)).sum())
+        cross = after2 = 0.0
+        if stored is not None and xb.shape[1]:
+            Eb, Ea = stored_from_old_B @ xb, stored_from_old_A @ xa
+            cB, cA, _ = rebalanced[j]
             p = cB.shape[1]
             if p:
                 tensors["coef_B"], tensors["coef_A"] = cB.to(dtype), cA.to(dtype)
-                after_B = beta_s.double() @ tensors["coef_B"].double()
-                after_A = alpha_s.double() @ tensors["coef_A"].double()
-            else:
-                after_B, after_A = torch.zeros(n, 0, dtype=torch.float64), torch.zeros(d, 0, dtype=torch.float64)
-        else:
-            after_B, after_A = torch.zeros(n, 0, dtype=torch.float64), torch.zeros(d, 0, dtype=torch.float64)
+                cB, cA = tensors["coef_B"].double(), tensors["coef_A"].double()
+                # ⟨β x_b (α x_a)ᵀ, β_s c_B (α_s c_A)ᵀ⟩ and ‖β_s c_B (α_s c_A)ᵀ‖², by traces of k-sized products
+                cross = float(((Eb.T @ cB) * (Ea.T @ cA)).sum())
+                after2 = float(((cB.T @ stored.gram_beta @ cB) * (cA.T @ stored.gram_alpha @ cA)).sum())
         for part in ("private_B", "private_A"):
             if part in parts:
                 tensors[part] = parts[part]
-        diff2 = frob2(before_B, before_A) - 2 * inner(before_B, before_A, after_B, after_A) + frob2(after_B, after_A)
-        drift_abs = max(diff2, 0.0) ** 0.5
+        drift_abs = max(before2 - 2 * cross + after2, 0.0) ** 0.5
         drift = drift_abs / rec["norm"] if rec["norm"] > 0 else 0.0
         rec["error_before"] = rec["error"]
         rec["drift"] = drift

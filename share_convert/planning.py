@@ -72,13 +72,9 @@ class TaskFit:
     Eb: torch.Tensor  # (K_B, r) float64, βᵀB'
     Ea: torch.Tensor  # (K_A, r) float64, αᵀA'
 
-    @property
-    def rank(self) -> int:
-        return int(self.s.numel())
-
-    @property
-    def norm2(self) -> float:
-        return float((self.s**2).sum())
+    def __post_init__(self) -> None:
+        self.rank = int(self.s.numel())
+        self.norm2 = float((self.s**2).sum())
 
 
 @dataclass

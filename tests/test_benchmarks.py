@@ -1,0 +1,90 @@
+"""Smoke tests of the benchmark generator and runners on tiny sizes (the benchmarks themselves are not CI)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(*args):
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_generator_writes_peft_adapters_with_a_planted_subspace(tmp_path):
+    run(
+        BENCH / "generate.py",
+        tmp_path / "a",
+        "--count",
+        "3",
+        "--layers",
+        "1",
+        "--hidden",
+        "32",
+        "--rank",
+        "4",
+        "--shared-rank",
+        "4",
+    )
+    folders = sorted((tmp_path / "a").iterdir())
+    assert [f.name for f in folders] == ["task-000", "task-001", "task-002"]
+    assert json.loads((folders[0] / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_merge_runner_measures_both_tools_and_writes_its_results(tmp_path):
+    out = tmp_path / "r.json"
+    run(
+        BENCH / "bench_merge.py",
+        "--counts",
+        "2,3",
+        "--layers",
+        "1",
+        "--hidden",
+        "32",
+        "--rank",
+        "4",
+        "--shared-rank",
+        "4",
+        "--work",
+        tmp_path / "w",
+        "--reference-modules",
+        "1",
+        "--out",
+        out,
+        "--plot",
+        tmp_path / "p.png",
+    )
+    result = json.loads(out.read_text())
+    assert [r["adapters"] for r in result["rows"]] == [2, 3]
+    for r in result["rows"]:
+        sc = r["share_convert"]
+        assert sc["wall_s"] > 0 and sc["peak_rss_mb"] > 0 and 0 <= sc["mean_error"] < 1
+        assert set(sc["timings"]) == {"read", "canonicalize", "decompose", "encode", "write"}
+    assert result["reference_decomposition"]["modules_timed"] == 1
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_add_runner_times_updates_of_growing_checkpoints(tmp_path):
+    out = tmp_path / "a.json"
+    run(
+        BENCH / "bench_add.py",
+        "--tasks",
+        "2,4",
+        "--layers",
+        "1",
+        "--hidden",
+        "32",
+        "--rank",
+        "4",
+        "--repeat",
+        "1",
+        "--work",
+        tmp_path / "w",
+        "--out",
+        out,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["old_tasks"] for r in rows] == [2, 4] and all(r["wall_s_best"] > 0 for r in rows)
