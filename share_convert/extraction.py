@@ -27,8 +27,8 @@ from .linalg import canonicalize, deterministic
 
 _DTYPES = {"F32": torch.float32, "F64": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
-#: Ranks above this are refused by common serving engines' default settings (vLLM's max_lora_rank).
-ENGINE_RANK_LIMIT = 64
+#: vLLM's default ``--max-lora-rank``; adapters of a higher rank need that option raised.
+ENGINE_RANK_LIMIT = 16
 
 
 @dataclass
@@ -195,7 +195,7 @@ def engine_warnings(record: dict[str, Any], heads: dict[str, torch.Tensor], rank
         )
     if rank > ENGINE_RANK_LIMIT:
         warnings.append(
-            f"rank {rank} exceeds {ENGINE_RANK_LIMIT}, above the default maximum LoRA rank of serving engines "
-            "such as vLLM; re-extract with --rank to truncate"
+            f"rank {rank}: vLLM needs --max-lora-rank {rank} or more (its default is {ENGINE_RANK_LIMIT}); "
+            "re-extract with --rank to truncate"
         )
     return warnings
