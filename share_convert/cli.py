@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import api
@@ -40,7 +41,7 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -93,7 +94,7 @@ InputsArg = Annotated[
     list[str] | None,
     typer.Argument(
         help="Adapters: PEFT folders, .safetensors/.bin files, globs, folders of adapters, Share checkpoints, "
-        "or hf://owner/name[@revision][/subfolder]. NAME=PATH names a task.",
+        "or hf://owner/name (optionally @revision and /subfolder). NAME=PATH names a task.",
         show_default=False,
     ),
 ]
@@ -305,9 +306,9 @@ def extract(
         emit_json([r.as_dict() for r in results])
         return
     for r in results:
-        out.print(f"wrote {r.path} (task {r.task}, rank {r.rank}, {r.modules} modules)", highlight=False)
+        out.print(f"wrote {r.path} (task {r.task}, rank {r.rank}, {r.modules} modules)", highlight=False, markup=False)
         for w in r.warnings:
-            err.print(f"[yellow]warning:[/yellow] {r.task}: {w}", highlight=False)
+            err.print(f"[yellow]warning:[/yellow] {escape(r.task)}: {escape(w)}", highlight=False)
 
 
 @app.command()
@@ -496,7 +497,7 @@ def push(
         commit_message=commit_message,
         license=license,
     )
-    out.print(f"pushed {checkpoint} to {repo}: {url}", highlight=False)
+    out.print(f"pushed {checkpoint} to {repo}: {url}", highlight=False, markup=False)
 
 
 @app.command()
@@ -519,7 +520,7 @@ def pull(
     if output is None:
         fail("no output folder was given: pass -o DIR")
     path = api.pull(repo, output, revision=revision, token=token, force=force)
-    out.print(f"wrote {path}", highlight=False)
+    out.print(f"wrote {path}", highlight=False, markup=False)
 
 
 @app.command()

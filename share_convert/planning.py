@@ -138,14 +138,26 @@ class ModulePlanner:
         if k_B == 0 or k_A == 0:
             return [1.0 if f.norm2 > 0 else 0.0 for f in self.fits]
         out = [0.0] * len(self.fits)
-        for _r, idx in self._by_rank().items():
-            Eb = torch.stack([self.fits[i].Eb[:k_B] for i in idx])
-            Ea = torch.stack([self.fits[i].Ea[:k_A] for i in idx])
+        for idx, Eb, Ea, norm2 in self._stacked():
+            Eb, Ea = Eb[:, :k_B], Ea[:, :k_A]
             kept = ((Eb.transpose(-1, -2) @ Eb) * (Ea.transpose(-1, -2) @ Ea)).sum((-1, -2))
-            for j, i in enumerate(idx):
-                norm2 = self.fits[i].norm2
-                out[i] = max(1.0 - float(kept[j]) / norm2, 0.0) ** 0.5 if norm2 > 0 else 0.0
+            errs = torch.where(
+                norm2 > 0, (1.0 - kept / norm2.clamp_min(1e-300)).clamp_min(0).sqrt(), torch.zeros_like(kept)
+            )
+            for i, e in zip(idx, errs.tolist()):
+                out[i] = e
         return out
+
+    def _stacked(self) -> list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per rank: the tasks' indices, their stacked coordinates and squared norms (computed once)."""
+        if not hasattr(self, "_stack_cache"):
+            self._stack_cache = []
+            for _r, idx in self._by_rank().items():
+                Eb = torch.stack([self.fits[i].Eb for i in idx])
+                Ea = torch.stack([self.fits[i].Ea for i in idx])
+                norm2 = torch.tensor([self.fits[i].norm2 for i in idx], dtype=torch.float64)
+                self._stack_cache.append((idx, Eb, Ea, norm2))
+        return self._stack_cache
 
     def tails(self, k_B: int, k_A: int) -> list[list[float]]:
         """Per task, the relative error for q = 0 … r private directions at this k."""
@@ -167,8 +179,8 @@ class ModulePlanner:
             by_rank.setdefault(f.rank, []).append(i)
         for r, idx in by_rank.items():
             s = torch.stack([self.fits[i].s for i in idx])
-            Eb = torch.stack([self.fits[i].Eb[:k_B] for i in idx])
-            Ea = torch.stack([self.fits[i].Ea[:k_A] for i in idx])
+            _, Eb_all, Ea_all, _ = next(c for c in self._stacked() if c[0] == idx)
+            Eb, Ea = Eb_all[:, :k_B], Ea_all[:, :k_A]
             spec = residual_spectrum(s, Eb, Ea)  # (t, 2r) descending
             # tail[q] = energy left after keeping q private directions
             tail = spec.flip(-1).cumsum(-1).flip(-1)

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .checkpoint import Checkpoint
@@ -167,13 +168,13 @@ def human_bytes(n: float) -> str:
 
 def render(summary: dict[str, Any], console: Console) -> None:
     """Draw a summary as tables."""
-    table = Table(title=f"Share checkpoint {summary['checkpoint']}", title_justify="left")
+    table = Table(title=f"Share checkpoint {escape(summary['checkpoint'])}", title_justify="left")
     for col in ("task", "modules", "rank (orig → shared+private)", "mean ΔW error", "worst ΔW error"):
         table.add_column(col, justify="left" if col == "task" else "right", overflow="fold")
     for t in summary["tasks"]:
         mark = " ≤" if t["error_is_bound"] else ""
         table.add_row(
-            t["task"],
+            escape(t["task"]),
             str(t["modules"]),
             f"{t['original_rank']} → {t['shared_rank']}+{t['private_rank']}",
             f"{mark}{t['mean_error']:.2%}",
@@ -231,7 +232,7 @@ def render_history(history: list[dict[str, Any]], console: Console) -> None:
     for h in history:
         tasks += [t for t in h.get("errors", {}) if t not in tasks]
     for t in tasks:
-        row = [t]
+        row = [escape(t)]
         for h in history:
             e = h.get("errors", {}).get(t)
             row.append("" if e is None else f"{e['mean']:.2%}")
@@ -246,7 +247,7 @@ def render_history(history: list[dict[str, Any]], console: Console) -> None:
             before = last.get("errors_before", {}).get(t, {}).get("mean")
             after = last.get("errors", {}).get(t, {}).get("mean")
             drift.add_row(
-                t,
+                escape(t),
                 "" if before is None else f"{before:.2%}",
                 "" if after is None else f"≤{after:.2%}",
                 f"{d['mean']:.2%}",

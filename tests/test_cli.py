@@ -180,3 +180,21 @@ def test_info_on_a_file_that_is_not_a_checkpoint_fails_cleanly(real):
     assert_clean_failure(
         run("info", real / "gpt2-c_attn/winkitee__peft-lora-gpt2/adapter_model.safetensors"), "not a Share checkpoint"
     )
+
+
+@pytest.mark.parametrize(
+    "command", ["merge", "info", "tasks", "extract", "add", "remove", "verify", "plan", "push", "pull", "demo"]
+)
+def test_every_command_documents_itself(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Example:" in result.output
+
+
+def test_names_and_paths_with_brackets_are_printed_verbatim(tmp_path):
+    a = write_adapter(tmp_path / "x[bold]y", {"layers.0.q": random_factors(8, 6, 2, 0)})
+    result = run("merge", a, "-o", tmp_path / "o.safetensors")
+    assert result.exit_code == 0, result.output
+    assert "x[bold]y" in result.output
+    bad = run("merge", tmp_path / "missing[/red]", "-o", tmp_path / "p.safetensors")
+    assert bad.exit_code == 2 and "missing[/red]" in bad.output
