@@ -142,19 +142,20 @@ def verdict(kinds: dict[str, int], totals: dict[str, Any]) -> str:
     n = sum(kinds.values()) or 1
     sharing = kinds["shared"] + kinds["mixed"]
     ratio = totals["ratio"]
+    size = f"{ratio:.2f}× smaller" if ratio >= 1 else f"{1 / ratio:.2f}× larger than the original adapters"
     if sharing == 0:
         return (
             f"These adapters share little: at this setting no module is worth a shared basis, so every module keeps "
-            f"each task's own top directions (independent truncation), saving {ratio:.2f}× by truncation alone."
+            f"each task's own top directions (independent truncation): {size}, by truncation alone."
         )
     if sharing < n / 2:
         return (
             f"These adapters share some structure: {sharing} of {n} modules use a shared basis and the rest are "
-            f"cheaper as independent truncations; overall {ratio:.2f}× smaller."
+            f"cheaper as independent truncations; overall {size}."
         )
     return (
         f"These adapters share structure: {sharing} of {n} modules use a shared basis "
-        f"({kinds['mixed']} with private corrections); overall {ratio:.2f}× smaller."
+        f"({kinds['mixed']} with private corrections); overall {size}."
     )
 
 

@@ -173,3 +173,21 @@ def test_non_empty_output_folder_is_refused_without_force(tmp_path, real):
     assert (tmp_path / "out/keep.txt").read_text() == "x"
     extract(tmp_path / "c.safetensors", "gsj-rifat__tmp", tmp_path / "out", force=True)
     assert not (tmp_path / "out/keep.txt").exists()
+
+
+def test_extraction_reads_only_the_task_it_needs(tmp_path, real, monkeypatch):
+    from share_convert.checkpoint import Checkpoint
+
+    sources = open_adapters([str(real / "gpt2-c_attn")])
+    merge(sources, tmp_path / "c.safetensors", ConsolidationConfig(k=4, private_rank=1))
+    read: list[str] = []
+    original = Checkpoint.tensor
+
+    def spy(self, name):
+        read.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(Checkpoint, "tensor", spy)
+    extract(tmp_path / "c.safetensors", "gsj-rifat__tmp", tmp_path / "out")
+    assert read and all(n.startswith(("tasks/gsj-rifat__tmp/", "modules/")) for n in read)
+    assert not any(n.endswith(("gram_B", "gram_A")) for n in read)

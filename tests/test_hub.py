@@ -187,3 +187,15 @@ def test_pull_of_a_repository_without_a_checkpoint_fails_cleanly(olah, tmp_path)
     proc = cli(["pull", "alice/imdb", "-o", tmp_path / "p"], hub_env(olah.url, tmp_path / "h"))
     assert proc.returncode == 2 and "holds no share.safetensors" in proc.stderr
     assert shutil.which("git")
+
+
+def test_hf_token_from_the_environment_is_used_and_never_shown(olah, tmp_path, real):
+    server = UploadServer(olah.mirrors, require_token="hf_from_env_456")
+    try:
+        ckpt = tmp_path / "share.safetensors"
+        CliRunner().invoke(app, ["merge", str(real / GOOD), "-o", str(ckpt)])
+        proc = cli(["push", ckpt, "--repo", "gina/x"], hub_env(server.url, tmp_path / "h", HF_TOKEN="hf_from_env_456"))
+        assert proc.returncode == 0, proc.stderr
+        assert "hf_from_env_456" not in proc.stdout + proc.stderr
+    finally:
+        server.stop()
