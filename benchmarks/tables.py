@@ -87,12 +87,12 @@ def real_table(path: Path) -> str:
             f"independent truncation (equal ranks) {dp['at_same_storage']['private']:.1%}.\n"
         )
         parts.append(
-            "| budget | pure sharing, paper (weighted by ‖ΔW‖) | weighting alone (equal weights) | no sharing, equal ranks | no sharing, allocated ranks | shared + private (planner) |"
+            "| budget | pure sharing, paper (weighted by ‖ΔW‖) | weighting alone (equal weights) | no sharing, equal ranks | no sharing, allocated ranks | shared + private (planner) | with groups |"
         )
-        parts.append("|---:|---:|---:|---:|---:|---:|")
+        parts.append("|---:|---:|---:|---:|---:|---:|---:|")
         for row in r["curves"]:
             cells = [f"{row['budget_ratio']:g}×"]
-            for s in ("shared_unweighted", "shared", "private", "private_allocated", "mixed"):
+            for s in ("shared_unweighted", "shared", "private", "private_allocated", "mixed", "groups"):
                 c = row[s]
                 cells.append(f"{c['mean_error']:.1%} @ {c['ratio']:.2f}×" if c["ratio"] else "–")
             parts.append("| " + " | ".join(cells) + " |")

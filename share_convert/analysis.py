@@ -7,7 +7,9 @@ anything) and, for a range of storage budgets, finds the mean ΔW error of
 - ``shared_unweighted``: pure sharing weighted by ‖ΔW‖ (the paper's plain method);
 - ``private``: no sharing, every task keeps the same number of its own top directions;
 - ``private_allocated``: no sharing, ranks allocated across tasks where they lower the error most;
-- ``mixed``: the planner's best mix of shared bases and private corrections per module.
+- ``mixed``: the planner's best mix of shared bases and private corrections per module;
+- ``groups``: the same, with the tasks of each module also split into 2–4 groups with separate
+  bases where that lowers the error (the best of one group and the splits is kept).
 
 Budgets are applied per module in proportion to its original size; errors are aggregated as in
 the report (per task, the mean over its modules; then the mean over tasks).
@@ -20,10 +22,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .consolidation import ConsolidationConfig, ModuleStack, Progress, TaskSource, check_compatible, prepare_member
+from .consolidation import (
+    ConsolidationConfig,
+    ModuleStack,
+    Progress,
+    TaskSource,
+    check_compatible,
+    cluster_tasks,
+    prepare_member,
+)
 from .errors import InvalidOptionError
 
-STRATEGIES = ("shared_unweighted", "shared", "private", "private_allocated", "mixed")
+STRATEGIES = ("shared_unweighted", "shared", "private", "private_allocated", "mixed", "groups")
 DEFAULT_RATIOS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
 MAX_K = 512
 
@@ -64,6 +74,14 @@ def plan_collection(
         plain = ModuleStack(n, d, members, norm_cfg).fit(K)[4]
         orig = planner.original_params()
         original += orig
+        splits = []
+        for G in range(2, min(4, len(members) // 2) + 1):
+            labels = cluster_tasks(planner.fits, G)
+            parts = [[i for i, lab in enumerate(labels) if lab == g] for g in sorted(set(labels))]
+            if len(parts) > 1:
+                splits.append(
+                    [(idx, ModuleStack(n, d, [members[i] for i in idx], eq_cfg).fit(MAX_K)[4]) for idx in parts]
+                )
 
         def record(bucket: dict, plan, tasks=tasks) -> None:
             bucket["params"] += plan.params
@@ -78,6 +96,7 @@ def plan_collection(
             record(curves["private_allocated"][r], planner.truncation_allocated(budget))
             mixed = planner.for_budget(budget)
             record(curves["mixed"][r], mixed)
+            record(curves["groups"][r], best_split(mixed, splits, budget, orig, len(tasks)))
             curves["mixed"][r].setdefault("shared_modules", 0)
             curves["mixed"][r]["shared_modules"] += mixed.kind != "private"
         default = planner.for_target(config.target_error, config.target_metric)
@@ -111,6 +130,31 @@ def plan_collection(
         "default_plan": default_plan,
         "verdict": collection_verdict(table, default_plan),
     }
+
+
+class _Combined:
+    """The plan of a module split into groups, seen as one plan (storage and per-task errors)."""
+
+    def __init__(self, params: int, errors: list[float]):
+        self.params, self.predicted_errors = params, errors
+        self.mean_error = sum(errors) / max(len(errors), 1)
+
+
+def best_split(single, splits, budget: int, orig: int, count: int):
+    """The lowest mean error among one group (``single``) and the group splits, at this budget."""
+    best = single
+    for parts in splits:
+        errors = [0.0] * count
+        params = 0
+        for idx, pl in parts:
+            plan = pl.for_budget(int(budget * pl.original_params() / orig))
+            params += plan.params
+            for i, e in zip(idx, plan.predicted_errors):
+                errors[i] = e
+        combined = _Combined(params, errors)
+        if combined.mean_error < best.mean_error - 1e-12:
+            best = combined
+    return best
 
 
 def collection_verdict(table: list[dict[str, Any]], default_plan: dict[str, Any]) -> str:
@@ -148,6 +192,7 @@ def plot_curves(result: dict[str, Any], path: str | Path, title: str = "") -> No
         "private": "no sharing (truncate each adapter, equal ranks)",
         "private_allocated": "no sharing (ranks allocated)",
         "mixed": "shared + private (planner)",
+        "groups": "shared + private, with groups",
     }
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for s in STRATEGIES:

@@ -82,6 +82,8 @@ def merge(
     ``modules`` keeps only the modules whose names match that regular expression; ``timings``
     receives where the time went (see :func:`share_convert.consolidation.merge`).
     """
+    if config is not None:
+        config.validate()  # bad options are reported before any input is read
     sources = only_modules(open_inputs(inputs, alpha=alpha), modules)
     _merge(sources, output, config, force=force, progress=progress, timings=timings)
     return summarize(Checkpoint(output))

@@ -222,6 +222,7 @@ class Checkpoint:
                 hint="Upgrade share-convert",
             )
         self._keys = set(self._file.keys())
+        self._cache: dict[str, torch.Tensor] = {}
 
     # -- manifest views ---------------------------------------------------------------------------------
     @property
@@ -251,7 +252,18 @@ class Checkpoint:
         return name in self._keys
 
     def tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor and verify its checksum."""
+        """Read one tensor and verify its checksum (bases and grams are kept for the next call)."""
+        cached = self._cache.get(name)
+        if cached is not None:
+            return cached
+        t = self._read(name)
+        if name.startswith("modules/"):
+            if len(self._cache) >= 16:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[name] = t
+        return t
+
+    def _read(self, name: str) -> torch.Tensor:
         expected = self.manifest.get("tensors", {}).get(name)
         if name not in self._keys or expected is None:
             raise CorruptCheckpointError(
@@ -271,16 +283,27 @@ class Checkpoint:
             )
         return t
 
-    def bases(self, module: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def bases_prefix(self, module: str, task: str | None = None) -> str | None:
+        """Where the bases of ``module`` (for ``task``, when the module has groups) are stored; None if k = 0."""
         info = self.modules[module]
-        if info["k_B"] == 0:
-            return None, None
-        return self.tensor(f"modules/{module}/basis_B"), self.tensor(f"modules/{module}/basis_A")
+        if "groups" in info:
+            if task is None:
+                raise ValueError(f"module {module} has groups: name the task")
+            j = info["tasks"][task]["group"]
+            return f"modules/{module}/g{j}/" if info["groups"][j]["k_B"] else None
+        return f"modules/{module}/" if info["k_B"] else None
 
-    def grams(self, module: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if self.modules[module]["k_B"] == 0:
+    def bases(self, module: str, task: str | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        prefix = self.bases_prefix(module, task)
+        if prefix is None:
             return None, None
-        return self.tensor(f"modules/{module}/gram_B"), self.tensor(f"modules/{module}/gram_A")
+        return self.tensor(f"{prefix}basis_B"), self.tensor(f"{prefix}basis_A")
+
+    def grams(self, module: str, task: str | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        prefix = self.bases_prefix(module, task)
+        if prefix is None:
+            return None, None
+        return self.tensor(f"{prefix}gram_B"), self.tensor(f"{prefix}gram_A")
 
     def task_tensors(self, task: str, module: str) -> dict[str, torch.Tensor]:
         """The stored coefficients and private factors of one task in one module."""
@@ -300,7 +323,7 @@ class Checkpoint:
         """
         info = self.modules[module]
         n, d = info["out_features"], info["in_features"]
-        beta, alpha = bases if bases is not None else self.bases(module)
+        beta, alpha = bases if bases is not None else self.bases(module, task)
         parts = self.task_tensors(task, module)
         Bs = [torch.zeros(n, 0, dtype=torch.float64)]
         As = [torch.zeros(d, 0, dtype=torch.float64)]

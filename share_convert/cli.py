@@ -198,6 +198,13 @@ def merge(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     seed: SeedOpt = 0,
+    groups: Annotated[
+        str,
+        typer.Option(
+            "--groups",
+            help="'1', 'auto' (try 2–4 groups of tasks with separate bases per module, kept where cheaper) or a number.",
+        ),
+    ] = "1",
     alpha: AlphaOpt = None,
     modules: ModulesOpt = None,
     force: ForceOpt = False,
@@ -221,6 +228,7 @@ def merge(
     config = config_from_options(
         k, private_rank, energy, budget, target_error, target_metric, weighting, canonicalize, device, dtype, seed
     )
+    config.groups = groups
     with progress_bar("merging") as progress:
         clock: dict[str, float] = {}
         summary = api.merge(
@@ -354,11 +362,12 @@ def plan(
         "no sharing, equal ranks",
         "no sharing, allocated",
         "shared + private (planner)",
+        "with groups",
     ):
         table.add_column(col, justify="right")
     for row in result["curves"]:
         cells = [f"{row['budget_ratio']:g}×"]
-        for s in ("shared_unweighted", "shared", "private", "private_allocated", "mixed"):
+        for s in ("shared_unweighted", "shared", "private", "private_allocated", "mixed", "groups"):
             c = row[s]
             cells.append(f"{c['mean_error']:.1%} @ {c['ratio']:.2f}×" if c["ratio"] else "–")
         table.add_row(*cells)

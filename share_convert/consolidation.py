@@ -76,6 +76,9 @@ class ConsolidationConfig:
     never honesty)."""
     max_k: int | None = None
     """Upper bound on k for every module."""
+    groups: str = "1"
+    """'1' (one basis per module), 'auto' (try 2–4 groups of tasks with separate bases per module,
+    kept where cheaper at the same error, or lower error within a budget) or a number of groups."""
 
     def mode(self) -> str:
         if self.k is not None:
@@ -108,6 +111,8 @@ class ConsolidationConfig:
             bad("--device cuda was asked for but no CUDA device is available", "Use --device cpu or auto")
         if self.dtype not in ("auto", *_DTYPES):
             bad(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}", "Use one of those")
+        if self.groups != "auto" and not (str(self.groups).isdigit() and int(self.groups) >= 1):
+            bad(f"--groups must be 'auto' or a positive number, got {self.groups!r}", "For example --groups auto")
         if self.budget is not None:
             try:
                 kind, value = parse_budget(self.budget)
@@ -175,6 +180,8 @@ class ModuleResult:
     plan: ModulePlan
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    fits: list[TaskFit] = field(default_factory=list)
+    groups: list[dict[str, Any]] | None = None
 
 
 def natural_key(name: str) -> list:
@@ -319,7 +326,128 @@ def consolidate_module(
     budget_params: int | None = None,
     clock: dict[str, float] | None = None,
 ) -> ModuleResult:
-    """Bases, plan, coefficients, private factors and errors for one module."""
+    """Bases, plan, coefficients, private factors and errors for one module.
+
+    With ``config.groups`` other than '1', the tasks are also split into groups with separate
+    bases (spec, section 6), and the split is kept when it is cheaper at the same error target
+    (or has a lower mean error within the same budget).
+    """
+    single = consolidate_group(name, n, d, members, config, dtype, budget_params, clock)
+    mode = config.mode()
+    if str(config.groups) == "1" or mode in ("fixed", "energy") or len(members) < 4:
+        return single
+    options = range(2, min(4, len(members) // 2) + 1) if config.groups == "auto" else [int(config.groups)]
+    best = single
+    for G in options:
+        labels = cluster_tasks(single.fits, G)
+        found = sorted(set(labels))
+        if len(found) < 2:
+            continue
+        parts = [[m for m, lab in zip(members, labels) if lab == g] for g in found]
+        orig = [sum(m.rank for m in part) for part in parts]
+        results = []
+        for j, part in enumerate(parts):
+            gb = None if budget_params is None else int(budget_params * orig[j] / sum(orig))
+            results.append(
+                consolidate_group(name, n, d, part, config, dtype, gb, clock, prefix=f"modules/{name}/g{j}/")
+            )
+        combined = combine_groups(members, parts, results, single.plan.alternatives)
+        if mode == "budget":
+            better = combined.plan.mean_error < best.plan.mean_error - 1e-12
+        else:
+            better = combined.plan.params < best.plan.params
+        if better:
+            best = combined
+    return best
+
+
+def cluster_tasks(fits: list[TaskFit], groups: int, rounds: int = 5) -> list[int]:
+    """Split tasks into ``groups`` by the subspaces they occupy (k-subspaces in basis coordinates).
+
+    Each task is represented by the projector onto its output-side directions in the module's
+    shared coordinates; tasks start from the farthest-first seeds and are reassigned, a few
+    rounds, to the group whose mean projector captures most of them. Deterministic.
+    """
+    if not fits or fits[0].Eb.shape[0] == 0:
+        return [0] * len(fits)
+    bases = []
+    for f in fits:
+        if f.rank == 0 or f.norm2 == 0:
+            bases.append(torch.zeros(f.Eb.shape[0], 1, dtype=torch.float64))
+            continue
+        q, _ = torch.linalg.qr(f.Eb * f.s.clamp_min(0).sqrt().unsqueeze(0))
+        bases.append(q)
+    T = len(fits)
+    aff = torch.zeros(T, T, dtype=torch.float64)
+    for i in range(T):
+        for j in range(i, T):
+            a = float((bases[i].T @ bases[j]).pow(2).sum()) / max(min(bases[i].shape[1], bases[j].shape[1]), 1)
+            aff[i, j] = aff[j, i] = a
+    seeds = [0]
+    while len(seeds) < min(groups, T):
+        closest = aff[:, seeds].max(1).values
+        closest[seeds] = float("inf")
+        seeds.append(int(closest.argmin()))
+    labels = [int(aff[i, seeds].argmax()) for i in range(T)]
+    for _ in range(rounds):
+        centers = []
+        for g in range(len(seeds)):
+            idx = [i for i in range(T) if labels[i] == g]
+            centers.append(sum(bases[i] @ bases[i].T for i in idx) / max(len(idx), 1) if idx else None)
+        new = []
+        for i in range(T):
+            scores = [float((bases[i].T @ c @ bases[i]).trace()) if c is not None else -1.0 for c in centers]
+            new.append(max(range(len(scores)), key=lambda g: scores[g]))
+        if new == labels:
+            break
+        labels = new
+    return labels
+
+
+def combine_groups(
+    members: list[ModuleMember], parts: list[list[ModuleMember]], results: list[ModuleResult], alternatives
+) -> ModuleResult:
+    """One module result from the results of its groups (bases under modules/<m>/g<j>/)."""
+    combined = ModuleResult(plan=ModulePlan(0, 0, [], [], 0, alternatives))
+    combined.groups = []
+    where = {}
+    for j, (part, res) in enumerate(zip(parts, results)):
+        combined.tensors.update(res.tensors)
+        for m in part:
+            where[m.task] = (j, res)
+        combined.groups.append(
+            {
+                "k_B": res.plan.k_B,
+                "k_A": res.plan.k_A,
+                "kind": res.plan.kind,
+                "params": res.plan.params,
+                "tasks": [m.task for m in part],
+            }
+        )
+        combined.plan.k_B += res.plan.k_B
+        combined.plan.k_A += res.plan.k_A
+        combined.plan.params += res.plan.params
+    for m in members:
+        j, res = where[m.task]
+        i = [x.task for x in parts[j]].index(m.task)
+        combined.records[m.task] = dict(res.records[m.task], group=j)
+        combined.plan.private_ranks.append(res.plan.private_ranks[i])
+        combined.plan.predicted_errors.append(res.records[m.task]["error"])
+    return combined
+
+
+def consolidate_group(
+    name: str,
+    n: int,
+    d: int,
+    members: list[ModuleMember],
+    config: ConsolidationConfig,
+    dtype: torch.dtype,
+    budget_params: int | None = None,
+    clock: dict[str, float] | None = None,
+    prefix: str | None = None,
+) -> ModuleResult:
+    """One set of shared bases for ``members`` (all of a module's tasks, or one group of them)."""
     t0 = time.perf_counter()
     stack = ModuleStack(n, d, members, config)
     full = stack.full
@@ -340,29 +468,39 @@ def consolidate_module(
     norms, weights = stack.norms, stack.weights
     t1 = time.perf_counter()
     result = ModuleResult(plan=plan)
-    bases = StoredBases.of(*store_bases(name, beta, alpha, plan, dtype, result))
+    result.fits = planner.fits
+    bases = StoredBases.of(*store_bases(name, beta, alpha, plan, dtype, result, prefix))
     for i, (m, coords) in enumerate(zip(members, coordinates(members, bases))):
         tensors, record = encode_task(m, plan.private_ranks[i], bases, dtype, norms[i], coords)
         result.tensors.update({f"tasks/{m.task}/{name}/{part}": t for part, t in tensors.items()})
         result.records[m.task] = record
-    store_grams(name, result, [(m.task, weights[i]) for i, m in enumerate(members)], plan)
+    store_grams(name, result, [(m.task, weights[i]) for i, m in enumerate(members)], plan, prefix)
     if clock is not None:
         clock["decompose"] += t1 - t0
         clock["encode"] += time.perf_counter() - t1
     return result
 
 
-def store_bases(name: str, beta, alpha, plan: ModulePlan, dtype: torch.dtype, result: ModuleResult):
+def store_bases(
+    name: str, beta, alpha, plan: ModulePlan, dtype: torch.dtype, result: ModuleResult, prefix: str | None = None
+):
     """Round the chosen bases to the storage dtype and add them to ``result``."""
     if not (plan.k_B and plan.k_A):
         return None, None
+    prefix = prefix or f"modules/{name}/"
     beta_s, alpha_s = beta[:, : plan.k_B].cpu().to(dtype), alpha[:, : plan.k_A].cpu().to(dtype)
-    result.tensors[f"modules/{name}/basis_B"] = beta_s
-    result.tensors[f"modules/{name}/basis_A"] = alpha_s
+    result.tensors[f"{prefix}basis_B"] = beta_s
+    result.tensors[f"{prefix}basis_A"] = alpha_s
     return beta_s, alpha_s
 
 
-def store_grams(name: str, result: ModuleResult, weighted_tasks: list[tuple[str, float]], plan: ModulePlan) -> None:
+def store_grams(
+    name: str,
+    result: ModuleResult,
+    weighted_tasks: list[tuple[str, float]],
+    plan: ModulePlan,
+    prefix: str | None = None,
+) -> None:
     """Σ_i w_i E_i E_iᵀ over the stored coefficients, per side: the stack as the checkpoint knows it
     (spec, section 5). Kept so that later updates cost nothing per old task."""
     if not (plan.k_B and plan.k_A):
@@ -374,7 +512,7 @@ def store_grams(name: str, result: ModuleResult, weighted_tasks: list[tuple[str,
             if c is not None:
                 c = c.double()
                 G += w * (c @ c.T)
-        result.tensors[f"modules/{name}/gram_{side}"] = G.to(torch.float32)
+        result.tensors[f"{prefix or f'modules/{name}/'}gram_{side}"] = G.to(torch.float32)
 
 
 @dataclass
@@ -671,6 +809,7 @@ def module_record(n: int, d: int, res: ModuleResult, dtype: torch.dtype) -> dict
         "kind": res.plan.kind,
         "alternatives": res.plan.alternatives,
         "params": res.plan.params,
+        **({"groups": res.groups} if res.groups else {}),
         "dtype": str(dtype).replace("torch.", ""),
         "tasks": res.records,
     }

@@ -38,6 +38,7 @@ from .consolidation import (
     module_record,
     natural_key,
     prepare_member,
+    prepare_members,
     storage_dtype,
     store_bases,
     store_grams,
@@ -115,19 +116,26 @@ def _carry_module(
     left = {t: r for t, r in info["tasks"].items() if t in keep}
     if not left:
         return None
-    if info["k_B"]:
+    for prefix in sorted({ckpt.bases_prefix(name, t) for t in info["tasks"]} - {None}):
         for part in ("basis_B", "basis_A"):
-            writer.add(f"modules/{name}/{part}", ckpt.tensor(f"modules/{name}/{part}"))
+            writer.add(f"{prefix}{part}", ckpt.tensor(f"{prefix}{part}"))
         for side in ("B", "A"):
-            G = ckpt.tensor(f"modules/{name}/gram_{side}").double().clone()
+            G = ckpt.tensor(f"{prefix}gram_{side}").double().clone()
             for t in dropped:
-                if t in info["tasks"] and ckpt.has(f"tasks/{t}/{name}/coef_{side}"):
+                if (
+                    t in info["tasks"]
+                    and ckpt.bases_prefix(name, t) == prefix
+                    and ckpt.has(f"tasks/{t}/{name}/coef_{side}")
+                ):
                     c = ckpt.tensor(f"tasks/{t}/{name}/coef_{side}").double()
                     G -= _weight(info["tasks"][t]["norm"], weighting) * (c @ c.T)
-            writer.add(f"modules/{name}/gram_{side}", G)
+            writer.add(f"{prefix}gram_{side}", G.to(torch.float32))
     for t in left:
         _copy_task_tensors(ckpt, writer, t, name)
-    return {**info, "tasks": left}
+    out = {**info, "tasks": left}
+    if "groups" in info:
+        out["groups"] = [dict(g, tasks=[t for t in g["tasks"] if t in left]) for g in info["groups"]]
+    return out
 
 
 def _weight(norm: float, weighting: str) -> float:
@@ -217,9 +225,11 @@ def add(
                     modules_out[name] = carried
                 continue
             else:
-                res = update_module(
-                    ckpt, name, [t for t in old_tasks if t in old_info["tasks"]], members, config, mdtype
-                )
+                kept = [t for t in old_tasks if t in old_info["tasks"]]
+                if "groups" in old_info:  # grouped bases: refit this module from the old reconstructions
+                    res = refit_module(ckpt, name, kept, members, config, mdtype)
+                else:
+                    res = update_module(ckpt, name, kept, members, config, mdtype)
                 for t, rec in res.records.items():
                     if "drift" in rec:
                         drift.setdefault(t, []).append(rec["drift"])
@@ -384,6 +394,33 @@ def update_module(
         weighted.append((m.task, weights[j]))
     store_grams(name, result, weighted, plan)
     return result
+
+
+def refit_module(
+    ckpt: Checkpoint,
+    name: str,
+    old_tasks: list[str],
+    members: list[ModuleMember],
+    config: ConsolidationConfig,
+    dtype: torch.dtype,
+) -> ModuleResult:
+    """Consolidate one module again from its old tasks' reconstructions and the new members.
+
+    Used for modules with groups of bases, where the incremental update of one basis does not apply;
+    its cost grows with the number of old tasks of that module. Old tasks' errors become bounds.
+    """
+    sources = [CheckpointTask(ckpt, t) for t in old_tasks]
+    old_members = prepare_members(
+        old_tasks, [s.read_module(name) for s in sources], config, [s.prior(name) for s in sources]
+    )
+    info = ckpt.modules[name]
+    res = consolidate_module(name, info["out_features"], info["in_features"], old_members + members, config, dtype)
+    for t in old_tasks:
+        rec = res.records[t]
+        before = info["tasks"][t]["error"]
+        rec["error_before"] = before
+        rec["drift"] = max(rec["error"] - before, 0.0)
+    return res
 
 
 def _energy(s: torch.Tensor, tau: float) -> int:

@@ -28,9 +28,16 @@ def verify_checkpoint(ckpt: Checkpoint, *, tol: float = 1e-3) -> dict[str, Any]:
         if t.is_floating_point() and not torch.isfinite(t).all():
             bad(f"tensor {name} holds NaN or Inf")
     for module, info in ckpt.modules.items():
-        n, d, kB, kA = info["out_features"], info["in_features"], info["k_B"], info["k_A"]
-        beta, alpha = ckpt.bases(module)
-        if beta is not None:
+        n, d = info["out_features"], info["in_features"]
+        checked: set[str] = set()
+        for task in info["tasks"]:
+            prefix = ckpt.bases_prefix(module, task)
+            if prefix is None or prefix in checked:
+                continue
+            checked.add(prefix)
+            beta, alpha = ckpt.bases(module, task)
+            group = info["groups"][info["tasks"][task]["group"]] if "groups" in info else info
+            kB, kA = group["k_B"], group["k_A"]
             if tuple(beta.shape) != (n, kB) or tuple(alpha.shape) != (d, kA):
                 bad(
                     f"bases of {module} have shapes {tuple(beta.shape)}, {tuple(alpha.shape)}; expected ({n}, {kB}), ({d}, {kA})"
@@ -43,7 +50,7 @@ def verify_checkpoint(ckpt: Checkpoint, *, tol: float = 1e-3) -> dict[str, Any]:
         for task, rec in info["tasks"].items():
             if task not in ckpt.tasks:
                 bad(f"module {module} names unknown task {task}")
-            Bh, Ah = ckpt.reconstruction(task, module, (beta, alpha))
+            Bh, Ah = ckpt.reconstruction(task, module)
             if Bh.shape[0] != n or Ah.shape[0] != d:
                 bad(f"task {task} in {module} has factors of the wrong shape")
             if Bh.shape[1] != rec["rank"] + rec["private_rank"]:

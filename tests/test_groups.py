@@ -1,0 +1,63 @@
+"""Groups of tasks with separate bases per module (spec, section 6)."""
+
+import torch
+from typer.testing import CliRunner
+
+from share_convert.checkpoint import Checkpoint
+from share_convert.cli import app
+from share_convert.consolidation import ConsolidationConfig, merge
+from share_convert.continual import add, remove
+from share_convert.extraction import extract
+from share_convert.formats import AdapterSource, open_adapters
+from share_convert.synthetic import write_synthetic_adapters
+
+
+def two_families(tmp_path):
+    """Six adapters from one planted subspace and six from another: one basis serves them badly."""
+    write_synthetic_adapters(
+        tmp_path / "a", count=6, layers=1, hidden=96, rank=8, shared_rank=8, noise=0.001, seed=1, prefix="x"
+    )
+    write_synthetic_adapters(
+        tmp_path / "a", count=6, layers=1, hidden=96, rank=8, shared_rank=8, noise=0.001, seed=2, prefix="y"
+    )
+    return open_adapters([str(tmp_path / "a")])
+
+
+def test_groups_are_kept_where_they_are_cheaper_at_the_same_error(tmp_path):
+    sources = two_families(tmp_path)
+    merge(sources, tmp_path / "one.safetensors", ConsolidationConfig(target_error=0.02))
+    merge(sources, tmp_path / "grp.safetensors", ConsolidationConfig(target_error=0.02, groups="auto"))
+    one, grp = Checkpoint(tmp_path / "one.safetensors"), Checkpoint(tmp_path / "grp.safetensors")
+    for module, info in grp.modules.items():
+        assert len(info["groups"]) == 2
+        families = [{t[0] for t in g["tasks"]} for g in info["groups"]]
+        assert sorted(map(sorted, families)) == [["x"], ["y"]]  # the split follows the planted families
+        assert info["params"] < one.modules[module]["params"]
+        errs = [t["error"] for t in info["tasks"].values()]
+        assert sum(errs) / len(errs) <= 0.02 + 1e-6
+
+
+def test_grouped_checkpoints_extract_verify_add_and_remove(tmp_path):
+    sources = two_families(tmp_path)
+    merge(sources[:-1], tmp_path / "g.safetensors", ConsolidationConfig(target_error=0.02, groups="auto"))
+    runner = CliRunner()
+    assert runner.invoke(app, ["verify", str(tmp_path / "g.safetensors")]).exit_code == 0
+    ckpt = Checkpoint(tmp_path / "g.safetensors")
+    src = sources[0]
+    out = extract(ckpt, src.task, tmp_path / "x")
+    module = next(iter(ckpt.modules))
+    f, e = src.read_module(module), AdapterSource(out.path).read_module(module)
+    W, What = f.B.double() @ f.A.double(), e.B.double() @ e.A.double()
+    err = float(torch.linalg.norm(W - What) / torch.linalg.norm(W))
+    assert abs(err - ckpt.modules[module]["tasks"][src.task]["error"]) < 1e-4
+    add(tmp_path / "g.safetensors", sources[-1:], tmp_path / "g2.safetensors")
+    g2 = Checkpoint(tmp_path / "g2.safetensors")
+    assert sources[-1].task in g2.tasks and g2.history[-1]["op"] == "add"
+    assert runner.invoke(app, ["verify", str(tmp_path / "g2.safetensors")]).exit_code == 0
+    remove(tmp_path / "g2.safetensors", [sources[0].task], tmp_path / "g3.safetensors")
+    assert runner.invoke(app, ["verify", str(tmp_path / "g3.safetensors")]).exit_code == 0
+
+
+def test_groups_option_is_validated():
+    result = CliRunner().invoke(app, ["merge", "x", "-o", "y.safetensors", "--groups", "many"])
+    assert result.exit_code == 2 and "--groups" in result.output
