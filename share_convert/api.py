@@ -17,8 +17,8 @@ from . import hub
 from .checkpoint import Checkpoint, is_checkpoint
 from .consolidation import ConsolidationConfig, Progress, only_modules
 from .consolidation import merge as _merge
-from .continual import CheckpointTask, checkpoint_tasks
 from .continual import add as _add
+from .continual import checkpoint_tasks, config_of
 from .continual import remove as _remove
 from .extraction import ExtractedAdapter
 from .extraction import extract as _extract
@@ -56,10 +56,7 @@ def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
             continue
         for path in expand_paths(spec.path):
             if path.is_file() and path.suffix == ".safetensors" and is_checkpoint(path):
-                ckpt = Checkpoint(path)
-                sources += (
-                    [CheckpointTask(ckpt, t) for t in ckpt.tasks] if spec.task is None else checkpoint_tasks(ckpt)
-                )
+                sources += checkpoint_tasks(Checkpoint(path))
             else:
                 sources += open_adapters([f"{spec.task}={path}" if spec.task else str(path)], alpha=alpha)
     check_unique_tasks([s.task for s in sources], [s.origin for s in sources])
@@ -129,15 +126,24 @@ def add(
     output: str | Path,
     config: ConsolidationConfig | None = None,
     *,
+    k: int | None = None,
+    target_error: float | None = None,
     alpha: float | None = None,
     replace: bool = False,
     force: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Fold new adapters (or checkpoints) into ``checkpoint``, writing ``output``; return the report."""
+    """Fold new adapters (or checkpoints) into ``checkpoint``, writing ``output``; return the report.
+
+    ``config`` defaults to the checkpoint's own options, with ``k`` / ``target_error`` overriding them.
+    """
     ckpt = open_checkpoint(checkpoint)
+    if config is None:
+        config = config_of(ckpt)
+        config.k = k if k is not None else config.k
+        config.target_error = target_error if target_error is not None else config.target_error
     sources = open_inputs(inputs, alpha=alpha)
-    _add(ckpt.path, sources, output, config, replace=replace, force=force, progress=progress)
+    _add(ckpt, sources, output, config, replace=replace, force=force, progress=progress)
     return summarize(Checkpoint(output))
 
 

@@ -66,6 +66,11 @@ def check_output(path: Path, force: bool) -> None:
     """Refuse to overwrite an existing output unless ``force``; check its folder is writable."""
     if path.exists() and not force:
         raise OutputExistsError("already exists", path=path, hint="Pass --force to overwrite it")
+    check_parent_writable(path)
+
+
+def check_parent_writable(path: Path) -> None:
+    """The folder that will hold ``path`` exists and is writable (checked before any work)."""
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise OutputExistsError("the output folder does not exist", path=parent, hint="Create it first")
@@ -250,6 +255,11 @@ class Checkpoint:
     # -- tensors --------------------------------------------------------------------------------------
     def has(self, name: str) -> bool:
         return name in self._keys
+
+    def tensor_meta(self, name: str) -> tuple[list[int], str]:
+        """Shape and safetensors dtype of a tensor, from the header (nothing is read)."""
+        sl = self._file.get_slice(name)
+        return list(sl.get_shape()), sl.get_dtype()
 
     def tensor(self, name: str) -> torch.Tensor:
         """Read one tensor and verify its checksum (bases and grams are kept for the next call)."""

@@ -375,7 +375,7 @@ def plan(
     dp = result["default_plan"]
     out.print(
         f"Default plan ({dp['rule']}): {dp['ratio']:.2f}× with {dp['mean_error']:.1%} mean ΔW error; at the same storage "
-        f"pure sharing gives {dp['at_same_storage']['shared']:.1%} and no sharing {dp['at_same_storage']['private']:.1%}."
+        f"pure sharing gives {dp['at_same_storage']['shared']:.1%} and no sharing (equal ranks) {dp['at_same_storage']['private']:.1%}."
     )
     out.print(result["verdict"])
     if plot is not None:
@@ -385,6 +385,8 @@ def plan(
 def _update_target(checkpoint: str, output: Path | None, in_place: bool) -> Path:
     if in_place == (output is not None):
         fail("give exactly one of -o OUT or --in-place")
+    if in_place and checkpoint.startswith("hf://"):
+        fail("--in-place needs a local checkpoint; write the update with -o and push it")
     return Path(checkpoint) if in_place else output  # type: ignore[return-value]
 
 
@@ -413,21 +415,20 @@ def add(
     The report shows each old task's ΔW error before and after (its drift) and the new tasks' errors.
     Example: share-convert add share.safetensors new-task/ -o share-v2.safetensors
     """
-    from .continual import config_of
-
     if not inputs:
         fail("no new adapters were given: pass adapter folders, files, globs or checkpoints")
-    if in_place and checkpoint.startswith("hf://"):
-        fail("--in-place needs a local checkpoint; write the update with -o and push it")
     target = _update_target(checkpoint, output, in_place)
-    config = config_of(api.open_checkpoint(checkpoint))
-    if k is not None:
-        config.k = k
-    if target_error is not None:
-        config.target_error = target_error
     with progress_bar("adding") as progress:
         summary = api.add(
-            checkpoint, inputs, target, config, alpha=alpha, replace=replace, force=force or in_place, progress=progress
+            checkpoint,
+            inputs,
+            target,
+            k=k,
+            target_error=target_error,
+            alpha=alpha,
+            replace=replace,
+            force=force or in_place,
+            progress=progress,
         )
     show(summary, as_json)
 
@@ -533,6 +534,7 @@ def pull(
 
 
 @app.command()
+@handle_errors
 def demo(
     keep: Annotated[
         Path | None, typer.Option("--keep", help="Keep the demo's files in this folder instead of a temporary one.")

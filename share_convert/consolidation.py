@@ -24,9 +24,9 @@ import torch
 
 from .checkpoint import FORMAT_NAME, FORMAT_VERSION, CheckpointWriter, check_output
 from .errors import IncompatibleAdaptersError, InvalidOptionError
-from .formats import LoraFactors
+from .formats import LoraFactors, itemsize
 from .linalg import canonicalize, canonicalize_many, deterministic, principal_basis
-from .planning import ModulePlan, ModulePlanner, TaskFit, parse_budget
+from .planning import ModulePlan, ModulePlanner, TaskFit, energy_k, parse_budget, task_weight
 
 Progress = Callable[[str, int, int], None]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -147,8 +147,6 @@ class TaskSource(Protocol):
     config: dict | None
     head_keys: list[str]
     weights_dtype: str
-    stored_params: int
-    stored_bytes: int
 
     def module_shapes(self) -> dict[str, tuple[int, int, int]]: ...  # name -> (n, d, r)
     def read_module(self, module: str) -> LoraFactors: ...
@@ -286,10 +284,7 @@ class ModuleStack:
     def __init__(self, n: int, d: int, members: list[ModuleMember], config: ConsolidationConfig):
         self.n, self.d, self.members, self.config = n, d, members, config
         self.norms = [float((m.s**2).sum()) ** 0.5 for m in members]
-        if config.weighting == "equal":  # spec, section 6: every task scaled to ‖ΔW_i‖_F = 1 for the fit
-            self.weights = [1.0 / nm if nm > 0 else 0.0 for nm in self.norms]
-        else:
-            self.weights = [1.0] * len(members)
+        self.weights = [task_weight(nm, config.weighting) for nm in self.norms]
         device = config.torch_device()
         self.stack_B = torch.cat([m.stacked[0].float() * w**0.5 for m, w in zip(members, self.weights)], 1).to(device)
         self.stack_A = torch.cat([m.stacked[1].float() * w**0.5 for m, w in zip(members, self.weights)], 1).to(device)
@@ -635,20 +630,12 @@ def _choose(planner: ModulePlanner, config, stack_B, stack_A, sB, sA, budget_par
     if mode == "fixed":
         return planner.fixed(config.k, config.private_rank)
     if mode == "energy":
-        kB = _energy_k(sB, float(stack_B.double().pow(2).sum()), config.energy)
-        kA = _energy_k(sA, float(stack_A.double().pow(2).sum()), config.energy)
+        kB = energy_k(sB, float(stack_B.double().pow(2).sum()), config.energy)
+        kA = energy_k(sA, float(stack_A.double().pow(2).sum()), config.energy)
         return planner.evaluate(kB, kA, [0] * len(planner.fits))
     if mode == "budget":
         return planner.for_budget(budget_params)
     return planner.for_target(config.target_error, config.target_metric)
-
-
-def _energy_k(s: torch.Tensor, total: float, tau: float) -> int:
-    if total <= 0 or s.numel() == 0:
-        return 0
-    cum = (s**2).cumsum(0) / total
-    hits = (cum >= tau * (1 - 1e-9)).nonzero()
-    return int(hits[0]) + 1 if hits.numel() else s.numel()
 
 
 def module_budget(
@@ -704,7 +691,12 @@ def merge(
     check_output(output, force)
     modules = check_compatible(sources)
     dtype = storage_dtype(config, [s.weights_dtype for s in sources])
-    total_original = sum(r * (n + d) for s in sources for (n, d, r) in s.module_shapes().values())
+    shapes = [s.module_shapes() for s in sources]
+    # original LoRA parameters per module: what budgets are split by and what sets the worker count
+    module_params = {m: sum(shapes[i][m][2] for i in idx) * (n + d) for m, (n, d, idx) in modules.items()}
+    total_original = sum(module_params.values())
+    if workers is None:
+        workers = auto_workers(max(module_params.values(), default=0))
     # bytes that are not LoRA data: heads, and the manifest (up to about 1 KB per task and module)
     pairs = sum(len(idx) for (_, _, idx) in modules.values())
     fixed_bytes = sum(s.task_record().get("head_bytes", 0) for s in sources) + 1000 * pairs + 2000 * len(modules) + 4096
@@ -737,16 +729,6 @@ def merge(
 
         # Modules are independent: workers compute them concurrently (each numeric op on one
         # thread, so results do not depend on the thread count) and the writer takes them in order.
-        if workers is None:
-            workers = auto_workers(
-                max(
-                    (
-                        sum(sources[i].module_shapes()[m][2] for i in idx) * (n + d)
-                        for m, (n, d, idx) in modules.items()
-                    ),
-                    default=0,
-                )
-            )
         for step, (item, res) in enumerate(zip(modules.items(), _ordered_map(work, list(modules.items()), workers))):
             name, (n, d, _idx) = item
             if progress:
@@ -839,9 +821,8 @@ def build_manifest(
             for m in modules.values()
             if name in m["tasks"]
         )
-        itemsize = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}.get(rec.get("weights_dtype", "F32"), 4)
         rec["original_params"] = lora + rec.get("head_params", 0)
-        rec["original_bytes"] = lora * itemsize + rec.get("head_bytes", 0)
+        rec["original_bytes"] = lora * itemsize(rec.get("weights_dtype", "F32")) + rec.get("head_bytes", 0)
     entry = {
         "op": op,
         "tasks_added": [s.task for s in sources if not s.task_record().get("from_checkpoint")],

@@ -24,6 +24,7 @@ import torch
 
 from .checkpoint import Checkpoint, CheckpointWriter, check_output
 from .consolidation import (
+    _DTYPES,
     ConsolidationConfig,
     ModuleMember,
     ModuleResult,
@@ -47,9 +48,7 @@ from .consolidation import (
 from .errors import DuplicateTaskError, IncompatibleAdaptersError, InvalidOptionError, UnknownTaskError
 from .formats import LoraFactors
 from .linalg import RANK_RTOL, canonicalize_many, deterministic, fix_signs
-from .planning import ModulePlanner, TaskFit
-
-_DT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .planning import ModulePlanner, TaskFit, energy_k, task_weight
 
 
 class CheckpointTask:
@@ -64,8 +63,6 @@ class CheckpointTask:
         self.config = rec.get("adapter_config")
         self.head_keys = list(rec.get("heads", []))
         self.weights_dtype = rec.get("weights_dtype", "F32")
-        self.stored_params = rec.get("original_params", 0)
-        self.stored_bytes = rec.get("original_bytes", 0)
 
     def module_shapes(self) -> dict[str, tuple[int, int, int]]:
         out = {}
@@ -128,7 +125,7 @@ def _carry_module(
                     and ckpt.has(f"tasks/{t}/{name}/coef_{side}")
                 ):
                     c = ckpt.tensor(f"tasks/{t}/{name}/coef_{side}").double()
-                    G -= _weight(info["tasks"][t]["norm"], weighting) * (c @ c.T)
+                    G -= task_weight(info["tasks"][t]["norm"], weighting) * (c @ c.T)
             writer.add(f"{prefix}gram_{side}", G.to(torch.float32))
     for t in left:
         _copy_task_tensors(ckpt, writer, t, name)
@@ -138,15 +135,8 @@ def _carry_module(
     return out
 
 
-def _weight(norm: float, weighting: str) -> float:
-    """A task's weight in the basis fit: 1/‖ΔW‖ with equal weighting (spec, section 6)."""
-    if weighting != "equal":
-        return 1.0
-    return 1.0 / norm if norm > 0 else 0.0
-
-
 def add(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Checkpoint,
     sources: Sequence[TaskSource],
     output: str | Path,
     config: ConsolidationConfig | None = None,
@@ -160,13 +150,13 @@ def add(
     ``config`` defaults to the checkpoint's own options. Existing task names are an error unless
     ``replace``, in which case the old task is dropped first.
     """
-    ckpt = Checkpoint(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     config = config or config_of(ckpt)
     config.validate()
     output = Path(output)
     if not sources:
         raise InvalidOptionError("no new adapters were given", hint="Pass adapter folders, files, globs or checkpoints")
-    same_file = output.exists() and Path(checkpoint).exists() and output.resolve() == Path(checkpoint).resolve()
+    same_file = output.exists() and output.resolve() == ckpt.path.resolve()
     check_output(output, force or same_file)
     clashes = [s.task for s in sources if s.task in ckpt.tasks]
     if clashes and not replace:
@@ -209,7 +199,7 @@ def add(
                 progress(name, step, len(all_modules))
             old_info = ckpt.modules.get(name)
             mdtype = dtype or (
-                _DT[old_info["dtype"]] if old_info else storage_dtype(config, [s.weights_dtype for s in sources])
+                _DTYPES[old_info["dtype"]] if old_info else storage_dtype(config, [s.weights_dtype for s in sources])
             )
             members = [
                 prepare_member(s.task, s.read_module(name), config, s.prior(name))
@@ -306,7 +296,7 @@ def update_module(
     beta, alpha = ckpt.bases(name)
     GB, GA = ckpt.grams(name)
     norms = [float((m.s**2).sum()) ** 0.5 for m in members]
-    weights = [(1.0 / nm if nm > 0 else 0.0) if config.weighting == "equal" else 1.0 for nm in norms]
+    weights = [task_weight(nm, config.weighting) for nm in norms]
     NB = torch.cat([m.stacked[0].double() * w**0.5 for m, w in zip(members, weights)], 1)
     NA = torch.cat([m.stacked[1].double() * w**0.5 for m, w in zip(members, weights)], 1)
     new_beta, sB = _updated_basis(beta, GB, NB)
@@ -339,8 +329,8 @@ def update_module(
     if mode == "fixed":
         plan = planner.fixed(config.k, config.private_rank)
     elif mode == "energy":
-        kB = _energy(sB, config.energy)
-        kA = _energy(sA, config.energy)
+        kB = energy_k(sB, float((sB**2).sum()), config.energy)
+        kA = energy_k(sA, float((sA**2).sum()), config.energy)
         plan = planner.evaluate(kB, kA, [0] * len(fits))
     else:  # budgets are per merge; an update keeps the error target
         plan = planner.for_target(config.target_error, config.target_metric)
@@ -385,7 +375,7 @@ def update_module(
             rec["bound"] = True
         result.tensors.update({f"tasks/{t}/{name}/{part}": v for part, v in tensors.items()})
         result.records[t] = rec
-        weighted.append((t, _weight(rec["norm"], config.weighting)))
+        weighted.append((t, task_weight(rec["norm"], config.weighting)))
     for j, m in enumerate(members):
         q = plan.private_ranks[len(old) + j]
         tensors, rec = encode_task(m, q, stored, dtype, norms[j])
@@ -421,15 +411,6 @@ def refit_module(
         rec["error_before"] = before
         rec["drift"] = max(rec["error"] - before, 0.0)
     return res
-
-
-def _energy(s: torch.Tensor, tau: float) -> int:
-    total = float((s**2).sum())
-    if total <= 0:
-        return 0
-    cum = (s**2).cumsum(0) / total
-    hits = (cum >= tau * (1 - 1e-9)).nonzero()
-    return int(hits[0]) + 1 if hits.numel() else s.numel()
 
 
 def remove(

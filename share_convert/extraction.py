@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, check_parent_writable
 from .errors import InvalidOptionError, OutputExistsError
 from .formats import PEFT_PREFIX
 from .linalg import canonicalize, deterministic
@@ -57,11 +57,7 @@ def prepare_output_dir(path: Path, force: bool) -> None:
             raise OutputExistsError("exists and is not a folder", path=path, hint="Choose another output folder")
         if any(path.iterdir()) and not force:
             raise OutputExistsError("exists and is not empty", path=path, hint="Pass --force to replace it")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputExistsError("the parent folder does not exist", path=parent, hint="Create it first")
-    if not os.access(parent, os.W_OK):
-        raise OutputExistsError("the output folder is not writable", path=parent, hint="Choose another output")
+    check_parent_writable(path)
 
 
 def publish_dir(tmp: Path, target: Path) -> None:

@@ -14,7 +14,7 @@ import math
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +137,6 @@ class AdapterSource:
         self.dtypes = dtypes
         self.shapes = shapes
         self.weights_dtype = _dominant_dtype(dtypes, self.modules)
-        self.stored_params = sum(math.prod(s) for s in shapes.values())
-        self.stored_bytes = sum(math.prod(s) * _itemsize(dtypes[k]) for k, s in shapes.items())
         for spec in self.modules.values():
             self.scale(spec.name)  # validate ranks against the config up front
 
@@ -263,11 +261,12 @@ class AdapterSource:
             "heads": list(self.head_keys),
             "head_dtypes": {k: self.dtypes[k] for k in self.head_keys},
             "head_params": sum(math.prod(self.shapes[k]) for k in self.head_keys),
-            "head_bytes": sum(math.prod(self.shapes[k]) * _itemsize(self.dtypes[k]) for k in self.head_keys),
+            "head_bytes": sum(math.prod(self.shapes[k]) * itemsize(self.dtypes[k]) for k in self.head_keys),
         }
 
 
-def _itemsize(dtype: str) -> int:
+def itemsize(dtype: str) -> int:
+    """Bytes per element of a safetensors dtype name (``"F32"`` → 4)."""
     return {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}.get(
         dtype, 4
     )
@@ -424,7 +423,6 @@ class InputSpec:
 
     path: str
     task: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def parse_input(text: str) -> InputSpec:

@@ -14,7 +14,6 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -306,6 +305,3 @@ def pull(
             shutil.copyfile(src / name, tmp)
             os.replace(tmp, output / name)
     return output / CHECKPOINT_NAME
-
-
-Resolver = Callable[[str], list[Path]]

@@ -14,6 +14,9 @@ import torch
 
 #: Singular values below ``RANK_RTOL × σ_max`` are treated as zero (numerical rank).
 RANK_RTOL = 1e-6
+#: Cholesky-QR is used when the triangular factor's diagonal ratio exceeds this (cond(X) < 1e5);
+#: below it the factorization would lose digits and the Householder route is taken.
+CHOLESKY_MIN_RATIO = 1e-5
 
 
 @contextmanager
@@ -104,8 +107,8 @@ def canonicalize_many(
         ok = (
             (infoB == 0)
             & (infoA == 0)
-            & (dB.min(-1).values > 1e-5 * dB.max(-1).values)
-            & (dA.min(-1).values > 1e-5 * dA.max(-1).values)
+            & (dB.min(-1).values > CHOLESKY_MIN_RATIO * dB.max(-1).values)
+            & (dA.min(-1).values > CHOLESKY_MIN_RATIO * dA.max(-1).values)
         )
         RB, RA = LB.transpose(-1, -2), LA.transpose(-1, -2)
         eye = torch.eye(RB.shape[-1], dtype=torch.float64).expand_as(RB)
@@ -136,7 +139,7 @@ def _triangular_factor(X: torch.Tensor) -> torch.Tensor | None:
     if int(info) != 0:
         return None
     d = torch.diagonal(L)
-    if float(d.min()) <= 1e-5 * float(d.max()):  # cond(X) > 1e5: Cholesky-QR would lose digits
+    if float(d.min()) <= CHOLESKY_MIN_RATIO * float(d.max()):
         return None
     return L.T
 

@@ -174,14 +174,10 @@ class ModulePlanner:
             self._tails[key] = out0
             return out0
         out: list[list[float] | None] = [None] * len(self.fits)
-        by_rank: dict[int, list[int]] = {}
-        for i, f in enumerate(self.fits):
-            by_rank.setdefault(f.rank, []).append(i)
-        for r, idx in by_rank.items():
+        for idx, Eb_all, Ea_all, _norm2 in self._stacked():
+            r = self.fits[idx[0]].rank
             s = torch.stack([self.fits[i].s for i in idx])
-            _, Eb_all, Ea_all, _ = next(c for c in self._stacked() if c[0] == idx)
-            Eb, Ea = Eb_all[:, :k_B], Ea_all[:, :k_A]
-            spec = residual_spectrum(s, Eb, Ea)  # (t, 2r) descending
+            spec = residual_spectrum(s, Eb_all[:, :k_B], Ea_all[:, :k_A])  # (t, 2r) descending
             # tail[q] = energy left after keeping q private directions
             tail = spec.flip(-1).cumsum(-1).flip(-1)
             tail = torch.cat([tail, torch.zeros_like(tail[:, :1])], -1)
@@ -362,6 +358,22 @@ class ModulePlanner:
         return self.evaluate(0, 0, [min(h, f.rank) for f in self.fits])
 
 
+def energy_k(s: torch.Tensor, total: float, tau: float) -> int:
+    """Smallest k whose singular values ``s`` hold a fraction ≥ τ of ``total`` (spec, section 2.5)."""
+    if total <= 0 or s.numel() == 0:
+        return 0
+    cum = (s**2).cumsum(0) / total
+    hits = (cum >= tau * (1 - 1e-9)).nonzero()
+    return int(hits[0]) + 1 if hits.numel() else s.numel()
+
+
+def task_weight(norm: float, weighting: str) -> float:
+    """A task's weight in the basis fit: 1/‖ΔW‖ with equal weighting (spec, section 6), else 1."""
+    if weighting != "equal":
+        return 1.0
+    return 1.0 / norm if norm > 0 else 0.0
+
+
 def parse_budget(text: str) -> tuple[str, float]:
     """``'4x'`` → ('ratio', 4.0); ``'10MB'`` / ``'2.5GiB'`` / ``'1000000'`` → ('bytes', …)."""
     t = text.strip().lower().replace(" ", "")
@@ -372,7 +384,3 @@ def parse_budget(text: str) -> tuple[str, float]:
         if t.endswith(u):
             return "bytes", float(t[: -len(u)]) * f
     return "bytes", float(t)
-
-
-def isclose(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)

@@ -16,17 +16,16 @@ from rich.table import Table
 
 from .checkpoint import Checkpoint
 from .consolidation import ConsolidationConfig, task_errors
-
-_ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+from .formats import itemsize
 
 
 def storage_breakdown(ckpt: Checkpoint) -> dict[str, dict[str, int]]:
     """Parameters and bytes of the checkpoint's tensors by role, from the file's header."""
     parts = {k: {"params": 0, "bytes": 0} for k in ("bases", "grams", "coefficients", "private", "heads")}
     for name in ckpt.manifest.get("tensors", {}):
-        sl = ckpt._file.get_slice(name)
-        numel = math.prod(sl.get_shape())
-        nbytes = numel * _ITEMSIZE.get(sl.get_dtype(), 4)
+        shape, dtype = ckpt.tensor_meta(name)
+        numel = math.prod(shape)
+        nbytes = numel * itemsize(dtype)
         if name.startswith("modules/"):
             role = "grams" if name.endswith(("gram_B", "gram_A")) else "bases"
         elif "/heads/" in name:
@@ -205,7 +204,10 @@ def render(summary: dict[str, Any], console: Console) -> None:
         f"Plan: {summary['plan']['rule']}; modules: {kinds['shared']} shared, {kinds['mixed']} shared + private, "
         f"{kinds['private']} private only"
     )
-    console.print(f"Mean ΔW error {tot['mean_error']:.2%}, worst task-module {tot['max_error']:.2%}.")
+    console.print(
+        f"Mean ΔW error {tot['mean_error']:.2%} (per task the mean over its modules, then the mean over tasks); "
+        f"worst single task and module {tot['max_error']:.2%}."
+    )
     if summary["plan"].get("why"):
         console.print("Why: " + summary["plan"]["why"])
     console.print(summary["plan"]["verdict"])

@@ -73,11 +73,15 @@ def test_with_truncation_the_drift_is_reported_and_bounded_by_the_target(tmp_pat
     assert any(m["k_B"] > 0 for m in after.modules.values())  # the update really had a shared basis to move
 
 
-def test_update_cost_does_not_depend_on_old_adapters_being_present(tmp_path, real):
-    sources = open_adapters([str(real / "gpt2-c_attn")])
-    merge(sources[:3], tmp_path / "c.safetensors", FULL)
-    # the originals of the old tasks are gone: the update reads only the checkpoint
-    add(tmp_path / "c.safetensors", sources[3:], tmp_path / "c2.safetensors", FULL)
+def test_an_update_needs_only_the_checkpoint_not_the_old_adapters(tmp_path, real):
+    import shutil
+
+    for p in sorted((real / "gpt2-c_attn").iterdir())[:3]:
+        shutil.copytree(p, tmp_path / "old" / p.name)
+    merge(open_adapters([str(tmp_path / "old")]), tmp_path / "c.safetensors", FULL)
+    shutil.rmtree(tmp_path / "old")  # the originals of the old tasks are gone
+    new = open_adapters([str(p) for p in sorted((real / "gpt2-c_attn").iterdir())[3:]])
+    add(tmp_path / "c.safetensors", new, tmp_path / "c2.safetensors", FULL)
     assert len(Checkpoint(tmp_path / "c2.safetensors").tasks) == 5
 
 
