@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import struct
 import tempfile
@@ -48,6 +49,7 @@ _ST_DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
@@ -98,18 +100,29 @@ class CheckpointWriter:
         self.hashes: dict[str, str] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        raw = tensor_bytes(tensor)
+        self.add_raw(name, _ST_DTYPES[tensor.dtype], list(tensor.shape), raw, sha256(raw))
+
+    def add_stacked(self, names: list[str], stacked: torch.Tensor) -> None:
+        """Add ``stacked[i]`` under ``names[i]``: one conversion to bytes for many small tensors."""
+        if not names:
+            return
+        raw = tensor_bytes(stacked)
+        size = len(raw) // len(names)
+        dtype, shape = _ST_DTYPES[stacked.dtype], list(stacked.shape[1:])
+        for i, name in enumerate(names):
+            part = raw[i * size : (i + 1) * size]
+            self.add_raw(name, dtype, shape, part, sha256(part))
+
+    def add_raw(self, name: str, dtype: str, shape: list[int], raw: bytes, digest: str) -> None:
+        """Add a tensor as stored bytes whose SHA-256 is already known (copies between checkpoints)."""
         if name in self._entries:
             raise ValueError(f"duplicate tensor name {name}")
-        raw = tensor_bytes(tensor)
         self._data.write(raw)
-        self._entries[name] = {
-            "dtype": _ST_DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [self._offset, self._offset + len(raw)],
-        }
+        self._entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [self._offset, self._offset + len(raw)]}
         self._order.append(name)
         self._offset += len(raw)
-        self.hashes[name] = sha256(raw)
+        self.hashes[name] = digest
 
     def finish(self, manifest: dict[str, Any]) -> None:
         """Publish the file atomically with ``manifest`` (plus tensor hashes) in its metadata."""
@@ -228,6 +241,7 @@ class Checkpoint:
             )
         self._keys = set(self._file.keys())
         self._cache: dict[str, torch.Tensor] = {}
+        self._layout: tuple[mmap.mmap, int, dict[str, Any]] | None = None
 
     # -- manifest views ---------------------------------------------------------------------------------
     @property
@@ -258,8 +272,12 @@ class Checkpoint:
 
     def tensor_meta(self, name: str) -> tuple[list[int], str]:
         """Shape and safetensors dtype of a tensor, from the header (nothing is read)."""
-        sl = self._file.get_slice(name)
-        return list(sl.get_shape()), sl.get_dtype()
+        if name not in self._keys:
+            raise CorruptCheckpointError(
+                f"tensor {name} is missing", path=self.path, hint="Re-create or re-download it"
+            )
+        entry = self._mapped()[2][name]
+        return list(entry["shape"]), entry["dtype"]
 
     def tensor(self, name: str) -> torch.Tensor:
         """Read one tensor and verify its checksum (bases and grams are kept for the next call)."""
@@ -274,24 +292,69 @@ class Checkpoint:
         return t
 
     def _read(self, name: str) -> torch.Tensor:
+        dtype, shape, raw, _ = self.raw(name)
+        if not raw:
+            return torch.zeros(shape, dtype=_TORCH_DTYPES[dtype])
+        return torch.frombuffer(bytearray(raw), dtype=_TORCH_DTYPES[dtype]).reshape(shape)
+
+    def stacked(self, names: list[str]) -> torch.Tensor:
+        """Tensors of one shape and dtype, read (verified) into one ``len(names) × shape`` tensor."""
+        parts = [self.raw(name) for name in names]
+        dtype, shape = parts[0][0], parts[0][1]
+        if any(p[0] != dtype or p[1] != shape for p in parts):
+            raise ValueError("stacked tensors must share one shape and dtype")
+        data = b"".join(p[2] for p in parts)
+        if not data:
+            return torch.zeros([len(names), *shape], dtype=_TORCH_DTYPES[dtype])
+        return torch.frombuffer(bytearray(data), dtype=_TORCH_DTYPES[dtype]).reshape([len(names), *shape])
+
+    def raw(self, name: str) -> tuple[str, list[int], bytes, str]:
+        """One tensor as stored: safetensors dtype, shape, bytes and SHA-256 (verified).
+
+        Reads the bytes straight from the file (the header was validated by safetensors on open):
+        many small coefficient tensors are read per update, and this avoids a tensor per read.
+        """
         expected = self.manifest.get("tensors", {}).get(name)
         if name not in self._keys or expected is None:
             raise CorruptCheckpointError(
                 f"tensor {name} is missing", path=self.path, hint="Re-create or re-download it"
             )
-        try:
-            t = self._file.get_tensor(name)
-        except Exception:
+        data, start, header = self._mapped()
+        entry = header[name]
+        begin, end = entry["data_offsets"]
+        raw = data[start + begin : start + end]
+        if len(raw) != end - begin:
             raise CorruptCheckpointError(
-                f"tensor {name} cannot be read", path=self.path, hint="Re-create or re-download it"
-            ) from None
-        if sha256(tensor_bytes(t)) != expected:
+                f"tensor {name} cannot be read (the file is truncated)",
+                path=self.path,
+                hint="Re-create or re-download it",
+            )
+        if sha256(raw) != expected:
             raise CorruptCheckpointError(
                 f"checksum mismatch in tensor {name}: the file is corrupt",
                 path=self.path,
                 hint="Re-create or re-download it",
             )
-        return t
+        return entry["dtype"], list(entry["shape"]), raw, expected
+
+    def _mapped(self) -> tuple[mmap.mmap, int, dict[str, Any]]:
+        """The file mapped read-only, where its data starts, and its header (parsed once)."""
+        if self._layout is None:
+            try:
+                with open(self.path, "rb") as f:
+                    data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                (size,) = struct.unpack("<Q", data[:8])
+                header = json.loads(data[8 : 8 + size])
+            except (OSError, ValueError, struct.error):
+                raise CorruptCheckpointError(
+                    "the file changed or cannot be read", path=self.path, hint="Re-create or re-download it"
+                ) from None
+            self._layout = (data, 8 + size, header)
+        return self._layout
+
+    def copy_to(self, writer: CheckpointWriter, name: str) -> None:
+        """Copy one tensor into ``writer`` byte for byte, verified, keeping its checksum."""
+        writer.add_raw(name, *self.raw(name))
 
     def bases_prefix(self, module: str, task: str | None = None) -> str | None:
         """Where the bases of ``module`` (for ``task``, when the module has groups) are stored; None if k = 0."""
@@ -315,10 +378,12 @@ class Checkpoint:
             return None, None
         return self.tensor(f"{prefix}gram_B"), self.tensor(f"{prefix}gram_A")
 
-    def task_tensors(self, task: str, module: str) -> dict[str, torch.Tensor]:
-        """The stored coefficients and private factors of one task in one module."""
+    def task_tensors(
+        self, task: str, module: str, parts: tuple[str, ...] = ("coef_B", "coef_A", "private_B", "private_A")
+    ) -> dict[str, torch.Tensor]:
+        """The stored coefficients and private factors (or just ``parts``) of one task in one module."""
         out = {}
-        for part in ("coef_B", "coef_A", "private_B", "private_A"):
+        for part in parts:
             name = f"tasks/{task}/{module}/{part}"
             if name in self._keys:
                 out[part] = self.tensor(name)

@@ -180,6 +180,10 @@ class ModuleResult:
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     fits: list[TaskFit] = field(default_factory=list)
     groups: list[dict[str, Any]] | None = None
+    #: tensors of the source checkpoint kept byte for byte (continual updates), where they exist
+    carried: list[str] = field(default_factory=list)
+    #: many small tensors of one shape, stacked: (names, tensor with one row per name)
+    stacked: list[tuple[list[str], torch.Tensor]] = field(default_factory=list)
 
 
 def natural_key(name: str) -> list:
@@ -495,18 +499,26 @@ def store_grams(
     weighted_tasks: list[tuple[str, float]],
     plan: ModulePlan,
     prefix: str | None = None,
+    known: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Σ_i w_i E_i E_iᵀ over the stored coefficients, per side: the stack as the checkpoint knows it
-    (spec, section 5). Kept so that later updates cost nothing per old task."""
+    (spec, section 5). Kept so that later updates cost nothing per old task. ``known`` holds the
+    sum over tasks not in ``weighted_tasks``, per side (the old tasks of an update)."""
     if not (plan.k_B and plan.k_A):
         return
     for side, k in (("B", plan.k_B), ("A", plan.k_A)):
-        G = torch.zeros(k, k, dtype=torch.float64)
+        coefs, scales = [torch.zeros(k, 0)], []
         for task, w in weighted_tasks:
             c = result.tensors.get(f"tasks/{task}/{name}/coef_{side}")
             if c is not None:
-                c = c.double()
-                G += w * (c @ c.T)
+                coefs.append(c.float())
+                scales.append(torch.full((c.shape[1],), w, dtype=torch.float64))
+        # Σ_i w_i c_i c_iᵀ as one product over the side-by-side coefficients
+        C = torch.cat(coefs, 1).double()
+        w = torch.cat(scales) if scales else torch.zeros(0, dtype=torch.float64)
+        G = (C * w) @ C.T
+        if known is not None:
+            G = G + known[side]
         result.tensors[f"{prefix or f'modules/{name}/'}gram_{side}"] = G.to(torch.float32)
 
 

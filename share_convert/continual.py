@@ -47,8 +47,8 @@ from .consolidation import (
 )
 from .errors import DuplicateTaskError, IncompatibleAdaptersError, InvalidOptionError, UnknownTaskError
 from .formats import LoraFactors
-from .linalg import RANK_RTOL, canonicalize_many, deterministic, fix_signs
-from .planning import ModulePlanner, TaskFit, energy_k, task_weight
+from .linalg import RANK_RTOL, canonicalize_padded, deterministic, fix_signs
+from .planning import FrozenTasks, ModulePlanner, TaskFit, energy_k, task_weight
 
 
 class CheckpointTask:
@@ -98,11 +98,14 @@ def config_of(ckpt: Checkpoint) -> ConsolidationConfig:
     return ConsolidationConfig(**{k: v for k, v in ckpt.config.items() if k in fields})
 
 
-def _copy_task_tensors(ckpt: Checkpoint, writer: CheckpointWriter, task: str, module: str | None = None) -> None:
-    prefix = f"tasks/{task}/" + (f"{module}/" if module else "")
-    for name in sorted(ckpt.manifest["tensors"]):
-        if name.startswith(prefix):
-            writer.add(name, ckpt.tensor(name))
+_TASK_PARTS = ("coef_B", "coef_A", "private_B", "private_A")
+
+
+def _copy_task_tensors(ckpt: Checkpoint, writer: CheckpointWriter, task: str, module: str) -> None:
+    for part in _TASK_PARTS:
+        name = f"tasks/{task}/{module}/{part}"
+        if ckpt.has(name):
+            ckpt.copy_to(writer, name)
 
 
 def _carry_module(
@@ -115,7 +118,7 @@ def _carry_module(
         return None
     for prefix in sorted({ckpt.bases_prefix(name, t) for t in info["tasks"]} - {None}):
         for part in ("basis_B", "basis_A"):
-            writer.add(f"{prefix}{part}", ckpt.tensor(f"{prefix}{part}"))
+            ckpt.copy_to(writer, f"{prefix}{part}")
         for side in ("B", "A"):
             G = ckpt.tensor(f"{prefix}gram_{side}").double().clone()
             for t in dropped:
@@ -190,7 +193,7 @@ def add(
     with deterministic(), CheckpointWriter(output) as writer:
         for t in old_tasks:
             for key in ckpt.task(t).get("heads", []):
-                writer.add(f"tasks/{t}/heads/{key}", ckpt.tensor(f"tasks/{t}/heads/{key}"))
+                ckpt.copy_to(writer, f"tasks/{t}/heads/{key}")
         for src in sources:
             for key, tensor in src.read_heads().items():
                 writer.add(f"tasks/{src.task}/heads/{key}", tensor)
@@ -225,6 +228,11 @@ def add(
                         drift.setdefault(t, []).append(rec["drift"])
             for tname in sorted(res.tensors, key=lambda t: (not t.startswith("modules/"), t)):
                 writer.add(tname, res.tensors[tname])
+            for names, stacked in res.stacked:
+                writer.add_stacked(names, stacked)
+            for tname in res.carried:
+                if ckpt.has(tname):
+                    ckpt.copy_to(writer, tname)
             modules_out[name] = module_record(*_shape(ckpt, new_shapes, name), res, mdtype)
         if progress:
             progress("", len(all_modules), len(all_modules))
@@ -282,6 +290,47 @@ def _updated_basis(
     return B.to(torch.float32), s[:rank]
 
 
+class _OldCoefficients:
+    """The old tasks of one module in coordinates, zero-padded to one width and batched.
+
+    ``XB`` (T × k × r) and ``XA`` hold each task's stored (balanced) coefficients; the padding
+    changes no product below, so every per-task quantity of an update is a batched k-sized product.
+    """
+
+    def __init__(self, ckpt: Checkpoint, name: str, tasks: list[str], k_B: int, k_A: int):
+        self.tasks = tasks
+        by_rank: dict[int, list[int]] = {}
+        if k_B and k_A:
+            for j, t in enumerate(tasks):
+                if ckpt.has(f"tasks/{t}/{name}/coef_B"):
+                    by_rank.setdefault(ckpt.tensor_meta(f"tasks/{t}/{name}/coef_B")[0][1], []).append(j)
+        width = max(by_rank, default=0)
+        self.XB = torch.zeros(len(tasks), k_B, width, dtype=torch.float64)
+        self.XA = torch.zeros(len(tasks), k_A, width, dtype=torch.float64)
+        for p, idx in by_rank.items():  # one read per rank, not per task
+            for side, X in (("B", self.XB), ("A", self.XA)):
+                X[idx, :, :p] = ckpt.stacked([f"tasks/{tasks[j]}/{name}/coef_{side}" for j in idx]).double()
+        self.ranks = torch.zeros(len(tasks), dtype=torch.int64)
+        for p, idx in by_rank.items():
+            self.ranks[idx] = p
+
+    def norm2(self) -> torch.Tensor:
+        """‖shared part‖² per task: balanced coefficients have column norms whose product is S."""
+        s = self.XB.pow(2).sum(1).sqrt() * self.XA.pow(2).sum(1).sqrt()
+        return (s * s).sum(-1)
+
+
+def _frobenius2(XB: torch.Tensor, GB: torch.Tensor, XA: torch.Tensor, GA: torch.Tensor) -> torch.Tensor:
+    """‖β XB (α XA)ᵀ‖² per task from the Gram matrices G = βᵀβ, G = αᵀα (batched, spec section 4)."""
+    return ((XB.transpose(-1, -2) @ GB @ XB) * (XA.transpose(-1, -2) @ GA @ XA)).sum((-1, -2))
+
+
+def _gram(X: torch.Tensor) -> torch.Tensor:
+    """Σ_i X_i X_iᵀ over a batch ``T × k × r``."""
+    flat = X.transpose(0, 1).reshape(X.shape[1], -1)
+    return flat @ flat.T
+
+
 def update_module(
     ckpt: Checkpoint,
     name: str,
@@ -290,7 +339,11 @@ def update_module(
     config: ConsolidationConfig,
     dtype: torch.dtype,
 ) -> ModuleResult:
-    """Fold new members into one module of ``ckpt`` incrementally; old tasks keep their private parts."""
+    """Fold new members into one module of ``ckpt`` incrementally; old tasks keep their private parts.
+
+    Old tasks are handled as one batch of k-sized coefficient matrices: rotating them into the new
+    bases, rebalancing them and measuring their drift are a few batched products (spec, section 5).
+    """
     info = ckpt.modules[name]
     n, d = info["out_features"], info["in_features"]
     beta, alpha = ckpt.bases(name)
@@ -302,29 +355,14 @@ def update_module(
     new_beta, sB = _updated_basis(beta, GB, NB)
     new_alpha, sA = _updated_basis(alpha, GA, NA)
     nb64, na64 = new_beta.double(), new_alpha.double()
-    # Old tasks stay in coordinates: their shared part is β x_b (α x_a)ᵀ with (x_b, x_a) the
-    # balanced form of their coefficients, so nothing n-sized is computed per old task (section 5).
-    k_old = 0 if beta is None else beta.shape[1]
+    # Old tasks stay in coordinates: their shared part is β x_b (α x_a)ᵀ with (x_b, x_a) their
+    # balanced coefficients, so nothing n-sized is computed per old task (section 5).
     b_old = beta.double() if beta is not None else torch.zeros(n, 0, dtype=torch.float64)
     a_old = alpha.double() if alpha is not None else torch.zeros(d, 0, dtype=torch.float64)
-    to_new_B, to_new_A = nb64.T @ b_old, na64.T @ a_old  # (K' × k): old coordinates → new
-    old = []
-    for t in old_tasks:
-        parts = ckpt.task_tensors(t, name)
-        if "coef_B" in parts and k_old:
-            # stored coefficients are already balanced (c_Bᵀc_B = c_Aᵀc_A = S): their column norms give S
-            xb, xa = parts["coef_B"].double(), parts["coef_A"].double()
-            s = (xb * xb).sum(0).clamp_min(0) ** 0.5 * (xa * xa).sum(0).clamp_min(0) ** 0.5
-        else:
-            xb, xa, s = (
-                torch.zeros(k_old, 0, dtype=torch.float64),
-                torch.zeros(k_old, 0, dtype=torch.float64),
-                torch.zeros(0, dtype=torch.float64),
-            )
-        old.append((t, parts, xb, xa, s))
-    fits = [TaskFit(s=s, Eb=to_new_B @ xb, Ea=to_new_A @ xa) for (_, _, xb, xa, s) in old]
-    fits += [TaskFit(s=m.s, Eb=nb64.T @ m.Bc.double(), Ea=na64.T @ m.Ac.double()) for m in members]
-    planner = ModulePlanner(n, d, fits, frozen=[True] * len(old) + [False] * len(members))
+    old = _OldCoefficients(ckpt, name, old_tasks, b_old.shape[1], a_old.shape[1])
+    frozen = FrozenTasks(Eb=(nb64.T @ b_old) @ old.XB, Ea=(na64.T @ a_old) @ old.XA, norm2=old.norm2(), ranks=old.ranks)
+    fits = [TaskFit(s=m.s, Eb=nb64.T @ m.Bc.double(), Ea=na64.T @ m.Ac.double()) for m in members]
+    planner = ModulePlanner(n, d, fits, frozen=frozen)
     mode = config.mode()
     if mode == "fixed":
         plan = planner.fixed(config.k, config.private_rank)
@@ -337,52 +375,53 @@ def update_module(
     result = ModuleResult(plan=plan)
     beta_s, alpha_s = store_bases(name, new_beta, new_alpha, plan, dtype, result)
     stored = StoredBases.of(beta_s, alpha_s)
-    weighted: list[tuple[str, float]] = []
-    gram_old_B, gram_old_A = b_old.T @ b_old, a_old.T @ a_old
+    # drift² = ‖before‖² − 2⟨before, after⟩ + ‖after‖², all from k-sized products (batched)
+    before2 = _frobenius2(old.XB, b_old.T @ b_old, old.XA, a_old.T @ a_old)
+    cross = after2 = torch.zeros_like(before2)
+    T = len(old_tasks)
     if stored is not None:
-        stored_from_old_B, stored_from_old_A = stored.beta.T @ b_old, stored.alpha.T @ a_old  # (k_s × k)
-    # the old tasks' coordinates in the stored new bases, rebalanced all at once (batched)
-    if stored is not None:
-        rebalanced = canonicalize_many(
-            [stored_from_old_B @ xb for (_, _, xb, _, _) in old], [stored_from_old_A @ xa for (_, _, _, xa, _) in old]
-        )
-    for j, (t, parts, xb, xa, _s) in enumerate(old):
+        EB, EA = (stored.beta.T @ b_old) @ old.XB, (stored.alpha.T @ a_old) @ old.XA
+        CB, CA, _S, ranks = canonicalize_padded(EB, EA)
+        CB, CA = CB.to(dtype), CA.to(dtype)  # as stored
+        CB64, CA64 = CB.double(), CA.double()
+        cross = ((EB.transpose(-1, -2) @ CB64) * (EA.transpose(-1, -2) @ CA64)).sum((-1, -2))
+        after2 = _frobenius2(CB64, stored.gram_beta, CA64, stored.gram_alpha)
+    else:
+        ranks = torch.zeros(T, dtype=torch.int64)
+    drifts_abs = (before2 - 2 * cross + after2).clamp_min(0).sqrt().tolist()
+    ranks_list = ranks.tolist()
+    by_rank: dict[int, list[int]] = {}
+    for j, p in enumerate(ranks_list):
+        if p:
+            by_rank.setdefault(p, []).append(j)
+    for p, idx in sorted(by_rank.items()):  # one conversion per rank, not per task
+        for side, C in (("B", CB), ("A", CA)):
+            result.stacked.append(([f"tasks/{old_tasks[j]}/{name}/coef_{side}" for j in idx], C[idx, :, :p]))
+    for j, t in enumerate(old_tasks):
         rec = dict(info["tasks"][t])
-        tensors: dict[str, torch.Tensor] = {}
-        p = 0
-        before2 = float(((xb.T @ gram_old_B @ xb) * (xa.T @ gram_old_A @ xa)).sum())
-        cross = after2 = 0.0
-        if stored is not None and xb.shape[1]:
-            Eb, Ea = stored_from_old_B @ xb, stored_from_old_A @ xa
-            cB, cA, _ = rebalanced[j]
-            p = cB.shape[1]
-            if p:
-                tensors["coef_B"], tensors["coef_A"] = cB.to(dtype), cA.to(dtype)
-                cB, cA = tensors["coef_B"].double(), tensors["coef_A"].double()
-                # ⟨β x_b (α x_a)ᵀ, β_s c_B (α_s c_A)ᵀ⟩ and ‖β_s c_B (α_s c_A)ᵀ‖², by traces of k-sized products
-                cross = float(((Eb.T @ cB) * (Ea.T @ cA)).sum())
-                after2 = float(((cB.T @ stored.gram_beta @ cB) * (cA.T @ stored.gram_alpha @ cA)).sum())
-        for part in ("private_B", "private_A"):
-            if part in parts:
-                tensors[part] = parts[part]
-        drift_abs = max(before2 - 2 * cross + after2, 0.0) ** 0.5
-        drift = drift_abs / rec["norm"] if rec["norm"] > 0 else 0.0
+        p = ranks_list[j]
+        drift = drifts_abs[j] / rec["norm"] if rec["norm"] > 0 else 0.0
         rec["error_before"] = rec["error"]
         rec["drift"] = drift
         rec["error"] = rec["error"] + drift
         rec["rank"] = p
         if drift > 1e-6:
             rec["bound"] = True
-        result.tensors.update({f"tasks/{t}/{name}/{part}": v for part, v in tensors.items()})
         result.records[t] = rec
-        weighted.append((t, task_weight(rec["norm"], config.weighting)))
+        result.carried.append(f"tasks/{t}/{name}/private_B")
+        result.carried.append(f"tasks/{t}/{name}/private_A")
+    known = None
+    if stored is not None:  # the old tasks' part of Σ w c cᵀ, in one product per side
+        root = torch.tensor([task_weight(info["tasks"][t]["norm"], config.weighting) for t in old_tasks])
+        root = root.double().sqrt()[:, None, None]
+        known = {side: _gram(C * root) for side, C in (("B", CB64), ("A", CA64))}
+    weighted = []
     for j, m in enumerate(members):
-        q = plan.private_ranks[len(old) + j]
-        tensors, rec = encode_task(m, q, stored, dtype, norms[j])
+        tensors, rec = encode_task(m, plan.private_ranks[j], stored, dtype, norms[j])
         result.tensors.update({f"tasks/{m.task}/{name}/{part}": v for part, v in tensors.items()})
         result.records[m.task] = rec
         weighted.append((m.task, weights[j]))
-    store_grams(name, result, weighted, plan)
+    store_grams(name, result, weighted, plan, known=known)
     return result
 
 
@@ -450,7 +489,7 @@ def remove(
     with CheckpointWriter(output) as writer:
         for t in keep:
             for key in ckpt.task(t).get("heads", []):
-                writer.add(f"tasks/{t}/heads/{key}", ckpt.tensor(f"tasks/{t}/heads/{key}"))
+                ckpt.copy_to(writer, f"tasks/{t}/heads/{key}")
         for name in ckpt.modules:
             carried = _carry_module(ckpt, writer, name, keep, tasks, config.weighting)
             if carried is not None:

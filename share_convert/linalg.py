@@ -132,6 +132,33 @@ def canonicalize_many(
     return out  # type: ignore[return-value]
 
 
+def canonicalize_padded(
+    B: torch.Tensor, A: torch.Tensor, rtol: float = 1e-10
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`canonicalize` of a batch of small factor pairs, zero-padded to a common width.
+
+    ``B`` (``T × m × r``) and ``A`` (``T × m' × r``) hold coordinates, not n-sized factors, so
+    Householder QR is cheap and exact enough for rank-deficient (padded) pairs. Returns the
+    balanced factors (float64, same shapes up to ``min(m, m', r)`` columns), their singular values
+    (``T × ·``) and each pair's numerical rank; columns past a pair's rank are zero.
+    """
+    B, A = B.to(torch.float64), A.to(torch.float64)
+    QB, RB = torch.linalg.qr(B)
+    QA, RA = torch.linalg.qr(A)
+    U, S, Vh = torch.linalg.svd(RB @ RA.transpose(-1, -2), full_matrices=False)
+    top = S[:, :1] if S.shape[-1] else S.new_zeros(S.shape[0], 1)
+    live = (S > rtol * top) & (top > 0)
+    rank = live.sum(-1)
+    S = torch.where(live, S, torch.zeros_like(S))
+    half = S.sqrt().unsqueeze(-2)
+    Bc, Ac = QB @ (U * half), QA @ (Vh.transpose(-1, -2) * half)
+    # the sign convention of fix_signs, per pair and column
+    idx = Bc.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.sign(Bc.gather(-2, idx))
+    signs[signs == 0] = 1
+    return Bc * signs, Ac * signs, S, rank
+
+
 def _triangular_factor(X: torch.Tensor) -> torch.Tensor | None:
     """R with X = Q R from the Cholesky factor of XᵀX, or None when X is too ill-conditioned for it."""
     G = X.T @ X

@@ -78,8 +78,52 @@ class TaskFit:
 
 
 @dataclass
+class FrozenTasks:
+    """Tasks whose private rank is fixed at 0 (old tasks during a continual update), batched.
+
+    Coordinates are zero-padded to the largest rank (padding changes none of the sums below), so
+    their errors at any k cost a few batched products, not a Python loop over tasks (spec, section 5).
+    """
+
+    Eb: torch.Tensor  # (T, K_B, r) float64
+    Ea: torch.Tensor  # (T, K_A, r) float64
+    norm2: torch.Tensor  # (T,) float64, squared norm of each task's shared part
+    ranks: torch.Tensor  # (T,) int64
+
+    def __post_init__(self) -> None:
+        self._cache: dict[tuple[int, int], tuple[float, float]] = {}
+
+    def __len__(self) -> int:
+        return int(self.Eb.shape[0])
+
+    def errors(self, k_B: int, k_A: int) -> torch.Tensor:
+        """Each task's relative error at this k (q = 0), as in :meth:`ModulePlanner.shared_errors`."""
+        if k_B == 0 or k_A == 0:
+            return (self.norm2 > 0).to(torch.float64)
+        Eb, Ea = self.Eb[:, :k_B], self.Ea[:, :k_A]
+        kept = ((Eb.transpose(-1, -2) @ Eb) * (Ea.transpose(-1, -2) @ Ea)).sum((-1, -2))
+        rel = (1.0 - kept / self.norm2.clamp_min(1e-300)).clamp_min(0).sqrt()
+        return torch.where(self.norm2 > 0, rel, torch.zeros_like(rel))
+
+    def error_stats(self, k_B: int, k_A: int) -> tuple[float, float]:
+        """(sum, max) of the errors at this k."""
+        key = (k_B, k_A) if k_B and k_A else (0, 0)
+        if key not in self._cache:
+            e = self.errors(*key)
+            self._cache[key] = (float(e.sum()), float(e.max()) if e.numel() else 0.0)
+        return self._cache[key]
+
+    def coef_params(self, k_B: int, k_A: int) -> int:
+        return int(self.ranks.clamp(max=min(k_B, k_A)).sum()) * (k_B + k_A)
+
+
+@dataclass
 class ModulePlan:
-    """The representation chosen for one module."""
+    """The representation chosen for one module.
+
+    ``private_ranks`` and ``predicted_errors`` list the planned (not frozen) tasks; frozen tasks
+    count in ``params``, ``mean_error`` and the totals below.
+    """
 
     k_B: int
     k_A: int
@@ -88,6 +132,8 @@ class ModulePlan:
     params: int
     #: storage (parameters) of the cheapest pure-sharing and no-sharing plans meeting the same target
     alternatives: dict[str, int | None] | None = None
+    frozen_count: int = 0
+    frozen_error_sum: float = 0.0
 
     @property
     def kind(self) -> str:
@@ -98,18 +144,21 @@ class ModulePlan:
 
     @property
     def mean_error(self) -> float:
-        return sum(self.predicted_errors) / max(len(self.predicted_errors), 1)
+        count = len(self.predicted_errors) + self.frozen_count
+        return (sum(self.predicted_errors) + self.frozen_error_sum) / max(count, 1)
 
 
 class ModulePlanner:
     """Evaluates plans for one module of shape ``n × d`` (out × in)."""
 
-    def __init__(self, n: int, d: int, fits: list[TaskFit], frozen: list[bool] | None = None):
+    def __init__(self, n: int, d: int, fits: list[TaskFit], frozen: FrozenTasks | None = None):
         self.n, self.d, self.fits = n, d, fits
         #: tasks whose private rank is fixed at 0 here (old tasks during a continual update)
-        self.frozen = frozen or [False] * len(fits)
-        self.K_B = max((f.Eb.shape[0] for f in fits), default=0)
-        self.K_A = max((f.Ea.shape[0] for f in fits), default=0)
+        self.frozen = frozen
+        #: every task, planned and frozen: the mean error is over all of them
+        self.count = len(fits) + (len(frozen) if frozen is not None else 0)
+        self.K_B = max([f.Eb.shape[0] for f in fits] + ([frozen.Eb.shape[1]] if frozen is not None else []), default=0)
+        self.K_A = max([f.Ea.shape[0] for f in fits] + ([frozen.Ea.shape[1]] if frozen is not None else []), default=0)
         self._tails: dict[tuple[int, int], list[list[float]]] = {}
 
     # -- storage ------------------------------------------------------------------------------------
@@ -118,10 +167,17 @@ class ModulePlanner:
         if k_B == 0 or k_A == 0:
             return 0
         coef = sum(min(f.rank, k_B, k_A) * (k_B + k_A) for f in self.fits)
+        if self.frozen is not None:
+            coef += self.frozen.coef_params(k_B, k_A)
         return k_B * self.n + k_A * self.d + k_B * k_B + k_A * k_A + coef
 
     def original_params(self) -> int:
-        return sum(f.rank * (self.n + self.d) for f in self.fits)
+        frozen = int(self.frozen.ranks.sum()) if self.frozen is not None else 0
+        return (sum(f.rank for f in self.fits) + frozen) * (self.n + self.d)
+
+    def frozen_stats(self, k_B: int, k_A: int) -> tuple[float, float]:
+        """(sum, max) of the frozen tasks' errors at this k; (0, 0) without frozen tasks."""
+        return self.frozen.error_stats(k_B, k_A) if self.frozen is not None else (0.0, 0.0)
 
     def sides(self, k: int) -> tuple[int, int]:
         return min(k, self.K_B), min(k, self.K_A)
@@ -194,7 +250,12 @@ class ModulePlanner:
         params = self.shared_params(k_B, k_A) + sum(q) * (self.n + self.d)
         if k_B == 0 or k_A == 0:
             k_B = k_A = 0
-        return ModulePlan(k_B, k_A, list(q), errs, params)
+        return self._plan(k_B, k_A, list(q), errs, params)
+
+    def _plan(self, k_B: int, k_A: int, q: list[int], errs: list[float], params: int) -> ModulePlan:
+        frozen_sum = self.frozen_stats(k_B, k_A)[0]
+        count = len(self.frozen) if self.frozen is not None else 0
+        return ModulePlan(k_B, k_A, q, errs, params, frozen_count=count, frozen_error_sum=frozen_sum)
 
     def grid(self, extra: tuple[int, ...] = ()) -> list[int]:
         K = max(self.K_B, self.K_A)
@@ -204,7 +265,7 @@ class ModulePlanner:
     def _greedy(self, tails: list[list[float]], stop) -> list[int]:
         """Add private directions one at a time to the task whose error drops most."""
         q = [0] * len(tails)
-        heap = [(-(t[0] - t[1]), i) for i, t in enumerate(tails) if len(t) > 1 and not self.frozen[i]]
+        heap = [(-(t[0] - t[1]), i) for i, t in enumerate(tails) if len(t) > 1]
         heapq.heapify(heap)
         total = sum(t[0] for t in tails)
         while heap and not stop(q, total):
@@ -219,9 +280,7 @@ class ModulePlanner:
     # -- the three ways of choosing ---------------------------------------------------------------------
     def fixed(self, k: int, private_rank: int = 0) -> ModulePlan:
         k_B, k_A = self.sides(k)
-        return self.evaluate(
-            k_B, k_A, [0 if fr else min(private_rank, f.rank) for f, fr in zip(self.fits, self.frozen)]
-        )
+        return self.evaluate(k_B, k_A, [min(private_rank, f.rank) for f in self.fits])
 
     def for_target(self, error: float, metric: str = "mean") -> ModulePlan:
         """The plan with the least storage whose mean (or worst) task error is ≤ ``error``.
@@ -231,7 +290,7 @@ class ModulePlanner:
         (its bases and coefficients, plus the fewest private directions that could meet the
         target) is no better than the best plan found so far.
         """
-        T = len(self.fits)
+        T = self.count
         step = self.n + self.d
         pure = self.pure_sharing_for_target(error, metric)
         best = pure
@@ -248,13 +307,14 @@ class ModulePlanner:
             if best is not None and base >= best.params:
                 break  # costs only grow with k
             errs = self.shared_errors(k_B, k_A)
+            frozen_sum, frozen_max = self.frozen_stats(k_B, k_A)
             if metric == "max":
-                if any(e > error for e, fr in zip(errs, self.frozen) if fr):
+                if frozen_max > error:
                     continue
                 needed = sum(e > error for e in errs)
             else:
-                excess = sum(errs) - error * T
-                movable = max((e for e, fr in zip(errs, self.frozen) if not fr), default=0.0)
+                excess = sum(errs) + frozen_sum - error * T
+                movable = max(errs, default=0.0)
                 needed = 0 if excess <= 0 else (math.ceil(excess / movable - 1e-9) if movable > 0 else None)
                 if needed is None:
                     continue
@@ -265,7 +325,7 @@ class ModulePlanner:
                 best = plan
         if best is None:  # only with frozen tasks: keep every direction
             K = max(self.K_B, self.K_A)
-            best = self.evaluate(*self.sides(K), [0 if fr else f.rank for f, fr in zip(self.fits, self.frozen)])
+            best = self.evaluate(*self.sides(K), [f.rank for f in self.fits])
         best.alternatives = {
             "shared": pure.params if pure else None,
             "private": no_sharing.params if no_sharing else None,
@@ -274,34 +334,40 @@ class ModulePlanner:
 
     def _target_at(self, k_B: int, k_A: int, error: float, metric: str) -> ModulePlan | None:
         """At this k, the fewest private directions that meet the target, or None."""
-        T = len(self.fits)
+        T = self.count
         tails = self.tails(k_B, k_A)
+        frozen_sum, frozen_max = self.frozen_stats(k_B, k_A)
         if metric == "max":
+            if frozen_max > error:
+                return None
             q = []
-            for t, frozen in zip(tails, self.frozen):
-                ok = [j for j, e in enumerate(t[: 1 if frozen else None]) if e <= error]
+            for t in tails:
+                ok = [j for j, e in enumerate(t) if e <= error]
                 if not ok:
                     return None
                 q.append(ok[0])
         else:
-            q = self._greedy(tails, lambda q, total: total <= error * T)
-            if sum(t[qi] for t, qi in zip(tails, q)) > error * T + 1e-12:
+            q = self._greedy(tails, lambda q, total: total + frozen_sum <= error * T)
+            if sum(t[qi] for t, qi in zip(tails, q)) + frozen_sum > error * T + 1e-12:
                 return None
         return self.evaluate(k_B, k_A, q)
 
-    def _meets(self, errs: list[float], error: float, metric: str) -> bool:
-        value = max(errs) if metric == "max" else sum(errs) / len(errs)
+    def _meets(self, k_B: int, k_A: int, error: float, metric: str) -> bool:
+        """Whether pure sharing at this k meets the target, frozen tasks included."""
+        errs = self.shared_errors(k_B, k_A)
+        frozen_sum, frozen_max = self.frozen_stats(k_B, k_A)
+        value = max(max(errs, default=0.0), frozen_max) if metric == "max" else (sum(errs) + frozen_sum) / self.count
         return value <= error + 1e-12
 
     def pure_sharing_for_target(self, error: float, metric: str = "mean") -> ModulePlan | None:
         """The smallest k whose pure-sharing plan (q = 0) meets the target, or None."""
         K = max(self.K_B, self.K_A)
-        if K == 0 or not self._meets(self.shared_errors(*self.sides(K)), error, metric):
+        if K == 0 or not self._meets(*self.sides(K), error, metric):
             return None
         lo, hi = 1, K  # errors fall as k grows: binary search for the first k that meets the target
         while lo < hi:
             mid = (lo + hi) // 2
-            if self._meets(self.shared_errors(*self.sides(mid)), error, metric):
+            if self._meets(*self.sides(mid), error, metric):
                 hi = mid
             else:
                 lo = mid + 1
@@ -312,7 +378,7 @@ class ModulePlanner:
         errs = self.shared_errors(k_B, k_A)
         if k_B == 0 or k_A == 0:
             k_B = k_A = 0
-        return ModulePlan(k_B, k_A, [0] * len(self.fits), errs, self.shared_params(k_B, k_A))
+        return self._plan(k_B, k_A, [0] * len(self.fits), errs, self.shared_params(k_B, k_A))
 
     def for_budget(self, params: int) -> ModulePlan:
         """The plan with the least mean task error whose storage is ≤ ``params``."""

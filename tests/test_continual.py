@@ -191,6 +191,34 @@ def test_private_corrections_survive_add(tmp_path, real):
             )
 
 
+def test_old_private_corrections_are_copied_byte_for_byte_with_their_checksums(tmp_path, real):
+    sources = open_adapters([str(real / "gpt2-c_attn")])
+    merge(sources[:3], tmp_path / "c.safetensors", ConsolidationConfig(k=4, private_rank=2))
+    add(tmp_path / "c.safetensors", sources[3:], tmp_path / "c2.safetensors")
+    before, after = Checkpoint(tmp_path / "c.safetensors"), Checkpoint(tmp_path / "c2.safetensors")
+    names = [n for n in before.manifest["tensors"] if "/private_" in n]
+    assert names
+    for name in names:
+        assert after.raw(name) == before.raw(name)
+
+
+def test_old_tasks_of_mixed_ranks_are_rotated_as_one_batch_without_changing_their_updates(tmp_path):
+    # ranks 2, 5 and 3 over one module: the update pads them to one width; the full basis keeps
+    # every old ΔŴ exact and each task's stored rank
+    paths = []
+    for i, r in enumerate((2, 5, 3, 4)):
+        paths.append(write_adapter(tmp_path / f"t{i}", {"layers.0.q_proj": random_factors(24, 20, r, seed=i)}, r=r))
+    sources = open_adapters([str(p) for p in paths])
+    merge(sources[:3], tmp_path / "c.safetensors", FULL)
+    add(tmp_path / "c.safetensors", sources[3:], tmp_path / "c2.safetensors", FULL)
+    before, after = Checkpoint(tmp_path / "c.safetensors"), Checkpoint(tmp_path / "c2.safetensors")
+    (module,) = before.modules
+    for t in before.tasks:
+        old_rec, new_rec = before.modules[module]["tasks"][t], after.modules[module]["tasks"][t]
+        assert new_rec["rank"] == old_rec["rank"] and new_rec["drift"] < 1e-5
+        assert close(recon(after, t, module), recon(before, t, module), rtol=1e-5)
+
+
 def test_cli_add_in_place_reports_drift_and_info_shows_history(tmp_path, real):
     from typer.testing import CliRunner
 

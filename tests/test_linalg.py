@@ -2,7 +2,13 @@
 
 import torch
 
-from share_convert.linalg import canonicalize, principal_basis, relative_error, residual_spectrum
+from share_convert.linalg import (
+    canonicalize,
+    canonicalize_padded,
+    principal_basis,
+    relative_error,
+    residual_spectrum,
+)
 
 
 def dense(B, A):
@@ -34,6 +40,21 @@ def test_canonicalize_drops_zero_directions():
     A = torch.cat([torch.randn(8, 2, generator=g), torch.zeros(8, 1)], 1)
     _, _, s = canonicalize(B, A)
     assert s.numel() == 2
+
+
+def test_padded_canonicalization_equals_one_pair_at_a_time():
+    g = torch.Generator().manual_seed(4)
+    ranks = [3, 1, 5, 0]
+    B, A = torch.zeros(4, 9, 5, dtype=torch.float64), torch.zeros(4, 7, 5, dtype=torch.float64)
+    for j, r in enumerate(ranks):  # each pair zero-padded to width 5
+        B[j, :, :r], A[j, :, :r] = torch.randn(9, r, generator=g), torch.randn(7, r, generator=g)
+    Bc, Ac, S, rank = canonicalize_padded(B, A)
+    assert rank.tolist() == ranks
+    for j, r in enumerate(ranks):
+        b, a, s = canonicalize(B[j, :, :r], A[j, :, :r])
+        assert torch.allclose(Bc[j, :, :r], b, atol=1e-10) and torch.allclose(Ac[j, :, :r], a, atol=1e-10)
+        assert torch.allclose(S[j, :r], s, atol=1e-10)
+        assert not Bc[j, :, r:].any() and not Ac[j, :, r:].any()
 
 
 def test_relative_error_matches_dense():

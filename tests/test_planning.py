@@ -10,6 +10,7 @@ from share_convert.checkpoint import Checkpoint
 from share_convert.consolidation import ConsolidationConfig, ModuleStack, check_compatible, merge, prepare_member
 from share_convert.extraction import extract
 from share_convert.formats import AdapterSource, open_adapters
+from share_convert.planning import FrozenTasks, ModulePlanner
 
 
 def planners(sources, config=ConsolidationConfig()):
@@ -45,6 +46,43 @@ def test_the_target_plan_is_the_cheapest_of_the_extremes_or_cheaper(gpt2_planner
         if pure is not None:
             assert plan.params <= pure.params
         assert plan.params <= planner.original_params()
+
+
+def frozen_of(fits):
+    """The tasks of ``fits`` as frozen tasks (zero-padded to one rank)."""
+    r = max(f.rank for f in fits)
+    pad = lambda E: torch.nn.functional.pad(E, (0, r - E.shape[1]))  # noqa: E731
+    return FrozenTasks(
+        Eb=torch.stack([pad(f.Eb) for f in fits]),
+        Ea=torch.stack([pad(f.Ea) for f in fits]),
+        norm2=torch.tensor([f.norm2 for f in fits], dtype=torch.float64),
+        ranks=torch.tensor([f.rank for f in fits]),
+    )
+
+
+def test_frozen_tasks_have_the_errors_they_would_have_unfrozen_at_q0(gpt2_planners):
+    for _name, planner in gpt2_planners:
+        frozen = frozen_of(planner.fits)
+        for k in (1, 4, 16, max(planner.K_B, planner.K_A)):
+            expected = planner.shared_errors(*planner.sides(k))
+            assert frozen.errors(*planner.sides(k)).tolist() == pytest.approx(expected, abs=1e-12)
+        assert frozen.coef_params(8, 8) + 8 * planner.n + 8 * planner.d + 128 == planner.shared_params(8, 8)
+
+
+@pytest.mark.parametrize("metric", ["mean", "max"])
+def test_a_target_counts_frozen_tasks_but_gives_them_no_private_directions(gpt2_planners, metric):
+    for _name, planner in gpt2_planners:
+        half = len(planner.fits) // 2
+        mixed = ModulePlanner(planner.n, planner.d, planner.fits[half:], frozen=frozen_of(planner.fits[:half]))
+        plan = mixed.for_target(0.1, metric)
+        assert len(plan.private_ranks) == len(planner.fits) - half
+        frozen_errors = mixed.frozen.errors(plan.k_B, plan.k_A).tolist()
+        every = frozen_errors + plan.predicted_errors
+        assert plan.frozen_count == half and plan.frozen_error_sum == pytest.approx(sum(frozen_errors))
+        if max(every) < 1:  # a plan that keeps sharing must meet the target over all tasks
+            value = max(every) if metric == "max" else sum(every) / len(every)
+            assert value <= 0.1 + 1e-9
+            assert plan.mean_error == pytest.approx(sum(every) / len(every))
 
 
 def test_predicted_errors_are_the_errors_of_the_stored_tensors(tmp_path, real):
