@@ -1,57 +1,99 @@
-"""The GPU path of the decomposition, in one short script for a machine with a CUDA device.
+"""The GPU path of the decomposition, measured in one short run on a machine with a CUDA device.
 
-Checks that ``--device cuda`` gives the same plan and errors as the CPU (to float tolerance) and
-times both on one synthetic module stack and on a small end-to-end merge.
+1. The randomized basis of one large module stack (4096 × 16·adapters), CPU vs CUDA, in-process,
+   after a warm-up (the decomposition alone: no reading, no writing).
+2. Whole-process ``share-convert merge`` of N synthetic 7B-shaped adapters (32 layers × q_proj,
+   v_proj, hidden 4096, r = 16, float32), ``--device cpu`` then ``--device cuda``, same inputs,
+   same run: wall time, peak RSS, the plan and the mean ΔW error of each.
 
-    python benchmarks/gpu_check.py --out benchmarks/results/gpu.json
+    python benchmarks/gpu_check.py --work /tmp/gpu --count 64 --out benchmarks/results/gpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import os
+import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from share_convert import ConsolidationConfig, api
-from share_convert.linalg import principal_basis
-from share_convert.synthetic import write_synthetic_adapters
+sys.path.insert(0, str(Path(__file__).parent))
+from measure import measure  # noqa: E402
+
+from share_convert.checkpoint import Checkpoint  # noqa: E402
+from share_convert.linalg import principal_basis  # noqa: E402
+from share_convert.synthetic import write_synthetic_adapters  # noqa: E402
+
+
+def time_basis(stack: torch.Tensor, k: int, device: str, repeat: int = 3) -> tuple[float, list[float]]:
+    s = stack.to(device)
+    principal_basis(s, k)  # warm-up (CUDA context, kernels, workspace)
+    best, S = float("inf"), None
+    for _ in range(repeat):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        _, S, _ = principal_basis(s, k)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best, S[:5].tolist()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="/tmp/share-gpu")
+    p.add_argument("--count", type=int, default=64)
     p.add_argument("--out", required=True)
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: nothing to check here")
-    result: dict = {"device": torch.cuda.get_device_name(0)}
+    result: dict = {
+        "machine": {
+            "gpu": torch.cuda.get_device_name(0),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+        },
+        "setting": vars(a),
+    }
     g = torch.Generator().manual_seed(0)
-    stack = torch.randn(4096, 64, generator=g) @ torch.randn(64, 8000, generator=g)
+    m = 16 * 1000  # 1000 adapters of rank 16 in one module
+    stack = (torch.randn(4096, 64, generator=g) @ torch.randn(64, m, generator=g)) + 0.01 * torch.randn(
+        4096, m, generator=g
+    )
     for dev in ("cpu", "cuda"):
-        s = stack.to(dev)
-        principal_basis(s, 64)  # warm-up
-        if dev == "cuda":
-            torch.cuda.synchronize()
+        best, top = time_basis(stack, 64, dev)
+        result[f"basis_4096x{m}_k64_{dev}_s"] = best
+        result[f"basis_top_singular_values_{dev}"] = top
+    print(json.dumps(result, indent=2), flush=True)
+
+    work = Path(a.work)
+    folder = work / f"a{a.count}"
+    if not folder.exists():
         t = time.perf_counter()
-        U, S, _ = principal_basis(s, 64)
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        result[f"basis_{dev}_s"] = time.perf_counter() - t
-        result[f"singular_values_{dev}"] = S[:5].tolist()
-    with tempfile.TemporaryDirectory() as tmp:
-        write_synthetic_adapters(Path(tmp) / "a", count=64, layers=4, hidden=2048, rank=16)
-        for dev in ("cpu", "cuda"):
-            t = time.perf_counter()
-            s = api.merge(
-                [str(Path(tmp) / "a")], Path(tmp) / f"{dev}.safetensors", ConsolidationConfig(device=dev), force=True
-            )
-            result[f"merge_{dev}_s"] = time.perf_counter() - t
-            result[f"merge_{dev}_mean_error"] = s["totals"]["mean_error"]
+        write_synthetic_adapters(folder, count=a.count, layers=32, hidden=4096, rank=16, shared_rank=32)
+        result["generate_s"] = time.perf_counter() - t
+    sc = [sys.executable, "-m", "share_convert.cli"]
+    for dev in ("cpu", "cuda"):
+        out = work / f"{dev}.safetensors"
+        r = measure([*sc, "merge", str(folder), "-o", str(out), "--force", "--device", dev, "--json"])
+        assert r.returncode == 0, r.stderr
+        ckpt = Checkpoint(out)
+        errors = [t["error"] for info in ckpt.modules.values() for t in info["tasks"].values()]
+        result[f"merge_{dev}"] = {
+            "wall_s": r.wall_s,
+            "peak_rss_mb": r.peak_rss_mb,
+            "mean_error": sum(errors) / len(errors),
+            "k_B": sorted({info["k_B"] for info in ckpt.modules.values()}),
+            "bytes": out.stat().st_size,
+        }
+        print(json.dumps(result[f"merge_{dev}"]), flush=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

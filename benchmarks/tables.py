@@ -65,14 +65,42 @@ def timing_table(path: Path) -> str:
 
 def add_table(path: Path) -> str:
     d = json.loads(path.read_text())
+    startup = d.get("startup_s")
     out = [
-        "| old tasks | checkpoint | add one adapter: best of runs | all runs | peak RSS |",
-        "|---:|---:|---:|---|---:|",
+        "| old tasks | checkpoint | add one adapter: best of runs | all runs | best minus CLI start-up | peak RSS |",
+        "|---:|---:|---:|---|---:|---:|",
     ]
     for r in d["rows"]:
+        net = f"{r['wall_s_best'] - startup:.2f} s" if startup is not None else "–"
         out.append(
-            f"| {r['old_tasks']} | {mb(r['checkpoint_bytes'])} | {r['wall_s_best']:.2f} s | {', '.join(f'{x:.2f}' for x in r['wall_s_all'])} | {r['peak_rss_mb'] / 1024:.2f} GB |"
+            f"| {r['old_tasks']} | {mb(r['checkpoint_bytes'])} | {r['wall_s_best']:.2f} s | "
+            f"{', '.join(f'{x:.2f}' for x in r['wall_s_all'])} | {net} | {r['peak_rss_mb'] / 1024:.2f} GB |"
         )
+    if startup is not None:
+        out.append(f"\nCLI start-up alone (`share-convert --help`, best of runs, same run): {startup:.2f} s.")
+    return "\n".join(out)
+
+
+def gpu_table(path: Path) -> str:
+    d = json.loads(path.read_text())
+    m = d["machine"]
+    basis = next(k for k in d if k.startswith("basis_") and k.endswith("_cpu_s"))
+    shape = basis[len("basis_") : -len("_cpu_s")]
+    out = [
+        f"{m['gpu']}, {m['cpus']} CPU cores, torch {m['torch']}; {d['setting']['count']} adapters.\n",
+        "| | CPU | CUDA | CPU ÷ CUDA |",
+        "|---|---:|---:|---:|",
+        f"| randomized basis of one {shape.replace('x', ' × ').replace('_k', ', k = ')} stack, in-process, best of 3 | "
+        f"{d[basis]:.3f} s | {d[basis.replace('_cpu_', '_cuda_')]:.3f} s | "
+        f"{d[basis] / d[basis.replace('_cpu_', '_cuda_')]:.1f}× |",
+    ]
+    cpu, gpu = d["merge_cpu"], d["merge_cuda"]
+    out.append(
+        f"| whole-process `merge` | {cpu['wall_s']:.1f} s | {gpu['wall_s']:.1f} s | {cpu['wall_s'] / gpu['wall_s']:.2f}× |"
+    )
+    out.append(f"| peak RSS (host) | {cpu['peak_rss_mb'] / 1024:.2f} GB | {gpu['peak_rss_mb'] / 1024:.2f} GB | |")
+    out.append(f"| mean ΔW error | {cpu['mean_error']:.4%} | {gpu['mean_error']:.4%} | |")
+    out.append(f"| stored | {mb(cpu['bytes'])} | {mb(gpu['bytes'])} | |")
     return "\n".join(out)
 
 
@@ -114,6 +142,8 @@ if __name__ == "__main__":
         ("merge-fp32.json", merge_table),
         ("merge-500-bf16.json", merge_table),
         ("add.json", add_table),
+        ("gpu-64.json", gpu_table),
+        ("gpu-256.json", gpu_table),
         ("real.json", real_table),
     ):
         p = RES / name

@@ -25,7 +25,7 @@ import torch
 from .checkpoint import FORMAT_NAME, FORMAT_VERSION, CheckpointWriter, check_output
 from .errors import IncompatibleAdaptersError, InvalidOptionError
 from .formats import LoraFactors, itemsize
-from .linalg import canonicalize, canonicalize_many, deterministic, principal_basis
+from .linalg import canonicalize, canonicalize_many, deterministic, load_linalg, principal_basis
 from .planning import ModulePlan, ModulePlanner, TaskFit, energy_k, parse_budget, task_weight
 
 Progress = Callable[[str, int, int], None]
@@ -709,6 +709,7 @@ def merge(
     total_original = sum(module_params.values())
     if workers is None:
         workers = auto_workers(max(module_params.values(), default=0))
+    load_linalg(config.torch_device())
     # bytes that are not LoRA data: heads, and the manifest (up to about 1 KB per task and module)
     pairs = sum(len(idx) for (_, _, idx) in modules.values())
     fixed_bytes = sum(s.task_record().get("head_bytes", 0) for s in sources) + 1000 * pairs + 2000 * len(modules) + 4096

@@ -35,6 +35,20 @@ def deterministic() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def load_linalg(device: torch.device) -> None:
+    """Load the device's linear-algebra libraries on this thread, before worker threads use them.
+
+    On CUDA, PyTorch loads them lazily and that loading is not thread-safe: workers that race to
+    their first QR fail with "lazy wrapper should be called at most once" (seen on an H200).
+    """
+    if device.type == "cuda":
+        x = torch.eye(2, device=device)
+        torch.linalg.qr(x)
+        torch.linalg.svd(x)
+        torch.linalg.eigh(x)
+        torch.linalg.cholesky_ex(x)
+
+
 def fix_signs(U: torch.Tensor) -> torch.Tensor:
     """Sign convention: each column's largest-magnitude entry is positive (spec, section 2.4).
 
