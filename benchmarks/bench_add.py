@@ -1,9 +1,10 @@
 """Adding one adapter to checkpoints of growing size: the cost must not grow with the old tasks.
 
 Builds checkpoints with N old tasks (merged once, untimed), then times the whole process
-``share-convert add CKPT NEW -o OUT`` for each N, side by side in one run.
+``share-convert add CKPT NEW -o OUT`` for each N, side by side in one run, together with the
+start-up of the CLI alone (``share-convert --help``: Python, torch and the CLI imported) as the floor.
 
-    python benchmarks/bench_add.py --tasks 10,50,100,200 --work /tmp/bench-add --out benchmarks/results/add.json
+    python benchmarks/bench_add.py --tasks 10,50,100,200,500 --work /tmp/bench-add --out benchmarks/results/add.json
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from share_convert.synthetic import write_synthetic_adapters  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", default="10,50,100,200")
+    p.add_argument("--tasks", default="10,50,100,200,500")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--rank", type=int, default=8)
@@ -43,6 +44,8 @@ def main() -> None:
         )
     new = work / "new" / "new-000"
     sc = [sys.executable, "-m", "share_convert.cli"]
+    startup = min(measure([*sc, "--help"]).wall_s for _ in range(a.repeat))
+    print(json.dumps({"startup_s": startup}), flush=True)
     rows = []
     for n in counts:
         folder = work / f"n{n}"
@@ -70,7 +73,12 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(
         json.dumps(
-            {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "setting": vars(a), "rows": rows},
+            {
+                "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+                "setting": vars(a),
+                "startup_s": startup,
+                "rows": rows,
+            },
             indent=2,
         )
         + "\n"

@@ -27,6 +27,7 @@ from .consolidation import (
     _DTYPES,
     ConsolidationConfig,
     ModuleMember,
+    ModulePlan,
     ModuleResult,
     Progress,
     StoredBases,
@@ -111,7 +112,7 @@ def _copy_task_tensors(ckpt: Checkpoint, writer: CheckpointWriter, task: str, mo
 def _carry_module(
     ckpt: Checkpoint, writer: CheckpointWriter, name: str, keep: list[str], dropped: Sequence[str], weighting: str
 ) -> dict[str, Any] | None:
-    """Copy one module unchanged for the tasks in ``keep``; downdate its Gram matrices for ``dropped``."""
+    """Copy one module unchanged for the tasks in ``keep``; recompute its Gram matrices without ``dropped``."""
     info = ckpt.modules[name]
     left = {t: r for t, r in info["tasks"].items() if t in keep}
     if not left:
@@ -119,23 +120,41 @@ def _carry_module(
     for prefix in sorted({ckpt.bases_prefix(name, t) for t in info["tasks"]} - {None}):
         for part in ("basis_B", "basis_A"):
             ckpt.copy_to(writer, f"{prefix}{part}")
-        for side in ("B", "A"):
-            G = ckpt.tensor(f"{prefix}gram_{side}").double().clone()
-            for t in dropped:
-                if (
-                    t in info["tasks"]
-                    and ckpt.bases_prefix(name, t) == prefix
-                    and ckpt.has(f"tasks/{t}/{name}/coef_{side}")
-                ):
-                    c = ckpt.tensor(f"tasks/{t}/{name}/coef_{side}").double()
-                    G -= task_weight(info["tasks"][t]["norm"], weighting) * (c @ c.T)
-            writer.add(f"{prefix}gram_{side}", G.to(torch.float32))
+        if _dropped_here(ckpt, name, prefix, dropped):
+            grams = _grams_of(ckpt, name, prefix, list(left), weighting)
+            for side in ("B", "A"):
+                writer.add(f"{prefix}gram_{side}", grams[side].to(torch.float32))
+        else:
+            for side in ("B", "A"):
+                ckpt.copy_to(writer, f"{prefix}gram_{side}")
     for t in left:
         _copy_task_tensors(ckpt, writer, t, name)
     out = {**info, "tasks": left}
     if "groups" in info:
         out["groups"] = [dict(g, tasks=[t for t in g["tasks"] if t in left]) for g in info["groups"]]
     return out
+
+
+def _dropped_here(ckpt: Checkpoint, name: str, prefix: str, dropped: Sequence[str]) -> bool:
+    info = ckpt.modules[name]
+    return any(t in info["tasks"] and ckpt.bases_prefix(name, t) == prefix for t in dropped)
+
+
+def _grams_of(
+    ckpt: Checkpoint, name: str, prefix: str, tasks: Sequence[str], weighting: str
+) -> dict[str, torch.Tensor]:
+    """Σ_i w_i c_i c_iᵀ (float64) over ``tasks``' stored coefficients, for the bases under ``prefix``.
+
+    Used when tasks leave a basis: subtracting their terms from the stored float32 matrices would
+    leave rounding noise that reads as spurious directions in the next update.
+    """
+    info = ckpt.modules[name]
+    here = [t for t in tasks if ckpt.bases_prefix(name, t) == prefix]
+    k_B, k_A = (ckpt.tensor_meta(f"{prefix}basis_{side}")[0][1] for side in ("B", "A"))
+    old = _OldCoefficients(ckpt, name, here, k_B, k_A)
+    root = torch.tensor([task_weight(info["tasks"][t]["norm"], weighting) for t in here], dtype=torch.float64)
+    root = root.sqrt()[:, None, None]
+    return {"B": _gram(old.XB * root), "A": _gram(old.XA * root)}
 
 
 def add(
@@ -219,8 +238,8 @@ def add(
                 continue
             else:
                 kept = [t for t in old_tasks if t in old_info["tasks"]]
-                if "groups" in old_info:  # grouped bases: refit this module from the old reconstructions
-                    res = refit_module(ckpt, name, kept, members, config, mdtype)
+                if "groups" in old_info:
+                    res = update_grouped_module(ckpt, name, kept, clashes, members, config, mdtype)
                 else:
                     res = update_module(ckpt, name, kept, members, config, mdtype)
                 for t, rec in res.records.items():
@@ -327,7 +346,7 @@ def _frobenius2(XB: torch.Tensor, GB: torch.Tensor, XA: torch.Tensor, GA: torch.
 
 def _gram(X: torch.Tensor) -> torch.Tensor:
     """Σ_i X_i X_iᵀ over a batch ``T × k × r``."""
-    flat = X.transpose(0, 1).reshape(X.shape[1], -1)
+    flat = X.transpose(0, 1).reshape(X.shape[1], X.shape[0] * X.shape[2])
     return flat @ flat.T
 
 
@@ -338,16 +357,32 @@ def update_module(
     members: list[ModuleMember],
     config: ConsolidationConfig,
     dtype: torch.dtype,
+    *,
+    prefix: str | None = None,
 ) -> ModuleResult:
     """Fold new members into one module of ``ckpt`` incrementally; old tasks keep their private parts.
 
     Old tasks are handled as one batch of k-sized coefficient matrices: rotating them into the new
     bases, rebalancing them and measuring their drift are a few batched products (spec, section 5).
+    Tasks not in ``old_tasks`` (replaced ones) leave the bases' weights. ``prefix`` names one
+    group's bases in a module with groups (``old_tasks`` are then that group's tasks).
     """
     info = ckpt.modules[name]
     n, d = info["out_features"], info["in_features"]
-    beta, alpha = ckpt.bases(name)
-    GB, GA = ckpt.grams(name)
+    prefix = prefix or f"modules/{name}/"
+    beta = alpha = None
+    if ckpt.has(f"{prefix}basis_B"):
+        beta, alpha = ckpt.tensor(f"{prefix}basis_B"), ckpt.tensor(f"{prefix}basis_A")
+    b_old = beta.double() if beta is not None else torch.zeros(n, 0, dtype=torch.float64)
+    a_old = alpha.double() if alpha is not None else torch.zeros(d, 0, dtype=torch.float64)
+    # Old tasks stay in coordinates: their shared part is β x_b (α x_a)ᵀ with (x_b, x_a) their
+    # balanced coefficients, so nothing n-sized is computed per old task (section 5). Their
+    # weighted Gram matrix E Eᵀ is recomputed from them in float64 (they are read anyway, for the
+    # drift): the stored float32 copy would add rounding noise that reads as weak extra directions.
+    old = _OldCoefficients(ckpt, name, old_tasks, b_old.shape[1], a_old.shape[1])
+    root = torch.tensor([task_weight(info["tasks"][t]["norm"], config.weighting) for t in old_tasks])
+    root = root.double().sqrt()[:, None, None]
+    GB, GA = _gram(old.XB * root), _gram(old.XA * root)
     norms = [float((m.s**2).sum()) ** 0.5 for m in members]
     weights = [task_weight(nm, config.weighting) for nm in norms]
     NB = torch.cat([m.stacked[0].double() * w**0.5 for m, w in zip(members, weights)], 1)
@@ -355,11 +390,6 @@ def update_module(
     new_beta, sB = _updated_basis(beta, GB, NB)
     new_alpha, sA = _updated_basis(alpha, GA, NA)
     nb64, na64 = new_beta.double(), new_alpha.double()
-    # Old tasks stay in coordinates: their shared part is β x_b (α x_a)ᵀ with (x_b, x_a) their
-    # balanced coefficients, so nothing n-sized is computed per old task (section 5).
-    b_old = beta.double() if beta is not None else torch.zeros(n, 0, dtype=torch.float64)
-    a_old = alpha.double() if alpha is not None else torch.zeros(d, 0, dtype=torch.float64)
-    old = _OldCoefficients(ckpt, name, old_tasks, b_old.shape[1], a_old.shape[1])
     frozen = FrozenTasks(Eb=(nb64.T @ b_old) @ old.XB, Ea=(na64.T @ a_old) @ old.XA, norm2=old.norm2(), ranks=old.ranks)
     fits = [TaskFit(s=m.s, Eb=nb64.T @ m.Bc.double(), Ea=na64.T @ m.Ac.double()) for m in members]
     planner = ModulePlanner(n, d, fits, frozen=frozen)
@@ -373,7 +403,7 @@ def update_module(
     else:  # budgets are per merge; an update keeps the error target
         plan = planner.for_target(config.target_error, config.target_metric)
     result = ModuleResult(plan=plan)
-    beta_s, alpha_s = store_bases(name, new_beta, new_alpha, plan, dtype, result)
+    beta_s, alpha_s = store_bases(name, new_beta, new_alpha, plan, dtype, result, prefix)
     stored = StoredBases.of(beta_s, alpha_s)
     # drift² = ‖before‖² − 2⟨before, after⟩ + ‖after‖², all from k-sized products (batched)
     before2 = _frobenius2(old.XB, b_old.T @ b_old, old.XA, a_old.T @ a_old)
@@ -412,8 +442,6 @@ def update_module(
         result.carried.append(f"tasks/{t}/{name}/private_A")
     known = None
     if stored is not None:  # the old tasks' part of Σ w c cᵀ, in one product per side
-        root = torch.tensor([task_weight(info["tasks"][t]["norm"], config.weighting) for t in old_tasks])
-        root = root.double().sqrt()[:, None, None]
         known = {side: _gram(C * root) for side, C in (("B", CB64), ("A", CA64))}
     weighted = []
     for j, m in enumerate(members):
@@ -421,7 +449,81 @@ def update_module(
         result.tensors.update({f"tasks/{m.task}/{name}/{part}": v for part, v in tensors.items()})
         result.records[m.task] = rec
         weighted.append((m.task, weights[j]))
-    store_grams(name, result, weighted, plan, known=known)
+    store_grams(name, result, weighted, plan, prefix, known=known)
+    return result
+
+
+def update_grouped_module(
+    ckpt: Checkpoint,
+    name: str,
+    old_tasks: list[str],
+    dropped: Sequence[str],
+    members: list[ModuleMember],
+    config: ConsolidationConfig,
+    dtype: torch.dtype,
+) -> ModuleResult:
+    """Fold new members into a module with groups of bases: each joins the group whose bases
+    capture most of it, and only those groups are updated (incrementally, as one module each);
+    the other groups are copied unchanged. Falls back to :func:`refit_module` when a group would
+    be left empty or no group has bases."""
+    info = ckpt.modules[name]
+    groups = info["groups"]
+    kept = set(old_tasks)
+    prefixes = [f"modules/{name}/g{j}/" if g["k_B"] else None for j, g in enumerate(groups)]
+    if not any(prefixes) or any(not [t for t in g["tasks"] if t in kept] for g in groups):
+        return refit_module(ckpt, name, old_tasks, members, config, dtype)
+    joins: dict[int, list[ModuleMember]] = {}
+    for m in members:
+        captured = []
+        for prefix in prefixes:
+            if prefix is None:
+                captured.append(-1.0)
+                continue
+            Eb = ckpt.tensor(f"{prefix}basis_B").double().T @ m.Bc.double()
+            Ea = ckpt.tensor(f"{prefix}basis_A").double().T @ m.Ac.double()
+            captured.append(float(((Eb.T @ Eb) * (Ea.T @ Ea)).sum()))
+        joins.setdefault(max(range(len(groups)), key=lambda j: captured[j]), []).append(m)
+    result = ModuleResult(plan=ModulePlan(0, 0, [], [], 0, info.get("alternatives")))
+    result.groups = []
+    for j, g in enumerate(groups):
+        tasks = [t for t in g["tasks"] if t in kept]
+        if j in joins:
+            res = update_module(ckpt, name, tasks, joins[j], config, dtype, prefix=prefixes[j])
+            result.tensors.update(res.tensors)
+            result.stacked += res.stacked
+            result.carried += res.carried
+            records = res.records
+            part = {"k_B": res.plan.k_B, "k_A": res.plan.k_A, "kind": res.plan.kind, "params": res.plan.params}
+        else:  # unchanged: bases and tasks copied; the Gram matrices are recomputed without dropped tasks
+            if prefixes[j] is not None:
+                result.carried += [f"{prefixes[j]}basis_B", f"{prefixes[j]}basis_A"]
+                if _dropped_here(ckpt, name, prefixes[j], dropped):
+                    grams = _grams_of(ckpt, name, prefixes[j], tasks, config.weighting)
+                    for side in ("B", "A"):
+                        result.tensors[f"{prefixes[j]}gram_{side}"] = grams[side].to(torch.float32)
+                else:
+                    result.carried += [f"{prefixes[j]}gram_B", f"{prefixes[j]}gram_A"]
+            result.carried += [f"tasks/{t}/{name}/{part}" for t in tasks for part in _TASK_PARTS]
+            records = {t: dict(info["tasks"][t], error_before=info["tasks"][t]["error"], drift=0.0) for t in tasks}
+            gone = [t for t in g["tasks"] if t not in kept]
+            freed = sum(
+                info["tasks"][t]["rank"] * (g["k_B"] + g["k_A"])
+                + info["tasks"][t]["private_rank"] * (info["out_features"] + info["in_features"])
+                for t in gone
+            )
+            part = {k: g[k] for k in ("k_B", "k_A", "kind")} | {"params": g["params"] - freed}
+        new_tasks = [m.task for m in joins.get(j, [])]
+        result.groups.append(dict(part, tasks=tasks + new_tasks))
+        for t, rec in records.items():
+            result.records[t] = dict(rec, group=j)
+        result.plan.k_B += part["k_B"]
+        result.plan.k_A += part["k_A"]
+        result.plan.params += part["params"]
+    # order the records as the module's tasks were, new ones last; private ranks in that order
+    order = [t for t in info["tasks"] if t in kept] + [m.task for m in members]
+    result.records = {t: result.records[t] for t in order}
+    result.plan.private_ranks = [result.records[t]["private_rank"] for t in order]
+    result.plan.predicted_errors = [result.records[t]["error"] for t in order]
     return result
 
 

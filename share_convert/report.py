@@ -166,12 +166,40 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TB"
 
 
+#: Terminal tables show at most this many task rows (the ones that matter most); ``--json`` has all.
+MAX_ROWS = 30
+#: The history table shows at most this many updates as columns (the latest); ``--json`` has all.
+MAX_HISTORY_COLUMNS = 6
+
+
+def _clip(items: list, importance, keep: set[str], name) -> tuple[list, int]:
+    """At most MAX_ROWS items: those in ``keep`` (the tasks just added), then the most important;
+    in their original order. Returns the rows shown and how many were left out."""
+    if len(items) <= MAX_ROWS:
+        return items, 0
+    must = [i for i, x in enumerate(items) if name(x) in keep]
+    rest = sorted((i for i, x in enumerate(items) if name(x) not in keep), key=lambda i: -importance(items[i]))
+    shown = sorted(must + rest[: max(MAX_ROWS - len(must), 0)])
+    return [items[i] for i in shown], len(items) - len(shown)
+
+
+def _left_out(console: Console, count: int, what: str) -> None:
+    if count:
+        console.print(f"  … and {count} more {what} (every row: --json)")
+
+
 def render(summary: dict[str, Any], console: Console) -> None:
-    """Draw a summary as tables."""
-    table = Table(title=f"Share checkpoint {escape(summary['checkpoint'])}", title_justify="left")
+    """Draw a summary as tables (long task lists clipped to the rows that matter most)."""
+    history = summary.get("history") or []
+    added = set(history[-1].get("tasks_added", [])) if history else set()
+    rows, hidden = _clip(summary["tasks"], lambda t: t["mean_error"], added, lambda t: t["task"])
+    title = f"Share checkpoint {escape(summary['checkpoint'])}"
+    if hidden:
+        title += f": the {len(rows)} tasks with the largest errors or just added, of {len(summary['tasks'])}"
+    table = Table(title=title, title_justify="left")
     for col in ("task", "modules", "rank (orig → shared+private)", "mean ΔW error", "worst ΔW error"):
         table.add_column(col, justify="left" if col == "task" else "right", overflow="fold")
-    for t in summary["tasks"]:
+    for t in rows:
         mark = " ≤" if t["error_is_bound"] else ""
         table.add_row(
             escape(t["task"]),
@@ -181,6 +209,7 @@ def render(summary: dict[str, Any], console: Console) -> None:
             f"{mark}{t['max_error']:.2%}",
         )
     console.print(table)
+    _left_out(console, hidden, "tasks")
     tot = summary["totals"]
     st = tot["storage"]
     sizes = Table(title="Storage (tensor data; heads counted on both sides)", title_justify="left")
@@ -224,29 +253,46 @@ def render(summary: dict[str, Any], console: Console) -> None:
 
 
 def render_history(history: list[dict[str, Any]], console: Console) -> None:
-    """How each task's mean ΔW error evolved across updates, and the last update's drift."""
+    """How each task's mean ΔW error evolved across the latest updates, and the last update's drift."""
     if len(history) < 2:
         return
-    table = Table(title="History: mean ΔW error per task after each update", title_justify="left")
+    first = max(len(history) - MAX_HISTORY_COLUMNS, 0)
+    shown = list(enumerate(history, 1))[first:]
+    title = "History: mean ΔW error per task after each update"
+    if first:
+        title += f" (the last {len(shown)} of {len(history)})"
+    table = Table(title=title, title_justify="left")
     table.add_column("task")
-    for i, h in enumerate(history, 1):
+    for i, h in shown:
         table.add_column(f"#{i} {h['op']}", justify="right")
     tasks: list[str] = []
-    for h in history:
-        tasks += [t for t in h.get("errors", {}) if t not in tasks]
-    for t in tasks:
+    seen: set[str] = set()
+    for _, h in shown:
+        for t in h.get("errors", {}):
+            if t not in seen:
+                seen.add(t)
+                tasks.append(t)
+    last = history[-1]
+    latest = lambda t: max((h.get("errors", {}).get(t, {}).get("mean", 0.0) for _, h in shown), default=0.0)  # noqa: E731
+    rows, hidden = _clip(tasks, latest, set(last.get("tasks_added", [])), lambda t: t)
+    for t in rows:
         row = [escape(t)]
-        for h in history:
+        for _, h in shown:
             e = h.get("errors", {}).get(t)
             row.append("" if e is None else f"{e['mean']:.2%}")
         table.add_row(*row)
     console.print(table)
-    last = history[-1]
+    _left_out(console, hidden, "tasks")
     if last.get("drift"):
-        drift = Table(title=f"Last update ({last['op']}): old tasks before → after", title_justify="left")
+        items = list(last["drift"].items())
+        rows, hidden = _clip(items, lambda x: x[1]["max"], set(), lambda x: x[0])
+        title = f"Last update ({last['op']}): old tasks before → after"
+        if hidden:
+            title += f", the {len(rows)} with the largest drift of {len(items)}"
+        drift = Table(title=title, title_justify="left")
         for col in ("task", "mean ΔW error before", "after (bound)", "mean drift", "worst drift"):
             drift.add_column(col, justify="left" if col == "task" else "right")
-        for t, d in last["drift"].items():
+        for t, d in rows:
             before = last.get("errors_before", {}).get(t, {}).get("mean")
             after = last.get("errors", {}).get(t, {}).get("mean")
             drift.add_row(
@@ -257,3 +303,7 @@ def render_history(history: list[dict[str, Any]], console: Console) -> None:
                 f"{d['max']:.2%}",
             )
         console.print(drift)
+        _left_out(console, hidden, "old tasks")
+        worst = max(d["max"] for _, d in items)
+        mean = sum(d["mean"] for _, d in items) / len(items)
+        console.print(f"Drift over all {len(items)} old tasks: mean {mean:.2%}, worst {worst:.2%}.")

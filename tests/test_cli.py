@@ -198,3 +198,20 @@ def test_names_and_paths_with_brackets_are_printed_verbatim(tmp_path):
     assert "x[bold]y" in result.output
     bad = run("merge", tmp_path / "missing[/red]", "-o", tmp_path / "p.safetensors")
     assert bad.exit_code == 2 and "missing[/red]" in bad.output
+
+
+def test_reports_of_many_tasks_show_the_new_ones_and_say_how_many_rows_are_left_out(tmp_path):
+    from share_convert.report import MAX_ROWS
+    from share_convert.synthetic import write_synthetic_adapters
+
+    write_synthetic_adapters(tmp_path / "old", count=MAX_ROWS + 5, layers=1, hidden=32, rank=2, shared_rank=2)
+    write_synthetic_adapters(tmp_path / "new", count=1, layers=1, hidden=32, rank=2, shared_rank=2, prefix="late")
+    ck = tmp_path / "c.safetensors"
+    assert runner.invoke(app, ["merge", str(tmp_path / "old"), "-o", str(ck)]).exit_code == 0
+    result = runner.invoke(app, ["add", str(ck), str(tmp_path / "new"), "--in-place"])
+    assert result.exit_code == 0, result.output
+    assert "late-000" in result.output
+    assert "… and" in result.output and "more old tasks (every row: --json)" in result.output
+    assert f"Drift over all {MAX_ROWS + 5} old tasks" in result.output
+    info = json.loads(runner.invoke(app, ["info", str(ck), "--json"]).output)
+    assert len(info["tasks"]) == MAX_ROWS + 6

@@ -247,3 +247,33 @@ def test_checkpoint_task_source_reads_reconstructions(tmp_path, real):
     module = next(iter(ckpt.modules))
     f = src.read_module(module)
     assert close(f.B.double() @ f.A.double(), recon(ckpt, src.task, module))
+
+
+def test_a_replaced_task_leaves_the_bases_and_the_stored_gram_matrices(tmp_path):
+    paths = [write_adapter(tmp_path / f"t{i}", {"layers.0.q": random_factors(24, 20, 4, seed=i)}) for i in range(3)]
+    other = write_adapter(tmp_path / "t2b", {"layers.0.q": random_factors(24, 20, 4, seed=7)})
+    sources = open_adapters([str(p) for p in paths])
+    merge(sources, tmp_path / "c.safetensors", FULL)
+    add(tmp_path / "c.safetensors", open_adapters([f"t2={other}"]), tmp_path / "c2.safetensors", FULL, replace=True)
+    ckpt = Checkpoint(tmp_path / "c2.safetensors")
+    (module,) = ckpt.modules
+    info = ckpt.modules[module]
+    assert info["k_B"] == info["k_A"] == 12  # three rank-4 tasks: the replaced one's directions are gone
+    for side in ("B", "A"):
+        expected = sum(
+            (1 / info["tasks"][t]["norm"])
+            * ckpt.tensor(f"tasks/{t}/{module}/coef_{side}").double()
+            @ ckpt.tensor(f"tasks/{t}/{module}/coef_{side}").double().T
+            for t in info["tasks"]
+        )
+        assert torch.allclose(ckpt.tensor(f"modules/{module}/gram_{side}").double(), expected, atol=1e-5)
+
+
+def test_after_a_remove_the_next_add_sees_only_the_remaining_tasks(tmp_path):
+    paths = [write_adapter(tmp_path / f"t{i}", {"layers.0.q": random_factors(24, 20, 4, seed=i)}) for i in range(4)]
+    sources = open_adapters([str(p) for p in paths])
+    merge(sources[:3], tmp_path / "c.safetensors", FULL)
+    remove(tmp_path / "c.safetensors", [sources[2].task], tmp_path / "c2.safetensors")
+    add(tmp_path / "c2.safetensors", sources[3:], tmp_path / "c3.safetensors", FULL)
+    (info,) = Checkpoint(tmp_path / "c3.safetensors").modules.values()
+    assert info["k_B"] == info["k_A"] == 12  # t0, t1, t3: rank 4 each, nothing left of t2

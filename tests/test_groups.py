@@ -61,3 +61,27 @@ def test_grouped_checkpoints_extract_verify_add_and_remove(tmp_path):
 def test_groups_option_is_validated():
     result = CliRunner().invoke(app, ["merge", "x", "-o", "y.safetensors", "--groups", "many"])
     assert result.exit_code == 2 and "--groups" in result.output
+
+
+def test_adding_to_a_grouped_module_updates_only_the_group_the_new_task_joins(tmp_path):
+    sources = two_families(tmp_path)
+    xs = [s for s in sources if s.task.startswith("x")]
+    old = [s for s in sources if s not in xs[-1:]]
+    config = ConsolidationConfig(target_error=0.02, groups="auto")
+    merge(old, tmp_path / "g.safetensors", config)
+    add(tmp_path / "g.safetensors", xs[-1:], tmp_path / "g2.safetensors")
+    before, after = Checkpoint(tmp_path / "g.safetensors"), Checkpoint(tmp_path / "g2.safetensors")
+    new = xs[-1].task
+    for module, info in after.modules.items():
+        assert "groups" in info and after.history[-1]["op"] == "add"
+        j = info["tasks"][new]["group"]
+        assert all(t[0] == "x" for t in info["groups"][j]["tasks"])  # joined its own family's group
+        for g, group in enumerate(info["groups"]):
+            if g == j:
+                continue
+            # the other group is copied byte for byte: bases and its tasks' tensors
+            names = [f"modules/{module}/g{g}/basis_B"] + [f"tasks/{t}/{module}/coef_B" for t in group["tasks"]]
+            assert all(after.raw(n) == before.raw(n) for n in names if before.has(n))
+            assert all(info["tasks"][t]["drift"] == 0.0 for t in group["tasks"])
+        assert info["tasks"][new]["error"] < 0.05
+    assert CliRunner().invoke(app, ["verify", str(tmp_path / "g2.safetensors")]).exit_code == 0
