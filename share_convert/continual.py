@@ -320,9 +320,10 @@ class _OldCoefficients:
         self.tasks = tasks
         by_rank: dict[int, list[int]] = {}
         if k_B and k_A:
+            records = ckpt.modules[name]["tasks"]
             for j, t in enumerate(tasks):
-                if ckpt.has(f"tasks/{t}/{name}/coef_B"):
-                    by_rank.setdefault(ckpt.tensor_meta(f"tasks/{t}/{name}/coef_B")[0][1], []).append(j)
+                if records[t]["rank"]:  # the width of its coefficients
+                    by_rank.setdefault(records[t]["rank"], []).append(j)
         width = max(by_rank, default=0)
         self.XB = torch.zeros(len(tasks), k_B, width, dtype=torch.float64)
         self.XA = torch.zeros(len(tasks), k_A, width, dtype=torch.float64)
