@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--work", default="/tmp/share-bench-add")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--out", required=True)
     a = p.parse_args()
     counts = [int(x) for x in a.tasks.split(",")]
@@ -44,39 +44,46 @@ def main() -> None:
         )
     new = work / "new" / "new-000"
     sc = [sys.executable, "-m", "share_convert.cli"]
-    startup = min(measure([*sc, "--help"]).wall_s for _ in range(a.repeat))
-    print(json.dumps({"startup_s": startup}), flush=True)
-    rows = []
+    checkpoints = {}
     for n in counts:
+        ckpt = work / f"ckpt-{n}.safetensors"  # made anew by this version of the code, untimed
         folder = work / f"n{n}"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir()
         for x in sorted(pool.iterdir())[:n]:
             (folder / x.name).symlink_to(x.resolve())
-        ckpt = work / f"ckpt-{n}.safetensors"
         subprocess.run([*sc, "merge", str(folder), "-o", str(ckpt), "--force"], check=True, capture_output=True)
-        runs = []
-        for _ in range(a.repeat):
-            r = measure([*sc, "add", str(ckpt), str(new), "-o", str(work / "out.safetensors"), "--force"])
+        checkpoints[n] = ckpt
+    # Round-robin: every repeat times the start-up and each N once, so that a slower spell of the
+    # machine falls on all of them alike.
+    startup: list[float] = []
+    runs: dict[int, list] = {n: [] for n in counts}
+    for _ in range(a.repeat):
+        startup.append(measure([*sc, "--help"]).wall_s)
+        for n in counts:
+            r = measure([*sc, "add", str(checkpoints[n]), str(new), "-o", str(work / "out.safetensors"), "--force"])
             assert r.returncode == 0, r.stderr
-            runs.append(r)
-        best = min(runs, key=lambda r: r.wall_s)
+            runs[n].append(r)
+    rows = []
+    for n in counts:
+        best = min(runs[n], key=lambda r: r.wall_s)
         row = {
             "old_tasks": n,
-            "checkpoint_bytes": ckpt.stat().st_size,
+            "checkpoint_bytes": checkpoints[n].stat().st_size,
             "wall_s_best": best.wall_s,
-            "wall_s_all": [r.wall_s for r in runs],
+            "wall_s_all": [r.wall_s for r in runs[n]],
             "peak_rss_mb": best.peak_rss_mb,
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
+    startup_s = min(startup)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(
         json.dumps(
             {
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                 "setting": vars(a),
-                "startup_s": startup,
+                "startup_s": startup_s,
                 "rows": rows,
             },
             indent=2,

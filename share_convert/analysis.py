@@ -28,10 +28,10 @@ from .consolidation import (
     Progress,
     TaskSource,
     check_compatible,
-    cluster_tasks,
     prepare_member,
 )
 from .errors import InvalidOptionError
+from .grouping import cluster_tasks
 
 STRATEGIES = ("shared_unweighted", "shared", "private", "private_allocated", "mixed", "groups")
 DEFAULT_RATIOS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)

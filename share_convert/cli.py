@@ -349,35 +349,9 @@ def plan(
     if as_json:
         emit_json(result)
         return
-    from rich.table import Table
+    from .report import render_plan
 
-    table = Table(
-        title=f"{result['tasks']} adapters, {result['modules']} modules: mean ΔW error at each budget",
-        title_justify="left",
-    )
-    table.add_column("budget", justify="right")
-    for col in (
-        "pure sharing (paper)",
-        "pure sharing, equal weights",
-        "no sharing, equal ranks",
-        "no sharing, allocated",
-        "shared + private (planner)",
-        "with groups",
-    ):
-        table.add_column(col, justify="right")
-    for row in result["curves"]:
-        cells = [f"{row['budget_ratio']:g}×"]
-        for s in ("shared_unweighted", "shared", "private", "private_allocated", "mixed", "groups"):
-            c = row[s]
-            cells.append(f"{c['mean_error']:.1%} @ {c['ratio']:.2f}×" if c["ratio"] else "–")
-        table.add_row(*cells)
-    out.print(table)
-    dp = result["default_plan"]
-    out.print(
-        f"Default plan ({dp['rule']}): {dp['ratio']:.2f}× with {dp['mean_error']:.1%} mean ΔW error; at the same storage "
-        f"pure sharing gives {dp['at_same_storage']['shared']:.1%} and no sharing (equal ranks) {dp['at_same_storage']['private']:.1%}."
-    )
-    out.print(result["verdict"])
+    render_plan(result, out)
     if plot is not None:
         out.print(f"wrote {plot}")
 

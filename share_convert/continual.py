@@ -30,22 +30,19 @@ from .consolidation import (
     ModulePlan,
     ModuleResult,
     Progress,
-    StoredBases,
     TaskSource,
     build_manifest,
     check_compatible,
     consolidate_module,
-    encode_task,
     merge,
     module_record,
     natural_key,
     prepare_member,
     prepare_members,
     storage_dtype,
-    store_bases,
-    store_grams,
     task_errors,
 )
+from .encoding import StoredBases, encode_task, store_bases, store_grams
 from .errors import DuplicateTaskError, IncompatibleAdaptersError, InvalidOptionError, UnknownTaskError
 from .formats import LoraFactors
 from .linalg import RANK_RTOL, canonicalize_padded, deterministic, fix_signs

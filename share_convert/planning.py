@@ -92,9 +92,6 @@ class FrozenTasks:
 
     def __post_init__(self) -> None:
         self._cache: dict[tuple[int, int], tuple[float, float]] = {}
-        # E[:k]ᵀE[:k] for every k at once: cumulative sums of the rows' outer products (T × K × r × r)
-        self._prefix_B = (self.Eb.unsqueeze(-1) * self.Eb.unsqueeze(-2)).cumsum(1)
-        self._prefix_A = (self.Ea.unsqueeze(-1) * self.Ea.unsqueeze(-2)).cumsum(1)
 
     def __len__(self) -> int:
         return int(self.Eb.shape[0])
@@ -103,7 +100,8 @@ class FrozenTasks:
         """Each task's relative error at this k (q = 0), as in :meth:`ModulePlanner.shared_errors`."""
         if k_B == 0 or k_A == 0:
             return (self.norm2 > 0).to(torch.float64)
-        kept = (self._prefix_B[:, k_B - 1] * self._prefix_A[:, k_A - 1]).sum((-1, -2))
+        Eb, Ea = self.Eb[:, :k_B], self.Ea[:, :k_A]
+        kept = ((Eb.transpose(-1, -2) @ Eb) * (Ea.transpose(-1, -2) @ Ea)).sum((-1, -2))
         rel = (1.0 - kept / self.norm2.clamp_min(1e-300)).clamp_min(0).sqrt()
         return torch.where(self.norm2 > 0, rel, torch.zeros_like(rel))
 

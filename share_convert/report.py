@@ -307,3 +307,36 @@ def render_history(history: list[dict[str, Any]], console: Console) -> None:
         worst = max(d["max"] for _, d in items)
         mean = sum(d["mean"] for _, d in items) / len(items)
         console.print(f"Drift over all {len(items)} old tasks: mean {mean:.2%}, worst {worst:.2%}.")
+
+
+def render_plan(result: dict[str, Any], console: Console) -> None:
+    """Draw the result of ``plan``: error against compression for each rule, the default plan, the verdict."""
+    table = Table(
+        title=f"{result['tasks']} adapters, {result['modules']} modules: mean ΔW error at each budget",
+        title_justify="left",
+    )
+    table.add_column("budget", justify="right")
+    columns = {
+        "shared_unweighted": "pure sharing (paper)",
+        "shared": "pure sharing, equal weights",
+        "private": "no sharing, equal ranks",
+        "private_allocated": "no sharing, allocated",
+        "mixed": "shared + private (planner)",
+        "groups": "with groups",
+    }
+    for title in columns.values():
+        table.add_column(title, justify="right")
+    for row in result["curves"]:
+        cells = [f"{row['budget_ratio']:g}×"]
+        for key in columns:
+            c = row[key]
+            cells.append(f"{c['mean_error']:.1%} @ {c['ratio']:.2f}×" if c["ratio"] else "–")
+        table.add_row(*cells)
+    console.print(table)
+    dp = result["default_plan"]
+    same = dp["at_same_storage"]
+    console.print(
+        f"Default plan ({dp['rule']}): {dp['ratio']:.2f}× with {dp['mean_error']:.1%} mean ΔW error; at the same "
+        f"storage pure sharing gives {same['shared']:.1%} and no sharing (equal ranks) {same['private']:.1%}."
+    )
+    console.print(result["verdict"])
