@@ -3,6 +3,8 @@
 Builds checkpoints with N old tasks (merged once, untimed), then times the whole process
 ``share-convert add CKPT NEW -o OUT`` for each N, side by side in one run, together with the
 start-up of the CLI alone (``share-convert --help``: Python, torch and the CLI imported) as the floor.
+Also times the library call alone (``share_convert.continual.add`` timed inside a fresh process,
+best of the rounds): the update without start-up, reading of the new adapter's header, or the report.
 
     python benchmarks/bench_add.py --tasks 10,50,100,200,500 --work /tmp/bench-add --out benchmarks/results/add.json
 """
@@ -22,6 +24,25 @@ sys.path.insert(0, str(Path(__file__).parent))
 from measure import measure  # noqa: E402
 
 from share_convert.synthetic import write_synthetic_adapters  # noqa: E402
+
+#: Times the library call alone in a fresh process (this one stays small: a child's peak RSS
+#: counts what it inherited before exec).
+LIBRARY_ADD = """
+import sys, time
+from share_convert.continual import add
+from share_convert.formats import open_adapters
+sources = open_adapters([sys.argv[2]])
+t = time.perf_counter()
+add(sys.argv[1], sources, sys.argv[3], force=True)
+print(time.perf_counter() - t)
+"""
+
+
+def time_library_add(ckpt: Path, new: Path, out: Path) -> float:
+    proc = subprocess.run(
+        [sys.executable, "-c", LIBRARY_ADD, str(ckpt), str(new), str(out)], check=True, capture_output=True, text=True
+    )
+    return float(proc.stdout.strip())
 
 
 def main() -> None:
@@ -58,12 +79,14 @@ def main() -> None:
     # machine falls on all of them alike.
     startup: list[float] = []
     runs: dict[int, list] = {n: [] for n in counts}
+    library: dict[int, list[float]] = {n: [] for n in counts}
     for _ in range(a.repeat):
         startup.append(measure([*sc, "--help"]).wall_s)
         for n in counts:
             r = measure([*sc, "add", str(checkpoints[n]), str(new), "-o", str(work / "out.safetensors"), "--force"])
             assert r.returncode == 0, r.stderr
             runs[n].append(r)
+            library[n].append(time_library_add(checkpoints[n], new, work / "out.safetensors"))
     rows = []
     for n in counts:
         best = min(runs[n], key=lambda r: r.wall_s)
@@ -73,6 +96,7 @@ def main() -> None:
             "wall_s_best": best.wall_s,
             "wall_s_all": [r.wall_s for r in runs[n]],
             "peak_rss_mb": best.peak_rss_mb,
+            "library_add_s_best": min(library[n]),
         }
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -1,11 +1,31 @@
-"""Whole-process measurements: wall time and peak resident memory of one command."""
+"""Whole-process measurements: wall time and peak resident memory of one command.
+
+The command is started by a minimal launcher process (``python -S``, a few MB), which times it
+and reaps it with ``wait4``. Starting it straight from the benchmark would be wrong for memory:
+on Linux a child's ``ru_maxrss`` keeps the resident size it had before ``exec``, that is, the
+benchmark process's own (torch imported, adapters generated), which would become a floor under
+every figure.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
-import time
+import sys
+import tempfile
 from dataclasses import asdict, dataclass
+
+#: Runs argv[2:], writes {"wall_s", "maxrss_kb", "status"} as JSON to the file argv[1].
+LAUNCHER = """
+import json, os, sys, time
+t0 = time.perf_counter()
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+with open(sys.argv[1], "w") as f:
+    json.dump({"wall_s": wall, "maxrss_kb": usage.ru_maxrss, "status": os.waitstatus_to_exitcode(status)}, f)
+"""
 
 
 @dataclass
@@ -26,19 +46,20 @@ class Run:
 
 def measure(command: list[str], env: dict | None = None) -> Run:
     """Run ``command`` (no shell) and return its wall time and peak RSS (from wait4's rusage)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
-    out, err = b"", b""
-    # read the pipes while the process runs, then reap it with wait4 to get its own rusage
-    out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.NamedTemporaryFile(suffix=".json") as report:
+        proc = subprocess.run(
+            [sys.executable, "-S", "-c", LAUNCHER, report.name, *command],
+            capture_output=True,
+            env={**os.environ, **(env or {})},
+        )
+        result = json.loads(open(report.name).read() or "null") if proc.returncode == 0 else None
+    if result is None:  # the launcher itself failed (e.g. the program was not found)
+        return Run(command, 0.0, 0.0, proc.returncode or 127, "", proc.stderr.decode(errors="replace"))
     return Run(
         command,
-        wall,
-        usage.ru_maxrss / 1024,
-        proc.returncode,
-        out.decode(errors="replace"),
-        err.decode(errors="replace"),
+        result["wall_s"],
+        result["maxrss_kb"] / 1024,
+        result["status"],
+        proc.stdout.decode(errors="replace"),
+        proc.stderr.decode(errors="replace"),
     )

@@ -67,14 +67,15 @@ def add_table(path: Path) -> str:
     d = json.loads(path.read_text())
     startup = d.get("startup_s")
     out = [
-        "| old tasks | checkpoint | add one adapter: best of runs | all runs | best minus CLI start-up | peak RSS |",
-        "|---:|---:|---:|---|---:|---:|",
+        "| old tasks | checkpoint | add one adapter: best of runs | all runs | best minus CLI start-up | peak RSS | library call alone (best) |",
+        "|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in d["rows"]:
         net = f"{r['wall_s_best'] - startup:.2f} s" if startup is not None else "–"
         out.append(
             f"| {r['old_tasks']} | {mb(r['checkpoint_bytes'])} | {r['wall_s_best']:.2f} s | "
-            f"{', '.join(f'{x:.2f}' for x in r['wall_s_all'])} | {net} | {r['peak_rss_mb'] / 1024:.2f} GB |"
+            f"{', '.join(f'{x:.2f}' for x in r['wall_s_all'])} | {net} | {r['peak_rss_mb'] / 1024:.2f} GB | "
+            + (f"{r['library_add_s_best']:.2f} s |" if "library_add_s_best" in r else "– |")
         )
     if startup is not None:
         out.append(f"\nCLI start-up alone (`share-convert --help`, best of runs, same run): {startup:.2f} s.")

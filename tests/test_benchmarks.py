@@ -86,5 +86,7 @@ def test_add_runner_times_updates_of_growing_checkpoints(tmp_path):
         "--out",
         out,
     )
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
     assert [r["old_tasks"] for r in rows] == [2, 4] and all(r["wall_s_best"] > 0 for r in rows)
+    assert result["startup_s"] > 0 and all(0 < r["library_add_s_best"] < r["wall_s_best"] for r in rows)
