@@ -241,6 +241,8 @@ class Checkpoint:
             )
         self._keys = set(self._file.keys())
         self._cache: dict[str, torch.Tensor] = {}
+        # held open from here, so that raw reads see this file even if the path is replaced later
+        self._handle = open(self.path, "rb")  # noqa: SIM115 (lives as long as the reader)
         self._layout: tuple[mmap.mmap, int, dict[str, Any]] | None = None
 
     # -- manifest views ---------------------------------------------------------------------------------
@@ -341,8 +343,7 @@ class Checkpoint:
         """The file mapped read-only, where its data starts, and its header (parsed once)."""
         if self._layout is None:
             try:
-                with open(self.path, "rb") as f:
-                    data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                data = mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ)
                 (size,) = struct.unpack("<Q", data[:8])
                 header = json.loads(data[8 : 8 + size])
             except (OSError, ValueError, struct.error):

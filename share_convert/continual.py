@@ -1,10 +1,11 @@
 """Continual updates of a Share checkpoint without the original adapters (spec, section 5).
 
 - :func:`add` folds new adapters (or another checkpoint's tasks) into a checkpoint. Per module,
-  the old tasks are known only through the bases, the stored Gram matrix and their coefficients:
-  the new bases come from a QR of ``[β, B'_new]`` and the eigendecomposition of a (k+m) × (k+m)
-  matrix (Brand 2006), so the n-sized work does not grow with the number of old tasks; old
-  coefficients are rotated into the new bases (k-sized work per task).
+  the old tasks are known only through the bases and their coefficients: the new bases come from
+  a QR of ``[β, B'_new]`` and the eigendecomposition of a (k+m) × (k+m) matrix weighted by the old
+  tasks' Gram matrix (Brand 2006), so the n-sized work does not grow with the number of old
+  tasks; the old coefficients are rotated into the new bases as one batch (k-sized work).
+  In a module with groups of bases, only the groups that new tasks join are updated.
 - :func:`remove` drops tasks, optionally refitting the bases to the tasks that remain.
 - :class:`CheckpointTask` lets a checkpoint's tasks be inputs of ``merge`` (the paper's
   asynchronous continual learning: groups consolidated separately, merged later).
