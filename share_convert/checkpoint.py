@@ -24,13 +24,13 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from .atomic import temp_file_beside
 from .errors import CorruptCheckpointError, OutputExistsError, UnknownTaskError, UnsupportedFormatError
 
 FORMAT_NAME = "share-convert"
@@ -90,9 +90,7 @@ class CheckpointWriter:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        parent = self.path.parent if str(self.path.parent) else Path(".")
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".data.tmp", dir=parent)
-        self._data_path = Path(tmp)
+        fd, self._data_path = temp_file_beside(self.path, ".data.tmp")
         self._data = os.fdopen(fd, "wb")
         self._entries: dict[str, dict[str, Any]] = {}
         self._order: list[str] = []
@@ -138,7 +136,7 @@ class CheckpointWriter:
         os.fsync(self._data.fileno())
         self._data.close()
         parent = self.path.parent if str(self.path.parent) else Path(".")
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent)
+        fd, tmp = temp_file_beside(self.path)
         try:
             with os.fdopen(fd, "wb") as out, open(self._data_path, "rb") as data:
                 out.write(struct.pack("<Q", len(blob)))

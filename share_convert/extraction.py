@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from .atomic import publish_dir, temp_dir_beside
 from .checkpoint import Checkpoint, check_parent_writable
 from .errors import InvalidOptionError, OutputExistsError
 from .formats import PEFT_PREFIX
@@ -58,18 +58,6 @@ def prepare_output_dir(path: Path, force: bool) -> None:
         if any(path.iterdir()) and not force:
             raise OutputExistsError("exists and is not empty", path=path, hint="Pass --force to replace it")
     check_parent_writable(path)
-
-
-def publish_dir(tmp: Path, target: Path) -> None:
-    """Move a fully written folder into place; an existing target is replaced only at the end."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        old.rmdir()
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def adapter_tensors(
@@ -119,8 +107,7 @@ def extract(
     tensors.update(heads)
     config = exported_config(record, list(factors), width)
     warnings = engine_warnings(record, heads, width)
-    parent = output.parent if str(output.parent) else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=parent))
+    tmp = temp_dir_beside(output)
     try:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -139,8 +126,7 @@ def extract_all(
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     output = Path(output)
     prepare_output_dir(output, force)
-    parent = output.parent if str(output.parent) else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=parent))
+    tmp = temp_dir_beside(output)
     try:  # every task is written under a temporary folder, published in one rename at the end
         results = [extract(ckpt, t, tmp / t, rank=rank) for t in ckpt.tasks]
         os.chmod(tmp, 0o755)

@@ -194,6 +194,10 @@ def test_sigkill_at_any_moment_leaves_the_previous_file_and_no_partial_one(tmp_p
             data = target.read_bytes()
             if data != previous:  # the kill came after the atomic rename: the new file is whole
                 Checkpoint(target).verify_all()
+    # the next complete run removes what the killed ones left beside the target
+    done = subprocess.run([sys.executable, "-m", "share_convert.cli", *args], capture_output=True)
+    assert done.returncode == 0, done.stderr
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{target.name}.")]
 
 
 def test_reading_a_corrupt_checkpoint_as_an_input_is_refused(tmp_path, ckpt):
@@ -208,3 +212,16 @@ def test_a_checkpoint_replaced_after_opening_is_still_read_as_it_was(tmp_path, c
     ckpt.rename(tmp_path / "moved.safetensors")
     ckpt.write_bytes(b"not a checkpoint any more")
     assert opened.raw(name)[3] == opened.manifest["tensors"][name]  # verified against its own manifest
+
+
+def test_leftovers_of_a_dead_writer_are_removed_and_a_live_writers_kept(tmp_path, real):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live = int(finished.stdout), os.getppid()
+    out = tmp_path / "c.safetensors"
+    stale = tmp_path / f".c.safetensors.{dead}.abcd1234.data.tmp"
+    running = tmp_path / f".c.safetensors.{live}.efgh5678.tmp"
+    other = tmp_path / ".c.safetensors.backup"
+    for p in (stale, running, other):
+        p.write_bytes(b"x")
+    merge(open_adapters([str(real / "bert-tiny")]), out, ConsolidationConfig(k=2))
+    assert not stale.exists() and running.exists() and other.exists()
