@@ -4,7 +4,8 @@
    after a warm-up (the decomposition alone: no reading, no writing).
 2. Whole-process ``share-convert merge`` of N synthetic 7B-shaped adapters (32 layers × q_proj,
    v_proj, hidden 4096, r = 16, float32), ``--device cpu`` then ``--device cuda``, same inputs,
-   same run: wall time, peak RSS, the plan and the mean ΔW error of each.
+   same run: wall time, peak RSS, the plan, the mean ΔW error and where the time went (phases
+   summed over worker threads, from the hidden ``merge --timings``).
 
     python benchmarks/gpu_check.py --work /tmp/gpu --count 64 --out benchmarks/results/gpu.json
 """
@@ -81,7 +82,10 @@ def main() -> None:
     sc = [sys.executable, "-m", "share_convert.cli"]
     for dev in ("cpu", "cuda"):
         out = work / f"{dev}.safetensors"
-        r = measure([*sc, "merge", str(folder), "-o", str(out), "--force", "--device", dev, "--json"])
+        timings = work / f"timings-{dev}.json"
+        r = measure(
+            [*sc, "merge", str(folder), "-o", str(out), "--force", "--device", dev, "--json", "--timings", str(timings)]
+        )
         assert r.returncode == 0, r.stderr
         ckpt = Checkpoint(out)
         errors = [t["error"] for info in ckpt.modules.values() for t in info["tasks"].values()]
@@ -91,6 +95,7 @@ def main() -> None:
             "mean_error": sum(errors) / len(errors),
             "k_B": sorted({info["k_B"] for info in ckpt.modules.values()}),
             "bytes": out.stat().st_size,
+            "timings": json.loads(timings.read_text()),
         }
         print(json.dumps(result[f"merge_{dev}"]), flush=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -102,6 +102,10 @@ def gpu_table(path: Path) -> str:
     out.append(f"| peak RSS (host) | {cpu['peak_rss_mb'] / 1024:.2f} GB | {gpu['peak_rss_mb'] / 1024:.2f} GB | |")
     out.append(f"| mean ΔW error | {cpu['mean_error']:.4%} | {gpu['mean_error']:.4%} | |")
     out.append(f"| stored | {mb(cpu['bytes'])} | {mb(gpu['bytes'])} | |")
+    if "timings" in cpu and "timings" in gpu:
+        for phase in ("read", "canonicalize", "decompose", "encode", "write"):
+            c, g = cpu["timings"][phase], gpu["timings"][phase]
+            out.append(f"| phase: {phase} (summed over worker threads) | {c:.1f} s | {g:.1f} s | |")
     return "\n".join(out)
 
 
