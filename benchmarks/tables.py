@@ -149,6 +149,7 @@ if __name__ == "__main__":
         ("add.json", add_table),
         ("gpu-64.json", gpu_table),
         ("gpu-256.json", gpu_table),
+        ("gpu-256-phases.json", gpu_table),
         ("real.json", real_table),
     ):
         p = RES / name
