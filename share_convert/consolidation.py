@@ -309,11 +309,11 @@ class ModuleStack:
             for m, w in zip(self.members, self.weights):
                 r = m.stacked[0].shape[1]
                 scale = w**-0.5 if w > 0 else 0.0
-                fits.append(TaskFit(s=m.s, Eb=projB[:, off : off + r] * scale, Ea=projA[:, off : off + r] * scale))
+                fits.append(TaskFit.of(m.s, projB[:, off : off + r] * scale, projA[:, off : off + r] * scale, m.prior))
                 off += r
         else:
             b64, a64 = beta.double().cpu(), alpha.double().cpu()
-            fits = [TaskFit(s=m.s, Eb=b64.T @ m.Bc.double(), Ea=a64.T @ m.Ac.double()) for m in self.members]
+            fits = [TaskFit.of(m.s, b64.T @ m.Bc.double(), a64.T @ m.Ac.double(), m.prior) for m in self.members]
         return beta, alpha, sB, sA, ModulePlanner(self.n, self.d, fits)
 
 

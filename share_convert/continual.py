@@ -389,8 +389,16 @@ def update_module(
     new_beta, sB = _updated_basis(beta, GB, NB)
     new_alpha, sA = _updated_basis(alpha, GA, NA)
     nb64, na64 = new_beta.double(), new_alpha.double()
-    frozen = FrozenTasks(Eb=(nb64.T @ b_old) @ old.XB, Ea=(na64.T @ a_old) @ old.XA, norm2=old.norm2(), ranks=old.ranks)
-    fits = [TaskFit(s=m.s, Eb=nb64.T @ m.Bc.double(), Ea=na64.T @ m.Ac.double()) for m in members]
+    records = [info["tasks"][t] for t in old_tasks]
+    frozen = FrozenTasks(
+        Eb=(nb64.T @ b_old) @ old.XB,
+        Ea=(na64.T @ a_old) @ old.XA,
+        norm2=old.norm2(),
+        ranks=old.ranks,
+        prior=torch.tensor([r["error"] for r in records], dtype=torch.float64),
+        scale=torch.tensor([1 / r["norm"] if r["norm"] > 0 else 0.0 for r in records], dtype=torch.float64),
+    )
+    fits = [TaskFit.of(m.s, nb64.T @ m.Bc.double(), na64.T @ m.Ac.double(), m.prior) for m in members]
     planner = ModulePlanner(n, d, fits, frozen=frozen)
     mode = config.mode()
     if mode == "fixed":

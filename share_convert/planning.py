@@ -66,29 +66,48 @@ K_GRID = (
 
 @dataclass
 class TaskFit:
-    """One task in one module: canonical singular values and coordinates in the bases."""
+    """One task in one module: canonical singular values and coordinates in the bases.
+
+    A task that is itself a reconstruction (from a checkpoint) carries its error so far
+    (``prior``) and ``ratio`` = ‖ΔŴ‖ / ‖ΔW‖: its planned error is then the bound
+    prior + ratio × (error relative to ΔŴ), the figure its record will show (spec, section 5).
+    """
 
     s: torch.Tensor  # (r,) float64, canonical singular values of ΔW
     Eb: torch.Tensor  # (K_B, r) float64, βᵀB'
     Ea: torch.Tensor  # (K_A, r) float64, αᵀA'
+    prior: float = 0.0
+    ratio: float = 1.0
 
     def __post_init__(self) -> None:
         self.rank = int(self.s.numel())
         self.norm2 = float((self.s**2).sum())
+
+    @classmethod
+    def of(cls, s: torch.Tensor, Eb: torch.Tensor, Ea: torch.Tensor, prior=None) -> TaskFit:
+        """A fit for a member whose ``prior`` is (error, ‖ΔW‖ of the original, is_bound) or None."""
+        if prior is None:
+            return cls(s, Eb, Ea)
+        error, norm, _ = prior
+        return cls(s, Eb, Ea, error, float((s**2).sum()) ** 0.5 / norm if norm > 0 else 0.0)
 
 
 @dataclass
 class FrozenTasks:
     """Tasks whose private rank is fixed at 0 (old tasks during a continual update), batched.
 
+    A frozen task's error after the update is bounded by its error before plus the drift of its
+    shared part, ‖S − P_β S P_α‖ / ‖ΔW‖ (spec, section 5), which is what the planner counts.
     Coordinates are zero-padded to the largest rank (padding changes none of the sums below), so
-    their errors at any k cost a few batched products, not a Python loop over tasks (spec, section 5).
+    their errors at any k cost a few batched products, not a Python loop over tasks.
     """
 
-    Eb: torch.Tensor  # (T, K_B, r) float64
+    Eb: torch.Tensor  # (T, K_B, r) float64, the shared part's coordinates in the new bases
     Ea: torch.Tensor  # (T, K_A, r) float64
-    norm2: torch.Tensor  # (T,) float64, squared norm of each task's shared part
+    norm2: torch.Tensor  # (T,) float64, ‖S‖², squared norm of each task's shared part
     ranks: torch.Tensor  # (T,) int64
+    prior: torch.Tensor  # (T,) float64, each task's error before the update
+    scale: torch.Tensor  # (T,) float64, 1 / ‖ΔW‖ of each task's original update (0 if ΔW = 0)
 
     def __post_init__(self) -> None:
         self._cache: dict[tuple[int, int], tuple[float, float]] = {}
@@ -97,13 +116,14 @@ class FrozenTasks:
         return int(self.Eb.shape[0])
 
     def errors(self, k_B: int, k_A: int) -> torch.Tensor:
-        """Each task's relative error at this k (q = 0), as in :meth:`ModulePlanner.shared_errors`."""
+        """Each task's error bound at this k: its prior error plus the drift of its shared part."""
         if k_B == 0 or k_A == 0:
-            return (self.norm2 > 0).to(torch.float64)
-        Eb, Ea = self.Eb[:, :k_B], self.Ea[:, :k_A]
-        kept = ((Eb.transpose(-1, -2) @ Eb) * (Ea.transpose(-1, -2) @ Ea)).sum((-1, -2))
-        rel = (1.0 - kept / self.norm2.clamp_min(1e-300)).clamp_min(0).sqrt()
-        return torch.where(self.norm2 > 0, rel, torch.zeros_like(rel))
+            kept = torch.zeros_like(self.norm2)
+        else:
+            Eb, Ea = self.Eb[:, :k_B], self.Ea[:, :k_A]
+            kept = ((Eb.transpose(-1, -2) @ Eb) * (Ea.transpose(-1, -2) @ Ea)).sum((-1, -2))
+        # the bases are orthonormal: ‖S − P S P‖² = ‖S‖² − ‖P S P‖²
+        return self.prior + (self.norm2 - kept).clamp_min(0).sqrt() * self.scale
 
     def error_stats(self, k_B: int, k_A: int) -> tuple[float, float]:
         """(sum, max) of the errors at this k."""
@@ -192,7 +212,7 @@ class ModulePlanner:
     def shared_errors(self, k_B: int, k_A: int) -> list[float]:
         """Per task, the error of pure sharing (q = 0): e² = 1 − ‖E_B E_Aᵀ‖² / ‖ΔW‖² (spec, section 4)."""
         if k_B == 0 or k_A == 0:
-            return [1.0 if f.norm2 > 0 else 0.0 for f in self.fits]
+            return [self._bound(i, 1.0 if f.norm2 > 0 else 0.0) for i, f in enumerate(self.fits)]
         out = [0.0] * len(self.fits)
         for idx, Eb, Ea, norm2 in self._stacked():
             Eb, Ea = Eb[:, :k_B], Ea[:, :k_A]
@@ -201,8 +221,13 @@ class ModulePlanner:
                 norm2 > 0, (1.0 - kept / norm2.clamp_min(1e-300)).clamp_min(0).sqrt(), torch.zeros_like(kept)
             )
             for i, e in zip(idx, errs.tolist()):
-                out[i] = e
+                out[i] = self._bound(i, e)
         return out
+
+    def _bound(self, i: int, error: float) -> float:
+        """Task i's planned error: relative to ΔW, or its bound when it is a reconstruction."""
+        f = self.fits[i]
+        return error if f.prior == 0 and f.ratio == 1 else f.prior + f.ratio * error
 
     def _stacked(self) -> list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per rank: the tasks' indices, their stacked coordinates and squared norms (computed once)."""
@@ -224,9 +249,10 @@ class ModulePlanner:
             return self._tails[key]
         if k_B == 0:  # no shared part: the residual is ΔW itself, whose spectrum is known
             out0 = []
-            for f in self.fits:
+            for i, f in enumerate(self.fits):
                 tail = torch.cat([(f.s**2).flip(0).cumsum(0).flip(0), f.s.new_zeros(1)])
-                out0.append((tail / f.norm2).clamp_min(0).sqrt().tolist() if f.norm2 > 0 else [0.0] * (f.rank + 1))
+                errs = (tail / f.norm2).clamp_min(0).sqrt().tolist() if f.norm2 > 0 else [0.0] * (f.rank + 1)
+                out0.append([self._bound(i, e) for e in errs])
             self._tails[key] = out0
             return out0
         out: list[list[float] | None] = [None] * len(self.fits)
@@ -240,7 +266,7 @@ class ModulePlanner:
             for j, i in enumerate(idx):
                 norm2 = self.fits[i].norm2
                 errs = (tail[j, : r + 1] / norm2).clamp_min(0).sqrt().tolist() if norm2 > 0 else [0.0] * (r + 1)
-                out[i] = errs
+                out[i] = [self._bound(i, e) for e in errs]
         self._tails[key] = out  # type: ignore[assignment]
         return out  # type: ignore[return-value]
 

@@ -277,3 +277,24 @@ def test_after_a_remove_the_next_add_sees_only_the_remaining_tasks(tmp_path):
     add(tmp_path / "c2.safetensors", sources[3:], tmp_path / "c3.safetensors", FULL)
     (info,) = Checkpoint(tmp_path / "c3.safetensors").modules.values()
     assert info["k_B"] == info["k_A"] == 12  # t0, t1, t3: rank 4 each, nothing left of t2
+
+
+def test_after_an_add_every_module_meets_the_target_counting_the_old_tasks_errors(tmp_path, real):
+    # old tasks keep their errors (private truncation included): the new task gets only what is left
+    sources = open_adapters([str(real / "gpt2-c_attn")])
+    merge(sources[:3], tmp_path / "c.safetensors", ConsolidationConfig(target_error=0.05))
+    add(tmp_path / "c.safetensors", sources[3:4], tmp_path / "c2.safetensors")
+    for info in Checkpoint(tmp_path / "c2.safetensors").modules.values():
+        errors = [t["error"] for t in info["tasks"].values()]
+        assert len(errors) == 4 and sum(errors) / len(errors) <= 0.05 + 1e-6
+
+
+def test_merging_checkpoints_meets_the_target_on_the_errors_it_records(tmp_path, real):
+    # tasks from checkpoints are planned on their bounds (error so far + drift), the figures recorded
+    sources = open_adapters([str(real / "gpt2-c_attn")])
+    merge(sources[:3], tmp_path / "a.safetensors", ConsolidationConfig(target_error=0.05))
+    merge(sources[3:], tmp_path / "b.safetensors", ConsolidationConfig(target_error=0.05))
+    api.merge([str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")], tmp_path / "ab.safetensors")
+    for info in Checkpoint(tmp_path / "ab.safetensors").modules.values():
+        errors = [t["error"] for t in info["tasks"].values()]
+        assert len(errors) == len(sources) and sum(errors) / len(errors) <= 0.05 + 1e-6

@@ -48,8 +48,8 @@ def test_the_target_plan_is_the_cheapest_of_the_extremes_or_cheaper(gpt2_planner
         assert plan.params <= planner.original_params()
 
 
-def frozen_of(fits):
-    """The tasks of ``fits`` as frozen tasks (zero-padded to one rank)."""
+def frozen_of(fits, prior=0.0):
+    """The tasks of ``fits`` as frozen tasks (zero-padded to one rank), each with error ``prior`` so far."""
     r = max(f.rank for f in fits)
     pad = lambda E: torch.nn.functional.pad(E, (0, r - E.shape[1]))  # noqa: E731
     return FrozenTasks(
@@ -57,6 +57,8 @@ def frozen_of(fits):
         Ea=torch.stack([pad(f.Ea) for f in fits]),
         norm2=torch.tensor([f.norm2 for f in fits], dtype=torch.float64),
         ranks=torch.tensor([f.rank for f in fits]),
+        prior=torch.tensor([prior] * len(fits), dtype=torch.float64),
+        scale=torch.tensor([f.norm2**-0.5 if f.norm2 > 0 else 0.0 for f in fits], dtype=torch.float64),
     )
 
 
