@@ -173,14 +173,18 @@ MAX_HISTORY_COLUMNS = 6
 
 
 def _clip(items: list, importance, keep: set[str], name) -> tuple[list, int]:
-    """At most MAX_ROWS items: those in ``keep`` (the tasks just added), then the most important;
-    in their original order. Returns the rows shown and how many were left out."""
+    """At most MAX_ROWS items: those in ``keep`` (the tasks just added) first, then the most
+    important; shown in their original order. Returns the rows shown and how many were left out."""
     if len(items) <= MAX_ROWS:
         return items, 0
-    must = [i for i, x in enumerate(items) if name(x) in keep]
-    rest = sorted((i for i, x in enumerate(items) if name(x) not in keep), key=lambda i: -importance(items[i]))
-    shown = sorted(must + rest[: max(MAX_ROWS - len(must), 0)])
+    order = sorted(range(len(items)), key=lambda i: (name(items[i]) not in keep, -importance(items[i])))
+    shown = sorted(order[:MAX_ROWS])
     return [items[i] for i in shown], len(items) - len(shown)
+
+
+def _just_added(history: list[dict[str, Any]]) -> set[str]:
+    """The tasks the last update added (always shown); none after a merge, where every task is new."""
+    return set(history[-1].get("tasks_added", [])) if history and history[-1].get("op") == "add" else set()
 
 
 def _left_out(console: Console, count: int, what: str) -> None:
@@ -191,7 +195,7 @@ def _left_out(console: Console, count: int, what: str) -> None:
 def render(summary: dict[str, Any], console: Console) -> None:
     """Draw a summary as tables (long task lists clipped to the rows that matter most)."""
     history = summary.get("history") or []
-    added = set(history[-1].get("tasks_added", [])) if history else set()
+    added = _just_added(history)
     rows, hidden = _clip(summary["tasks"], lambda t: t["mean_error"], added, lambda t: t["task"])
     title = f"Share checkpoint {escape(summary['checkpoint'])}"
     if hidden:
@@ -274,7 +278,7 @@ def render_history(history: list[dict[str, Any]], console: Console) -> None:
                 tasks.append(t)
     last = history[-1]
     latest = lambda t: max((h.get("errors", {}).get(t, {}).get("mean", 0.0) for _, h in shown), default=0.0)  # noqa: E731
-    rows, hidden = _clip(tasks, latest, set(last.get("tasks_added", [])), lambda t: t)
+    rows, hidden = _clip(tasks, latest, _just_added(history), lambda t: t)
     for t in rows:
         row = [escape(t)]
         for _, h in shown:

@@ -215,3 +215,17 @@ def test_reports_of_many_tasks_show_the_new_ones_and_say_how_many_rows_are_left_
     assert f"Drift over all {MAX_ROWS + 5} old tasks" in result.output
     info = json.loads(runner.invoke(app, ["info", str(ck), "--json"]).output)
     assert len(info["tasks"]) == MAX_ROWS + 6
+
+
+def test_info_on_a_merge_of_many_tasks_shows_the_worst_and_counts_the_rest(tmp_path):
+    from share_convert.report import MAX_ROWS
+    from share_convert.synthetic import write_synthetic_adapters
+
+    write_synthetic_adapters(tmp_path / "a", count=MAX_ROWS + 10, layers=1, hidden=32, rank=2, shared_rank=2)
+    ck = tmp_path / "c.safetensors"
+    assert runner.invoke(app, ["merge", str(tmp_path / "a"), "-o", str(ck)]).exit_code == 0
+    result = runner.invoke(app, ["info", str(ck)])
+    assert result.exit_code == 0
+    assert "… and 10 more tasks (every row: --json)" in result.output
+    shown = [line for line in result.output.splitlines() if "task-0" in line]
+    assert len(shown) == MAX_ROWS
