@@ -294,8 +294,17 @@ class Checkpoint:
     def _read(self, name: str) -> torch.Tensor:
         dtype, shape, raw, _ = self.raw(name)
         if not raw:
-            return torch.zeros(shape, dtype=_TORCH_DTYPES[dtype])
-        return torch.frombuffer(bytearray(raw), dtype=_TORCH_DTYPES[dtype]).reshape(shape)
+            return torch.zeros(shape, dtype=self._torch_dtype(name, dtype))
+        return torch.frombuffer(bytearray(raw), dtype=self._torch_dtype(name, dtype)).reshape(shape)
+
+    def _torch_dtype(self, name: str, dtype: str) -> torch.dtype:
+        if dtype not in _TORCH_DTYPES:
+            raise CorruptCheckpointError(
+                f"tensor {name} has dtype {dtype}, which no share-convert checkpoint holds",
+                path=self.path,
+                hint="Re-create or re-download it",
+            )
+        return _TORCH_DTYPES[dtype]
 
     def stacked(self, names: list[str]) -> torch.Tensor:
         """Tensors of one shape and dtype, read (verified) into one ``len(names) × shape`` tensor."""
@@ -304,9 +313,10 @@ class Checkpoint:
         if any(p[0] != dtype or p[1] != shape for p in parts):
             raise ValueError("stacked tensors must share one shape and dtype")
         data = b"".join(p[2] for p in parts)
+        torch_dtype = self._torch_dtype(names[0], dtype)
         if not data:
-            return torch.zeros([len(names), *shape], dtype=_TORCH_DTYPES[dtype])
-        return torch.frombuffer(bytearray(data), dtype=_TORCH_DTYPES[dtype]).reshape([len(names), *shape])
+            return torch.zeros([len(names), *shape], dtype=torch_dtype)
+        return torch.frombuffer(bytearray(data), dtype=torch_dtype).reshape([len(names), *shape])
 
     def raw(self, name: str) -> tuple[str, list[int], bytes, str]:
         """One tensor as stored: safetensors dtype, shape, bytes and SHA-256 (verified).

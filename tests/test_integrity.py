@@ -225,3 +225,26 @@ def test_leftovers_of_a_dead_writer_are_removed_and_a_live_writers_kept(tmp_path
         p.write_bytes(b"x")
     merge(open_adapters([str(real / "bert-tiny")]), out, ConsolidationConfig(k=2))
     assert not stale.exists() and running.exists() and other.exists()
+
+
+def test_a_tensor_of_a_dtype_share_convert_never_writes_is_refused(tmp_path, ckpt):
+    import hashlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    from share_convert.checkpoint import MANIFEST_KEY, MANIFEST_SHA_KEY
+
+    manifest = dict(Checkpoint(ckpt).manifest)
+    odd = torch.zeros(4, dtype=torch.float8_e4m3fn)
+    name = "modules/x/basis_B"
+    manifest["tensors"] = {name: hashlib.sha256(odd.view(torch.uint8).numpy().tobytes()).hexdigest()}
+    text = json.dumps(manifest)
+    path = tmp_path / "odd.safetensors"
+    save_file(
+        {name: odd},
+        str(path),
+        metadata={MANIFEST_KEY: text, MANIFEST_SHA_KEY: hashlib.sha256(text.encode()).hexdigest()},
+    )
+    with pytest.raises(CorruptCheckpointError, match="float8|F8_E4M3"):
+        Checkpoint(path).tensor(name)
