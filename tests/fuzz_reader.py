@@ -30,12 +30,18 @@ SEEDS = [
 ]
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 
-mutation = st.one_of(
-    st.tuples(st.just("flip"), st.integers(0, 10**7), st.integers(1, 255)),
-    st.tuples(st.just("truncate"), st.integers(0, 10**7), st.just(0)),
-    st.tuples(st.just("insert"), st.integers(0, 10**7), st.integers(0, 255)),
-    st.tuples(st.just("header"), st.integers(0, 4096), st.integers(0, 255)),
-)
+
+def mutations(header_bytes: int) -> st.SearchStrategy:
+    """Byte flips, truncations and insertions anywhere, and overwrites in the first ``header_bytes``."""
+    return st.one_of(
+        st.tuples(st.just("flip"), st.integers(0, 10**7), st.integers(1, 255)),
+        st.tuples(st.just("truncate"), st.integers(0, 10**7), st.just(0)),
+        st.tuples(st.just("insert"), st.integers(0, 10**7), st.integers(0, 255)),
+        st.tuples(st.just("header"), st.integers(0, header_bytes), st.integers(0, 255)),
+    )
+
+
+mutation = mutations(4096)
 
 
 def mutate(data: bytearray, ops) -> bytearray:
