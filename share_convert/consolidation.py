@@ -607,6 +607,7 @@ def module_record(n: int, d: int, res: ModuleResult, dtype: torch.dtype) -> dict
         "alternatives": res.plan.alternatives,
         "params": res.plan.params,
         **({"groups": res.groups} if res.groups else {}),
+        **({"target_relaxed": True} if res.plan.target_relaxed else {}),
         "dtype": str(dtype).replace("torch.", ""),
         "tasks": res.records,
     }

@@ -10,6 +10,7 @@ choose the plan with the least storage that meets a target, or the least error w
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from dataclasses import dataclass
@@ -154,6 +155,8 @@ class ModulePlan:
     alternatives: dict[str, int | None] | None = None
     frozen_count: int = 0
     frozen_error_sum: float = 0.0
+    #: the target could not be met because of errors from earlier checkpoints; it held this step's error
+    target_relaxed: bool = False
 
     @property
     def kind(self) -> str:
@@ -194,6 +197,19 @@ class ModulePlanner:
     def original_params(self) -> int:
         frozen = int(self.frozen.ranks.sum()) if self.frozen is not None else 0
         return (sum(f.rank for f in self.fits) + frozen) * (self.n + self.d)
+
+    def has_priors(self) -> bool:
+        """Whether some task brings an error from an earlier checkpoint."""
+        frozen = self.frozen is not None and bool((self.frozen.prior > 0).any())
+        return frozen or any(f.prior > 0 for f in self.fits)
+
+    def without_priors(self) -> ModulePlanner:
+        """The same planner with every task's earlier error set aside (errors of this step only)."""
+        fits = [TaskFit(f.s, f.Eb, f.Ea) for f in self.fits]
+        frozen = None
+        if self.frozen is not None:
+            frozen = dataclasses.replace(self.frozen, prior=torch.zeros_like(self.frozen.prior))
+        return ModulePlanner(self.n, self.d, fits, frozen)
 
     def frozen_stats(self, k_B: int, k_A: int) -> tuple[float, float]:
         """(sum, max) of the frozen tasks' errors at this k; (0, 0) without frozen tasks."""
@@ -349,7 +365,13 @@ class ModulePlanner:
             plan = self._target_at(k_B, k_A, error, metric)
             if plan is not None and (best is None or (plan.params, plan.mean_error) < (best.params, best.mean_error)):
                 best = plan
-        if best is None:  # only with frozen tasks: keep every direction
+        if best is None and self.has_priors():
+            # the errors the tasks bring from earlier checkpoints alone exceed the target: hold the
+            # error this step adds to the target instead, and record the bounds as they are
+            relaxed = self.without_priors().for_target(error, metric)
+            best = self.evaluate(relaxed.k_B, relaxed.k_A, relaxed.private_ranks)
+            best.target_relaxed = True
+        if best is None:  # keep every direction
             K = max(self.K_B, self.K_A)
             best = self.evaluate(*self.sides(K), [f.rank for f in self.fits])
         best.alternatives = {

@@ -128,10 +128,17 @@ def why(modules: dict[str, Any]) -> dict[str, Any]:
     )
     if private is not None:
         parts.append(f"independent truncation {private:,}")
+    relaxed = sum(bool(m.get("target_relaxed")) for m in modules.values())
+    if relaxed:
+        parts.append(
+            f"in {relaxed} modules the errors the tasks brought from earlier checkpoints already exceed the "
+            "target, so there it held the error this step adds"
+        )
     return {
         "chosen_params": chosen,
         "pure_sharing_params": shared,
         "no_sharing_params": private,
+        "modules_target_relaxed": relaxed,
         "why": "; ".join(parts) + ".",
     }
 

@@ -298,3 +298,20 @@ def test_merging_checkpoints_meets_the_target_on_the_errors_it_records(tmp_path,
     for info in Checkpoint(tmp_path / "ab.safetensors").modules.values():
         errors = [t["error"] for t in info["tasks"].values()]
         assert len(errors) == len(sources) and sum(errors) / len(errors) <= 0.05 + 1e-6
+
+
+def test_when_earlier_errors_exceed_the_target_a_merge_holds_the_error_it_adds(tmp_path, real):
+    # a lossy checkpoint (a 4× budget) merged again under the default 5% target: the target cannot
+    # be met, so the step must not add more than 5% on top, nor keep every direction it was given
+    sources = open_adapters([str(real / "gpt2-c_attn")])[:3]
+    merge(sources, tmp_path / "lossy.safetensors", ConsolidationConfig(budget="4x"))
+    lossy = Checkpoint(tmp_path / "lossy.safetensors")
+    summary = api.merge([str(lossy.path)], tmp_path / "again.safetensors")
+    again = Checkpoint(tmp_path / "again.safetensors")
+    for module, info in again.modules.items():
+        assert info.get("target_relaxed")
+        before = lossy.modules[module]["tasks"]
+        added = [t["error"] - before[name]["error"] for name, t in info["tasks"].items()]
+        assert sum(added) / len(added) <= 0.05 + 1e-6
+        assert info["params"] <= lossy.modules[module]["params"] * 1.05
+    assert summary["plan"]["modules_target_relaxed"] == len(again.modules)
