@@ -107,3 +107,43 @@ def test_module_stack_weights_every_task_equally():
     stack = ModuleStack(10, 8, members, ConsolidationConfig())
     norms = [float(torch.linalg.norm(stack.stack_B[:, 2 * i : 2 * i + 2])) for i in range(3)]
     assert max(norms) / min(norms) < 5
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    st.integers(6, 20),
+    st.integers(6, 20),
+    st.lists(st.integers(1, 4), min_size=2, max_size=5),
+    st.integers(0, 2**31 - 1),
+)
+def test_adding_tasks_one_by_one_keeps_every_delta_w_when_nothing_is_truncated(n, d, ranks, seed):
+    import tempfile
+    from pathlib import Path
+
+    from share_convert.checkpoint import Checkpoint
+    from share_convert.consolidation import merge
+    from share_convert.continual import add
+    from share_convert.formats import open_adapters
+
+    from .conftest import random_factors, write_adapter
+
+    full = ConsolidationConfig(k=100_000)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        paths = [
+            write_adapter(folder / f"t{i}", {"layers.0.q": random_factors(n, d, r, seed + i)}, r=r)
+            for i, r in enumerate(ranks)
+        ]
+        sources = open_adapters([str(p) for p in paths])
+        ckpt = folder / "c.safetensors"
+        merge(sources[:1], ckpt, full)
+        for src in sources[1:]:  # old tasks of mixed ranks are rotated as one padded batch each time
+            add(ckpt, [src], ckpt, full)
+        result = Checkpoint(ckpt)
+        (module,) = result.modules
+        for src in sources:
+            f = src.read_module(module)
+            W = f.B.double() @ f.A.double()
+            Bh, Ah = result.reconstruction(src.task, module)
+            assert float(torch.linalg.norm(Bh @ Ah.T - W)) <= 1e-4 * float(torch.linalg.norm(W))
+            assert result.modules[module]["tasks"][src.task]["error"] < 1e-4
