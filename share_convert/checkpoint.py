@@ -24,6 +24,7 @@ import json
 import mmap
 import os
 import struct
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _close_all(resources: list[Any]) -> None:
+    for r in reversed(resources):
+        r.close()
+    resources.clear()
+
+
 def is_checkpoint(path: str | Path) -> bool:
     """True when ``path`` is a safetensors file carrying a Share manifest."""
     try:
@@ -242,6 +249,18 @@ class Checkpoint:
         # held open from here, so that raw reads see this file even if the path is replaced later
         self._handle = open(self.path, "rb")  # noqa: SIM115 (lives as long as the reader)
         self._layout: tuple[mmap.mmap, int, dict[str, Any]] | None = None
+        self._open: list[Any] = [self._handle]  # closed by close(), or when the reader is collected
+        self._closer = weakref.finalize(self, _close_all, self._open)
+
+    def close(self) -> None:
+        """Release the file (also done when the reader is garbage-collected)."""
+        self._closer()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- manifest views ---------------------------------------------------------------------------------
     @property
@@ -349,9 +368,12 @@ class Checkpoint:
 
     def _mapped(self) -> tuple[mmap.mmap, int, dict[str, Any]]:
         """The file mapped read-only, where its data starts, and its header (parsed once)."""
+        if not self._closer.alive:
+            raise ValueError(f"the checkpoint reader of {self.path} is closed")
         if self._layout is None:
             try:
                 data = mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ)
+                self._open.append(data)
                 (size,) = struct.unpack("<Q", data[:8])
                 header = json.loads(data[8 : 8 + size])
             except (OSError, ValueError, struct.error):

@@ -248,3 +248,11 @@ def test_a_tensor_of_a_dtype_share_convert_never_writes_is_refused(tmp_path, ckp
     )
     with pytest.raises(CorruptCheckpointError, match="float8|F8_E4M3"):
         Checkpoint(path).tensor(name)
+
+
+def test_a_checkpoint_reader_releases_its_file_when_closed(ckpt):
+    with Checkpoint(ckpt) as opened:
+        name = sorted(opened.manifest["tensors"])[0]
+        opened.tensor(name)
+    with pytest.raises(ValueError, match="closed"):
+        opened.raw(name)
