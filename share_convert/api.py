@@ -158,7 +158,7 @@ def remove(
 ) -> dict[str, Any]:
     """Drop ``tasks`` from ``checkpoint`` (optionally refitting the bases); return the report."""
     ckpt = open_checkpoint(checkpoint)
-    _remove(ckpt.path, tasks, output, refit=refit, force=force, progress=progress)
+    _remove(ckpt, tasks, output, refit=refit, force=force, progress=progress)
     return summarize(Checkpoint(output))
 
 

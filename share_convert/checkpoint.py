@@ -32,7 +32,13 @@ import torch
 from safetensors import safe_open
 
 from .atomic import temp_file_beside
-from .errors import CorruptCheckpointError, OutputExistsError, UnknownTaskError, UnsupportedFormatError
+from .errors import (
+    CorruptCheckpointError,
+    OutputExistsError,
+    UnknownTaskError,
+    UnsupportedFormatError,
+    first_line,
+)
 
 FORMAT_NAME = "share-convert"
 FORMAT_VERSION = 1
@@ -51,6 +57,8 @@ _ST_DTYPES = {
     torch.bool: "BOOL",
 }
 _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+#: The tensors one task may have in one module: ``tasks/<task>/<module>/<part>``.
+TASK_PARTS = ("coef_B", "coef_A", "private_B", "private_A")
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
@@ -212,7 +220,7 @@ class Checkpoint:
             meta = self._file.metadata() or {}
         except Exception as e:
             raise CorruptCheckpointError(
-                f"not a readable safetensors file ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})",
+                f"not a readable safetensors file ({first_line(e, 160)})",
                 path=self.path,
                 hint="Re-create or re-download the checkpoint",
             ) from None
@@ -409,12 +417,10 @@ class Checkpoint:
             return None, None
         return self.tensor(f"{prefix}gram_B"), self.tensor(f"{prefix}gram_A")
 
-    def task_tensors(
-        self, task: str, module: str, parts: tuple[str, ...] = ("coef_B", "coef_A", "private_B", "private_A")
-    ) -> dict[str, torch.Tensor]:
-        """The stored coefficients and private factors (or just ``parts``) of one task in one module."""
+    def task_tensors(self, task: str, module: str) -> dict[str, torch.Tensor]:
+        """The stored coefficients and private factors of one task in one module."""
         out = {}
-        for part in parts:
+        for part in TASK_PARTS:
             name = f"tasks/{task}/{module}/{part}"
             if name in self._keys:
                 out[part] = self.tensor(name)

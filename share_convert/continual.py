@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint, CheckpointWriter, check_output
+from .checkpoint import TASK_PARTS, Checkpoint, CheckpointWriter, check_output
 from .consolidation import (
     _DTYPES,
     ConsolidationConfig,
@@ -97,11 +97,8 @@ def config_of(ckpt: Checkpoint) -> ConsolidationConfig:
     return ConsolidationConfig(**{k: v for k, v in ckpt.config.items() if k in fields})
 
 
-_TASK_PARTS = ("coef_B", "coef_A", "private_B", "private_A")
-
-
 def _copy_task_tensors(ckpt: Checkpoint, writer: CheckpointWriter, task: str, module: str) -> None:
-    for part in _TASK_PARTS:
+    for part in TASK_PARTS:
         name = f"tasks/{task}/{module}/{part}"
         if ckpt.has(name):
             ckpt.copy_to(writer, name)
@@ -510,7 +507,7 @@ def update_grouped_module(
                         result.tensors[f"{prefixes[j]}gram_{side}"] = grams[side].to(torch.float32)
                 else:
                     result.carried += [f"{prefixes[j]}gram_B", f"{prefixes[j]}gram_A"]
-            result.carried += [f"tasks/{t}/{name}/{part}" for t in tasks for part in _TASK_PARTS]
+            result.carried += [f"tasks/{t}/{name}/{part}" for t in tasks for part in TASK_PARTS]
             records = {t: dict(info["tasks"][t], error_before=info["tasks"][t]["error"], drift=0.0) for t in tasks}
             gone = [t for t in g["tasks"] if t not in kept]
             freed = sum(
@@ -544,8 +541,9 @@ def refit_module(
 ) -> ModuleResult:
     """Consolidate one module again from its old tasks' reconstructions and the new members.
 
-    Used for modules with groups of bases, where the incremental update of one basis does not apply;
-    its cost grows with the number of old tasks of that module. Old tasks' errors become bounds.
+    The fallback of :func:`update_grouped_module` when a group would be left empty or no group
+    has bases; its cost grows with the number of old tasks of that module. Old tasks' errors
+    become bounds.
     """
     sources = [CheckpointTask(ckpt, t) for t in old_tasks]
     old_members = prepare_members(
@@ -562,7 +560,7 @@ def refit_module(
 
 
 def remove(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Checkpoint,
     tasks: Sequence[str],
     output: str | Path,
     *,
@@ -570,9 +568,9 @@ def remove(
     force: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Drop ``tasks``. Without ``refit`` the bases stay (their Gram matrices are downdated);
-    with ``refit`` the bases are recomputed from the remaining tasks' reconstructions."""
-    ckpt = Checkpoint(checkpoint)
+    """Drop ``tasks``. Without ``refit`` the bases stay (their Gram matrices are recomputed from the
+    remaining tasks); with ``refit`` the bases are recomputed from the remaining tasks' reconstructions."""
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     for t in tasks:
         ckpt.task(t)  # raises UnknownTaskError with the list
     keep = [t for t in ckpt.tasks if t not in tasks]

@@ -10,6 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (or its type's name), for quoting in a ShareError."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:limit]
+
+
 class ShareError(Exception):
     """Base class: a problem with the user's input or environment, reported in one line."""
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .errors import BadAdapterError, DuplicateTaskError, InvalidTaskNameError
+from .errors import BadAdapterError, DuplicateTaskError, InvalidTaskNameError, first_line
 
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 CONFIG_NAME = "adapter_config.json"
@@ -157,7 +157,7 @@ class AdapterSource:
                     dtypes[key] = sl.get_dtype()
         except Exception as e:  # safetensors raises several types for malformed files
             raise BadAdapterError(
-                f"not a readable safetensors file ({_short(e)})",
+                f"not a readable safetensors file ({first_line(e)})",
                 path=self.weights_path,
                 hint="Re-download or re-save the adapter",
             ) from None
@@ -174,7 +174,7 @@ class AdapterSource:
                         obj = torch.load(self.weights_path, map_location="cpu", weights_only=True)
                     except Exception as e:
                         raise BadAdapterError(
-                            f"cannot be loaded safely as a tensor file ({_short(e)}); nothing in it was executed",
+                            f"cannot be loaded safely as a tensor file ({first_line(e)}); nothing in it was executed",
                             path=self.weights_path,
                             hint="Convert it to .safetensors from a trusted environment",
                         ) from None
@@ -221,7 +221,7 @@ class AdapterSource:
                 return {k: f.get_tensor(k) for k in keys}
         except Exception as e:
             raise BadAdapterError(
-                f"cannot read tensors ({_short(e)})", path=self.weights_path, hint="Re-download the adapter"
+                f"cannot read tensors ({first_line(e)})", path=self.weights_path, hint="Re-download the adapter"
             ) from None
 
     def read_module(self, module: str) -> LoraFactors:
@@ -272,11 +272,6 @@ def itemsize(dtype: str) -> int:
     )
 
 
-def _short(e: BaseException) -> str:
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return text[:200]
-
-
 def _locate(path: Path, origin: str) -> tuple[dict | None, Path, Path | None]:
     """Find the weights file and config for ``path``; read the config if any."""
     if not path.exists():
@@ -316,7 +311,7 @@ def _read_config(path: Path) -> dict:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BadAdapterError(
-            f"config is not valid JSON ({_short(e)})", path=path, hint="Fix or restore adapter_config.json"
+            f"config is not valid JSON ({first_line(e)})", path=path, hint="Fix or restore adapter_config.json"
         ) from None
     if not isinstance(cfg, dict):
         raise BadAdapterError("config is not a JSON object", path=path, hint="Fix or restore adapter_config.json")

@@ -228,7 +228,7 @@ class ModulePlanner:
     def shared_errors(self, k_B: int, k_A: int) -> list[float]:
         """Per task, the error of pure sharing (q = 0): e² = 1 − ‖E_B E_Aᵀ‖² / ‖ΔW‖² (spec, section 4)."""
         if k_B == 0 or k_A == 0:
-            return [self._bound(i, 1.0 if f.norm2 > 0 else 0.0) for i, f in enumerate(self.fits)]
+            return [self._bounded(i, [1.0 if f.norm2 > 0 else 0.0])[0] for i, f in enumerate(self.fits)]
         out = [0.0] * len(self.fits)
         for idx, Eb, Ea, norm2 in self._stacked():
             Eb, Ea = Eb[:, :k_B], Ea[:, :k_A]
@@ -237,13 +237,15 @@ class ModulePlanner:
                 norm2 > 0, (1.0 - kept / norm2.clamp_min(1e-300)).clamp_min(0).sqrt(), torch.zeros_like(kept)
             )
             for i, e in zip(idx, errs.tolist()):
-                out[i] = self._bound(i, e)
+                out[i] = self._bounded(i, [e])[0]
         return out
 
-    def _bound(self, i: int, error: float) -> float:
-        """Task i's planned error: relative to ΔW, or its bound when it is a reconstruction."""
+    def _bounded(self, i: int, errors: list[float]) -> list[float]:
+        """Task i's planned errors: relative to ΔW, or their bounds when it is a reconstruction."""
         f = self.fits[i]
-        return error if f.prior == 0 and f.ratio == 1 else f.prior + f.ratio * error
+        if f.prior == 0 and f.ratio == 1:  # an adapter, not a reconstruction: nothing to do
+            return errors
+        return [f.prior + f.ratio * e for e in errors]
 
     def _stacked(self) -> list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per rank: the tasks' indices, their stacked coordinates and squared norms (computed once)."""
@@ -268,7 +270,7 @@ class ModulePlanner:
             for i, f in enumerate(self.fits):
                 tail = torch.cat([(f.s**2).flip(0).cumsum(0).flip(0), f.s.new_zeros(1)])
                 errs = (tail / f.norm2).clamp_min(0).sqrt().tolist() if f.norm2 > 0 else [0.0] * (f.rank + 1)
-                out0.append([self._bound(i, e) for e in errs])
+                out0.append(self._bounded(i, errs))
             self._tails[key] = out0
             return out0
         out: list[list[float] | None] = [None] * len(self.fits)
@@ -282,7 +284,7 @@ class ModulePlanner:
             for j, i in enumerate(idx):
                 norm2 = self.fits[i].norm2
                 errs = (tail[j, : r + 1] / norm2).clamp_min(0).sqrt().tolist() if norm2 > 0 else [0.0] * (r + 1)
-                out[i] = [self._bound(i, e) for e in errs]
+                out[i] = self._bounded(i, errs)
         self._tails[key] = out  # type: ignore[assignment]
         return out  # type: ignore[return-value]
 

@@ -317,7 +317,10 @@ def render_history(history: list[dict[str, Any]], console: Console) -> None:
         _left_out(console, hidden, "old tasks")
         worst = max(d["max"] for _, d in items)
         mean = sum(d["mean"] for _, d in items) / len(items)
-        console.print(f"Drift over all {len(items)} old tasks: mean {mean:.2%}, worst {worst:.2%}.")
+        console.print(
+            f"Drift over all {len(items)} old tasks (‖ΔŴ_before − ΔŴ_after‖ / ‖ΔW‖): {mean:.2%} on average "
+            f"(per task the mean over its modules, then the mean over tasks); worst single task and module {worst:.2%}."
+        )
 
 
 def render_plan(result: dict[str, Any], console: Console) -> None:
