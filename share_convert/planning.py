@@ -397,7 +397,8 @@ class ModulePlanner:
                     return None
                 q.append(ok[0])
         else:
-            q = self._greedy(tails, lambda q, total: total + frozen_sum <= error * T)
+            # the same tolerance as the check below: a running sum must not tip a plan that sits on the target
+            q = self._greedy(tails, lambda q, total: total + frozen_sum <= error * T + 1e-12)
             if sum(t[qi] for t, qi in zip(tails, q)) + frozen_sum > error * T + 1e-12:
                 return None
         return self.evaluate(k_B, k_A, q)
