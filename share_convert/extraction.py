@@ -65,9 +65,7 @@ def adapter_tensors(
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
     """Per module of ``task``: balanced (B̂ n × p, Â p × d) float64, truncated to ``rank``."""
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for module, info in ckpt.modules.items():
-        if task not in info["tasks"]:
-            continue
+    for module in ckpt.task_modules(task):
         Bh, Ah = ckpt.reconstruction(task, module)
         Bc, Ac, _ = canonicalize(Bh, Ah, max_rank=rank)
         out[module] = (Bc, Ac.T.contiguous())
