@@ -129,19 +129,22 @@ def add(
     k: int | None = None,
     target_error: float | None = None,
     alpha: float | None = None,
+    device: str | None = None,
     replace: bool = False,
     force: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Fold new adapters (or checkpoints) into ``checkpoint``, writing ``output``; return the report.
 
-    ``config`` defaults to the checkpoint's own options, with ``k`` / ``target_error`` overriding them.
+    ``config`` defaults to the checkpoint's own options, with ``k`` / ``target_error`` / ``device``
+    overriding them (the device defaults to 'auto', whatever the checkpoint was made on).
     """
     ckpt = open_checkpoint(checkpoint)
     if config is None:
         config = config_of(ckpt)
         config.k = k if k is not None else config.k
         config.target_error = target_error if target_error is not None else config.target_error
+        config.device = device if device is not None else config.device
     sources = open_inputs(inputs, alpha=alpha)
     _add(ckpt, sources, output, config, replace=replace, force=force, progress=progress)
     return summarize(Checkpoint(output))

@@ -33,6 +33,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -368,7 +369,9 @@ class _ModuleRecords(Mapping):
 
     def _built(self) -> dict[str, dict[str, Any]]:
         if self._records is None:
-            self._records = self._ckpt._module_records(self._column)
+            with self._ckpt._lock:
+                if self._records is None:
+                    self._records = self._ckpt._module_records(self._column)
         return self._records
 
     def __getitem__(self, task: str) -> dict[str, Any]:
@@ -393,11 +396,12 @@ class _LazyModules(Mapping):
         self._views: dict[str, dict[str, Any]] = {}
 
     def __getitem__(self, name: str) -> dict[str, Any]:
-        view = self._views.get(name)
-        if view is None:
-            view = _ModuleView(self._stored[name], _ModuleRecords(self._ckpt, self._columns[name]))
-            self._views[name] = view
-        return view
+        with self._ckpt._lock:
+            view = self._views.get(name)
+            if view is None:
+                view = _ModuleView(self._stored[name], _ModuleRecords(self._ckpt, self._columns[name]))
+                self._views[name] = view
+            return view
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._stored)
@@ -418,14 +422,21 @@ class _ModuleView(dict):
         self._complete = False
 
     def _complete_entry(self) -> None:
+        if self._complete:
+            return
+        with self._records._ckpt._lock:
+            self._complete_locked()
+
+    def _complete_locked(self) -> None:
         if not self._complete:
-            self._complete = True
-            dict.__setitem__(self, "tasks", dict(self._records))
-            if "groups" in self:
+            tasks = dict(self._records)
+            dict.__setitem__(self, "tasks", tasks)
+            if dict.__contains__(self, "groups"):
                 groups = [dict(g, tasks=[]) for g in dict.__getitem__(self, "groups")]
-                for t, rec in self["tasks"].items():
+                for t, rec in tasks.items():
                     groups[rec["group"]]["tasks"].append(t)
                 dict.__setitem__(self, "groups", groups)
+            self._complete = True
 
     def __getitem__(self, key: str) -> Any:
         if key in ("tasks", "groups"):
@@ -522,6 +533,8 @@ class Checkpoint:
         self._tables: tuple[np.ndarray, np.ndarray] | None = None
         self._task_modules: dict[str, dict[str, dict[str, Any]]] = {}
         self._history: list[dict[str, Any]] | None = None
+        # a reader is shared by the worker threads of an update: caches and lazy state change under this lock
+        self._lock = threading.RLock()
         # held open from here, so that raw reads see this file even if the path is replaced later
         self._handle = open(self.path, "rb")  # noqa: SIM115 (lives as long as the reader)
         self._layout: tuple[mmap.mmap, int, dict[str, Any]] | None = None
@@ -623,6 +636,10 @@ class Checkpoint:
         """The per-(task, module) tables (tasks × modules × columns; see RECORD_INT, RECORD_FLOAT).
 
         Version 1 files get the same tables, built from their JSON records."""
+        with self._lock:
+            return self._record_tables()
+
+    def _record_tables(self) -> tuple[np.ndarray, np.ndarray]:
         if self._tables is None:
             if self.version >= 2:
                 ints = self._array("records/int")
@@ -651,6 +668,10 @@ class Checkpoint:
 
         In version 2 only the task's rows of the record tables are read (extraction of one task
         reads a small part of the file, whatever the number of tasks)."""
+        with self._lock:
+            return self._task_modules_locked(task)
+
+    def _task_modules_locked(self, task: str) -> dict[str, dict[str, Any]]:
         cached = self._task_modules.get(task)
         if cached is not None:
             return cached
@@ -694,14 +715,16 @@ class Checkpoint:
 
     def tensor(self, name: str) -> torch.Tensor:
         """Read one tensor and verify its checksum (module tensors are kept for the next call)."""
-        cached = self._cache.get(name)
+        with self._lock:
+            cached = self._cache.get(name)
         if cached is not None:
             return cached
         t = self._read(name)
         if name.startswith("modules/"):
-            if len(self._cache) >= 32:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[name] = t
+            with self._lock:
+                if len(self._cache) >= 32:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[name] = t
         return t
 
     def _read(self, name: str) -> torch.Tensor:
@@ -828,6 +851,12 @@ class Checkpoint:
         """The file mapped read-only, where its data starts, and its header (parsed once)."""
         if not self._closer.alive:
             raise ValueError(f"the checkpoint reader of {self.path} is closed")
+        if self._layout is not None:
+            return self._layout
+        with self._lock:
+            return self._map()
+
+    def _map(self) -> tuple[mmap.mmap, int, dict[str, Any]]:
         if self._layout is None:
             try:
                 data = mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ)

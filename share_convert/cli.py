@@ -381,6 +381,7 @@ def add(
         float | None, typer.Option("--target-error", help="Error target for this update (default: the checkpoint's).")
     ] = None,
     alpha: AlphaOpt = None,
+    device: DeviceOpt = "auto",
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -400,6 +401,7 @@ def add(
             k=k,
             target_error=target_error,
             alpha=alpha,
+            device=device,
             replace=replace,
             force=force or in_place,
             progress=progress,

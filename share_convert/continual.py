@@ -32,6 +32,8 @@ from .consolidation import (
     ModuleResult,
     Progress,
     TaskSource,
+    _ordered_map,
+    auto_workers,
     build_manifest,
     check_compatible,
     consolidate_module,
@@ -46,7 +48,7 @@ from .consolidation import (
 from .encoding import StoredBases, encode_task, store_bases, store_grams
 from .errors import DuplicateTaskError, IncompatibleAdaptersError, InvalidOptionError, UnknownTaskError
 from .formats import LoraFactors
-from .linalg import RANK_RTOL, canonicalize_padded, deterministic, fix_signs
+from .linalg import RANK_RTOL, canonicalize_padded, deterministic, fix_signs, load_linalg
 from .planning import FrozenTasks, ModulePlanner, TaskFit, energy_k, task_weight
 
 
@@ -93,8 +95,10 @@ def checkpoint_tasks(ckpt: Checkpoint) -> list[CheckpointTask]:
 
 
 def config_of(ckpt: Checkpoint) -> ConsolidationConfig:
+    """The options ``ckpt`` was made with, for its updates; where to compute is this machine's
+    choice (``device`` is 'auto'), not the checkpoint's: one made on a GPU is extended on a CPU."""
     fields = ConsolidationConfig.__dataclass_fields__
-    return ConsolidationConfig(**{k: v for k, v in ckpt.config.items() if k in fields})
+    return ConsolidationConfig(**{k: v for k, v in ckpt.config.items() if k in fields and k != "device"})
 
 
 def _carry_module(
@@ -168,11 +172,13 @@ def add(
     replace: bool = False,
     force: bool = False,
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Fold ``sources`` into ``checkpoint`` and write the result to ``output`` (may be the same path).
 
     ``config`` defaults to the checkpoint's own options. Existing task names are an error unless
-    ``replace``, in which case the old task is dropped first.
+    ``replace``, in which case the old task is dropped first. ``workers`` modules are updated at
+    once, as in :func:`merge` (the output does not depend on it).
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     config = config or config_of(ckpt)
@@ -218,13 +224,13 @@ def add(
         for src in sources:
             for key, tensor in src.read_heads().items():
                 writer.add(f"tasks/{src.task}/heads/{key}", tensor)
-        for step, name in enumerate(all_modules):
-            if progress:
-                progress(name, step, len(all_modules))
+        # updates never plan against a budget (budgets are per merge): a new module keeps the error target
+        module_config = dc_replace(config, budget=None) if config.mode() == "budget" else config
+
+        def work(name: str) -> ModuleResult | None:
+            """One module's update (None: no new task has it, it is carried as it is)."""
             old_info = ckpt.modules.get(name)
-            mdtype = dtype or (
-                _DTYPES[old_info["dtype"]] if old_info else storage_dtype(config, [s.weights_dtype for s in sources])
-            )
+            mdtype = module_dtype(name)
             members = [
                 prepare_member(s.task, s.read_module(name), config, s.prior(name))
                 for s in sources
@@ -232,23 +238,39 @@ def add(
             ]
             if old_info is None:
                 n, d, _ = new_shapes[name]
-                res = consolidate_module(name, n, d, members, config, mdtype)
-            elif not members:
+                return consolidate_module(name, n, d, members, module_config, mdtype)
+            if not members:
+                return None
+            kept = [t for t in old_tasks if t in old_info["tasks"]]
+            if "groups" in old_info:
+                return update_grouped_module(ckpt, name, kept, clashes, members, module_config, mdtype)
+            return update_module(ckpt, name, kept, members, module_config, mdtype)
+
+        def module_dtype(name: str) -> torch.dtype:
+            old_info = ckpt.modules.get(name)
+            if dtype is not None:
+                return dtype
+            return _DTYPES[old_info["dtype"]] if old_info else storage_dtype(config, [s.weights_dtype for s in sources])
+
+        load_linalg(config.torch_device())
+        shapes = [s.module_shapes() for s in sources]
+        new_params = [sum(sh[m][2] for sh in shapes if m in sh) * (n + d) for m, (n, d, _) in new_shapes.items()]
+        if workers is None:
+            workers = auto_workers(max(new_params, default=0))
+        # modules are computed concurrently and written in order (as in merge)
+        for step, (name, res) in enumerate(zip(all_modules, _ordered_map(work, all_modules, workers))):
+            if progress:
+                progress(name, step, len(all_modules))
+            if res is None:
                 carried = _carry_module(ckpt, writer, name, old_tasks, clashes, config.weighting)
                 if carried is not None:
                     modules_out[name] = carried
                 continue
-            else:
-                kept = [t for t in old_tasks if t in old_info["tasks"]]
-                if "groups" in old_info:
-                    res = update_grouped_module(ckpt, name, kept, clashes, members, config, mdtype)
-                else:
-                    res = update_module(ckpt, name, kept, members, config, mdtype)
-                for t, rec in res.records.items():
-                    if "drift" in rec:
-                        drift.setdefault(t, []).append(rec["drift"])
-            write_module(writer, name, res, mdtype, ckpt)
-            modules_out[name] = module_record(*_shape(ckpt, new_shapes, name), res, mdtype)
+            for t, rec in res.records.items():
+                if "drift" in rec:
+                    drift.setdefault(t, []).append(rec["drift"])
+            write_module(writer, name, res, module_dtype(name), ckpt)
+            modules_out[name] = module_record(*_shape(ckpt, new_shapes, name), res, module_dtype(name))
         if progress:
             progress("", len(all_modules), len(all_modules))
         old_sources = [_OldTask(ckpt, t) for t in old_tasks]

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,19 @@ def task_name_for(path: Path) -> str:
     return path.name.split(".")[0] if path.name.endswith(".safetensors") else path.stem
 
 
+def _data_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """Where each tensor's bytes lie in a safetensors file (absolute offsets), from its header."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    start = 8 + size
+    return {
+        k: (start + v["data_offsets"][0], start + v["data_offsets"][1])
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
+
+
 class AdapterSource:
     """A LoRA adapter on disk, opened lazily (only its header and config are read).
 
@@ -150,11 +164,12 @@ class AdapterSource:
                 dtypes[key] = _TORCH_TO_ST.get(tensor.dtype, str(tensor.dtype))
             return shapes, dtypes
         try:
-            with safe_open(self.weights_path, framework="pt") as f:
+            with safe_open(self.weights_path, framework="pt") as f:  # validates the header and offsets
                 for key in f.keys():
                     sl = f.get_slice(key)
                     shapes[key] = list(sl.get_shape())
                     dtypes[key] = sl.get_dtype()
+            self._offsets = _data_offsets(self.weights_path)
         except Exception as e:  # safetensors raises several types for malformed files
             raise BadAdapterError(
                 f"not a readable safetensors file ({first_line(e)})",
@@ -216,7 +231,24 @@ class AdapterSource:
             return {k: data[k] for k in keys}
         try:
             # opened per call: a handle kept open keeps the file's pages mapped, and memory would
-            # grow with the number of adapters
+            # grow with the number of adapters. The header was parsed once, on open: a read is a
+            # seek and a read per tensor, not a parse of the whole header per module.
+            if all(self.dtypes[k] in SUPPORTED_DTYPES for k in keys):
+                out = {}
+                with open(self.weights_path, "rb") as f:
+                    for k in keys:
+                        begin, end = self._offsets[k]
+                        f.seek(begin)
+                        raw = f.read(end - begin)
+                        if len(raw) != end - begin:
+                            raise ValueError("the file is shorter than its header says: it changed since it was opened")
+                        dtype = SUPPORTED_DTYPES[self.dtypes[k]]
+                        out[k] = (
+                            torch.frombuffer(bytearray(raw), dtype=dtype).reshape(self.shapes[k])
+                            if raw
+                            else torch.zeros(self.shapes[k], dtype=dtype)
+                        )
+                return out
             with safe_open(self.weights_path, framework="pt") as f:
                 return {k: f.get_tensor(k) for k in keys}
         except Exception as e:

@@ -274,17 +274,17 @@ class ModulePlanner:
             self._tails[key] = out0
             return out0
         out: list[list[float] | None] = [None] * len(self.fits)
-        for idx, Eb_all, Ea_all, _norm2 in self._stacked():
+        for idx, Eb_all, Ea_all, norm2 in self._stacked():
             r = self.fits[idx[0]].rank
             s = torch.stack([self.fits[i].s for i in idx])
             spec = residual_spectrum(s, Eb_all[:, :k_B], Ea_all[:, :k_A])  # (t, 2r) descending
             # tail[q] = energy left after keeping q private directions
             tail = spec.flip(-1).cumsum(-1).flip(-1)
-            tail = torch.cat([tail, torch.zeros_like(tail[:, :1])], -1)
-            for j, i in enumerate(idx):
-                norm2 = self.fits[i].norm2
-                errs = (tail[j, : r + 1] / norm2).clamp_min(0).sqrt().tolist() if norm2 > 0 else [0.0] * (r + 1)
-                out[i] = self._bounded(i, errs)
+            tail = torch.cat([tail, torch.zeros_like(tail[:, :1])], -1)[:, : r + 1]
+            # one tensor expression and one conversion for all the tasks of this rank
+            errs = torch.where(norm2[:, None] > 0, (tail / norm2[:, None].clamp_min(1e-300)).clamp_min(0).sqrt(), 0.0)
+            for i, e in zip(idx, errs.tolist()):
+                out[i] = self._bounded(i, e)
         self._tails[key] = out  # type: ignore[assignment]
         return out  # type: ignore[return-value]
 

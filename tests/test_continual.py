@@ -323,3 +323,42 @@ def test_when_earlier_errors_exceed_the_target_a_merge_holds_the_error_it_adds(t
         assert sum(added) / len(added) <= 0.05 + 1e-6
         assert info["params"] <= lossy.modules[module]["params"] * 1.05
     assert summary["plan"]["modules_target_relaxed"] == len(again.modules)
+
+
+def test_add_to_a_budget_checkpoint_of_an_adapter_with_a_new_module_plans_it_on_the_error_target(tmp_path):
+    old = [write_adapter(tmp_path / f"o{i}", {"layers.0.q": random_factors(24, 20, 4, seed=i)}) for i in range(3)]
+    new = write_adapter(
+        tmp_path / "n",
+        {"layers.0.q": random_factors(24, 20, 4, seed=9), "layers.0.v": random_factors(24, 20, 4, seed=10)},
+    )
+    merge(open_adapters([str(p) for p in old]), tmp_path / "c.safetensors", ConsolidationConfig(budget="2x"))
+    add(tmp_path / "c.safetensors", open_adapters([str(new)]), tmp_path / "c2.safetensors")
+    ckpt = Checkpoint(tmp_path / "c2.safetensors")
+    v = next(m for m in ckpt.modules if m.endswith("layers.0.v"))
+    assert ckpt.modules[v]["tasks"]["n"]["error"] <= 0.05 + 1e-9
+
+
+def test_a_checkpoint_made_on_a_gpu_is_extended_on_a_machine_without_one(tmp_path, real):
+    import json
+
+    from safetensors.torch import save_file
+
+    from share_convert.checkpoint import MANIFEST_KEY, MANIFEST_SHA_KEY, sha256
+
+    sources = open_adapters([str(real / "gpt2-c_attn")])
+    merge(sources[:2], tmp_path / "c.safetensors", ConsolidationConfig(k=4, device="cpu"))
+    ckpt = Checkpoint(tmp_path / "c.safetensors")
+    manifest = dict(ckpt.manifest, config=dict(ckpt.config, device="cuda"))  # as written by --device cuda
+    text = json.dumps(manifest)
+    tensors = {name: ckpt.tensor(name) for name in ckpt.manifest["tensors"]}
+    save_file(tensors, str(tmp_path / "gpu.safetensors"), {MANIFEST_KEY: text, MANIFEST_SHA_KEY: sha256(text.encode())})
+    add(tmp_path / "gpu.safetensors", sources[2:3], tmp_path / "c2.safetensors")
+    assert sources[2].task in Checkpoint(tmp_path / "c2.safetensors").tasks
+
+
+def test_add_gives_the_same_bytes_whatever_the_number_of_workers(tmp_path, real):
+    sources = open_adapters([str(real / "gpt2-c_attn+c_proj")])
+    merge(sources[:2], tmp_path / "c.safetensors", ConsolidationConfig(k=4, private_rank=1))
+    add(tmp_path / "c.safetensors", sources[2:], tmp_path / "one.safetensors", workers=1)
+    add(tmp_path / "c.safetensors", sources[2:], tmp_path / "two.safetensors", workers=2)
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "two.safetensors").read_bytes()
