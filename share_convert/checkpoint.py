@@ -50,6 +50,7 @@ from .errors import (
     UnsupportedFormatError,
     first_line,
 )
+from .records import RECORD_FLOAT, RECORD_INT, RecordTable, TaskRows, gather_rows, record_dict
 
 if TYPE_CHECKING:  # torch is imported where tensors are touched: reading a manifest does not need it
     import torch
@@ -73,17 +74,15 @@ _NP_DTYPES = {
 _KNOWN_DTYPES = (*_NP_DTYPES, "BF16")
 #: The tensors one task may have in one module (format version 1: ``tasks/<task>/<module>/<part>``).
 TASK_PARTS = ("coef_B", "coef_A", "private_B", "private_A")
-#: Columns of the per-(task, module) tables ``records/int`` and ``records/float`` (format version 2).
-#: ``position`` is the task's place among the module's tasks (-1: the task is not in the module),
-#: ``coef_row``/``private_row`` its first row in the module's stacked coefficients/private factors,
-#: ``group`` its group of bases (-1: the module has one set), ``bound`` 1 when ``error`` is an upper
-#: bound; ``error_before``/``drift`` are -1 where the last update did not touch the task.
-RECORD_INT = ("position", "rank", "private_rank", "original_rank", "group", "coef_row", "private_row", "bound")
-RECORD_FLOAT = ("norm", "error", "error_before", "drift")
 #: Tensors larger than this carry a SHA-256 per block of rows too, so that reading one task's rows
 #: reads and verifies about this many bytes rather than the whole tensor.
 BLOCK_BYTES = 1 << 16
 MIN_BLOCKS = 16
+
+
+def st_dtype_name(name: str) -> str:
+    """The safetensors name of a dtype named as in the manifest ('float32', 'bfloat16', 'float16')."""
+    return {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}[name]
 
 
 def _torch_dtypes() -> dict[str, torch.dtype]:
@@ -196,49 +195,23 @@ class CheckpointWriter:
             view = memoryview(raw)
             self.blocks[name] = {"rows": rows, "sha256": [sha256(view[i : i + step]) for i in range(0, len(raw), step)]}
 
-    def add_module(
-        self, module: str, tasks: Sequence[tuple[str, str, Mapping[str, torch.Tensor]]], dtype: torch.dtype
-    ) -> None:
-        """Store one module's per-task tensors, stacked (format version 2).
+    def add_module(self, module: str, rows: TaskRows) -> None:
+        """Store one module's per-task tensors, stacked (format version 2): every set of bases'
+        coefficient rows as ``<prefix>coefs_B``/``coefs_A``, the private rows as
+        ``modules/<module>/private_B``/``private_A``."""
+        for prefix in sorted(rows.coefs):
+            cB, cA = rows.coefs[prefix]
+            self.add(f"{prefix}coefs_B", cB.contiguous())
+            self.add(f"{prefix}coefs_A", cA.contiguous())
+        if rows.private is not None:
+            self.add(f"modules/{module}/private_B", rows.private[0].contiguous())
+            self.add(f"modules/{module}/private_A", rows.private[1].contiguous())
+        self.set_module_rows(module, rows.tasks, rows.coef_row, rows.private_row)
 
-        ``tasks`` lists, in the module's task order, (task, prefix of the bases it uses, its parts:
-        ``coef_B`` k_B × p, ``coef_A`` k_A × p, ``private_B`` n × q, ``private_A`` q × d). Each
-        task's coefficient columns become consecutive rows of ``<prefix>coefs_B``/``coefs_A``, its
-        private directions consecutive rows of ``modules/<module>/private_B``/``private_A``.
-        """
-        import torch
-
-        coefs: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        private_B: list[torch.Tensor] = []
-        private_A: list[torch.Tensor] = []
-        rows: dict[str, tuple[int, int, int]] = {}
-        next_coef: dict[str, int] = {}
-        next_private = 0
-        for position, (task, prefix, parts) in enumerate(tasks):
-            coef_row = next_coef.get(prefix, 0)
-            if "coef_B" in parts:
-                cB, cA = coefs.setdefault(prefix, ([], []))
-                cB.append(parts["coef_B"].T.to(dtype))
-                cA.append(parts["coef_A"].T.to(dtype))
-                next_coef[prefix] = coef_row + parts["coef_B"].shape[1]
-            rows[task] = (position, coef_row, next_private)
-            if "private_B" in parts:
-                private_B.append(parts["private_B"].T.to(dtype))
-                private_A.append(parts["private_A"].to(dtype))
-                next_private += parts["private_B"].shape[1]
-        for prefix in sorted(coefs):
-            cB, cA = coefs[prefix]
-            self.add(f"{prefix}coefs_B", torch.cat(cB).contiguous())
-            self.add(f"{prefix}coefs_A", torch.cat(cA).contiguous())
-        if private_B:
-            self.add(f"modules/{module}/private_B", torch.cat(private_B).contiguous())
-            self.add(f"modules/{module}/private_A", torch.cat(private_A).contiguous())
-        self._rows[module] = rows
-
-    def set_module_rows(self, module: str, rows: Mapping[str, tuple[int, int, int]]) -> None:
-        """Where each task's rows are in a module whose stacked tensors were copied as they are:
-        task -> (position, first coefficient row, first private row)."""
-        self._rows[module] = dict(rows)
+    def set_module_rows(self, module: str, tasks: list[str], coef_row: np.ndarray, private_row: np.ndarray) -> None:
+        """Where each task's rows start in a module's stacked tensors (those written by
+        :meth:`add_module`, or copied as they are from another checkpoint)."""
+        self._rows[module] = (list(tasks), np.asarray(coef_row), np.asarray(private_row))
 
     def _records(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """The manifest as stored: per-(task, module) figures moved into the ``records/*`` tables."""
@@ -254,23 +227,23 @@ class CheckpointWriter:
         floats[:, :, 2:] = -1.0
         stored: dict[str, Any] = {}
         for j, (name, info) in enumerate(modules.items()):
-            rows = self._rows.get(name, {})
-            for task, rec in info["tasks"].items():
-                i = index[task]
-                position, coef_row, private_row = rows.get(task, (0, 0, 0))
-                ints[i, j] = (
-                    position,
-                    rec["rank"],
-                    rec["private_rank"],
-                    rec["original_rank"],
-                    rec.get("group", -1),
-                    coef_row,
-                    private_row,
-                    int(bool(rec.get("bound"))),
-                )
-                floats[i, j] = (rec["norm"], rec["error"], rec.get("error_before", -1.0), rec.get("drift", -1.0))
+            table = RecordTable.from_dicts(info["tasks"])
+            if len(table):
+                col_ints = table.ints.copy()
+                col_ints[:, RECORD_INT.index("position")] = np.arange(len(table))
+                if name in self._rows:
+                    row_tasks, coef_row, private_row = self._rows[name]
+                    if row_tasks != table.tasks:  # the rows were stacked in another order
+                        order = {t: i for i, t in enumerate(row_tasks)}
+                        pick = np.array([order[t] for t in table.tasks], dtype=np.int64)
+                        coef_row, private_row = coef_row[pick], private_row[pick]
+                    col_ints[:, RECORD_INT.index("coef_row")] = coef_row
+                    col_ints[:, RECORD_INT.index("private_row")] = private_row
+                where = np.array([index[t] for t in table.tasks], dtype=np.int64)
+                ints[where, j] = col_ints
+                floats[where, j] = table.floats
             entry = {k: v for k, v in info.items() if k != "tasks"}
-            entry["task_count"] = len(info["tasks"])
+            entry["task_count"] = len(table)
             if "groups" in entry:
                 entry["groups"] = [{k: v for k, v in g.items() if k != "tasks"} for g in entry["groups"]]
             stored[name] = entry
@@ -360,33 +333,6 @@ def is_checkpoint(path: str | Path) -> bool:
         return False
 
 
-class _ModuleRecords(Mapping):
-    """A version-2 module's per-task records, built from the ``records/*`` tables on first use."""
-
-    def __init__(self, ckpt: Checkpoint, column: int):
-        self._ckpt, self._column = ckpt, column
-        self._records: dict[str, dict[str, Any]] | None = None
-
-    def _built(self) -> dict[str, dict[str, Any]]:
-        if self._records is None:
-            with self._ckpt._lock:
-                if self._records is None:
-                    self._records = self._ckpt._module_records(self._column)
-        return self._records
-
-    def __getitem__(self, task: str) -> dict[str, Any]:
-        return self._built()[task]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._built())
-
-    def __len__(self) -> int:
-        return len(self._built())
-
-    def __contains__(self, task: object) -> bool:
-        return task in self._built()
-
-
 class _LazyModules(Mapping):
     """A version-2 manifest's modules, each presented as in version 1 (with its ``tasks`` records)."""
 
@@ -399,7 +345,7 @@ class _LazyModules(Mapping):
         with self._ckpt._lock:
             view = self._views.get(name)
             if view is None:
-                view = _ModuleView(self._stored[name], _ModuleRecords(self._ckpt, self._columns[name]))
+                view = _ModuleView(self._stored[name], self._ckpt, self._columns[name])
                 self._views[name] = view
             return view
 
@@ -414,29 +360,27 @@ class _LazyModules(Mapping):
 
 
 class _ModuleView(dict):
-    """One module's manifest entry; ``tasks`` (and the groups' task lists) are read on first use."""
+    """One module's manifest entry; ``tasks`` (a :class:`RecordTable`) and the groups' task lists
+    are read from the record tables on first use."""
 
-    def __init__(self, stored: dict[str, Any], records: _ModuleRecords):
+    def __init__(self, stored: dict[str, Any], ckpt: Checkpoint, column: int):
         super().__init__(stored)
-        self._records = records
+        self._ckpt, self._column = ckpt, column
         self._complete = False
 
     def _complete_entry(self) -> None:
         if self._complete:
             return
-        with self._records._ckpt._lock:
-            self._complete_locked()
-
-    def _complete_locked(self) -> None:
-        if not self._complete:
-            tasks = dict(self._records)
-            dict.__setitem__(self, "tasks", tasks)
-            if dict.__contains__(self, "groups"):
-                groups = [dict(g, tasks=[]) for g in dict.__getitem__(self, "groups")]
-                for t, rec in tasks.items():
-                    groups[rec["group"]]["tasks"].append(t)
-                dict.__setitem__(self, "groups", groups)
-            self._complete = True
+        with self._ckpt._lock:
+            if not self._complete:
+                tasks = self._ckpt._module_records(self._column)
+                dict.__setitem__(self, "tasks", tasks)
+                if dict.__contains__(self, "groups"):
+                    groups = [dict(g, tasks=[]) for g in dict.__getitem__(self, "groups")]
+                    for t, g in zip(tasks.tasks, tasks.int_column("group").tolist()):
+                        groups[g]["tasks"].append(t)
+                    dict.__setitem__(self, "groups", groups)
+                self._complete = True
 
     def __getitem__(self, key: str) -> Any:
         if key in ("tasks", "groups"):
@@ -681,24 +625,23 @@ class Checkpoint:
             ints, floats = self.task_record_rows(task)
             names = list(self.manifest["modules"])
             out = {
-                names[j]: _record(ints[j].tolist(), floats[j].tolist()) for j in np.nonzero(ints[:, 0] >= 0)[0].tolist()
+                names[j]: record_dict(ints[j].tolist(), floats[j].tolist())
+                for j in np.nonzero(ints[:, 0] >= 0)[0].tolist()
             }
         if len(self._task_modules) >= 4:
             self._task_modules.pop(next(iter(self._task_modules)))
         self._task_modules[task] = out
         return out
 
-    def _module_records(self, column: int) -> dict[str, dict[str, Any]]:
+    def _module_records(self, column: int) -> RecordTable:
+        """One module's records, its tasks in their order there (vectorized: no object per task)."""
         ints, floats = self.record_tables()
         col_i, col_f = ints[:, column], floats[:, column]
         pos = col_i[:, 0]
         present = np.nonzero(pos >= 0)[0]
         order = present[np.argsort(pos[present], kind="stable")]
         names = list(self.tasks)
-        out: dict[str, dict[str, Any]] = {}
-        for i in order.tolist():
-            out[names[i]] = _record(col_i[i].tolist(), col_f[i].tolist())
-        return out
+        return RecordTable([names[i] for i in order.tolist()], col_i[order], col_f[order])
 
     # -- tensors --------------------------------------------------------------------------------------
     def has(self, name: str) -> bool:
@@ -925,53 +868,64 @@ class Checkpoint:
             out["private_A"] = self.rows(f"modules/{module}/private_A", row, row + q)
         return out
 
-    def private_parts(self, module: str, tasks: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
-        """The private factors of ``tasks`` in ``module`` (those that have any), read in one pass."""
-        records = self.modules[module]["tasks"]
-        out: dict[str, dict[str, torch.Tensor]] = {}
+    def task_rows(self, module: str, tasks: Sequence[str]) -> TaskRows:
+        """The stored coefficients and private factors of ``tasks`` (all in ``module``), stacked as
+        format version 2 stores them: one gather per tensor in version 2, one read per task in version 1."""
+        import torch
+
+        info = self.modules[module]
+        table: RecordTable = RecordTable.from_dicts(info["tasks"]).select(tasks)
+        groups = table.int_column("group")
+        prefixes = (
+            [f"modules/{module}/g{g}/" for g in groups.tolist()]
+            if "groups" in info
+            else [f"modules/{module}/"] * len(tasks)
+        )
         if self.version < 2:
-            for t in tasks:
-                parts = self.task_tensors(t, module)
-                if "private_B" in parts:
-                    out[t] = {"private_B": parts["private_B"], "private_A": parts["private_A"]}
-            return out
-        if not any(records[t]["private_rank"] for t in tasks):
-            return out
-        PB = self.tensor(f"modules/{module}/private_B")
-        PA = self.tensor(f"modules/{module}/private_A")
-        for t in tasks:
-            q, row = records[t]["private_rank"], records[t]["private_row"]
-            if q:
-                out[t] = {"private_B": PB[row : row + q].T, "private_A": PA[row : row + q]}
-        return out
+            dtype = _torch_dtypes()[st_dtype_name(info["dtype"])]
+            return TaskRows.of_parts([(t, p, self.task_tensors(t, module)) for t, p in zip(tasks, prefixes)], dtype)
+        ranks, q = table.int_column("rank"), table.int_column("private_rank")
+        coef_row = np.zeros(len(tasks), dtype=np.int64)
+        coefs = {}
+        for prefix in sorted(set(prefixes)):
+            mine = np.array([p == prefix for p in prefixes], dtype=bool)
+            if not ranks[mine].any():
+                continue
+            pick = torch.from_numpy(gather_rows(table.int_column("coef_row")[mine], ranks[mine]))
+            coefs[prefix] = tuple(self.tensor(f"{prefix}coefs_{side}")[pick] for side in "BA")
+            coef_row[mine] = np.cumsum(ranks[mine]) - ranks[mine]
+        private = None
+        if q.any():
+            pick = torch.from_numpy(gather_rows(table.int_column("private_row"), q))
+            private = tuple(self.tensor(f"modules/{module}/private_{side}")[pick] for side in "BA")
+        return TaskRows(list(tasks), prefixes, coefs, coef_row, private, np.cumsum(q) - q)  # type: ignore[arg-type]
 
     def coefficients(self, module: str, tasks: Sequence[str], side: str, prefix: str | None = None) -> torch.Tensor:
         """The coefficients ``coef_<side>`` of ``tasks`` in ``module``, zero-padded to the widest:
-        a ``len(tasks) × k × p_max`` float64 batch (one read per module, or per rank in version 1)."""
+        a ``len(tasks) × k × p_max`` float64 batch (one gather per module, or one read per rank in version 1)."""
         import torch
 
-        records = self.modules[module]["tasks"]
+        table = RecordTable.from_dicts(self.modules[module]["tasks"]).select(tasks)
         prefix = prefix or f"modules/{module}/"
         k = self.tensor_meta(f"{prefix}basis_{side}")[0][1]
-        ranks = [records[t]["rank"] for t in tasks]
-        X = torch.zeros(len(tasks), k, max(ranks, default=0), dtype=torch.float64)
+        ranks = table.int_column("rank")
+        width = int(ranks.max()) if len(ranks) else 0
+        X = torch.zeros(len(tasks), k, width, dtype=torch.float64)
         if self.version < 2:
             by_rank: dict[int, list[int]] = {}
-            for j, p in enumerate(ranks):
+            for j, p in enumerate(ranks.tolist()):
                 if p:
                     by_rank.setdefault(p, []).append(j)
             for p, idx in by_rank.items():
                 X[idx, :, :p] = self.stacked([f"tasks/{tasks[j]}/{module}/coef_{side}" for j in idx]).double()
             return X
-        if not any(ranks):
+        if not width:
             return X
         stacked = self.tensor(f"{prefix}coefs_{side}").double()  # P × k
-        # scatter every task's rows into its slot of the padded batch, in one indexed copy
-        task_idx = torch.tensor([j for j, p in enumerate(ranks) for _ in range(p)], dtype=torch.int64)
-        col_idx = torch.tensor([c for p in ranks for c in range(p)], dtype=torch.int64)
-        src = torch.tensor(
-            [records[t]["coef_row"] + c for t, p in zip(tasks, ranks) for c in range(p)], dtype=torch.int64
-        )
+        # every task's rows go to its slot of the padded batch, in one indexed copy
+        task_idx = torch.from_numpy(np.repeat(np.arange(len(tasks)), ranks))
+        col_idx = torch.from_numpy(gather_rows(np.zeros(len(tasks), dtype=np.int64), ranks))
+        src = torch.from_numpy(gather_rows(table.int_column("coef_row"), ranks))
         X[task_idx, :, col_idx] = stacked[src]
         return X
 
@@ -1016,30 +970,6 @@ class Checkpoint:
             )
         if self.version >= 2:
             self.record_tables()
-
-
-def _record(ints: list[int], floats: list[float]) -> dict[str, Any]:
-    """One (task, module) record as the reader presents it, from its table rows."""
-    _position, rank, private_rank, original_rank, group, coef_row, private_row, bound = ints
-    norm, error, error_before, drift = floats
-    rec: dict[str, Any] = {
-        "rank": rank,
-        "private_rank": private_rank,
-        "original_rank": original_rank,
-        "norm": norm,
-        "error": error,
-        "coef_row": coef_row,
-        "private_row": private_row,
-    }
-    if bound:
-        rec["bound"] = True
-    if group >= 0:
-        rec["group"] = group
-    if error_before >= 0:
-        rec["error_before"] = error_before
-    if drift >= 0:
-        rec["drift"] = drift
-    return rec
 
 
 def _tables_of_v1(tasks: Mapping[str, Any], modules: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:

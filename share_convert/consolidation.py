@@ -14,7 +14,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +29,7 @@ from .formats import LoraFactors, itemsize
 from .grouping import cluster_tasks
 from .linalg import canonicalize_many, deterministic, load_linalg, principal_basis
 from .planning import ModulePlan, ModulePlanner, TaskFit, energy_k, parse_budget, task_weight
+from .records import TaskRows
 
 Progress = Callable[[str, int, int], None]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -179,13 +180,15 @@ class ModuleMember:
 class ModuleResult:
     plan: ModulePlan
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    records: Mapping[str, dict[str, Any]] = field(default_factory=dict)  # a dict, or a RecordTable
     fits: list[TaskFit] = field(default_factory=list)
     groups: list[dict[str, Any]] | None = None
     #: bases and Gram matrices of the source checkpoint kept byte for byte (continual updates)
     carried: list[str] = field(default_factory=list)
     #: each task's tensors in this module: coef_B, coef_A, private_B, private_A (those it has)
     task_parts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    #: the tasks' tensors already stacked (updates of many old tasks); when set, ``task_parts`` is not written
+    rows: TaskRows | None = None
 
 
 def natural_key(name: str) -> list:
@@ -606,11 +609,14 @@ def write_module(writer: CheckpointWriter, name: str, res: ModuleResult, dtype: 
         writer.add(tname, res.tensors[tname])
     for tname in res.carried:
         source.copy_to(writer, tname)
-    tasks = []
-    for task, rec in res.records.items():
-        prefix = f"modules/{name}/g{rec['group']}/" if res.groups else f"modules/{name}/"
-        tasks.append((task, prefix, res.task_parts.get(task, {})))
-    writer.add_module(name, tasks, dtype)
+    rows = res.rows
+    if rows is None:
+        tasks = []
+        for task, rec in res.records.items():
+            prefix = f"modules/{name}/g{rec['group']}/" if res.groups else f"modules/{name}/"
+            tasks.append((task, prefix, res.task_parts.get(task, {})))
+        rows = TaskRows.of_parts(tasks, dtype)
+    writer.add_module(name, rows)
 
 
 def module_record(n: int, d: int, res: ModuleResult, dtype: torch.dtype) -> dict[str, Any]:
@@ -642,7 +648,12 @@ def build_manifest(
     modules: dict[str, Any],
     history: list[dict[str, Any]],
     op: str,
+    added: Sequence[str] | None = None,
 ) -> dict[str, Any]:
+    """The manifest: options, task records, module entries and the history with this operation.
+
+    ``added`` names the tasks this operation added (default: every source not taken from a checkpoint).
+    """
     tasks = {s.task: dict(s.task_record()) for s in sources}
     for name, rec in tasks.items():
         if "original_params" in rec:
@@ -655,7 +666,8 @@ def build_manifest(
         )
         rec["original_params"] = lora + rec.get("head_params", 0)
         rec["original_bytes"] = lora * itemsize(rec.get("weights_dtype", "F32")) + rec.get("head_bytes", 0)
-    added = [s.task for s in sources if not s.task_record().get("from_checkpoint")]
+    if added is None:
+        added = [s.task for s in sources if not s.task_record().get("from_checkpoint")]
     # the errors of the tasks this operation added; every task's current errors are in the record
     # tables, and the reader completes the last entry from them (format version 2)
     entry = {"op": op, "tasks_added": added, "errors": {t: task_errors(modules, t) for t in added}}

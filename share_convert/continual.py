@@ -21,6 +21,7 @@ from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .checkpoint import Checkpoint, CheckpointWriter, check_output
@@ -49,7 +50,8 @@ from .encoding import StoredBases, encode_task, store_bases, store_grams
 from .errors import DuplicateTaskError, IncompatibleAdaptersError, InvalidOptionError, UnknownTaskError
 from .formats import LoraFactors
 from .linalg import RANK_RTOL, canonicalize_padded, deterministic, fix_signs, load_linalg
-from .planning import FrozenTasks, ModulePlanner, TaskFit, energy_k, task_weight
+from .planning import FrozenTasks, ModulePlanner, TaskFit, energy_k, task_weight, task_weights
+from .records import RecordTable, TaskRows
 
 
 class CheckpointTask:
@@ -106,34 +108,46 @@ def _carry_module(
 ) -> dict[str, Any] | None:
     """Copy one module unchanged for the tasks in ``keep``; recompute its Gram matrices without ``dropped``."""
     info = ckpt.modules[name]
-    left = {t: r for t, r in info["tasks"].items() if t in keep}
-    if not left:
+    table = RecordTable.from_dicts(info["tasks"])
+    kept = set(keep)
+    left_tasks = [t for t in table.tasks if t in kept]
+    if not left_tasks:
         return None
-    prefixes = sorted({ckpt.bases_prefix(name, t) for t in info["tasks"]} - {None})
+    prefixes = sorted({ckpt.bases_prefix(name, t) for t in _one_per_group(info, table)} - {None})
     for prefix in prefixes:
         for part in ("basis_B", "basis_A"):
             ckpt.copy_to(writer, f"{prefix}{part}")
         if _dropped_here(ckpt, name, prefix, dropped):
-            grams = _grams_of(ckpt, name, prefix, list(left), weighting)
+            grams = _grams_of(ckpt, name, prefix, left_tasks, weighting)
             for side in ("B", "A"):
                 writer.add(f"{prefix}gram_{side}", grams[side].to(torch.float32))
         else:
             for side in ("B", "A"):
                 ckpt.copy_to(writer, f"{prefix}gram_{side}")
-    if ckpt.version >= 2 and len(left) == len(info["tasks"]):  # every task stays: the stacked tensors as they are
+    left = table.select(left_tasks)
+    if ckpt.version >= 2 and len(left) == len(table):  # every task stays: the stacked tensors as they are
         stacked = [f"{p}coefs_{side}" for p in prefixes for side in "BA"]
         for tname in [*stacked, f"modules/{name}/private_B", f"modules/{name}/private_A"]:
             if ckpt.has(tname):
                 ckpt.copy_to(writer, tname)
-        writer.set_module_rows(name, {t: (i, r["coef_row"], r["private_row"]) for i, (t, r) in enumerate(left.items())})
+        writer.set_module_rows(name, left.tasks, left.int_column("coef_row"), left.int_column("private_row"))
     else:
-        tasks = [(t, _task_prefix(name, info, t), ckpt.task_tensors(t, name)) for t in left]
-        writer.add_module(name, tasks, _DTYPES[info["dtype"]])
+        writer.add_module(name, ckpt.task_rows(name, left_tasks))
     # untouched by this update: no drift
-    out = {**info, "tasks": {t: dict(r, error_before=r["error"], drift=0.0) for t, r in left.items()}}
+    out = {**info, "tasks": left.updated(error_before=left.float_column("error"), drift=0.0)}
     if "groups" in info:
-        out["groups"] = [dict(g, tasks=[t for t in g["tasks"] if t in left]) for g in info["groups"]]
+        out["groups"] = [dict(g, tasks=[t for t in g["tasks"] if t in kept]) for g in info["groups"]]
     return out
+
+
+def _one_per_group(info: dict[str, Any], table: RecordTable) -> list[str]:
+    """One task of each group of bases in a module (the only one when it has no groups)."""
+    if "groups" not in info:
+        return table.tasks[:1]
+    first: dict[int, str] = {}
+    for t, g in zip(table.tasks, table.int_column("group").tolist()):
+        first.setdefault(g, t)
+    return list(first.values())
 
 
 def _task_prefix(name: str, info: dict[str, Any], task: str) -> str:
@@ -158,8 +172,8 @@ def _grams_of(
     here = [t for t in tasks if ckpt.bases_prefix(name, t) == prefix]
     k_B, k_A = (ckpt.tensor_meta(f"{prefix}basis_{side}")[0][1] for side in ("B", "A"))
     old = _OldCoefficients(ckpt, name, here, k_B, k_A, prefix)
-    root = torch.tensor([task_weight(info["tasks"][t]["norm"], weighting) for t in here], dtype=torch.float64)
-    root = root.sqrt()[:, None, None]
+    norms = RecordTable.from_dicts(info["tasks"]).select(here).float_column("norm")
+    root = task_weights(norms, weighting).sqrt()[:, None, None]
     return {"B": _gram(old.XB * root), "A": _gram(old.XA * root)}
 
 
@@ -216,7 +230,8 @@ def add(
     dtype = storage_dtype(config, [s.weights_dtype for s in sources]) if config.dtype != "auto" else None
     modules_out: dict[str, Any] = {}
     all_modules = sorted(set(ckpt.modules) | set(new_shapes), key=natural_key)
-    drift: dict[str, list[float]] = {}
+    drifted: set[str] = set()
+    worst = 0.0
     with deterministic(), CheckpointWriter(output) as writer:
         for t in old_tasks:
             for key in ckpt.task(t).get("heads", []):
@@ -266,21 +281,22 @@ def add(
                 if carried is not None:
                     modules_out[name] = carried
                 continue
-            for t, rec in res.records.items():
-                if "drift" in rec:
-                    drift.setdefault(t, []).append(rec["drift"])
+            table = RecordTable.from_dicts(res.records)
+            moved = table.float_column("drift")
+            for i in np.nonzero(moved >= 0)[0].tolist():
+                drifted.add(table.tasks[i])
+            worst = max(worst, float(moved.max(initial=0.0)))
             write_module(writer, name, res, module_dtype(name), ckpt)
             modules_out[name] = module_record(*_shape(ckpt, new_shapes, name), res, module_dtype(name))
         if progress:
             progress("", len(all_modules), len(all_modules))
         old_sources = [_OldTask(ckpt, t) for t in old_tasks]
-        manifest = build_manifest(config, [*old_sources, *sources], modules_out, ckpt.history, "add")
+        manifest = build_manifest(
+            config, [*old_sources, *sources], modules_out, ckpt.history, "add", added=[s.task for s in sources]
+        )
         entry = manifest["history"][-1]
-        entry["tasks_added"] = [s.task for s in sources]
-        entry["errors"] = {t: e for t, e in entry["errors"].items() if t in entry["tasks_added"]}
         entry["tasks_replaced"] = clashes
-        worst = max((max(v) for v in drift.values()), default=0.0)
-        entry["drift_summary"] = {"tasks": len(drift), "max": worst}
+        entry["drift_summary"] = {"tasks": len(drifted), "max": worst}
         writer.finish(manifest)
     return manifest
 
@@ -337,11 +353,11 @@ class _OldCoefficients:
 
     def __init__(self, ckpt: Checkpoint, name: str, tasks: list[str], k_B: int, k_A: int, prefix: str | None = None):
         self.tasks = tasks
-        records = ckpt.modules[name]["tasks"]
         if k_B and k_A and tasks:
             self.XB = ckpt.coefficients(name, tasks, "B", prefix)
             self.XA = ckpt.coefficients(name, tasks, "A", prefix)
-            self.ranks = torch.tensor([records[t]["rank"] for t in tasks], dtype=torch.int64)
+            table = RecordTable.from_dicts(ckpt.modules[name]["tasks"]).select(tasks)
+            self.ranks = torch.from_numpy(table.int_column("rank").copy())
         else:
             self.XB = torch.zeros(len(tasks), k_B, 0, dtype=torch.float64)
             self.XA = torch.zeros(len(tasks), k_A, 0, dtype=torch.float64)
@@ -394,8 +410,9 @@ def update_module(
     # weighted Gram matrix E Eᵀ is recomputed from them in float64 (they are read anyway, for the
     # drift): the stored float32 copy would add rounding noise that reads as weak extra directions.
     old = _OldCoefficients(ckpt, name, old_tasks, b_old.shape[1], a_old.shape[1], prefix)
-    root = torch.tensor([task_weight(info["tasks"][t]["norm"], config.weighting) for t in old_tasks])
-    root = root.double().sqrt()[:, None, None]
+    table = RecordTable.from_dicts(info["tasks"]).select(old_tasks)
+    old_norms, old_errors = table.float_column("norm"), table.float_column("error")
+    root = task_weights(old_norms, config.weighting).sqrt()[:, None, None]
     GB, GA = _gram(old.XB * root), _gram(old.XA * root)
     norms = [float((m.s**2).sum()) ** 0.5 for m in members]
     weights = [task_weight(nm, config.weighting) for nm in norms]
@@ -404,14 +421,13 @@ def update_module(
     new_beta, sB = _updated_basis(beta, GB, NB)
     new_alpha, sA = _updated_basis(alpha, GA, NA)
     nb64, na64 = new_beta.double(), new_alpha.double()
-    records = [info["tasks"][t] for t in old_tasks]
     frozen = FrozenTasks(
         Eb=(nb64.T @ b_old) @ old.XB,
         Ea=(na64.T @ a_old) @ old.XA,
         norm2=old.norm2(),
         ranks=old.ranks,
-        prior=torch.tensor([r["error"] for r in records], dtype=torch.float64),
-        scale=torch.tensor([1 / r["norm"] if r["norm"] > 0 else 0.0 for r in records], dtype=torch.float64),
+        prior=torch.from_numpy(old_errors.copy()),
+        scale=task_weights(old_norms, "equal"),
     )
     fits = [TaskFit.of(m.s, nb64.T @ m.Bc.double(), na64.T @ m.Ac.double(), m.prior) for m in members]
     planner = ModulePlanner(n, d, fits, frozen=frozen)
@@ -440,34 +456,36 @@ def update_module(
         after2 = _frobenius2(CB64, stored.gram_beta, CA64, stored.gram_alpha)
     else:
         ranks = torch.zeros(T, dtype=torch.int64)
-    drifts_abs = (before2 - 2 * cross + after2).clamp_min(0).sqrt().tolist()
-    ranks_list = ranks.tolist()
-    private = ckpt.private_parts(name, old_tasks)
-    for j, t in enumerate(old_tasks):
-        rec = dict(info["tasks"][t])
-        p = ranks_list[j]
-        drift = drifts_abs[j] / rec["norm"] if rec["norm"] > 0 else 0.0
-        rec["error_before"] = rec["error"]
-        rec["drift"] = drift
-        rec["error"] = rec["error"] + drift
-        rec["rank"] = p
-        if drift > 1e-6:
-            rec["bound"] = True
-        result.records[t] = rec
-        parts = dict(private.get(t, {}))
-        if p:
-            parts["coef_B"], parts["coef_A"] = CB[j, :, :p], CA[j, :, :p]
-        result.task_parts[t] = parts
+    drifts_abs = (before2 - 2 * cross + after2).clamp_min(0).sqrt().numpy()
+    drift = np.where(old_norms > 0, drifts_abs / np.where(old_norms > 0, old_norms, 1.0), 0.0)
+    result.records = table.updated(
+        error_before=old_errors,
+        drift=drift,
+        error=old_errors + drift,
+        rank=ranks.numpy(),
+        bound=table.int_column("bound") | (drift > 1e-6),
+    )
+    # the old tasks' rows as stored: coefficients rotated into the new bases, private factors unchanged
+    old_rows = ckpt.task_rows(name, old_tasks)
+    coef_row = ranks.cumsum(0) - ranks
+    coefs = {}
+    if stored is not None and T:
+        kept = torch.arange(CB.shape[2])[None, :] < ranks[:, None]  # T × p_max: each task's columns
+        coefs[prefix] = (CB.transpose(1, 2)[kept], CA.transpose(1, 2)[kept])
+    old_rows = TaskRows(old_tasks, [prefix] * T, coefs, coef_row.numpy(), old_rows.private, old_rows.private_row)
     known = None
     if stored is not None:  # the old tasks' part of Σ w c cᵀ, in one product per side
         known = {side: _gram(C * root) for side, C in (("B", CB64), ("A", CA64))}
-    weighted = []
+    weighted, new_records = [], {}
     for j, m in enumerate(members):
         tensors, rec = encode_task(m, plan.private_ranks[j], stored, dtype, norms[j])
         result.task_parts[m.task] = tensors
-        result.records[m.task] = rec
+        new_records[m.task] = rec
         weighted.append((m.task, weights[j]))
     store_grams(name, result, weighted, plan, prefix, known=known)
+    new_rows = TaskRows.of_parts([(m.task, prefix, result.task_parts[m.task]) for m in members], dtype)
+    result.rows = TaskRows.concat([old_rows, new_rows], dtype)
+    result.records = RecordTable.concat([result.records, new_records])
     return result
 
 
@@ -503,12 +521,13 @@ def update_grouped_module(
         joins.setdefault(max(range(len(groups)), key=lambda j: captured[j]), []).append(m)
     result = ModuleResult(plan=ModulePlan(0, 0, [], [], 0, info.get("alternatives")))
     result.groups = []
+    blocks: list[TaskRows] = []
     for j, g in enumerate(groups):
         tasks = [t for t in g["tasks"] if t in kept]
         if j in joins:
             res = update_module(ckpt, name, tasks, joins[j], config, dtype, prefix=prefixes[j])
             result.tensors.update(res.tensors)
-            result.task_parts.update(res.task_parts)
+            blocks.append(res.rows)
             result.carried += res.carried
             records = res.records
             part = {"k_B": res.plan.k_B, "k_A": res.plan.k_A, "kind": res.plan.kind, "params": res.plan.params}
@@ -521,7 +540,7 @@ def update_grouped_module(
                         result.tensors[f"{prefixes[j]}gram_{side}"] = grams[side].to(torch.float32)
                 else:
                     result.carried += [f"{prefixes[j]}gram_B", f"{prefixes[j]}gram_A"]
-            result.task_parts.update({t: ckpt.task_tensors(t, name) for t in tasks})
+            blocks.append(ckpt.task_rows(name, tasks))
             records = {t: dict(info["tasks"][t], error_before=info["tasks"][t]["error"], drift=0.0) for t in tasks}
             gone = [t for t in g["tasks"] if t not in kept]
             freed = sum(
@@ -542,6 +561,7 @@ def update_grouped_module(
     result.records = {t: result.records[t] for t in order}
     result.plan.private_ranks = [result.records[t]["private_rank"] for t in order]
     result.plan.predicted_errors = [result.records[t]["error"] for t in order]
+    result.rows = TaskRows.concat(blocks, dtype)
     return result
 
 
@@ -615,7 +635,9 @@ def remove(
             carried = _carry_module(ckpt, writer, name, keep, tasks, config.weighting)
             if carried is not None:
                 modules_out[name] = carried
-        manifest = build_manifest(config, [_OldTask(ckpt, t) for t in keep], modules_out, ckpt.history, "remove")
+        manifest = build_manifest(
+            config, [_OldTask(ckpt, t) for t in keep], modules_out, ckpt.history, "remove", added=[]
+        )
         manifest["history"][-1]["tasks_removed"] = list(tasks)
         manifest["history"][-1]["tasks_added"] = []
         manifest["history"][-1]["errors"] = {}

@@ -280,7 +280,7 @@ class ModulePlanner:
             spec = residual_spectrum(s, Eb_all[:, :k_B], Ea_all[:, :k_A])  # (t, 2r) descending
             # tail[q] = energy left after keeping q private directions
             tail = spec.flip(-1).cumsum(-1).flip(-1)
-            tail = torch.cat([tail, torch.zeros_like(tail[:, :1])], -1)[:, : r + 1]
+            tail = torch.cat([tail, tail.new_zeros(tail.shape[0], 1)], -1)[:, : r + 1]
             # one tensor expression and one conversion for all the tasks of this rank
             errs = torch.where(norm2[:, None] > 0, (tail / norm2[:, None].clamp_min(1e-300)).clamp_min(0).sqrt(), 0.0)
             for i, e in zip(idx, errs.tolist()):
@@ -489,6 +489,14 @@ def task_weight(norm: float, weighting: str) -> float:
     if weighting != "equal":
         return 1.0
     return 1.0 / norm if norm > 0 else 0.0
+
+
+def task_weights(norms, weighting: str) -> torch.Tensor:
+    """:func:`task_weight` of many tasks at once (``norms``: an array of ‖ΔW‖), float64."""
+    norms = torch.as_tensor(norms, dtype=torch.float64)
+    if weighting != "equal":
+        return torch.ones_like(norms)
+    return torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
 
 
 def parse_budget(text: str) -> tuple[str, float]:

@@ -84,9 +84,8 @@ def rewrite(ckpt: Path, out: Path, change) -> None:
         if not name.startswith("records/"):  # the writer makes the record tables from the manifest
             w.add(name, change(name, c.tensor(name)))
     for m, info in c.modules.items():
-        w.set_module_rows(
-            m, {t: (i, r["coef_row"], r["private_row"]) for i, (t, r) in enumerate(info["tasks"].items())}
-        )
+        records = info["tasks"]
+        w.set_module_rows(m, records.tasks, records.int_column("coef_row"), records.int_column("private_row"))
     w.finish(manifest)
 
 

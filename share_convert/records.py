@@ -1,0 +1,234 @@
+"""Per-(task, module) data as arrays: each task's record in a module, and its stacked rows.
+
+A checkpoint of T tasks over M modules holds T × M records (ranks, ‖ΔW‖, errors, drift) and
+T × M sets of coefficients and private factors. Format version 2 stores both per module as a
+few arrays (docs/format.md); this module is their in-memory form, so that an update of a
+checkpoint with thousands of old tasks handles each module's old tasks as arrays, never as
+T × M Python objects:
+
+- :class:`RecordTable`: one module's task records, one row per task (a read-only mapping
+  task -> record dict, built on access, for code that wants one task at a time);
+- :class:`TaskRows`: one module's per-task tensors stacked as they are stored: coefficient rows
+  per set of bases, private rows, and where each task's rows start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+#: Integer columns of a record; ``position`` is the task's place among the module's tasks,
+#: ``group`` its group of bases (-1: one set), ``coef_row``/``private_row`` where its rows start.
+RECORD_INT = ("position", "rank", "private_rank", "original_rank", "group", "coef_row", "private_row", "bound")
+#: Float columns; ``error_before`` and ``drift`` are -1 where the last update did not set them.
+RECORD_FLOAT = ("norm", "error", "error_before", "drift")
+_I = {c: j for j, c in enumerate(RECORD_INT)}
+_F = {c: j for j, c in enumerate(RECORD_FLOAT)}
+
+
+def record_dict(ints: Sequence[int], floats: Sequence[float]) -> dict[str, Any]:
+    """One record as a dict (the form of format version 1 and of the reader's mapping views)."""
+    _position, rank, private_rank, original_rank, group, coef_row, private_row, bound = (int(x) for x in ints)
+    norm, error, error_before, drift = (float(x) for x in floats)
+    rec: dict[str, Any] = {
+        "rank": rank,
+        "private_rank": private_rank,
+        "original_rank": original_rank,
+        "norm": norm,
+        "error": error,
+        "coef_row": coef_row,
+        "private_row": private_row,
+    }
+    if bound:
+        rec["bound"] = True
+    if group >= 0:
+        rec["group"] = group
+    if error_before >= 0:
+        rec["error_before"] = error_before
+    if drift >= 0:
+        rec["drift"] = drift
+    return rec
+
+
+class RecordTable(Mapping):
+    """One module's task records: ``ints`` (T × 8) and ``floats`` (T × 4), one row per task in ``tasks``."""
+
+    def __init__(self, tasks: Sequence[str], ints: np.ndarray, floats: np.ndarray):
+        self.tasks = list(tasks)
+        self.ints = np.asarray(ints, dtype=np.int64).reshape(len(self.tasks), len(RECORD_INT))
+        self.floats = np.asarray(floats, dtype=np.float64).reshape(len(self.tasks), len(RECORD_FLOAT))
+        self._index: dict[str, int] | None = None
+
+    @classmethod
+    def from_dicts(cls, records: Mapping[str, Mapping[str, Any]]) -> RecordTable:
+        if isinstance(records, RecordTable):
+            return records
+        ints = np.zeros((len(records), len(RECORD_INT)), dtype=np.int64)
+        floats = np.zeros((len(records), len(RECORD_FLOAT)), dtype=np.float64)
+        for i, rec in enumerate(records.values()):
+            ints[i] = (
+                rec.get("position", i),
+                rec["rank"],
+                rec["private_rank"],
+                rec["original_rank"],
+                rec.get("group", -1),
+                rec.get("coef_row", 0),
+                rec.get("private_row", 0),
+                int(bool(rec.get("bound"))),
+            )
+            floats[i] = (rec["norm"], rec["error"], rec.get("error_before", -1.0), rec.get("drift", -1.0))
+        return cls(list(records), ints, floats)
+
+    @classmethod
+    def concat(cls, tables: Sequence[Mapping[str, Mapping[str, Any]]]) -> RecordTable:
+        parts = [cls.from_dicts(t) for t in tables]
+        return cls(
+            [t for p in parts for t in p.tasks],
+            np.concatenate([p.ints for p in parts]) if parts else np.zeros((0, len(RECORD_INT))),
+            np.concatenate([p.floats for p in parts]) if parts else np.zeros((0, len(RECORD_FLOAT))),
+        )
+
+    def index(self) -> dict[str, int]:
+        if self._index is None:
+            self._index = {t: i for i, t in enumerate(self.tasks)}
+        return self._index
+
+    def rows_of(self, tasks: Sequence[str]) -> np.ndarray:
+        index = self.index()
+        return np.array([index[t] for t in tasks], dtype=np.int64)
+
+    def select(self, tasks: Sequence[str]) -> RecordTable:
+        """The records of ``tasks`` (all in this table), in that order."""
+        rows = self.rows_of(tasks)
+        return RecordTable(tasks, self.ints[rows], self.floats[rows])
+
+    def int_column(self, name: str) -> np.ndarray:
+        return self.ints[:, _I[name]]
+
+    def float_column(self, name: str) -> np.ndarray:
+        return self.floats[:, _F[name]]
+
+    def updated(self, **columns: np.ndarray | float | int) -> RecordTable:
+        """A copy with some columns replaced (names from RECORD_INT and RECORD_FLOAT)."""
+        ints, floats = self.ints.copy(), self.floats.copy()
+        for name, values in columns.items():
+            if name in _I:
+                ints[:, _I[name]] = values
+            else:
+                floats[:, _F[name]] = values
+        return RecordTable(self.tasks, ints, floats)
+
+    def __getitem__(self, task: str) -> dict[str, Any]:
+        i = self.index()[task]
+        return record_dict(self.ints[i].tolist(), self.floats[i].tolist())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tasks)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __contains__(self, task: object) -> bool:
+        return task in self.index()
+
+
+@dataclass
+class TaskRows:
+    """One module's per-task tensors, stacked as format version 2 stores them.
+
+    Task ``tasks[i]`` owns the coefficient rows ``coef_row[i] … coef_row[i] + p_i − 1`` of
+    ``coefs[prefixes[i]]`` (row j is column j of its E_B, E_A) and the private rows
+    ``private_row[i] … + q_i − 1`` of ``private`` (rows of P_Bᵀ and of P_A).
+    """
+
+    tasks: list[str]
+    prefixes: list[str]
+    coefs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    coef_row: np.ndarray
+    private: tuple[torch.Tensor, torch.Tensor] | None
+    private_row: np.ndarray
+
+    @classmethod
+    def of_parts(cls, tasks: Sequence[tuple[str, str, Mapping[str, torch.Tensor]]], dtype: torch.dtype) -> TaskRows:
+        """Stack per-task parts (``coef_B`` k_B × p, ``coef_A``, ``private_B`` n × q, ``private_A`` q × d)."""
+        import torch
+
+        coefs: dict[str, tuple[list, list]] = {}
+        private_B: list[torch.Tensor] = []
+        private_A: list[torch.Tensor] = []
+        coef_row = np.zeros(len(tasks), dtype=np.int64)
+        private_row = np.zeros(len(tasks), dtype=np.int64)
+        next_coef: dict[str, int] = {}
+        next_private = 0
+        for i, (_task, prefix, parts) in enumerate(tasks):
+            coef_row[i] = next_coef.get(prefix, 0)
+            if "coef_B" in parts:
+                cB, cA = coefs.setdefault(prefix, ([], []))
+                cB.append(parts["coef_B"].T)
+                cA.append(parts["coef_A"].T)
+                next_coef[prefix] = int(coef_row[i]) + parts["coef_B"].shape[1]
+            private_row[i] = next_private
+            if "private_B" in parts:
+                private_B.append(parts["private_B"].T)
+                private_A.append(parts["private_A"])
+                next_private += parts["private_B"].shape[1]
+
+        def stacked(items: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([x.to(dtype) for x in items]) if len({x.dtype for x in items}) > 1 else torch.cat(items)
+
+        return cls(
+            tasks=[t for t, _, _ in tasks],
+            prefixes=[p for _, p, _ in tasks],
+            coefs={p: (stacked(b).to(dtype), stacked(a).to(dtype)) for p, (b, a) in coefs.items()},
+            coef_row=coef_row,
+            private=(stacked(private_B).to(dtype), stacked(private_A).to(dtype)) if private_B else None,
+            private_row=private_row,
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[TaskRows], dtype: torch.dtype) -> TaskRows:
+        """One module's rows from several blocks of tasks (their row offsets shifted)."""
+        import torch
+
+        coefs: dict[str, tuple[list, list]] = {}
+        coef_rows, private_rows, privates_B, privates_A = [], [], [], []
+        filled: dict[str, int] = {}
+        private_filled = 0
+        for part in parts:
+            shift = np.array([filled.get(p, 0) for p in part.prefixes], dtype=np.int64)
+            coef_rows.append(part.coef_row + shift)
+            for p, (b, a) in part.coefs.items():
+                cb, ca = coefs.setdefault(p, ([], []))
+                cb.append(b)
+                ca.append(a)
+                filled[p] = filled.get(p, 0) + b.shape[0]
+            private_rows.append(part.private_row + private_filled)
+            if part.private is not None:
+                privates_B.append(part.private[0])
+                privates_A.append(part.private[1])
+                private_filled += part.private[0].shape[0]
+        return cls(
+            tasks=[t for part in parts for t in part.tasks],
+            prefixes=[p for part in parts for p in part.prefixes],
+            coefs={p: (torch.cat(b).to(dtype), torch.cat(a).to(dtype)) for p, (b, a) in coefs.items()},
+            coef_row=np.concatenate(coef_rows) if coef_rows else np.zeros(0, dtype=np.int64),
+            private=(torch.cat(privates_B).to(dtype), torch.cat(privates_A).to(dtype)) if privates_B else None,
+            private_row=np.concatenate(private_rows) if private_rows else np.zeros(0, dtype=np.int64),
+        )
+
+
+def gather_rows(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The row indices ``starts[i] … starts[i] + lengths[i] − 1`` for every i, concatenated."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    offsets = np.repeat(np.asarray(starts, dtype=np.int64) - (ends - lengths), lengths)
+    return offsets + np.arange(total, dtype=np.int64)
