@@ -38,6 +38,8 @@ def _torch_dtype_name(dtype: torch.dtype) -> str:
 
     names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
     return names.get(dtype, str(dtype))
+
+
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 _REFUSED_KEYS = {
     "lora_embedding_A": "embedding LoRA (lora_embedding_A/B) is not supported",
