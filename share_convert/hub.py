@@ -112,7 +112,7 @@ def _translate(e: Exception, what: str, token: str | None, *, writing: bool = Fa
     if isinstance(e, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
         if _offline():
             return HubError(
-                f"{what}: HF_HUB_OFFLINE is set and there is no cached copy",
+                f"{what}: offline mode (HF_HUB_OFFLINE) is on and there is no cached copy",
                 hint="Download it once while online, or unset HF_HUB_OFFLINE",
             )
         return HubError(

@@ -104,7 +104,7 @@ def test_offline_mode_is_named_when_it_is_set(tmp_path, monkeypatch, no_login):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     line = one_error_line(run("pull", "alice/my-share", "-o", tmp_path / "x"))
-    assert "HF_HUB_OFFLINE is set and there is no cached copy" in line
+    assert "offline mode (HF_HUB_OFFLINE) is on and there is no cached copy" in line
 
 
 def test_push_without_connection_or_login_names_both(five, monkeypatch, no_login):
