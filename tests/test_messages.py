@@ -400,3 +400,26 @@ def test_push_takes_the_repository_like_pull_and_the_old_option_still_works(five
         assert "--repo is deprecated" in old.output and (tmp_path / "mirrors/models/alice/old").is_dir()
     finally:
         server.stop()
+
+
+def test_pull_json_says_where_the_checkpoint_went(five, tmp_path, monkeypatch, no_login):
+    from .hub_servers import Olah
+
+    olah = Olah(tmp_path / "olah")
+    uploads = UploadServer(olah.mirrors)
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", uploads.url)
+        assert run("push", five, "alice/pulled").exit_code == 0
+        monkeypatch.setenv("HF_ENDPOINT", olah.url)
+        result = run("pull", "alice/pulled", "-o", tmp_path / "p", "--json")
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.output)
+        assert data == {
+            "repo": "alice/pulled",
+            "revision": None,
+            "checkpoint": str(tmp_path / "p" / "share.safetensors"),
+        }
+        assert Path(data["checkpoint"]).read_bytes() == five.read_bytes()
+    finally:
+        uploads.stop()
+        olah.stop()
