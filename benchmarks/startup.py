@@ -43,19 +43,40 @@ def build_checkpoint(folder: Path) -> Path:
     return ckpt
 
 
-def time_command(checkout: Path, args: list[str], runs: int, scratch: Path) -> dict:
+def checkout_env(checkout: Path, scratch: Path) -> dict[str, str]:
+    """The environment that runs ``checkout``; checks that python really imports it from there.
+
+    Processes run from the scratch folder: with -c, the current folder comes first on sys.path
+    and would shadow PYTHONPATH's checkout."""
     env = {**os.environ, "PYTHONPATH": str(checkout), "HF_HUB_OFFLINE": "1"}
-    times, torch_loaded = [], []
+    where = subprocess.run(
+        [sys.executable, "-c", "import share_convert; print(share_convert.__file__)"],
+        env=env,
+        cwd=scratch,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if not where.startswith(str(checkout)):
+        raise SystemExit(f"{checkout}: python imports share_convert from {where!r}")
+    return env
+
+
+def time_once(env: dict[str, str], args: list[str], scratch: Path) -> tuple[float, bool]:
+    """One whole-process run of the CLI: wall-clock seconds, and whether it imported torch."""
     flag = scratch / "torch-loaded"
-    for _ in range(runs):
-        code = PROBE.format(flag=str(flag), args=args)
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-        times.append(time.perf_counter() - start)
-        if proc.returncode != 0:
-            raise SystemExit(f"{' '.join(args)} failed in {checkout}: {proc.stderr.strip()[-500:]}")
-        torch_loaded.append(flag.read_text() == "True")
-    return {"median_s": statistics.median(times), "min_s": min(times), "runs": runs, "imports_torch": any(torch_loaded)}
+    code = PROBE.format(flag=str(flag), args=args)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=scratch, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(args)} failed with PYTHONPATH={env['PYTHONPATH']}: {proc.stderr.strip()[-500:]}")
+    return elapsed, flag.read_text() == "True"
+
+
+def torch_only(scratch: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True, cwd=scratch)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -71,17 +92,33 @@ def main() -> None:
         checkouts = {"this checkout": REPO}
         if opts.compare:
             checkouts["compared"] = opts.compare.resolve()
+        envs = {label: checkout_env(path, scratch) for label, path in checkouts.items()}
+        # runs interleaved (each round times every command of every checkout once), so that load
+        # from other processes on the machine falls on all of them alike
+        samples: dict = {name: {label: [] for label in checkouts} for name in commands}
         torch_times = []
         for _ in range(opts.runs):
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-c", "import torch"], check=True)
-            torch_times.append(time.perf_counter() - start)
-        torch_import_s = statistics.median(torch_times)
-        results: dict = {"python": sys.version.split()[0], "torch_import_process_s": torch_import_s, "commands": {}}
-        for name, args in commands.items():
-            results["commands"][name] = {
-                label: time_command(path, args, opts.runs, scratch) for label, path in checkouts.items()
-            }
+            torch_times.append(torch_only(scratch))
+            for name, args in commands.items():
+                for label, env in envs.items():
+                    samples[name][label].append(time_once(env, args, scratch))
+        results: dict = {
+            "python": sys.version.split()[0],
+            "runs": opts.runs,
+            "torch_import_process_median_s": statistics.median(torch_times),
+            "commands": {
+                name: {
+                    label: {
+                        "median_s": statistics.median(t for t, _ in runs),
+                        "min_s": min(t for t, _ in runs),
+                        "imports_torch": any(loaded for _, loaded in runs),
+                    }
+                    for label, runs in row.items()
+                }
+                for name, row in samples.items()
+            },
+        }
+        torch_import_s = results["torch_import_process_median_s"]
     print(f"{'command':10} " + " ".join(f"{label:>24}" for label in checkouts))
     for name, row in results["commands"].items():
         cells = [f"{r['median_s']:.2f} s{' (torch)' if r['imports_torch'] else '':>9}" for r in row.values()]
