@@ -1,20 +1,29 @@
 """The Share checkpoint: one self-describing ``.safetensors`` file (format in docs/format.md).
 
-Tensors:
+Format version 2 (written) stores per module, for all of its tasks at once:
 
 - ``modules/<module>/basis_B`` (n × k_B) and ``basis_A`` (d × k_A): the shared bases β, α;
 - ``modules/<module>/gram_B`` (k_B × k_B) and ``gram_A``: the weighted stack's Gram matrix in
   basis coordinates, kept for continual updates (spec, section 5);
-- ``tasks/<task>/<module>/coef_B`` (k_B × p) and ``coef_A`` (k_A × p): the coefficients;
-- ``tasks/<task>/<module>/private_B`` (n × q) and ``private_A`` (q × d): the private correction;
-- ``tasks/<task>/heads/<key>``: non-LoRA tensors, byte for byte.
+- ``modules/<module>/coefs_B`` (P × k_B) and ``coefs_A`` (P × k_A): every task's coefficients,
+  one row per coefficient column (task t owns ``p_t`` consecutive rows);
+- ``modules/<module>/private_B`` (Q × n) and ``private_A`` (Q × d): every task's private
+  correction, one row per private direction;
+
+and, for the whole checkpoint, the per-(task, module) figures as two dense tables
+``records/int`` (T × M × 8, int32) and ``records/float`` (T × M × 4, float64), plus
+``tasks/<task>/heads/<key>`` (non-LoRA tensors, byte for byte). The number of tensors and the
+size of the header grow with tasks + modules, never with their product.
 
 The ``__metadata__`` entry ``share_convert`` holds a JSON manifest (format version, options,
-tasks, per-module ranks and errors, history, a SHA-256 of every tensor), and
-``share_convert_sha256`` the SHA-256 of that manifest text.
+tasks, module shapes and ranks, history, a SHA-256 of every tensor and of every block of rows of
+the large ones), and ``share_convert_sha256`` the SHA-256 of that manifest text.
+
+Version 1 (one tensor per task, module and side; figures in JSON) stays readable: the reader
+presents both versions through the same accessors.
 
 :class:`CheckpointWriter` streams tensors to disk as they are produced and publishes the file
-atomically; :class:`Checkpoint` reads lazily, verifying each tensor it reads.
+atomically; :class:`Checkpoint` reads lazily, verifying each tensor (or block of rows) it reads.
 """
 
 from __future__ import annotations
@@ -25,10 +34,11 @@ import mmap
 import os
 import struct
 import weakref
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 from safetensors import safe_open
 
 from .atomic import temp_file_beside
@@ -40,37 +50,92 @@ from .errors import (
     first_line,
 )
 
+if TYPE_CHECKING:  # torch is imported where tensors are touched: reading a manifest does not need it
+    import torch
+
 FORMAT_NAME = "share-convert"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_KEY = "share_convert"
 MANIFEST_SHA_KEY = "share_convert_sha256"
-_ST_DTYPES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
+#: safetensors dtype names and their numpy equivalents (BF16 has none: read through torch)
+_NP_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
-_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
-#: The tensors one task may have in one module: ``tasks/<task>/<module>/<part>``.
+_KNOWN_DTYPES = (*_NP_DTYPES, "BF16")
+#: The tensors one task may have in one module (format version 1: ``tasks/<task>/<module>/<part>``).
 TASK_PARTS = ("coef_B", "coef_A", "private_B", "private_A")
+#: Columns of the per-(task, module) tables ``records/int`` and ``records/float`` (format version 2).
+#: ``position`` is the task's place among the module's tasks (-1: the task is not in the module),
+#: ``coef_row``/``private_row`` its first row in the module's stacked coefficients/private factors,
+#: ``group`` its group of bases (-1: the module has one set), ``bound`` 1 when ``error`` is an upper
+#: bound; ``error_before``/``drift`` are -1 where the last update did not touch the task.
+RECORD_INT = ("position", "rank", "private_rank", "original_rank", "group", "coef_row", "private_row", "bound")
+RECORD_FLOAT = ("norm", "error", "error_before", "drift")
+#: Tensors larger than this carry a SHA-256 per block of rows too, so that reading one task's rows
+#: reads and verifies about this many bytes rather than the whole tensor.
+BLOCK_BYTES = 1 << 16
+MIN_BLOCKS = 16
+
+
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "F64": torch.float64,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+
+
+def st_dtype(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype."""
+    return {v: k for k, v in _torch_dtypes().items()}[dtype]
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """The raw little-endian bytes of a tensor, as safetensors stores them."""
+    import torch
+
     t = t.detach().contiguous().cpu()
     if t.numel() == 0:
         return b""
     return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def sha256(data: bytes) -> str:
+def sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def block_rows(shape: Sequence[int], itemsize: int) -> int | None:
+    """Rows per checksum block of a tensor, or None when one checksum covers it (small or 1-D)."""
+    if len(shape) < 2 or not shape[0]:
+        return None
+    row = itemsize
+    for s in shape[1:]:
+        row *= s
+    if row * shape[0] <= BLOCK_BYTES or row == 0:
+        return None
+    # blocks of at most BLOCK_BYTES, and at least MIN_BLOCKS of them: a few rows cost a few blocks
+    return max(min(BLOCK_BYTES // row, -(-shape[0] // MIN_BLOCKS)), 1)
+
+
+def _itemsize(dtype: str) -> int:
+    return 2 if dtype == "BF16" else np.dtype(_NP_DTYPES[dtype]).itemsize
 
 
 def check_output(path: Path, force: bool) -> None:
@@ -90,11 +155,15 @@ def check_parent_writable(path: Path) -> None:
 
 
 class CheckpointWriter:
-    """Writes a safetensors file tensor by tensor, without holding the tensors in memory.
+    """Writes a version-2 safetensors checkpoint tensor by tensor, without holding the tensors in memory.
 
     Tensor data goes to a temporary file beside the target as it arrives; :meth:`finish` writes
     the header, appends the data and renames the result over the target in one step, so a crash
     at any moment leaves the previous file (if any) intact and no partial file at the target.
+
+    A module's per-task tensors go in through :meth:`add_module`, which stacks them into a few
+    tensors per module; :meth:`finish` turns the manifest's per-(task, module) records into the
+    two ``records/*`` tables.
     """
 
     def __init__(self, path: str | Path):
@@ -102,24 +171,15 @@ class CheckpointWriter:
         fd, self._data_path = temp_file_beside(self.path, ".data.tmp")
         self._data = os.fdopen(fd, "wb")
         self._entries: dict[str, dict[str, Any]] = {}
-        self._order: list[str] = []
         self._offset = 0
         self.hashes: dict[str, str] = {}
+        self.blocks: dict[str, dict[str, Any]] = {}
+        #: module -> task -> (position, coef_row, private_row)
+        self._rows: dict[str, dict[str, tuple[int, int, int]]] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         raw = tensor_bytes(tensor)
-        self.add_raw(name, _ST_DTYPES[tensor.dtype], list(tensor.shape), raw, sha256(raw))
-
-    def add_stacked(self, names: list[str], stacked: torch.Tensor) -> None:
-        """Add ``stacked[i]`` under ``names[i]``: one conversion to bytes for many small tensors."""
-        if not names:
-            return
-        raw = tensor_bytes(stacked)
-        size = len(raw) // len(names)
-        dtype, shape = _ST_DTYPES[stacked.dtype], list(stacked.shape[1:])
-        for i, name in enumerate(names):
-            part = raw[i * size : (i + 1) * size]
-            self.add_raw(name, dtype, shape, part, sha256(part))
+        self.add_raw(name, st_dtype(tensor.dtype), list(tensor.shape), raw, sha256(raw))
 
     def add_raw(self, name: str, dtype: str, shape: list[int], raw: bytes, digest: str) -> None:
         """Add a tensor as stored bytes whose SHA-256 is already known (copies between checkpoints)."""
@@ -127,13 +187,108 @@ class CheckpointWriter:
             raise ValueError(f"duplicate tensor name {name}")
         self._data.write(raw)
         self._entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [self._offset, self._offset + len(raw)]}
-        self._order.append(name)
         self._offset += len(raw)
         self.hashes[name] = digest
+        rows = block_rows(shape, _itemsize(dtype))
+        if rows is not None:
+            step = len(raw) // shape[0] * rows
+            view = memoryview(raw)
+            self.blocks[name] = {"rows": rows, "sha256": [sha256(view[i : i + step]) for i in range(0, len(raw), step)]}
+
+    def add_module(
+        self, module: str, tasks: Sequence[tuple[str, str, Mapping[str, torch.Tensor]]], dtype: torch.dtype
+    ) -> None:
+        """Store one module's per-task tensors, stacked (format version 2).
+
+        ``tasks`` lists, in the module's task order, (task, prefix of the bases it uses, its parts:
+        ``coef_B`` k_B × p, ``coef_A`` k_A × p, ``private_B`` n × q, ``private_A`` q × d). Each
+        task's coefficient columns become consecutive rows of ``<prefix>coefs_B``/``coefs_A``, its
+        private directions consecutive rows of ``modules/<module>/private_B``/``private_A``.
+        """
+        import torch
+
+        coefs: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        private_B: list[torch.Tensor] = []
+        private_A: list[torch.Tensor] = []
+        rows: dict[str, tuple[int, int, int]] = {}
+        next_coef: dict[str, int] = {}
+        next_private = 0
+        for position, (task, prefix, parts) in enumerate(tasks):
+            coef_row = next_coef.get(prefix, 0)
+            if "coef_B" in parts:
+                cB, cA = coefs.setdefault(prefix, ([], []))
+                cB.append(parts["coef_B"].T.to(dtype))
+                cA.append(parts["coef_A"].T.to(dtype))
+                next_coef[prefix] = coef_row + parts["coef_B"].shape[1]
+            rows[task] = (position, coef_row, next_private)
+            if "private_B" in parts:
+                private_B.append(parts["private_B"].T.to(dtype))
+                private_A.append(parts["private_A"].to(dtype))
+                next_private += parts["private_B"].shape[1]
+        for prefix in sorted(coefs):
+            cB, cA = coefs[prefix]
+            self.add(f"{prefix}coefs_B", torch.cat(cB).contiguous())
+            self.add(f"{prefix}coefs_A", torch.cat(cA).contiguous())
+        if private_B:
+            self.add(f"modules/{module}/private_B", torch.cat(private_B).contiguous())
+            self.add(f"modules/{module}/private_A", torch.cat(private_A).contiguous())
+        self._rows[module] = rows
+
+    def set_module_rows(self, module: str, rows: Mapping[str, tuple[int, int, int]]) -> None:
+        """Where each task's rows are in a module whose stacked tensors were copied as they are:
+        task -> (position, first coefficient row, first private row)."""
+        self._rows[module] = dict(rows)
+
+    def _records(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """The manifest as stored: per-(task, module) figures moved into the ``records/*`` tables."""
+        import torch
+
+        tasks = list(manifest["tasks"])
+        index = {t: i for i, t in enumerate(tasks)}
+        modules = manifest["modules"]
+        ints = np.zeros((len(tasks), len(modules), len(RECORD_INT)), dtype=np.int32)
+        ints[:, :, RECORD_INT.index("position")] = -1
+        ints[:, :, RECORD_INT.index("group")] = -1
+        floats = np.zeros((len(tasks), len(modules), len(RECORD_FLOAT)), dtype=np.float64)
+        floats[:, :, 2:] = -1.0
+        stored: dict[str, Any] = {}
+        for j, (name, info) in enumerate(modules.items()):
+            rows = self._rows.get(name, {})
+            for task, rec in info["tasks"].items():
+                i = index[task]
+                position, coef_row, private_row = rows.get(task, (0, 0, 0))
+                ints[i, j] = (
+                    position,
+                    rec["rank"],
+                    rec["private_rank"],
+                    rec["original_rank"],
+                    rec.get("group", -1),
+                    coef_row,
+                    private_row,
+                    int(bool(rec.get("bound"))),
+                )
+                floats[i, j] = (rec["norm"], rec["error"], rec.get("error_before", -1.0), rec.get("drift", -1.0))
+            entry = {k: v for k, v in info.items() if k != "tasks"}
+            entry["task_count"] = len(info["tasks"])
+            if "groups" in entry:
+                entry["groups"] = [{k: v for k, v in g.items() if k != "tasks"} for g in entry["groups"]]
+            stored[name] = entry
+        self.add("records/int", torch.from_numpy(ints))
+        self.add("records/float", torch.from_numpy(floats))
+        return dict(manifest, modules=stored, record_columns={"int": list(RECORD_INT), "float": list(RECORD_FLOAT)})
 
     def finish(self, manifest: dict[str, Any]) -> None:
-        """Publish the file atomically with ``manifest`` (plus tensor hashes) in its metadata."""
-        manifest = dict(manifest, tensors={k: self.hashes[k] for k in sorted(self.hashes)})
+        """Publish the file atomically with ``manifest`` (plus tensor hashes) in its metadata.
+
+        ``manifest["modules"][m]["tasks"]`` holds each task's record in that module, as the
+        reader presents it; it is stored in the ``records/*`` tables, not in the JSON.
+        """
+        manifest = self._records(manifest)
+        manifest = dict(
+            manifest,
+            tensors={k: self.hashes[k] for k in sorted(self.hashes)},
+            blocks={k: self.blocks[k] for k in sorted(self.blocks)},
+        )
         text = json.dumps(manifest, separators=(",", ":"), allow_nan=False)
         header: dict[str, Any] = {
             "__metadata__": {"format": "pt", MANIFEST_KEY: text, MANIFEST_SHA_KEY: sha256(text.encode())}
@@ -198,26 +353,135 @@ def _close_all(resources: list[Any]) -> None:
 def is_checkpoint(path: str | Path) -> bool:
     """True when ``path`` is a safetensors file carrying a Share manifest."""
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:
             return MANIFEST_KEY in (f.metadata() or {})
     except Exception:
         return False
 
 
+class _ModuleRecords(Mapping):
+    """A version-2 module's per-task records, built from the ``records/*`` tables on first use."""
+
+    def __init__(self, ckpt: Checkpoint, column: int):
+        self._ckpt, self._column = ckpt, column
+        self._records: dict[str, dict[str, Any]] | None = None
+
+    def _built(self) -> dict[str, dict[str, Any]]:
+        if self._records is None:
+            self._records = self._ckpt._module_records(self._column)
+        return self._records
+
+    def __getitem__(self, task: str) -> dict[str, Any]:
+        return self._built()[task]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._built())
+
+    def __len__(self) -> int:
+        return len(self._built())
+
+    def __contains__(self, task: object) -> bool:
+        return task in self._built()
+
+
+class _LazyModules(Mapping):
+    """A version-2 manifest's modules, each presented as in version 1 (with its ``tasks`` records)."""
+
+    def __init__(self, ckpt: Checkpoint, stored: dict[str, dict[str, Any]]):
+        self._ckpt, self._stored = ckpt, stored
+        self._columns = {name: j for j, name in enumerate(stored)}
+        self._views: dict[str, dict[str, Any]] = {}
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        view = self._views.get(name)
+        if view is None:
+            view = _ModuleView(self._stored[name], _ModuleRecords(self._ckpt, self._columns[name]))
+            self._views[name] = view
+        return view
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stored)
+
+    def __len__(self) -> int:
+        return len(self._stored)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._stored
+
+
+class _ModuleView(dict):
+    """One module's manifest entry; ``tasks`` (and the groups' task lists) are read on first use."""
+
+    def __init__(self, stored: dict[str, Any], records: _ModuleRecords):
+        super().__init__(stored)
+        self._records = records
+        self._complete = False
+
+    def _complete_entry(self) -> None:
+        if not self._complete:
+            self._complete = True
+            dict.__setitem__(self, "tasks", dict(self._records))
+            if "groups" in self:
+                groups = [dict(g, tasks=[]) for g in dict.__getitem__(self, "groups")]
+                for t, rec in self["tasks"].items():
+                    groups[rec["group"]]["tasks"].append(t)
+                dict.__setitem__(self, "groups", groups)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in ("tasks", "groups"):
+            self._complete_entry()
+        return dict.__getitem__(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def __contains__(self, key: object) -> bool:
+        return key == "tasks" or dict.__contains__(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        self._complete_entry()
+        return dict.__iter__(self)
+
+    def keys(self):  # type: ignore[override]
+        self._complete_entry()
+        return dict.keys(self)
+
+    def items(self):  # type: ignore[override]
+        self._complete_entry()
+        return dict.items(self)
+
+    def values(self):  # type: ignore[override]
+        self._complete_entry()
+        return dict.values(self)
+
+    def copy(self) -> dict[str, Any]:
+        self._complete_entry()
+        return dict(dict.items(self))
+
+
 class Checkpoint:
     """A Share checkpoint opened lazily: the manifest is parsed, tensors are read on demand.
 
-    Every tensor read is checked against the SHA-256 recorded in the manifest, so a flipped byte
-    is reported as :class:`CorruptCheckpointError` instead of silently changing a result.
+    Every tensor read is checked against the SHA-256 recorded in the manifest (or, for a few rows
+    of a large tensor, against the SHA-256 of the blocks holding them), so a flipped byte is
+    reported as :class:`CorruptCheckpointError` instead of silently changing a result. Versions 1
+    and 2 are presented through the same accessors.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise CorruptCheckpointError(
+                "is a folder, not a Share checkpoint file",
+                path=self.path,
+                hint="Give the checkpoint's .safetensors file (an adapter folder is an input of 'merge' or 'plan')",
+            )
         if not self.path.is_file():
             raise CorruptCheckpointError("no such file", path=self.path, hint="Check the path")
         try:
-            self._file = safe_open(str(self.path), framework="pt")
-            meta = self._file.metadata() or {}
+            with safe_open(str(self.path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                keys = set(f.keys())
         except Exception as e:
             raise CorruptCheckpointError(
                 f"not a readable safetensors file ({first_line(e, 160)})",
@@ -241,7 +505,7 @@ class Checkpoint:
             raise CorruptCheckpointError(
                 "manifest is not valid JSON", path=self.path, hint="Re-create or re-download it"
             ) from None
-        if self.manifest.get("format") != FORMAT_NAME:
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT_NAME:
             raise CorruptCheckpointError(
                 "manifest is not a share-convert manifest", path=self.path, hint="Re-create it"
             )
@@ -252,13 +516,39 @@ class Checkpoint:
                 path=self.path,
                 hint="Upgrade share-convert",
             )
-        self._keys = set(self._file.keys())
-        self._cache: dict[str, torch.Tensor] = {}
+        self.version = version
+        self._keys = keys
+        self._cache: dict[str, Any] = {}
+        self._tables: tuple[np.ndarray, np.ndarray] | None = None
+        self._task_modules: dict[str, dict[str, dict[str, Any]]] = {}
+        self._history: list[dict[str, Any]] | None = None
         # held open from here, so that raw reads see this file even if the path is replaced later
         self._handle = open(self.path, "rb")  # noqa: SIM115 (lives as long as the reader)
         self._layout: tuple[mmap.mmap, int, dict[str, Any]] | None = None
         self._open: list[Any] = [self._handle]  # closed by close(), or when the reader is collected
         self._closer = weakref.finalize(self, _close_all, self._open)
+        if version >= 2:
+            try:
+                self._check_v2_layout()
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise CorruptCheckpointError(
+                    "manifest is malformed", path=self.path, hint="Re-create or re-download it"
+                ) from None
+            self._modules: Mapping[str, dict[str, Any]] = _LazyModules(self, self.manifest["modules"])
+        else:
+            self._modules = self.manifest["modules"]
+
+    def _check_v2_layout(self) -> None:
+        cols = self.manifest["record_columns"]
+        if tuple(cols["int"]) != RECORD_INT or tuple(cols["float"]) != RECORD_FLOAT:
+            raise ValueError("unknown record columns")
+        for name in ("records/int", "records/float"):
+            if name not in self._keys:
+                raise CorruptCheckpointError(
+                    f"tensor {name} is missing", path=self.path, hint="Re-create or re-download it"
+                )
+        if not isinstance(self.manifest["modules"], dict) or not isinstance(self.manifest["tasks"], dict):
+            raise ValueError("modules and tasks must be objects")
 
     def close(self) -> None:
         """Release the file (also done when the reader is garbage-collected)."""
@@ -276,8 +566,9 @@ class Checkpoint:
         return self.manifest["tasks"]
 
     @property
-    def modules(self) -> dict[str, dict[str, Any]]:
-        return self.manifest["modules"]
+    def modules(self) -> Mapping[str, dict[str, Any]]:
+        """Module name -> its entry, with ``tasks``: task name -> its record in that module."""
+        return self._modules
 
     @property
     def config(self) -> dict[str, Any]:
@@ -285,13 +576,108 @@ class Checkpoint:
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        return self.manifest.get("history", [])
+        """One entry per operation. In version 2 the stored entries name the tasks each operation
+        added (with their errors then); the last entry is completed here from the record tables:
+        every task's current ``errors`` and, after an ``add``, the old tasks' ``errors_before`` and
+        ``drift`` (so that the stored history grows with operations, not operations × tasks)."""
+        history = self.manifest.get("history", [])
+        if self.version < 2 or not history:
+            return history
+        if self._history is None:
+            self._history = [*history[:-1], self._completed(history[-1])]
+        return self._history
+
+    def _completed(self, entry: dict[str, Any]) -> dict[str, Any]:
+        ints, floats = self.record_tables()
+        present = ints[:, :, 0] >= 0
+        names = list(self.tasks)
+        count = present.sum(1)
+        error = np.where(present, floats[:, :, 1], 0.0)
+        mean, worst = error.sum(1) / np.maximum(count, 1), error.max(1, initial=0.0)
+        entry = dict(entry, errors={t: {"mean": float(mean[i]), "max": float(worst[i])} for i, t in enumerate(names)})
+        if entry.get("op") == "add":
+            added = set(entry.get("tasks_added", []))
+            touched = present & (floats[:, :, 3] >= 0)
+            n = np.maximum(touched.sum(1), 1)
+            drift = np.where(touched, floats[:, :, 3], 0.0)
+            before = np.where(touched, floats[:, :, 2], 0.0)
+            before_max = before.max(1, initial=0.0)
+            old = [i for i, t in enumerate(names) if t not in added and touched[i].any()]
+            entry["drift"] = {
+                names[i]: {"mean": float(drift[i].sum() / n[i]), "max": float(drift[i].max())} for i in old
+            }
+            entry["errors_before"] = {
+                names[i]: {"mean": float(before[i].sum() / n[i]), "max": float(before_max[i])} for i in old
+            }
+        return entry
 
     def task(self, name: str) -> dict[str, Any]:
         if name not in self.tasks:
-            names = ", ".join(sorted(self.tasks))
-            raise UnknownTaskError(f"no task named {name!r}", path=self.path, hint=f"Available tasks: {names}")
+            names = sorted(self.tasks)
+            shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+            raise UnknownTaskError(f"no task named {name!r}", path=self.path, hint=f"Available tasks: {shown}")
         return self.tasks[name]
+
+    # -- version-2 records -------------------------------------------------------------------------------
+    def record_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """The per-(task, module) tables (tasks × modules × columns; see RECORD_INT, RECORD_FLOAT).
+
+        Version 1 files get the same tables, built from their JSON records."""
+        if self._tables is None:
+            if self.version >= 2:
+                ints = self._array("records/int")
+                floats = self._array("records/float")
+                T, M = len(self.tasks), len(self.manifest["modules"])
+                if ints.shape != (T, M, len(RECORD_INT)) or floats.shape != (T, M, len(RECORD_FLOAT)):
+                    raise CorruptCheckpointError(
+                        "the records tables do not match the manifest", path=self.path, hint="Re-create it"
+                    )
+                self._tables = (ints, floats)
+            else:
+                self._tables = _tables_of_v1(self.tasks, self.modules)
+        return self._tables
+
+    def task_record_rows(self, task: str) -> tuple[np.ndarray, np.ndarray]:
+        """One task's rows of the record tables (modules × columns), reading only that task's rows."""
+        self.task(task)
+        i = list(self.tasks).index(task)
+        if self.version < 2 or self._tables is not None:
+            ints, floats = self.record_tables()
+            return ints[i], floats[i]
+        return self._rows_array("records/int", i, i + 1)[0], self._rows_array("records/float", i, i + 1)[0]
+
+    def task_modules(self, task: str) -> dict[str, dict[str, Any]]:
+        """Module name -> the task's record there, for the modules that have the task.
+
+        In version 2 only the task's rows of the record tables are read (extraction of one task
+        reads a small part of the file, whatever the number of tasks)."""
+        cached = self._task_modules.get(task)
+        if cached is not None:
+            return cached
+        if self.version < 2 or (isinstance(self._modules, _LazyModules) and self._modules._views):
+            out = {m: info["tasks"][task] for m, info in self.modules.items() if task in info["tasks"]}
+        else:
+            ints, floats = self.task_record_rows(task)
+            names = list(self.manifest["modules"])
+            out = {
+                names[j]: _record(ints[j].tolist(), floats[j].tolist()) for j in np.nonzero(ints[:, 0] >= 0)[0].tolist()
+            }
+        if len(self._task_modules) >= 4:
+            self._task_modules.pop(next(iter(self._task_modules)))
+        self._task_modules[task] = out
+        return out
+
+    def _module_records(self, column: int) -> dict[str, dict[str, Any]]:
+        ints, floats = self.record_tables()
+        col_i, col_f = ints[:, column], floats[:, column]
+        pos = col_i[:, 0]
+        present = np.nonzero(pos >= 0)[0]
+        order = present[np.argsort(pos[present], kind="stable")]
+        names = list(self.tasks)
+        out: dict[str, dict[str, Any]] = {}
+        for i in order.tolist():
+            out[names[i]] = _record(col_i[i].tolist(), col_f[i].tolist())
+        return out
 
     # -- tensors --------------------------------------------------------------------------------------
     def has(self, name: str) -> bool:
@@ -307,34 +693,48 @@ class Checkpoint:
         return list(entry["shape"]), entry["dtype"]
 
     def tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor and verify its checksum (bases and grams are kept for the next call)."""
+        """Read one tensor and verify its checksum (module tensors are kept for the next call)."""
         cached = self._cache.get(name)
         if cached is not None:
             return cached
         t = self._read(name)
         if name.startswith("modules/"):
-            if len(self._cache) >= 16:
+            if len(self._cache) >= 32:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[name] = t
         return t
 
     def _read(self, name: str) -> torch.Tensor:
+        import torch
+
         dtype, shape, raw, _ = self.raw(name)
+        torch_dtype = self._torch_dtype(name, dtype)
         if not raw:
-            return torch.zeros(shape, dtype=self._torch_dtype(name, dtype))
-        return torch.frombuffer(bytearray(raw), dtype=self._torch_dtype(name, dtype)).reshape(shape)
+            return torch.zeros(shape, dtype=torch_dtype)
+        return torch.frombuffer(bytearray(raw), dtype=torch_dtype).reshape(shape)
+
+    def _array(self, name: str) -> np.ndarray:
+        """A (non-BF16) tensor as a numpy array, verified."""
+        dtype, shape, raw, _ = self.raw(name)
+        if dtype not in _NP_DTYPES:
+            raise CorruptCheckpointError(
+                f"tensor {name} has dtype {dtype}, which this table cannot hold", path=self.path, hint="Re-create it"
+            )
+        return np.frombuffer(raw, dtype=_NP_DTYPES[dtype]).reshape(shape)
 
     def _torch_dtype(self, name: str, dtype: str) -> torch.dtype:
-        if dtype not in _TORCH_DTYPES:
+        if dtype not in _KNOWN_DTYPES:
             raise CorruptCheckpointError(
                 f"tensor {name} has dtype {dtype}, which no share-convert checkpoint holds",
                 path=self.path,
                 hint="Re-create or re-download it",
             )
-        return _TORCH_DTYPES[dtype]
+        return _torch_dtypes()[dtype]
 
     def stacked(self, names: list[str]) -> torch.Tensor:
         """Tensors of one shape and dtype, read (verified) into one ``len(names) × shape`` tensor."""
+        import torch
+
         parts = [self.raw(name) for name in names]
         dtype, shape = parts[0][0], parts[0][1]
         if any(p[0] != dtype or p[1] != shape for p in parts):
@@ -345,20 +745,16 @@ class Checkpoint:
             return torch.zeros([len(names), *shape], dtype=torch_dtype)
         return torch.frombuffer(bytearray(data), dtype=torch_dtype).reshape([len(names), *shape])
 
-    def raw(self, name: str) -> tuple[str, list[int], bytes, str]:
-        """One tensor as stored: safetensors dtype, shape, bytes and SHA-256 (verified).
-
-        Reads the bytes straight from the file (the header was validated by safetensors on open):
-        many small coefficient tensors are read per update, and this avoids a tensor per read.
-        """
+    def _entry(self, name: str) -> tuple[dict[str, Any], str]:
         expected = self.manifest.get("tensors", {}).get(name)
         if name not in self._keys or expected is None:
             raise CorruptCheckpointError(
                 f"tensor {name} is missing", path=self.path, hint="Re-create or re-download it"
             )
-        data, start, header = self._mapped()
-        entry = header[name]
-        begin, end = entry["data_offsets"]
+        return self._mapped()[2][name], expected
+
+    def _bytes(self, name: str, begin: int, end: int) -> bytes:
+        data, start, _ = self._mapped()
         raw = data[start + begin : start + end]
         if len(raw) != end - begin:
             raise CorruptCheckpointError(
@@ -366,6 +762,16 @@ class Checkpoint:
                 path=self.path,
                 hint="Re-create or re-download it",
             )
+        return raw
+
+    def raw(self, name: str) -> tuple[str, list[int], bytes, str]:
+        """One tensor as stored: safetensors dtype, shape, bytes and SHA-256 (verified).
+
+        Reads the bytes straight from the file (the header was validated by safetensors on open).
+        """
+        entry, expected = self._entry(name)
+        begin, end = entry["data_offsets"]
+        raw = self._bytes(name, begin, end)
         if sha256(raw) != expected:
             raise CorruptCheckpointError(
                 f"checksum mismatch in tensor {name}: the file is corrupt",
@@ -373,6 +779,50 @@ class Checkpoint:
                 hint="Re-create or re-download it",
             )
         return entry["dtype"], list(entry["shape"]), raw, expected
+
+    def _rows_raw(self, name: str, start: int, stop: int) -> tuple[str, list[int], bytes]:
+        """Rows ``start:stop`` of a tensor's bytes, verified by the blocks that hold them."""
+        blocks = self.manifest.get("blocks", {}).get(name)
+        if blocks is None:
+            dtype, shape, raw, _ = self.raw(name)
+            row = len(raw) // shape[0] if shape and shape[0] else 0
+            return dtype, [stop - start, *shape[1:]], raw[start * row : stop * row]
+        entry, _ = self._entry(name)
+        shape, dtype = list(entry["shape"]), entry["dtype"]
+        begin, end = entry["data_offsets"]
+        row = (end - begin) // shape[0]
+        per = int(blocks["rows"])
+        first, last = start // per, max((stop - 1) // per, start // per)
+        lo, hi = first * per * row, min((last + 1) * per * row, end - begin)
+        raw = self._bytes(name, begin + lo, begin + hi)
+        step = per * row
+        digests = blocks["sha256"]
+        for b in range(first, last + 1):
+            chunk = raw[(b - first) * step : (b - first + 1) * step]
+            if b >= len(digests) or sha256(chunk) != digests[b]:
+                raise CorruptCheckpointError(
+                    f"checksum mismatch in tensor {name}: the file is corrupt",
+                    path=self.path,
+                    hint="Re-create or re-download it",
+                )
+        off = start * row - lo
+        return dtype, [stop - start, *shape[1:]], raw[off : off + (stop - start) * row]
+
+    def _rows_array(self, name: str, start: int, stop: int) -> np.ndarray:
+        dtype, shape, raw = self._rows_raw(name, start, stop)
+        return np.frombuffer(raw, dtype=_NP_DTYPES[dtype]).reshape(shape)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a (stacked) tensor, reading and verifying only the blocks that hold them."""
+        import torch
+
+        if name not in self.manifest.get("blocks", {}):  # small: read whole (verified once, then cached)
+            return self.tensor(name)[start:stop]
+        dtype, shape, raw = self._rows_raw(name, start, stop)
+        torch_dtype = self._torch_dtype(name, dtype)
+        if not raw:
+            return torch.zeros(shape, dtype=torch_dtype)
+        return torch.frombuffer(bytearray(raw), dtype=torch_dtype).reshape(shape)
 
     def _mapped(self) -> tuple[mmap.mmap, int, dict[str, Any]]:
         """The file mapped read-only, where its data starts, and its header (parsed once)."""
@@ -401,8 +851,13 @@ class Checkpoint:
         if "groups" in info:
             if task is None:
                 raise ValueError(f"module {module} has groups: name the task")
-            j = info["tasks"][task]["group"]
-            return f"modules/{module}/g{j}/" if info["groups"][j]["k_B"] else None
+            return self._prefix(module, self.task_modules(task)[module])
+        return f"modules/{module}/" if info["k_B"] else None
+
+    def _prefix(self, module: str, rec: dict[str, Any]) -> str | None:
+        info = self.modules[module]
+        if "groups" in info:
+            return f"modules/{module}/g{rec['group']}/" if info["groups"][rec["group"]]["k_B"] else None
         return f"modules/{module}/" if info["k_B"] else None
 
     def bases(self, module: str, task: str | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -418,13 +873,78 @@ class Checkpoint:
         return self.tensor(f"{prefix}gram_B"), self.tensor(f"{prefix}gram_A")
 
     def task_tensors(self, task: str, module: str) -> dict[str, torch.Tensor]:
-        """The stored coefficients and private factors of one task in one module."""
+        """The stored coefficients (``coef_B`` k_B × p, ``coef_A`` k_A × p) and private factors
+        (``private_B`` n × q, ``private_A`` q × d) of one task in one module; absent parts are left out."""
+        if self.version < 2:
+            out = {}
+            for part in TASK_PARTS:
+                name = f"tasks/{task}/{module}/{part}"
+                if name in self._keys:
+                    out[part] = self.tensor(name)
+            return out
+        rec = self.task_modules(task)[module]
         out = {}
-        for part in TASK_PARTS:
-            name = f"tasks/{task}/{module}/{part}"
-            if name in self._keys:
-                out[part] = self.tensor(name)
+        p, q = rec["rank"], rec["private_rank"]
+        prefix = self._prefix(module, rec)
+        if p and prefix is not None:
+            row = rec["coef_row"]
+            out["coef_B"] = self.rows(f"{prefix}coefs_B", row, row + p).T
+            out["coef_A"] = self.rows(f"{prefix}coefs_A", row, row + p).T
+        if q:
+            row = rec["private_row"]
+            out["private_B"] = self.rows(f"modules/{module}/private_B", row, row + q).T
+            out["private_A"] = self.rows(f"modules/{module}/private_A", row, row + q)
         return out
+
+    def private_parts(self, module: str, tasks: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """The private factors of ``tasks`` in ``module`` (those that have any), read in one pass."""
+        records = self.modules[module]["tasks"]
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        if self.version < 2:
+            for t in tasks:
+                parts = self.task_tensors(t, module)
+                if "private_B" in parts:
+                    out[t] = {"private_B": parts["private_B"], "private_A": parts["private_A"]}
+            return out
+        if not any(records[t]["private_rank"] for t in tasks):
+            return out
+        PB = self.tensor(f"modules/{module}/private_B")
+        PA = self.tensor(f"modules/{module}/private_A")
+        for t in tasks:
+            q, row = records[t]["private_rank"], records[t]["private_row"]
+            if q:
+                out[t] = {"private_B": PB[row : row + q].T, "private_A": PA[row : row + q]}
+        return out
+
+    def coefficients(self, module: str, tasks: Sequence[str], side: str, prefix: str | None = None) -> torch.Tensor:
+        """The coefficients ``coef_<side>`` of ``tasks`` in ``module``, zero-padded to the widest:
+        a ``len(tasks) × k × p_max`` float64 batch (one read per module, or per rank in version 1)."""
+        import torch
+
+        records = self.modules[module]["tasks"]
+        prefix = prefix or f"modules/{module}/"
+        k = self.tensor_meta(f"{prefix}basis_{side}")[0][1]
+        ranks = [records[t]["rank"] for t in tasks]
+        X = torch.zeros(len(tasks), k, max(ranks, default=0), dtype=torch.float64)
+        if self.version < 2:
+            by_rank: dict[int, list[int]] = {}
+            for j, p in enumerate(ranks):
+                if p:
+                    by_rank.setdefault(p, []).append(j)
+            for p, idx in by_rank.items():
+                X[idx, :, :p] = self.stacked([f"tasks/{tasks[j]}/{module}/coef_{side}" for j in idx]).double()
+            return X
+        if not any(ranks):
+            return X
+        stacked = self.tensor(f"{prefix}coefs_{side}").double()  # P × k
+        # scatter every task's rows into its slot of the padded batch, in one indexed copy
+        task_idx = torch.tensor([j for j, p in enumerate(ranks) for _ in range(p)], dtype=torch.int64)
+        col_idx = torch.tensor([c for p in ranks for c in range(p)], dtype=torch.int64)
+        src = torch.tensor(
+            [records[t]["coef_row"] + c for t, p in zip(tasks, ranks) for c in range(p)], dtype=torch.int64
+        )
+        X[task_idx, :, col_idx] = stacked[src]
+        return X
 
     def reconstruction(
         self, task: str, module: str, bases: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
@@ -433,6 +953,8 @@ class Checkpoint:
 
         B̂ = [β E_B, P_B], Â = [α E_A, P_Aᵀ]: the shared part plus the private correction.
         """
+        import torch
+
         info = self.modules[module]
         n, d = info["out_features"], info["in_features"]
         beta, alpha = bases if bases is not None else self.bases(module, task)
@@ -451,11 +973,66 @@ class Checkpoint:
         return {k: self.tensor(f"tasks/{task}/heads/{k}") for k in self.task(task).get("heads", [])}
 
     def verify_all(self) -> None:
-        """Read every tensor, verifying its checksum."""
+        """Read every tensor, verifying its checksum and those of its blocks."""
         for name in sorted(self.manifest.get("tensors", {})):
-            self.tensor(name)
+            self.raw(name)
+            blocks = self.manifest.get("blocks", {}).get(name)
+            if blocks is not None:
+                shape = self.tensor_meta(name)[0]
+                self._rows_raw(name, 0, shape[0])
         extra = self._keys - set(self.manifest.get("tensors", {}))
         if extra:
             raise CorruptCheckpointError(
                 f"tensor {sorted(extra)[0]} is not in the manifest", path=self.path, hint="Re-create it"
             )
+        if self.version >= 2:
+            self.record_tables()
+
+
+def _record(ints: list[int], floats: list[float]) -> dict[str, Any]:
+    """One (task, module) record as the reader presents it, from its table rows."""
+    _position, rank, private_rank, original_rank, group, coef_row, private_row, bound = ints
+    norm, error, error_before, drift = floats
+    rec: dict[str, Any] = {
+        "rank": rank,
+        "private_rank": private_rank,
+        "original_rank": original_rank,
+        "norm": norm,
+        "error": error,
+        "coef_row": coef_row,
+        "private_row": private_row,
+    }
+    if bound:
+        rec["bound"] = True
+    if group >= 0:
+        rec["group"] = group
+    if error_before >= 0:
+        rec["error_before"] = error_before
+    if drift >= 0:
+        rec["drift"] = drift
+    return rec
+
+
+def _tables_of_v1(tasks: Mapping[str, Any], modules: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The version-2 record tables of a version-1 manifest (row offsets left at 0)."""
+    index = {t: i for i, t in enumerate(tasks)}
+    ints = np.zeros((len(tasks), len(modules), len(RECORD_INT)), dtype=np.int32)
+    ints[:, :, 0] = -1
+    ints[:, :, 4] = -1
+    floats = np.zeros((len(tasks), len(modules), len(RECORD_FLOAT)), dtype=np.float64)
+    floats[:, :, 2:] = -1.0
+    for j, info in enumerate(modules.values()):
+        for position, (t, rec) in enumerate(info["tasks"].items()):
+            i = index[t]
+            ints[i, j] = (
+                position,
+                rec["rank"],
+                rec["private_rank"],
+                rec["original_rank"],
+                rec.get("group", -1),
+                0,
+                0,
+                int(bool(rec.get("bound"))),
+            )
+            floats[i, j] = (rec["norm"], rec["error"], rec.get("error_before", -1.0), rec.get("drift", -1.0))
+    return ints, floats

@@ -182,10 +182,10 @@ class ModuleResult:
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     fits: list[TaskFit] = field(default_factory=list)
     groups: list[dict[str, Any]] | None = None
-    #: tensors of the source checkpoint kept byte for byte (continual updates), where they exist
+    #: bases and Gram matrices of the source checkpoint kept byte for byte (continual updates)
     carried: list[str] = field(default_factory=list)
-    #: many small tensors of one shape, stacked: (names, tensor with one row per name)
-    stacked: list[tuple[list[str], torch.Tensor]] = field(default_factory=list)
+    #: each task's tensors in this module: coef_B, coef_A, private_B, private_A (those it has)
+    task_parts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 def natural_key(name: str) -> list:
@@ -371,6 +371,7 @@ def combine_groups(
     where = {}
     for j, (part, res) in enumerate(zip(parts, results)):
         combined.tensors.update(res.tensors)
+        combined.task_parts.update(res.task_parts)
         for m in part:
             where[m.task] = (j, res)
         combined.groups.append(
@@ -430,7 +431,7 @@ def consolidate_group(
     bases = StoredBases.of(*store_bases(name, beta, alpha, plan, dtype, result, prefix))
     for i, (m, coords) in enumerate(zip(members, coordinates(members, bases))):
         tensors, record = encode_task(m, plan.private_ranks[i], bases, dtype, norms[i], coords)
-        result.tensors.update({f"tasks/{m.task}/{name}/{part}": t for part, t in tensors.items()})
+        result.task_parts[m.task] = tensors
         result.records[m.task] = record
     store_grams(name, result, [(m.task, weights[i]) for i, m in enumerate(members)], plan, prefix)
     if clock is not None:
@@ -549,8 +550,7 @@ def merge(
             if progress:
                 progress(name, step, len(modules))
             t2 = time.perf_counter()
-            for tname in sorted(res.tensors, key=lambda t: (not t.startswith("modules/"), t)):
-                writer.add(tname, res.tensors[tname])
+            write_module(writer, name, res, dtype)
             manifest_modules[name] = module_record(n, d, res, dtype)
             clock["write"] += time.perf_counter() - t2
         if progress:
@@ -597,6 +597,22 @@ def _ordered_map(fn: Callable, items: list, workers: int | None) -> Iterator:
                 pending.append(pool.submit(fn, nxt))
 
 
+def write_module(writer: CheckpointWriter, name: str, res: ModuleResult, dtype: torch.dtype, source=None) -> None:
+    """Write one module: its bases and Gram matrices, then every task's tensors stacked (format v2).
+
+    ``source`` is the checkpoint that ``res.carried`` tensors are copied from, byte for byte.
+    """
+    for tname in sorted(res.tensors):
+        writer.add(tname, res.tensors[tname])
+    for tname in res.carried:
+        source.copy_to(writer, tname)
+    tasks = []
+    for task, rec in res.records.items():
+        prefix = f"modules/{name}/g{rec['group']}/" if res.groups else f"modules/{name}/"
+        tasks.append((task, prefix, res.task_parts.get(task, {})))
+    writer.add_module(name, tasks, dtype)
+
+
 def module_record(n: int, d: int, res: ModuleResult, dtype: torch.dtype) -> dict[str, Any]:
     return {
         "out_features": n,
@@ -639,11 +655,10 @@ def build_manifest(
         )
         rec["original_params"] = lora + rec.get("head_params", 0)
         rec["original_bytes"] = lora * itemsize(rec.get("weights_dtype", "F32")) + rec.get("head_bytes", 0)
-    entry = {
-        "op": op,
-        "tasks_added": [s.task for s in sources if not s.task_record().get("from_checkpoint")],
-        "errors": {t: task_errors(modules, t) for t in tasks},
-    }
+    added = [s.task for s in sources if not s.task_record().get("from_checkpoint")]
+    # the errors of the tasks this operation added; every task's current errors are in the record
+    # tables, and the reader completes the last entry from them (format version 2)
+    entry = {"op": op, "tasks_added": added, "errors": {t: task_errors(modules, t) for t in added}}
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import TASK_PARTS, Checkpoint, CheckpointWriter, check_output
+from .checkpoint import Checkpoint, CheckpointWriter, check_output
 from .consolidation import (
     _DTYPES,
     ConsolidationConfig,
@@ -41,7 +41,7 @@ from .consolidation import (
     prepare_member,
     prepare_members,
     storage_dtype,
-    task_errors,
+    write_module,
 )
 from .encoding import StoredBases, encode_task, store_bases, store_grams
 from .errors import DuplicateTaskError, IncompatibleAdaptersError, InvalidOptionError, UnknownTaskError
@@ -97,13 +97,6 @@ def config_of(ckpt: Checkpoint) -> ConsolidationConfig:
     return ConsolidationConfig(**{k: v for k, v in ckpt.config.items() if k in fields})
 
 
-def _copy_task_tensors(ckpt: Checkpoint, writer: CheckpointWriter, task: str, module: str) -> None:
-    for part in TASK_PARTS:
-        name = f"tasks/{task}/{module}/{part}"
-        if ckpt.has(name):
-            ckpt.copy_to(writer, name)
-
-
 def _carry_module(
     ckpt: Checkpoint, writer: CheckpointWriter, name: str, keep: list[str], dropped: Sequence[str], weighting: str
 ) -> dict[str, Any] | None:
@@ -112,7 +105,8 @@ def _carry_module(
     left = {t: r for t, r in info["tasks"].items() if t in keep}
     if not left:
         return None
-    for prefix in sorted({ckpt.bases_prefix(name, t) for t in info["tasks"]} - {None}):
+    prefixes = sorted({ckpt.bases_prefix(name, t) for t in info["tasks"]} - {None})
+    for prefix in prefixes:
         for part in ("basis_B", "basis_A"):
             ckpt.copy_to(writer, f"{prefix}{part}")
         if _dropped_here(ckpt, name, prefix, dropped):
@@ -122,12 +116,25 @@ def _carry_module(
         else:
             for side in ("B", "A"):
                 ckpt.copy_to(writer, f"{prefix}gram_{side}")
-    for t in left:
-        _copy_task_tensors(ckpt, writer, t, name)
-    out = {**info, "tasks": left}
+    if ckpt.version >= 2 and len(left) == len(info["tasks"]):  # every task stays: the stacked tensors as they are
+        stacked = [f"{p}coefs_{side}" for p in prefixes for side in "BA"]
+        for tname in [*stacked, f"modules/{name}/private_B", f"modules/{name}/private_A"]:
+            if ckpt.has(tname):
+                ckpt.copy_to(writer, tname)
+        writer.set_module_rows(name, {t: (i, r["coef_row"], r["private_row"]) for i, (t, r) in enumerate(left.items())})
+    else:
+        tasks = [(t, _task_prefix(name, info, t), ckpt.task_tensors(t, name)) for t in left]
+        writer.add_module(name, tasks, _DTYPES[info["dtype"]])
+    # untouched by this update: no drift
+    out = {**info, "tasks": {t: dict(r, error_before=r["error"], drift=0.0) for t, r in left.items()}}
     if "groups" in info:
         out["groups"] = [dict(g, tasks=[t for t in g["tasks"] if t in left]) for g in info["groups"]]
     return out
+
+
+def _task_prefix(name: str, info: dict[str, Any], task: str) -> str:
+    """Where a task's coefficients are stored in format version 2: beside the bases it uses."""
+    return f"modules/{name}/g{info['tasks'][task]['group']}/" if "groups" in info else f"modules/{name}/"
 
 
 def _dropped_here(ckpt: Checkpoint, name: str, prefix: str, dropped: Sequence[str]) -> bool:
@@ -146,7 +153,7 @@ def _grams_of(
     info = ckpt.modules[name]
     here = [t for t in tasks if ckpt.bases_prefix(name, t) == prefix]
     k_B, k_A = (ckpt.tensor_meta(f"{prefix}basis_{side}")[0][1] for side in ("B", "A"))
-    old = _OldCoefficients(ckpt, name, here, k_B, k_A)
+    old = _OldCoefficients(ckpt, name, here, k_B, k_A, prefix)
     root = torch.tensor([task_weight(info["tasks"][t]["norm"], weighting) for t in here], dtype=torch.float64)
     root = root.sqrt()[:, None, None]
     return {"B": _gram(old.XB * root), "A": _gram(old.XA * root)}
@@ -240,13 +247,7 @@ def add(
                 for t, rec in res.records.items():
                     if "drift" in rec:
                         drift.setdefault(t, []).append(rec["drift"])
-            for tname in sorted(res.tensors, key=lambda t: (not t.startswith("modules/"), t)):
-                writer.add(tname, res.tensors[tname])
-            for names, stacked in res.stacked:
-                writer.add_stacked(names, stacked)
-            for tname in res.carried:
-                if ckpt.has(tname):
-                    ckpt.copy_to(writer, tname)
+            write_module(writer, name, res, mdtype, ckpt)
             modules_out[name] = module_record(*_shape(ckpt, new_shapes, name), res, mdtype)
         if progress:
             progress("", len(all_modules), len(all_modules))
@@ -254,9 +255,10 @@ def add(
         manifest = build_manifest(config, [*old_sources, *sources], modules_out, ckpt.history, "add")
         entry = manifest["history"][-1]
         entry["tasks_added"] = [s.task for s in sources]
+        entry["errors"] = {t: e for t, e in entry["errors"].items() if t in entry["tasks_added"]}
         entry["tasks_replaced"] = clashes
-        entry["drift"] = {t: {"mean": sum(v) / len(v), "max": max(v)} for t, v in drift.items()}
-        entry["errors_before"] = {t: task_errors(ckpt.modules, t) for t in old_tasks}
+        worst = max((max(v) for v in drift.values()), default=0.0)
+        entry["drift_summary"] = {"tasks": len(drift), "max": worst}
         writer.finish(manifest)
     return manifest
 
@@ -311,23 +313,17 @@ class _OldCoefficients:
     changes no product below, so every per-task quantity of an update is a batched k-sized product.
     """
 
-    def __init__(self, ckpt: Checkpoint, name: str, tasks: list[str], k_B: int, k_A: int):
+    def __init__(self, ckpt: Checkpoint, name: str, tasks: list[str], k_B: int, k_A: int, prefix: str | None = None):
         self.tasks = tasks
-        by_rank: dict[int, list[int]] = {}
-        if k_B and k_A:
-            records = ckpt.modules[name]["tasks"]
-            for j, t in enumerate(tasks):
-                if records[t]["rank"]:  # the width of its coefficients
-                    by_rank.setdefault(records[t]["rank"], []).append(j)
-        width = max(by_rank, default=0)
-        self.XB = torch.zeros(len(tasks), k_B, width, dtype=torch.float64)
-        self.XA = torch.zeros(len(tasks), k_A, width, dtype=torch.float64)
-        for p, idx in by_rank.items():  # one read per rank, not per task
-            for side, X in (("B", self.XB), ("A", self.XA)):
-                X[idx, :, :p] = ckpt.stacked([f"tasks/{tasks[j]}/{name}/coef_{side}" for j in idx]).double()
-        self.ranks = torch.zeros(len(tasks), dtype=torch.int64)
-        for p, idx in by_rank.items():
-            self.ranks[idx] = p
+        records = ckpt.modules[name]["tasks"]
+        if k_B and k_A and tasks:
+            self.XB = ckpt.coefficients(name, tasks, "B", prefix)
+            self.XA = ckpt.coefficients(name, tasks, "A", prefix)
+            self.ranks = torch.tensor([records[t]["rank"] for t in tasks], dtype=torch.int64)
+        else:
+            self.XB = torch.zeros(len(tasks), k_B, 0, dtype=torch.float64)
+            self.XA = torch.zeros(len(tasks), k_A, 0, dtype=torch.float64)
+            self.ranks = torch.zeros(len(tasks), dtype=torch.int64)
 
     def norm2(self) -> torch.Tensor:
         """‖shared part‖² per task: balanced coefficients have column norms whose product is S."""
@@ -375,7 +371,7 @@ def update_module(
     # balanced coefficients, so nothing n-sized is computed per old task (section 5). Their
     # weighted Gram matrix E Eᵀ is recomputed from them in float64 (they are read anyway, for the
     # drift): the stored float32 copy would add rounding noise that reads as weak extra directions.
-    old = _OldCoefficients(ckpt, name, old_tasks, b_old.shape[1], a_old.shape[1])
+    old = _OldCoefficients(ckpt, name, old_tasks, b_old.shape[1], a_old.shape[1], prefix)
     root = torch.tensor([task_weight(info["tasks"][t]["norm"], config.weighting) for t in old_tasks])
     root = root.double().sqrt()[:, None, None]
     GB, GA = _gram(old.XB * root), _gram(old.XA * root)
@@ -424,13 +420,7 @@ def update_module(
         ranks = torch.zeros(T, dtype=torch.int64)
     drifts_abs = (before2 - 2 * cross + after2).clamp_min(0).sqrt().tolist()
     ranks_list = ranks.tolist()
-    by_rank: dict[int, list[int]] = {}
-    for j, p in enumerate(ranks_list):
-        if p:
-            by_rank.setdefault(p, []).append(j)
-    for p, idx in sorted(by_rank.items()):  # one conversion per rank, not per task
-        for side, C in (("B", CB), ("A", CA)):
-            result.stacked.append(([f"tasks/{old_tasks[j]}/{name}/coef_{side}" for j in idx], C[idx, :, :p]))
+    private = ckpt.private_parts(name, old_tasks)
     for j, t in enumerate(old_tasks):
         rec = dict(info["tasks"][t])
         p = ranks_list[j]
@@ -442,15 +432,17 @@ def update_module(
         if drift > 1e-6:
             rec["bound"] = True
         result.records[t] = rec
-        result.carried.append(f"tasks/{t}/{name}/private_B")
-        result.carried.append(f"tasks/{t}/{name}/private_A")
+        parts = dict(private.get(t, {}))
+        if p:
+            parts["coef_B"], parts["coef_A"] = CB[j, :, :p], CA[j, :, :p]
+        result.task_parts[t] = parts
     known = None
     if stored is not None:  # the old tasks' part of Σ w c cᵀ, in one product per side
         known = {side: _gram(C * root) for side, C in (("B", CB64), ("A", CA64))}
     weighted = []
     for j, m in enumerate(members):
         tensors, rec = encode_task(m, plan.private_ranks[j], stored, dtype, norms[j])
-        result.tensors.update({f"tasks/{m.task}/{name}/{part}": v for part, v in tensors.items()})
+        result.task_parts[m.task] = tensors
         result.records[m.task] = rec
         weighted.append((m.task, weights[j]))
     store_grams(name, result, weighted, plan, prefix, known=known)
@@ -494,7 +486,7 @@ def update_grouped_module(
         if j in joins:
             res = update_module(ckpt, name, tasks, joins[j], config, dtype, prefix=prefixes[j])
             result.tensors.update(res.tensors)
-            result.stacked += res.stacked
+            result.task_parts.update(res.task_parts)
             result.carried += res.carried
             records = res.records
             part = {"k_B": res.plan.k_B, "k_A": res.plan.k_A, "kind": res.plan.kind, "params": res.plan.params}
@@ -507,7 +499,7 @@ def update_grouped_module(
                         result.tensors[f"{prefixes[j]}gram_{side}"] = grams[side].to(torch.float32)
                 else:
                     result.carried += [f"{prefixes[j]}gram_B", f"{prefixes[j]}gram_A"]
-            result.carried += [f"tasks/{t}/{name}/{part}" for t in tasks for part in TASK_PARTS]
+            result.task_parts.update({t: ckpt.task_tensors(t, name) for t in tasks})
             records = {t: dict(info["tasks"][t], error_before=info["tasks"][t]["error"], drift=0.0) for t in tasks}
             gone = [t for t in g["tasks"] if t not in kept]
             freed = sum(
@@ -604,5 +596,6 @@ def remove(
         manifest = build_manifest(config, [_OldTask(ckpt, t) for t in keep], modules_out, ckpt.history, "remove")
         manifest["history"][-1]["tasks_removed"] = list(tasks)
         manifest["history"][-1]["tasks_added"] = []
+        manifest["history"][-1]["errors"] = {}
         writer.finish(manifest)
     return manifest

@@ -50,7 +50,7 @@ def store_grams(
     for side, k in (("B", plan.k_B), ("A", plan.k_A)):
         coefs, scales = [torch.zeros(k, 0)], []
         for task, w in weighted_tasks:
-            c = result.tensors.get(f"tasks/{task}/{name}/coef_{side}")
+            c = result.task_parts.get(task, {}).get(f"coef_{side}")
             if c is not None:
                 coefs.append(c.float())
                 scales.append(torch.full((c.shape[1],), w, dtype=torch.float64))

@@ -75,15 +75,13 @@ def adapter_tensors(
     norm is not recorded).
     """
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for module, info in ckpt.modules.items():
-        if task not in info["tasks"]:
-            continue
+    for module, record in ckpt.task_modules(task).items():
         Bh, Ah = ckpt.reconstruction(task, module)
-        Bc, Ac, S = canonicalize(Bh, Ah, max_rank=rank)
+        Bc, Ac, _ = canonicalize(Bh, Ah, max_rank=rank)
         if truncation is not None and rank is not None:
             full = canonicalize(Bh, Ah)[2]
             dropped = float(full[rank:].square().sum().sqrt())
-            norm = float(info["tasks"][task].get("norm") or full.square().sum().sqrt())
+            norm = float(record.get("norm") or full.square().sum().sqrt())
             truncation[module] = dropped / norm if norm > 0 else 0.0
         out[module] = (Bc, Ac.T.contiguous())
     width = max((b.shape[1] for b, _ in out.values()), default=0)

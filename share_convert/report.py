@@ -30,23 +30,41 @@ LARGE_MAX_ERROR = 0.50
 FULL_PLAN_OPS = ("merge", "remove+refit")
 
 
+#: The role of a checkpoint tensor, from the last part of its name (format versions 1 and 2).
+ROLES = {
+    "basis_B": "bases",
+    "basis_A": "bases",
+    "gram_B": "grams",
+    "gram_A": "grams",
+    "coef_B": "coefficients",
+    "coef_A": "coefficients",
+    "coefs_B": "coefficients",
+    "coefs_A": "coefficients",
+    "private_B": "private",
+    "private_A": "private",
+}
+STORAGE_ROLES = ("bases", "grams", "coefficients", "private", "heads", "records")
+
+
+def storage_role(name: str) -> str:
+    """bases, grams, coefficients, private (LoRA data), heads, or records (the per-(task, module)
+    figures of format version 2)."""
+    if name.startswith("records/"):
+        return "records"
+    if name.startswith("tasks/") and "/heads/" in name:
+        return "heads"
+    return ROLES.get(name.rsplit("/", 1)[-1], "records")
+
+
 def storage_breakdown(ckpt: Checkpoint) -> dict[str, dict[str, int]]:
     """Parameters and bytes of the checkpoint's tensors by role, from the file's header."""
-    parts = {k: {"params": 0, "bytes": 0} for k in ("bases", "grams", "coefficients", "private", "heads")}
+    parts = {k: {"params": 0, "bytes": 0} for k in STORAGE_ROLES}
     for name in ckpt.manifest.get("tensors", {}):
         shape, dtype = ckpt.tensor_meta(name)
         numel = math.prod(shape)
-        nbytes = numel * itemsize(dtype)
-        if name.startswith("modules/"):
-            role = "grams" if name.endswith(("gram_B", "gram_A")) else "bases"
-        elif "/heads/" in name:
-            role = "heads"
-        elif name.endswith(("private_B", "private_A")):
-            role = "private"
-        else:
-            role = "coefficients"
+        role = storage_role(name)
         parts[role]["params"] += numel
-        parts[role]["bytes"] += nbytes
+        parts[role]["bytes"] += numel * itemsize(dtype)
     return parts
 
 
@@ -351,8 +369,8 @@ def render(summary: dict[str, Any], console: Console) -> None:
         sizes.add_column(col, justify="right")
     sizes.add_row("original adapters", f"{tot['original_params']:,}", human_bytes(tot["original_bytes"]))
     sizes.add_row("checkpoint, all tensors", f"{tot['checkpoint_params']:,}", human_bytes(tot["checkpoint_bytes"]))
-    for role in ("bases", "grams", "coefficients", "private", "heads"):
-        if st[role]["params"]:
+    for role in STORAGE_ROLES:
+        if st.get(role, {}).get("params"):
             sizes.add_row(f"  {role}", f"{st[role]['params']:,}", human_bytes(st[role]["bytes"]))
     console.print(sizes)
     console.print(

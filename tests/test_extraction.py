@@ -189,5 +189,5 @@ def test_extraction_reads_only_the_task_it_needs(tmp_path, real, monkeypatch):
 
     monkeypatch.setattr(Checkpoint, "tensor", spy)
     extract(tmp_path / "c.safetensors", "gsj-rifat__tmp", tmp_path / "out")
-    assert read and all(n.startswith(("tasks/gsj-rifat__tmp/", "modules/")) for n in read)
+    assert read and all(n.startswith(("tasks/gsj-rifat__tmp/", "modules/", "records/")) for n in read)
     assert not any(n.endswith(("gram_B", "gram_A")) for n in read)

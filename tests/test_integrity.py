@@ -77,10 +77,16 @@ def test_verify_accepts_a_good_checkpoint(ckpt):
 def rewrite(ckpt: Path, out: Path, change) -> None:
     """Re-save a checkpoint with one tensor changed but valid checksums (a logically broken file)."""
     c = Checkpoint(ckpt)
-    manifest = {k: v for k, v in c.manifest.items() if k != "tensors"}
+    manifest = {k: v for k, v in c.manifest.items() if k not in ("tensors", "blocks", "record_columns")}
+    manifest["modules"] = {m: c.modules[m].copy() for m in c.modules}
     w = CheckpointWriter(out)
     for name in c.manifest["tensors"]:
-        w.add(name, change(name, c.tensor(name)))
+        if not name.startswith("records/"):  # the writer makes the record tables from the manifest
+            w.add(name, change(name, c.tensor(name)))
+    for m, info in c.modules.items():
+        w.set_module_rows(
+            m, {t: (i, r["coef_row"], r["private_row"]) for i, (t, r) in enumerate(info["tasks"].items())}
+        )
     w.finish(manifest)
 
 
@@ -92,7 +98,7 @@ def test_verify_finds_a_basis_that_is_not_orthonormal(tmp_path, ckpt):
 
 def test_verify_finds_non_finite_values(tmp_path, ckpt):
     def poison(name, t):
-        if name.endswith("coef_B"):
+        if name.endswith("coefs_B"):
             t = t.clone()
             t[0, 0] = float("nan")
         return t
@@ -103,7 +109,7 @@ def test_verify_finds_non_finite_values(tmp_path, ckpt):
 
 
 def test_verify_finds_stored_errors_that_do_not_match_the_tensors(tmp_path, ckpt):
-    rewrite(ckpt, tmp_path / "bad.safetensors", lambda n, t: t * 3 if n.endswith("coef_B") else t)
+    rewrite(ckpt, tmp_path / "bad.safetensors", lambda n, t: t * 3 if n.endswith("coefs_B") else t)
     result = runner.invoke(app, ["verify", str(tmp_path / "bad.safetensors")])
     assert result.exit_code == 2 and "inconsistent with stored error" in result.output
 
@@ -235,7 +241,7 @@ def test_a_tensor_of_a_dtype_share_convert_never_writes_is_refused(tmp_path, ckp
 
     from share_convert.checkpoint import MANIFEST_KEY, MANIFEST_SHA_KEY
 
-    manifest = dict(Checkpoint(ckpt).manifest)
+    manifest = dict(Checkpoint(ckpt).manifest, format_version=1)  # version 1: no record tables to provide
     odd = torch.zeros(4, dtype=torch.float8_e4m3fn)
     name = "modules/x/basis_B"
     manifest["tensors"] = {name: hashlib.sha256(odd.view(torch.uint8).numpy().tobytes()).hexdigest()}

@@ -423,3 +423,19 @@ def test_pull_json_says_where_the_checkpoint_went(five, tmp_path, monkeypatch, n
     finally:
         uploads.stop()
         olah.stop()
+
+
+def test_storage_rows_give_every_tensor_its_role(tmp_path):
+    from share_convert.report import storage_role
+    from share_convert.synthetic import write_synthetic_adapters
+
+    write_synthetic_adapters(tmp_path / "a", count=6, layers=1, hidden=64, rank=8, shared_rank=4)
+    summary = api.merge([str(tmp_path / "a")], tmp_path / "c.safetensors")
+    storage = summary["totals"]["storage"]
+    for role in ("bases", "grams", "coefficients", "records"):
+        assert storage[role]["params"] > 0, role
+    assert sum(p["bytes"] for p in storage.values()) == summary["totals"]["checkpoint_bytes"]
+    names = Checkpoint(tmp_path / "c.safetensors").manifest["tensors"]
+    assert {storage_role(n) for n in names if n.endswith(("coefs_B", "coef_B"))} == {"coefficients"}
+    assert {storage_role(n) for n in names if n.endswith("basis_B")} == {"bases"}
+    assert "records" in run("info", tmp_path / "c.safetensors").output

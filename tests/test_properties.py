@@ -53,7 +53,7 @@ def test_the_stored_error_equals_the_brute_force_dense_error(n, d, t, r, k, q, s
     for i, f in enumerate(factors):
         W = f.B.double() @ f.A.double()
         What = torch.zeros(n, d, dtype=torch.float64)
-        parts = {p: res.tensors.get(f"tasks/t{i}/m/{p}") for p in ("coef_B", "coef_A", "private_B", "private_A")}
+        parts = {p: res.task_parts.get(f"t{i}", {}).get(p) for p in ("coef_B", "coef_A", "private_B", "private_A")}
         if parts["coef_B"] is not None:
             What += (res.tensors["modules/m/basis_B"].double() @ parts["coef_B"].double()) @ (
                 res.tensors["modules/m/basis_A"].double() @ parts["coef_A"].double()
