@@ -295,7 +295,8 @@ def show(summary: dict[str, Any], as_json: bool) -> None:
 @handle_errors
 def info(
     checkpoint: Annotated[
-        str, typer.Argument(help="A Share checkpoint (path or hf://owner/name).", show_default=False)
+        str,
+        typer.Argument(help="A Share checkpoint (path or hf://owner/name).", show_default=False, metavar="CHECKPOINT"),
     ],
     as_json: JsonOpt = False,
 ) -> None:
@@ -309,7 +310,7 @@ def info(
 @app.command()
 @handle_errors
 def tasks(
-    checkpoint: Annotated[str, typer.Argument(help="A Share checkpoint.", show_default=False)],
+    checkpoint: Annotated[str, typer.Argument(help="A Share checkpoint.", show_default=False, metavar="CHECKPOINT")],
     as_json: JsonOpt = False,
 ) -> None:
     """List the tasks of a checkpoint, one per line.
@@ -327,7 +328,7 @@ def tasks(
 @app.command()
 @handle_errors
 def extract(
-    checkpoint: Annotated[str, typer.Argument(help="A Share checkpoint.", show_default=False)],
+    checkpoint: Annotated[str, typer.Argument(help="A Share checkpoint.", show_default=False, metavar="CHECKPOINT")],
     output: Annotated[
         Path,
         typer.Option(
@@ -426,7 +427,9 @@ def _update_target(checkpoint: str, output: Path | None, in_place: bool) -> Path
 @app.command()
 @handle_errors
 def add(
-    checkpoint: Annotated[str, typer.Argument(help="The Share checkpoint to update.", show_default=False)],
+    checkpoint: Annotated[
+        str, typer.Argument(help="The Share checkpoint to update.", show_default=False, metavar="CHECKPOINT")
+    ],
     inputs: InputsArg = None,
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Where to write the updated checkpoint.", show_default=False)
@@ -469,7 +472,9 @@ def add(
 @app.command()
 @handle_errors
 def remove(
-    checkpoint: Annotated[str, typer.Argument(help="The Share checkpoint to update.", show_default=False)],
+    checkpoint: Annotated[
+        str, typer.Argument(help="The Share checkpoint to update.", show_default=False, metavar="CHECKPOINT")
+    ],
     task: Annotated[list[str], typer.Option("--task", help="Task to remove (repeatable).")],
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Where to write the result.", show_default=False)
@@ -505,7 +510,7 @@ def remove(
 @app.command()
 @handle_errors
 def verify(
-    checkpoint: Annotated[str, typer.Argument(help="A Share checkpoint.", show_default=False)],
+    checkpoint: Annotated[str, typer.Argument(help="A Share checkpoint.", show_default=False, metavar="CHECKPOINT")],
     as_json: JsonOpt = False,
 ) -> None:
     """Check a checkpoint fully: checksums, shapes, orthonormal bases, finite values, stored errors.
@@ -526,7 +531,9 @@ def verify(
 @app.command()
 @handle_errors
 def push(
-    checkpoint: Annotated[str, typer.Argument(help="The Share checkpoint to upload.", show_default=False)],
+    checkpoint: Annotated[
+        str, typer.Argument(help="The Share checkpoint to upload.", show_default=False, metavar="CHECKPOINT")
+    ],
     repo: Annotated[
         str | None,
         typer.Argument(
@@ -579,7 +586,12 @@ def push(
 @handle_errors
 def pull(
     repo: Annotated[
-        str, typer.Argument(help="owner/name (or hf://owner/name@revision) of a pushed checkpoint.", show_default=False)
+        str,
+        typer.Argument(
+            help="owner/name (or hf://owner/name@revision) of a pushed checkpoint.",
+            show_default=False,
+            metavar="REPO",
+        ),
     ],
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Folder to download into.  [required]", show_default=False)
