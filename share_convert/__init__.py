@@ -11,8 +11,19 @@ The library API lives in :mod:`share_convert.api`; the pieces it is built from:
 - :mod:`~share_convert.report` summarizes a checkpoint; :mod:`~share_convert.cli` is the CLI.
 """
 
-from .consolidation import ConsolidationConfig
+from typing import Any
+
 from .errors import ShareError
 
 __version__ = "0.1.0"
 __all__ = ["ConsolidationConfig", "ShareError", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # ConsolidationConfig lives with the engine, which imports torch: loaded on first use, so that
+    # importing the package (and the CLI's light commands) does not pay for torch.
+    if name == "ConsolidationConfig":
+        from .consolidation import ConsolidationConfig
+
+        return ConsolidationConfig
+    raise AttributeError(f"module 'share_convert' has no attribute {name!r}")

@@ -12,7 +12,10 @@ anything) and, for a range of storage budgets, finds the mean ΔW error of
   bases where that lowers the error (the best of one group and the splits is kept).
 
 Budgets are applied per module in proportion to its original size; errors are aggregated as in
-the report (per task, the mean over its modules; then the mean over tasks).
+the report (per task, the mean over its modules; then the mean over tasks). Compression ratios
+count the tasks' heads (``modules_to_save``) on both sides, as ``merge``'s report does, so the
+default plan's ratio here is the one ``merge`` reports (up to the small Gram matrices a checkpoint
+stores beside each shared basis, which are not counted here).
 """
 
 from __future__ import annotations
@@ -106,17 +109,22 @@ def plan_collection(
         record(at_chosen["private"], planner.truncation(default.params))
     if progress:
         progress("", len(modules), len(modules))
+    heads = sum(int(s.task_record().get("head_params") or 0) for s in sources)
+
+    def ratio(params: int) -> float | None:
+        return (original + heads) / (params + heads) if params else None
+
     table = []
     for r in ratios:
         row: dict[str, Any] = {"budget_ratio": r}
         for s in STRATEGIES:
             c = curves[s][r]
-            row[s] = {"ratio": original / c["params"] if c["params"] else None, "mean_error": _aggregate(c["errors"])}
+            row[s] = {"ratio": ratio(c["params"]), "mean_error": _aggregate(c["errors"])}
         row["mixed"]["modules_with_shared_basis"] = curves["mixed"][r]["shared_modules"]
         table.append(row)
     default_plan = {
         "rule": config.describe(),
-        "ratio": original / chosen["params"] if chosen["params"] else None,
+        "ratio": ratio(chosen["params"]),
         "mean_error": _aggregate(chosen["errors"]),
         "modules_by_kind": kinds,
         "modules": len(modules),
@@ -126,6 +134,7 @@ def plan_collection(
         "tasks": len(sources),
         "modules": len(modules),
         "original_params": original,
+        "head_params": heads,
         "curves": table,
         "default_plan": default_plan,
         "verdict": collection_verdict(table, default_plan),
@@ -177,6 +186,19 @@ def collection_verdict(table: list[dict[str, Any]], default_plan: dict[str, Any]
     )
 
 
+def ratio_ticks(result: dict[str, Any]) -> list[float]:
+    """Labelled compression ticks: the budgets (and powers of two beyond them) up to the largest ratio
+    reached, at least 30% apart on the log axis so that the labels do not overlap."""
+    reached = [r[s]["ratio"] for r in result["curves"] for s in STRATEGIES if r[s]["ratio"]]
+    top = max(reached, default=1.0) * 1.2
+    candidates = sorted({r["budget_ratio"] for r in result["curves"]} | {64.0, 128.0, 256.0})
+    ticks: list[float] = []
+    for t in candidates:
+        if t <= top and (not ticks or t / ticks[-1] >= 1.3):
+            ticks.append(t)
+    return ticks
+
+
 def plot_curves(result: dict[str, Any], path: str | Path, title: str = "") -> None:
     """Draw the curves as a PNG (needs matplotlib: pip install matplotlib)."""
     try:
@@ -194,19 +216,40 @@ def plot_curves(result: dict[str, Any], path: str | Path, title: str = "") -> No
         "mixed": "shared + private (planner)",
         "groups": "shared + private, with groups",
     }
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    # curves that coincide (the planner often equals the allocated truncation) stay visible through
+    # distinct markers, line styles and widths drawn from the widest down
+    styles = {
+        "shared_unweighted": dict(marker="s", linestyle="--", linewidth=1.2, markersize=5),
+        "shared": dict(marker="D", linestyle="-", linewidth=1.2, markersize=5),
+        "private": dict(marker="v", linestyle=":", linewidth=1.5, markersize=6),
+        "private_allocated": dict(marker="o", linestyle="-", linewidth=5, markersize=10, alpha=0.35),
+        "mixed": dict(marker="o", linestyle="-", linewidth=2.5, markersize=6, alpha=0.8),
+        "groups": dict(marker="x", linestyle="--", linewidth=1.2, markersize=7),
+    }
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
     for s in STRATEGIES:
         pts = [(r[s]["ratio"], r[s]["mean_error"]) for r in result["curves"] if r[s]["ratio"]]
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=labels[s])
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], label=labels[s], **styles[s])
     dp = result["default_plan"]
     if dp["ratio"]:
-        ax.scatter([dp["ratio"]], [100 * dp["mean_error"]], color="black", zorder=5, label=f"default ({dp['rule']})")
+        ax.scatter(
+            [dp["ratio"]],
+            [100 * dp["mean_error"]],
+            color="black",
+            marker="*",
+            s=160,
+            zorder=5,
+            label=f"default ({dp['rule']})",
+        )
     ax.set_xscale("log")
+    ax.set_xticks(ratio_ticks(result))
+    ax.set_xticklabels([f"{t:g}×" for t in ratio_ticks(result)])
+    ax.minorticks_off()
     ax.set_xlabel("compression (original LoRA parameters / stored, bases counted)")
     ax.set_ylabel("mean relative ΔW error (%)")
     ax.set_title(title or f"{result['tasks']} adapters, {result['modules']} modules")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)  # outside the data
     fig.tight_layout()
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
     fig.savefig(tmp)

@@ -9,29 +9,68 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import hub
-from .checkpoint import Checkpoint, is_checkpoint
-from .consolidation import ConsolidationConfig, Progress, only_modules
-from .consolidation import merge as _merge
-from .continual import add as _add
-from .continual import checkpoint_tasks, config_of
-from .continual import remove as _remove
-from .extraction import ExtractedAdapter
-from .extraction import extract as _extract
-from .extraction import extract_all as _extract_all
-from .formats import AdapterSource, check_unique_tasks, expand_paths, open_adapters, parse_input
-from .report import summarize
+from .errors import CorruptCheckpointError, InvalidOptionError
+from .formats import (
+    CONFIG_NAME,
+    WEIGHT_NAMES,
+    AdapterSource,
+    check_unique_tasks,
+    expand_paths,
+    open_adapters,
+    parse_input,
+)
+
+# The engine (consolidation, continual updates, extraction) imports torch: each command imports
+# what it needs when it runs, so that --help, tasks and info start without it.
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+    from .consolidation import ConsolidationConfig
+    from .extraction import ExtractedAdapter
+
+Progress = Callable[[str, int, int], None]
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a checkpoint from a path or an ``hf://owner/name`` address (downloaded through the cache)."""
+    """Open a checkpoint from a path or an ``hf://owner/name`` address (downloaded through the cache).
+
+    A folder holding ``share.safetensors`` (as ``pull`` writes it) stands for that file; an adapter
+    folder or weights file is named as such, with the commands that take adapters.
+    """
+    from .checkpoint import Checkpoint
+
     if hub.is_hub_address(str(path)):
         return Checkpoint(hub.checkpoint_path(str(path), progress=_tty()))
-    return Checkpoint(path)
+    p = Path(path)
+    if p.is_dir():
+        if (p / hub.CHECKPOINT_NAME).is_file():
+            return Checkpoint(p / hub.CHECKPOINT_NAME)
+        raise not_a_checkpoint(p)
+    if p.is_file() and p.suffix == ".bin":
+        raise not_a_checkpoint(p)
+    return Checkpoint(p)
+
+
+def not_a_checkpoint(path: Path) -> CorruptCheckpointError:
+    """The error for an adapter (or a folder) given where a checkpoint is expected."""
+    hint = (
+        "Consolidate adapters with 'share-convert merge ADAPTERS -o share.safetensors', or see what they "
+        "share first with 'share-convert plan ADAPTERS'"
+    )
+    if path.is_dir() and ((path / CONFIG_NAME).is_file() or any((path / n).is_file() for n in WEIGHT_NAMES)):
+        return CorruptCheckpointError("is a PEFT adapter folder, not a Share checkpoint", path=path, hint=hint)
+    if path.is_dir():
+        return CorruptCheckpointError(
+            "is a folder, not a Share checkpoint (a .safetensors file written by 'share-convert merge')",
+            path=path,
+            hint="Pass the checkpoint file itself; for a folder of adapters: " + hint[0].lower() + hint[1:],
+        )
+    return CorruptCheckpointError("is adapter weights, not a Share checkpoint", path=path, hint=hint)
 
 
 def _tty() -> bool:
@@ -42,6 +81,9 @@ def _tty() -> bool:
 
 def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
     """Adapters and Share checkpoints (every task of a checkpoint is an input) from what was typed."""
+    from .checkpoint import Checkpoint, is_checkpoint
+    from .continual import checkpoint_tasks
+
     sources: list = []
     for text in inputs:
         spec = parse_input(text)
@@ -63,6 +105,16 @@ def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
     return sources
 
 
+def check_stores_tasks(config: ConsolidationConfig) -> None:
+    """Refuse options that store nothing of the tasks: --k 0 with no private rank gives every task
+    100% error (a checkpoint of heads alone)."""
+    if config.k == 0 and not config.private_rank:
+        raise InvalidOptionError(
+            "--k 0 without --private-rank stores nothing of the tasks (every task would have 100% ΔW error)",
+            hint="Give --k 1 or more, or --private-rank Q to keep Q private directions per task",
+        )
+
+
 def merge(
     inputs: Sequence[str],
     output: str | Path,
@@ -79,8 +131,14 @@ def merge(
     ``modules`` keeps only the modules whose names match that regular expression; ``timings``
     receives where the time went (see :func:`share_convert.consolidation.merge`).
     """
+    from .checkpoint import Checkpoint
+    from .consolidation import merge as _merge
+    from .consolidation import only_modules
+    from .report import summarize
+
     if config is not None:
         config.validate()  # bad options are reported before any input is read
+        check_stores_tasks(config)
     sources = only_modules(open_inputs(inputs, alpha=alpha), modules)
     _merge(sources, output, config, force=force, progress=progress, timings=timings)
     return summarize(Checkpoint(output))
@@ -88,6 +146,8 @@ def merge(
 
 def info(checkpoint: str | Path) -> dict[str, Any]:
     """The report of an existing checkpoint (every tensor's checksum is verified first)."""
+    from .report import summarize
+
     ckpt = open_checkpoint(checkpoint)
     ckpt.verify_all()
     return summarize(ckpt)
@@ -106,7 +166,13 @@ def extract(
     rank: int | None = None,
     force: bool = False,
 ) -> list[ExtractedAdapter]:
-    """Extract one task (``task``) or every task (``all_tasks``) as PEFT adapters."""
+    """Extract one task (``task``) or every task (``all_tasks``) as PEFT adapters.
+
+    With ``rank``, each result's ``truncation_error`` says how much ΔW error the truncation adds.
+    """
+    from .extraction import extract as _extract
+    from .extraction import extract_all as _extract_all
+
     ckpt = open_checkpoint(checkpoint)
     if all_tasks:
         return _extract_all(ckpt, output, rank=rank, force=force)
@@ -139,12 +205,18 @@ def add(
     ``config`` defaults to the checkpoint's own options, with ``k`` / ``target_error`` / ``device``
     overriding them (the device defaults to 'auto', whatever the checkpoint was made on).
     """
+    from .checkpoint import Checkpoint
+    from .continual import add as _add
+    from .continual import config_of
+    from .report import summarize
+
     ckpt = open_checkpoint(checkpoint)
     if config is None:
         config = config_of(ckpt)
         config.k = k if k is not None else config.k
         config.target_error = target_error if target_error is not None else config.target_error
         config.device = device if device is not None else config.device
+    check_stores_tasks(config)
     sources = open_inputs(inputs, alpha=alpha)
     _add(ckpt, sources, output, config, replace=replace, force=force, progress=progress)
     return summarize(Checkpoint(output))
@@ -157,12 +229,68 @@ def remove(
     *,
     refit: bool = False,
     force: bool = False,
+    allow_worse: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Drop ``tasks`` from ``checkpoint`` (optionally refitting the bases); return the report."""
+    """Drop ``tasks`` from ``checkpoint`` (optionally refitting the bases); return the report.
+
+    Without ``refit`` no remaining task changes. With ``refit`` the bases are recomputed from the
+    remaining tasks' reconstructions (their originals are gone), which can save storage but lets
+    their errors grow up to the checkpoint's error target. A refit that would leave a remaining
+    task's mean or worst-module error above both its error before and the target is refused, and
+    nothing is written, unless ``allow_worse``.
+    """
+    from .atomic import temp_file_beside
+    from .checkpoint import Checkpoint, check_output
+    from .continual import remove as _remove
+    from .report import summarize
+
     ckpt = open_checkpoint(checkpoint)
-    _remove(ckpt, tasks, output, refit=refit, force=force, progress=progress)
+    if not refit:
+        _remove(ckpt, tasks, output, refit=False, force=force, progress=progress)
+        return summarize(Checkpoint(output))
+    output = Path(output)
+    same_file = output.exists() and output.resolve() == ckpt.path.resolve()
+    check_output(output, force or same_file)
+    before = {t["task"]: t for t in summarize(ckpt)["tasks"]}
+    target = float(ckpt.config.get("target_error") or 0.0)
+    fd, staged = temp_file_beside(output)
+    os.close(fd)
+    try:
+        _remove(ckpt, tasks, staged, refit=True, force=True, progress=progress)
+        worse = degraded_tasks(before, summarize(Checkpoint(staged))["tasks"], target)
+        if worse and not allow_worse:
+            shown = "; ".join(worse[:3]) + (f"; and {len(worse) - 3} more" if len(worse) > 3 else "")
+            raise InvalidOptionError(
+                f"refitting would make {len(worse)} remaining task(s) worse than both their error before and the "
+                f"target {target:.0%}: {shown}; nothing was written",
+                path=ckpt.path,
+                hint="Remove without --refit (no remaining task changes), or pass --force to accept it",
+            )
+        os.replace(staged, output)
+    finally:
+        staged.unlink(missing_ok=True)
     return summarize(Checkpoint(output))
+
+
+#: An error that grows by less than this (0.01 percentage points, below the report's precision) is
+#: not counted as worse: refitting recomputes every reconstruction and rounding moves them slightly.
+DEGRADED_TOLERANCE = 1e-4
+
+
+def degraded_tasks(before: dict[str, dict[str, Any]], after: list[dict[str, Any]], target: float) -> list[str]:
+    """The tasks whose mean or worst-module ΔW error ends above both its value before and ``target``."""
+    worse = []
+    for t in after:
+        old = before.get(t["task"])
+        if old is None:
+            continue
+        for key, label in (("mean_error", "mean"), ("max_error", "worst")):
+            limit = max(old[key], target)
+            if t[key] > limit + DEGRADED_TOLERANCE:
+                worse.append(f"{t['task']} {label} {old[key]:.2%} → ≤{t[key]:.2%}")
+                break
+    return worse
 
 
 def plan(
@@ -176,6 +304,7 @@ def plan(
 ) -> dict[str, Any]:
     """Error-against-compression curves of a collection, without writing a checkpoint."""
     from .analysis import plan_collection, plot_curves
+    from .consolidation import only_modules
 
     result = plan_collection(only_modules(open_inputs(inputs, alpha=alpha), modules), config, progress=progress)
     if plot is not None:

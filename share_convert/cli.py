@@ -6,6 +6,7 @@ disk) into one line on stderr and exit code 2; nothing else is caught.
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import os
@@ -14,16 +15,21 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import api
-from .consolidation import DEFAULT_TARGET_ERROR, ConsolidationConfig
 from .errors import ShareError
+
+if TYPE_CHECKING:
+    from .consolidation import ConsolidationConfig
+
+#: The default error target, shown in --help without importing the engine (and torch) to read it;
+#: a test checks that it equals consolidation.DEFAULT_TARGET_ERROR.
+DEFAULT_TARGET_ERROR = 0.05
 
 app = typer.Typer(
     name="share-convert",
@@ -35,6 +41,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help: flags without a type, [required] marked, choices listed as <a|b|c>
+    rich_markup_mode=None,
 )
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -69,6 +77,8 @@ def progress_bar(description: str) -> Iterator[Callable[[str, int, int], None] |
     if not err.is_terminal:
         yield None
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -90,12 +100,42 @@ def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def warn(message: str) -> None:
+    err.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+class Device(str, enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Weighting(str, enum.Enum):
+    equal = "equal"
+    norm = "norm"
+
+
+class TargetMetric(str, enum.Enum):
+    mean = "mean"
+    max = "max"
+
+
+class Dtype(str, enum.Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+# Inputs and outputs are parsed as optional so that a missing one gets this tool's one-line error
+# (exit code 2) rather than click's usage block; the help marks them [required].
 InputsArg = Annotated[
     list[str] | None,
     typer.Argument(
         help="Adapters: PEFT folders, .safetensors/.bin files, globs, folders of adapters, Share checkpoints, "
-        "or hf://owner/name (optionally @revision and /subfolder). NAME=PATH names a task.",
+        "or hf://owner/name (optionally @revision and /subfolder). NAME=PATH names a task.  [required]",
         show_default=False,
+        metavar="ADAPTER",
     ),
 ]
 
@@ -106,24 +146,26 @@ def config_from_options(
     energy: float | None,
     budget: str | None,
     target_error: float,
-    target_metric: str,
-    weighting: str,
+    target_metric: TargetMetric,
+    weighting: Weighting,
     canonicalize: bool,
-    device: str,
-    dtype: str,
+    device: Device,
+    dtype: Dtype,
     seed: int,
 ) -> ConsolidationConfig:
+    from .consolidation import ConsolidationConfig
+
     return ConsolidationConfig(
         k=k,
         private_rank=private_rank,
         energy=energy,
         budget=budget,
         target_error=target_error,
-        target_metric=target_metric,
-        weighting=weighting,
+        target_metric=TargetMetric(target_metric).value,
+        weighting=Weighting(weighting).value,
         canonicalize=canonicalize,
-        device=device,
-        dtype=dtype,
+        device=Device(device).value,
+        dtype=Dtype(dtype).value,
         seed=seed,
     )
 
@@ -148,24 +190,22 @@ TargetOpt = Annotated[
     ),
 ]
 MetricOpt = Annotated[
-    str,
+    TargetMetric,
     typer.Option(
         "--target-metric", help="What the target bounds per module: the 'mean' task error or the worst ('max')."
     ),
 ]
 WeightOpt = Annotated[
-    str, typer.Option("--weighting", help="'equal': every task counts the same in the basis fit; 'norm': by ‖ΔW‖.")
+    Weighting,
+    typer.Option("--weighting", help="'equal': every task counts the same in the basis fit; 'norm': by ‖ΔW‖."),
 ]
 CanonOpt = Annotated[
     bool,
     typer.Option("--canonicalize/--no-canonicalize", help="Stack each adapter's balanced SVD factors (gauge-free)."),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="Where the decompositions run; auto: CUDA when available.")]
 DtypeOpt = Annotated[
-    str,
-    typer.Option(
-        "--dtype", help="Storage dtype of bases and coefficients: auto (the inputs'), float32, bfloat16, float16."
-    ),
+    Dtype, typer.Option("--dtype", help="Storage dtype of bases and coefficients; auto: the inputs' dtype.")
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD.")]
 ModulesOpt = Annotated[
@@ -177,26 +217,29 @@ AlphaOpt = Annotated[
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "-o", "--output", help="The Share checkpoint to write (.safetensors).  [required]", show_default=False
+    ),
+]
 
 
 @app.command()
 @handle_errors
 def merge(
     inputs: InputsArg = None,
-    output: Annotated[
-        Path | None,
-        typer.Option("-o", "--output", help="The Share checkpoint to write (.safetensors).", show_default=False),
-    ] = None,
+    output: OutputOpt = None,
     k: KOpt = None,
     private_rank: PrivOpt = 0,
     energy: EnergyOpt = None,
     budget: BudgetOpt = None,
     target_error: TargetOpt = DEFAULT_TARGET_ERROR,
-    target_metric: MetricOpt = "mean",
-    weighting: WeightOpt = "equal",
+    target_metric: MetricOpt = TargetMetric.mean,
+    weighting: WeightOpt = Weighting.equal,
     canonicalize: CanonOpt = True,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = Device.auto,
+    dtype: DtypeOpt = Dtype.auto,
     seed: SeedOpt = 0,
     groups: Annotated[
         str,
@@ -252,7 +295,8 @@ def show(summary: dict[str, Any], as_json: bool) -> None:
 @handle_errors
 def info(
     checkpoint: Annotated[
-        str, typer.Argument(help="A Share checkpoint (path or hf://owner/name).", show_default=False)
+        str,
+        typer.Argument(help="A Share checkpoint (path or hf://owner/name).", show_default=False, metavar="CHECKPOINT"),
     ],
     as_json: JsonOpt = False,
 ) -> None:
@@ -266,7 +310,7 @@ def info(
 @app.command()
 @handle_errors
 def tasks(
-    checkpoint: Annotated[str, typer.Argument(help="A Share checkpoint.", show_default=False)],
+    checkpoint: Annotated[str, typer.Argument(help="A Share checkpoint.", show_default=False, metavar="CHECKPOINT")],
     as_json: JsonOpt = False,
 ) -> None:
     """List the tasks of a checkpoint, one per line.
@@ -284,7 +328,7 @@ def tasks(
 @app.command()
 @handle_errors
 def extract(
-    checkpoint: Annotated[str, typer.Argument(help="A Share checkpoint.", show_default=False)],
+    checkpoint: Annotated[str, typer.Argument(help="A Share checkpoint.", show_default=False, metavar="CHECKPOINT")],
     output: Annotated[
         Path,
         typer.Option(
@@ -315,8 +359,16 @@ def extract(
         return
     for r in results:
         out.print(f"wrote {r.path} (task {r.task}, rank {r.rank}, {r.modules} modules)", highlight=False, markup=False)
+        if r.truncation_error is not None:
+            t = r.truncation_error
+            out.print(
+                f"  truncating {r.task} to rank {rank} adds {t['mean']:.2%} mean ΔW error over its modules, "
+                f"{t['max']:.2%} in the worst module (‖ΔŴ − ΔŴ_{rank}‖ / ‖ΔW‖, on top of the error in the checkpoint)",
+                highlight=False,
+                markup=False,
+            )
         for w in r.warnings:
-            err.print(f"[yellow]warning:[/yellow] {escape(r.task)}: {escape(w)}", highlight=False)
+            warn(f"{r.task}: {w}")
 
 
 @app.command()
@@ -324,11 +376,15 @@ def extract(
 def plan(
     inputs: InputsArg = None,
     plot: Annotated[
-        Path | None, typer.Option("--plot", help="Also draw the curves to this PNG file (needs matplotlib).")
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Also draw the curves to this PNG file (needs matplotlib: pip install 'share-convert[plot]').",
+        ),
     ] = None,
     target_error: TargetOpt = DEFAULT_TARGET_ERROR,
-    target_metric: MetricOpt = "mean",
-    device: DeviceOpt = "auto",
+    target_metric: MetricOpt = TargetMetric.mean,
+    device: DeviceOpt = Device.auto,
     alpha: AlphaOpt = None,
     modules: ModulesOpt = None,
     as_json: JsonOpt = False,
@@ -343,7 +399,11 @@ def plan(
     """
     if not inputs:
         fail("no inputs were given: pass adapter folders, files or globs")
-    config = ConsolidationConfig(target_error=target_error, target_metric=target_metric, device=device)
+    from .consolidation import ConsolidationConfig
+
+    config = ConsolidationConfig(
+        target_error=target_error, target_metric=TargetMetric(target_metric).value, device=Device(device).value
+    )
     with progress_bar("planning") as progress:
         result = api.plan(inputs, config, alpha=alpha, modules=modules, plot=plot, progress=progress)
     if as_json:
@@ -367,7 +427,9 @@ def _update_target(checkpoint: str, output: Path | None, in_place: bool) -> Path
 @app.command()
 @handle_errors
 def add(
-    checkpoint: Annotated[str, typer.Argument(help="The Share checkpoint to update.", show_default=False)],
+    checkpoint: Annotated[
+        str, typer.Argument(help="The Share checkpoint to update.", show_default=False, metavar="CHECKPOINT")
+    ],
     inputs: InputsArg = None,
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Where to write the updated checkpoint.", show_default=False)
@@ -381,7 +443,7 @@ def add(
         float | None, typer.Option("--target-error", help="Error target for this update (default: the checkpoint's).")
     ] = None,
     alpha: AlphaOpt = None,
-    device: DeviceOpt = "auto",
+    device: DeviceOpt = Device.auto,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -401,7 +463,7 @@ def add(
             k=k,
             target_error=target_error,
             alpha=alpha,
-            device=device,
+            device=Device(device).value,
             replace=replace,
             force=force or in_place,
             progress=progress,
@@ -412,30 +474,45 @@ def add(
 @app.command()
 @handle_errors
 def remove(
-    checkpoint: Annotated[str, typer.Argument(help="The Share checkpoint to update.", show_default=False)],
+    checkpoint: Annotated[
+        str, typer.Argument(help="The Share checkpoint to update.", show_default=False, metavar="CHECKPOINT")
+    ],
     task: Annotated[list[str], typer.Option("--task", help="Task to remove (repeatable).")],
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Where to write the result.", show_default=False)
     ] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="Replace CHECKPOINT itself (atomically).")] = False,
-    refit: Annotated[bool, typer.Option("--refit", help="Recompute the bases from the remaining tasks.")] = False,
-    force: ForceOpt = False,
+    refit: Annotated[
+        bool,
+        typer.Option(
+            "--refit",
+            help="Recompute the bases from the remaining tasks: can save storage, but their originals are gone, so "
+            "their errors may grow up to the error target (reported as bounds). Refused, with nothing written, "
+            "when a remaining task would end above both its error before and the target, unless --force.",
+        ),
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite an existing output; with --refit, accept worse errors.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Remove tasks from a checkpoint, optionally refitting the bases to the tasks that remain.
 
+    Without --refit no remaining task changes: the bases stay as they are.
     Example: share-convert remove share.safetensors --task old-task --in-place
     """
     target = _update_target(checkpoint, output, in_place)
     with progress_bar("removing") as progress:
-        summary = api.remove(checkpoint, task, target, refit=refit, force=force or in_place, progress=progress)
+        summary = api.remove(
+            checkpoint, task, target, refit=refit, force=force or in_place, allow_worse=force, progress=progress
+        )
     show(summary, as_json)
 
 
 @app.command()
 @handle_errors
 def verify(
-    checkpoint: Annotated[str, typer.Argument(help="A Share checkpoint.", show_default=False)],
+    checkpoint: Annotated[str, typer.Argument(help="A Share checkpoint.", show_default=False, metavar="CHECKPOINT")],
     as_json: JsonOpt = False,
 ) -> None:
     """Check a checkpoint fully: checksums, shapes, orthonormal bases, finite values, stored errors.
@@ -456,10 +533,20 @@ def verify(
 @app.command()
 @handle_errors
 def push(
-    checkpoint: Annotated[str, typer.Argument(help="The Share checkpoint to upload.", show_default=False)],
-    repo: Annotated[
-        str, typer.Option("--repo", help="owner/name of the Hub repository (created when needed).", show_default=False)
+    checkpoint: Annotated[
+        str, typer.Argument(help="The Share checkpoint to upload.", show_default=False, metavar="CHECKPOINT")
     ],
+    repo: Annotated[
+        str | None,
+        typer.Argument(
+            help="owner/name of the Hub repository (created when needed).  [required]",
+            show_default=False,
+            metavar="REPO",
+        ),
+    ] = None,
+    repo_option: Annotated[
+        str | None, typer.Option("--repo", help="Deprecated: give the repository after the checkpoint.", hidden=True)
+    ] = None,
     private: Annotated[bool, typer.Option("--private", help="Create the repository as private.")] = False,
     revision: Annotated[str | None, typer.Option("--revision", help="Branch to push to (created when needed).")] = None,
     token: Annotated[
@@ -469,11 +556,19 @@ def push(
     license: Annotated[
         str | None, typer.Option("--license", help="Licence for the model card (e.g. mit, apache-2.0).")
     ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Upload a checkpoint to the Hub with a machine-readable config and a model card.
 
-    Example: share-convert push share.safetensors --repo alice/my-share
+    Example: share-convert push share.safetensors alice/my-share
     """
+    if repo_option is not None:
+        if repo is not None and repo != repo_option:
+            fail(f"two repositories were given ({repo} and --repo {repo_option}): give it once, after the checkpoint")
+        warn(f"--repo is deprecated: write 'share-convert push {checkpoint} {repo_option}'")
+        repo = repo_option
+    if repo is None:
+        fail("no repository was given: share-convert push CHECKPOINT OWNER/NAME")
     url = api.push(
         checkpoint,
         repo,
@@ -483,6 +578,9 @@ def push(
         commit_message=commit_message,
         license=license,
     )
+    if as_json:
+        emit_json({"checkpoint": checkpoint, "repo": repo, "revision": revision, "url": url})
+        return
     out.print(f"pushed {checkpoint} to {repo}: {url}", highlight=False, markup=False)
 
 
@@ -490,14 +588,20 @@ def push(
 @handle_errors
 def pull(
     repo: Annotated[
-        str, typer.Argument(help="owner/name (or hf://owner/name@revision) of a pushed checkpoint.", show_default=False)
+        str,
+        typer.Argument(
+            help="owner/name (or hf://owner/name@revision) of a pushed checkpoint.",
+            show_default=False,
+            metavar="REPO",
+        ),
     ],
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="Folder to download into.", show_default=False)
+        Path | None, typer.Option("-o", "--output", help="Folder to download into.  [required]", show_default=False)
     ] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit.")] = None,
     token: Annotated[str | None, typer.Option("--token", help="Hub token (default: HF_TOKEN). Never printed.")] = None,
     force: ForceOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Download a checkpoint pushed with 'share-convert push'.
 
@@ -506,6 +610,9 @@ def pull(
     if output is None:
         fail("no output folder was given: pass -o DIR")
     path = api.pull(repo, output, revision=revision, token=token, force=force)
+    if as_json:
+        emit_json({"repo": repo, "revision": revision, "checkpoint": str(path)})
+        return
     out.print(f"wrote {path}", highlight=False, markup=False)
 
 
@@ -513,30 +620,46 @@ def pull(
 @handle_errors
 def demo(
     keep: Annotated[
-        Path | None, typer.Option("--keep", help="Keep the demo's files in this folder instead of a temporary one.")
+        Path | None,
+        typer.Option(
+            "--keep",
+            help="Write the demo's files (adapters, checkpoint, extracted task) to this folder and keep them; "
+            "without it they go to a temporary folder that is removed at the end.",
+        ),
     ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Build six small example adapters with a shared structure, consolidate them, report, extract one.
 
-    Example: share-convert demo
+    Example: share-convert demo --keep demo/
     """
+    from .consolidation import ConsolidationConfig
     from .synthetic import write_synthetic_adapters
 
+    say = (lambda text: None) if as_json else (lambda text: out.print(text, highlight=False, markup=False))  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="share-convert-demo-") as tmp:
         root = Path(keep) if keep else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        out.print(f"Writing 6 example adapters (rank 8, 2 layers × q_proj,v_proj, hidden 64) to {root / 'adapters'}")
+        where = "" if keep else " (a temporary folder, removed when the demo ends; --keep DIR keeps the files)"
+        say(f"Writing 6 example adapters (rank 8, 2 layers × q_proj,v_proj, hidden 64) to {root / 'adapters'}{where}")
         write_synthetic_adapters(root / "adapters", count=6)
         ckpt = root / "share.safetensors"
-        out.print(f"$ share-convert merge {root / 'adapters'} -o {ckpt}")
+        say(f"$ share-convert merge {root / 'adapters'} -o {ckpt}")
         summary = api.merge([str(root / "adapters")], ckpt, ConsolidationConfig(), force=True)
-        show(summary, False)
+        if not as_json:
+            show(summary, False)
         target = root / "task-000"
-        out.print(f"$ share-convert extract {ckpt} --task task-000 -o {target}")
+        say(f"$ share-convert extract {ckpt} --task task-000 -o {target}")
         r = api.extract(ckpt, target, task="task-000", force=True)[0]
-        out.print(
+        say(
             f"wrote {r.path} (rank {r.rank}, {r.modules} modules): a PEFT adapter, loadable with PeftModel.from_pretrained"
         )
+        if as_json:
+            emit_json({"folder": str(root), "kept": keep is not None, "merge": summary, "extract": r.as_dict()})
+        elif keep:
+            say(f"The demo's files are in {root}.")
+        else:
+            say(f"Removed {root} and everything in it; run 'share-convert demo --keep DIR' to keep the files.")
 
 
 def main() -> None:

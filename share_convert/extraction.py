@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,9 @@ class ExtractedAdapter:
     rank: int
     modules: int
     warnings: list[str] = field(default_factory=list)
+    truncation_error: dict[str, float] | None = None
+    """With ``rank``: the relative ΔW error the truncation adds, ‖ΔŴ − ΔŴ_R‖_F / ‖ΔW‖_F, as the
+    mean over the task's modules and the worst module; None when nothing was truncated."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -47,6 +51,7 @@ class ExtractedAdapter:
             "path": str(self.path),
             "rank": self.rank,
             "modules": self.modules,
+            "truncation_error": self.truncation_error,
             "warnings": self.warnings,
         }
 
@@ -61,13 +66,23 @@ def prepare_output_dir(path: Path, force: bool) -> None:
 
 
 def adapter_tensors(
-    ckpt: Checkpoint, task: str, rank: int | None
+    ckpt: Checkpoint, task: str, rank: int | None, truncation: dict[str, float] | None = None
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
-    """Per module of ``task``: balanced (B̂ n × p, Â p × d) float64, truncated to ``rank``."""
+    """Per module of ``task``: balanced (B̂ n × p, Â p × d) float64, truncated to ``rank``.
+
+    ``truncation`` receives, per module, the relative error the truncation adds: the dropped
+    singular values' norm over the original ‖ΔW‖ (Eckart–Young; over ‖ΔŴ‖ when the original's
+    norm is not recorded).
+    """
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for module in ckpt.task_modules(task):
+    for module, record in ckpt.task_modules(task).items():
         Bh, Ah = ckpt.reconstruction(task, module)
         Bc, Ac, _ = canonicalize(Bh, Ah, max_rank=rank)
+        if truncation is not None and rank is not None:
+            full = canonicalize(Bh, Ah)[2]
+            dropped = float(full[rank:].square().sum().sqrt())
+            norm = float(record.get("norm") or full.square().sum().sqrt())
+            truncation[module] = dropped / norm if norm > 0 else 0.0
         out[module] = (Bc, Ac.T.contiguous())
     width = max((b.shape[1] for b, _ in out.values()), default=0)
     return out, max(width, 1)
@@ -91,8 +106,9 @@ def extract(
         raise InvalidOptionError(f"--rank must be ≥ 1, got {rank}", hint="For example --rank 16")
     output = Path(output)
     prepare_output_dir(output, force)
+    truncation: dict[str, float] = {}
     with deterministic():
-        factors, width = adapter_tensors(ckpt, task, rank)
+        factors, width = adapter_tensors(ckpt, task, rank, truncation)
     dtype = _DTYPES.get(record.get("weights_dtype", "F32"), torch.float32)
     tensors: dict[str, torch.Tensor] = {}
     for module, (B, A) in factors.items():
@@ -109,12 +125,22 @@ def extract(
     try:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o755)
+        # safetensors writes its file 0600 and mkdtemp its folder 0700: both follow the umask instead,
+        # like the config just written with a plain open()
+        mode = stat.S_IMODE((tmp / "adapter_config.json").stat().st_mode)
+        os.chmod(tmp / "adapter_model.safetensors", mode)
+        os.chmod(tmp, folder_mode(mode))
         publish_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ExtractedAdapter(task=task, path=output, rank=width, modules=len(factors), warnings=warnings)
+    added = None
+    if rank is not None and truncation:
+        values = list(truncation.values())
+        added = {"mean": sum(values) / len(values), "max": max(values)}
+    return ExtractedAdapter(
+        task=task, path=output, rank=width, modules=len(factors), warnings=warnings, truncation_error=added
+    )
 
 
 def extract_all(
@@ -127,7 +153,7 @@ def extract_all(
     tmp = temp_dir_beside(output)
     try:  # every task is written under a temporary folder, published in one rename at the end
         results = [extract(ckpt, t, tmp / t, rank=rank) for t in ckpt.tasks]
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, stat.S_IMODE((tmp / results[0].task).stat().st_mode) if results else 0o755)
         publish_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -135,6 +161,11 @@ def extract_all(
     for r in results:
         r.path = output / r.task
     return results
+
+
+def folder_mode(file_mode: int) -> int:
+    """The mode of a folder beside files of ``file_mode``: searchable wherever readable (0644 → 0755)."""
+    return file_mode | ((file_mode & 0o444) >> 2)
 
 
 def exported_config(record: dict[str, Any], modules: list[str], rank: int) -> dict[str, Any]:

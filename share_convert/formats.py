@@ -17,23 +17,37 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import safe_open
 
 from .errors import BadAdapterError, DuplicateTaskError, InvalidTaskNameError, first_line
 
+if TYPE_CHECKING:  # torch is imported where tensors are read, so that light commands start fast
+    import torch
+
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
-SUPPORTED_DTYPES = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F64": torch.float64,
-}
-_TORCH_TO_ST = {v: k for k, v in SUPPORTED_DTYPES.items()}
+#: The safetensors dtypes of LoRA factors that can be read (all are converted to float32).
+SUPPORTED_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a supported safetensors dtype name (``"F32"`` → ``torch.float32``)."""
+    import torch
+
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[name]
+
+
+def _torch_dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (``torch.float32`` → ``"F32"``)."""
+    import torch
+
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+    return names.get(dtype, str(dtype))
+
+
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 _REFUSED_KEYS = {
     "lora_embedding_A": "embedding LoRA (lora_embedding_A/B) is not supported",
@@ -137,8 +151,12 @@ class AdapterSource:
         self.alpha_assumed: float | None = None
         if self.config is None:
             if alpha is None:
+                stem = self.weights_path.name[: -len(self.weights_path.suffix)]
+                looked = [f"{stem}.json", f"{stem}_config.json"]
+                if self.weights_path.name in WEIGHT_NAMES:
+                    looked.insert(0, CONFIG_NAME)
                 raise BadAdapterError(
-                    "no adapter_config.json beside this weights file, so its scale is unknown",
+                    f"no config beside this weights file ({' or '.join(looked)}), so its scale is unknown",
                     path=self.weights_path,
                     hint="Give --alpha (the lora_alpha it was trained with) or put its config beside it",
                 )
@@ -161,7 +179,7 @@ class AdapterSource:
         if self.weights_path.suffix == ".bin":
             for key, tensor in self._load_bin().items():
                 shapes[key] = list(tensor.shape)
-                dtypes[key] = _TORCH_TO_ST.get(tensor.dtype, str(tensor.dtype))
+                dtypes[key] = _torch_dtype_name(tensor.dtype)
             return shapes, dtypes
         try:
             with safe_open(self.weights_path, framework="pt") as f:  # validates the header and offsets
@@ -179,6 +197,8 @@ class AdapterSource:
         return shapes, dtypes
 
     def _load_bin(self) -> dict[str, torch.Tensor]:
+        import torch
+
         if self._bin is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch's warnings about pickle protocols are not the user's concern
@@ -226,6 +246,8 @@ class AdapterSource:
 
     # -- data -----------------------------------------------------------------------------------
     def _get(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        import torch
+
         if self.weights_path.suffix == ".bin":
             data = self._load_bin()
             return {k: data[k] for k in keys}
@@ -242,7 +264,7 @@ class AdapterSource:
                         raw = f.read(end - begin)
                         if len(raw) != end - begin:
                             raise ValueError("the file is shorter than its header says: it changed since it was opened")
-                        dtype = SUPPORTED_DTYPES[self.dtypes[k]]
+                        dtype = _torch_dtype(self.dtypes[k])
                         out[k] = (
                             torch.frombuffer(bytearray(raw), dtype=dtype).reshape(self.shapes[k])
                             if raw
@@ -258,6 +280,8 @@ class AdapterSource:
 
     def read_module(self, module: str) -> LoraFactors:
         """One module's factors, scale folded, as float32; rejects NaN and Inf."""
+        import torch
+
         spec = self.modules[module]
         t = self._get([spec.key_A, spec.key_B])
         A = t[spec.key_A].to(torch.float32)

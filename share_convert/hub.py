@@ -68,8 +68,30 @@ def _scrub(text: str, token: str | None) -> str:
     return text.replace(token, "***") if token else text
 
 
-def _translate(e: Exception, what: str, token: str | None) -> HubError:
-    """One clear line for each way a Hub call fails."""
+def _logged_in(token: str | None) -> bool:
+    """Whether a token is at hand: ``--token``, ``HF_TOKEN`` or a saved login (``hf auth login``)."""
+    if token:
+        return True
+    from huggingface_hub import get_token
+
+    return bool(get_token())
+
+
+def _unreachable(what: str, e: BaseException, token: str | None) -> HubError:
+    """No connection to the Hub: say where we tried and what failed, not a guess about offline mode."""
+    cause: BaseException | None = e
+    while cause is not None and cause.__cause__ is not None and cause is not cause.__cause__:
+        cause = cause.__cause__
+    reason = _scrub(str(cause or e), token)[:120] or type(e).__name__
+    where = _endpoint() or "https://huggingface.co"
+    return HubError(
+        f"{what}: no connection to the Hub at {where} ({reason})",
+        hint="Check the network or HF_ENDPOINT; to use only what is cached, set HF_HUB_OFFLINE=1",
+    )
+
+
+def _translate(e: Exception, what: str, token: str | None, *, writing: bool = False) -> HubError:
+    """One clear line for each way a Hub call fails: no connection, not logged in, or not found."""
     from huggingface_hub import errors as hf
 
     if isinstance(e, hf.GatedRepoError):
@@ -78,30 +100,48 @@ def _translate(e: Exception, what: str, token: str | None) -> HubError:
         return HubError(f"{what}: revision not found", hint="Check the branch, tag or commit after @")
     if isinstance(e, hf.RepositoryNotFoundError):
         which = "repository or revision" if "@" in what else "repository"
+        if not _logged_in(token):
+            return HubError(
+                f"{what}: {which} not found, or private and you are not logged in",
+                hint="Check the name; for a private repository run 'hf auth login', set HF_TOKEN or pass --token",
+            )
         return HubError(
-            f"{what}: {which} not found (or private)",
-            hint="Check the name; for a private repository set HF_TOKEN or pass --token",
+            f"{what}: {which} not found (or private and not visible to your token)",
+            hint="Check the name and your token's permissions",
         )
-    if isinstance(e, hf.LocalEntryNotFoundError) or isinstance(e, hf.OfflineModeIsEnabled):
+    if isinstance(e, (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled)):
+        if _offline():
+            return HubError(
+                f"{what}: offline mode (HF_HUB_OFFLINE) is on and there is no cached copy",
+                hint="Download it once while online, or unset HF_HUB_OFFLINE",
+            )
         return HubError(
-            f"{what}: offline (HF_HUB_OFFLINE) and no cached copy",
-            hint="Download it once while online, or unset HF_HUB_OFFLINE",
+            f"{what}: no connection to the Hub at {_endpoint() or 'https://huggingface.co'} and no cached copy",
+            hint="Check the network or HF_ENDPOINT, then try again",
         )
     if isinstance(e, hf.EntryNotFoundError):
         return HubError(f"{what}: file not found in the repository", hint="Check the subfolder")
     if isinstance(e, hf.HfHubHTTPError):
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status in (401, 403):
+            if not _logged_in(token):
+                return HubError(
+                    f"{what}: not logged in (the Hub answered HTTP {status})",
+                    hint="Run 'hf auth login', set HF_TOKEN or pass --token",
+                )
             return HubError(
                 f"{what}: authentication failed (HTTP {status})", hint="Check HF_TOKEN or --token and its permissions"
             )
         return HubError(
             f"{what}: the Hub answered HTTP {status} ({_scrub(str(e), token)[:160]})", hint="Try again later"
         )
-    return HubError(
-        f"{what}: cannot reach the Hub ({type(e).__name__}: {_scrub(str(e), token)[:160]})",
-        hint="Check the network or HF_ENDPOINT",
-    )
+    err = _unreachable(what, e, token)
+    if writing and not _logged_in(token):
+        err = HubError(
+            err.message + "; you are not logged in either",
+            hint="Check the network or HF_ENDPOINT, and log in for pushing: 'hf auth login', HF_TOKEN or --token",
+        )
+    return err
 
 
 def _quiet_progress(show: bool) -> None:
@@ -275,7 +315,7 @@ def push(
                 commit_message=commit_message or f"Share checkpoint: {len(ckpt.tasks)} tasks",
             )
         except Exception as e:
-            raise _translate(e, f"hf://{repo_id}", token) from None
+            raise _translate(e, f"hf://{repo_id}", token, writing=True) from None
     return str(getattr(info, "commit_url", info))
 
 

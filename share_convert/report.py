@@ -8,44 +8,104 @@ always show the same figures.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .checkpoint import Checkpoint
-from .consolidation import ConsolidationConfig, task_errors
 from .formats import itemsize
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+
+#: A task whose ‖ΔW‖ in a module is at most this fraction of the largest task's there counts as zero
+#: in that module (float32 rounding of an untouched lora_B leaves exact zeros; 1e-7 is far below
+#: any trained adapter).
+ZERO_NORM_RTOL = 1e-7
+#: Above these, the report warns that the checkpoint is a poor copy of the adapters.
+LARGE_MEAN_ERROR = 0.10
+LARGE_MAX_ERROR = 0.50
+#: The operations after which the planner's alternatives describe the whole checkpoint.
+FULL_PLAN_OPS = ("merge", "remove+refit")
+
+
+#: The role of a checkpoint tensor, from the last part of its name (format versions 1 and 2).
+ROLES = {
+    "basis_B": "bases",
+    "basis_A": "bases",
+    "gram_B": "grams",
+    "gram_A": "grams",
+    "coef_B": "coefficients",
+    "coef_A": "coefficients",
+    "coefs_B": "coefficients",
+    "coefs_A": "coefficients",
+    "private_B": "private",
+    "private_A": "private",
+}
+STORAGE_ROLES = ("bases", "grams", "coefficients", "private", "heads", "records")
+
+
+def storage_role(name: str) -> str:
+    """bases, grams, coefficients, private (LoRA data), heads, or records (the per-(task, module)
+    figures of format version 2)."""
+    if name.startswith("records/"):
+        return "records"
+    if name.startswith("tasks/") and "/heads/" in name:
+        return "heads"
+    return ROLES.get(name.rsplit("/", 1)[-1], "records")
 
 
 def storage_breakdown(ckpt: Checkpoint) -> dict[str, dict[str, int]]:
     """Parameters and bytes of the checkpoint's tensors by role, from the file's header."""
-    parts = {k: {"params": 0, "bytes": 0} for k in ("bases", "grams", "coefficients", "private", "heads")}
+    parts = {k: {"params": 0, "bytes": 0} for k in STORAGE_ROLES}
     for name in ckpt.manifest.get("tensors", {}):
         shape, dtype = ckpt.tensor_meta(name)
         numel = math.prod(shape)
-        nbytes = numel * itemsize(dtype)
-        if name.startswith("modules/"):
-            role = "grams" if name.endswith(("gram_B", "gram_A")) else "bases"
-        elif "/heads/" in name:
-            role = "heads"
-        elif name.endswith(("private_B", "private_A")):
-            role = "private"
-        else:
-            role = "coefficients"
+        role = storage_role(name)
         parts[role]["params"] += numel
-        parts[role]["bytes"] += nbytes
+        parts[role]["bytes"] += numel * itemsize(dtype)
     return parts
+
+
+def _spread(values: list[int]) -> dict[str, float]:
+    return {
+        "min": min(values, default=0),
+        "max": max(values, default=0),
+        "mean": sum(values) / len(values) if values else 0.0,
+    }
+
+
+def zero_tasks(modules: dict[str, Any]) -> list[str]:
+    """Tasks whose ΔW is zero in every module they have (an untrained or broken export)."""
+    nonzero: set[str] = set()
+    seen: set[str] = set()
+    for m in modules.values():
+        norms = {t: r.get("norm") for t, r in m["tasks"].items()}
+        if any(v is None for v in norms.values()):
+            return []  # written before norms were recorded: unknown
+        top = max(norms.values(), default=0.0)
+        for t, v in norms.items():
+            seen.add(t)
+            if v > ZERO_NORM_RTOL * top:
+                nonzero.add(t)
+    return sorted(seen - nonzero)
 
 
 def summarize(ckpt: Checkpoint) -> dict[str, Any]:
     """Everything ``info`` shows, as JSON-ready data."""
+    from .consolidation import task_errors  # the engine (and torch): see docs/architecture.md, start-up
+
     modules = ckpt.modules
+    zeros = set(zero_tasks(modules))
     tasks = []
     for name, rec in ckpt.tasks.items():
         errs = task_errors(modules, name)
         tmods = [m for m in modules.values() if name in m["tasks"]]
+        ranks = {
+            part: _spread([m["tasks"][name][key] for m in tmods])
+            for part, key in (("original", "original_rank"), ("shared", "rank"), ("private", "private_rank"))
+        }
         tasks.append(
             {
                 "task": name,
@@ -54,9 +114,12 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
                 "mean_error": errs["mean"],
                 "max_error": errs["max"],
                 "error_is_bound": any(m["tasks"][name].get("bound") for m in tmods),
-                "original_rank": max((m["tasks"][name]["original_rank"] for m in tmods), default=0),
-                "shared_rank": max((m["tasks"][name]["rank"] for m in tmods), default=0),
-                "private_rank": max((m["tasks"][name]["private_rank"] for m in tmods), default=0),
+                "zero_delta": name in zeros,
+                # the largest over the task's modules; "ranks" has the range and the mean
+                "original_rank": ranks["original"]["max"],
+                "shared_rank": ranks["shared"]["max"],
+                "private_rank": ranks["private"]["max"],
+                "ranks": ranks,
                 "original_params": rec.get("original_params", 0),
                 "original_bytes": rec.get("original_bytes", 0),
                 "alpha_assumed": rec.get("alpha_assumed"),
@@ -72,7 +135,7 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
     kinds = {"shared": 0, "mixed": 0, "private": 0}
     for m in modules.values():
         kinds[m["kind"]] = kinds.get(m["kind"], 0) + 1
-    all_errs = [t["mean_error"] for t in tasks]
+    all_errs = [t["mean_error"] for t in tasks if not t["zero_delta"]]
     totals = {
         "tasks": len(tasks),
         "modules": len(modules),
@@ -87,14 +150,26 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         "max_error": max((t["max_error"] for t in tasks), default=0.0),
         "storage": parts,
     }
-    try:
-        describe = ConsolidationConfig(**ckpt.config).describe()
-    except TypeError:
-        describe = str(ckpt.config)
+    last_op = ckpt.history[-1].get("op") if ckpt.history else "merge"
+    stored = sum(parts[p]["params"] for p in ("bases", "coefficients", "private"))
+    reasons = why(modules, stored, last_op)
+    warnings = []
+    if zeros:
+        warnings.append(
+            f"{len(zeros)} task(s) have a zero ΔW in every module (an untrained or broken export?): "
+            f"{', '.join(sorted(zeros))}. Their 0% error means nothing and is left out of the overall mean; "
+            "check these adapters, and remove them (share-convert remove --task NAME) if they are broken."
+        )
     return {
         "checkpoint": str(ckpt.path),
         "format_version": ckpt.manifest["format_version"],
-        "plan": {"rule": describe, "modules_by_kind": kinds, "verdict": verdict(kinds, totals), **why(modules)},
+        "plan": {
+            "rule": describe_config(ckpt.config),
+            "modules_by_kind": kinds,
+            "verdict": verdict(kinds, totals, reasons, ckpt.config, last_op),
+            **reasons,
+        },
+        "warnings": warnings,
         "config": ckpt.config,
         "tasks": tasks,
         "totals": totals,
@@ -111,31 +186,62 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
     }
 
 
-def why(modules: dict[str, Any]) -> dict[str, Any]:
-    """What the plan cost against the two extremes that meet the same target, summed over modules."""
+def describe_config(config: dict[str, Any]) -> str:
+    """The rule a checkpoint was made with, in words (the engine's own description when it loads)."""
+    from .consolidation import ConsolidationConfig
+
+    try:
+        return ConsolidationConfig(**config).describe()
+    except TypeError:
+        return str(config)
+
+
+def _modules(n: int) -> str:
+    return f"{n} module" if n == 1 else f"{n} modules"
+
+
+def why(modules: dict[str, Any], stored: int, last_op: str) -> dict[str, Any]:
+    """What the plan cost against the two extremes that meet the same target, summed over modules.
+
+    ``stored`` is the LoRA parameters the checkpoint holds (bases, coefficients, private factors;
+    not the Gram matrices or heads), read from the file. The planner's alternatives describe the
+    whole checkpoint only after a merge (or a refit); an update plans its new tasks alone.
+    """
     alts = [m.get("alternatives") for m in modules.values()]
     if not alts or any(a is None for a in alts):
         return {}
-    chosen = sum(m.get("params", 0) for m in modules.values())
+    if last_op not in FULL_PLAN_OPS:
+        return {
+            "chosen_params": stored,
+            "pure_sharing_params": None,
+            "no_sharing_params": None,
+            "modules_target_relaxed": sum(bool(m.get("target_relaxed")) for m in modules.values()),
+            "why": (
+                f"after this update ({last_op}) the checkpoint stores {stored:,} LoRA parameters; an update plans "
+                "only the tasks it adds (the others are carried), so it is not compared with pure sharing or "
+                "independent truncation here: merge the checkpoint again, or run 'share-convert plan' on the "
+                "adapters, for that comparison."
+            ),
+        }
     shared_missing = sum(a["shared"] is None for a in alts)
     shared = None if shared_missing else sum(a["shared"] for a in alts)
     private = None if any(a["private"] is None for a in alts) else sum(a["private"] for a in alts)
-    parts = [f"the cheapest representation meeting the target was chosen per module: {chosen:,} LoRA parameters in all"]
+    parts = [f"the cheapest representation meeting the target was chosen per module: {stored:,} LoRA parameters in all"]
     parts.append(
         f"pure sharing would need {shared:,}"
         if shared is not None
-        else f"pure sharing cannot meet the target in {shared_missing} modules"
+        else f"pure sharing cannot meet the target in {_modules(shared_missing)}"
     )
     if private is not None:
         parts.append(f"independent truncation {private:,}")
     relaxed = sum(bool(m.get("target_relaxed")) for m in modules.values())
     if relaxed:
         parts.append(
-            f"in {relaxed} modules the errors the tasks brought from earlier checkpoints already exceed the "
+            f"in {_modules(relaxed)} the errors the tasks brought from earlier checkpoints already exceed the "
             "target, so there it held the error this step adds"
         )
     return {
-        "chosen_params": chosen,
+        "chosen_params": stored,
         "pure_sharing_params": shared,
         "no_sharing_params": private,
         "modules_target_relaxed": relaxed,
@@ -143,26 +249,57 @@ def why(modules: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def verdict(kinds: dict[str, int], totals: dict[str, Any]) -> str:
-    """One sentence: do these adapters share enough structure for consolidation to pay off?"""
-    n = sum(kinds.values()) or 1
-    sharing = kinds["shared"] + kinds["mixed"]
+def verdict(
+    kinds: dict[str, int], totals: dict[str, Any], reasons: dict[str, Any], config: dict[str, Any], last_op: str
+) -> str:
+    """Do these adapters share enough structure for consolidation to pay off? Rests on storage at
+    equal error: what the checkpoint stores against what truncating each adapter alone needs to meet
+    the same error target. Under another rule (--k, --energy, --budget) that comparison is not
+    made here, and the sentence says so rather than guess from the plan's shape. Large errors are
+    called out whatever the rule."""
     ratio = totals["ratio"]
     size = f"{ratio:.2f}× smaller" if ratio >= 1 else f"{1 / ratio:.2f}× larger than the original adapters"
-    if sharing == 0:
-        return (
-            f"These adapters share little: at this setting no module is worth a shared basis, so every module keeps "
-            f"each task's own top directions (independent truncation): {size}, by truncation alone."
+    n = sum(kinds.values()) or 1
+    sharing = kinds["shared"] + kinds["mixed"]
+    chosen, private = reasons.get("chosen_params"), reasons.get("no_sharing_params")
+    if chosen is not None and private:
+        saved = 1 - chosen / private
+        if saved >= 0.10:
+            text = (
+                f"These adapters share structure: at the same error target, shared bases ({_modules(sharing)} of "
+                f"{n}) store {saved:.0%} fewer LoRA parameters than truncating each adapter alone; overall {size}."
+            )
+        elif sharing:
+            text = (
+                f"These adapters share little: at the same error target, shared bases ({_modules(sharing)} of {n}) "
+                f"save only {max(saved, 0):.0%} of the LoRA parameters over truncating each adapter alone; "
+                f"overall {size}."
+            )
+        else:
+            text = (
+                f"These adapters share little: at this error target no module is worth a shared basis, so every "
+                f"module keeps each task's own top directions (independent truncation): {size}, by truncation alone."
+            )
+    elif last_op not in FULL_PLAN_OPS and "why" in reasons:
+        text = (
+            f"Overall {size}. Whether these adapters share structure was judged at the last merge; this update "
+            "does not recompute it."
         )
-    if sharing < n / 2:
-        return (
-            f"These adapters share some structure: {sharing} of {n} modules use a shared basis and the rest are "
-            f"cheaper as independent truncations; overall {size}."
+    else:
+        text = (
+            f"Overall {size} with {totals['mean_error']:.1%} mean ΔW error. Whether these adapters share structure "
+            "is not judged under this rule: 'share-convert plan' compares shared bases with truncating each "
+            "adapter alone at the same storage."
         )
-    return (
-        f"These adapters share structure: {sharing} of {n} modules use a shared basis "
-        f"({kinds['mixed']} with private corrections); overall {size}."
-    )
+    target = float(config.get("target_error") or 0.0) if config.get("k") is None else 0.0
+    large_mean = max(LARGE_MEAN_ERROR, 2 * target)
+    if totals["mean_error"] > large_mean or totals["max_error"] > LARGE_MAX_ERROR:
+        text += (
+            f" Warning: the errors are large (mean {totals['mean_error']:.1%}, worst task and module "
+            f"{totals['max_error']:.2%}): extracted adapters will behave unlike the originals; keep more (a larger "
+            "--k or --budget, or the default error target)."
+        )
+    return text
 
 
 def human_bytes(n: float) -> str:
@@ -208,19 +345,23 @@ def render(summary: dict[str, Any], console: Console) -> None:
     if hidden:
         title += f": the {len(rows)} tasks with the largest errors or just added, of {len(summary['tasks'])}"
     table = Table(title=title, title_justify="left")
-    for col in ("task", "modules", "rank (orig → shared+private)", "mean ΔW error", "worst ΔW error"):
+    for col in ("task", "modules", "rank per module: orig → shared+private", "mean ΔW error", "worst ΔW error"):
         table.add_column(col, justify="left" if col == "task" else "right", overflow="fold")
     for t in rows:
         mark = " ≤" if t["error_is_bound"] else ""
         table.add_row(
             escape(t["task"]),
             str(t["modules"]),
-            f"{t['original_rank']} → {t['shared_rank']}+{t['private_rank']}",
-            f"{mark}{t['mean_error']:.2%}",
-            f"{mark}{t['max_error']:.2%}",
+            rank_cell(t),
+            "zero ΔW" if t.get("zero_delta") else f"{mark}{t['mean_error']:.2%}",
+            "zero ΔW" if t.get("zero_delta") else f"{mark}{t['max_error']:.2%}",
         )
     console.print(table)
     _left_out(console, hidden, "tasks")
+    if any("ranks" in t and t["ranks"]["private"]["min"] != t["ranks"]["private"]["max"] for t in rows) or any(
+        "ranks" in t and t["ranks"]["original"]["min"] != t["ranks"]["original"]["max"] for t in rows
+    ):
+        console.print("  ranks that differ between a task's modules are shown as a range, lowest–highest")
     tot = summary["totals"]
     st = tot["storage"]
     sizes = Table(title="Storage (tensor data; heads counted on both sides)", title_justify="left")
@@ -228,8 +369,8 @@ def render(summary: dict[str, Any], console: Console) -> None:
         sizes.add_column(col, justify="right")
     sizes.add_row("original adapters", f"{tot['original_params']:,}", human_bytes(tot["original_bytes"]))
     sizes.add_row("checkpoint, all tensors", f"{tot['checkpoint_params']:,}", human_bytes(tot["checkpoint_bytes"]))
-    for role in ("bases", "grams", "coefficients", "private", "heads"):
-        if st[role]["params"]:
+    for role in STORAGE_ROLES:
+        if st.get(role, {}).get("params"):
             sizes.add_row(f"  {role}", f"{st[role]['params']:,}", human_bytes(st[role]["bytes"]))
     console.print(sizes)
     console.print(
@@ -257,10 +398,24 @@ def render(summary: dict[str, Any], console: Console) -> None:
         console.print(
             f"[yellow]Assumed lora_alpha={t['alpha_assumed']:g} for {t['task']} (no config beside its weights).[/yellow]"
         )
+    for w in summary.get("warnings", []):
+        console.print(f"[yellow]Warning: {escape(w)}[/yellow]")
     if any(t["error_is_bound"] for t in summary["tasks"]):
         console.print(
             "≤: the error is an upper bound (the task came from an earlier checkpoint, its original is gone)."
         )
+
+
+def _range(r: dict[str, float]) -> str:
+    return f"{r['min']:g}" if r["min"] == r["max"] else f"{r['min']:g}–{r['max']:g}"
+
+
+def rank_cell(task: dict[str, Any]) -> str:
+    """'8 → 0+4–8': the original, shared and private ranks over the task's modules (a range where they differ)."""
+    r = task.get("ranks")
+    if r is None:  # a summary from an older version
+        return f"{task['original_rank']} → {task['shared_rank']}+{task['private_rank']}"
+    return f"{_range(r['original'])} → {_range(r['shared'])}+{_range(r['private'])}"
 
 
 def render_history(history: list[dict[str, Any]], console: Console) -> None:
@@ -340,17 +495,44 @@ def render_plan(result: dict[str, Any], console: Console) -> None:
     }
     for title in columns.values():
         table.add_column(title, justify="right")
+    far = 0
     for row in result["curves"]:
         cells = [f"{row['budget_ratio']:g}×"]
         for key in columns:
             c = row[key]
-            cells.append(f"{c['mean_error']:.1%} @ {c['ratio']:.2f}×" if c["ratio"] else "–")
+            if not c["ratio"]:
+                cells.append("–")
+                continue
+            off = far_from_budget(c["ratio"], row["budget_ratio"])
+            far += off
+            cells.append(f"{c['mean_error']:.1%} @ {c['ratio']:.2f}×{'*' if off else ''}")
         table.add_row(*cells)
     console.print(table)
+    console.print(
+        "Each cell: mean ΔW error @ the compression that rule actually reaches within the budget of its row "
+        "(original / stored LoRA parameters, shared bases counted, heads on both sides). Ranks are whole "
+        "numbers, so a rule stops at the nearest storage it can reach; – : it cannot reach that budget."
+    )
+    if far:
+        console.print(
+            f"*: {far} cells land more than {FAR_FROM_BUDGET:.0%} away from their budget (for example 'no sharing, "
+            "equal ranks' must drop one direction from every task at once), so compare rules by their reached "
+            "compression, not by the row."
+        )
     dp = result["default_plan"]
     same = dp["at_same_storage"]
     console.print(
-        f"Default plan ({dp['rule']}): {dp['ratio']:.2f}× with {dp['mean_error']:.1%} mean ΔW error; at the same "
-        f"storage pure sharing gives {same['shared']:.1%} and no sharing (equal ranks) {same['private']:.1%}."
+        f"Default plan ({dp['rule']}): {dp['ratio']:.2f}× with {dp['mean_error']:.1%} mean ΔW error (the ratio "
+        f"merge reports for these options); at the same storage pure sharing gives {same['shared']:.1%} and no "
+        f"sharing (equal ranks) {same['private']:.1%}."
     )
     console.print(result["verdict"])
+
+
+#: A plan cell whose reached compression is this far (relative) from its row's budget is marked.
+FAR_FROM_BUDGET = 0.25
+
+
+def far_from_budget(reached: float, budget: float) -> bool:
+    """Whether a rule landed far from the budget it was given (either side)."""
+    return abs(reached / budget - 1) > FAR_FROM_BUDGET

@@ -10,12 +10,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from .real_adapters import real_adapters_dir
+
 # No test may reach the real Hub: anything not pointed at a local server fails fast on a closed port.
 os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
-REAL = Path(os.environ.get("SHARE_REAL_ADAPTERS", REPO.parent / "shared" / "data" / "real-adapters"))
+# $SHARE_REAL_ADAPTERS, ../shared/data/real-adapters, or fetched once into a cache from the adapters'
+# source repositories; a clear error when none is possible (tests/real_adapters.py)
+REAL = real_adapters_dir()
 
 
 @pytest.fixture(scope="session")

@@ -113,7 +113,7 @@ def test_push_then_pull_through_olah_is_byte_identical(olah, uploads, tmp_path, 
     ckpt = tmp_path / "share.safetensors"
     CliRunner().invoke(app, ["merge", str(real / "gpt2-c_attn"), "-o", str(ckpt)])
     push = cli(
-        ["push", ckpt, "--repo", "dave/share-gpt2", "--token", "hf_secret_value", "--license", "mit"],
+        ["push", ckpt, "dave/share-gpt2", "--token", "hf_secret_value", "--license", "mit"],
         hub_env(uploads.url, tmp_path / "h1"),
     )
     assert push.returncode == 0, push.stderr
@@ -131,12 +131,7 @@ def test_push_then_pull_through_olah_is_byte_identical(olah, uploads, tmp_path, 
 def test_hub_checkpoints_work_wherever_a_path_does(olah, uploads, tmp_path, real):
     ckpt = tmp_path / "share.safetensors"
     CliRunner().invoke(app, ["merge", str(real / "gpt2-c_attn"), "-o", str(ckpt)])
-    assert (
-        cli(
-            ["push", ckpt, "--repo", "erin/share", "--revision", "v2"], hub_env(uploads.url, tmp_path / "h1")
-        ).returncode
-        == 0
-    )
+    assert cli(["push", ckpt, "erin/share", "--revision", "v2"], hub_env(uploads.url, tmp_path / "h1")).returncode == 0
     env = hub_env(olah.url, tmp_path / "h2")
     info = cli(["info", "hf://erin/share@v2", "--json"], env)
     assert info.returncode == 0, info.stderr
@@ -171,9 +166,7 @@ def test_authentication_failure_is_one_line_and_never_shows_the_token(olah, tmp_
     try:
         ckpt = tmp_path / "share.safetensors"
         CliRunner().invoke(app, ["merge", str(real / GOOD), "-o", str(ckpt)])
-        proc = cli(
-            ["push", ckpt, "--repo", "frank/x", "--token", "hf_wrong_token_123"], hub_env(server.url, tmp_path / "h")
-        )
+        proc = cli(["push", ckpt, "frank/x", "--token", "hf_wrong_token_123"], hub_env(server.url, tmp_path / "h"))
         assert proc.returncode == 2
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "authentication failed" in lines[0]
@@ -192,7 +185,7 @@ def test_hf_token_from_the_environment_is_used_and_never_shown(olah, tmp_path, r
     try:
         ckpt = tmp_path / "share.safetensors"
         CliRunner().invoke(app, ["merge", str(real / GOOD), "-o", str(ckpt)])
-        proc = cli(["push", ckpt, "--repo", "gina/x"], hub_env(server.url, tmp_path / "h", HF_TOKEN="hf_from_env_456"))
+        proc = cli(["push", ckpt, "gina/x"], hub_env(server.url, tmp_path / "h", HF_TOKEN="hf_from_env_456"))
         assert proc.returncode == 0, proc.stderr
         assert "hf_from_env_456" not in proc.stdout + proc.stderr
     finally:
