@@ -1,16 +1,21 @@
-"""The Hub, against real Hub-compatible servers on 127.0.0.1: olah for downloads, a small upload server for pushes."""
+"""The Hub, against real Hub-compatible servers on 127.0.0.1: olah for downloads, a small upload server for pushes.
+
+The CLI runs in this process with the environment a fresh process would get (hub_settings);
+the tests that a token never reaches the screen run it in a real process.
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 from typer.testing import CliRunner
 
 from share_convert.cli import app
 
-from .hub_servers import Olah, UploadServer, hub_env, make_repo
+from .hub_servers import Olah, UploadServer, hub_env, hub_settings, make_repo
 
 GOOD = "gpt2-c_attn/winkitee__peft-lora-gpt2"
 
@@ -33,25 +38,41 @@ def olah(tmp_path_factory, real):
     server.stop()
 
 
-def cli(args, env, cwd=None):
-    """Run the CLI in a real process with only the local servers reachable."""
+@dataclass
+class Ran:
+    """What a run of the CLI gave: its exit code and what it printed on each stream."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(args, env) -> Ran:
+    """Run the CLI in this process, set up as a fresh process started with ``env`` would be."""
+    with hub_settings(env):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a bug: show its traceback
+    return Ran(result.exit_code, result.stdout, result.stderr)
+
+
+def cli_process(args, env) -> subprocess.CompletedProcess:
+    """Run the CLI in a real process with only the local servers reachable.
+
+    For the tests that a token never reaches the screen: a real process shows everything that
+    would reach the user's terminal, huggingface_hub's log records and warnings included.
+    """
     return subprocess.run(
-        [sys.executable, "-m", "share_convert.cli", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd
+        [sys.executable, "-m", "share_convert.cli", *map(str, args)], capture_output=True, text=True, env=env
     )
 
 
 def test_huggingface_hub_downloads_and_revisions_work_against_olah(olah, tmp_path, real):
-    code = (
-        "from huggingface_hub import snapshot_download, hf_hub_download;"
-        "p = snapshot_download('alice/imdb', revision='v1');"
-        "q = hf_hub_download('alice/imdb', 'adapter_config.json');"
-        "print(p); print(q)"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=hub_env(olah.url, tmp_path / "home")
-    )
-    assert proc.returncode == 0, proc.stderr
-    snap, cfg = proc.stdout.split()
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    with hub_settings(hub_env(olah.url, tmp_path / "home")):
+        snapshot_download("alice/imdb", revision="v1")
+        cfg = hf_hub_download("alice/imdb", "adapter_config.json")
     assert open(cfg, "rb").read() == (real / GOOD / "adapter_config.json").read_bytes()
 
 
@@ -171,7 +192,7 @@ def test_authentication_failure_is_one_line_and_never_shows_the_token(olah, tmp_
     try:
         ckpt = tmp_path / "share.safetensors"
         CliRunner().invoke(app, ["merge", str(real / GOOD), "-o", str(ckpt)])
-        proc = cli(
+        proc = cli_process(
             ["push", ckpt, "--repo", "frank/x", "--token", "hf_wrong_token_123"], hub_env(server.url, tmp_path / "h")
         )
         assert proc.returncode == 2
@@ -192,7 +213,9 @@ def test_hf_token_from_the_environment_is_used_and_never_shown(olah, tmp_path, r
     try:
         ckpt = tmp_path / "share.safetensors"
         CliRunner().invoke(app, ["merge", str(real / GOOD), "-o", str(ckpt)])
-        proc = cli(["push", ckpt, "--repo", "gina/x"], hub_env(server.url, tmp_path / "h", HF_TOKEN="hf_from_env_456"))
+        proc = cli_process(
+            ["push", ckpt, "--repo", "gina/x"], hub_env(server.url, tmp_path / "h", HF_TOKEN="hf_from_env_456")
+        )
         assert proc.returncode == 0, proc.stderr
         assert "hf_from_env_456" not in proc.stdout + proc.stderr
     finally:
