@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,6 +26,35 @@ def real() -> Path:
     """The folder of real adapters (fails loudly when the shared data is missing)."""
     assert (REAL / "index.json").is_file(), f"real adapters not found at {REAL}; set SHARE_REAL_ADAPTERS"
     return REAL
+
+
+@pytest.fixture(scope="session")
+def merged(real: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Path]]:
+    """Checkpoints of the real adapters, each merged once per session and shared by the tests.
+
+    ``merged("gpt2-c_attn", k=6)`` merges ``real/gpt2-c_attn`` with ``ConsolidationConfig(k=6)``
+    the first time it is asked for and returns the same file afterwards. Tests must not change it
+    (copy it into ``tmp_path`` first); at the end of the session every shared file is checked to
+    be byte for byte what was merged, so a test that changed one is reported.
+    """
+    from share_convert.consolidation import ConsolidationConfig, merge
+    from share_convert.formats import open_adapters
+
+    root = tmp_path_factory.mktemp("merged")
+    made: dict[tuple, tuple[Path, str]] = {}
+
+    def get(*groups: str, **config: Any) -> Path:
+        key = (groups, tuple(sorted(config.items())))
+        if key not in made:
+            out = root / str(len(made)) / "share.safetensors"
+            out.parent.mkdir()
+            merge(open_adapters([str(real / g) for g in groups]), out, ConsolidationConfig(**config))
+            made[key] = (out, hashlib.sha256(out.read_bytes()).hexdigest())
+        return made[key][0]
+
+    yield get
+    changed = [str(p) for p, digest in made.values() if hashlib.sha256(p.read_bytes()).hexdigest() != digest]
+    assert not changed, f"a test changed a shared checkpoint (copy it first): {changed}"
 
 
 def write_adapter(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,9 +27,10 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def ckpt(tmp_path, real) -> Path:
+def ckpt(tmp_path, merged) -> Path:
+    """This test's own copy of the session's checkpoint of the GPT-2 adapters (k = 6, private rank 1)."""
     out = tmp_path / "c.safetensors"
-    merge(open_adapters([str(real / "gpt2-c_attn")]), out, ConsolidationConfig(k=6, private_rank=1))
+    shutil.copyfile(merged("gpt2-c_attn", k=6, private_rank=1), out)
     return out
 
 
