@@ -130,9 +130,8 @@ def uploads(olah):
     server.stop()
 
 
-def test_push_then_pull_through_olah_is_byte_identical(olah, uploads, tmp_path, real):
-    ckpt = tmp_path / "share.safetensors"
-    CliRunner().invoke(app, ["merge", str(real / "gpt2-c_attn"), "-o", str(ckpt)])
+def test_push_then_pull_through_olah_is_byte_identical(olah, uploads, tmp_path, merged):
+    ckpt = merged("gpt2-c_attn")
     push = cli(
         ["push", ckpt, "--repo", "dave/share-gpt2", "--token", "hf_secret_value", "--license", "mit"],
         hub_env(uploads.url, tmp_path / "h1"),
@@ -149,9 +148,8 @@ def test_push_then_pull_through_olah_is_byte_identical(olah, uploads, tmp_path, 
     assert (tmp_path / "pulled/share_config.json").is_file()
 
 
-def test_hub_checkpoints_work_wherever_a_path_does(olah, uploads, tmp_path, real):
-    ckpt = tmp_path / "share.safetensors"
-    CliRunner().invoke(app, ["merge", str(real / "gpt2-c_attn"), "-o", str(ckpt)])
+def test_hub_checkpoints_work_wherever_a_path_does(olah, uploads, tmp_path, real, merged):
+    ckpt = merged("gpt2-c_attn")
     assert (
         cli(
             ["push", ckpt, "--repo", "erin/share", "--revision", "v2"], hub_env(uploads.url, tmp_path / "h1")
@@ -187,11 +185,10 @@ def test_hub_checkpoints_work_wherever_a_path_does(olah, uploads, tmp_path, real
     assert merged.returncode == 0, merged.stderr
 
 
-def test_authentication_failure_is_one_line_and_never_shows_the_token(olah, tmp_path, real):
+def test_authentication_failure_is_one_line_and_never_shows_the_token(olah, tmp_path, merged):
     server = UploadServer(olah.mirrors, require_token="hf_right")
     try:
-        ckpt = tmp_path / "share.safetensors"
-        CliRunner().invoke(app, ["merge", str(real / GOOD), "-o", str(ckpt)])
+        ckpt = merged(GOOD)
         proc = cli_process(
             ["push", ckpt, "--repo", "frank/x", "--token", "hf_wrong_token_123"], hub_env(server.url, tmp_path / "h")
         )
@@ -208,11 +205,10 @@ def test_pull_of_a_repository_without_a_checkpoint_fails_cleanly(olah, tmp_path)
     assert proc.returncode == 2 and "holds no share.safetensors" in proc.stderr
 
 
-def test_hf_token_from_the_environment_is_used_and_never_shown(olah, tmp_path, real):
+def test_hf_token_from_the_environment_is_used_and_never_shown(olah, tmp_path, merged):
     server = UploadServer(olah.mirrors, require_token="hf_from_env_456")
     try:
-        ckpt = tmp_path / "share.safetensors"
-        CliRunner().invoke(app, ["merge", str(real / GOOD), "-o", str(ckpt)])
+        ckpt = merged(GOOD)
         proc = cli_process(
             ["push", ckpt, "--repo", "gina/x"], hub_env(server.url, tmp_path / "h", HF_TOKEN="hf_from_env_456")
         )
