@@ -17,6 +17,15 @@ from safetensors.torch import save_file
 os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
+# One torch thread in this process and in the processes the tests start, unless OMP_NUM_THREADS
+# says otherwise (the thread-count tests set it per process). The tensors here are small, and on
+# cores shared with other work torch's OpenMP threads spin against each other: on this 2-core
+# machine at load 5-7, test_planning.py + test_extraction.py took 180-233 s with 2 threads and
+# 31-44 s with 1 (CPU time 99-135 s against 20-21 s).
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 REAL = Path(os.environ.get("SHARE_REAL_ADAPTERS", REPO.parent / "shared" / "data" / "real-adapters"))
 
