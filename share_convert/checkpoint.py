@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from safetensors import safe_open
 
-from .atomic import temp_file_beside
+from .atomic import crash_point, temp_file_beside
 from .errors import (
     CorruptCheckpointError,
     OutputExistsError,
@@ -186,6 +186,7 @@ class CheckpointWriter:
         if name in self._entries:
             raise ValueError(f"duplicate tensor name {name}")
         self._data.write(raw)
+        crash_point("checkpoint.tensor-added")
         self._entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [self._offset, self._offset + len(raw)]}
         self._offset += len(raw)
         self.hashes[name] = digest
@@ -273,18 +274,23 @@ class CheckpointWriter:
         self._data.flush()
         os.fsync(self._data.fileno())
         self._data.close()
+        crash_point("checkpoint.data-written")
         parent = self.path.parent if str(self.path.parent) else Path(".")
         fd, tmp = temp_file_beside(self.path)
         try:
             with os.fdopen(fd, "wb") as out, open(self._data_path, "rb") as data:
                 out.write(struct.pack("<Q", len(blob)))
                 out.write(blob)
+                out.flush()
+                crash_point("checkpoint.header-written")
                 while chunk := data.read(1 << 24):
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
             os.chmod(tmp, 0o644)
+            crash_point("checkpoint.file-synced")
             os.replace(tmp, self.path)
+            crash_point("checkpoint.published")
             _fsync_dir(parent)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +18,15 @@ from .real_adapters import real_adapters_dir
 # No test may reach the real Hub: anything not pointed at a local server fails fast on a closed port.
 os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+# One torch thread in this process and in the processes the tests start, unless OMP_NUM_THREADS
+# says otherwise (the thread-count tests set it per process). The tensors here are small, and on
+# cores shared with other work torch's OpenMP threads spin against each other: on this 2-core
+# machine at load 5-7, test_planning.py + test_extraction.py took 180-233 s with 2 threads and
+# 31-44 s with 1 (CPU time 99-135 s against 20-21 s).
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 # $SHARE_REAL_ADAPTERS, ../shared/data/real-adapters, or fetched once into a cache from the adapters'
@@ -27,6 +39,35 @@ def real() -> Path:
     """The folder of real adapters (fails loudly when the shared data is missing)."""
     assert (REAL / "index.json").is_file(), f"real adapters not found at {REAL}; set SHARE_REAL_ADAPTERS"
     return REAL
+
+
+@pytest.fixture(scope="session")
+def merged(real: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Path]]:
+    """Checkpoints of the real adapters, each merged once per session and shared by the tests.
+
+    ``merged("gpt2-c_attn", k=6)`` merges ``real/gpt2-c_attn`` with ``ConsolidationConfig(k=6)``
+    the first time it is asked for and returns the same file afterwards. Tests must not change it
+    (copy it into ``tmp_path`` first); at the end of the session every shared file is checked to
+    be byte for byte what was merged, so a test that changed one is reported.
+    """
+    from share_convert.consolidation import ConsolidationConfig, merge
+    from share_convert.formats import open_adapters
+
+    root = tmp_path_factory.mktemp("merged")
+    made: dict[tuple, tuple[Path, str]] = {}
+
+    def get(*groups: str, **config: Any) -> Path:
+        key = (groups, tuple(sorted(config.items())))
+        if key not in made:
+            out = root / str(len(made)) / "share.safetensors"
+            out.parent.mkdir()
+            merge(open_adapters([str(real / g) for g in groups]), out, ConsolidationConfig(**config))
+            made[key] = (out, hashlib.sha256(out.read_bytes()).hexdigest())
+        return made[key][0]
+
+    yield get
+    changed = [str(p) for p, digest in made.values() if hashlib.sha256(p.read_bytes()).hexdigest() != digest]
+    assert not changed, f"a test changed a shared checkpoint (copy it first): {changed}"
 
 
 def write_adapter(

@@ -10,6 +10,7 @@ push followed by a pull goes through both servers.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
 import re
@@ -18,8 +19,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import pytest
 
 GIT = ["git", "-c", "user.email=tests@share-convert", "-c", "user.name=tests"]
 
@@ -174,6 +179,33 @@ class UploadServer:
 
 
 def hub_env(endpoint: str, home: Path, **extra: str) -> dict[str, str]:
+    """The environment of a process that sees only ``endpoint`` as the Hub, with its own cache under ``home``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update({"HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"}, **extra)
     return env
+
+
+@contextmanager
+def hub_settings(env: dict[str, str]) -> Iterator[None]:
+    """This process set up as a fresh one started with ``env`` would be, for huggingface_hub.
+
+    The ``HF_*`` variables are set as in ``env`` (the others removed), and huggingface_hub's
+    constants, which it reads from the environment once at import (cache folder, token file,
+    endpoint, offline mode), are recomputed from them by running its ``constants`` module afresh;
+    everything is restored on exit. This lets the Hub tests run the CLI in-process.
+    """
+    from huggingface_hub import constants
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key in [k for k in os.environ if k.startswith("HF_") and k not in env]:
+            mp.delenv(key)
+        for key, value in env.items():
+            if key.startswith("HF_"):
+                mp.setenv(key, value)
+        spec = importlib.util.spec_from_file_location("_fresh_hf_constants", constants.__file__)
+        fresh = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(fresh)
+        for name in dir(fresh):
+            if name.isupper() and getattr(fresh, name) != getattr(constants, name, None):
+                mp.setattr(constants, name, getattr(fresh, name), raising=False)
+        yield

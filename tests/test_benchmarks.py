@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark generator and runners on tiny sizes (the benchmarks themselves are not CI)."""
 
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,9 @@ def run(*args):
     return proc
 
 
-def test_generator_writes_peft_adapters_with_a_planted_subspace(tmp_path):
-    run(
-        BENCH / "generate.py",
+def test_generator_writes_peft_adapters_with_a_planted_subspace(tmp_path, monkeypatch):
+    # in this process: the generator only writes files (the runners below time whole processes, so they run as ones)
+    args = [
         tmp_path / "a",
         "--count",
         "3",
@@ -28,7 +29,9 @@ def test_generator_writes_peft_adapters_with_a_planted_subspace(tmp_path):
         "4",
         "--shared-rank",
         "4",
-    )
+    ]
+    monkeypatch.setattr(sys, "argv", ["generate.py", *map(str, args)])
+    runpy.run_path(str(BENCH / "generate.py"), run_name="__main__")
     folders = sorted((tmp_path / "a").iterdir())
     assert [f.name for f in folders] == ["task-000", "task-001", "task-002"]
     assert json.loads((folders[0] / "adapter_config.json").read_text())["r"] == 4

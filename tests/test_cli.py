@@ -71,9 +71,8 @@ def test_console_script_runs_as_a_process(tmp_path, real):
     assert proc.stderr == ""  # no progress bar in a pipe
 
 
-def test_tasks_lists_task_names(tmp_path, real):
-    run("merge", real / "gpt2-c_attn", "-o", tmp_path / "g.safetensors")
-    result = run("tasks", tmp_path / "g.safetensors")
+def test_tasks_lists_task_names(real, merged):
+    result = run("tasks", merged("gpt2-c_attn"))
     assert result.output.split() == sorted(p.name for p in (real / "gpt2-c_attn").iterdir())
 
 

@@ -15,6 +15,12 @@ from share_convert.formats import open_adapters
 from .conftest import random_factors, write_adapter
 
 FULL = ConsolidationConfig(k=100_000)
+# the first three of the five GPT-2 adapters, in the order open_adapters gives them
+GPT2_FIRST_THREE = (
+    "gpt2-c_attn/ShutterStack__peft_model",
+    "gpt2-c_attn/gsj-rifat__tmp",
+    "gpt2-c_attn/winkitee__imdb-checkpoint-1000",
+)
 
 
 def recon(ckpt: Checkpoint, task: str, module: str) -> torch.Tensor:
@@ -85,49 +91,42 @@ def test_an_update_needs_only_the_checkpoint_not_the_old_adapters(tmp_path, real
     assert len(Checkpoint(tmp_path / "c2.safetensors").tasks) == 5
 
 
-def test_merging_two_checkpoints_equals_consolidating_their_reconstructions(tmp_path, real):
+def test_merging_two_checkpoints_equals_consolidating_their_reconstructions(tmp_path, merged):
     cfg = ConsolidationConfig(k=6)
-    merge(open_adapters([str(real / "gpt2-c_attn")]), tmp_path / "g1.safetensors", cfg)
-    merge(open_adapters([str(real / "gpt2-c_attn+c_proj")]), tmp_path / "g2.safetensors", cfg)
-    api.merge([str(tmp_path / "g1.safetensors"), str(tmp_path / "g2.safetensors")], tmp_path / "both.safetensors", cfg)
-    api.extract(tmp_path / "g1.safetensors", tmp_path / "x1", all_tasks=True)
-    api.extract(tmp_path / "g2.safetensors", tmp_path / "x2", all_tasks=True)
+    g1, g2 = merged("gpt2-c_attn", k=6), merged("gpt2-c_attn+c_proj", k=6)
+    api.merge([str(g1), str(g2)], tmp_path / "both.safetensors", cfg)
+    api.extract(g1, tmp_path / "x1", all_tasks=True)
+    api.extract(g2, tmp_path / "x2", all_tasks=True)
     api.merge([str(tmp_path / "x1"), str(tmp_path / "x2")], tmp_path / "recon.safetensors", cfg)
     a, b = Checkpoint(tmp_path / "both.safetensors"), Checkpoint(tmp_path / "recon.safetensors")
-    assert (
-        set(a.tasks)
-        == set(b.tasks)
-        == set(Checkpoint(tmp_path / "g1.safetensors").tasks) | set(Checkpoint(tmp_path / "g2.safetensors").tasks)
-    )
+    assert set(a.tasks) == set(b.tasks) == set(Checkpoint(g1).tasks) | set(Checkpoint(g2).tasks)
     for module, info in a.modules.items():
         for t in info["tasks"]:
             assert close(recon(a, t, module), recon(b, t, module), 1e-3)
 
 
-def test_tasks_from_a_checkpoint_carry_an_error_bound(tmp_path, real):
-    merge(open_adapters([str(real / "gpt2-c_attn")]), tmp_path / "g1.safetensors", ConsolidationConfig(k=4))
-    api.merge([str(tmp_path / "g1.safetensors")], tmp_path / "again.safetensors", ConsolidationConfig(k=2))
-    before = Checkpoint(tmp_path / "g1.safetensors").modules
+def test_tasks_from_a_checkpoint_carry_an_error_bound(tmp_path, merged):
+    g1 = merged("gpt2-c_attn", k=4)
+    api.merge([str(g1)], tmp_path / "again.safetensors", ConsolidationConfig(k=2))
+    before = Checkpoint(g1).modules
     for module, info in Checkpoint(tmp_path / "again.safetensors").modules.items():
         for t, rec in info["tasks"].items():
             assert rec["bound"] and rec["error"] >= before[module]["tasks"][t]["error"] - 1e-9
 
 
-def test_an_existing_task_name_is_an_error_unless_replace(tmp_path, real):
+def test_an_existing_task_name_is_an_error_unless_replace(tmp_path, real, merged):
     sources = open_adapters([str(real / "gpt2-c_attn")])
-    merge(sources, tmp_path / "c.safetensors")
     with pytest.raises(DuplicateTaskError, match="--replace"):
-        add(tmp_path / "c.safetensors", sources[:1], tmp_path / "c2.safetensors")
-    add(tmp_path / "c.safetensors", sources[:1], tmp_path / "c2.safetensors", replace=True)
+        add(merged("gpt2-c_attn"), sources[:1], tmp_path / "c2.safetensors")
+    add(merged("gpt2-c_attn"), sources[:1], tmp_path / "c2.safetensors", replace=True)
     ckpt = Checkpoint(tmp_path / "c2.safetensors")
     assert sorted(ckpt.tasks) == sorted(s.task for s in sources)
     assert ckpt.history[-1]["tasks_replaced"] == [sources[0].task]
 
 
-def test_adapters_of_another_base_are_refused(tmp_path, real):
-    merge(open_adapters([str(real / "gpt2-c_attn")]), tmp_path / "c.safetensors")
+def test_adapters_of_another_base_are_refused(tmp_path, real, merged):
     with pytest.raises(IncompatibleAdaptersError, match="different base model"):
-        add(tmp_path / "c.safetensors", open_adapters([str(real / "bert-tiny")]), tmp_path / "c2.safetensors")
+        add(merged("gpt2-c_attn"), open_adapters([str(real / "bert-tiny")]), tmp_path / "c2.safetensors")
     assert not (tmp_path / "c2.safetensors").exists()
 
 
@@ -157,34 +156,33 @@ def test_a_checkpoint_of_an_unknown_format_version_is_refused(tmp_path, real):
         Checkpoint(tmp_path / "future.safetensors")
 
 
-def test_remove_drops_a_task_and_keeps_the_others_unchanged(tmp_path, real):
+def test_remove_drops_a_task_and_keeps_the_others_unchanged(tmp_path, real, merged):
     sources = open_adapters([str(real / "gpt2-c_attn")])
-    merge(sources, tmp_path / "c.safetensors", ConsolidationConfig(k=8))
-    remove(tmp_path / "c.safetensors", [sources[0].task], tmp_path / "r.safetensors")
-    a, b = Checkpoint(tmp_path / "c.safetensors"), Checkpoint(tmp_path / "r.safetensors")
+    c = merged("gpt2-c_attn", k=8)
+    remove(c, [sources[0].task], tmp_path / "r.safetensors")
+    a, b = Checkpoint(c), Checkpoint(tmp_path / "r.safetensors")
     assert sources[0].task not in b.tasks and len(b.tasks) == 4
     for module, info in b.modules.items():
         for t in info["tasks"]:
             assert torch.equal(recon(a, t, module), recon(b, t, module))
     with pytest.raises(UnknownTaskError, match="Available tasks"):
-        remove(tmp_path / "c.safetensors", ["nope"], tmp_path / "r2.safetensors")
+        remove(c, ["nope"], tmp_path / "r2.safetensors")
 
 
-def test_remove_with_refit_fits_the_bases_to_the_remaining_tasks(tmp_path, real):
+def test_remove_with_refit_fits_the_bases_to_the_remaining_tasks(tmp_path, real, merged):
     sources = open_adapters([str(real / "gpt2-c_attn")])
-    merge(sources, tmp_path / "c.safetensors", ConsolidationConfig(k=8))
-    remove(tmp_path / "c.safetensors", [s.task for s in sources[:3]], tmp_path / "r.safetensors", refit=True)
+    remove(merged("gpt2-c_attn", k=8), [s.task for s in sources[:3]], tmp_path / "r.safetensors", refit=True)
     b = Checkpoint(tmp_path / "r.safetensors")
     assert b.history[-1]["op"] == "remove+refit" and len(b.tasks) == 2
     for info in b.modules.values():  # the two remaining rank-8 tasks span 16 directions; k = 8 keeps 8
         assert info["k_B"] == 8 and set(info["tasks"]) == set(b.tasks)
 
 
-def test_private_corrections_survive_add(tmp_path, real):
+def test_private_corrections_survive_add(tmp_path, real, merged):
     sources = open_adapters([str(real / "gpt2-c_attn")])
-    merge(sources[:3], tmp_path / "c.safetensors", ConsolidationConfig(k=4, private_rank=2))
-    before = Checkpoint(tmp_path / "c.safetensors")
-    add(tmp_path / "c.safetensors", sources[3:], tmp_path / "c2.safetensors")
+    c = merged(*GPT2_FIRST_THREE, k=4, private_rank=2)
+    before = Checkpoint(c)
+    add(c, sources[3:], tmp_path / "c2.safetensors")
     after = Checkpoint(tmp_path / "c2.safetensors")
     for module, info in after.modules.items():
         for t in (s.task for s in sources[:3]):
@@ -193,13 +191,13 @@ def test_private_corrections_survive_add(tmp_path, real):
                 assert torch.equal(after.task_tensors(t, module)[part], before.task_tensors(t, module)[part])
 
 
-def test_old_private_corrections_are_kept_byte_for_byte(tmp_path, real):
+def test_old_private_corrections_are_kept_byte_for_byte(tmp_path, real, merged):
     from share_convert.checkpoint import tensor_bytes
 
     sources = open_adapters([str(real / "gpt2-c_attn")])
-    merge(sources[:3], tmp_path / "c.safetensors", ConsolidationConfig(k=4, private_rank=2))
-    add(tmp_path / "c.safetensors", sources[3:], tmp_path / "c2.safetensors")
-    before, after = Checkpoint(tmp_path / "c.safetensors"), Checkpoint(tmp_path / "c2.safetensors")
+    c = merged(*GPT2_FIRST_THREE, k=4, private_rank=2)
+    add(c, sources[3:], tmp_path / "c2.safetensors")
+    before, after = Checkpoint(c), Checkpoint(tmp_path / "c2.safetensors")
     compared = 0
     for module in before.modules:
         for t in (s.task for s in sources[:3]):
@@ -287,22 +285,21 @@ def test_after_a_remove_the_next_add_sees_only_the_remaining_tasks(tmp_path):
     assert info["k_B"] == info["k_A"] == 12  # t0, t1, t3: rank 4 each, nothing left of t2
 
 
-def test_after_an_add_every_module_meets_the_target_counting_the_old_tasks_errors(tmp_path, real):
+def test_after_an_add_every_module_meets_the_target_counting_the_old_tasks_errors(tmp_path, real, merged):
     # old tasks keep their errors (private truncation included): the new task gets only what is left
     sources = open_adapters([str(real / "gpt2-c_attn")])
-    merge(sources[:3], tmp_path / "c.safetensors", ConsolidationConfig(target_error=0.05))
-    add(tmp_path / "c.safetensors", sources[3:4], tmp_path / "c2.safetensors")
+    add(merged(*GPT2_FIRST_THREE, target_error=0.05), sources[3:4], tmp_path / "c2.safetensors")
     for info in Checkpoint(tmp_path / "c2.safetensors").modules.values():
         errors = [t["error"] for t in info["tasks"].values()]
         assert len(errors) == 4 and sum(errors) / len(errors) <= 0.05 + 1e-6
 
 
-def test_merging_checkpoints_meets_the_target_on_the_errors_it_records(tmp_path, real):
+def test_merging_checkpoints_meets_the_target_on_the_errors_it_records(tmp_path, real, merged):
     # tasks from checkpoints are planned on their bounds (error so far + drift), the figures recorded
     sources = open_adapters([str(real / "gpt2-c_attn")])
-    merge(sources[:3], tmp_path / "a.safetensors", ConsolidationConfig(target_error=0.05))
     merge(sources[3:], tmp_path / "b.safetensors", ConsolidationConfig(target_error=0.05))
-    api.merge([str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")], tmp_path / "ab.safetensors")
+    a = merged(*GPT2_FIRST_THREE, target_error=0.05)
+    api.merge([str(a), str(tmp_path / "b.safetensors")], tmp_path / "ab.safetensors")
     for info in Checkpoint(tmp_path / "ab.safetensors").modules.values():
         errors = [t["error"] for t in info["tasks"].values()]
         assert len(errors) == len(sources) and sum(errors) / len(errors) <= 0.05 + 1e-6

@@ -66,12 +66,12 @@ TOKENS = torch.randint(1, 1000, (2, 12), generator=torch.Generator().manual_seed
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_full_k_extraction_gives_the_original_outputs(tmp_path, real, bases, case):
+def test_full_k_extraction_gives_the_original_outputs(tmp_path, real, merged, bases, case):
     _, groups = CASES[case]
     sources = open_adapters([str(real / g) for g in groups])
-    merge(sources, tmp_path / "c.safetensors", ConsolidationConfig(k=10_000))
+    ckpt = merged(*groups, k=10_000)
     for src in sources:
-        extract(tmp_path / "c.safetensors", src.task, tmp_path / src.task)
+        extract(ckpt, src.task, tmp_path / src.task)
         h0, y0 = outputs(bases[case], src.weights_path.parent, TOKENS)
         h1, y1 = outputs(bases[case], tmp_path / src.task, TOKENS)
         assert torch.allclose(h0, h1, atol=1e-4, rtol=1e-4), (h0 - h1).abs().max()
@@ -79,11 +79,10 @@ def test_full_k_extraction_gives_the_original_outputs(tmp_path, real, bases, cas
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_default_extraction_differs_no_more_than_the_reported_error(tmp_path, real, bases, case):
+def test_default_extraction_differs_no_more_than_the_reported_error(tmp_path, real, merged, bases, case):
     _, groups = CASES[case]
     sources = open_adapters([str(real / g) for g in groups])
-    merge(sources, tmp_path / "c.safetensors")
-    ckpt = Checkpoint(tmp_path / "c.safetensors")
+    ckpt = Checkpoint(merged(*groups))
     h_base, _ = outputs(bases[case], None, TOKENS)
     for src in sources:
         extract(ckpt, src.task, tmp_path / src.task)
@@ -139,10 +138,9 @@ def test_rank_option_truncates_to_the_best_rank_r_approximation(tmp_path, real):
     assert torch.allclose(W3, best, atol=1e-5 * float(S[0]))
 
 
-def test_merging_extracted_adapters_again_changes_nothing(tmp_path, real):
+def test_merging_extracted_adapters_again_changes_nothing(tmp_path, real, merged):
     sources = open_adapters([str(real / "gpt2-c_attn")])
-    merge(sources, tmp_path / "c1.safetensors")
-    extract_all(tmp_path / "c1.safetensors", tmp_path / "x1")
+    extract_all(merged("gpt2-c_attn"), tmp_path / "x1")
     merge(open_adapters([str(tmp_path / "x1")]), tmp_path / "c2.safetensors", ConsolidationConfig(k=10_000))
     extract_all(tmp_path / "c2.safetensors", tmp_path / "x2")
     from safetensors.torch import load_file
@@ -158,28 +156,26 @@ def test_merging_extracted_adapters_again_changes_nothing(tmp_path, real):
                 assert torch.allclose(Wa, Wb, atol=1e-5 * float(Wa.abs().max()) + 1e-9)
 
 
-def test_unknown_task_lists_the_available_ones(tmp_path, real):
-    merge(open_adapters([str(real / "gpt2-c_attn")]), tmp_path / "c.safetensors")
+def test_unknown_task_lists_the_available_ones(tmp_path, merged):
     with pytest.raises(UnknownTaskError, match="winkitee__peft-lora-gpt2"):
-        extract(tmp_path / "c.safetensors", "nope", tmp_path / "out")
+        extract(merged("gpt2-c_attn"), "nope", tmp_path / "out")
 
 
-def test_non_empty_output_folder_is_refused_without_force(tmp_path, real):
-    merge(open_adapters([str(real / "gpt2-c_attn")]), tmp_path / "c.safetensors")
+def test_non_empty_output_folder_is_refused_without_force(tmp_path, merged):
+    ckpt = merged("gpt2-c_attn")
     (tmp_path / "out").mkdir()
     (tmp_path / "out/keep.txt").write_text("x")
     with pytest.raises(OutputExistsError):
-        extract(tmp_path / "c.safetensors", "gsj-rifat__tmp", tmp_path / "out")
+        extract(ckpt, "gsj-rifat__tmp", tmp_path / "out")
     assert (tmp_path / "out/keep.txt").read_text() == "x"
-    extract(tmp_path / "c.safetensors", "gsj-rifat__tmp", tmp_path / "out", force=True)
+    extract(ckpt, "gsj-rifat__tmp", tmp_path / "out", force=True)
     assert not (tmp_path / "out/keep.txt").exists()
 
 
-def test_extraction_reads_only_the_task_it_needs(tmp_path, real, monkeypatch):
+def test_extraction_reads_only_the_task_it_needs(tmp_path, merged, monkeypatch):
     from share_convert.checkpoint import Checkpoint
 
-    sources = open_adapters([str(real / "gpt2-c_attn")])
-    merge(sources, tmp_path / "c.safetensors", ConsolidationConfig(k=4, private_rank=1))
+    ckpt = merged("gpt2-c_attn", k=4, private_rank=1)
     read: list[str] = []
     original = Checkpoint.tensor
 
@@ -188,6 +184,6 @@ def test_extraction_reads_only_the_task_it_needs(tmp_path, real, monkeypatch):
         return original(self, name)
 
     monkeypatch.setattr(Checkpoint, "tensor", spy)
-    extract(tmp_path / "c.safetensors", "gsj-rifat__tmp", tmp_path / "out")
+    extract(ckpt, "gsj-rifat__tmp", tmp_path / "out")
     assert read and all(n.startswith(("tasks/gsj-rifat__tmp/", "modules/", "records/")) for n in read)
     assert not any(n.endswith(("gram_B", "gram_A")) for n in read)

@@ -1,16 +1,21 @@
-"""The Hub, against real Hub-compatible servers on 127.0.0.1: olah for downloads, a small upload server for pushes."""
+"""The Hub, against real Hub-compatible servers on 127.0.0.1: olah for downloads, a small upload server for pushes.
+
+The CLI runs in this process with the environment a fresh process would get (hub_settings);
+the tests that a token never reaches the screen run it in a real process.
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 from typer.testing import CliRunner
 
 from share_convert.cli import app
 
-from .hub_servers import Olah, UploadServer, hub_env, make_repo
+from .hub_servers import Olah, UploadServer, hub_env, hub_settings, make_repo
 
 GOOD = "gpt2-c_attn/winkitee__peft-lora-gpt2"
 
@@ -33,25 +38,41 @@ def olah(tmp_path_factory, real):
     server.stop()
 
 
-def cli(args, env, cwd=None):
-    """Run the CLI in a real process with only the local servers reachable."""
+@dataclass
+class Ran:
+    """What a run of the CLI gave: its exit code and what it printed on each stream."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(args, env) -> Ran:
+    """Run the CLI in this process, set up as a fresh process started with ``env`` would be."""
+    with hub_settings(env):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a bug: show its traceback
+    return Ran(result.exit_code, result.stdout, result.stderr)
+
+
+def cli_process(args, env) -> subprocess.CompletedProcess:
+    """Run the CLI in a real process with only the local servers reachable.
+
+    For the tests that a token never reaches the screen: a real process shows everything that
+    would reach the user's terminal, huggingface_hub's log records and warnings included.
+    """
     return subprocess.run(
-        [sys.executable, "-m", "share_convert.cli", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd
+        [sys.executable, "-m", "share_convert.cli", *map(str, args)], capture_output=True, text=True, env=env
     )
 
 
 def test_huggingface_hub_downloads_and_revisions_work_against_olah(olah, tmp_path, real):
-    code = (
-        "from huggingface_hub import snapshot_download, hf_hub_download;"
-        "p = snapshot_download('alice/imdb', revision='v1');"
-        "q = hf_hub_download('alice/imdb', 'adapter_config.json');"
-        "print(p); print(q)"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=hub_env(olah.url, tmp_path / "home")
-    )
-    assert proc.returncode == 0, proc.stderr
-    snap, cfg = proc.stdout.split()
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    with hub_settings(hub_env(olah.url, tmp_path / "home")):
+        snapshot_download("alice/imdb", revision="v1")
+        cfg = hf_hub_download("alice/imdb", "adapter_config.json")
     assert open(cfg, "rb").read() == (real / GOOD / "adapter_config.json").read_bytes()
 
 
@@ -109,9 +130,8 @@ def uploads(olah):
     server.stop()
 
 
-def test_push_then_pull_through_olah_is_byte_identical(olah, uploads, tmp_path, real):
-    ckpt = tmp_path / "share.safetensors"
-    CliRunner().invoke(app, ["merge", str(real / "gpt2-c_attn"), "-o", str(ckpt)])
+def test_push_then_pull_through_olah_is_byte_identical(olah, uploads, tmp_path, merged):
+    ckpt = merged("gpt2-c_attn")
     push = cli(
         ["push", ckpt, "dave/share-gpt2", "--token", "hf_secret_value", "--license", "mit"],
         hub_env(uploads.url, tmp_path / "h1"),
@@ -128,9 +148,8 @@ def test_push_then_pull_through_olah_is_byte_identical(olah, uploads, tmp_path, 
     assert (tmp_path / "pulled/share_config.json").is_file()
 
 
-def test_hub_checkpoints_work_wherever_a_path_does(olah, uploads, tmp_path, real):
-    ckpt = tmp_path / "share.safetensors"
-    CliRunner().invoke(app, ["merge", str(real / "gpt2-c_attn"), "-o", str(ckpt)])
+def test_hub_checkpoints_work_wherever_a_path_does(olah, uploads, tmp_path, real, merged):
+    ckpt = merged("gpt2-c_attn")
     assert cli(["push", ckpt, "erin/share", "--revision", "v2"], hub_env(uploads.url, tmp_path / "h1")).returncode == 0
     env = hub_env(olah.url, tmp_path / "h2")
     info = cli(["info", "hf://erin/share@v2", "--json"], env)
@@ -161,12 +180,13 @@ def test_hub_checkpoints_work_wherever_a_path_does(olah, uploads, tmp_path, real
     assert merged.returncode == 0, merged.stderr
 
 
-def test_authentication_failure_is_one_line_and_never_shows_the_token(olah, tmp_path, real):
+def test_authentication_failure_is_one_line_and_never_shows_the_token(olah, tmp_path, merged):
     server = UploadServer(olah.mirrors, require_token="hf_right")
     try:
-        ckpt = tmp_path / "share.safetensors"
-        CliRunner().invoke(app, ["merge", str(real / GOOD), "-o", str(ckpt)])
-        proc = cli(["push", ckpt, "frank/x", "--token", "hf_wrong_token_123"], hub_env(server.url, tmp_path / "h"))
+        ckpt = merged(GOOD)
+        proc = cli_process(
+            ["push", ckpt, "frank/x", "--token", "hf_wrong_token_123"], hub_env(server.url, tmp_path / "h")
+        )
         assert proc.returncode == 2
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "authentication failed" in lines[0]
@@ -180,12 +200,11 @@ def test_pull_of_a_repository_without_a_checkpoint_fails_cleanly(olah, tmp_path)
     assert proc.returncode == 2 and "holds no share.safetensors" in proc.stderr
 
 
-def test_hf_token_from_the_environment_is_used_and_never_shown(olah, tmp_path, real):
+def test_hf_token_from_the_environment_is_used_and_never_shown(olah, tmp_path, merged):
     server = UploadServer(olah.mirrors, require_token="hf_from_env_456")
     try:
-        ckpt = tmp_path / "share.safetensors"
-        CliRunner().invoke(app, ["merge", str(real / GOOD), "-o", str(ckpt)])
-        proc = cli(["push", ckpt, "gina/x"], hub_env(server.url, tmp_path / "h", HF_TOKEN="hf_from_env_456"))
+        ckpt = merged(GOOD)
+        proc = cli_process(["push", ckpt, "gina/x"], hub_env(server.url, tmp_path / "h", HF_TOKEN="hf_from_env_456"))
         assert proc.returncode == 0, proc.stderr
         assert "hf_from_env_456" not in proc.stdout + proc.stderr
     finally:

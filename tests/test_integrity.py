@@ -5,15 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from share_convert.atomic import CRASH_AT
 from share_convert.checkpoint import Checkpoint, CheckpointWriter
 from share_convert.cli import app
 from share_convert.consolidation import ConsolidationConfig, merge
@@ -25,9 +26,10 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def ckpt(tmp_path, real) -> Path:
+def ckpt(tmp_path, merged) -> Path:
+    """This test's own copy of the session's checkpoint of the GPT-2 adapters (k = 6, private rank 1)."""
     out = tmp_path / "c.safetensors"
-    merge(open_adapters([str(real / "gpt2-c_attn")]), out, ConsolidationConfig(k=6, private_rank=1))
+    shutil.copyfile(merged("gpt2-c_attn", k=6, private_rank=1), out)
     return out
 
 
@@ -139,70 +141,79 @@ def test_extraction_is_byte_identical_run_after_run(tmp_path, ckpt):
             assert p.read_bytes() == (tmp_path / "2" / p.relative_to(tmp_path / "1")).read_bytes()
 
 
-KILL_CASES = ["merge", "add", "extract"]
+# The steps of a write where a crash must leave the previous output whole and no partial one
+# (share_convert.atomic.crash_point). The checkpoint writer's steps: a tensor written to the data
+# file, all data written, the header written, the new file synced (just before the rename), and
+# renamed into place (the data file not yet removed). A folder's: written, and swapped into place.
+CHECKPOINT_STEPS = [
+    "checkpoint.tensor-added",
+    "checkpoint.data-written",
+    "checkpoint.header-written",
+    "checkpoint.file-synced",
+    "checkpoint.published",
+]
+CRASH_CASES = [
+    *[("merge", step) for step in CHECKPOINT_STEPS],
+    # add writes through the same writer: mid-data, the last moment before the rename, and just after
+    *[("add", step) for step in ("checkpoint.tensor-added", "checkpoint.file-synced", "checkpoint.published")],
+    ("extract", "dir.written"),
+    ("extract", "dir.published"),
+]
+PUBLISHED = ("checkpoint.published", "dir.published")  # steps after which the new output is in place
 
 
 @pytest.fixture(scope="module")
-def slow_inputs(tmp_path_factory):
-    """Adapters big enough that a merge takes a couple of seconds: room to kill it mid-way."""
-    root = tmp_path_factory.mktemp("slow")
-    write_synthetic_adapters(root / "a", count=24, layers=6, hidden=384, rank=16, shared_rank=16)
-    write_synthetic_adapters(root / "b", count=2, layers=6, hidden=384, rank=16, shared_rank=16, seed=7, prefix="new")
+def kill_inputs(tmp_path_factory):
+    """Small adapters and a checkpoint of them: the kill is placed by a crash point, not by a timer."""
+    root = tmp_path_factory.mktemp("kill")
+    write_synthetic_adapters(root / "a", count=4, layers=2, hidden=32, rank=4, shared_rank=4)
+    write_synthetic_adapters(root / "b", count=2, layers=2, hidden=32, rank=4, shared_rank=4, seed=7, prefix="new")
+    merge(open_adapters([str(root / "a")]), root / "base.safetensors")
     return root
 
 
-@pytest.mark.parametrize("command", KILL_CASES)
-def test_sigkill_at_any_moment_leaves_the_previous_file_and_no_partial_one(tmp_path, slow_inputs, command):
-    base = tmp_path / "base.safetensors"
-    subprocess.run(
-        [sys.executable, "-m", "share_convert.cli", "merge", str(slow_inputs / "a"), "-o", str(base)],
-        check=True,
-        capture_output=True,
-    )
+@pytest.mark.parametrize("command, step", CRASH_CASES)
+def test_sigkill_inside_a_write_leaves_the_previous_output_or_the_whole_new_one(tmp_path, kill_inputs, command, step):
     target = tmp_path / ("out" if command == "extract" else "out.safetensors")
     if command == "extract":
         target.mkdir()
         (target / "adapter_model.safetensors").write_bytes(b"previous")
-        previous = None
     else:
         target.write_bytes(b"previous version")
-        previous = target.read_bytes()
     args = {
-        "merge": ["merge", str(slow_inputs / "a"), "-o", str(target), "--force"],
-        "add": ["add", str(base), str(slow_inputs / "b"), "-o", str(target), "--force"],
-        "extract": ["extract", str(base), "--task", "task-000", "-o", str(target), "--force"],
+        "merge": ["merge", str(kill_inputs / "a"), "-o", str(target), "--force"],
+        "add": ["add", str(kill_inputs / "base.safetensors"), str(kill_inputs / "b"), "-o", str(target), "--force"],
+        "extract": [
+            "extract",
+            str(kill_inputs / "base.safetensors"),
+            "--task",
+            "task-000",
+            "-o",
+            str(target),
+            "--force",
+        ],
     }[command]
-    start = time.perf_counter()
-    full = subprocess.run([sys.executable, "-m", "share_convert.cli", *args], capture_output=True)
-    duration = time.perf_counter() - start
-    assert full.returncode == 0, full.stderr
-    for fraction in (0.3, 0.6, 0.8, 0.95):
-        if command == "extract":
-            for p in target.iterdir():
-                p.unlink()
-            (target / "adapter_model.safetensors").write_bytes(b"previous")
-        else:
-            target.write_bytes(previous)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "share_convert.cli", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        time.sleep(duration * fraction)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if command == "extract":
-            files = sorted(p.name for p in target.iterdir())
-            # either the old folder, untouched, or the complete new adapter
-            if files == ["adapter_model.safetensors"]:
-                assert (target / "adapter_model.safetensors").read_bytes() == b"previous"
-            else:
-                assert files == ["adapter_config.json", "adapter_model.safetensors"]
-        else:
-            data = target.read_bytes()
-            if data != previous:  # the kill came after the atomic rename: the new file is whole
-                Checkpoint(target).verify_all()
-    # the next complete run removes what the killed ones left beside the target
-    done = subprocess.run([sys.executable, "-m", "share_convert.cli", *args], capture_output=True)
-    assert done.returncode == 0, done.stderr
+    # a real process, killed by SIGKILL at the named step: nothing of it runs after that point
+    killed = subprocess.run(
+        [sys.executable, "-m", "share_convert.cli", *args],
+        env={**os.environ, CRASH_AT: step},
+        capture_output=True,
+    )
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr)
+    if command == "extract":
+        files = sorted(p.name for p in target.iterdir())
+        if step in PUBLISHED:
+            assert files == ["adapter_config.json", "adapter_model.safetensors"]
+        else:  # the old folder, untouched
+            assert files == ["adapter_model.safetensors"]
+            assert (target / "adapter_model.safetensors").read_bytes() == b"previous"
+    elif step in PUBLISHED:
+        Checkpoint(target).verify_all()  # the new file is whole
+    else:
+        assert target.read_bytes() == b"previous version"
+    # the next complete write removes what the killed one left beside the target
+    done = runner.invoke(app, args)
+    assert done.exit_code == 0, done.output
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{target.name}.")]
 
 
