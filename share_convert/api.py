@@ -30,7 +30,7 @@ from .formats import (
 # what it needs when it runs, so that --help, tasks and info start without it.
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
-    from .consolidation import ConsolidationConfig
+    from .config import ConsolidationConfig
     from .extraction import ExtractedAdapter
 
 Progress = Callable[[str, int, int], None]
@@ -105,16 +105,6 @@ def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
     return sources
 
 
-def check_stores_tasks(config: ConsolidationConfig) -> None:
-    """Refuse options that store nothing of the tasks: --k 0 with no private rank gives every task
-    100% error (a checkpoint of heads alone)."""
-    if config.k == 0 and not config.private_rank:
-        raise InvalidOptionError(
-            "--k 0 without --private-rank stores nothing of the tasks (every task would have 100% ΔW error)",
-            hint="Give --k 1 or more, or --private-rank Q to keep Q private directions per task",
-        )
-
-
 def merge(
     inputs: Sequence[str],
     output: str | Path,
@@ -138,7 +128,7 @@ def merge(
 
     if config is not None:
         config.validate()  # bad options are reported before any input is read
-        check_stores_tasks(config)
+        config.validate()  # refuses options that store nothing (--k 0 alone) before any input is read
     sources = only_modules(open_inputs(inputs, alpha=alpha), modules)
     _merge(sources, output, config, force=force, progress=progress, timings=timings)
     return summarize(Checkpoint(output))
@@ -216,7 +206,7 @@ def add(
         config.k = k if k is not None else config.k
         config.target_error = target_error if target_error is not None else config.target_error
         config.device = device if device is not None else config.device
-    check_stores_tasks(config)
+    config.validate()  # refuses options that store nothing (--k 0 alone) before any input is read
     sources = open_inputs(inputs, alpha=alpha)
     _add(ckpt, sources, output, config, replace=replace, force=force, progress=progress)
     return summarize(Checkpoint(output))

@@ -25,11 +25,9 @@ from . import api
 from .errors import ShareError
 
 if TYPE_CHECKING:
-    from .consolidation import ConsolidationConfig
+    from .config import ConsolidationConfig
 
-#: The default error target, shown in --help without importing the engine (and torch) to read it;
-#: a test checks that it equals consolidation.DEFAULT_TARGET_ERROR.
-DEFAULT_TARGET_ERROR = 0.05
+from .config import DEFAULT_TARGET_ERROR
 
 app = typer.Typer(
     name="share-convert",
@@ -153,7 +151,7 @@ def config_from_options(
     dtype: Dtype,
     seed: int,
 ) -> ConsolidationConfig:
-    from .consolidation import ConsolidationConfig
+    from .config import ConsolidationConfig
 
     return ConsolidationConfig(
         k=k,
@@ -399,7 +397,7 @@ def plan(
     """
     if not inputs:
         fail("no inputs were given: pass adapter folders, files or globs")
-    from .consolidation import ConsolidationConfig
+    from .config import ConsolidationConfig
 
     config = ConsolidationConfig(
         target_error=target_error, target_metric=TargetMetric(target_metric).value, device=Device(device).value
@@ -633,7 +631,7 @@ def demo(
 
     Example: share-convert demo --keep demo/
     """
-    from .consolidation import ConsolidationConfig
+    from .config import ConsolidationConfig
     from .synthetic import write_synthetic_adapters
 
     say = (lambda text: None) if as_json else (lambda text: out.print(text, highlight=False, markup=False))  # noqa: E731

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from .checkpoint import FORMAT_NAME, FORMAT_VERSION, CheckpointWriter, check_output
+from .config import DEFAULT_TARGET_ERROR, ConsolidationConfig, task_errors  # noqa: F401 (re-exported)
 from .encoding import StoredBases, coordinates, encode_task, store_bases, store_grams
 from .errors import IncompatibleAdaptersError, InvalidOptionError
 from .formats import LoraFactors, itemsize
@@ -34,112 +35,6 @@ from .records import TaskRows
 Progress = Callable[[str, int, int], None]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ST_TO_NAME = {"F32": "float32", "F64": "float32", "BF16": "bfloat16", "F16": "float16"}
-
-DEFAULT_TARGET_ERROR = 0.05
-
-
-@dataclass
-class ConsolidationConfig:
-    """Every option of consolidation; stored in the checkpoint and shown by ``info``.
-
-    How k (the shared rank, per module and side) and q (each task's private rank) are chosen,
-    in order of precedence: a fixed ``k`` (with ``private_rank`` for every task), an ``energy``
-    target (fraction of the stack's squared norm kept, q = 0), a storage ``budget``, or an error
-    target (the default): per module, the plan with the least storage whose mean (or worst, with
-    ``target_metric="max"``) relative ΔW error is at most ``target_error``.
-    """
-
-    k: int | None = None
-    """Fixed shared rank per module and side (clamped to the stack's numerical rank)."""
-    private_rank: int = 0
-    """With ``k``: private rank kept by every task in every module."""
-    energy: float | None = None
-    """Energy target τ in (0, 1]: smallest k whose basis holds τ of the stack's squared norm."""
-    budget: str | None = None
-    """Storage budget: a compression ratio ('4x') or a size ('10MB'); least mean error within it."""
-    target_error: float = DEFAULT_TARGET_ERROR
-    """Error target ε: relative ΔW error per module (mean over tasks, or worst task)."""
-    target_metric: str = "mean"
-    """'mean' or 'max': which task error the target bounds, per module."""
-    weighting: str = "equal"
-    """'equal': every task counts the same in the basis fit; 'norm': tasks weigh by ‖ΔW‖."""
-    canonicalize: bool = True
-    """Stack each adapter's balanced SVD factors rather than the raw (gauge-dependent) ones."""
-    device: str = "auto"
-    """'auto' (CUDA when available), 'cpu' or 'cuda': where the decompositions run."""
-    dtype: str = "auto"
-    """Storage dtype of bases and coefficients: 'auto' (the inputs'), 'float32', 'bfloat16', 'float16'."""
-    seed: int = 0
-    """Seed of the randomized range finder."""
-    n_oversamples: int = 10
-    """Extra random directions of the range finder (Halko et al. 2011)."""
-    n_iter: int = 1
-    """Power iterations of the range finder (1 suffices for stacks whose spectrum decays; the
-    planner measures the true errors of whatever basis it gets, so a weaker basis costs storage,
-    never honesty)."""
-    max_k: int | None = None
-    """Upper bound on k for every module."""
-    groups: str = "1"
-    """'1' (one basis per module), 'auto' (try 2–4 groups of tasks with separate bases per module,
-    kept where cheaper at the same error, or lower error within a budget) or a number of groups."""
-
-    def mode(self) -> str:
-        if self.k is not None:
-            return "fixed"
-        if self.energy is not None:
-            return "energy"
-        if self.budget is not None:
-            return "budget"
-        return "target"
-
-    def validate(self) -> None:
-        def bad(msg: str, hint: str) -> None:
-            raise InvalidOptionError(msg, hint=hint)
-
-        if self.k is not None and self.k < 0:
-            bad(f"--k must be ≥ 0, got {self.k}", "Give a non-negative k")
-        if self.private_rank < 0:
-            bad("--private-rank must be ≥ 0", "Give a non-negative rank")
-        if self.energy is not None and not 0 < self.energy <= 1:
-            bad(f"--energy must be in (0, 1], got {self.energy}", "For example --energy 0.99")
-        if not 0 <= self.target_error < 1:
-            bad(f"--target-error must be in [0, 1), got {self.target_error}", "For example --target-error 0.05")
-        if self.target_metric not in ("mean", "max"):
-            bad(f"--target-metric must be 'mean' or 'max', got {self.target_metric!r}", "Use mean or max")
-        if self.weighting not in ("equal", "norm"):
-            bad(f"--weighting must be 'equal' or 'norm', got {self.weighting!r}", "Use equal or norm")
-        if self.device not in ("auto", "cpu", "cuda"):
-            bad(f"--device must be auto, cpu or cuda, got {self.device!r}", "Use auto, cpu or cuda")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            bad("--device cuda was asked for but no CUDA device is available", "Use --device cpu or auto")
-        if self.dtype not in ("auto", *_DTYPES):
-            bad(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}", "Use one of those")
-        if self.groups != "auto" and not (str(self.groups).isdigit() and int(self.groups) >= 1):
-            bad(f"--groups must be 'auto' or a positive number, got {self.groups!r}", "For example --groups auto")
-        if self.budget is not None:
-            try:
-                kind, value = parse_budget(self.budget)
-            except ValueError:
-                bad(
-                    f"--budget {self.budget!r} is neither a ratio ('4x') nor a size ('10MB')", "For example --budget 4x"
-                )
-            if value <= 0 or (kind == "ratio" and value < 1):
-                bad(f"--budget {self.budget!r} must be a ratio ≥ 1 or a positive size", "For example --budget 4x")
-
-    def torch_device(self) -> torch.device:
-        if self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available()):
-            return torch.device("cuda")
-        return torch.device("cpu")
-
-    def describe(self) -> str:
-        mode = self.mode()
-        if mode == "fixed":
-            return f"fixed k={self.k}, private rank {self.private_rank}"
-        if mode == "energy":
-            return f"energy ≥ {self.energy:g} of each stack"
-        if mode == "budget":
-            return f"budget {self.budget}, least mean ΔW error"
-        return f"{self.target_metric} ΔW error ≤ {self.target_error:g} per module, least storage"
 
 
 class TaskSource(Protocol):
@@ -633,13 +528,6 @@ def module_record(n: int, d: int, res: ModuleResult, dtype: torch.dtype) -> dict
         "dtype": str(dtype).replace("torch.", ""),
         "tasks": res.records,
     }
-
-
-def task_errors(modules: dict[str, Any], task: str) -> dict[str, float]:
-    errs = [m["tasks"][task]["error"] for m in modules.values() if task in m["tasks"]]
-    if not errs:
-        return {"mean": 0.0, "max": 0.0}
-    return {"mean": sum(errs) / len(errs), "max": max(errs)}
 
 
 def build_manifest(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import parse_budget  # noqa: F401 (re-exported)
 from .linalg import residual_spectrum
 
 #: The k values tried between 0 and the number of basis vectors computed.
@@ -497,15 +498,3 @@ def task_weights(norms, weighting: str) -> torch.Tensor:
     if weighting != "equal":
         return torch.ones_like(norms)
     return torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
-
-
-def parse_budget(text: str) -> tuple[str, float]:
-    """``'4x'`` → ('ratio', 4.0); ``'10MB'`` / ``'2.5GiB'`` / ``'1000000'`` → ('bytes', …)."""
-    t = text.strip().lower().replace(" ", "")
-    if t.endswith("x"):
-        return "ratio", float(t[:-1])
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 1e3, "mb": 1e6, "gb": 1e9, "b": 1}
-    for u, f in units.items():
-        if t.endswith(u):
-            return "bytes", float(t[: -len(u)]) * f
-    return "bytes", float(t)

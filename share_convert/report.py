@@ -68,63 +68,73 @@ def storage_breakdown(ckpt: Checkpoint) -> dict[str, dict[str, int]]:
     return parts
 
 
-def _spread(values: list[int]) -> dict[str, float]:
-    return {
-        "min": min(values, default=0),
-        "max": max(values, default=0),
-        "mean": sum(values) / len(values) if values else 0.0,
-    }
+def _task_statistics(ckpt: Checkpoint) -> tuple[list[dict[str, Any]], set[str], dict[str, int]]:
+    """Per task: modules, mean and worst error, bounds and ranks over its modules; the zero-ΔW
+    tasks; each module's total private rank. Computed on the record tables (tasks × modules
+    arrays), so that ``info`` on thousands of tasks × hundreds of modules stays fast."""
+    import numpy as np
 
+    from .records import RECORD_FLOAT, RECORD_INT
 
-def zero_tasks(modules: dict[str, Any]) -> list[str]:
-    """Tasks whose ΔW is zero in every module they have (an untrained or broken export)."""
-    nonzero: set[str] = set()
-    seen: set[str] = set()
-    for m in modules.values():
-        norms = {t: r.get("norm") for t, r in m["tasks"].items()}
-        if any(v is None for v in norms.values()):
-            return []  # written before norms were recorded: unknown
-        top = max(norms.values(), default=0.0)
-        for t, v in norms.items():
-            seen.add(t)
-            if v > ZERO_NORM_RTOL * top:
-                nonzero.add(t)
-    return sorted(seen - nonzero)
-
-
-def summarize(ckpt: Checkpoint) -> dict[str, Any]:
-    """Everything ``info`` shows, as JSON-ready data."""
-    from .consolidation import task_errors  # the engine (and torch): see docs/architecture.md, start-up
-
-    modules = ckpt.modules
-    zeros = set(zero_tasks(modules))
+    ints, floats = ckpt.record_tables()
+    present = ints[:, :, RECORD_INT.index("position")] >= 0
+    count = present.sum(1)
+    norm = np.where(present, floats[:, :, RECORD_FLOAT.index("norm")], 0.0)
+    error = np.where(present, floats[:, :, RECORD_FLOAT.index("error")], 0.0)
+    mean_error = error.sum(1) / np.maximum(count, 1)
+    max_error = error.max(1, initial=0.0)
+    bound = (present & (ints[:, :, RECORD_INT.index("bound")] > 0)).any(1)
+    # zero ΔW: at most ZERO_NORM_RTOL of the largest norm in every module the task has
+    top = norm.max(0, initial=0.0)
+    nonzero = (present & (norm > ZERO_NORM_RTOL * top[None, :])).any(1)
+    zero = present.any(1) & ~nonzero
+    ranks = {}
+    for part, key in (("original", "original_rank"), ("shared", "rank"), ("private", "private_rank")):
+        values = ints[:, :, RECORD_INT.index(key)].astype(np.int64)
+        ranks[part] = (
+            np.where(present, values, np.iinfo(np.int64).max).min(1, initial=np.iinfo(np.int64).max),
+            np.where(present, values, 0).max(1, initial=0),
+            np.where(present, values, 0).sum(1) / np.maximum(count, 1),
+        )
+    names = list(ckpt.tasks)
+    zeros = {names[i] for i in np.nonzero(zero)[0].tolist()}
+    private_total = np.where(present, ints[:, :, RECORD_INT.index("private_rank")], 0).sum(0)
     tasks = []
-    for name, rec in ckpt.tasks.items():
-        errs = task_errors(modules, name)
-        tmods = [m for m in modules.values() if name in m["tasks"]]
-        ranks = {
-            part: _spread([m["tasks"][name][key] for m in tmods])
-            for part, key in (("original", "original_rank"), ("shared", "rank"), ("private", "private_rank"))
+    for i, (name, rec) in enumerate(ckpt.tasks.items()):
+        spread = {
+            part: {
+                "min": int(lo[i]) if count[i] else 0,
+                "max": int(hi[i]),
+                "mean": float(mean[i]),
+            }
+            for part, (lo, hi, mean) in ranks.items()
         }
         tasks.append(
             {
                 "task": name,
                 "source": rec.get("source"),
-                "modules": len(tmods),
-                "mean_error": errs["mean"],
-                "max_error": errs["max"],
-                "error_is_bound": any(m["tasks"][name].get("bound") for m in tmods),
+                "modules": int(count[i]),
+                "mean_error": float(mean_error[i]),
+                "max_error": float(max_error[i]),
+                "error_is_bound": bool(bound[i]),
                 "zero_delta": name in zeros,
                 # the largest over the task's modules; "ranks" has the range and the mean
-                "original_rank": ranks["original"]["max"],
-                "shared_rank": ranks["shared"]["max"],
-                "private_rank": ranks["private"]["max"],
-                "ranks": ranks,
+                "original_rank": spread["original"]["max"],
+                "shared_rank": spread["shared"]["max"],
+                "private_rank": spread["private"]["max"],
+                "ranks": spread,
                 "original_params": rec.get("original_params", 0),
                 "original_bytes": rec.get("original_bytes", 0),
                 "alpha_assumed": rec.get("alpha_assumed"),
             }
         )
+    return tasks, zeros, {m: int(private_total[j]) for j, m in enumerate(ckpt.modules)}
+
+
+def summarize(ckpt: Checkpoint) -> dict[str, Any]:
+    """Everything ``info`` shows, as JSON-ready data."""
+    modules = ckpt.modules
+    tasks, zeros, private_totals = _task_statistics(ckpt)
     parts = storage_breakdown(ckpt)
     ckpt_params = sum(p["params"] for p in parts.values())
     ckpt_bytes = sum(p["bytes"] for p in parts.values())
@@ -178,7 +188,7 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
                 "k_B": m["k_B"],
                 "k_A": m["k_A"],
                 "kind": m["kind"],
-                "private_rank_total": sum(t["private_rank"] for t in m["tasks"].values()),
+                "private_rank_total": private_totals[name],
             }
             for name, m in modules.items()
         },
@@ -188,7 +198,7 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
 
 def describe_config(config: dict[str, Any]) -> str:
     """The rule a checkpoint was made with, in words (the engine's own description when it loads)."""
-    from .consolidation import ConsolidationConfig
+    from .config import ConsolidationConfig
 
     try:
         return ConsolidationConfig(**config).describe()

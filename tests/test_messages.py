@@ -376,10 +376,10 @@ def test_help_shows_flags_without_a_type_required_marks_and_choices():
 
 
 def test_the_help_default_target_is_the_engine_default():
-    from share_convert.cli import DEFAULT_TARGET_ERROR
-    from share_convert.consolidation import DEFAULT_TARGET_ERROR as ENGINE_DEFAULT
+    from share_convert.consolidation import ConsolidationConfig
 
-    assert DEFAULT_TARGET_ERROR == ENGINE_DEFAULT
+    text = run("merge", "--help").output.split("--target-error")[1].split("--")[0]
+    assert f"[default: {ConsolidationConfig().target_error:g}]" in " ".join(text.split())
 
 
 def test_a_bad_choice_is_refused_with_the_choices():
