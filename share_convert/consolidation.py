@@ -171,15 +171,38 @@ def prepare_member(task: str, factors: LoraFactors, config: ConsolidationConfig,
 
 
 def prepare_members(
-    tasks: Sequence[str], factors: Sequence[LoraFactors], config: ConsolidationConfig, priors: Sequence | None = None
+    tasks: Sequence[str],
+    factors: Sequence[LoraFactors],
+    config: ConsolidationConfig,
+    priors: Sequence | None = None,
+    original_ranks: Sequence[int | None] | None = None,
 ) -> list[ModuleMember]:
-    """Canonicalize many tasks' factors in one module at once (batched; spec, section 2, step 2)."""
+    """Canonicalize many tasks' factors in one module at once (batched; spec, section 2, step 2).
+
+    ``original_ranks`` gives, for tasks read from a checkpoint, the rank of the adapter they came
+    from (their factors as read have the stored rank)."""
     canon = canonicalize_many([f.B for f in factors], [f.A.T for f in factors])
     priors = priors or [None] * len(tasks)
+    originals = original_ranks or [None] * len(tasks)
     return [
-        ModuleMember(t, int(f.B.shape[1]), Bc, Ac, s, None if config.canonicalize else (f.B, f.A.T.contiguous()), p)
-        for t, f, (Bc, Ac, s), p in zip(tasks, factors, canon, priors)
+        ModuleMember(
+            t,
+            int(f.B.shape[1]) if o is None else o,
+            Bc,
+            Ac,
+            s,
+            None if config.canonicalize else (f.B, f.A.T.contiguous()),
+            p,
+        )
+        for t, f, (Bc, Ac, s), p, o in zip(tasks, factors, canon, priors, originals)
     ]
+
+
+def original_rank(source: TaskSource, module: str) -> int | None:
+    """The rank of the adapter a task came from in ``module``, when it differs from what is read
+    (a task of a checkpoint); None for an adapter."""
+    method = getattr(source, "original_rank", None)
+    return method(module) if method is not None else None
 
 
 class ModuleStack:
@@ -429,7 +452,11 @@ def merge(
             factors = [sources[i].read_module(name) for i in idx]
             t1 = time.perf_counter()
             members = prepare_members(
-                [sources[i].task for i in idx], factors, config, [sources[i].prior(name) for i in idx]
+                [sources[i].task for i in idx],
+                factors,
+                config,
+                [sources[i].prior(name) for i in idx],
+                [original_rank(sources[i], name) for i in idx],
             )
             del factors
             local["read"] += t1 - t0

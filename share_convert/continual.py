@@ -41,7 +41,7 @@ from .consolidation import (
     merge,
     module_record,
     natural_key,
-    prepare_member,
+    original_rank,
     prepare_members,
     storage_dtype,
     write_module,
@@ -83,6 +83,10 @@ class CheckpointTask:
 
     def read_heads(self) -> dict[str, torch.Tensor]:
         return self.ckpt.heads(self.source_task)
+
+    def original_rank(self, module: str) -> int:
+        """The rank of the adapter this task came from (what it stores here may be less)."""
+        return int(self.ckpt.modules[module]["tasks"][self.source_task]["original_rank"])
 
     def prior(self, module: str) -> tuple[float, float, bool]:
         t = self.ckpt.modules[module]["tasks"][self.source_task]
@@ -246,11 +250,14 @@ def add(
             """One module's update (None: no new task has it, it is carried as it is)."""
             old_info = ckpt.modules.get(name)
             mdtype = module_dtype(name)
-            members = [
-                prepare_member(s.task, s.read_module(name), config, s.prior(name))
-                for s in sources
-                if name in s.module_shapes()
-            ]
+            here = [s for s in sources if name in s.module_shapes()]
+            members = prepare_members(
+                [s.task for s in here],
+                [s.read_module(name) for s in here],
+                config,
+                [s.prior(name) for s in here],
+                [original_rank(s, name) for s in here],
+            )
             if old_info is None:
                 n, d, _ = new_shapes[name]
                 return consolidate_module(name, n, d, members, module_config, mdtype)
@@ -581,7 +588,11 @@ def refit_module(
     """
     sources = [CheckpointTask(ckpt, t) for t in old_tasks]
     old_members = prepare_members(
-        old_tasks, [s.read_module(name) for s in sources], config, [s.prior(name) for s in sources]
+        old_tasks,
+        [s.read_module(name) for s in sources],
+        config,
+        [s.prior(name) for s in sources],
+        [s.original_rank(name) for s in sources],
     )
     info = ckpt.modules[name]
     res = consolidate_module(name, info["out_features"], info["in_features"], old_members + members, config, dtype)

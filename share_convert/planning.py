@@ -179,8 +179,9 @@ class ModulePlanner:
         self.n, self.d, self.fits = n, d, fits
         #: tasks whose private rank is fixed at 0 here (old tasks during a continual update)
         self.frozen = frozen
-        #: every task, planned and frozen: the mean error is over all of them
-        self.count = len(fits) + (len(frozen) if frozen is not None else 0)
+        #: the tasks the mean error is over: planned and frozen, but not those whose ΔW is zero here
+        #: (an untrained export's 0% error would let the others' errors grow)
+        self.count = max(sum(f.norm2 > 0 for f in fits) + (len(frozen) if frozen is not None else 0), 1)
         self.K_B = max([f.Eb.shape[0] for f in fits] + ([frozen.Eb.shape[1]] if frozen is not None else []), default=0)
         self.K_A = max([f.Ea.shape[0] for f in fits] + ([frozen.Ea.shape[1]] if frozen is not None else []), default=0)
         self._tails: dict[tuple[int, int], list[list[float]]] = {}

@@ -150,3 +150,36 @@ def test_plan_command_prints_curves_and_a_verdict_and_draws_a_png(tmp_path, real
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads(CliRunner().invoke(app, ["plan", str(real / "gpt2-c_attn"), "--json"]).output)
     assert {"curves", "default_plan", "verdict"} <= set(data)
+
+
+def test_a_zero_adapter_does_not_loosen_the_target_of_the_others(tmp_path):
+    from share_convert.checkpoint import Checkpoint
+    from share_convert.consolidation import ConsolidationConfig, merge
+    from share_convert.formats import open_adapters
+
+    from .conftest import random_factors, write_adapter
+
+    paths = [write_adapter(tmp_path / f"t{i}", {"layers.0.q": random_factors(32, 32, 8, seed=i)}) for i in range(3)]
+    A, B = random_factors(32, 32, 8, seed=9)
+    paths.append(write_adapter(tmp_path / "zero", {"layers.0.q": (A, torch.zeros_like(B))}))
+    merge(open_adapters([str(p) for p in paths]), tmp_path / "c.safetensors", ConsolidationConfig(target_error=0.4))
+    (info,) = Checkpoint(tmp_path / "c.safetensors").modules.values()
+    errors = [r["error"] for t, r in info["tasks"].items() if t != "zero"]
+    assert sum(errors) / len(errors) <= 0.4 + 1e-9
+
+
+def test_a_task_merged_again_from_a_checkpoint_keeps_its_original_rank(tmp_path):
+    from share_convert.checkpoint import Checkpoint
+    from share_convert.consolidation import ConsolidationConfig, merge
+    from share_convert.continual import checkpoint_tasks
+    from share_convert.formats import open_adapters
+
+    from .conftest import random_factors, write_adapter
+
+    paths = [write_adapter(tmp_path / f"t{i}", {"layers.0.q": random_factors(24, 20, 6, seed=i)}) for i in range(3)]
+    merge(open_adapters([str(p) for p in paths]), tmp_path / "a.safetensors", ConsolidationConfig(k=3))
+    first = Checkpoint(tmp_path / "a.safetensors")
+    merge(checkpoint_tasks(first), tmp_path / "b.safetensors", ConsolidationConfig(k=3))
+    (info,) = Checkpoint(tmp_path / "b.safetensors").modules.values()
+    assert {r["original_rank"] for r in info["tasks"].values()} == {6}
+    assert all(r["rank"] <= 3 for r in info["tasks"].values())
