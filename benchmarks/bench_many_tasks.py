@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -186,10 +187,11 @@ def main() -> None:
                 (f"add {T}", [cli, "add", f, str(new), "-o", str(work / f"a{T}.safetensors"), "--force"]),
             ]
         for label, cmd in runs:
+            load = os.getloadavg()[0]
             run = measure(cmd)
             if run.returncode != 0:
                 raise SystemExit(f"{label} failed: {run.stderr[-2000:]}")
-            results["runs"].append({"label": label, "round": r, **run.summary()})
+            results["runs"].append({"label": label, "round": r, "load_average": load, **run.summary()})
             print(f"{label:>14}: {run.wall_s:6.2f} s  {run.peak_rss_mb:7.1f} MB", flush=True)
     for T in counts:
         results.setdefault("files", {})[T] = {

@@ -24,7 +24,15 @@ import torch
 
 from .checkpoint import FORMAT_NAME, FORMAT_VERSION, CheckpointWriter, check_output
 from .config import DEFAULT_TARGET_ERROR, ConsolidationConfig, task_errors  # noqa: F401 (re-exported)
-from .encoding import StoredBases, coordinates, encode_task, store_bases, store_grams
+from .encoding import (
+    StoredBases,
+    coordinates,
+    encode_private_only,
+    encode_shared_only,
+    encode_task,
+    store_bases,
+    store_grams,
+)
 from .errors import IncompatibleAdaptersError, InvalidOptionError
 from .formats import LoraFactors, itemsize
 from .grouping import cluster_tasks
@@ -350,8 +358,24 @@ def consolidate_group(
     result = ModuleResult(plan=plan)
     result.fits = planner.fits
     bases = StoredBases.of(*store_bases(name, beta, alpha, plan, dtype, result, prefix))
-    for i, (m, coords) in enumerate(zip(members, coordinates(members, bases))):
-        tensors, record = encode_task(m, plan.private_ranks[i], bases, dtype, norms[i], coords)
+    coords = coordinates(members, bases)
+    shared_only = [i for i, q in enumerate(plan.private_ranks) if q == 0] if bases is not None else []
+    if bases is None:  # no shared part: every task keeps its own top directions
+        shared_only = list(range(len(members)))
+        batch = encode_private_only(members, plan.private_ranks, dtype, norms)
+    else:
+        batch = encode_shared_only(
+            [members[i] for i in shared_only],
+            bases,
+            dtype,
+            [norms[i] for i in shared_only],
+            [coords[i] for i in shared_only],
+        )
+    encoded = dict(zip(shared_only, batch))
+    for i, m in enumerate(members):
+        tensors, record = (
+            encoded[i] if i in encoded else encode_task(m, plan.private_ranks[i], bases, dtype, norms[i], coords[i])
+        )
         result.task_parts[m.task] = tensors
         result.records[m.task] = record
     store_grams(name, result, [(m.task, weights[i]) for i, m in enumerate(members)], plan, prefix)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .linalg import canonicalize
+from .linalg import canonicalize, canonicalize_padded
 from .planning import ModulePlan
 
 if TYPE_CHECKING:
@@ -136,11 +136,117 @@ def encode_task(
     if err < PRECISE_BELOW and coords is not None:
         err = stored_error(m, tensors, bases, None)
     record: dict[str, Any] = {"rank": p, "private_rank": q, "original_rank": m.rank, "error": err, "norm": norm}
-    if m.prior is not None:  # the input was itself a reconstruction: bound the error to the original
+    return tensors, _with_prior(m, record)
+
+
+def encode_shared_only(
+    members: Sequence[ModuleMember],
+    bases: StoredBases,
+    dtype: torch.dtype,
+    norms: Sequence[float],
+    coords: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+    """:func:`encode_task` of many tasks without private correction (q = 0), batched by rank.
+
+    Per rank, one batched balanced SVD of the coordinates (spec, section 2, step 7) and the
+    errors by batched traces of small products (section 4); tasks below ``PRECISE_BELOW`` get
+    theirs in float64 from their canonical factors, batched as well.
+    """
+    out: list[tuple[dict[str, torch.Tensor], dict[str, Any]] | None] = [None] * len(members)
+    by_rank: dict[int, list[int]] = {}
+    for i, m in enumerate(members):
+        by_rank.setdefault(int(m.Bc.shape[1]), []).append(i)
+    f64 = torch.float64
+    for r, idx in by_rank.items():
+        if r == 0:
+            for i in idx:
+                out[i] = encode_task(members[i], 0, bases, dtype, norms[i], coords[i])
+            continue
+        EB = torch.stack([coords[i][0] for i in idx])  # t × k_B × r, float64
+        EA = torch.stack([coords[i][1] for i in idx])
+        CB, CA, _S, ranks = canonicalize_padded(EB, EA)
+        CB, CA = CB.to(dtype), CA.to(dtype)  # as stored
+        CB64, CA64 = CB.to(f64), CA.to(f64)
+        s2 = torch.stack([members[i].s.to(f64).pow(2).sum() for i in idx])
+        cross = ((EB.transpose(-1, -2) @ CB64) * (EA.transpose(-1, -2) @ CA64)).sum((-1, -2))
+        recon2 = (
+            (CB64.transpose(-1, -2) @ bases.gram_beta @ CB64) * (CA64.transpose(-1, -2) @ bases.gram_alpha @ CA64)
+        ).sum((-1, -2))
+        err = torch.where(s2 > 0, ((s2 - 2 * cross + recon2).clamp_min(0) / s2.clamp_min(1e-300)).sqrt(), 0.0)
+        close = err < PRECISE_BELOW
+        if bool(close.any()):  # the float32 coordinates are not precise enough there: float64 throughout
+            pick = torch.nonzero(close).flatten()
+            Bc = torch.stack([members[idx[j]].Bc for j in pick.tolist()]).to(f64)
+            Ac = torch.stack([members[idx[j]].Ac for j in pick.tolist()]).to(f64)
+            ref2 = ((Bc.transpose(-1, -2) @ Bc) * (Ac.transpose(-1, -2) @ Ac)).sum((-1, -2))
+            Eb, Ea = bases.beta.T @ Bc, bases.alpha.T @ Ac
+            cB, cA = CB64[pick], CA64[pick]
+            cross_p = ((Eb.transpose(-1, -2) @ cB) * (Ea.transpose(-1, -2) @ cA)).sum((-1, -2))
+            precise = torch.where(
+                ref2 > 0, ((ref2 - 2 * cross_p + recon2[pick]).clamp_min(0) / ref2.clamp_min(1e-300)).sqrt(), 0.0
+            )
+            err = err.clone()
+            err[pick] = precise
+        for j, i in enumerate(idx):
+            m, p = members[i], int(ranks[j])
+            tensors = {"coef_B": CB[j, :, :p], "coef_A": CA[j, :, :p]} if p else {}
+            record: dict[str, Any] = {
+                "rank": p,
+                "private_rank": 0,
+                "original_rank": m.rank,
+                "error": float(err[j]),
+                "norm": norms[i],
+            }
+            out[i] = (tensors, _with_prior(m, record))
+    return out  # type: ignore[return-value]
+
+
+def encode_private_only(
+    members: Sequence[ModuleMember], qs: Sequence[int], dtype: torch.dtype, norms: Sequence[float]
+) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+    """:func:`encode_task` of many tasks in a module without shared bases (k = 0), batched.
+
+    Each task keeps its own top q directions (spec, section 6, independent truncation). Its
+    canonical factors are already in balanced SVD form, singular values descending, so those are
+    their first q columns; errors by batched traces of the tensors as stored (section 4).
+    """
+    out: list[tuple[dict[str, torch.Tensor], dict[str, Any]] | None] = [None] * len(members)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (m, q) in enumerate(zip(members, qs)):
+        groups.setdefault((int(m.Bc.shape[1]), min(int(q), int(m.Bc.shape[1]))), []).append(i)
+    f64 = torch.float64
+    for (_r, q), idx in groups.items():
+        Bc = torch.stack([members[i].Bc for i in idx])  # t × n × r
+        Ac = torch.stack([members[i].Ac for i in idx])
+        PB = Bc[:, :, :q].to(dtype)
+        PA = Ac[:, :, :q].transpose(-1, -2).to(dtype)  # t × q × d
+        B64, A64, PB64, PA64 = Bc.to(f64), Ac.to(f64), PB.to(f64), PA.to(f64).transpose(-1, -2)
+        ref2 = ((B64.transpose(-1, -2) @ B64) * (A64.transpose(-1, -2) @ A64)).sum((-1, -2))
+        cross = ((B64.transpose(-1, -2) @ PB64) * (A64.transpose(-1, -2) @ PA64)).sum((-1, -2))
+        recon2 = ((PB64.transpose(-1, -2) @ PB64) * (PA64.transpose(-1, -2) @ PA64)).sum((-1, -2))
+        err = torch.where(ref2 > 0, ((ref2 - 2 * cross + recon2).clamp_min(0) / ref2.clamp_min(1e-300)).sqrt(), 0.0)
+        for j, i in enumerate(idx):
+            m = members[i]
+            tensors = {"private_B": PB[j], "private_A": PA[j]} if q else {}
+            record: dict[str, Any] = {
+                "rank": 0,
+                "private_rank": q,
+                "original_rank": m.rank,
+                "error": float(err[j]),
+                "norm": norms[i],
+            }
+            out[i] = (tensors, _with_prior(m, record))
+    return out  # type: ignore[return-value]
+
+
+def _with_prior(m: ModuleMember, record: dict[str, Any]) -> dict[str, Any]:
+    """A record whose task was itself a reconstruction: its error becomes a bound to the original."""
+    if m.prior is not None:
         prior_err, prior_norm, prior_bound = m.prior
+        err, norm = record["error"], record["norm"]
         drift = err * norm / prior_norm if prior_norm > 0 else 0.0
         record.update(error=prior_err + drift, norm=prior_norm, bound=prior_bound or drift > 1e-6)
-    return tensors, record
+    return record
 
 
 def stored_error(

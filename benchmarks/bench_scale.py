@@ -1,0 +1,90 @@
+"""Merge time against the number of tasks, on realistic adapters: every linear layer, noise, many tasks.
+
+Synthetic adapters shaped like a 32-layer model's all-linear LoRAs (q, k, v, o, gate, up, down:
+224 modules; hidden 64, r = 4, float32, about 0.5 MB each), each a planted shared subspace of
+rank 8 per module plus 10% of its own directions (`share_convert.synthetic`). For each count N the
+whole process `share-convert merge DIR -o OUT --timings T.json` is timed (default options: the
+error target) after the adapters are written and read once (page cache warm), with its phase
+breakdown; the cost per (task, module) pair is the time divided by N × 224.
+
+    python benchmarks/bench_scale.py --counts 30,100,300,1000 --work /tmp/bench-scale --out benchmarks/results/scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from measure import measure  # noqa: E402
+
+from share_convert.synthetic import write_synthetic_adapters  # noqa: E402
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LAYERS = 32
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--counts", default="30,100,300")
+    p.add_argument("--work", default="/tmp/bench-scale")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--noise", type=float, default=0.1)
+    p.add_argument("--out", default="benchmarks/results/scale.json")
+    a = p.parse_args()
+    work = Path(a.work)
+    counts = [int(x) for x in a.counts.split(",")]
+    pool = work / "adapters"
+    if not pool.exists() or len(list(pool.iterdir())) < max(counts):
+        shutil.rmtree(pool, ignore_errors=True)
+        write_synthetic_adapters(
+            pool, count=max(counts), layers=LAYERS, targets=TARGETS, hidden=a.hidden, rank=a.rank,
+            shared_rank=8, noise=a.noise,
+        )  # fmt: skip
+    cli = shutil.which("share-convert") or "share-convert"
+    results = {
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "modules": LAYERS * len(TARGETS),
+        "adapter": {"hidden": a.hidden, "rank": a.rank, "noise": a.noise, "shared_rank": 8},
+        "runs": [],
+    }
+    for n in counts:
+        folder = work / f"n{n}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for path in sorted(pool.iterdir())[:n]:
+            (folder / path.name).symlink_to(path)
+            for f in path.iterdir():
+                f.read_bytes()  # warm the page cache: the merge is timed, not the disk
+        timings = work / f"timings-{n}.json"
+        out = work / f"c{n}.safetensors"
+        load_before = os.getloadavg()[0]
+        run = measure([cli, "merge", str(folder), "-o", str(out), "--force", "--timings", str(timings)])
+        if run.returncode != 0:
+            raise SystemExit(run.stderr[-2000:])
+        pairs = n * LAYERS * len(TARGETS)
+        row = {
+            "adapters": n,
+            "pairs": pairs,
+            "wall_s": run.wall_s,
+            "peak_rss_mb": run.peak_rss_mb,
+            "ms_per_pair": 1000 * run.wall_s / pairs,
+            "phases_s": json.loads(timings.read_text()),
+            "checkpoint_bytes": out.stat().st_size,
+            # the machine is shared: the 1-minute load average before and after the run
+            "load_average": [load_before, os.getloadavg()[0]],
+        }
+        results["runs"].append(row)
+        print(json.dumps(row), flush=True)
+        Path(a.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
