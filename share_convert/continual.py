@@ -263,7 +263,8 @@ def add(
                 return consolidate_module(name, n, d, members, module_config, mdtype)
             if not members:
                 return None
-            kept = [t for t in old_tasks if t in old_info["tasks"]]
+            here_before = old_info["tasks"]
+            kept = [t for t in old_tasks if t in here_before]
             if "groups" in old_info:
                 return update_grouped_module(ckpt, name, kept, clashes, members, module_config, mdtype)
             return update_module(ckpt, name, kept, members, module_config, mdtype)
