@@ -26,6 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -33,6 +34,7 @@ from measure import measure  # noqa: E402
 
 from share_convert.checkpoint import CheckpointWriter  # noqa: E402
 from share_convert.consolidation import ConsolidationConfig  # noqa: E402
+from share_convert.records import RecordTable, TaskRows  # noqa: E402
 
 LAYERS = 32
 SHAPES = {  # module -> (out_features n, in_features d)
@@ -86,8 +88,19 @@ def build_checkpoint(path: Path, tasks: int, seed: int = 0) -> None:
                 w.add(f"modules/{module}/gram_{side}", (flat @ flat.T).float())
             w.add_module(
                 module,
-                [(t, f"modules/{module}/", {"coef_B": EB[i], "coef_A": EA[i]}) for i, t in enumerate(names)],
-                torch.float32,
+                TaskRows(
+                    names,
+                    [f"modules/{module}/"] * tasks,
+                    {
+                        f"modules/{module}/": (
+                            EB.transpose(1, 2).reshape(tasks * RANK, K).contiguous(),
+                            EA.transpose(1, 2).reshape(tasks * RANK, K).contiguous(),
+                        )
+                    },
+                    np.arange(tasks) * RANK,
+                    None,
+                    np.zeros(tasks, dtype=np.int64),
+                ),
             )
             modules[module] = {
                 "out_features": n,
@@ -98,10 +111,14 @@ def build_checkpoint(path: Path, tasks: int, seed: int = 0) -> None:
                 "alternatives": {"shared": None, "private": None},
                 "params": K * (n + d) + tasks * RANK * 2 * K,
                 "dtype": "float32",
-                "tasks": {
-                    t: {"rank": RANK, "private_rank": 0, "original_rank": RANK, "norm": float(norms[i]), "error": 0.0}
-                    for i, t in enumerate(names)
-                },
+                "tasks": RecordTable(
+                    names,
+                    np.column_stack(
+                        [np.arange(tasks), np.full((tasks, 3), RANK) * [1, 0, 1], np.full(tasks, -1)]
+                        + [np.arange(tasks) * RANK, np.zeros(tasks), np.zeros(tasks)]
+                    ),
+                    np.column_stack([norms.numpy(), np.zeros(tasks), np.full(tasks, -1.0), np.full(tasks, -1.0)]),
+                ),
             }
         lora = sum(RANK * (n + d) for _, n, d in module_names())
         task_records = {
@@ -152,9 +169,7 @@ def write_new_adapter(folder: Path, seed: int = 1) -> None:
     (folder / "adapter_config.json").write_text(json.dumps(config))
 
 
-OPEN = (
-    "import sys; from safetensors import safe_open\nwith safe_open(sys.argv[1], 'numpy') as f: print(len(list(f.keys())))"
-)
+OPEN = "import sys; from safetensors import safe_open\nwith safe_open(sys.argv[1], 'numpy') as f: print(len(list(f.keys())))"
 
 
 def main() -> None:
