@@ -23,8 +23,9 @@ from .continual import remove as _remove
 from .extraction import ExtractedAdapter
 from .extraction import extract as _extract
 from .extraction import extract_all as _extract_all
-from .formats import AdapterSource, check_unique_tasks, expand_paths, open_adapters, parse_input
+from .formats import check_unique_tasks, expand_paths, open_adapter, open_adapters, parse_input
 from .report import summarize
+from .t2i import check_same_base
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -52,7 +53,7 @@ def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
                 else:
                     addr = hub.parse_address(spec.path)
                     name = spec.task or (addr.subfolder or addr.repo_id).rstrip("/").split("/")[-1]
-                    sources.append(AdapterSource(path, task=name, alpha=alpha, origin=str(addr)))
+                    sources.append(open_adapter(path, task=name, alpha=alpha, origin=str(addr)))
             continue
         for path in expand_paths(spec.path):
             if path.is_file() and path.suffix == ".safetensors" and is_checkpoint(path):
@@ -60,6 +61,7 @@ def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
             else:
                 sources += open_adapters([f"{spec.task}={path}" if spec.task else str(path)], alpha=alpha)
     check_unique_tasks([s.task for s in sources], [s.origin for s in sources])
+    check_same_base(sources)  # text-to-image inputs: one base (SD 1.x, SDXL, Flux)
     return sources
 
 
@@ -105,13 +107,17 @@ def extract(
     all_tasks: bool = False,
     rank: int | None = None,
     force: bool = False,
+    format: str | None = None,
 ) -> list[ExtractedAdapter]:
-    """Extract one task (``task``) or every task (``all_tasks``) as PEFT adapters."""
+    """Extract one task (``task``) or every task (``all_tasks``) as adapters.
+
+    ``format`` is ``peft``, ``kohya`` or ``diffusers``; by default each task in the format it came in.
+    """
     ckpt = open_checkpoint(checkpoint)
     if all_tasks:
-        return _extract_all(ckpt, output, rank=rank, force=force)
+        return _extract_all(ckpt, output, rank=rank, force=force, format=format)
     assert task is not None
-    return [_extract(ckpt, task, output, rank=rank, force=force)]
+    return [_extract(ckpt, task, output, rank=rank, force=force, format=format)]
 
 
 def verify(checkpoint: str | Path) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from . import t2i
 from .atomic import publish_dir, temp_dir_beside
 from .checkpoint import Checkpoint, check_parent_writable
 from .errors import InvalidOptionError, OutputExistsError
@@ -82,25 +83,35 @@ def extract(
     *,
     rank: int | None = None,
     force: bool = False,
+    format: str | None = None,
 ) -> ExtractedAdapter:
     """Write task ``task`` of ``checkpoint`` to the folder ``output`` as a PEFT LoRA adapter.
 
-    ``rank`` re-truncates every module to its best rank-``rank`` approximation.
+    ``rank`` re-truncates every module to its best rank-``rank`` approximation. ``format``
+    (``peft``, ``kohya``, ``diffusers``; default: the format the task came in) selects the
+    text-to-image writers of :mod:`share_convert.t2i`.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     record = ckpt.task(task)
     if rank is not None and rank < 1:
         raise InvalidOptionError(f"--rank must be ≥ 1, got {rank}", hint="For example --rank 16")
     output = Path(output)
+    # -- text-to-image hook: kohya / diffusers files (share_convert/t2i.py) --
+    fmt = t2i.resolve_format(record, format, task)
+    if fmt != "peft":
+        with deterministic():
+            factors, width = adapter_tensors(ckpt, task, rank)
+        padded = {m: _padded(B, A, width) for m, (B, A) in factors.items()}
+        w = t2i.write_lora(padded, width, record, fmt, output, task, force=force)
+        return ExtractedAdapter(task=task, path=w.path, rank=w.rank, modules=w.modules, warnings=w.warnings)
+    # -- end of hook --
     prepare_output_dir(output, force)
     with deterministic():
         factors, width = adapter_tensors(ckpt, task, rank)
     dtype = _DTYPES.get(record.get("weights_dtype", "F32"), torch.float32)
     tensors: dict[str, torch.Tensor] = {}
     for module, (B, A) in factors.items():
-        pad = width - B.shape[1]
-        B = torch.cat([B, B.new_zeros(B.shape[0], pad)], 1)
-        A = torch.cat([A, A.new_zeros(pad, A.shape[1])], 0)
+        B, A = _padded(B, A, width)
         tensors[f"{module}.lora_A.weight"] = A.to(dtype).contiguous()
         tensors[f"{module}.lora_B.weight"] = B.to(dtype).contiguous()
     heads = ckpt.heads(task)
@@ -119,8 +130,19 @@ def extract(
     return ExtractedAdapter(task=task, path=output, rank=width, modules=len(factors), warnings=warnings)
 
 
+def _padded(B: torch.Tensor, A: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero directions appended up to ``width`` (they change nothing in ΔW = B A)."""
+    pad = width - B.shape[1]
+    return torch.cat([B, B.new_zeros(B.shape[0], pad)], 1), torch.cat([A, A.new_zeros(pad, A.shape[1])], 0)
+
+
 def extract_all(
-    checkpoint: str | Path | Checkpoint, output: str | Path, *, rank: int | None = None, force: bool = False
+    checkpoint: str | Path | Checkpoint,
+    output: str | Path,
+    *,
+    rank: int | None = None,
+    force: bool = False,
+    format: str | None = None,
 ) -> list[ExtractedAdapter]:
     """Every task, one sub-folder each (named after the task), under ``output``."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
@@ -128,14 +150,16 @@ def extract_all(
     prepare_output_dir(output, force)
     tmp = temp_dir_beside(output)
     try:  # every task is written under a temporary folder, published in one rename at the end
-        results = [extract(ckpt, t, tmp / t, rank=rank) for t in ckpt.tasks]
+        for t in ckpt.tasks:  # every format is valid before anything is written
+            t2i.resolve_format(ckpt.task(t), format, t)
+        results = [extract(ckpt, t, tmp / t, rank=rank, format=format) for t in ckpt.tasks]
         os.chmod(tmp, 0o755)
         publish_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for r in results:
-        r.path = output / r.task
+        r.path = output / r.path.relative_to(tmp)
     return results
 
 

@@ -50,6 +50,7 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
             {
                 "task": name,
                 "source": rec.get("source"),
+                "format": rec.get("format", "peft"),  # peft, kohya or diffusers (share_convert/t2i.py)
                 "modules": len(tmods),
                 "mean_error": errs["mean"],
                 "max_error": errs["max"],
