@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .atomic import publish_dir, temp_dir_beside, temp_file_beside
 from .checkpoint import check_parent_writable
@@ -861,7 +860,7 @@ def write_lora(
         _prepare_folder(output, force)
         tmp = temp_dir_beside(output)
         try:
-            save_file(tensors, str(tmp / name), metadata=metadata)
+            save_sorted(tensors, tmp / name, metadata)
             os.chmod(tmp, 0o755)
             publish_dir(tmp, output)
         except BaseException:
@@ -877,13 +876,36 @@ def write_lora(
         fd, tmp_file = temp_file_beside(output)
         os.close(fd)
         try:
-            save_file(tensors, str(tmp_file), metadata=metadata)
+            save_sorted(tensors, tmp_file, metadata)
             os.chmod(tmp_file, 0o644)
             os.replace(tmp_file, output)
         except BaseException:
             tmp_file.unlink(missing_ok=True)
             raise
     return WrittenLora(path=target, rank=width, modules=modules_written)
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def save_sorted(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """A safetensors file whose header (tensors and metadata) is in sorted order, so that the same
+    tensors give the same bytes (``safetensors.torch.save_file`` orders metadata as a hash map does)."""
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name in names:
+            f.write(tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def _prepare_folder(path: Path, force: bool) -> None:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from typer.testing import CliRunner
 
 pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
@@ -32,7 +34,9 @@ from diffusers import (  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
 from share_convert import api  # noqa: E402
+from share_convert.cli import app  # noqa: E402
 from share_convert.consolidation import ConsolidationConfig  # noqa: E402
+from share_convert.errors import BadAdapterError, IncompatibleAdaptersError  # noqa: E402
 from share_convert.formats import open_adapters  # noqa: E402
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
@@ -605,3 +609,179 @@ def test_kohya_without_alpha_means_alpha_equals_rank(sd15, tmp_path):
     expected = kohya_sd(sd15, tmp_path / "a.safetensors", seed=12, alpha=None, conv=False)
     out = merge_extract(tmp_path, [tmp_path / "a.safetensors"], "a", "diffusers", tmp_path / "o.safetensors")
     assert_same_deltas(read_diffusers(out), expected)
+
+
+# == refusals: one clear line, no output ===========================================================
+def one_file(tmp_path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+LYCORIS_AND_DORA = {
+    "loha": ({"lora_unet_a_to_q.hada_w1_a": torch.ones(2, 2), "lora_unet_a_to_q.hada_w1_b": torch.ones(2, 2)}, "LoHa"),
+    "lokr": ({"lora_unet_a_to_q.lokr_w1": torch.ones(2, 2), "lora_unet_a_to_q.lokr_w2": torch.ones(2, 2)}, "LoKr"),
+    "lora_mid": (
+        {
+            "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.ones(2, 4, 1, 1),
+            "lora_unet_down_blocks_0_resnets_0_conv1.lora_mid.weight": torch.ones(2, 2, 3, 3),
+            "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.ones(4, 2, 1, 1),
+        },
+        "lora_mid",
+    ),
+    "dora": (
+        {
+            "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(2, 4),
+            "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.ones(4, 2),
+            "lora_te_text_model_encoder_layers_0_mlp_fc1.dora_scale": torch.ones(1, 4),
+        },
+        "DoRA",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(LYCORIS_AND_DORA))
+def test_lycoris_and_dora_files_are_refused_in_one_line_and_nothing_is_written(kind, tmp_path):
+    tensors, word = LYCORIS_AND_DORA[kind]
+    path = one_file(tmp_path, tensors)
+    result = CliRunner().invoke(app, ["merge", str(path), "-o", str(tmp_path / "out.safetensors")])
+    assert result.exit_code == 2
+    line = result.output.strip()
+    assert "\n" not in line and word in line and str(path) in line and "Traceback" not in result.output
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_diffusers_dora_file_is_refused(tmp_path):
+    path = one_file(
+        tmp_path,
+        {
+            "unet.conv_in.lora_A.weight": torch.ones(2, 4, 3, 3),
+            "unet.conv_in.lora_B.weight": torch.ones(32, 2, 1, 1),
+            "unet.conv_in.lora_magnitude_vector": torch.ones(32),
+        },
+    )
+    with pytest.raises(BadAdapterError, match="DoRA"):
+        open_adapters([str(path)])
+
+
+def test_an_unmappable_key_is_named(tmp_path):
+    path = one_file(
+        tmp_path,
+        {
+            "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.ones(2, 4, 3, 3),
+            "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.ones(4, 2, 1, 1),
+            "lora_unet_down_blocks_0_resnets_0_frobnicator.lora_down.weight": torch.ones(2, 4),
+            "lora_unet_down_blocks_0_resnets_0_frobnicator.lora_up.weight": torch.ones(4, 2),
+        },
+    )
+    with pytest.raises(BadAdapterError, match="lora_unet_down_blocks_0_resnets_0_frobnicator.lora_down.weight"):
+        open_adapters([str(path)])
+
+
+def test_a_stray_tensor_in_a_kohya_file_is_named(tmp_path):
+    path = one_file(
+        tmp_path,
+        {
+            "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(2, 4),
+            "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.ones(4, 2),
+            "lora_te_text_model_encoder_layers_0_mlp_fc1.scale": torch.ones(()),
+        },
+    )
+    with pytest.raises(BadAdapterError, match=r"lora_te_text_model_encoder_layers_0_mlp_fc1\.scale"):
+        open_adapters([str(path)])
+
+
+def test_sd15_and_sdxl_loras_together_are_refused_naming_both(sd15, sdxl, tmp_path):
+    kohya_sd(sd15, tmp_path / "sd15.safetensors", seed=1, conv=False)
+    kohya_sd(sdxl, tmp_path / "sdxl.safetensors", seed=2, conv=False)
+    with pytest.raises(IncompatibleAdaptersError, match=r"SDXL LoRA but .*sd15.safetensors is a SD 1.x"):
+        api.merge([str(tmp_path / "sd15.safetensors"), str(tmp_path / "sdxl.safetensors")], tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_flux_and_sdxl_loras_together_are_refused(flux, sdxl, tmp_path):
+    kohya_flux(flux, tmp_path / "f.safetensors", seed=1)
+    diffusers_file(sdxl, tmp_path / "x.safetensors", seed=2)
+    with pytest.raises(IncompatibleAdaptersError, match="different base models"):
+        api.merge([str(tmp_path)], tmp_path / "o.safetensors")
+
+
+# == the report and the command line ==============================================================
+def test_info_says_which_format_each_task_came_from(sdxl, tmp_path):
+    kohya_sd(sdxl, tmp_path / "k.safetensors", seed=1, sgm=True, conv=False)
+    diffusers_file(sdxl, tmp_path / "d.safetensors", seed=2)
+    api.merge([str(tmp_path / "k.safetensors"), str(tmp_path / "d.safetensors")], tmp_path / "c.safetensors")
+    result = CliRunner().invoke(app, ["info", str(tmp_path / "c.safetensors"), "--json"])
+    assert result.exit_code == 0, result.output
+    tasks = {t["task"]: t for t in json.loads(result.output)["tasks"]}
+    assert tasks["k"]["format"] == "kohya" and tasks["d"]["format"] == "diffusers"
+
+
+def test_cli_extract_all_writes_each_task_in_its_own_format_and_on_request_in_another(sd15, tmp_path):
+    kohya_sd(sd15, tmp_path / "k.safetensors", seed=1, conv=False)
+    diffusers_file(sd15, tmp_path / "d.safetensors", seed=2)
+    ckpt = tmp_path / "c.safetensors"
+    api.merge([str(tmp_path / "k.safetensors"), str(tmp_path / "d.safetensors")], ckpt)
+    run = CliRunner().invoke
+    result = run(app, ["extract", str(ckpt), "--all", "-o", str(tmp_path / "all"), "--json"])
+    assert result.exit_code == 0, result.output
+    paths = {r["task"]: Path(r["path"]) for r in json.loads(result.output)}
+    assert paths == {"k": tmp_path / "all/k/k.safetensors", "d": tmp_path / "all/d/pytorch_lora_weights.safetensors"}
+    with safe_open(str(paths["k"]), framework="pt") as f:
+        assert any(k.endswith(".alpha") for k in f.keys()) and "ss_network_dim" in f.metadata()
+    with safe_open(str(paths["d"]), framework="pt") as f:
+        assert "lora_adapter_metadata" in f.metadata()
+    result = run(
+        app, ["extract", str(ckpt), "--task", "d", "--format", "kohya", "-o", str(tmp_path / "d-kohya.safetensors")]
+    )
+    assert result.exit_code == 0, result.output
+    with safe_open(str(tmp_path / "d-kohya.safetensors"), framework="pt") as f:
+        assert all(k.startswith(("lora_unet_", "lora_te_")) for k in f.keys())
+
+
+def test_extracting_a_text_to_image_task_as_peft_is_refused_in_one_line(sd15, tmp_path):
+    kohya_sd(sd15, tmp_path / "k.safetensors", seed=1, conv=False)
+    api.merge([str(tmp_path / "k.safetensors")], tmp_path / "c.safetensors")
+    result = CliRunner().invoke(
+        app, ["extract", str(tmp_path / "c.safetensors"), "--task", "k", "--format", "peft", "-o", str(tmp_path / "p")]
+    )
+    assert result.exit_code == 2 and "--format kohya" in result.output and not (tmp_path / "p").exists()
+
+
+def test_an_existing_output_file_is_kept_without_force(sd15, tmp_path):
+    kohya_sd(sd15, tmp_path / "k.safetensors", seed=1, conv=False)
+    api.merge([str(tmp_path / "k.safetensors")], tmp_path / "c.safetensors")
+    (tmp_path / "o.safetensors").write_bytes(b"keep")
+    result = CliRunner().invoke(
+        app, ["extract", str(tmp_path / "c.safetensors"), "--task", "k", "-o", str(tmp_path / "o.safetensors")]
+    )
+    assert result.exit_code == 2 and (tmp_path / "o.safetensors").read_bytes() == b"keep"
+
+
+def test_extraction_is_byte_identical_across_runs(sdxl, tmp_path):
+    kohya_sd(sdxl, tmp_path / "k.safetensors", seed=1, sgm=True)
+    api.merge([str(tmp_path / "k.safetensors")], tmp_path / "c.safetensors")
+    a = api.extract(tmp_path / "c.safetensors", tmp_path / "a.safetensors", task="k")[0].path.read_bytes()
+    b = api.extract(tmp_path / "c.safetensors", tmp_path / "b.safetensors", task="k")[0].path.read_bytes()
+    assert a == b
+
+
+def test_fp16_kohya_files_round_trip_within_fp16_rounding_at_the_default_dtype(sd15, tmp_path):
+    expected = kohya_sd(sd15, tmp_path / "a.safetensors", seed=1, dtype=torch.float16)
+    kohya_sd(sd15, tmp_path / "b.safetensors", seed=2, dtype=torch.float16)
+    files = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    out = merge_extract(tmp_path, files, "a", None, tmp_path / "o.safetensors", ConsolidationConfig(k=10_000))
+    with safe_open(str(out), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    assert_same_deltas(read_kohya(out, kohya_names_sd(expected, False)), expected, tol=3e-3)
+
+
+def test_the_pipeline_components_are_ordinary_modules_of_the_checkpoint(sdxl, tmp_path):
+    kohya_sd(sdxl, tmp_path / "k.safetensors", seed=1, conv=False)
+    summary = api.merge([str(tmp_path / "k.safetensors")], tmp_path / "c.safetensors", FULL)
+    from share_convert.checkpoint import Checkpoint
+
+    names = list(Checkpoint(tmp_path / "c.safetensors").modules)
+    assert any(n.startswith("unet.") for n in names) and any(n.startswith("text_encoder_2.text_model.") for n in names)
+    assert summary["totals"]["max_error"] < 1e-6
+    assert math.isfinite(summary["totals"]["ratio"])
