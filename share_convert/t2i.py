@@ -33,7 +33,7 @@ from safetensors import safe_open
 from .atomic import publish_dir, temp_dir_beside, temp_file_beside
 from .checkpoint import check_parent_writable
 from .errors import BadAdapterError, IncompatibleAdaptersError, InvalidOptionError, OutputExistsError, first_line
-from .formats import SUPPORTED_DTYPES, LoraFactors, validate_task_name
+from .formats import SUPPORTED_DTYPES, LoraFactors, itemsize, validate_task_name
 
 T2I_FORMATS = ("kohya", "diffusers")
 EXTRACT_FORMATS = ("peft", *T2I_FORMATS)
@@ -573,6 +573,7 @@ class T2ISource:
         self.task = validate_task_name(task if task is not None else default, origin=self.origin)
         self.config: dict | None = None
         self.head_keys: list[str] = []
+        self._read: set[str] = set()  # modules handed over, for the size of the originals
         seen = {h.dtypes[m.key_down] for m in self.modules.values()} | {
             h.dtypes[m.key_up] for m in self.modules.values()
         }
@@ -592,6 +593,7 @@ class T2ISource:
     def read_module(self, module: str) -> LoraFactors:
         """ΔW = B @ A with the scale folded into B; a conv's down is flattened to ``r × (in·kh·kw)``."""
         m = self.modules[module]
+        self._read.add(module)
         try:
             with safe_open(self.weights_path, framework="pt") as f:
                 down, up = f.get_tensor(m.key_down), f.get_tensor(m.key_up)
@@ -620,6 +622,21 @@ class T2ISource:
         return None
 
     def task_record(self) -> dict[str, Any]:
+        """What the manifest keeps: the format, base, naming, conv kernels and kohya metadata.
+
+        Once modules have been read, the size of the originals is that of the file's tensors
+        behind them, each counted once: a fused Flux module (``img_attn_qkv``) feeds three
+        modules with one ``down``, which a per-module count would count three times.
+        """
+        record = self._record()
+        if self._read:
+            keys = {k for name in self._read for k in (self.modules[name].key_down, self.modules[name].key_up)}
+            params = sum(math.prod(self.shapes[k]) for k in keys)
+            record["original_params"] = params
+            record["original_bytes"] = sum(math.prod(self.shapes[k]) * itemsize(self.dtypes[k]) for k in keys)
+        return record
+
+    def _record(self) -> dict[str, Any]:
         return {
             "source": self.origin,
             "format": self.format,

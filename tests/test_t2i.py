@@ -785,3 +785,11 @@ def test_the_pipeline_components_are_ordinary_modules_of_the_checkpoint(sdxl, tm
     assert any(n.startswith("unet.") for n in names) and any(n.startswith("text_encoder_2.text_model.") for n in names)
     assert summary["totals"]["max_error"] < 1e-6
     assert math.isfinite(summary["totals"]["ratio"])
+
+
+def test_the_originals_size_counts_each_tensor_of_a_fused_flux_file_once(flux, tmp_path):
+    kohya_flux(flux, tmp_path / "a.safetensors", seed=1)
+    summary = api.merge([str(tmp_path / "a.safetensors")], tmp_path / "c.safetensors")
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        lora_bytes = sum(f.get_tensor(k).numel() * 4 for k in f.keys() if not k.endswith(".alpha"))
+    assert summary["tasks"][0]["original_bytes"] == lora_bytes
