@@ -292,7 +292,7 @@ def detect_format(keys: Iterable[str]) -> str | None:
     for k in keys:
         if k.startswith(tuple(KOHYA_PREFIXES)) or k.startswith("lora_te3_"):
             kohya = True
-        elif k.split(".", 1)[0] in COMPONENTS and ".lora" in k:
+        elif k.split(".", 1)[0] in COMPONENTS:
             diffusers = True
     if kohya and diffusers:
         return "mixed"

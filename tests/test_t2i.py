@@ -793,3 +793,19 @@ def test_the_originals_size_counts_each_tensor_of_a_fused_flux_file_once(flux, t
     with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
         lora_bytes = sum(f.get_tensor(k).numel() * 4 for k in f.keys() if not k.endswith(".alpha"))
     assert summary["tasks"][0]["original_bytes"] == lora_bytes
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight",
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight",
+    ],
+    ids=["attention-processor", "lora.down"],
+)
+def test_older_diffusers_layouts_are_refused_in_one_line(key, tmp_path):
+    path = one_file(tmp_path, {key: torch.ones(2, 32), key.replace("down", "up"): torch.ones(32, 2)})
+    result = CliRunner().invoke(app, ["merge", str(path), "-o", str(tmp_path / "o.safetensors")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert str(path) in result.output and key in result.output
+    assert not (tmp_path / "o.safetensors").exists()
