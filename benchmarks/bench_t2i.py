@@ -72,9 +72,17 @@ def sdxl_modules() -> list[tuple[str, tuple[int, ...]]]:
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         )
-        te1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12))
+        te1 = CLIPTextModel(
+            CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+        )
         te2 = CLIPTextModelWithProjection(
-            CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280)
+            CLIPTextConfig(
+                hidden_size=1280,
+                intermediate_size=5120,
+                num_hidden_layers=32,
+                num_attention_heads=20,
+                projection_dim=1280,
+            )
         )
     out = []
     for name, m in unet.named_modules():
@@ -106,7 +114,9 @@ def write_loras(folder: Path, modules, count: int, rank: int, shared: int, noise
             U = torch.randn(n, shared, generator=gm) / math.sqrt(n)
             V = torch.randn(d, shared, generator=gm) / math.sqrt(d)
             B = U @ torch.randn(shared, rank, generator=g) + noise * torch.randn(n, rank, generator=g) / math.sqrt(n)
-            A = (V @ torch.randn(shared, rank, generator=g) + noise * torch.randn(d, rank, generator=g) / math.sqrt(d)).T
+            A = (
+                V @ torch.randn(shared, rank, generator=g) + noise * torch.randn(d, rank, generator=g) / math.sqrt(d)
+            ).T
             down = A.reshape(rank, *shape[1:]) if len(shape) == 4 else A
             up = B.reshape(n, rank, 1, 1) if len(shape) == 4 else B
             tensors[f"{lora}.lora_down.weight"] = down.to(torch.float16).contiguous()

@@ -360,18 +360,35 @@ def _matrix_shapes(key_down: str, key_up: str, h: _Header, path: Path) -> tuple[
     return up[0], math.prod(down[1:]), down[0], kernel
 
 
-def _scalar(path: Path, key: str, h: _Header) -> float:
-    if math.prod(h.shapes[key]) != 1:
-        raise BadAdapterError(
-            f"alpha tensor {key} has shape {h.shapes[key]}, not a scalar", path=path, hint="The LoRA is broken"
-        )
+def _alphas(path: Path, keys: list[str], h: _Header) -> dict[str, float]:
+    """The values of the ``alpha`` tensors (one open of the file for all of them)."""
+    out: dict[str, float] = {}
+    if not keys:
+        return out
     with safe_open(path, framework="pt") as f:
-        value = float(f.get_tensor(key).reshape(()).item())
-    if not math.isfinite(value) or value <= 0:
+        for key in keys:
+            if math.prod(h.shapes[key]) != 1:
+                raise BadAdapterError(
+                    f"alpha tensor {key} has shape {h.shapes[key]}, not a scalar", path=path, hint="The LoRA is broken"
+                )
+            value = float(f.get_tensor(key).reshape(()).item())
+            if not math.isfinite(value) or value <= 0:
+                raise BadAdapterError(
+                    f"alpha tensor {key} is {value}, not a positive number", path=path, hint="The LoRA is broken"
+                )
+            out[key] = value
+    return out
+
+
+def _add(modules: dict[str, T2IModule], module: T2IModule, path: Path) -> None:
+    """Add ``module``, refusing a second tensor pair for the same module (e.g. both SDXL namings in one file)."""
+    if module.name in modules:
         raise BadAdapterError(
-            f"alpha tensor {key} is {value}, not a positive number", path=path, hint="The LoRA is broken"
+            f"tensors {modules[module.name].key_down} and {module.key_down} both adapt module {module.name}",
+            path=path,
+            hint="Keep one of them",
         )
-    return value
+    modules[module.name] = module
 
 
 def _split_rows(total: int, parts: int, hidden: int, index: int) -> tuple[int, int]:
@@ -393,6 +410,7 @@ def parse_kohya(path: Path, h: _Header) -> tuple[dict[str, T2IModule], str, str]
     flux = any(n.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_")) for n in names)
     sgm = not flux and any(is_sgm(n[len("lora_unet_") :]) for n in names if n.startswith("lora_unet_"))
     te2 = any(n.startswith("lora_te2_") for n in names)
+    alphas = _alphas(path, [p["alpha"] for p in names.values() if "alpha" in p], h)
     modules: dict[str, T2IModule] = {}
     for lora_name, parts in names.items():
         for side in ("lora_down.weight", "lora_up.weight"):
@@ -402,16 +420,21 @@ def parse_kohya(path: Path, h: _Header) -> tuple[dict[str, T2IModule], str, str]
                 )
         kd, ku = parts["lora_down.weight"], parts["lora_up.weight"]
         out, d, r, kernel = _matrix_shapes(kd, ku, h, path)
-        alpha = _scalar(path, parts["alpha"], h) if "alpha" in parts else None
+        alpha = alphas.get(parts.get("alpha", ""))
         prefix = next(p for p in KOHYA_PREFIXES if lora_name.startswith(p))
         component, rest = KOHYA_PREFIXES[prefix], lora_name[len(prefix) :]
         if flux and component == "unet":
-            for name, rows in _flux_parts(rest, out, h.shapes[kd][1]):
-                modules[f"transformer.{name}"] = T2IModule(
-                    f"transformer.{name}", _rows_len(rows), d, r, kd, ku, alpha, rows, kernel
-                )
-            if not any(m.key_down == kd for m in modules.values()):
+            fused = _flux_parts(rest, out, h.shapes[kd][1])
+            if not fused or kernel is not None:
                 raise _unmapped(kd, path, "kohya")
+            if any(b <= a for _, rows in fused for a, b in rows) or sum(_rows_len(rows) for _, rows in fused) != out:
+                raise BadAdapterError(
+                    f"{ku} has {out} rows, which do not split into the {len(fused)} projections it fuses",
+                    path=path,
+                    hint="The LoRA is broken or not for Flux",
+                )
+            for name, rows in fused:
+                _add(modules, T2IModule(f"transformer.{name}", _rows_len(rows), d, r, kd, ku, alpha, rows), path)
             continue
         if component == "unet" and sgm and is_sgm(rest):
             mapped = sgm_to_underscored(rest)
@@ -421,7 +444,7 @@ def parse_kohya(path: Path, h: _Header) -> tuple[dict[str, T2IModule], str, str]
         name = f"{component}.{underscored_to_path(rest)}"
         if not _GRAMMAR[component].match(name.split(".", 1)[1]):
             raise _unmapped(kd, path, "kohya")
-        modules[name] = T2IModule(name, out, d, r, kd, ku, alpha, None, kernel)
+        _add(modules, T2IModule(name, out, d, r, kd, ku, alpha, None, kernel), path)
     base = "flux" if flux else "sdxl" if (te2 or sgm) else _sd_base(modules)
     return modules, base, "bfl" if flux else "sgm" if sgm else "diffusers"
 
@@ -453,11 +476,12 @@ def _flux_parts(rest: str, out: int, hidden: int) -> list[tuple[str, tuple[tuple
 
 def _sd_base(modules: dict[str, T2IModule]) -> str:
     """SD 1.x/2.x or SDXL from the UNet's structure and cross-attention width (when the file says)."""
-    for name, m in modules.items():
+    for name in modules:
         if name.startswith("text_encoder_2.") or "add_embedding" in name:
             return "sdxl"
         if re.search(r"transformer_blocks\.[1-9]", name):
             return "sdxl"  # SD 1.x/2.x have one transformer block per attention
+    for name, m in modules.items():
         if re.search(r"attn2\.to_k$", name):
             return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(m.in_features, "sd")
     return "sd"
@@ -476,6 +500,7 @@ def parse_diffusers(path: Path, h: _Header) -> tuple[dict[str, T2IModule], str, 
         else:
             raise _unmapped(key, path, "diffusers")
     config = _diffusers_config(h.metadata, path)
+    values = _alphas(path, list(alphas.values()), h)
     modules: dict[str, T2IModule] = {}
     for name, sides in pairs.items():
         if set(sides) != {"A", "B"}:
@@ -485,9 +510,7 @@ def parse_diffusers(path: Path, h: _Header) -> tuple[dict[str, T2IModule], str, 
         if not _GRAMMAR[component].match(rest):
             raise _unmapped(sides["A"], path, "diffusers")
         out, d, r, kernel = _matrix_shapes(sides["A"], sides["B"], h, path)
-        alpha = (
-            _scalar(path, alphas[name], h) if name in alphas else _configured_alpha(config, component, rest, r, path)
-        )
+        alpha = values[alphas[name]] if name in alphas else _configured_alpha(config, component, rest, r, path)
         modules[name] = T2IModule(name, out, d, r, sides["A"], sides["B"], alpha, None, kernel)
     for name, key in alphas.items():
         if name not in pairs:

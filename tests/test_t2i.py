@@ -809,3 +809,22 @@ def test_older_diffusers_layouts_are_refused_in_one_line(key, tmp_path):
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert str(path) in result.output and key in result.output
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_two_tensor_pairs_for_one_module_are_refused(tmp_path):
+    # the same SDXL module in both namings: diffusers' down_blocks.1.attentions.0 is SGM's input_blocks.4.1
+    pair = {"lora_down.weight": torch.ones(2, 64), "lora_up.weight": torch.ones(64, 2)}
+    tensors = {}
+    for name in ("down_blocks_1_attentions_0_proj_in", "input_blocks_4_1_proj_in"):
+        tensors.update({f"lora_unet_{name}.{k}": v.clone() for k, v in pair.items()})
+    with pytest.raises(BadAdapterError, match="both adapt module unet.down_blocks.1.attentions.0.proj_in"):
+        open_adapters([str(one_file(tmp_path, tensors))])
+
+
+def test_a_fused_flux_module_whose_rows_do_not_split_is_refused(tmp_path):
+    tensors = {
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.ones(2, 32),
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.ones(95, 2),
+    }
+    with pytest.raises(BadAdapterError, match="do not split"):
+        open_adapters([str(one_file(tmp_path, tensors))])
