@@ -766,14 +766,17 @@ def test_extraction_is_byte_identical_across_runs(sdxl, tmp_path):
     assert a == b
 
 
-def test_fp16_kohya_files_round_trip_within_fp16_rounding_at_the_default_dtype(sd15, tmp_path):
-    expected = kohya_sd(sd15, tmp_path / "a.safetensors", seed=1, dtype=torch.float16)
-    kohya_sd(sd15, tmp_path / "b.safetensors", seed=2, dtype=torch.float16)
+@pytest.mark.parametrize(("dtype", "name", "tol"), [(torch.float16, "F16", 3e-3), (torch.bfloat16, "BF16", 2e-2)])
+def test_half_precision_kohya_files_round_trip_within_their_rounding_at_the_default_dtype(
+    sd15, tmp_path, dtype, name, tol
+):
+    expected = kohya_sd(sd15, tmp_path / "a.safetensors", seed=1, dtype=dtype)
+    kohya_sd(sd15, tmp_path / "b.safetensors", seed=2, dtype=dtype)
     files = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
     out = merge_extract(tmp_path, files, "a", None, tmp_path / "o.safetensors", ConsolidationConfig(k=10_000))
     with safe_open(str(out), framework="pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
-    assert_same_deltas(read_kohya(out, kohya_names_sd(expected, False)), expected, tol=3e-3)
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {name}
+    assert_same_deltas(read_kohya(out, kohya_names_sd(expected, False)), expected, tol=tol)
 
 
 def test_the_pipeline_components_are_ordinary_modules_of_the_checkpoint(sdxl, tmp_path):
@@ -828,3 +831,12 @@ def test_a_fused_flux_module_whose_rows_do_not_split_is_refused(tmp_path):
     }
     with pytest.raises(BadAdapterError, match="do not split"):
         open_adapters([str(one_file(tmp_path, tensors))])
+
+
+def test_a_kohya_lora_added_to_a_checkpoint_comes_back_as_kohya(sd15, tmp_path):
+    kohya_sd(sd15, tmp_path / "a.safetensors", seed=1)
+    expected = kohya_sd(sd15, tmp_path / "b.safetensors", seed=2)
+    api.merge([str(tmp_path / "a.safetensors")], tmp_path / "c.safetensors", FULL)
+    api.add(tmp_path / "c.safetensors", [str(tmp_path / "b.safetensors")], tmp_path / "c2.safetensors", FULL)
+    out = api.extract(tmp_path / "c2.safetensors", tmp_path / "b-out.safetensors", task="b")[0].path
+    assert_same_deltas(read_kohya(out, kohya_names_sd(expected, False)), expected)
