@@ -16,12 +16,15 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 
 from .errors import BadAdapterError, DuplicateTaskError, InvalidTaskNameError, first_line
+
+if TYPE_CHECKING:
+    from .t2i import T2ISource
 
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 CONFIG_NAME = "adapter_config.json"
@@ -472,7 +475,9 @@ def open_adapters(inputs: list[str], *, alpha: float | None = None) -> list[Adap
     return sources
 
 
-def open_adapter(path: Path, *, task: str | None = None, alpha: float | None = None, origin: str | None = None):
+def open_adapter(
+    path: Path, *, task: str | None = None, alpha: float | None = None, origin: str | None = None
+) -> AdapterSource | T2ISource:
     """One adapter file or folder: a text-to-image LoRA file (kohya or diffusers layout, see
     :mod:`share_convert.t2i`) when its tensor names say so, else a PEFT adapter."""
     from .t2i import open_source  # t2i builds on this module
