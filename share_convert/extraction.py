@@ -101,8 +101,11 @@ def extract(
     if fmt != "peft":
         with deterministic():
             factors, width = adapter_tensors(ckpt, task, rank)
-        padded = {m: _padded(B, A, width) for m, (B, A) in factors.items()}
-        w = t2i.write_lora(padded, width, record, fmt, output, task, force=force)
+        dtype = _DTYPES.get(record.get("weights_dtype", "F32"), torch.float32)
+        for m, (B, A) in factors.items():  # in place, so one module at a time holds two copies
+            B, A = _padded(B, A, width)
+            factors[m] = (B.to(dtype), A.to(dtype))
+        w = t2i.write_lora(factors, width, record, fmt, output, task, force=force)
         return ExtractedAdapter(task=task, path=w.path, rank=w.rank, modules=w.modules, warnings=w.warnings)
     # -- end of hook --
     prepare_output_dir(output, force)
