@@ -62,16 +62,17 @@ def prepare_output_dir(path: Path, force: bool) -> None:
 
 
 def adapter_tensors(
-    ckpt: Checkpoint, task: str, rank: int | None
+    ckpt: Checkpoint, task: str, rank: int | None, dtype: torch.dtype = torch.float64
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
-    """Per module of ``task``: balanced (B̂ n × p, Â p × d) float64, truncated to ``rank``."""
+    """Per module of ``task``: balanced (B̂ n × p, Â p × d) in ``dtype`` (float64 unless asked),
+    truncated to ``rank``; converted module by module, so only one module is ever in float64."""
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for module, info in ckpt.modules.items():
         if task not in info["tasks"]:
             continue
         Bh, Ah = ckpt.reconstruction(task, module)
         Bc, Ac, _ = canonicalize(Bh, Ah, max_rank=rank)
-        out[module] = (Bc, Ac.T.contiguous())
+        out[module] = (Bc.to(dtype), Ac.T.to(dtype).contiguous())
     width = max((b.shape[1] for b, _ in out.values()), default=0)
     return out, max(width, 1)
 
@@ -99,12 +100,11 @@ def extract(
     # -- text-to-image hook: kohya / diffusers files (share_convert/t2i.py) --
     fmt = t2i.resolve_format(record, format, task)
     if fmt != "peft":
-        with deterministic():
-            factors, width = adapter_tensors(ckpt, task, rank)
         dtype = _DTYPES.get(record.get("weights_dtype", "F32"), torch.float32)
+        with deterministic():
+            factors, width = adapter_tensors(ckpt, task, rank, dtype)
         for m, (B, A) in factors.items():  # in place, so one module at a time holds two copies
-            B, A = _padded(B, A, width)
-            factors[m] = (B.to(dtype), A.to(dtype))
+            factors[m] = _padded(B, A, width)
         w = t2i.write_lora(factors, width, record, fmt, output, task, force=force)
         return ExtractedAdapter(task=task, path=w.path, rank=w.rank, modules=w.modules, warnings=w.warnings)
     # -- end of hook --
