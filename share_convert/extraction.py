@@ -115,8 +115,9 @@ def extract(
     tensors: dict[str, torch.Tensor] = {}
     for module, (B, A) in factors.items():
         B, A = _padded(B, A, width)
-        tensors[f"{module}.lora_A.weight"] = A.to(dtype).contiguous()
-        tensors[f"{module}.lora_B.weight"] = B.to(dtype).contiguous()
+        name = t2i.peft_module_name(record, module)  # a UNet's PEFT adapter gets its own names back
+        tensors[f"{name}.lora_A.weight"] = A.to(dtype).contiguous()
+        tensors[f"{name}.lora_B.weight"] = B.to(dtype).contiguous()
     heads = ckpt.heads(task)
     tensors.update(heads)
     config = exported_config(record, list(factors), width)

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from .errors import BadAdapterError, DuplicateTaskError, InvalidTaskNameError, first_line
 
 if TYPE_CHECKING:
-    from .t2i import T2ISource
+    from .t2i import PeftComponentSource, T2ISource
 
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 CONFIG_NAME = "adapter_config.json"
@@ -477,13 +477,16 @@ def open_adapters(inputs: list[str], *, alpha: float | None = None) -> list[Adap
 
 def open_adapter(
     path: Path, *, task: str | None = None, alpha: float | None = None, origin: str | None = None
-) -> AdapterSource | T2ISource:
+) -> AdapterSource | T2ISource | PeftComponentSource:
     """One adapter file or folder: a text-to-image LoRA file (kohya or diffusers layout, see
     :mod:`share_convert.t2i`) when its tensor names say so, else a PEFT adapter."""
-    from .t2i import open_source  # t2i builds on this module
+    from .t2i import as_component, open_source  # t2i builds on this module
 
     source = open_source(Path(path), task=task, alpha=alpha, origin=origin or str(path))
-    return source if source is not None else AdapterSource(path, task=task, alpha=alpha, origin=origin)
+    if source is not None:
+        return source
+    # a PEFT adapter of a UNet or Flux transformer is read under the text-to-image module names
+    return as_component(AdapterSource(path, task=task, alpha=alpha, origin=origin))
 
 
 def check_unique_tasks(names: list[str], origins: list[str]) -> None:

@@ -696,6 +696,76 @@ def open_source(path: Path, *, task: str | None, alpha: float | None, origin: st
     return T2ISource(path, task=task, alpha=alpha, origin=origin)
 
 
+class PeftComponentSource:
+    """A PEFT adapter of one diffusion-pipeline component (a UNet or a Flux transformer, e.g. from
+    ``get_peft_model(unet, …)``), under the canonical names (``unet.…``), so that it consolidates
+    together with kohya and diffusers files of the same base. Extracted as PEFT, it gets its own
+    module names back (:func:`peft_module_name`)."""
+
+    def __init__(self, source: Any, component: str, prefix: str, base: str):
+        self._source, self._component, self._prefix = source, component, prefix
+        self.task, self.origin, self.config = source.task, source.origin, source.config
+        self.head_keys: list[str] = []
+        self.weights_dtype = source.weights_dtype
+        self._names = {f"{component}.{name[len(prefix) :]}": name for name in source.modules}
+        self._base = base
+
+    def module_shapes(self) -> dict[str, tuple[int, int, int]]:
+        shapes = self._source.module_shapes()
+        return {canon: shapes[name] for canon, name in self._names.items()}
+
+    def read_module(self, module: str) -> LoraFactors:
+        return self._source.read_module(self._names[module])
+
+    def read_heads(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def prior(self, module: str) -> None:
+        return None
+
+    def task_record(self) -> dict[str, Any]:
+        record = dict(self._source.task_record())
+        record["format"] = "peft"
+        record["t2i"] = {
+            "base": self._base,
+            "naming": "diffusers",
+            "kernels": {},
+            "metadata": {},
+            "peft_component": self._component,
+            "peft_prefix": self._prefix,
+        }
+        return record
+
+
+def as_component(source: Any) -> Any:
+    """``source`` as a :class:`PeftComponentSource` when every module of a PEFT adapter (without
+    heads) is a module of a diffusers UNet or Flux transformer; else ``source`` unchanged."""
+    if getattr(source, "head_keys", None) or not getattr(source, "modules", None):
+        return source
+    names = list(source.modules)
+    prefix = "base_model.model." if all(n.startswith("base_model.model.") for n in names) else ""
+    for component in ("unet", "transformer"):
+        if all(_GRAMMAR[component].match(n[len(prefix) :]) for n in names):
+            modules = {
+                f"{component}.{n[len(prefix) :]}": T2IModule(
+                    f"{component}.{n[len(prefix) :]}", s.out_features, s.in_features, s.rank, "", "", None
+                )
+                for n, s in source.modules.items()
+            }
+            base = "flux" if component == "transformer" else _sd_base(modules)
+            return PeftComponentSource(source, component, prefix, base)
+    return source
+
+
+def peft_module_name(record: dict[str, Any], module: str) -> str:
+    """The name a module has in a PEFT folder: its own for a PEFT adapter of one pipeline component."""
+    t2i = record.get("t2i") or {}
+    component = t2i.get("peft_component")
+    if component and module.startswith(component + "."):
+        return t2i.get("peft_prefix", "") + module[len(component) + 1 :]
+    return module
+
+
 _BASE_NAMES = {"sd": "SD 1.x/2.x", "sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "flux": "Flux"}
 
 
@@ -743,7 +813,7 @@ def resolve_format(record: dict[str, Any], requested: str | None, task: str) -> 
             f"it cannot be written as a {fmt} file",
             hint="Extract it with --format peft",
         )
-    if fmt == "peft" and t2i:
+    if fmt == "peft" and t2i and not t2i.get("peft_component"):
         raise InvalidOptionError(
             f"task {task} came from a {record.get('format')} text-to-image LoRA, whose modules span several "
             "pipeline components; a PEFT folder adapts one model",

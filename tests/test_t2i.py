@@ -840,3 +840,48 @@ def test_a_kohya_lora_added_to_a_checkpoint_comes_back_as_kohya(sd15, tmp_path):
     api.add(tmp_path / "c.safetensors", [str(tmp_path / "b.safetensors")], tmp_path / "c2.safetensors", FULL)
     out = api.extract(tmp_path / "c2.safetensors", tmp_path / "b-out.safetensors", task="b")[0].path
     assert_same_deltas(read_kohya(out, kohya_names_sd(expected, False)), expected)
+
+
+# == PEFT adapters of a UNet, mixed with kohya and diffusers files ==================================
+def unet_output(unet) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    sample, states = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 7, 32, generator=g)
+    with torch.no_grad():
+        return unet(sample, 10, encoder_hidden_states=states, return_dict=False)[0]
+
+
+def test_a_peft_unet_adapter_merges_with_kohya_files_and_comes_back_in_any_format(sd15, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(5)
+    config = LoraConfig(
+        r=RANK, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False
+    )
+    peft_unet = get_peft_model(copy.deepcopy(sd15.unet), config)
+    peft_unet.save_pretrained(str(tmp_path / "peft-unet"))
+    original = unet_output(peft_unet.base_model.model)
+    kohya_sd(sd15, tmp_path / "k.safetensors", seed=1)
+    api.merge([str(tmp_path / "peft-unet"), str(tmp_path / "k.safetensors")], tmp_path / "c.safetensors", FULL)
+
+    out = api.extract(tmp_path / "c.safetensors", tmp_path / "back", task="peft-unet")[0].path  # as it came: PEFT
+    loaded = PeftModel.from_pretrained(copy.deepcopy(sd15.unet), str(out)).base_model.model
+    assert (original - unet_output(sd15.unet)).abs().max() > 1e-3
+    assert torch.allclose(unet_output(loaded), original, atol=2e-4, rtol=1e-4)
+
+    diff = api.extract(tmp_path / "c.safetensors", tmp_path / "d.safetensors", task="peft-unet", format="diffusers")[
+        0
+    ].path
+    p = copy.deepcopy(sd15)
+    p.load_lora_weights(str(diff), adapter_name="x")
+    assert torch.allclose(unet_output(p.unet), original, atol=2e-4, rtol=1e-4)
+
+
+def test_a_peft_unet_adapter_of_another_base_is_refused(sd15, sdxl, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(copy.deepcopy(sd15.unet), LoraConfig(r=2, target_modules=["to_q"])).save_pretrained(
+        str(tmp_path / "p")
+    )
+    kohya_sd(sdxl, tmp_path / "x.safetensors", seed=1, conv=False)
+    with pytest.raises(IncompatibleAdaptersError):
+        api.merge([str(tmp_path / "p"), str(tmp_path / "x.safetensors")], tmp_path / "o.safetensors")
