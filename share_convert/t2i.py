@@ -11,8 +11,12 @@ such; the kernel shape is kept in the task record so that extraction writes the 
 Flux kohya files fuse projections (``img_attn_qkv``, ``linear1``): they are read as the diffusers
 modules they fuse (the rows of ``up`` split, ``down`` shared), and fused again when written.
 
+PEFT adapters of a UNet or Flux transformer are read under the same names
+(:class:`PeftComponentSource`), so they consolidate with kohya and diffusers files of their base.
+
 The source format, base, naming, kernel shapes and kohya ``ss_*`` metadata of each task go into
-its task record (the checkpoint's manifest), which extraction reads back.
+its task record (the checkpoint's manifest), which extraction reads back. User guide:
+docs/text-to-image.md.
 """
 
 from __future__ import annotations
