@@ -19,9 +19,9 @@ from .errors import CorruptCheckpointError, InvalidOptionError
 from .formats import (
     CONFIG_NAME,
     WEIGHT_NAMES,
-    AdapterSource,
     check_unique_tasks,
     expand_paths,
+    open_adapter,
     open_adapters,
     parse_input,
 )
@@ -83,6 +83,7 @@ def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
     """Adapters and Share checkpoints (every task of a checkpoint is an input) from what was typed."""
     from .checkpoint import Checkpoint, is_checkpoint
     from .continual import checkpoint_tasks
+    from .t2i import check_same_base
 
     sources: list = []
     for text in inputs:
@@ -94,7 +95,7 @@ def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
                 else:
                     addr = hub.parse_address(spec.path)
                     name = spec.task or (addr.subfolder or addr.repo_id).rstrip("/").split("/")[-1]
-                    sources.append(AdapterSource(path, task=name, alpha=alpha, origin=str(addr)))
+                    sources.append(open_adapter(path, task=name, alpha=alpha, origin=str(addr)))
             continue
         for path in expand_paths(spec.path):
             if path.is_file() and path.suffix == ".safetensors" and is_checkpoint(path):
@@ -102,6 +103,7 @@ def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
             else:
                 sources += open_adapters([f"{spec.task}={path}" if spec.task else str(path)], alpha=alpha)
     check_unique_tasks([s.task for s in sources], [s.origin for s in sources])
+    check_same_base(sources)  # text-to-image inputs: one base (SD 1.x, SDXL, Flux)
     return sources
 
 
@@ -155,9 +157,11 @@ def extract(
     all_tasks: bool = False,
     rank: int | None = None,
     force: bool = False,
+    format: str | None = None,
 ) -> list[ExtractedAdapter]:
-    """Extract one task (``task``) or every task (``all_tasks``) as PEFT adapters.
+    """Extract one task (``task``) or every task (``all_tasks``) as adapters.
 
+    ``format`` is ``peft``, ``kohya`` or ``diffusers``; by default each task in the format it came in.
     With ``rank``, each result's ``truncation_error`` says how much ΔW error the truncation adds.
     """
     from .extraction import extract as _extract
@@ -165,9 +169,9 @@ def extract(
 
     ckpt = open_checkpoint(checkpoint)
     if all_tasks:
-        return _extract_all(ckpt, output, rank=rank, force=force)
+        return _extract_all(ckpt, output, rank=rank, force=force, format=format)
     assert task is not None
-    return [_extract(ckpt, task, output, rank=rank, force=force)]
+    return [_extract(ckpt, task, output, rank=rank, force=force, format=format)]
 
 
 def verify(checkpoint: str | Path) -> dict[str, Any]:

@@ -344,14 +344,24 @@ def extract(
     ] = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
+    # -- text-to-image hook (share_convert/t2i.py) --
+    format: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="peft (a PEFT folder), kohya (one .safetensors for ComfyUI/A1111) or diffusers "
+            "(for load_lora_weights). Default: the format the task came in. With kohya/diffusers, "
+            "-o may name the .safetensors file.",
+        ),
+    ] = None,
 ) -> None:
-    """Write a task back out as a standard PEFT LoRA adapter folder.
+    """Write a task back out as a standard LoRA adapter: a PEFT folder, or a kohya or diffusers file.
 
     Example: share-convert extract share.safetensors --task sst2 -o sst2-lora/
     """
     if (task is None) == (not all_tasks):
         fail("give exactly one of --task NAME or --all")
-    results = api.extract(checkpoint, output, task=task, all_tasks=all_tasks, rank=rank, force=force)
+    results = api.extract(checkpoint, output, task=task, all_tasks=all_tasks, rank=rank, force=force, format=format)
     if as_json:
         emit_json([r.as_dict() for r in results])
         return

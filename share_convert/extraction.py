@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from . import t2i
 from .atomic import publish_dir, temp_dir_beside
 from .checkpoint import Checkpoint, check_parent_writable
 from .errors import InvalidOptionError, OutputExistsError
@@ -66,9 +67,14 @@ def prepare_output_dir(path: Path, force: bool) -> None:
 
 
 def adapter_tensors(
-    ckpt: Checkpoint, task: str, rank: int | None, truncation: dict[str, float] | None = None
+    ckpt: Checkpoint,
+    task: str,
+    rank: int | None,
+    truncation: dict[str, float] | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
-    """Per module of ``task``: balanced (B̂ n × p, Â p × d) float64, truncated to ``rank``.
+    """Per module of ``task``: balanced (B̂ n × p, Â p × d) in ``dtype`` (float64 unless asked),
+    truncated to ``rank``; converted module by module, so only one module is ever in float64.
 
     ``truncation`` receives, per module, the relative error the truncation adds: the dropped
     singular values' norm over the original ‖ΔW‖ (Eckart–Young; over ‖ΔŴ‖ when the original's
@@ -83,7 +89,7 @@ def adapter_tensors(
             dropped = float(full[rank:].square().sum().sqrt())
             norm = float(record.get("norm") or full.square().sum().sqrt())
             truncation[module] = dropped / norm if norm > 0 else 0.0
-        out[module] = (Bc, Ac.T.contiguous())
+        out[module] = (Bc.to(dtype), Ac.T.to(dtype).contiguous())
     width = max((b.shape[1] for b, _ in out.values()), default=0)
     return out, max(width, 1)
 
@@ -95,16 +101,30 @@ def extract(
     *,
     rank: int | None = None,
     force: bool = False,
+    format: str | None = None,
 ) -> ExtractedAdapter:
     """Write task ``task`` of ``checkpoint`` to the folder ``output`` as a PEFT LoRA adapter.
 
-    ``rank`` re-truncates every module to its best rank-``rank`` approximation.
+    ``rank`` re-truncates every module to its best rank-``rank`` approximation. ``format``
+    (``peft``, ``kohya``, ``diffusers``; default: the format the task came in) selects the
+    text-to-image writers of :mod:`share_convert.t2i`.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     record = ckpt.task(task)
     if rank is not None and rank < 1:
         raise InvalidOptionError(f"--rank must be ≥ 1, got {rank}", hint="For example --rank 16")
     output = Path(output)
+    # -- text-to-image hook: kohya / diffusers files (share_convert/t2i.py) --
+    fmt = t2i.resolve_format(record, format, task)
+    if fmt != "peft":
+        dtype = _DTYPES.get(record.get("weights_dtype", "F32"), torch.float32)
+        with deterministic():
+            factors, width = adapter_tensors(ckpt, task, rank, dtype)
+        for m, (B, A) in factors.items():  # in place, so one module at a time holds two copies
+            factors[m] = _padded(B, A, width)
+        w = t2i.write_lora(factors, width, record, fmt, output, task, force=force)
+        return ExtractedAdapter(task=task, path=w.path, rank=w.rank, modules=w.modules, warnings=w.warnings)
+    # -- end of hook --
     prepare_output_dir(output, force)
     truncation: dict[str, float] = {}
     with deterministic():
@@ -112,11 +132,10 @@ def extract(
     dtype = _DTYPES.get(record.get("weights_dtype", "F32"), torch.float32)
     tensors: dict[str, torch.Tensor] = {}
     for module, (B, A) in factors.items():
-        pad = width - B.shape[1]
-        B = torch.cat([B, B.new_zeros(B.shape[0], pad)], 1)
-        A = torch.cat([A, A.new_zeros(pad, A.shape[1])], 0)
-        tensors[f"{module}.lora_A.weight"] = A.to(dtype).contiguous()
-        tensors[f"{module}.lora_B.weight"] = B.to(dtype).contiguous()
+        B, A = _padded(B, A, width)
+        name = t2i.peft_module_name(record, module)  # a UNet's PEFT adapter gets its own names back
+        tensors[f"{name}.lora_A.weight"] = A.to(dtype).contiguous()
+        tensors[f"{name}.lora_B.weight"] = B.to(dtype).contiguous()
     heads = ckpt.heads(task)
     tensors.update(heads)
     config = exported_config(record, list(factors), width)
@@ -143,8 +162,19 @@ def extract(
     )
 
 
+def _padded(B: torch.Tensor, A: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero directions appended up to ``width`` (they change nothing in ΔW = B A)."""
+    pad = width - B.shape[1]
+    return torch.cat([B, B.new_zeros(B.shape[0], pad)], 1), torch.cat([A, A.new_zeros(pad, A.shape[1])], 0)
+
+
 def extract_all(
-    checkpoint: str | Path | Checkpoint, output: str | Path, *, rank: int | None = None, force: bool = False
+    checkpoint: str | Path | Checkpoint,
+    output: str | Path,
+    *,
+    rank: int | None = None,
+    force: bool = False,
+    format: str | None = None,
 ) -> list[ExtractedAdapter]:
     """Every task, one sub-folder each (named after the task), under ``output``."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
@@ -152,14 +182,16 @@ def extract_all(
     prepare_output_dir(output, force)
     tmp = temp_dir_beside(output)
     try:  # every task is written under a temporary folder, published in one rename at the end
-        results = [extract(ckpt, t, tmp / t, rank=rank) for t in ckpt.tasks]
+        for t in ckpt.tasks:  # every format is valid before anything is written
+            t2i.resolve_format(ckpt.task(t), format, t)
+        results = [extract(ckpt, t, tmp / t, rank=rank, format=format) for t in ckpt.tasks]
         os.chmod(tmp, stat.S_IMODE((tmp / results[0].task).stat().st_mode) if results else 0o755)
         publish_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for r in results:
-        r.path = output / r.task
+        r.path = output / r.path.relative_to(tmp)
     return results
 
 

@@ -26,6 +26,8 @@ from .errors import BadAdapterError, DuplicateTaskError, InvalidTaskNameError, f
 if TYPE_CHECKING:  # torch is imported where tensors are read, so that light commands start fast
     import torch
 
+    from .t2i import PeftComponentSource, T2ISource
+
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
@@ -520,9 +522,26 @@ def open_adapters(inputs: list[str], *, alpha: float | None = None) -> list[Adap
         if spec.task is not None and len(paths) != 1:
             raise BadAdapterError("NAME=PATH needs exactly one adapter", path=text, hint="Name each adapter separately")
         for p in paths:
-            sources.append(AdapterSource(p, task=spec.task, alpha=alpha, origin=str(p)))
+            sources.append(open_adapter(p, task=spec.task, alpha=alpha, origin=str(p)))
     check_unique_tasks([s.task for s in sources], [s.origin for s in sources])
+    from .t2i import check_same_base
+
+    check_same_base(sources)
     return sources
+
+
+def open_adapter(
+    path: Path, *, task: str | None = None, alpha: float | None = None, origin: str | None = None
+) -> AdapterSource | T2ISource | PeftComponentSource:
+    """One adapter file or folder: a text-to-image LoRA file (kohya or diffusers layout, see
+    :mod:`share_convert.t2i`) when its tensor names say so, else a PEFT adapter."""
+    from .t2i import as_component, open_source  # t2i builds on this module
+
+    source = open_source(Path(path), task=task, alpha=alpha, origin=origin or str(path))
+    if source is not None:
+        return source
+    # a PEFT adapter of a UNet or Flux transformer is read under the text-to-image module names
+    return as_component(AdapterSource(path, task=task, alpha=alpha, origin=origin))
 
 
 def check_unique_tasks(names: list[str], origins: list[str]) -> None:

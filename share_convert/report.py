@@ -113,6 +113,7 @@ def _task_statistics(ckpt: Checkpoint) -> tuple[list[dict[str, Any]], set[str], 
             {
                 "task": name,
                 "source": rec.get("source"),
+                "format": rec.get("format", "peft"),  # peft, kohya or diffusers (share_convert/t2i.py)
                 "modules": int(count[i]),
                 "mean_error": float(mean_error[i]),
                 "max_error": float(max_error[i]),
