@@ -15,7 +15,9 @@ serve the same extracted tasks, so their outputs are compared too.
   threads under contention distort every timing.
 - Memory with ``--tasks`` tasks loaded: the bytes of the adapter tensors held (PEFT: every
   ``lora_`` parameter; runtime: ``memory_report().adapters``: bases, coefficients, private factors,
-  heads, slot maps), and the growth of this process's resident memory while loading them.
+  heads, slot maps); and, whole process, three fresh processes that build the base model and load
+  nothing / the PEFT adapters / the Share tasks (``--load``), each measured for its peak resident
+  memory (``measure.py``) and its resident memory once loaded.
 
     python benchmarks/bench_serve.py --work /tmp/bench-serve --out benchmarks/results/serve.json
 """
@@ -27,6 +29,8 @@ import gc
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,10 +39,13 @@ import torch
 from peft import PeftModel
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from share_convert import ShareModel, api
-from share_convert.consolidation import ConsolidationConfig, merge
-from share_convert.formats import open_adapters
-from share_convert.synthetic import write_synthetic_adapters
+sys.path.insert(0, str(Path(__file__).parent))
+from measure import measure  # noqa: E402
+
+from share_convert import ShareModel, api  # noqa: E402
+from share_convert.consolidation import ConsolidationConfig, merge  # noqa: E402
+from share_convert.formats import open_adapters  # noqa: E402
+from share_convert.synthetic import write_synthetic_adapters  # noqa: E402
 
 
 def rss() -> int:
@@ -73,6 +80,25 @@ def peft_with(adapters: list[Path]) -> PeftModel:
     return model.eval()
 
 
+def load_only(kind: str, work: Path, count: int) -> None:
+    """Build the base model and load ``count`` tasks with ``kind``; print the resident memory then."""
+    model = base_model()
+    tasks = sorted(p.name for p in (work / "extracted").iterdir())[:count]
+    if kind == "peft":
+        model = peft_with([work / "extracted" / t for t in tasks])
+    elif kind == "share":
+        model = ShareModel.from_checkpoint(model, work / "share.safetensors", tasks=tasks)
+    gc.collect()
+    print(json.dumps({"rss_loaded": rss()}))
+
+
+def whole_process(kind: str, work: Path, count: int) -> dict:
+    run = measure([sys.executable, __file__, "--load", kind, "--work", str(work), "--tasks", str(count)])
+    if run.returncode:
+        raise subprocess.CalledProcessError(run.returncode, run.command, run.stdout, run.stderr)
+    return {"peak_rss_mb": run.peak_rss_mb, "rss_loaded_mb": json.loads(run.stdout)["rss_loaded"] / 2**20}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", type=int, default=100, help="tasks loaded for the memory comparison")
@@ -81,13 +107,18 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=16)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--shared-rank", type=int, default=16)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="/tmp/share-bench-serve")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
+    p.add_argument("--load", choices=["base", "peft", "share"], help=argparse.SUPPRESS)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     work = Path(a.work)
+    if a.load:
+        return load_only(a.load, work, a.tasks)
+    if not a.out:
+        p.error("--out is required")
     cfg = GPT2Config()
     modules = {f"transformer.h.{i}.attn.c_attn": (3 * cfg.n_embd, cfg.n_embd) for i in range(cfg.n_layer)}
     paths = write_synthetic_adapters(
@@ -157,26 +188,18 @@ def main() -> None:
     }
 
     # memory, `tasks` tasks loaded
-    gc.collect()
-    before = rss()
     peft = peft_with(extracted[: a.tasks])
-    peft_rss = rss() - before
     peft_bytes = sum(p.numel() * p.element_size() for n, p in peft.named_parameters() if "lora_" in n)
     del peft
-    gc.collect()
-    model = base_model()
-    before = rss()
-    share = ShareModel.from_checkpoint(model, ckpt, tasks=tasks[: a.tasks])
-    share_rss = rss() - before
-    memory = share.memory_report()
+    memory = ShareModel.from_checkpoint(base_model(), ckpt, tasks=tasks[: a.tasks]).memory_report()
+    processes = {kind: whole_process(kind, work, a.tasks) for kind in ("base", "peft", "share")}
     results["memory"] = {
         "tasks": a.tasks,
         "peft_lora_tensor_bytes": peft_bytes,
         "share_adapter_bytes": memory.adapters,
-        "share_report": memory.as_dict(),
         "ratio": peft_bytes / memory.adapters,
-        "rss_growth_loading_peft": peft_rss,
-        "rss_growth_loading_share": share_rss,
+        "share_report": memory.as_dict(),
+        "whole_process_mb": processes,
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -34,6 +34,7 @@ from torch import nn
 from .checkpoint import Checkpoint
 from .errors import (
     BatchMismatchError,
+    CorruptCheckpointError,
     DeviceMismatchError,
     InvalidOptionError,
     ModelMismatchError,
@@ -510,6 +511,15 @@ class ShareModel(nn.Module):
         with open_checkpoint(checkpoint) as ckpt:
             return _build(base_model, ckpt, tasks, dtype, device, head_pad_value)
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes of the base model (``config``, ``device``...) read through the runtime, as PEFT does."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
     # tasks -----------------------------------------------------------------------------------------------
     @property
     def tasks(self) -> list[str]:
@@ -797,7 +807,11 @@ def _read_module(
             if group not in bases:
                 beta, alpha = ckpt.bases(module, t)
                 if beta is None or alpha is None:
-                    raise ModelMismatchError(f"module {module} has coefficients but no bases", path=ckpt.path)
+                    raise CorruptCheckpointError(
+                        f"module {module} has coefficients of task {t!r} but no bases",
+                        path=ckpt.path,
+                        hint="Re-create or re-download the checkpoint",
+                    )
                 bases[group] = (beta, alpha, k_B, k_A)
                 k_B, k_A = k_B + beta.shape[1], k_A + alpha.shape[1]
             coefs[ids[t]] = (group, parts["coef_B"], parts["coef_A"])

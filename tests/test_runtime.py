@@ -522,4 +522,5 @@ def test_the_checkpoint_path_may_be_given_as_text(case_of):
     case = case_of("llama")
     model = ShareModel.from_checkpoint(copy.deepcopy(case.base), str(case.checkpoint), tasks=[case.tasks[0]])
     assert model.tasks == [case.tasks[0]]
+    assert model.config is model.base_model.config  # the base model's attributes read through
     assert json.dumps(model.memory_report().as_dict())
