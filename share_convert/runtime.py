@@ -699,9 +699,9 @@ def _build(
     device: str | torch.device | None,
     pad_value: float,
 ) -> ShareModel:
-    names = list(ckpt.tasks) if tasks is None else list(tasks)
     if isinstance(tasks, str):
         raise InvalidOptionError("tasks must be a list of names", hint=f"Use tasks=[{tasks!r}]")
+    names = list(ckpt.tasks) if tasks is None else list(tasks)
     for t in names:
         ckpt.task(t)  # unknown names raise here, listing the available ones
     if len(set(names)) != len(names) or not names:

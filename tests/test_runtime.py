@@ -468,6 +468,12 @@ def test_an_unknown_task_names_the_loaded_ones(case_of):
         ShareModel.from_checkpoint(copy.deepcopy(case.base), case.checkpoint, tasks=["nope"])
 
 
+def test_tasks_must_be_a_list_of_names(case_of):
+    case = case_of("llama")
+    with pytest.raises(InvalidOptionError, match=r"Use tasks=\['a-000'\]"):
+        ShareModel.from_checkpoint(copy.deepcopy(case.base), case.checkpoint, tasks="a-000")
+
+
 def test_a_task_list_of_another_length_than_the_batch_is_refused(case_of):
     case = case_of("llama")
     with pytest.raises(BatchMismatchError, match="3 tasks given for a batch of 4 rows"):
