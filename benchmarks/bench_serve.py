@@ -75,9 +75,13 @@ def fastest(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: min(ts) for name, ts in times.items()}
 
 
+#: The model's size: GPT-2's by default; ``--layers``/``--hidden`` shrink it for smoke tests.
+SIZE = {"n_layer": 12, "n_embd": 768}
+
+
 def base_model() -> GPT2ForSequenceClassification:
     torch.manual_seed(0)
-    return GPT2ForSequenceClassification(GPT2Config(pad_token_id=0, num_labels=2)).eval()
+    return GPT2ForSequenceClassification(GPT2Config(**SIZE, pad_token_id=0, num_labels=2)).eval()
 
 
 def peft_with(adapters: list[Path]) -> PeftModel:
@@ -100,7 +104,8 @@ def load_only(kind: str, work: Path, count: int) -> None:
 
 
 def whole_process(kind: str, work: Path, count: int) -> dict:
-    run = measure([sys.executable, __file__, "--load", kind, "--work", str(work), "--tasks", str(count)])
+    size = ["--layers", str(SIZE["n_layer"]), "--hidden", str(SIZE["n_embd"])]
+    run = measure([sys.executable, __file__, "--load", kind, "--work", str(work), "--tasks", str(count), *size])
     if run.returncode:
         raise subprocess.CalledProcessError(run.returncode, run.command, run.stdout, run.stderr)
     return {"peak_rss_mb": run.peak_rss_mb, "rss_loaded_mb": json.loads(run.stdout)["rss_loaded"] / 2**20}
@@ -116,6 +121,10 @@ def main() -> None:
     p.add_argument("--shared-rank", type=int, default=16)
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--layer-repeat", type=int, default=30)
+    p.add_argument("--layers", type=int, default=12, help="GPT-2 layers (12: GPT-2's size)")
+    p.add_argument(
+        "--hidden", type=int, default=768, help="GPT-2 width, a multiple of its 12 heads (768: GPT-2's size)"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="/tmp/share-bench-serve")
     p.add_argument("--out")
@@ -123,11 +132,12 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     work = Path(a.work)
+    SIZE.update(n_layer=a.layers, n_embd=a.hidden)
     if a.load:
         return load_only(a.load, work, a.tasks)
     if not a.out:
         p.error("--out is required")
-    cfg = GPT2Config()
+    cfg = GPT2Config(**SIZE)
     modules = {f"transformer.h.{i}.attn.c_attn": (3 * cfg.n_embd, cfg.n_embd) for i in range(cfg.n_layer)}
     paths = write_synthetic_adapters(
         work / "adapters",
@@ -153,8 +163,9 @@ def main() -> None:
     results: dict = {
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": a.threads},
         "setup": {
-            "model": "GPT2ForSequenceClassification(GPT2Config()) random weights, 124M parameters",
-            "modules": f"{len(modules)} × attn.c_attn (Conv1D 2304×768)",
+            "model": f"GPT2ForSequenceClassification(GPT2Config({SIZE})) random weights",
+            "parameters": sum(p.numel() for p in base_model().parameters()),
+            "modules": f"{len(modules)} × attn.c_attn (Conv1D {3 * cfg.n_embd}×{cfg.n_embd})",
             "adapters": {"count": a.tasks, "rank": a.rank, "planted_shared_rank": a.shared_rank},
             "batch": {"rows": a.rows, "tokens_per_row": a.seq, "tasks_in_batch": a.serve},
             "merge_seconds": round(merge_s, 2),
