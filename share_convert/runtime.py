@@ -702,8 +702,11 @@ def _build(
     if isinstance(tasks, str):
         raise InvalidOptionError("tasks must be a list of names", hint=f"Use tasks=[{tasks!r}]")
     names = list(ckpt.tasks) if tasks is None else list(tasks)
-    for t in names:
-        ckpt.task(t)  # unknown names raise here, listing the available ones
+    unknown = [t for t in names if t not in ckpt.tasks]
+    if unknown:
+        available = sorted(ckpt.tasks)
+        shown = ", ".join(available[:20]) + (", …" if len(available) > 20 else "")
+        raise UnknownTaskError(f"no task named {unknown[0]!r}", path=ckpt.path, hint=f"Available tasks: {shown}")
     if len(set(names)) != len(names) or not names:
         raise InvalidOptionError("tasks must name at least one task, each once", path=ckpt.path)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):

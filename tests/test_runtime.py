@@ -395,14 +395,20 @@ def test_unload_gives_back_the_untouched_base_model(case_of):
 
 def test_memory_is_the_bases_once_plus_the_tasks_coefficients(case_of):
     case = case_of("llama")
+    stored_bases = stored_coefficients = 0
     with Checkpoint(case.checkpoint) as ckpt:
-        tensors = {name: ckpt.tensor(name) for name in ckpt.manifest["tensors"]}
-    stored_bases = sum(t.numel() * 4 for n, t in tensors.items() if n.endswith(("basis_A", "basis_B")))
+        for module, info in ckpt.modules.items():
+            groups = {info["tasks"][t].get("group"): t for t in info["tasks"]}  # one task per group
+            for t in groups.values():
+                beta, alpha = ckpt.bases(module, t)
+                stored_bases += (beta.numel() + alpha.numel()) * 4
+            for t in info["tasks"]:
+                parts = ckpt.task_tensors(t, module)
+                stored_coefficients += sum(parts[k].numel() * 4 for k in ("coef_A", "coef_B") if k in parts)
     one = ShareModel.from_checkpoint(copy.deepcopy(case.base), case.checkpoint, tasks=case.tasks[:1]).memory_report()
     full = case.share_model().memory_report()
     assert full.bases == stored_bases  # each group's bases once per module, whatever the number of tasks
     assert one.bases < full.bases  # one task needs only its own group's bases
-    stored_coefficients = sum(t.numel() * 4 for n, t in tensors.items() if n.endswith(("coef_A", "coef_B")))
     # held with zero padding (to the largest rank, across both groups' rows) and a zero slot
     assert stored_coefficients <= full.coefficients
     assert full.per_task < full.lora_equivalent / full.tasks / 2  # per task, well under a LoRA's factors
