@@ -9,11 +9,13 @@ The library API lives in :mod:`share_convert.api`; the pieces it is built from:
 - :mod:`~share_convert.consolidation` streams modules through both into a checkpoint;
 - :mod:`~share_convert.checkpoint` writes and reads the checkpoint file;
 - :mod:`~share_convert.extraction` writes a task back out as a PEFT adapter;
-- :mod:`~share_convert.report` summarizes a checkpoint; :mod:`~share_convert.cli` is the CLI.
+- :mod:`~share_convert.report` summarizes a checkpoint; :mod:`~share_convert.cli` is the CLI;
+- :mod:`~share_convert.runtime` serves a checkpoint's tasks in PyTorch (:class:`ShareModel`).
 """
 
 from .config import ConsolidationConfig
 from .errors import ShareError
+from .runtime import ShareModel
 
 __version__ = "0.1.0"
-__all__ = ["ConsolidationConfig", "ShareError", "__version__"]
+__all__ = ["ConsolidationConfig", "ShareError", "ShareModel", "__version__"]

@@ -71,3 +71,18 @@ class InvalidOptionError(ShareError):
 
 class HubError(ShareError):
     """A Hugging Face Hub repository that cannot be read or written."""
+
+
+class ModelMismatchError(ShareError):
+    """A checkpoint that does not fit the model it is loaded into: a module it names is missing,
+    has other shapes, or is of a layer type the runtime cannot serve."""
+
+
+class DeviceMismatchError(ShareError):
+    """Tensors that cannot compute together: inputs on another device than the model, weights of
+    a non-float dtype, a requested device or dtype that contradicts the model's."""
+
+
+class BatchMismatchError(ShareError):
+    """A call whose tasks do not fit its batch: a task list whose length differs from the number of
+    rows, or a model that reshapes rows so that a layer no longer sees one row per task."""

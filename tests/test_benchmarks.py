@@ -93,3 +93,23 @@ def test_add_runner_times_updates_of_growing_checkpoints(tmp_path):
     rows = result["rows"]
     assert [r["old_tasks"] for r in rows] == [2, 4] and all(r["wall_s_best"] > 0 for r in rows)
     assert result["startup_s"] > 0 and all(0 < r["library_add_s_best"] < r["wall_s_best"] for r in rows)
+
+
+def test_serve_runner_compares_the_runtime_with_peft_and_writes_its_results(tmp_path):
+    out = tmp_path / "serve.json"
+    run(
+        *(BENCH / "bench_serve.py", "--layers", "2", "--hidden", "96", "--tasks", "4", "--serve", "3"),
+        *("--rows", "6", "--seq", "4", "--repeat", "1", "--layer-repeat", "1", "--work", tmp_path / "w", "--out", out),
+    )
+    results = json.loads(out.read_text())
+    assert set(results["throughput"]["tokens_per_second"]) == {
+        "base",
+        "peft_mixed",
+        "share_mixed",
+        "share_one_task",
+        "share_merged",
+    }
+    assert results["throughput"]["logits_relative_difference_share_vs_peft"] < 1e-5
+    memory = results["memory"]
+    assert memory["share_adapter_bytes"] == memory["share_report"]["adapters"] > 0
+    assert set(memory["whole_process_mb"]) == {"base", "peft", "share"}
