@@ -13,9 +13,23 @@ The library API lives in :mod:`share_convert.api`; the pieces it is built from:
 - :mod:`~share_convert.runtime` serves a checkpoint's tasks in PyTorch (:class:`ShareModel`).
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .config import ConsolidationConfig
 from .errors import ShareError
-from .runtime import ShareModel
+
+if TYPE_CHECKING:
+    from .runtime import ShareModel
 
 __version__ = "0.1.0"
 __all__ = ["ConsolidationConfig", "ShareError", "ShareModel", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # the runtime imports torch: loaded on first use, so that importing the package (and the CLI's
+    # light commands: --help, tasks, info) does not pay for it
+    if name == "ShareModel":
+        from .runtime import ShareModel
+
+        return ShareModel
+    raise AttributeError(f"module 'share_convert' has no attribute {name!r}")
