@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -229,7 +230,13 @@ class ModuleStack:
         self.full = max(min(n, m_total, self.cap), min(d, m_total, self.cap))
 
     def fit(self, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ModulePlanner]:
-        """Top-K bases of both stacks and a planner over them."""
+        """Top-K bases of both stacks and a planner over them (computed once per K)."""
+        cache = self.__dict__.setdefault("_fits", {})
+        if K not in cache:
+            cache[K] = self._fit(K)
+        return cache[K]
+
+    def _fit(self, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ModulePlanner]:
         opts = {"n_oversamples": self.config.n_oversamples, "n_iter": self.config.n_iter}
         beta, sB, projB = principal_basis(self.stack_B, min(K, self.cap), seed=self.config.seed, **opts)
         alpha, sA, projA = principal_basis(self.stack_A, min(K, self.cap), seed=self.config.seed + 1, **opts)
@@ -338,21 +345,7 @@ def consolidate_group(
     """One set of shared bases for ``members`` (all of a module's tasks, or one group of them)."""
     t0 = time.perf_counter()
     stack = ModuleStack(n, d, members, config)
-    full = stack.full
-    if config.mode() == "fixed":
-        K = min(config.k or 0, full)
-    elif config.mode() == "energy" or full <= 64:
-        K = full
-    else:  # start small; the loop below widens the bases when the best k is at the edge
-        K = min(48, full)
-    while True:
-        beta, alpha, sB, sA, planner = stack.fit(K)
-        plan = _choose(planner, config, stack.stack_B, stack.stack_A, sB, sA, budget_params)
-        # the best k may lie beyond the vectors computed: compute more and plan again
-        at_edge = max(plan.k_B, plan.k_A) >= K and K < full
-        if config.mode() in ("fixed", "energy") or not at_edge:
-            break
-        K = min(2 * K, full)
+    beta, alpha, plan, planner = plan_group(stack, config, budget_params)
     norms, weights = stack.norms, stack.weights
     t1 = time.perf_counter()
     result = ModuleResult(plan=plan)
@@ -383,6 +376,26 @@ def consolidate_group(
         clock["decompose"] += t1 - t0
         clock["encode"] += time.perf_counter() - t1
     return result
+
+
+def plan_group(stack: ModuleStack, config: ConsolidationConfig, budget_params: int | None = None):
+    """The bases and plan of one stack under ``config``: (β, α, plan, planner)."""
+    full = stack.full
+    if config.mode() == "fixed":
+        K = min(config.k or 0, full)
+    elif config.mode() == "energy" or full <= 64:
+        K = full
+    else:  # start small; the loop below widens the bases when the best k is at the edge
+        K = min(48, full)
+    while True:
+        beta, alpha, sB, sA, planner = stack.fit(K)
+        plan = _choose(planner, config, stack.stack_B, stack.stack_A, sB, sA, budget_params)
+        # the best k may lie beyond the vectors computed: compute more and plan again
+        at_edge = max(plan.k_B, plan.k_A) >= K and K < full
+        if config.mode() in ("fixed", "energy") or not at_edge:
+            break
+        K = min(2 * K, full)
+    return beta, alpha, plan, planner
 
 
 def _choose(planner: ModulePlanner, config, stack_B, stack_A, sB, sA, budget_params) -> ModulePlan:
@@ -458,11 +471,20 @@ def merge(
     if workers is None:
         workers = auto_workers(max(module_params.values(), default=0))
     load_linalg(config.torch_device())
-    # bytes that are not LoRA data: heads, and the manifest (up to about 1 KB per task and module)
+    # bytes that are not LoRA data: heads, the records (64 bytes per task and module) and the manifest
     pairs = sum(len(idx) for (_, _, idx) in modules.values())
-    fixed_bytes = sum(s.task_record().get("head_bytes", 0) for s in sources) + 1000 * pairs + 2000 * len(modules) + 4096
+    fixed_bytes = (
+        sum(s.task_record().get("head_bytes", 0) for s in sources)
+        + 64 * pairs
+        + 1000 * len(sources)
+        + 2000 * len(modules)
+        + 4096
+    )
     manifest_modules: dict[str, Any] = {}
     clock = dict.fromkeys(("read", "canonicalize", "decompose", "encode", "write"), 0.0)
+    # a --budget is spent across modules: first each module's error against storage, then a target per module
+    with deterministic():
+        targets = _budget_targets(sources, modules, config, dtype, total_original, fixed_bytes, workers)
     with deterministic(), CheckpointWriter(output) as writer:
         for src in sources:
             for key, t in src.read_heads().items():
@@ -485,8 +507,12 @@ def merge(
             del factors
             local["read"] += t1 - t0
             local["canonicalize"] += time.perf_counter() - t1
-            budget = module_budget(config, n, d, [m.rank for m in members], total_original, dtype, fixed_bytes)
-            res = consolidate_module(name, n, d, members, config, dtype, budget, local)
+            if targets:
+                module_config = dc_replace(config, budget=None, target_error=targets[name], target_metric="mean")
+                res = consolidate_module(name, n, d, members, module_config, dtype, None, local)
+            else:
+                budget = module_budget(config, n, d, [m.rank for m in members], total_original, dtype, fixed_bytes)
+                res = consolidate_module(name, n, d, members, config, dtype, budget, local)
             with lock:
                 for k, v in local.items():
                     clock[k] += v
@@ -501,6 +527,8 @@ def merge(
             t2 = time.perf_counter()
             write_module(writer, name, res, dtype)
             manifest_modules[name] = module_record(n, d, res, dtype)
+            if targets:
+                manifest_modules[name]["target_error"] = targets[name]
             clock["write"] += time.perf_counter() - t2
         if progress:
             progress("", len(modules), len(modules))
@@ -618,3 +646,111 @@ def build_manifest(
         "modules": modules,
         "history": [*history, entry],
     }
+
+
+def _budget_targets(
+    sources: Sequence[TaskSource],
+    modules: dict[str, tuple[int, int, list[int]]],
+    config: ConsolidationConfig,
+    dtype: torch.dtype,
+    total_original: int,
+    fixed_bytes: int,
+    workers: int,
+) -> dict[str, float]:
+    """Under ``--budget``, the error target of each module that spends the budget best (else {}).
+
+    A first pass reads every module and plans it at each of ``BUDGET_TARGETS`` (the least storage
+    meeting that mean error); :func:`allocate_budget` then chooses per module. The second pass
+    (``merge``) consolidates each module at its target: a budget merge reads its inputs twice.
+    """
+    if config.mode() != "budget":
+        return {}
+    kind, value = parse_budget(config.budget)
+    size = torch.empty((), dtype=dtype).element_size()
+    budget_params = total_original / value if kind == "ratio" else max((value - fixed_bytes) / size, 0.0)
+
+    def frontier(item: tuple[str, tuple[int, int, list[int]]]) -> list[tuple[int, float]]:
+        name, (n, d, idx) = item
+        members = prepare_members(
+            [sources[i].task for i in idx],
+            [sources[i].read_module(name) for i in idx],
+            config,
+            [sources[i].prior(name) for i in idx],
+            [original_rank(sources[i], name) for i in idx],
+        )
+        stack = ModuleStack(n, d, members, config)
+        points = []
+        for eps in BUDGET_TARGETS:
+            at = dc_replace(config, budget=None, target_error=eps, target_metric="mean")
+            plan = plan_group(stack, at)[2]
+            points.append((plan.params, plan.mean_error * len(members)))
+        return points
+
+    frontiers = dict(zip(modules, _ordered_map(frontier, list(modules.items()), workers)))
+    return {m: BUDGET_TARGETS[j] for m, j in allocate_budget(frontiers, budget_params).items()}
+
+
+#: The error targets a --budget is allocated among, per module (mean ΔW error over the module's tasks).
+BUDGET_TARGETS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9)
+
+
+def allocate_budget(frontiers: dict[str, list[tuple[int, float]]], budget_params: float) -> dict[str, int]:
+    """Spend a storage budget across modules: per module, which point of its frontier to take.
+
+    ``frontiers[m][j]`` is (parameters, sum of task errors) of module m's least-storage plan at
+    ``BUDGET_TARGETS[j]``. Two allocations are compared and the one with the lower total error is
+    kept: the same target everywhere (the largest spending that fits), and a greedy by marginal error
+    per parameter (each step moves the module whose next point lowers the error most per extra
+    parameter, while the total fits). The first guarantees that at the storage of the default target
+    plan, a budget plan is never worse than it; the second spends storage where it pays most.
+    Returns the index into ``BUDGET_TARGETS`` per module (the cheapest point when nothing fits).
+    """
+    import heapq
+
+    names = list(frontiers)
+    last = len(BUDGET_TARGETS) - 1
+
+    def total(choice: dict[str, int]) -> tuple[float, int]:
+        return (
+            sum(frontiers[m][j][1] for m, j in choice.items()),
+            sum(frontiers[m][j][0] for m, j in choice.items()),
+        )
+
+    fitting = []
+    for j in range(len(BUDGET_TARGETS)):  # the same target everywhere
+        choice = {m: j for m in names}
+        if total(choice)[1] <= budget_params:
+            fitting.append(choice)
+    # greedy: from the cheapest point of every module, the best error drop per parameter first
+    choice = {m: last for m in names}
+    spent = total(choice)[1]
+    heap: list[tuple[float, int, int]] = []
+
+    def push(i: int) -> None:
+        m = names[i]
+        j = choice[m]
+        p0, e0 = frontiers[m][j]
+        for nxt in range(j - 1, -1, -1):  # the next point that costs more and lowers the error
+            p1, e1 = frontiers[m][nxt]
+            if e1 < e0 and p1 > p0:
+                heapq.heappush(heap, (-(e0 - e1) / (p1 - p0), i, nxt))
+                return
+
+    for i in range(len(names)):
+        push(i)
+    while heap:
+        _rate, i, nxt = heapq.heappop(heap)
+        m = names[i]
+        if nxt >= choice[m]:
+            continue
+        extra = frontiers[m][nxt][0] - frontiers[m][choice[m]][0]
+        if spent + extra > budget_params:
+            continue
+        choice[m] = nxt
+        spent += extra
+        push(i)
+    if spent <= budget_params:
+        fitting.append(choice)
+    if not fitting:  # nothing fits: the least storage each module can have
+        return {m: last for m in names}
+    return min(fitting, key=total)

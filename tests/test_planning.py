@@ -88,15 +88,42 @@ def test_a_target_counts_frozen_tasks_but_gives_them_no_private_directions(gpt2_
 
 
 def test_predicted_errors_are_the_errors_of_the_stored_tensors(tmp_path, real):
+    from share_convert.consolidation import plan_group
+
     sources = open_adapters([str(real / "gpt2-c_attn")])
     merge(sources, tmp_path / "c.safetensors", ConsolidationConfig(budget="3x"))
-    predicted = {
-        name: dict(zip([s.task for s in sources], p.for_budget(int(p.original_params() / 3)).predicted_errors))
-        for name, p in planners(sources)
-    }
+    config = ConsolidationConfig()
     for module, info in Checkpoint(tmp_path / "c.safetensors").modules.items():
+        n, d, idx = check_compatible(sources)[module]
+        members = [prepare_member(sources[i].task, sources[i].read_module(module), config) for i in idx]
+        # a budget merge gives each module an error target (recorded): its plan at that target
+        plan = plan_group(ModuleStack(n, d, members, config), ConsolidationConfig(target_error=info["target_error"]))[2]
+        predicted = dict(zip([m.task for m in members], plan.predicted_errors))
+        assert any(rec["private_rank"] for rec in info["tasks"].values()) or info["k_B"]
         for t, rec in info["tasks"].items():
-            assert rec["error"] == pytest.approx(predicted[module][t], abs=1e-5)
+            assert rec["error"] == pytest.approx(predicted[t], abs=1e-5)
+
+
+def test_a_budget_plan_is_never_worse_than_the_target_plan_at_the_same_storage(tmp_path, real, merged):
+    groups = ("gpt2-c_attn", "gpt2-c_attn+c_proj")
+    default = Checkpoint(merged(*groups))
+    stored = sum(info["params"] for info in default.modules.values())
+    original = sum(
+        rec["original_rank"] * (info["out_features"] + info["in_features"])
+        for info in default.modules.values()
+        for rec in info["tasks"].values()
+    )
+    ratio = original / stored * (1 - 1e-9)  # a budget of the default plan's storage (and a hair more)
+    sources = open_adapters([str(real / g) for g in groups])
+    merge(sources, tmp_path / "b.safetensors", ConsolidationConfig(budget=f"{ratio!r}x"))
+    budget = Checkpoint(tmp_path / "b.safetensors")
+    assert sum(info["params"] for info in budget.modules.values()) <= original / ratio
+
+    def mean_error(ckpt: Checkpoint) -> float:
+        errors = [rec["error"] for info in ckpt.modules.values() for rec in info["tasks"].values()]
+        return sum(errors) / len(errors)
+
+    assert mean_error(budget) <= mean_error(default) + 1e-6
 
 
 def test_default_merge_is_never_worse_than_the_extremes_at_the_same_storage(real):
