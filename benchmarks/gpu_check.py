@@ -8,6 +8,12 @@
    summed over worker threads, from the hidden ``merge --timings``).
 
     python benchmarks/gpu_check.py --work /tmp/gpu --count 64 --out benchmarks/results/gpu.json
+
+Issue 12's GPU targets (when a GPU is lent; one short script, leave time to rerun it):
+
+    python benchmarks/gpu_check.py --work /tmp/gpu --count 256 --out gpu-256.json     # CUDA ≥ 5× the CPU
+    python benchmarks/gpu_check.py --work /tmp/gpu --count 1000 --dtype bfloat16 --devices cuda \
+        --out gpu-1000-bf16.json                                                      # ≤ 60 s
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/tmp/share-gpu")
     p.add_argument("--count", type=int, default=64)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the adapters' dtype")
+    p.add_argument("--devices", default="cpu,cuda", help="which merges to run: cpu,cuda or cuda alone (1000 adapters)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     if not torch.cuda.is_available():
@@ -74,13 +82,15 @@ def main() -> None:
     print(json.dumps(result, indent=2), flush=True)
 
     work = Path(a.work)
-    folder = work / f"a{a.count}"
+    folder = work / f"a{a.count}-{a.dtype}"
     if not folder.exists():
         t = time.perf_counter()
-        write_synthetic_adapters(folder, count=a.count, layers=32, hidden=4096, rank=16, shared_rank=32)
+        write_synthetic_adapters(
+            folder, count=a.count, layers=32, hidden=4096, rank=16, shared_rank=32, dtype=a.dtype
+        )  # fmt: skip
         result["generate_s"] = time.perf_counter() - t
     sc = [sys.executable, "-m", "share_convert.cli"]
-    for dev in ("cpu", "cuda"):
+    for dev in a.devices.split(","):
         out = work / f"{dev}.safetensors"
         timings = work / f"timings-{dev}.json"
         r = measure(
