@@ -49,6 +49,20 @@ SHAPES = {  # module -> (out_features n, in_features d)
 K, RANK = 8, 4
 
 
+def adapter_config() -> dict:
+    """The adapter_config.json of every task (scale 1: lora_alpha = r)."""
+    return {
+        "peft_type": "LORA",
+        "r": RANK,
+        "lora_alpha": RANK,
+        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in SHAPES}),
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": "synthetic/llama-like",
+        "fan_in_fan_out": False,
+        "bias": "none",
+    }
+
+
 def module_names() -> list[tuple[str, int, int]]:
     return [
         (f"base_model.model.model.layers.{layer}.{m}", n, d) for layer in range(LAYERS) for m, (n, d) in SHAPES.items()
@@ -60,16 +74,7 @@ def build_checkpoint(path: Path, tasks: int, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     names = [f"task-{i:05d}" for i in range(tasks)]
     modules: dict[str, dict] = {}
-    config = {
-        "peft_type": "LORA",
-        "r": RANK,
-        "lora_alpha": RANK,
-        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in SHAPES}),
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": "synthetic/llama-like",
-        "fan_in_fan_out": False,
-        "bias": "none",
-    }
+    config = adapter_config()
     with CheckpointWriter(path) as w:
         for module, n, d in module_names():
             beta = torch.linalg.qr(torch.randn(n, K, generator=gen)).Q
@@ -158,15 +163,7 @@ def write_new_adapter(folder: Path, seed: int = 1) -> None:
         tensors[f"{module}.lora_A.weight"] = torch.randn(RANK, d, generator=gen) / d**0.5
         tensors[f"{module}.lora_B.weight"] = torch.randn(n, RANK, generator=gen) / n**0.5
     save_file(tensors, str(folder / "adapter_model.safetensors"))
-    config = {
-        "peft_type": "LORA",
-        "r": RANK,
-        "lora_alpha": RANK,
-        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in SHAPES}),
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": "synthetic/llama-like",
-    }
-    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / "adapter_config.json").write_text(json.dumps(adapter_config()))
 
 
 OPEN = "import sys; from safetensors import safe_open\nwith safe_open(sys.argv[1], 'numpy') as f: print(len(list(f.keys())))"
