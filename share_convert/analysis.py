@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from .consolidation import (
+    BUDGET_TARGETS,
     ConsolidationConfig,
     ModuleStack,
     Progress,
     TaskSource,
+    allocate_budget,
     check_compatible,
     prepare_member,
 )
@@ -64,6 +66,7 @@ def plan_collection(
     at_chosen = {s: {"params": 0, "errors": {}} for s in ("shared", "private")}
     original = 0
     kinds = {"shared": 0, "mixed": 0, "private": 0}
+    ladders: dict[str, tuple[list[str], list]] = {}
     eq_cfg = replace(config, weighting="equal")
     norm_cfg = replace(config, weighting="norm")
     for step, (name, (n, d, idx)) in enumerate(modules.items()):
@@ -91,6 +94,9 @@ def plan_collection(
             for t, e in zip(tasks, plan.predicted_errors):
                 bucket["errors"].setdefault(t, []).append(e)
 
+        # the planner's mix spends each budget across modules, as merge --budget does
+        ladders[name] = (tasks, [planner.for_target(eps, "mean") for eps in BUDGET_TARGETS])
+
         for r in ratios:
             budget = int(orig / r)
             record(curves["shared_unweighted"][r], plain.pure_sharing(budget))
@@ -98,10 +104,7 @@ def plan_collection(
             record(curves["private"][r], planner.truncation(budget))
             record(curves["private_allocated"][r], planner.truncation_allocated(budget))
             mixed = planner.for_budget(budget)
-            record(curves["mixed"][r], mixed)
             record(curves["groups"][r], best_split(mixed, splits, budget, orig, len(tasks)))
-            curves["mixed"][r].setdefault("shared_modules", 0)
-            curves["mixed"][r]["shared_modules"] += mixed.kind != "private"
         default = planner.for_target(config.target_error, config.target_metric)
         kinds[default.kind] += 1
         record(chosen, default)
@@ -109,6 +112,16 @@ def plan_collection(
         record(at_chosen["private"], planner.truncation(default.params))
     if progress:
         progress("", len(modules), len(modules))
+    frontiers = {m: [(p.params, p.mean_error * len(tasks)) for p in ladder] for m, (tasks, ladder) in ladders.items()}
+    for r in ratios:
+        bucket = curves["mixed"][r]
+        bucket["shared_modules"] = 0
+        for m, j in allocate_budget(frontiers, original / r).items():
+            tasks, ladder = ladders[m]
+            bucket["params"] += ladder[j].params
+            bucket["shared_modules"] += ladder[j].kind != "private"
+            for t, e in zip(tasks, ladder[j].predicted_errors):
+                bucket["errors"].setdefault(t, []).append(e)
     heads = sum(int(s.task_record().get("head_params") or 0) for s in sources)
 
     def ratio(params: int) -> float | None:

@@ -210,3 +210,13 @@ def test_a_task_merged_again_from_a_checkpoint_keeps_its_original_rank(tmp_path)
     (info,) = Checkpoint(tmp_path / "b.safetensors").modules.values()
     assert {r["original_rank"] for r in info["tasks"].values()} == {6}
     assert all(r["rank"] <= 3 for r in info["tasks"].values())
+
+
+def test_the_plan_curve_of_the_mix_is_never_above_the_default_plan(real):
+    from share_convert.analysis import plan_collection
+
+    result = plan_collection(open_adapters([str(real / "gpt2-c_attn"), str(real / "gpt2-c_attn+c_proj")]))
+    default = result["default_plan"]
+    # every budget with at least the default plan's storage: the mix (spent across modules) errs no more
+    rows = [row for row in result["curves"] if row["budget_ratio"] <= default["ratio"]]
+    assert rows and all(row["mixed"]["mean_error"] <= default["mean_error"] + 1e-9 for row in rows)
