@@ -262,6 +262,8 @@ def add_trainable_task(
     for path in chosen:
         layer = layers[path]
         basis_B, basis_A, subspace = _subspace(layer, k, energy)
+        if basis_B.dtype in (torch.float16, torch.bfloat16):  # trainable parameters in float32 (autocast for speed)
+            basis_B, basis_A = basis_B.float(), basis_A.float()
         free = min(layer.out_features - basis_B.shape[1], layer.in_features - basis_A.shape[1])
         if new_directions > free:
             raise InvalidOptionError(
@@ -282,6 +284,9 @@ def add_trainable_task(
     model._trainable[name] = task
     for path, trainable in trainables.items():
         trainable.requires_grad_(True)
+        # also a submodule of its layer: the base model's parameters include it, so that code that
+        # only sees the base model (the transformers Trainer, inside model.use(task)) trains it
+        layers[path].add_module(f"trainable_{_key(name)}", trainable)
         task._hooks.append(layers[path].register_forward_hook(task.hook(layers[path])))
     return task
 

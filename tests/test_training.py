@@ -262,6 +262,38 @@ def test_bfloat16_autocast_trains(world: World) -> None:
     assert accuracy(forward, RELATED) > max(before, 0.7)
 
 
+def test_the_transformers_trainer_trains_it_with_gradient_checkpointing(world: World, tmp_path: Path) -> None:
+    """The Trainer sees the base model only: inside ``model.use(task)`` its calls (and the recomputation
+    of checkpointed layers during backward) run the new task, whose parameters the base model holds."""
+    from transformers import Trainer, TrainingArguments
+
+    model, task = share(world.checkpoint)
+    x, y = data(RELATED, 4096, seed=0)
+    rows = [{"input_ids": x[i], "labels": y[i]} for i in range(len(x))]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=STEPS,
+        per_device_train_batch_size=BATCH,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    stored = model(input_ids=x[:8], task="t0").logits
+    with model.use("new"):
+        Trainer(model=model.base_model, args=args, train_dataset=rows).train()
+    model.eval()
+    assert accuracy(on(model), RELATED) > 0.75
+    assert task.count().share == sum(p.numel() for p in model.base_model.parameters() if p.requires_grad)
+    torch.testing.assert_close(model(input_ids=x[:8], task="t0").logits, stored)  # nothing else moved
+
+
 # -- saving and folding --------------------------------------------------------------------------------------------
 
 
