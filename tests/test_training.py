@@ -355,6 +355,26 @@ def test_folding_a_task_trained_without_new_directions_keeps_the_span(
             assert _reconstruction_gap(before, after, t, module) <= 1e-5 * info["tasks"][t]["norm"]
 
 
+def test_folding_into_an_energy_checkpoint_adds_no_direction_but_may_drop_one(world: World, tmp_path: Path) -> None:
+    """``add`` re-chooses k by the checkpoint's own rule (here an energy target) on the combined
+    spectrum: with φ = 0 the new bases stay inside the old span, but a weak direction may be
+    dropped; any old task that moves has its drift recorded, and it bounds the change."""
+    inputs = [f"{name}={world.adapters / name}" for name in OLD]
+    api.merge(inputs, tmp_path / "energy.safetensors", ConsolidationConfig(energy=0.9))
+    model, _ = share(tmp_path / "energy.safetensors")
+    train(model.trainable_parameters(), on(model), RELATED, steps=50)
+    model.fold_into("new", tmp_path / "energy.safetensors", tmp_path / "folded.safetensors")
+    before, after = Checkpoint(tmp_path / "energy.safetensors"), Checkpoint(tmp_path / "folded.safetensors")
+    for module, info in after.modules.items():
+        for old, new in zip(before.bases(module), after.bases(module)):
+            assert new.shape[1] <= old.shape[1]
+            assert (new.double() - old.double() @ (old.double().T @ new.double())).norm() < 1e-4, module
+        for t in OLD:
+            rec = info["tasks"][t]
+            gap = _reconstruction_gap(before, after, t, module)
+            assert gap <= (rec["drift"] * (1 + 1e-3) + 1e-6) * rec["norm"], (module, t)
+
+
 # -- modules without shared bases ----------------------------------------------------------------------------------
 
 
