@@ -42,9 +42,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .atomic import publish_dir, temp_dir_beside
-from .errors import DuplicateTaskError, InvalidOptionError, ModelMismatchError, UnknownTaskError
+from .errors import DuplicateTaskError, InvalidOptionError, InvalidTaskNameError, ModelMismatchError, UnknownTaskError
 from .extraction import prepare_output_dir
-from .formats import PEFT_PREFIX
+from .formats import PEFT_PREFIX, validate_task_name
 from .linalg import canonicalize, principal_basis
 from .planning import energy_k
 from .runtime import ShareHead, ShareLayer, model_path
@@ -252,6 +252,9 @@ def add_trainable_task(
         raise InvalidOptionError(f"energy must be in (0, 1], got {energy}", hint="For example 0.9")
     if k is not None and k < 1:
         raise InvalidOptionError(f"k must be ≥ 1, got {k}", hint="For example k=8")
+    validate_task_name(name)
+    if "=" in name:  # folding names the adapter NAME=PATH
+        raise InvalidTaskNameError(f"task name {name!r} contains '='", hint="Use letters, digits, '-', '_' or '.'")
     if name in model.tasks:
         raise DuplicateTaskError(f"task {name!r} already exists in the model", hint="Choose another name")
     layers: dict[str, ShareLayer] = model._layers

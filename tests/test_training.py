@@ -24,7 +24,13 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 from share_convert import ShareModel, api
 from share_convert.checkpoint import Checkpoint
 from share_convert.consolidation import ConsolidationConfig
-from share_convert.errors import DuplicateTaskError, InvalidOptionError, ModelMismatchError, ShareError
+from share_convert.errors import (
+    DuplicateTaskError,
+    InvalidOptionError,
+    InvalidTaskNameError,
+    ModelMismatchError,
+    ShareError,
+)
 from share_convert.training import TrainableTask
 
 VOCAB, LENGTH, RANK, K = 64, 8, 4, 10
@@ -462,6 +468,7 @@ def test_a_gpt2_task_with_its_own_head_trains_saves_and_loads_with_peft(tmp_path
         ),
         ({"heads": ["nowhere"]}, ModelMismatchError, "no module"),
         ({"rank": 0}, InvalidOptionError, "rank"),
+        ({"name": "a/b"}, InvalidTaskNameError, "path separator"),
     ],
 )
 def test_bad_input_is_one_clear_error_and_changes_nothing(world: World, options: dict, error: type, words: str) -> None:
