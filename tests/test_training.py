@@ -334,6 +334,7 @@ def test_folding_keeps_every_old_task_within_its_reported_drift(outside: dict, w
             rec = info["tasks"][t]
             gap = _reconstruction_gap(before, after, t, module)
             assert gap <= (rec["drift"] * (1 + 1e-3) + 1e-6) * rec["norm"], (module, t)  # 1e-6: float32 storage
+            assert rec["drift"] < 1e-5  # k grew by φ (fold_into's default): the old span is kept
         k_before = before.bases(module)[0].shape[1]
         grew += after.bases(module)[0].shape[1] > k_before
     assert grew  # the temporary directions became part of some bases
