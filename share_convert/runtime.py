@@ -675,8 +675,8 @@ class ShareModel(nn.Module):
         return add_trainable_task(self, name, **options)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters with ``requires_grad`` (the trainable tasks'), for an optimizer."""
-        return [p for p in self.parameters() if p.requires_grad]
+        """The parameters of the tasks added with :meth:`add_task` that require grad, for an optimizer."""
+        return [p for task in self._trainable.values() for p in task.parameters() if p.requires_grad]
 
     def save_task(self, name: str, path: str | Path, *, force: bool = False) -> Path:
         """Write trainable task ``name`` as a standard PEFT LoRA adapter; see :func:`share_convert.training.save_task`."""

@@ -478,7 +478,7 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(world: World, options:
     with pytest.raises(error, match=words) as caught:
         model.add_task(name, **options)
     assert isinstance(caught.value, ShareError) and "\n" not in str(caught.value)
-    assert model.tasks == list(OLD) and not model._trainable
+    assert model.tasks == list(OLD) and model.trainable_parameters() == []
 
 
 def test_saving_an_unknown_trainable_task_names_the_known_ones(related: dict, tmp_path: Path) -> None:
