@@ -283,13 +283,16 @@ def add_trainable_task(
     model.base_model.requires_grad_(False)
     for path, module in copies.items():
         _attach_head(model, path, tid, module)
-    model.add_module(f"trainable_{name}", task)  # held by the model: moved by .to(), listed by .parameters()
+    # held by the model (moved by .to(), listed by .parameters()), keyed by id: names may hold dots
+    if "trainable" not in model._modules:
+        model.add_module("trainable", nn.ModuleDict())
+    model.trainable[f"task{tid}"] = task
     model._trainable[name] = task
     for path, trainable in trainables.items():
         trainable.requires_grad_(True)
         # also a submodule of its layer: the base model's parameters include it, so that code that
         # only sees the base model (the transformers Trainer, inside model.use(task)) trains it
-        layers[path].add_module(f"trainable_{_key(name)}", trainable)
+        layers[path].add_module(f"trainable_task{tid}", trainable)
         task._hooks.append(layers[path].register_forward_hook(task.hook(layers[path])))
     return task
 

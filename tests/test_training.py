@@ -224,6 +224,16 @@ def test_a_new_task_starts_at_exactly_zero_and_only_its_parameters_train(world: 
     assert all(m.coef_B.abs().max() == 0 for m in task.layers.values())
 
 
+def test_a_second_new_task_freezes_the_first_and_any_valid_name_works(world: World) -> None:
+    model, first = share(world.checkpoint)
+    second = model.add_task("parameters.v2", rank=2)  # dots, and a name that is also a method's
+    assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in second.parameters()}
+    first.requires_grad_(True)
+    assert len(model.trainable_parameters()) == len(list(first.parameters())) + len(list(second.parameters()))
+    x, _ = data(RELATED, 4, seed=2)
+    assert model(input_ids=x, task=["new", "parameters.v2", "t0", None]).logits.shape == (4, 2)
+
+
 def test_rows_of_the_new_task_mix_with_stored_tasks_in_one_batch(related: dict) -> None:
     model = related["model"]
     x, _ = data(RELATED, 4, seed=4)
