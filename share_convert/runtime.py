@@ -478,6 +478,7 @@ class ShareModel(nn.Module):
         self._heads = heads
         self._selection = selection
         self._unloaded = False
+        self._trainable: dict[str, Any] = {}  # name -> training.TrainableTask
 
     # construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -664,6 +665,51 @@ class ShareModel(nn.Module):
     def _check_loaded(self) -> None:
         if self._unloaded:
             raise InvalidOptionError("this ShareModel was unloaded", hint="Load the checkpoint again")
+
+    # -- training a new task (share_convert.training; docs/training.md) ----------------------------------
+    def add_task(self, name: str, **options: Any) -> Any:
+        """Add a new task trained in the checkpoint's subspaces (coefficients and ``new_directions``
+        temporary directions only); see :func:`share_convert.training.add_trainable_task`."""
+        from .training import add_trainable_task
+
+        return add_trainable_task(self, name, **options)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the tasks added with :meth:`add_task` that require grad, for an optimizer."""
+        return [p for task in self._trainable.values() for p in task.parameters() if p.requires_grad]
+
+    def save_task(self, name: str, path: str | Path, *, force: bool = False) -> Path:
+        """Write trainable task ``name`` as a standard PEFT LoRA adapter; see :func:`share_convert.training.save_task`."""
+        from .training import save_task
+
+        return save_task(self, name, path, force=force)
+
+    def fold_into(self, name: str, checkpoint: str | Path, output: str | Path, **options: Any) -> dict[str, Any]:
+        """Fold trainable task ``name`` into ``checkpoint`` (the engine of ``add``); see
+        :func:`share_convert.training.fold_into`."""
+        from .training import fold_into
+
+        return fold_into(self, name, checkpoint, output, **options)
+
+    def _append_task(self, name: str) -> int:
+        """Register ``name`` as a task with nothing stored in the layers; returns its id.
+
+        It takes the base model's id (``len(tasks)``) and the base model moves up by one; every
+        layer's slot maps get one more zero entry, so stored tasks and mixed batches are unchanged.
+        """
+        self._check_loaded()
+        tid = len(self._tasks)
+        self._tasks.append(name)
+        self._ids[name] = tid
+        self._selection.base_id = tid + 1
+        self._selection.reset()
+        for layer in self._layers.values():
+            f = layer.factors
+            f.coef_slot = torch.cat([f.coef_slot, f.coef_slot.new_zeros(1)])
+            f.private_slot = torch.cat([f.private_slot, f.private_slot.new_zeros(1)])
+        return tid
+
+    # -- end of training -----------------------------------------------------------------------------------
 
 
 def _tensors_of(module: nn.Module) -> Iterator[torch.Tensor]:
