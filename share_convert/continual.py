@@ -267,7 +267,16 @@ def add(
             kept = [t for t in old_tasks if t in here_before]
             if "groups" in old_info:
                 return update_grouped_module(ckpt, name, kept, clashes, members, module_config, mdtype)
-            return update_module(ckpt, name, kept, members, module_config, mdtype)
+            res = update_module(ckpt, name, kept, members, module_config, mdtype)
+            n, d = old_info["out_features"], old_info["in_features"]
+            if stored_params(res, n, d) > original_params(res, n, d):
+                # the incremental update keeps the shared bases; here that stores more than the originals
+                # did, so consolidate the module again from the old tasks' reconstructions, as merge
+                # would (it may keep each task's own directions instead), and keep the smaller
+                alternative = refit_module(ckpt, name, kept, members, module_config, mdtype)
+                if stored_params(alternative, n, d) < stored_params(res, n, d):
+                    return alternative
+            return res
 
         def module_dtype(name: str) -> torch.dtype:
             old_info = ckpt.modules.get(name)
@@ -307,6 +316,21 @@ def add(
         entry["drift_summary"] = {"tasks": len(drifted), "max": worst}
         writer.finish(manifest)
     return manifest
+
+
+def stored_params(res: ModuleResult, n: int, d: int) -> int:
+    """Parameters one module's result stores: bases and their Gram matrices, every task's
+    coefficients and private factors."""
+    table = RecordTable.from_dicts(res.records)
+    k_B, k_A = res.plan.k_B, res.plan.k_A
+    ranks, private = table.int_column("rank"), table.int_column("private_rank")
+    bases = k_B * n + k_A * d + k_B * k_B + k_A * k_A
+    return bases + int(ranks.sum()) * (k_B + k_A) + int(private.sum()) * (n + d)
+
+
+def original_params(res: ModuleResult, n: int, d: int) -> int:
+    """Parameters the originals of one module's tasks had (LoRA factors, r × (n + d) each)."""
+    return int(RecordTable.from_dicts(res.records).int_column("original_rank").sum()) * (n + d)
 
 
 def _shape(ckpt: Checkpoint, new_shapes: dict, name: str) -> tuple[int, int]:

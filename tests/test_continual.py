@@ -359,3 +359,19 @@ def test_add_gives_the_same_bytes_whatever_the_number_of_workers(tmp_path, real)
     add(tmp_path / "c.safetensors", sources[2:], tmp_path / "one.safetensors", workers=1)
     add(tmp_path / "c.safetensors", sources[2:], tmp_path / "two.safetensors", workers=2)
     assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "two.safetensors").read_bytes()
+
+
+def _lora_bytes(path) -> int:
+    storage = api.info(path)["totals"]["storage"]
+    return sum(storage[role]["bytes"] for role in ("bases", "grams", "coefficients", "private"))
+
+
+def test_updates_never_store_more_than_the_original_adapters(tmp_path):
+    from share_convert.synthetic import write_synthetic_adapters
+
+    paths = write_synthetic_adapters(tmp_path / "a", count=10, layers=1, hidden=512, rank=8, shared_rank=16, noise=0.1)
+    api.merge([str(p) for p in paths[:4]], tmp_path / "c4.safetensors")
+    api.add(tmp_path / "c4.safetensors", [str(p) for p in paths[4:7]], tmp_path / "c7.safetensors")
+    api.add(tmp_path / "c7.safetensors", [str(p) for p in paths[7:]], tmp_path / "c10.safetensors")
+    original = sum(t["original_bytes"] for t in api.info(tmp_path / "c10.safetensors")["tasks"])
+    assert _lora_bytes(tmp_path / "c10.safetensors") <= original
