@@ -8,6 +8,13 @@ error target) after the adapters are written and read once (page cache warm), wi
 breakdown; the cost per (task, module) pair is the time divided by N × 224.
 
     python benchmarks/bench_scale.py --counts 30,100,300,1000 --work /tmp/bench-scale --out benchmarks/results/scale.json
+
+``--layout 1b``: adapters shaped like a 1B model's all-linear LoRAs instead (16 layers; q, o:
+2048 × 2048; k, v: 512 × 2048; gate, up: 8192 × 2048; down: 2048 × 8192; r = 16, with
+``--dtype bfloat16`` 22.5 MB each), issue 12's second setting:
+
+    python benchmarks/bench_scale.py --layout 1b --counts 64 --rank 16 --dtype bfloat16 --shared-rank 32 \
+        --work /tmp/bench-1b --out benchmarks/results/scale-1b.json
 """
 
 from __future__ import annotations
@@ -29,6 +36,20 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 LAYERS = 32
 
 
+def layout_1b() -> dict[str, tuple[int, int]]:
+    """Module name -> (out, in) of a 1B Llama-like model's linear layers (16 layers)."""
+    shapes = {
+        "self_attn.q_proj": (2048, 2048),
+        "self_attn.k_proj": (512, 2048),
+        "self_attn.v_proj": (512, 2048),
+        "self_attn.o_proj": (2048, 2048),
+        "mlp.gate_proj": (8192, 2048),
+        "mlp.up_proj": (8192, 2048),
+        "mlp.down_proj": (2048, 8192),
+    }
+    return {f"model.layers.{i}.{m}": nd for i in range(16) for m, nd in shapes.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--counts", default="30,100,300")
@@ -36,6 +57,9 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--noise", type=float, default=0.1)
+    p.add_argument("--shared-rank", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--layout", default="tiny", choices=["tiny", "1b"])
     p.add_argument("--out", default="benchmarks/results/scale.json")
     a = p.parse_args()
     work = Path(a.work)
@@ -45,14 +69,15 @@ def main() -> None:
         shutil.rmtree(pool, ignore_errors=True)
         write_synthetic_adapters(
             pool, count=max(counts), layers=LAYERS, targets=TARGETS, hidden=a.hidden, rank=a.rank,
-            shared_rank=8, noise=a.noise,
+            shared_rank=a.shared_rank, noise=a.noise, dtype=a.dtype,
+            modules=layout_1b() if a.layout == "1b" else None,
         )  # fmt: skip
     cli = shutil.which("share-convert") or "share-convert"
     results = {
         "machine": platform.platform(),
         "cpus": os.cpu_count(),
-        "modules": LAYERS * len(TARGETS),
-        "adapter": {"hidden": a.hidden, "rank": a.rank, "noise": a.noise, "shared_rank": 8},
+        "modules": len(layout_1b()) if a.layout == "1b" else LAYERS * len(TARGETS),
+        "adapter": vars(a),
         "runs": [],
     }
     for n in counts:
@@ -69,7 +94,7 @@ def main() -> None:
         run = measure([cli, "merge", str(folder), "-o", str(out), "--force", "--timings", str(timings)])
         if run.returncode != 0:
             raise SystemExit(run.stderr[-2000:])
-        pairs = n * LAYERS * len(TARGETS)
+        pairs = n * results["modules"]
         row = {
             "adapters": n,
             "pairs": pairs,
