@@ -121,6 +121,11 @@ def sha256(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def block_digest(blocks: Sequence[str]) -> str:
+    """The checksum of a tensor stored with block checksums: the SHA-256 of its blocks' hex digests, joined."""
+    return sha256("".join(blocks).encode())
+
+
 def block_rows(shape: Sequence[int], itemsize: int) -> int | None:
     """Rows per checksum block of a tensor, or None when one checksum covers it (small or 1-D)."""
     if len(shape) < 2 or not shape[0]:
@@ -178,23 +183,28 @@ class CheckpointWriter:
         self._rows: dict[str, dict[str, tuple[int, int, int]]] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        raw = tensor_bytes(tensor)
-        self.add_raw(name, st_dtype(tensor.dtype), list(tensor.shape), raw, sha256(raw))
+        self.add_raw(name, st_dtype(tensor.dtype), list(tensor.shape), tensor_bytes(tensor))
 
-    def add_raw(self, name: str, dtype: str, shape: list[int], raw: bytes, digest: str) -> None:
-        """Add a tensor as stored bytes whose SHA-256 is already known (copies between checkpoints)."""
+    def add_raw(self, name: str, dtype: str, shape: list[int], raw: bytes, digest: str | None = None) -> None:
+        """Add a tensor as stored bytes; ``digest``, its checksum when already known (copies
+        between checkpoints of this format), saves hashing it again."""
         if name in self._entries:
             raise ValueError(f"duplicate tensor name {name}")
         self._data.write(raw)
         crash_point("checkpoint.tensor-added")
         self._entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [self._offset, self._offset + len(raw)]}
         self._offset += len(raw)
-        self.hashes[name] = digest
         rows = block_rows(shape, _itemsize(dtype))
-        if rows is not None:
-            step = len(raw) // shape[0] * rows
-            view = memoryview(raw)
-            self.blocks[name] = {"rows": rows, "sha256": [sha256(view[i : i + step]) for i in range(0, len(raw), step)]}
+        if rows is None:
+            self.hashes[name] = digest or sha256(raw)
+            return
+        # a large tensor: a SHA-256 per block of rows, and as its checksum the SHA-256 of those
+        # (each byte is hashed once; a reader of a few rows verifies only their blocks)
+        step = len(raw) // shape[0] * rows
+        view = memoryview(raw)
+        blocks = [sha256(view[i : i + step]) for i in range(0, len(raw), step)]
+        self.blocks[name] = {"rows": rows, "sha256": blocks}
+        self.hashes[name] = block_digest(blocks)
 
     def add_module(self, module: str, rows: TaskRows) -> None:
         """Store one module's per-task tensors, stacked (format version 2): every set of bases'
@@ -769,7 +779,16 @@ class Checkpoint:
         entry, expected = self._entry(name)
         begin, end = entry["data_offsets"]
         raw = self._bytes(name, begin, end)
-        if sha256(raw) != expected:
+        blocks = self.manifest.get("blocks", {}).get(name) if self.version >= 2 else None
+        if blocks is not None:  # verified block by block, and the blocks' digests against the checksum
+            shape = list(entry["shape"])
+            step = len(raw) // shape[0] * int(blocks["rows"]) if shape and shape[0] else 0
+            view = memoryview(raw)
+            digests = [sha256(view[i : i + step]) for i in range(0, len(raw), step)] if step else []
+            actual = block_digest(digests) if digests == list(blocks["sha256"]) else None
+        else:
+            actual = sha256(raw)
+        if actual != expected:
             raise CorruptCheckpointError(
                 f"checksum mismatch in tensor {name}: the file is corrupt",
                 path=self.path,
@@ -989,11 +1008,7 @@ class Checkpoint:
     def verify_all(self) -> None:
         """Read every tensor, verifying its checksum and those of its blocks."""
         for name in sorted(self.manifest.get("tensors", {})):
-            self.raw(name)
-            blocks = self.manifest.get("blocks", {}).get(name)
-            if blocks is not None:
-                shape = self.tensor_meta(name)[0]
-                self._rows_raw(name, 0, shape[0])
+            self.raw(name)  # every byte, and for large tensors every block
         extra = self._keys - set(self.manifest.get("tensors", {}))
         if extra:
             raise CorruptCheckpointError(
