@@ -309,14 +309,17 @@ class ModulePlanner:
 
     # -- allocation of private ranks --------------------------------------------------------------------
     def _greedy(self, tails: list[list[float]], stop) -> list[int]:
-        """Add private directions one at a time to the task whose error drops most."""
+        """Add private directions one at a time to the task whose error drops most, until
+        ``stop(taken, total)`` (directions added so far, sum of the errors) holds."""
         q = [0] * len(tails)
         heap = [(-(t[0] - t[1]), i) for i, t in enumerate(tails) if len(t) > 1]
         heapq.heapify(heap)
         total = sum(t[0] for t in tails)
-        while heap and not stop(q, total):
+        taken = 0
+        while heap and not stop(taken, total):
             gain, i = heapq.heappop(heap)
             q[i] += 1
+            taken += 1
             total += gain
             t = tails[i]
             if q[i] + 1 < len(t):
@@ -400,7 +403,7 @@ class ModulePlanner:
                 q.append(ok[0])
         else:
             # the same tolerance as the check below: a running sum must not tip a plan that sits on the target
-            q = self._greedy(tails, lambda q, total: total + frozen_sum <= error * T + 1e-12)
+            q = self._greedy(tails, lambda taken, total: total + frozen_sum <= error * T + 1e-12)
             if sum(t[qi] for t, qi in zip(tails, q)) + frozen_sum > error * T + 1e-12:
                 return None
         return self.evaluate(k_B, k_A, q)
@@ -447,7 +450,7 @@ class ModulePlanner:
                 continue
             slots = (params - base) // step
             tails = self.tails(k_B, k_A)
-            q = self._greedy(tails, lambda q, total, slots=slots: sum(q) >= slots)
+            q = self._greedy(tails, lambda taken, total, slots=slots: taken >= slots)
             plan = self.evaluate(k_B, k_A, q)
             if best is None or (plan.mean_error, plan.params) < (best.mean_error, best.params):
                 best = plan
@@ -465,7 +468,7 @@ class ModulePlanner:
     def truncation_allocated(self, params: int) -> ModulePlan:
         """No sharing, with each task's rank allocated greedily where it lowers the mean error most."""
         slots = params // (self.n + self.d)
-        q = self._greedy(self.tails(0, 0), lambda q, total: sum(q) >= slots)
+        q = self._greedy(self.tails(0, 0), lambda taken, total: taken >= slots)
         return self.evaluate(0, 0, q)
 
     def truncation(self, params: int) -> ModulePlan:
