@@ -86,6 +86,7 @@ def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
     from .t2i import check_same_base
 
     sources: list = []
+    shared: dict[tuple, tuple] = {}  # one copy of the shapes and offsets the adapters repeat
     for text in inputs:
         spec = parse_input(text)
         if hub.is_hub_address(spec.path):
@@ -101,7 +102,9 @@ def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
             if path.is_file() and path.suffix == ".safetensors" and is_checkpoint(path):
                 sources += checkpoint_tasks(Checkpoint(path))
             else:
-                sources += open_adapters([f"{spec.task}={path}" if spec.task else str(path)], alpha=alpha)
+                sources += open_adapters(
+                    [f"{spec.task}={path}" if spec.task else str(path)], alpha=alpha, shared=shared
+                )
     check_unique_tasks([s.task for s in sources], [s.origin for s in sources])
     check_same_base(sources)  # text-to-image inputs: one base (SD 1.x, SDXL, Flux)
     return sources

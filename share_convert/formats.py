@@ -14,6 +14,7 @@ import math
 import os
 import re
 import struct
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,17 +117,24 @@ def task_name_for(path: Path) -> str:
     return path.name.split(".")[0] if path.name.endswith(".safetensors") else path.stem
 
 
-def _data_offsets(path: Path) -> dict[str, tuple[int, int]]:
+def _data_offsets(path: Path, shared: dict[tuple, tuple]) -> dict[str, tuple[int, int]]:
     """Where each tensor's bytes lie in a safetensors file (absolute offsets), from its header."""
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
     start = 8 + size
+    # names interned: many adapters of one base share them, and a merge holds every adapter's header
     return {
-        k: (start + v["data_offsets"][0], start + v["data_offsets"][1])
+        sys.intern(k): _one_copy(shared, (start + v["data_offsets"][0], start + v["data_offsets"][1]))
         for k, v in header.items()
         if k != "__metadata__"
     }
+
+
+def _one_copy(shared: dict[tuple, tuple], value: tuple) -> tuple:
+    """One copy of equal tuples (shapes, pairs of offsets) among the adapters opened together:
+    adapters of one base repeat them, and a merge holds every adapter's header."""
+    return shared.setdefault(value, value)
 
 
 class AdapterSource:
@@ -146,9 +154,12 @@ class AdapterSource:
         task: str | None = None,
         alpha: float | None = None,
         origin: str | None = None,
+        shared: dict[tuple, tuple] | None = None,
     ):
         path = Path(path)
         self.origin = origin or str(path)
+        #: equal tuples (shapes, offsets) kept once among adapters opened together (``open_adapters``)
+        self._shared: dict[tuple, tuple] = shared if shared is not None else {}
         self.config, self.weights_path, self.config_path = _locate(path, self.origin)
         self.alpha_assumed: float | None = None
         if self.config is None:
@@ -187,9 +198,10 @@ class AdapterSource:
             with safe_open(self.weights_path, framework="pt") as f:  # validates the header and offsets
                 for key in f.keys():
                     sl = f.get_slice(key)
-                    shapes[key] = list(sl.get_shape())
-                    dtypes[key] = sl.get_dtype()
-            self._offsets = _data_offsets(self.weights_path)
+                    key = sys.intern(key)
+                    shapes[key] = _one_copy(self._shared, tuple(sl.get_shape()))
+                    dtypes[key] = sys.intern(sl.get_dtype())
+            self._offsets = _data_offsets(self.weights_path, self._shared)
         except Exception as e:  # safetensors raises several types for malformed files
             raise BadAdapterError(
                 f"not a readable safetensors file ({first_line(e)})",
@@ -455,7 +467,7 @@ def _parse_keys(
                 path=path,
                 hint="The adapter is broken",
             )
-        modules[module] = ModuleSpec(module, n, d, ra, kA, kB)
+        modules[module] = ModuleSpec(sys.intern(module), n, d, ra, kA, kB)
     for k in heads:
         if 0 in shapes[k]:
             raise BadAdapterError(f"tensor {k} is empty (shape {shapes[k]})", path=path, hint="The adapter is broken")
@@ -509,12 +521,17 @@ def expand_paths(text: str) -> list[Path]:
     return [path]
 
 
-def open_adapters(inputs: list[str], *, alpha: float | None = None) -> list[AdapterSource]:
+def open_adapters(
+    inputs: list[str], *, alpha: float | None = None, shared: dict[tuple, tuple] | None = None
+) -> list[AdapterSource]:
     """Open every input (paths, globs, folders, ``NAME=PATH``) as an :class:`AdapterSource`.
 
     Raises a :class:`~share_convert.errors.ShareError` for the first bad input, and
-    :class:`DuplicateTaskError` when two inputs would share a task name.
+    :class:`DuplicateTaskError` when two inputs would share a task name. ``shared`` (a dict,
+    empty at first) lets adapters opened by several calls keep one copy of their equal shapes
+    and offsets.
     """
+    shared = shared if shared is not None else {}
     sources: list[AdapterSource] = []
     for text in inputs:
         spec = parse_input(text)
@@ -522,7 +539,7 @@ def open_adapters(inputs: list[str], *, alpha: float | None = None) -> list[Adap
         if spec.task is not None and len(paths) != 1:
             raise BadAdapterError("NAME=PATH needs exactly one adapter", path=text, hint="Name each adapter separately")
         for p in paths:
-            sources.append(open_adapter(p, task=spec.task, alpha=alpha, origin=str(p)))
+            sources.append(open_adapter(p, task=spec.task, alpha=alpha, origin=str(p), shared=shared))
     check_unique_tasks([s.task for s in sources], [s.origin for s in sources])
     from .t2i import check_same_base
 
@@ -531,7 +548,12 @@ def open_adapters(inputs: list[str], *, alpha: float | None = None) -> list[Adap
 
 
 def open_adapter(
-    path: Path, *, task: str | None = None, alpha: float | None = None, origin: str | None = None
+    path: Path,
+    *,
+    task: str | None = None,
+    alpha: float | None = None,
+    origin: str | None = None,
+    shared: dict[tuple, tuple] | None = None,
 ) -> AdapterSource | T2ISource | PeftComponentSource:
     """One adapter file or folder: a text-to-image LoRA file (kohya or diffusers layout, see
     :mod:`share_convert.t2i`) when its tensor names say so, else a PEFT adapter."""
@@ -541,7 +563,7 @@ def open_adapter(
     if source is not None:
         return source
     # a PEFT adapter of a UNet or Flux transformer is read under the text-to-image module names
-    return as_component(AdapterSource(path, task=task, alpha=alpha, origin=origin))
+    return as_component(AdapterSource(path, task=task, alpha=alpha, origin=origin, shared=shared))
 
 
 def check_unique_tasks(names: list[str], origins: list[str]) -> None:
