@@ -260,16 +260,16 @@ def consolidate_module(
     members: list[ModuleMember],
     config: ConsolidationConfig,
     dtype: torch.dtype,
-    budget_params: int | None = None,
     clock: dict[str, float] | None = None,
 ) -> ModuleResult:
     """Bases, plan, coefficients, private factors and errors for one module.
 
-    With ``config.groups`` other than '1', the tasks are also split into groups with separate
-    bases (spec, section 6), and the split is kept when it is cheaper at the same error target
-    (or has a lower mean error within the same budget).
+    ``config`` has a fixed k, an energy or an error target: a ``--budget`` is turned into an error
+    target per module by :func:`merge` first. With ``config.groups`` other than '1', the tasks are
+    also split into groups with separate bases (spec, section 6), and the split is kept when it is
+    cheaper at the same error target.
     """
-    single = consolidate_group(name, n, d, members, config, dtype, budget_params, clock)
+    single = consolidate_group(name, n, d, members, config, dtype, clock)
     mode = config.mode()
     if str(config.groups) == "1" or mode in ("fixed", "energy") or len(members) < 4:
         return single
@@ -281,19 +281,12 @@ def consolidate_module(
         if len(found) < 2:
             continue
         parts = [[m for m, lab in zip(members, labels) if lab == g] for g in found]
-        orig = [sum(m.rank for m in part) for part in parts]
-        results = []
-        for j, part in enumerate(parts):
-            gb = None if budget_params is None else int(budget_params * orig[j] / sum(orig))
-            results.append(
-                consolidate_group(name, n, d, part, config, dtype, gb, clock, prefix=f"modules/{name}/g{j}/")
-            )
+        results = [
+            consolidate_group(name, n, d, part, config, dtype, clock, prefix=f"modules/{name}/g{j}/")
+            for j, part in enumerate(parts)
+        ]
         combined = combine_groups(members, parts, results, single.plan.alternatives)
-        if mode == "budget":
-            better = combined.plan.mean_error < best.plan.mean_error - 1e-12
-        else:
-            better = combined.plan.params < best.plan.params
-        if better:
+        if combined.plan.params < best.plan.params:
             best = combined
     return best
 
@@ -338,14 +331,13 @@ def consolidate_group(
     members: list[ModuleMember],
     config: ConsolidationConfig,
     dtype: torch.dtype,
-    budget_params: int | None = None,
     clock: dict[str, float] | None = None,
     prefix: str | None = None,
 ) -> ModuleResult:
     """One set of shared bases for ``members`` (all of a module's tasks, or one group of them)."""
     t0 = time.perf_counter()
     stack = ModuleStack(n, d, members, config)
-    beta, alpha, plan, planner = plan_group(stack, config, budget_params)
+    beta, alpha, plan, planner = plan_group(stack, config)
     norms, weights = stack.norms, stack.weights
     t1 = time.perf_counter()
     result = ModuleResult(plan=plan)
@@ -378,7 +370,7 @@ def consolidate_group(
     return result
 
 
-def plan_group(stack: ModuleStack, config: ConsolidationConfig, budget_params: int | None = None):
+def plan_group(stack: ModuleStack, config: ConsolidationConfig):
     """The bases and plan of one stack under ``config``: (β, α, plan, planner)."""
     full = stack.full
     if config.mode() == "fixed":
@@ -389,7 +381,7 @@ def plan_group(stack: ModuleStack, config: ConsolidationConfig, budget_params: i
         K = min(48, full)
     while True:
         beta, alpha, sB, sA, planner = stack.fit(K)
-        plan = _choose(planner, config, stack.stack_B, stack.stack_A, sB, sA, budget_params)
+        plan = _choose(planner, config, stack.stack_B, stack.stack_A, sB, sA)
         # the best k may lie beyond the vectors computed: compute more and plan again
         at_edge = max(plan.k_B, plan.k_A) >= K and K < full
         if config.mode() in ("fixed", "energy") or not at_edge:
@@ -398,7 +390,7 @@ def plan_group(stack: ModuleStack, config: ConsolidationConfig, budget_params: i
     return beta, alpha, plan, planner
 
 
-def _choose(planner: ModulePlanner, config, stack_B, stack_A, sB, sA, budget_params) -> ModulePlan:
+def _choose(planner: ModulePlanner, config, stack_B, stack_A, sB, sA) -> ModulePlan:
     mode = config.mode()
     if mode == "fixed":
         return planner.fixed(config.k, config.private_rank)
@@ -407,33 +399,8 @@ def _choose(planner: ModulePlanner, config, stack_B, stack_A, sB, sA, budget_par
         kA = energy_k(sA, float(stack_A.double().pow(2).sum()), config.energy)
         return planner.evaluate(kB, kA, [0] * len(planner.fits))
     if mode == "budget":
-        return planner.for_budget(budget_params)
+        raise ValueError("a --budget is spent across modules by merge(): plan each module at its target")
     return planner.for_target(config.target_error, config.target_metric)
-
-
-def module_budget(
-    config: ConsolidationConfig,
-    n: int,
-    d: int,
-    ranks: list[int],
-    total_original: int,
-    dtype: torch.dtype,
-    fixed_bytes: int = 0,
-) -> int | None:
-    """Parameters allowed for one module under ``--budget``.
-
-    A ratio applies to each module's original size; a size is what the whole file may take:
-    what is not LoRA data (heads, the manifest: ``fixed_bytes``) is set aside first, and the rest
-    is split across modules in proportion to their original size.
-    """
-    if config.budget is None:
-        return None
-    kind, value = parse_budget(config.budget)
-    original = sum(ranks) * (n + d)
-    if kind == "ratio":
-        return int(original / value)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return max(int((value - fixed_bytes) / itemsize * original / max(total_original, 1)), 0)
 
 
 def merge(
@@ -507,12 +474,10 @@ def merge(
             del factors
             local["read"] += t1 - t0
             local["canonicalize"] += time.perf_counter() - t1
-            if targets:
+            module_config = config
+            if targets:  # under --budget: this module's share, as an error target
                 module_config = dc_replace(config, budget=None, target_error=targets[name], target_metric="mean")
-                res = consolidate_module(name, n, d, members, module_config, dtype, None, local)
-            else:
-                budget = module_budget(config, n, d, [m.rank for m in members], total_original, dtype, fixed_bytes)
-                res = consolidate_module(name, n, d, members, config, dtype, budget, local)
+            res = consolidate_module(name, n, d, members, module_config, dtype, local)
             with lock:
                 for k, v in local.items():
                     clock[k] += v
