@@ -207,6 +207,18 @@ def prepare_members(
     ]
 
 
+def read_members(sources: Sequence[TaskSource], module: str, config: ConsolidationConfig) -> list[ModuleMember]:
+    """One module of every source in ``sources``, read (scale folded) and canonicalized: what
+    merge, add and the budget's first pass all start a module with."""
+    return prepare_members(
+        [s.task for s in sources],
+        [s.read_module(module) for s in sources],
+        config,
+        [s.prior(module) for s in sources],
+        [original_rank(s, module) for s in sources],
+    )
+
+
 def original_rank(source: TaskSource, module: str) -> int | None:
     """The rank of the adapter a task came from in ``module``, when it differs from what is read
     (a task of a checkpoint); None for an adapter."""
@@ -464,13 +476,11 @@ def merge(
             t0 = time.perf_counter()
             factors = [sources[i].read_module(name) for i in idx]
             t1 = time.perf_counter()
-            members = prepare_members(
-                [sources[i].task for i in idx],
-                factors,
-                config,
-                [sources[i].prior(name) for i in idx],
-                [original_rank(sources[i], name) for i in idx],
-            )
+            here = [sources[i] for i in idx]
+            members = prepare_members(  # read_members, with the reading timed apart
+                [s.task for s in here], factors, config, [s.prior(name) for s in here],
+                [original_rank(s, name) for s in here],
+            )  # fmt: skip
             del factors
             local["read"] += t1 - t0
             local["canonicalize"] += time.perf_counter() - t1
@@ -636,13 +646,7 @@ def _budget_targets(
 
     def frontier(item: tuple[str, tuple[int, int, list[int]]]) -> list[tuple[int, float]]:
         name, (n, d, idx) = item
-        members = prepare_members(
-            [sources[i].task for i in idx],
-            [sources[i].read_module(name) for i in idx],
-            config,
-            [sources[i].prior(name) for i in idx],
-            [original_rank(sources[i], name) for i in idx],
-        )
+        members = read_members([sources[i] for i in idx], name, config)
         stack = ModuleStack(n, d, members, config)
         points = []
         for eps in BUDGET_TARGETS:

@@ -41,8 +41,7 @@ from .consolidation import (
     merge,
     module_record,
     natural_key,
-    original_rank,
-    prepare_members,
+    read_members,
     storage_dtype,
     write_module,
 )
@@ -250,14 +249,7 @@ def add(
             """One module's update (None: no new task has it, it is carried as it is)."""
             old_info = ckpt.modules.get(name)
             mdtype = module_dtype(name)
-            here = [s for s in sources if name in s.module_shapes()]
-            members = prepare_members(
-                [s.task for s in here],
-                [s.read_module(name) for s in here],
-                config,
-                [s.prior(name) for s in here],
-                [original_rank(s, name) for s in here],
-            )
+            members = read_members([s for s in sources if name in s.module_shapes()], name, config)
             if old_info is None:
                 n, d, _ = new_shapes[name]
                 return consolidate_module(name, n, d, members, module_config, mdtype)
@@ -612,13 +604,7 @@ def refit_module(
     become bounds.
     """
     sources = [CheckpointTask(ckpt, t) for t in old_tasks]
-    old_members = prepare_members(
-        old_tasks,
-        [s.read_module(name) for s in sources],
-        config,
-        [s.prior(name) for s in sources],
-        [s.original_rank(name) for s in sources],
-    )
+    old_members = read_members(sources, name, config)
     info = ckpt.modules[name]
     res = consolidate_module(name, info["out_features"], info["in_features"], old_members + members, config, dtype)
     for t in old_tasks:
