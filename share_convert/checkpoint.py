@@ -50,7 +50,17 @@ from .errors import (
     UnsupportedFormatError,
     first_line,
 )
-from .records import RECORD_FLOAT, RECORD_INT, RecordTable, TaskRows, gather_rows, record_dict
+from .records import (
+    FLOAT,
+    INT,
+    RECORD_FLOAT,
+    RECORD_INT,
+    RecordTable,
+    TaskRows,
+    gather_rows,
+    record_dict,
+    record_tables,
+)
 
 if TYPE_CHECKING:  # torch is imported where tensors are touched: reading a manifest does not need it
     import torch
@@ -228,33 +238,12 @@ class CheckpointWriter:
         """The manifest as stored: per-(task, module) figures moved into the ``records/*`` tables."""
         import torch
 
-        tasks = list(manifest["tasks"])
-        index = {t: i for i, t in enumerate(tasks)}
         modules = manifest["modules"]
-        ints = np.zeros((len(tasks), len(modules), len(RECORD_INT)), dtype=np.int32)
-        ints[:, :, RECORD_INT.index("position")] = -1
-        ints[:, :, RECORD_INT.index("group")] = -1
-        floats = np.zeros((len(tasks), len(modules), len(RECORD_FLOAT)), dtype=np.float64)
-        floats[:, :, 2:] = -1.0
+        ints, floats = record_tables(list(manifest["tasks"]), modules, self._rows)
         stored: dict[str, Any] = {}
-        for j, (name, info) in enumerate(modules.items()):
-            table = RecordTable.from_dicts(info["tasks"])
-            if len(table):
-                col_ints = table.ints.copy()
-                col_ints[:, RECORD_INT.index("position")] = np.arange(len(table))
-                if name in self._rows:
-                    row_tasks, coef_row, private_row = self._rows[name]
-                    if row_tasks != table.tasks:  # the rows were stacked in another order
-                        order = {t: i for i, t in enumerate(row_tasks)}
-                        pick = np.array([order[t] for t in table.tasks], dtype=np.int64)
-                        coef_row, private_row = coef_row[pick], private_row[pick]
-                    col_ints[:, RECORD_INT.index("coef_row")] = coef_row
-                    col_ints[:, RECORD_INT.index("private_row")] = private_row
-                where = np.array([index[t] for t in table.tasks], dtype=np.int64)
-                ints[where, j] = col_ints
-                floats[where, j] = table.floats
+        for name, info in modules.items():
             entry = {k: v for k, v in info.items() if k != "tasks"}
-            entry["task_count"] = len(table)
+            entry["task_count"] = len(info["tasks"])
             if "groups" in entry:
                 entry["groups"] = [{k: v for k, v in g.items() if k != "tasks"} for g in entry["groups"]]
             stored[name] = entry
@@ -587,18 +576,18 @@ class Checkpoint:
 
     def _completed(self, entry: dict[str, Any]) -> dict[str, Any]:
         ints, floats = self.record_tables()
-        present = ints[:, :, 0] >= 0
+        present = ints[:, :, INT["position"]] >= 0
         names = list(self.tasks)
         count = present.sum(1)
-        error = np.where(present, floats[:, :, 1], 0.0)
+        error = np.where(present, floats[:, :, FLOAT["error"]], 0.0)
         mean, worst = error.sum(1) / np.maximum(count, 1), error.max(1, initial=0.0)
         entry = dict(entry, errors={t: {"mean": float(mean[i]), "max": float(worst[i])} for i, t in enumerate(names)})
         if entry.get("op") == "add":
             added = set(entry.get("tasks_added", []))
-            touched = present & (floats[:, :, 3] >= 0)
+            touched = present & (floats[:, :, FLOAT["drift"]] >= 0)
             n = np.maximum(touched.sum(1), 1)
-            drift = np.where(touched, floats[:, :, 3], 0.0)
-            before = np.where(touched, floats[:, :, 2], 0.0)
+            drift = np.where(touched, floats[:, :, FLOAT["drift"]], 0.0)
+            before = np.where(touched, floats[:, :, FLOAT["error_before"]], 0.0)
             before_max = before.max(1, initial=0.0)
             old = [i for i, t in enumerate(names) if t not in added and touched[i].any()]
             entry["drift"] = {
@@ -636,7 +625,7 @@ class Checkpoint:
                     )
                 self._tables = (ints, floats)
             else:
-                self._tables = _tables_of_v1(self.tasks, self.modules)
+                self._tables = record_tables(list(self.tasks), self.modules)
         return self._tables
 
     def task_record_rows(self, task: str) -> tuple[np.ndarray, np.ndarray]:
@@ -667,7 +656,7 @@ class Checkpoint:
             names = list(self.manifest["modules"])
             out = {
                 names[j]: record_dict(ints[j].tolist(), floats[j].tolist())
-                for j in np.nonzero(ints[:, 0] >= 0)[0].tolist()
+                for j in np.nonzero(ints[:, INT["position"]] >= 0)[0].tolist()
             }
         if len(self._task_modules) >= 4:
             self._task_modules.pop(next(iter(self._task_modules)))
@@ -678,7 +667,7 @@ class Checkpoint:
         """One module's records, its tasks in their order there (vectorized: no object per task)."""
         ints, floats = self.record_tables()
         col_i, col_f = ints[:, column], floats[:, column]
-        pos = col_i[:, 0]
+        pos = col_i[:, INT["position"]]
         present = np.nonzero(pos >= 0)[0]
         order = present[np.argsort(pos[present], kind="stable")]
         names = list(self.tasks)
@@ -1016,28 +1005,3 @@ class Checkpoint:
             )
         if self.version >= 2:
             self.record_tables()
-
-
-def _tables_of_v1(tasks: Mapping[str, Any], modules: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """The version-2 record tables of a version-1 manifest (row offsets left at 0)."""
-    index = {t: i for i, t in enumerate(tasks)}
-    ints = np.zeros((len(tasks), len(modules), len(RECORD_INT)), dtype=np.int32)
-    ints[:, :, 0] = -1
-    ints[:, :, 4] = -1
-    floats = np.zeros((len(tasks), len(modules), len(RECORD_FLOAT)), dtype=np.float64)
-    floats[:, :, 2:] = -1.0
-    for j, info in enumerate(modules.values()):
-        for position, (t, rec) in enumerate(info["tasks"].items()):
-            i = index[t]
-            ints[i, j] = (
-                position,
-                rec["rank"],
-                rec["private_rank"],
-                rec["original_rank"],
-                rec.get("group", -1),
-                0,
-                0,
-                int(bool(rec.get("bound"))),
-            )
-            floats[i, j] = (rec["norm"], rec["error"], rec.get("error_before", -1.0), rec.get("drift", -1.0))
-    return ints, floats

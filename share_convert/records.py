@@ -28,8 +28,10 @@ if TYPE_CHECKING:
 RECORD_INT = ("position", "rank", "private_rank", "original_rank", "group", "coef_row", "private_row", "bound")
 #: Float columns; ``error_before`` and ``drift`` are -1 where the last update did not set them.
 RECORD_FLOAT = ("norm", "error", "error_before", "drift")
-_I = {c: j for j, c in enumerate(RECORD_INT)}
-_F = {c: j for j, c in enumerate(RECORD_FLOAT)}
+#: Column index of each name, for code that addresses the tables.
+INT = {c: j for j, c in enumerate(RECORD_INT)}
+FLOAT = {c: j for j, c in enumerate(RECORD_FLOAT)}
+_I, _F = INT, FLOAT
 
 
 def record_dict(ints: Sequence[int], floats: Sequence[float]) -> dict[str, Any]:
@@ -232,3 +234,43 @@ def gather_rows(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     ends = np.cumsum(lengths)
     offsets = np.repeat(np.asarray(starts, dtype=np.int64) - (ends - lengths), lengths)
     return offsets + np.arange(total, dtype=np.int64)
+
+
+def record_tables(
+    tasks: Sequence[str],
+    modules: Mapping[str, Mapping[str, Any]],
+    rows: Mapping[str, tuple[list[str], np.ndarray, np.ndarray]] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The tables ``records/int`` (T × M × 8, int32) and ``records/float`` (T × M × 4) of modules
+    whose entries hold their tasks' records (``modules[m]["tasks"]``: dicts or a RecordTable).
+
+    Rows follow ``tasks``, columns ``modules``; a task's ``position`` is its place among the
+    module's tasks. ``rows[m]`` = (tasks, first coefficient rows, first private rows) says where
+    each task's rows start in module m's stacked tensors, when they were written in another order
+    or the records do not know it (format version 1).
+    """
+    index = {t: i for i, t in enumerate(tasks)}
+    ints = np.zeros((len(tasks), len(modules), len(RECORD_INT)), dtype=np.int32)
+    ints[:, :, INT["position"]] = -1  # absent from the module
+    ints[:, :, INT["group"]] = -1
+    floats = np.zeros((len(tasks), len(modules), len(RECORD_FLOAT)), dtype=np.float64)
+    floats[:, :, FLOAT["error_before"]] = -1.0  # not set by the last update
+    floats[:, :, FLOAT["drift"]] = -1.0
+    for j, (name, info) in enumerate(modules.items()):
+        table = RecordTable.from_dicts(info["tasks"])
+        if not len(table):
+            continue
+        col_ints = table.ints.copy()
+        col_ints[:, INT["position"]] = np.arange(len(table))
+        if rows is not None and name in rows:
+            row_tasks, coef_row, private_row = rows[name]
+            if row_tasks != table.tasks:  # the rows were stacked in another order
+                order = {t: i for i, t in enumerate(row_tasks)}
+                pick = np.array([order[t] for t in table.tasks], dtype=np.int64)
+                coef_row, private_row = coef_row[pick], private_row[pick]
+            col_ints[:, INT["coef_row"]] = coef_row
+            col_ints[:, INT["private_row"]] = private_row
+        where = np.array([index[t] for t in table.tasks], dtype=np.int64)
+        ints[where, j] = col_ints
+        floats[where, j] = table.floats
+    return ints, floats

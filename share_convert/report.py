@@ -74,23 +74,23 @@ def _task_statistics(ckpt: Checkpoint) -> tuple[list[dict[str, Any]], set[str], 
     arrays), so that ``info`` on thousands of tasks × hundreds of modules stays fast."""
     import numpy as np
 
-    from .records import RECORD_FLOAT, RECORD_INT
+    from .records import FLOAT, INT
 
     ints, floats = ckpt.record_tables()
-    present = ints[:, :, RECORD_INT.index("position")] >= 0
+    present = ints[:, :, INT["position"]] >= 0
     count = present.sum(1)
-    norm = np.where(present, floats[:, :, RECORD_FLOAT.index("norm")], 0.0)
-    error = np.where(present, floats[:, :, RECORD_FLOAT.index("error")], 0.0)
+    norm = np.where(present, floats[:, :, FLOAT["norm"]], 0.0)
+    error = np.where(present, floats[:, :, FLOAT["error"]], 0.0)
     mean_error = error.sum(1) / np.maximum(count, 1)
     max_error = error.max(1, initial=0.0)
-    bound = (present & (ints[:, :, RECORD_INT.index("bound")] > 0)).any(1)
+    bound = (present & (ints[:, :, INT["bound"]] > 0)).any(1)
     # zero ΔW: at most ZERO_NORM_RTOL of the largest norm in every module the task has
     top = norm.max(0, initial=0.0)
     nonzero = (present & (norm > ZERO_NORM_RTOL * top[None, :])).any(1)
     zero = present.any(1) & ~nonzero
     ranks = {}
     for part, key in (("original", "original_rank"), ("shared", "rank"), ("private", "private_rank")):
-        values = ints[:, :, RECORD_INT.index(key)].astype(np.int64)
+        values = ints[:, :, INT[key]].astype(np.int64)
         ranks[part] = (
             np.where(present, values, np.iinfo(np.int64).max).min(1, initial=np.iinfo(np.int64).max),
             np.where(present, values, 0).max(1, initial=0),
@@ -98,7 +98,7 @@ def _task_statistics(ckpt: Checkpoint) -> tuple[list[dict[str, Any]], set[str], 
         )
     names = list(ckpt.tasks)
     zeros = {names[i] for i in np.nonzero(zero)[0].tolist()}
-    private_total = np.where(present, ints[:, :, RECORD_INT.index("private_rank")], 0).sum(0)
+    private_total = np.where(present, ints[:, :, INT["private_rank"]], 0).sum(0)
     tasks = []
     for i, (name, rec) in enumerate(ckpt.tasks.items()):
         spread = {
