@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .linalg import canonicalize, canonicalize_padded
+from .linalg import canonicalize, canonicalize_padded, relative_errors
 from .planning import ModulePlan
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ def encode_shared_only(
         recon2 = (
             (CB64.transpose(-1, -2) @ bases.gram_beta @ CB64) * (CA64.transpose(-1, -2) @ bases.gram_alpha @ CA64)
         ).sum((-1, -2))
-        err = torch.where(s2 > 0, ((s2 - 2 * cross + recon2).clamp_min(0) / s2.clamp_min(1e-300)).sqrt(), 0.0)
+        err = relative_errors(s2, cross, recon2)
         close = err < PRECISE_BELOW
         if bool(close.any()):  # the float32 coordinates are not precise enough there: float64 throughout
             pick = torch.nonzero(close).flatten()
@@ -182,9 +182,7 @@ def encode_shared_only(
             Eb, Ea = bases.beta.T @ Bc, bases.alpha.T @ Ac
             cB, cA = CB64[pick], CA64[pick]
             cross_p = ((Eb.transpose(-1, -2) @ cB) * (Ea.transpose(-1, -2) @ cA)).sum((-1, -2))
-            precise = torch.where(
-                ref2 > 0, ((ref2 - 2 * cross_p + recon2[pick]).clamp_min(0) / ref2.clamp_min(1e-300)).sqrt(), 0.0
-            )
+            precise = relative_errors(ref2, cross_p, recon2[pick])
             err = err.clone()
             err[pick] = precise
         for j, i in enumerate(idx):
@@ -224,7 +222,7 @@ def encode_private_only(
         ref2 = ((B64.transpose(-1, -2) @ B64) * (A64.transpose(-1, -2) @ A64)).sum((-1, -2))
         cross = ((B64.transpose(-1, -2) @ PB64) * (A64.transpose(-1, -2) @ PA64)).sum((-1, -2))
         recon2 = ((PB64.transpose(-1, -2) @ PB64) * (PA64.transpose(-1, -2) @ PA64)).sum((-1, -2))
-        err = torch.where(ref2 > 0, ((ref2 - 2 * cross + recon2).clamp_min(0) / ref2.clamp_min(1e-300)).sqrt(), 0.0)
+        err = relative_errors(ref2, cross, recon2)
         for j, i in enumerate(idx):
             m = members[i]
             tensors = {"private_B": PB[j], "private_A": PA[j]} if q else {}

@@ -277,6 +277,11 @@ def relative_error(B: torch.Tensor, A: torch.Tensor, Bh: torch.Tensor, Ah: torch
     return max(diff, 0.0) ** 0.5 / ref**0.5
 
 
+def relative_errors(ref2: torch.Tensor, cross: torch.Tensor, recon2: torch.Tensor) -> torch.Tensor:
+    """‖ΔW − ΔŴ‖_F / ‖ΔW‖_F of a batch, from ‖ΔW‖², ⟨ΔW, ΔŴ⟩ and ‖ΔŴ‖² (spec, section 4); 0 where ΔW = 0."""
+    return torch.where(ref2 > 0, ((ref2 - 2 * cross + recon2).clamp_min(0) / ref2.clamp_min(1e-300)).sqrt(), 0.0)
+
+
 def _psd_sqrt(M: torch.Tensor) -> torch.Tensor:
     evals, V = torch.linalg.eigh(M)
     return (V * evals.clamp_min(0).sqrt().unsqueeze(-2)) @ V.transpose(-1, -2)
