@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from dataclasses import replace as dc_replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -40,6 +40,9 @@ from .grouping import cluster_tasks
 from .linalg import canonicalize_many, deterministic, load_linalg, principal_basis
 from .planning import ModulePlan, ModulePlanner, TaskFit, energy_k, parse_budget, task_weight
 from .records import TaskRows
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 Progress = Callable[[str, int, int], None]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -240,13 +243,13 @@ class ModuleStack:
         self.cap = config.max_k or m_total
         #: the most basis vectors either side can have
         self.full = max(min(n, m_total, self.cap), min(d, m_total, self.cap))
+        self._fits: dict[int, tuple] = {}  # fit(K), computed once per K
 
     def fit(self, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ModulePlanner]:
         """Top-K bases of both stacks and a planner over them (computed once per K)."""
-        cache = self.__dict__.setdefault("_fits", {})
-        if K not in cache:
-            cache[K] = self._fit(K)
-        return cache[K]
+        if K not in self._fits:
+            self._fits[K] = self._fit(K)
+        return self._fits[K]
 
     def _fit(self, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ModulePlanner]:
         opts = {"n_oversamples": self.config.n_oversamples, "n_iter": self.config.n_iter}
@@ -549,7 +552,9 @@ def _ordered_map(fn: Callable, items: list, workers: int | None) -> Iterator:
                 pending.append(pool.submit(fn, nxt))
 
 
-def write_module(writer: CheckpointWriter, name: str, res: ModuleResult, dtype: torch.dtype, source=None) -> None:
+def write_module(
+    writer: CheckpointWriter, name: str, res: ModuleResult, dtype: torch.dtype, source: Checkpoint | None = None
+) -> None:
     """Write one module: its bases and Gram matrices, then every task's tensors stacked (format v2).
 
     ``source`` is the checkpoint that ``res.carried`` tensors are copied from, byte for byte.
