@@ -270,8 +270,9 @@ class CheckpointWriter:
         header.update(self._entries)
         blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
+        # no fsync here: the data file is only read back through the page cache and then deleted;
+        # the published file is synced below before it replaces the target
         self._data.flush()
-        os.fsync(self._data.fileno())
         self._data.close()
         crash_point("checkpoint.data-written")
         parent = self.path.parent if str(self.path.parent) else Path(".")

@@ -21,6 +21,7 @@ from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 
 from .checkpoint import FORMAT_NAME, FORMAT_VERSION, CheckpointWriter, check_output
@@ -28,18 +29,18 @@ from .config import DEFAULT_TARGET_ERROR, ConsolidationConfig, task_errors  # no
 from .encoding import (
     StoredBases,
     coordinates,
+    encode_mixed,
     encode_private_only,
     encode_shared_only,
-    encode_task,
     store_bases,
     store_grams,
 )
 from .errors import IncompatibleAdaptersError, InvalidOptionError
 from .formats import LoraFactors, itemsize
 from .grouping import cluster_tasks
-from .linalg import canonicalize_many, deterministic, load_linalg, principal_basis
+from .linalg import canonicalize_many, deterministic, extend_basis, load_linalg, principal_basis
 from .planning import ModulePlan, ModulePlanner, TaskFit, energy_k, parse_budget, task_weight
-from .records import TaskRows
+from .records import RecordTable, TaskRows
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -234,7 +235,15 @@ class ModuleStack:
 
     def __init__(self, n: int, d: int, members: list[ModuleMember], config: ConsolidationConfig):
         self.n, self.d, self.members, self.config = n, d, members, config
-        self.norms = [float((m.s**2).sum()) ** 0.5 for m in members]
+        #: each task's rank here (its canonical singular values), and its columns in the stacks
+        self.ranks = [int(m.s.numel()) for m in members]
+        self.columns = [int(m.stacked[0].shape[1]) for m in members]
+        self.uniform = len(set(self.ranks)) == 1 and self.ranks == self.columns
+        if self.uniform and members:  # one batched reduction, the same sums as one per task
+            self.norm2 = (torch.stack([m.s for m in members]) ** 2).sum(1)
+        else:
+            self.norm2 = torch.tensor([float((m.s**2).sum()) for m in members], dtype=torch.float64)
+        self.norms = [x**0.5 for x in self.norm2.tolist()]
         self.weights = [task_weight(nm, config.weighting) for nm in self.norms]
         device = config.torch_device()
         self.stack_B = torch.cat([m.stacked[0].float() * w**0.5 for m, w in zip(members, self.weights)], 1).to(device)
@@ -243,7 +252,7 @@ class ModuleStack:
         self.cap = config.max_k or m_total
         #: the most basis vectors either side can have
         self.full = max(min(n, m_total, self.cap), min(d, m_total, self.cap))
-        self._fits: dict[int, tuple] = {}  # fit(K), computed once per K
+        self._fits: dict[int | tuple, tuple] = {}  # fit(K) and widen(K, …), computed once each
 
     def fit(self, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ModulePlanner]:
         """Top-K bases of both stacks and a planner over them (computed once per K)."""
@@ -251,10 +260,44 @@ class ModuleStack:
             self._fits[K] = self._fit(K)
         return self._fits[K]
 
+    def widen(self, K: int, fit: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ModulePlanner]:
+        """``fit`` (the result of :meth:`fit` or :meth:`widen`) widened to K vectors per side.
+
+        The vectors already computed are kept and new ones found in what they leave out
+        (:func:`share_convert.linalg.extend_basis`), so widening costs the new vectors only, and
+        the planner keeps every error it computed on the narrower bases (they are prefixes of the new).
+        """
+        beta, alpha, sB, sA, planner = fit
+        if planner.projections is None:  # not built from projections: fit afresh
+            return self.fit(K)
+        key = ("widened", beta.shape[1], alpha.shape[1], K)
+        if key not in self._fits:
+            self._fits[key] = self._widen(K, fit)
+        return self._fits[key]
+
+    def _widen(
+        self, K: int, fit: tuple
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ModulePlanner]:
+        beta, alpha, sB, sA, planner = fit
+        projB, projA = planner.projections
+        opts = {"n_oversamples": self.config.n_oversamples, "n_iter": self.config.n_iter}
+        seed = self.config.seed + 2 * beta.shape[1]  # fresh random directions for each widening
+        beta, sB, projB = extend_basis(
+            self.stack_B, beta, sB, projB, min(K, self.cap) - beta.shape[1], seed=seed, **opts
+        )
+        alpha, sA, projA = extend_basis(
+            self.stack_A, alpha, sA, projA, min(K, self.cap) - alpha.shape[1], seed=seed + 1, **opts
+        )
+        wider = self._planner(projB, projA)
+        wider.inherit(planner)
+        return beta, alpha, sB, sA, wider
+
     def _fit(self, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ModulePlanner]:
         opts = {"n_oversamples": self.config.n_oversamples, "n_iter": self.config.n_iter}
         beta, sB, projB = principal_basis(self.stack_B, min(K, self.cap), seed=self.config.seed, **opts)
         alpha, sA, projA = principal_basis(self.stack_A, min(K, self.cap), seed=self.config.seed + 1, **opts)
+        if self.config.canonicalize and self.uniform:  # every task's coordinates, from the projections
+            return beta, alpha, sB, sA, self._planner(projB, projA)
         if self.config.canonicalize:  # the projections hold every task's coordinates, weighted
             fits, off = [], 0
             for m, w in zip(self.members, self.weights):
@@ -266,6 +309,29 @@ class ModuleStack:
             b64, a64 = beta.double().cpu(), alpha.double().cpu()
             fits = [TaskFit.of(m.s, b64.T @ m.Bc.double(), a64.T @ m.Ac.double(), m.prior) for m in self.members]
         return beta, alpha, sB, sA, ModulePlanner(self.n, self.d, fits)
+
+    def _planner(self, projB: torch.Tensor, projA: torch.Tensor) -> ModulePlanner:
+        """The planner over tasks of one rank, built from the projections without a Python object per
+        task: the weighted stack's coordinates, unweighted column block by column block."""
+        T, r = len(self.members), self.ranks[0] if self.members else 0
+        f64 = torch.float64
+        scale = torch.tensor([w**-0.5 if w > 0 else 0.0 for w in self.weights], dtype=f64)[:, None, None]
+        Eb = (projB.reshape(projB.shape[0], T, r).permute(1, 0, 2) * scale).contiguous()
+        Ea = (projA.reshape(projA.shape[0], T, r).permute(1, 0, 2) * scale).contiguous()
+        prior = torch.zeros(T, dtype=f64)
+        ratio = torch.ones(T, dtype=f64)
+        for i, m in enumerate(self.members):  # tasks that are reconstructions (a few, when any)
+            if m.prior is not None:
+                error, norm, _ = m.prior
+                prior[i] = error
+                ratio[i] = self.norms[i] / norm if norm > 0 else 0.0
+        s = torch.stack([m.s for m in self.members]).to(f64) if T else torch.zeros(0, 0, dtype=f64)
+        ranks = torch.full((T,), r, dtype=torch.int64)
+        planner = ModulePlanner.stacked(
+            self.n, self.d, s, Eb, Ea, ranks=ranks, norm2=self.norm2, prior=prior, ratio=ratio
+        )
+        planner.projections = (projB, projA)
+        return planner
 
 
 def consolidate_module(
@@ -372,10 +438,19 @@ def consolidate_group(
             [coords[i] for i in shared_only],
         )
     encoded = dict(zip(shared_only, batch))
-    for i, m in enumerate(members):
-        tensors, record = (
-            encoded[i] if i in encoded else encode_task(m, plan.private_ranks[i], bases, dtype, norms[i], coords[i])
+    mixed = [i for i in range(len(members)) if i not in encoded]
+    if mixed:
+        batch = encode_mixed(
+            [members[i] for i in mixed],
+            [plan.private_ranks[i] for i in mixed],
+            bases,
+            dtype,
+            [norms[i] for i in mixed],
+            [coords[i] for i in mixed],
         )
+        encoded.update(zip(mixed, batch))
+    for i, m in enumerate(members):
+        tensors, record = encoded[i]
         result.task_parts[m.task] = tensors
         result.records[m.task] = record
     store_grams(name, result, [(m.task, weights[i]) for i, m in enumerate(members)], plan, prefix)
@@ -394,14 +469,16 @@ def plan_group(stack: ModuleStack, config: ConsolidationConfig):
         K = full
     else:  # start small; the loop below widens the bases when the best k is at the edge
         K = min(48, full)
+    fit = stack.fit(K)
     while True:
-        beta, alpha, sB, sA, planner = stack.fit(K)
+        beta, alpha, sB, sA, planner = fit
         plan = _choose(planner, config, stack.stack_B, stack.stack_A, sB, sA)
         # the best k may lie beyond the vectors computed: compute more and plan again
         at_edge = max(plan.k_B, plan.k_A) >= K and K < full
         if config.mode() in ("fixed", "energy") or not at_edge:
             break
         K = min(2 * K, full)
+        fit = stack.widen(K, fit)
     return beta, alpha, plan, planner
 
 
@@ -585,7 +662,8 @@ def module_record(n: int, d: int, res: ModuleResult, dtype: torch.dtype) -> dict
         **({"groups": res.groups} if res.groups else {}),
         **({"target_relaxed": True} if res.plan.target_relaxed else {}),
         "dtype": str(dtype).replace("torch.", ""),
-        "tasks": res.records,
+        # as arrays: T × M record dicts would hold memory in proportion to the tasks (issue 12)
+        "tasks": RecordTable.from_dicts(res.records),
     }
 
 
@@ -602,22 +680,40 @@ def build_manifest(
     ``added`` names the tasks this operation added (default: every source not taken from a checkpoint).
     """
     tasks = {s.task: dict(s.task_record()) for s in sources}
+    # per task, over the modules in order: the original LoRA parameters and the errors (as arrays)
+    index = {t: i for i, t in enumerate(tasks)}
+    lora = np.zeros(len(tasks), dtype=np.int64)
+    err_sum, err_count = np.zeros(len(tasks)), np.zeros(len(tasks), dtype=np.int64)
+    err_max = np.zeros(len(tasks))
+    for m in modules.values():
+        table = RecordTable.from_dicts(m["tasks"])
+        where = np.array([index.get(t, -1) for t in table.tasks], dtype=np.int64)
+        known = where >= 0
+        where = where[known]
+        lora[where] += table.int_column("original_rank")[known] * (m["out_features"] + m["in_features"])
+        errors = table.float_column("error")[known]
+        err_max[where] = np.where(err_count[where] > 0, np.maximum(err_max[where], errors), errors)
+        err_sum[where] += errors
+        err_count[where] += 1
     for name, rec in tasks.items():
         if "original_params" in rec:
             continue  # a task from an earlier checkpoint keeps its originals' size
         # the originals counted are what this checkpoint replaces: the LoRA tensors of its modules, and the heads
-        lora = sum(
-            m["tasks"][name]["original_rank"] * (m["out_features"] + m["in_features"])
-            for m in modules.values()
-            if name in m["tasks"]
-        )
-        rec["original_params"] = lora + rec.get("head_params", 0)
-        rec["original_bytes"] = lora * itemsize(rec.get("weights_dtype", "F32")) + rec.get("head_bytes", 0)
+        params = int(lora[index[name]])
+        rec["original_params"] = params + rec.get("head_params", 0)
+        rec["original_bytes"] = params * itemsize(rec.get("weights_dtype", "F32")) + rec.get("head_bytes", 0)
     if added is None:
         added = [s.task for s in sources if not s.task_record().get("from_checkpoint")]
+
+    def errors_of(task: str) -> dict[str, float]:
+        i = index.get(task)
+        if i is None or not err_count[i]:
+            return {"mean": 0.0, "max": 0.0}
+        return {"mean": float(err_sum[i]) / int(err_count[i]), "max": float(err_max[i])}
+
     # the errors of the tasks this operation added; every task's current errors are in the record
     # tables, and the reader completes the last entry from them (format version 2)
-    entry = {"op": op, "tasks_added": added, "errors": {t: task_errors(modules, t) for t in added}}
+    entry = {"op": op, "tasks_added": added, "errors": {t: errors_of(t) for t in added}}
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .linalg import canonicalize, canonicalize_padded, relative_errors
+from .linalg import canonicalize, canonicalize_padded, left_batched, relative_errors
 from .planning import ModulePlan
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ def encode_shared_only(
             Bc = torch.stack([members[idx[j]].Bc for j in pick.tolist()]).to(f64)
             Ac = torch.stack([members[idx[j]].Ac for j in pick.tolist()]).to(f64)
             ref2 = ((Bc.transpose(-1, -2) @ Bc) * (Ac.transpose(-1, -2) @ Ac)).sum((-1, -2))
-            Eb, Ea = bases.beta.T @ Bc, bases.alpha.T @ Ac
+            Eb, Ea = left_batched(bases.beta.T, Bc), left_batched(bases.alpha.T, Ac)
             cB, cA = CB64[pick], CA64[pick]
             cross_p = ((Eb.transpose(-1, -2) @ cB) * (Ea.transpose(-1, -2) @ cA)).sum((-1, -2))
             precise = relative_errors(ref2, cross_p, recon2[pick])
@@ -196,6 +196,94 @@ def encode_shared_only(
                 "norm": norms[i],
             }
             out[i] = (tensors, _with_prior(m, record))
+    return out  # type: ignore[return-value]
+
+
+def encode_mixed(
+    members: Sequence[ModuleMember],
+    qs: Sequence[int],
+    bases: StoredBases,
+    dtype: torch.dtype,
+    norms: Sequence[float],
+    coords: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+    """:func:`encode_task` of many tasks with a shared part and a private correction (q > 0), batched.
+
+    Per (rank, q): one batched balanced SVD of the coordinates (spec, section 2, step 7), then the
+    best rank-q part of each residual ΔW − ΔŴ_shared = [Bc, −β cB] [Ac, α cA]ᵀ (section 6) by one
+    batched QR per side and one batched SVD of the small cores, and the errors of the tensors as
+    stored by batched traces (section 4; float64 from the canonical factors below ``PRECISE_BELOW``).
+    """
+    out: list[tuple[dict[str, torch.Tensor], dict[str, Any]] | None] = [None] * len(members)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (m, q) in enumerate(zip(members, qs)):
+        groups.setdefault((int(m.Bc.shape[1]), int(q)), []).append(i)
+    f64 = torch.float64
+    for (r, q), idx in groups.items():
+        if r == 0:
+            for i in idx:
+                out[i] = encode_task(members[i], q, bases, dtype, norms[i], coords[i])
+            continue
+        EB = torch.stack([coords[i][0] for i in idx])  # t × k_B × r, float64
+        EA = torch.stack([coords[i][1] for i in idx])
+        CB, CA, _S, ranks = canonicalize_padded(EB, EA)
+        CB, CA = CB.to(dtype), CA.to(dtype)  # as stored
+        cB, cA = CB.to(f64), CA.to(f64)
+        Bc = torch.stack([members[i].Bc for i in idx]).to(f64)  # t × n × r
+        Ac = torch.stack([members[i].Ac for i in idx]).to(f64)
+        shared_B, shared_A = left_batched(bases.beta, cB), left_batched(bases.alpha, cA)  # as stored
+        # the residual's best rank-q part: QR of the side-by-side factors, SVD of the small core
+        QB, RB = torch.linalg.qr(torch.cat([Bc, -shared_B], -1))
+        QA, RA = torch.linalg.qr(torch.cat([Ac, shared_A], -1))
+        U, S, Vh = torch.linalg.svd(RB @ RA.transpose(-1, -2))
+        top = S[:, :1]
+        keep = ((S > 1e-10 * top) & (top > 0)).sum(-1).clamp(max=q)
+        live = (torch.arange(S.shape[-1]) < keep[:, None])[:, :q].to(f64)  # t × q
+        half = (S[:, :q].sqrt() * live).unsqueeze(-2)
+        PB = QB @ (U[:, :, :q] * half)
+        PA = QA @ (Vh.transpose(-1, -2)[:, :, :q] * half)
+        at = PB.abs().argmax(dim=-2, keepdim=True)  # the sign convention of fix_signs
+        signs = torch.sign(PB.gather(-2, at))
+        signs[signs == 0] = 1
+        PB, PA = (PB * signs).to(dtype), (PA * signs).to(dtype)  # as stored
+        PB64, PA64 = PB.to(f64), PA.to(f64)
+
+        def tr(X1: torch.Tensor, Y1: torch.Tensor, X2: torch.Tensor, Y2: torch.Tensor) -> torch.Tensor:
+            """⟨X1 Y1ᵀ, X2 Y2ᵀ⟩ per task, from the small products (spec, section 4)."""
+            return ((X1.transpose(-1, -2) @ X2) * (Y1.transpose(-1, -2) @ Y2)).sum((-1, -2))
+
+        ref2 = torch.stack([members[i].s.to(f64).pow(2).sum() for i in idx])
+        cross_private = tr(Bc, Ac, PB64, PA64)
+        recon2 = (
+            ((cB.transpose(-1, -2) @ bases.gram_beta @ cB) * (cA.transpose(-1, -2) @ bases.gram_alpha @ cA)).sum(
+                (-1, -2)
+            )
+            + tr(PB64, PA64, PB64, PA64)
+            + 2 * tr(shared_B, shared_A, PB64, PA64)
+        )
+        err = relative_errors(ref2, tr(EB, EA, cB, cA) + cross_private, recon2)
+        close = err < PRECISE_BELOW
+        if bool(close.any()):  # the float32 coordinates are not precise enough there: float64 throughout
+            pick = torch.nonzero(close).flatten()
+            B, A = Bc[pick], Ac[pick]
+            Eb, Ea = left_batched(bases.beta.T, B), left_batched(bases.alpha.T, A)
+            precise_cross = tr(Eb, Ea, cB[pick], cA[pick]) + cross_private[pick]
+            err = err.clone()
+            err[pick] = relative_errors(tr(B, A, B, A), precise_cross, recon2[pick])
+        for j, i in enumerate(idx):
+            p, k = int(ranks[j]), int(keep[j])
+            tensors = {"coef_B": CB[j, :, :p], "coef_A": CA[j, :, :p]} if p else {}
+            if k:
+                tensors["private_B"] = PB[j, :, :k]
+                tensors["private_A"] = PA[j, :, :k].T.contiguous()
+            record: dict[str, Any] = {
+                "rank": p,
+                "private_rank": k,
+                "original_rank": members[i].rank,
+                "error": float(err[j]),
+                "norm": norms[i],
+            }
+            out[i] = (tensors, _with_prior(members[i], record))
     return out  # type: ignore[return-value]
 
 

@@ -182,8 +182,8 @@ class AdapterSource:
         self.dtypes = dtypes
         self.shapes = shapes
         self.weights_dtype = _dominant_dtype(dtypes, self.modules)
-        for spec in self.modules.values():
-            self.scale(spec.name)  # validate ranks against the config up front
+        #: each module's scale, validated against the config up front
+        self._scales = {spec.name: self.scale(spec.name) for spec in self.modules.values()}
 
     # -- header -------------------------------------------------------------------------------
     def _read_header(self) -> tuple[dict[str, list[int]], dict[str, str]]:
@@ -299,7 +299,7 @@ class AdapterSource:
         spec = self.modules[module]
         t = self._get([spec.key_A, spec.key_B])
         A = t[spec.key_A].to(torch.float32)
-        B = t[spec.key_B].to(torch.float32) * self.scale(module)
+        B = t[spec.key_B].to(torch.float32) * self._scales[module]
         for key, x in ((spec.key_A, A), (spec.key_B, B)):
             if not torch.isfinite(x).all():
                 raise BadAdapterError(

@@ -11,7 +11,6 @@ choose the plan with the least storage that meets a target, or the least error w
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import math
 from dataclasses import dataclass
 
@@ -173,37 +172,106 @@ class ModulePlan:
 
 
 class ModulePlanner:
-    """Evaluates plans for one module of shape ``n × d`` (out × in)."""
+    """Evaluates plans for one module of shape ``n × d`` (out × in).
+
+    The tasks' figures are held as padded tensors (one row per task, columns up to the largest
+    rank), so that evaluating a candidate k is a few batched expressions whatever the number of
+    tasks: no Python loop over tasks on the search path (issue 12).
+    """
 
     def __init__(self, n: int, d: int, fits: list[TaskFit], frozen: FrozenTasks | None = None):
-        self.n, self.d, self.fits = n, d, fits
+        K_B = max([f.Eb.shape[0] for f in fits], default=0)
+        K_A = max([f.Ea.shape[0] for f in fits], default=0)
+        R = max([f.rank for f in fits], default=0)
+        f64 = torch.float64
+        self._init(
+            n,
+            d,
+            *_padded(fits, R, K_B, K_A),
+            ranks=torch.tensor([f.rank for f in fits], dtype=torch.int64),
+            norm2=torch.tensor([f.norm2 for f in fits], dtype=f64),
+            prior=torch.tensor([f.prior for f in fits], dtype=f64),
+            ratio=torch.tensor([f.ratio for f in fits], dtype=f64),
+            frozen=frozen,
+        )
+        self._fits = fits
+
+    @classmethod
+    def stacked(
+        cls,
+        n: int,
+        d: int,
+        s: torch.Tensor,
+        Eb: torch.Tensor,
+        Ea: torch.Tensor,
+        *,
+        ranks: torch.Tensor,
+        norm2: torch.Tensor,
+        prior: torch.Tensor,
+        ratio: torch.Tensor,
+    ) -> ModulePlanner:
+        """A planner over tasks given as padded stacks: ``s`` (T × R), ``Eb`` (T × K_B × R), ``Ea``
+        (T × K_A × R), float64, zero past each task's rank; ``prior`` and ``ratio`` as in :class:`TaskFit`.
+        No object per task is made unless :attr:`fits` is asked for."""
+        planner = cls.__new__(cls)
+        planner._init(n, d, s, Eb, Ea, ranks=ranks, norm2=norm2, prior=prior, ratio=ratio, frozen=None)
+        planner._fits = None
+        return planner
+
+    def _init(self, n, d, s, Eb, Ea, *, ranks, norm2, prior, ratio, frozen) -> None:
+        self.n, self.d = n, d
         #: tasks whose private rank is fixed at 0 here (old tasks during a continual update)
         self.frozen = frozen
+        self.K_B = max([Eb.shape[1]] + ([frozen.Eb.shape[1]] if frozen is not None else []))
+        self.K_A = max([Ea.shape[1]] + ([frozen.Ea.shape[1]] if frozen is not None else []))
+        self.ranks, self.norm2, self.prior, self.ratio = ranks, norm2, prior, ratio
+        self.T = int(ranks.numel())
+        self.R = R = int(s.shape[1])
+        #: no task is a reconstruction: planned errors are the errors themselves
+        self._plain = bool(((prior == 0) & (ratio == 1)).all())
+        self._s, self._Eb, self._Ea = s, Eb, Ea
+        #: q ≤ rank: which private ranks each task can take (columns 0 … R)
+        self._allowed = torch.arange(R + 1)[None, :] <= ranks[:, None]
         #: the tasks the mean error is over: planned and frozen, but not those whose ΔW is zero here
         #: (an untrained export's 0% error would let the others' errors grow)
-        self.count = max(sum(f.norm2 > 0 for f in fits) + (len(frozen) if frozen is not None else 0), 1)
-        self.K_B = max([f.Eb.shape[0] for f in fits] + ([frozen.Eb.shape[1]] if frozen is not None else []), default=0)
-        self.K_A = max([f.Ea.shape[0] for f in fits] + ([frozen.Ea.shape[1]] if frozen is not None else []), default=0)
-        self._tails: dict[tuple[int, int], list[list[float]]] = {}
+        self.count = max(int((norm2 > 0).sum()) + (len(frozen) if frozen is not None else 0), 1)
+        self._tails: dict[tuple[int, int], torch.Tensor] = {}
+        #: the stacks' coordinates in the bases (k × columns), when the planner was built from them
+        self.projections: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def inherit(self, narrower: ModulePlanner) -> None:
+        """Reuse the error tails of a planner whose bases are prefixes of this one's (same tasks):
+        a tail is keyed by the prefixes (k_B, k_A) it was computed on, which are unchanged."""
+        self._tails.update(narrower._tails)
+
+    @property
+    def fits(self) -> list[TaskFit]:
+        """The tasks, one :class:`TaskFit` each (views of the stacks when the planner was built from them)."""
+        if self._fits is None:
+            self._fits = [
+                TaskFit(self._s[i, :r], self._Eb[i, :, :r], self._Ea[i, :, :r], float(p), float(q))
+                for i, (r, p, q) in enumerate(zip(self.ranks.tolist(), self.prior.tolist(), self.ratio.tolist()))
+            ]
+        return self._fits
 
     # -- storage ------------------------------------------------------------------------------------
     def shared_params(self, k_B: int, k_A: int) -> int:
         """Parameters of the bases (and their k × k Gram matrices) plus every task's coefficients."""
         if k_B == 0 or k_A == 0:
             return 0
-        coef = sum(min(f.rank, k_B, k_A) * (k_B + k_A) for f in self.fits)
+        coef = int(self.ranks.clamp(max=min(k_B, k_A)).sum()) * (k_B + k_A)
         if self.frozen is not None:
             coef += self.frozen.coef_params(k_B, k_A)
         return k_B * self.n + k_A * self.d + k_B * k_B + k_A * k_A + coef
 
     def original_params(self) -> int:
         frozen = int(self.frozen.ranks.sum()) if self.frozen is not None else 0
-        return (sum(f.rank for f in self.fits) + frozen) * (self.n + self.d)
+        return (int(self.ranks.sum()) + frozen) * (self.n + self.d)
 
     def has_priors(self) -> bool:
         """Whether some task brings an error from an earlier checkpoint."""
         frozen = self.frozen is not None and bool((self.frozen.prior > 0).any())
-        return frozen or any(f.prior > 0 for f in self.fits)
+        return frozen or bool((self.prior > 0).any())
 
     def without_priors(self) -> ModulePlanner:
         """The same planner with every task's earlier error set aside (errors of this step only)."""
@@ -221,82 +289,55 @@ class ModulePlanner:
         return min(k, self.K_B), min(k, self.K_A)
 
     # -- errors --------------------------------------------------------------------------------------
-    def _by_rank(self) -> dict[int, list[int]]:
-        groups: dict[int, list[int]] = {}
-        for i, f in enumerate(self.fits):
-            groups.setdefault(f.rank, []).append(i)
-        return groups
+    def _relative(self, energy: torch.Tensor) -> torch.Tensor:
+        """Planned errors from residual energies (``T × …``): √(energy / ‖ΔW‖²), 0 where ΔW = 0,
+        or their bounds for tasks that are reconstructions (prior + ratio × error, spec section 5)."""
+        norm2 = self.norm2.view(-1, *([1] * (energy.dim() - 1)))
+        errs = torch.where(norm2 > 0, (energy / norm2.clamp_min(1e-300)).clamp_min(0).sqrt(), 0.0)
+        if self._plain:
+            return errs
+        shape = (-1, *([1] * (energy.dim() - 1)))
+        return self.prior.view(shape) + self.ratio.view(shape) * errs
 
-    def shared_errors(self, k_B: int, k_A: int) -> list[float]:
+    def shared_error_tensor(self, k_B: int, k_A: int) -> torch.Tensor:
         """Per task, the error of pure sharing (q = 0): e² = 1 − ‖E_B E_Aᵀ‖² / ‖ΔW‖² (spec, section 4)."""
         if k_B == 0 or k_A == 0:
-            return [self._bounded(i, [1.0 if f.norm2 > 0 else 0.0])[0] for i, f in enumerate(self.fits)]
-        out = [0.0] * len(self.fits)
-        for idx, Eb, Ea, norm2 in self._stacked():
-            Eb, Ea = Eb[:, :k_B], Ea[:, :k_A]
-            kept = ((Eb.transpose(-1, -2) @ Eb) * (Ea.transpose(-1, -2) @ Ea)).sum((-1, -2))
-            errs = torch.where(
-                norm2 > 0, (1.0 - kept / norm2.clamp_min(1e-300)).clamp_min(0).sqrt(), torch.zeros_like(kept)
-            )
-            for i, e in zip(idx, errs.tolist()):
-                out[i] = self._bounded(i, [e])[0]
-        return out
+            return self._relative(self.norm2.clone())
+        Eb, Ea = self._Eb[:, :k_B], self._Ea[:, :k_A]
+        kept = ((Eb.transpose(-1, -2) @ Eb) * (Ea.transpose(-1, -2) @ Ea)).sum((-1, -2))
+        return self._relative(self.norm2 - kept)
 
-    def _bounded(self, i: int, errors: list[float]) -> list[float]:
-        """Task i's planned errors: relative to ΔW, or their bounds when it is a reconstruction."""
-        f = self.fits[i]
-        if f.prior == 0 and f.ratio == 1:  # an adapter, not a reconstruction: nothing to do
-            return errors
-        return [f.prior + f.ratio * e for e in errors]
+    def shared_errors(self, k_B: int, k_A: int) -> list[float]:
+        """:meth:`shared_error_tensor` as a list."""
+        return self.shared_error_tensor(k_B, k_A).tolist()
 
-    def _stacked(self) -> list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per rank: the tasks' indices, their stacked coordinates and squared norms (computed once)."""
-        if not hasattr(self, "_stack_cache"):
-            self._stack_cache = []
-            for _r, idx in self._by_rank().items():
-                Eb = torch.stack([self.fits[i].Eb for i in idx])
-                Ea = torch.stack([self.fits[i].Ea for i in idx])
-                norm2 = torch.tensor([self.fits[i].norm2 for i in idx], dtype=torch.float64)
-                self._stack_cache.append((idx, Eb, Ea, norm2))
-        return self._stack_cache
-
-    def tails(self, k_B: int, k_A: int) -> list[list[float]]:
-        """Per task, the relative error for q = 0 … r private directions at this k."""
+    def tails(self, k_B: int, k_A: int) -> torch.Tensor:
+        """Per task (rows), the relative error for q = 0 … R private directions at this k
+        (``T × (R + 1)``; columns past a task's rank repeat nothing meaningful: see ``_allowed``)."""
         if k_B == 0 or k_A == 0:
             k_B = k_A = 0
         key = (k_B, k_A)
         if key in self._tails:
             return self._tails[key]
+        T, R = self.T, self.R
         if k_B == 0:  # no shared part: the residual is ΔW itself, whose spectrum is known
-            out0 = []
-            for i, f in enumerate(self.fits):
-                tail = torch.cat([(f.s**2).flip(0).cumsum(0).flip(0), f.s.new_zeros(1)])
-                errs = (tail / f.norm2).clamp_min(0).sqrt().tolist() if f.norm2 > 0 else [0.0] * (f.rank + 1)
-                out0.append(self._bounded(i, errs))
-            self._tails[key] = out0
-            return out0
-        out: list[list[float] | None] = [None] * len(self.fits)
-        for idx, Eb_all, Ea_all, norm2 in self._stacked():
-            r = self.fits[idx[0]].rank
-            s = torch.stack([self.fits[i].s for i in idx])
-            spec = residual_spectrum(s, Eb_all[:, :k_B], Ea_all[:, :k_A])  # (t, 2r) descending
-            # tail[q] = energy left after keeping q private directions
-            tail = spec.flip(-1).cumsum(-1).flip(-1)
-            tail = torch.cat([tail, tail.new_zeros(tail.shape[0], 1)], -1)[:, : r + 1]
-            # one tensor expression and one conversion for all the tasks of this rank
-            errs = torch.where(norm2[:, None] > 0, (tail / norm2[:, None].clamp_min(1e-300)).clamp_min(0).sqrt(), 0.0)
-            for i, e in zip(idx, errs.tolist()):
-                out[i] = self._bounded(i, e)
-        self._tails[key] = out  # type: ignore[assignment]
-        return out  # type: ignore[return-value]
+            spec = self._s**2
+        else:
+            spec = residual_spectrum(self._s, self._Eb[:, :k_B], self._Ea[:, :k_A])  # (T, 2R) descending
+        # energy left after keeping q private directions, q = 0 … R
+        tail = spec.flip(-1).cumsum(-1).flip(-1)
+        tail = torch.cat([tail, tail.new_zeros(T, 1)], -1)[:, : R + 1]
+        self._tails[key] = out = self._relative(tail)
+        return out
 
-    def evaluate(self, k_B: int, k_A: int, q: list[int]) -> ModulePlan:
+    def evaluate(self, k_B: int, k_A: int, q) -> ModulePlan:
+        q = torch.as_tensor(q, dtype=torch.int64)
         tails = self.tails(k_B, k_A)
-        errs = [tails[i][q[i]] for i in range(len(q))]
-        params = self.shared_params(k_B, k_A) + sum(q) * (self.n + self.d)
+        errs = tails.gather(1, q[:, None]).squeeze(1) if self.T else tails.new_zeros(0)
+        params = self.shared_params(k_B, k_A) + int(q.sum()) * (self.n + self.d)
         if k_B == 0 or k_A == 0:
             k_B = k_A = 0
-        return self._plan(k_B, k_A, list(q), errs, params)
+        return self._plan(k_B, k_A, q.tolist(), errs.tolist(), params)
 
     def _plan(self, k_B: int, k_A: int, q: list[int], errs: list[float], params: int) -> ModulePlan:
         frozen_sum = self.frozen_stats(k_B, k_A)[0]
@@ -308,28 +349,39 @@ class ModulePlanner:
         return sorted({k for k in K_GRID if k <= K} | {K} | {k for k in extra if 0 <= k <= K})
 
     # -- allocation of private ranks --------------------------------------------------------------------
-    def _greedy(self, tails: list[list[float]], stop) -> list[int]:
-        """Add private directions one at a time to the task whose error drops most, until
-        ``stop(taken, total)`` (directions added so far, sum of the errors) holds."""
-        q = [0] * len(tails)
-        heap = [(-(t[0] - t[1]), i) for i, t in enumerate(tails) if len(t) > 1]
-        heapq.heapify(heap)
-        total = sum(t[0] for t in tails)
-        taken = 0
-        while heap and not stop(taken, total):
-            gain, i = heapq.heappop(heap)
-            q[i] += 1
-            taken += 1
-            total += gain
-            t = tails[i]
-            if q[i] + 1 < len(t):
-                heapq.heappush(heap, (-(t[q[i]] - t[q[i] + 1]), i))
-        return q
+    def _greedy(self, tails: torch.Tensor, *, slots: int | None = None, total_at_most: float | None = None):
+        """Private directions added one at a time to the task whose error drops most, until
+        ``slots`` directions are taken or the sum of the errors is ≤ ``total_at_most``.
+
+        Vectorized: taking the largest available drop each time takes the drops in decreasing
+        order of their running minimum along each task's tail (a drop cannot be taken before the
+        ones ahead of it in its task, and never before a larger one elsewhere), so one stable
+        sort replaces the heap; ties go to the earlier task, as they did. Returns q per task.
+        """
+        T = self.T
+        q = torch.zeros(T, dtype=torch.int64)
+        if T == 0 or self.R == 0:
+            return q
+        drops = tails[:, :-1] - tails[:, 1:]  # T × R: the drop from q to q + 1
+        live = self._allowed[:, 1:]
+        keys = torch.cummin(drops, dim=1).values[live]  # task-major order, within a task by q
+        gains = drops[live]
+        owner = torch.arange(T)[:, None].expand_as(drops)[live]
+        order = torch.sort(keys, descending=True, stable=True).indices
+        gains, owner = gains[order], owner[order]
+        if slots is not None:
+            taken = min(max(int(slots), 0), int(gains.numel()))
+        else:
+            # the sum of the errors after t directions, t = 0 … all: the first that meets the bound
+            totals = float(tails[:, 0].sum()) - torch.cat([gains.new_zeros(1), gains.cumsum(0)])
+            hit = (totals <= total_at_most).nonzero()
+            taken = int(hit[0]) if hit.numel() else int(gains.numel())
+        return q.index_add_(0, owner[:taken], torch.ones(taken, dtype=torch.int64))
 
     # -- the three ways of choosing ---------------------------------------------------------------------
     def fixed(self, k: int, private_rank: int = 0) -> ModulePlan:
         k_B, k_A = self.sides(k)
-        return self.evaluate(k_B, k_A, [min(private_rank, f.rank) for f in self.fits])
+        return self.evaluate(k_B, k_A, self.ranks.clamp(max=private_rank))
 
     def for_target(self, error: float, metric: str = "mean") -> ModulePlan:
         """The plan with the least storage whose mean (or worst) task error is ≤ ``error``.
@@ -355,15 +407,15 @@ class ModulePlanner:
             base = self.shared_params(k_B, k_A)
             if best is not None and base >= best.params:
                 break  # costs only grow with k
-            errs = self.shared_errors(k_B, k_A)
+            errs = self.shared_error_tensor(k_B, k_A)
             frozen_sum, frozen_max = self.frozen_stats(k_B, k_A)
             if metric == "max":
                 if frozen_max > error:
                     continue
-                needed = sum(e > error for e in errs)
+                needed = int((errs > error).sum())
             else:
-                excess = sum(errs) + frozen_sum - error * T
-                movable = max(errs, default=0.0)
+                excess = float(errs.sum()) + frozen_sum - error * T
+                movable = float(errs.max()) if errs.numel() else 0.0
                 needed = 0 if excess <= 0 else (math.ceil(excess / movable - 1e-9) if movable > 0 else None)
                 if needed is None:
                     continue
@@ -380,7 +432,7 @@ class ModulePlanner:
             best.target_relaxed = True
         if best is None:  # keep every direction
             K = max(self.K_B, self.K_A)
-            best = self.evaluate(*self.sides(K), [f.rank for f in self.fits])
+            best = self.evaluate(*self.sides(K), self.ranks)
         best.alternatives = {
             "shared": pure.params if pure else None,
             "private": no_sharing.params if no_sharing else None,
@@ -395,24 +447,25 @@ class ModulePlanner:
         if metric == "max":
             if frozen_max > error:
                 return None
-            q = []
-            for t in tails:
-                ok = [j for j, e in enumerate(t) if e <= error]
-                if not ok:
-                    return None
-                q.append(ok[0])
+            ok = (tails <= error) & self._allowed
+            if not bool(ok.any(1).all()):
+                return None
+            q = ok.to(torch.int8).argmax(1)  # the first private rank that meets the target
         else:
             # the same tolerance as the check below: a running sum must not tip a plan that sits on the target
-            q = self._greedy(tails, lambda taken, total: total + frozen_sum <= error * T + 1e-12)
-            if sum(t[qi] for t, qi in zip(tails, q)) + frozen_sum > error * T + 1e-12:
+            q = self._greedy(tails, total_at_most=error * T + 1e-12 - frozen_sum)
+            if float(tails.gather(1, q[:, None]).sum()) + frozen_sum > error * T + 1e-12:
                 return None
         return self.evaluate(k_B, k_A, q)
 
     def _meets(self, k_B: int, k_A: int, error: float, metric: str) -> bool:
         """Whether pure sharing at this k meets the target, frozen tasks included."""
-        errs = self.shared_errors(k_B, k_A)
+        errs = self.shared_error_tensor(k_B, k_A)
         frozen_sum, frozen_max = self.frozen_stats(k_B, k_A)
-        value = max(max(errs, default=0.0), frozen_max) if metric == "max" else (sum(errs) + frozen_sum) / self.count
+        if metric == "max":
+            value = max(float(errs.max()) if errs.numel() else 0.0, frozen_max)
+        else:
+            value = (float(errs.sum()) + frozen_sum) / self.count
         return value <= error + 1e-12
 
     def pure_sharing_for_target(self, error: float, metric: str = "mean") -> ModulePlan | None:
@@ -434,13 +487,24 @@ class ModulePlanner:
         errs = self.shared_errors(k_B, k_A)
         if k_B == 0 or k_A == 0:
             k_B = k_A = 0
-        return self._plan(k_B, k_A, [0] * len(self.fits), errs, self.shared_params(k_B, k_A))
+        return self._plan(k_B, k_A, [0] * self.T, errs, self.shared_params(k_B, k_A))
+
+    def _largest_pure_k(self, params: int) -> int:
+        """The largest k whose pure-sharing storage fits ``params`` (storage grows with k)."""
+        K = max(self.K_B, self.K_A)
+        lo, hi = 0, K
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.shared_params(*self.sides(mid)) <= params:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def for_budget(self, params: int) -> ModulePlan:
         """The plan with the least mean task error whose storage is ≤ ``params``."""
         # the largest pure-sharing k that fits, so that the extreme q = 0 is always a candidate
-        K = max(self.K_B, self.K_A)
-        k_pure = max((k for k in range(K + 1) if self.shared_params(*self.sides(k)) <= params), default=0)
+        k_pure = self._largest_pure_k(params)
         best: ModulePlan | None = None
         step = self.n + self.d
         for k in self.grid((k_pure,)):
@@ -449,35 +513,47 @@ class ModulePlanner:
             if base > params:
                 continue
             slots = (params - base) // step
-            tails = self.tails(k_B, k_A)
-            q = self._greedy(tails, lambda taken, total, slots=slots: taken >= slots)
+            q = self._greedy(self.tails(k_B, k_A), slots=slots)
             plan = self.evaluate(k_B, k_A, q)
             if best is None or (plan.mean_error, plan.params) < (best.mean_error, best.params):
                 best = plan
         if best is None:
-            best = self.evaluate(0, 0, [0] * len(self.fits))
+            best = self.evaluate(0, 0, [0] * self.T)
         return best
 
     # -- the extremes, for comparison ------------------------------------------------------------------
     def pure_sharing(self, params: int) -> ModulePlan:
         """Largest k with q = 0 whose storage fits ``params``."""
-        K = max(self.K_B, self.K_A)
-        k = max((k for k in range(K + 1) if self.shared_params(*self.sides(k)) <= params), default=0)
-        return self.pure(*self.sides(k))
+        return self.pure(*self.sides(self._largest_pure_k(params)))
 
     def truncation_allocated(self, params: int) -> ModulePlan:
         """No sharing, with each task's rank allocated greedily where it lowers the mean error most."""
         slots = params // (self.n + self.d)
-        q = self._greedy(self.tails(0, 0), lambda taken, total: taken >= slots)
-        return self.evaluate(0, 0, q)
+        return self.evaluate(0, 0, self._greedy(self.tails(0, 0), slots=slots))
 
     def truncation(self, params: int) -> ModulePlan:
         """No sharing: every task keeps the same number h of its own top directions."""
         step = self.n + self.d
-        h = 0
-        while sum(min(h + 1, f.rank) for f in self.fits) * step <= params and h < max(f.rank for f in self.fits):
+        h, top = 0, int(self.ranks.max()) if self.T else 0
+        while h < top and int(self.ranks.clamp(max=h + 1).sum()) * step <= params:
             h += 1
-        return self.evaluate(0, 0, [min(h, f.rank) for f in self.fits])
+        return self.evaluate(0, 0, self.ranks.clamp(max=h))
+
+
+def _padded(fits: list[TaskFit], R: int, K_B: int, K_A: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tasks' singular values and coordinates stacked, zero-padded to rank R and to K_B, K_A
+    basis vectors (zero columns change no error, residual spectrum or Gram matrix)."""
+    f64 = torch.float64
+    T = len(fits)
+    if T and all(f.rank == R and f.Eb.shape[0] == K_B and f.Ea.shape[0] == K_A for f in fits):
+        stack = [torch.stack([getattr(f, a) for f in fits]).to(f64) for a in ("s", "Eb", "Ea")]
+        return stack[0], stack[1], stack[2]
+    s, Eb, Ea = torch.zeros(T, R, dtype=f64), torch.zeros(T, K_B, R, dtype=f64), torch.zeros(T, K_A, R, dtype=f64)
+    for i, f in enumerate(fits):
+        s[i, : f.rank] = f.s
+        Eb[i, : f.Eb.shape[0], : f.rank] = f.Eb
+        Ea[i, : f.Ea.shape[0], : f.rank] = f.Ea
+    return s, Eb, Ea
 
 
 def energy_k(s: torch.Tensor, total: float, tau: float) -> int:
