@@ -9,6 +9,10 @@ breakdown; the cost per (task, module) pair is the time divided by N × 224.
 
     python benchmarks/bench_scale.py --counts 30,100,300,1000 --work /tmp/bench-scale --out benchmarks/results/scale.json
 
+``--layer-counts 4,8,16``: also time the largest count on the first L layers only (``--modules``),
+for time against the number of modules; ``--plot P.png`` draws time against (task, module) pairs
+for both sweeps (needs matplotlib: the ``plot`` extra).
+
 ``--layout 1b``: adapters shaped like a 1B model's all-linear LoRAs instead (16 layers; q, o:
 2048 × 2048; k, v: 512 × 2048; gate, up: 8192 × 2048; down: 2048 × 8192; r = 16, with
 ``--dtype bfloat16`` 22.5 MB each), issue 12's second setting:
@@ -61,6 +65,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--layout", default="tiny", choices=["tiny", "1b"])
     p.add_argument("--out", default="benchmarks/results/scale.json")
+    p.add_argument("--layer-counts", default="", help="also time the largest count on the first L layers")
+    p.add_argument("--plot", default=None, help="draw time against tasks and against modules here (PNG)")
     a = p.parse_args()
     work = Path(a.work)
     counts = [int(x) for x in a.counts.split(",")]
@@ -80,7 +86,10 @@ def main() -> None:
         "adapter": vars(a),
         "runs": [],
     }
-    for n in counts:
+    layer_counts = [int(x) for x in a.layer_counts.split(",") if x]
+    layers_total = 16 if a.layout == "1b" else LAYERS
+    sweep = [(n, None) for n in counts] + [(max(counts), L) for L in layer_counts]
+    for n, L in sweep:
         folder = work / f"n{n}"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -90,13 +99,16 @@ def main() -> None:
                 f.read_bytes()  # warm the page cache: the merge is timed, not the disk
         timings = work / f"timings-{n}.json"
         out = work / f"c{n}.safetensors"
+        only = [] if L is None else ["--modules", rf"layers\.({'|'.join(str(i) for i in range(L))})\."]
         load_before = os.getloadavg()[0]
-        run = measure([cli, "merge", str(folder), "-o", str(out), "--force", "--timings", str(timings)])
+        run = measure([cli, "merge", str(folder), "-o", str(out), "--force", "--timings", str(timings), *only])
         if run.returncode != 0:
             raise SystemExit(run.stderr[-2000:])
-        pairs = n * results["modules"]
+        modules = results["modules"] if L is None else results["modules"] * L // layers_total
+        pairs = n * modules
         row = {
             "adapters": n,
+            "modules": modules,
             "pairs": pairs,
             "wall_s": run.wall_s,
             "peak_rss_mb": run.peak_rss_mb,
@@ -109,6 +121,33 @@ def main() -> None:
         results["runs"].append(row)
         print(json.dumps(row), flush=True)
         Path(a.out).write_text(json.dumps(results, indent=1))
+    if a.plot:
+        plot(results, a.plot)
+
+
+def plot(results: dict, path: str) -> None:
+    """Wall time against (task, module) pairs: one series varying the tasks, one the modules."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full = results["modules"]
+    by_tasks = [r for r in results["runs"] if r["modules"] == full]
+    by_modules = [r for r in results["runs"] if r["adapters"] == max(x["adapters"] for x in results["runs"])]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, runs, key, label in (
+        (axes[0], by_tasks, "adapters", f"adapters (all {full} modules)"),
+        (axes[1], by_modules, "modules", f"modules ({by_modules[0]['adapters']} adapters)"),
+    ):
+        runs = sorted(runs, key=lambda r: r[key])
+        ax.plot([r[key] for r in runs], [r["wall_s"] for r in runs], "o-")
+        ax.set_xlabel(label)
+        ax.set_ylabel("merge wall time (s), whole process")
+        ax.grid(alpha=0.3)
+    fig.suptitle("share-convert merge, default options: time against tasks and against modules")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ class ModuleResult:
     plan: ModulePlan
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     records: Mapping[str, dict[str, Any]] = field(default_factory=dict)  # a dict, or a RecordTable
-    fits: list[TaskFit] = field(default_factory=list)
+    #: the planner the plan came from (its tasks' fits serve the grouping)
+    planner: ModulePlanner | None = None
     groups: list[dict[str, Any]] | None = None
     #: bases and Gram matrices of the source checkpoint kept byte for byte (continual updates)
     carried: list[str] = field(default_factory=list)
@@ -357,7 +358,7 @@ def consolidate_module(
     options = range(2, min(4, len(members) // 2) + 1) if config.groups == "auto" else [int(config.groups)]
     best = single
     for G in options:
-        labels = cluster_tasks(single.fits, G)
+        labels = cluster_tasks(single.planner.fits, G)
         found = sorted(set(labels))
         if len(found) < 2:
             continue
@@ -422,7 +423,7 @@ def consolidate_group(
     norms, weights = stack.norms, stack.weights
     t1 = time.perf_counter()
     result = ModuleResult(plan=plan)
-    result.fits = planner.fits
+    result.planner = planner
     bases = StoredBases.of(*store_bases(name, beta, alpha, plan, dtype, result, prefix))
     coords = coordinates(members, bases)
     shared_only = [i for i, q in enumerate(plan.private_ranks) if q == 0] if bases is not None else []
@@ -473,13 +474,26 @@ def plan_group(stack: ModuleStack, config: ConsolidationConfig):
     while True:
         beta, alpha, sB, sA, planner = fit
         plan = _choose(planner, config, stack.stack_B, stack.stack_A, sB, sA)
-        # the best k may lie beyond the vectors computed: compute more and plan again
-        at_edge = max(plan.k_B, plan.k_A) >= K and K < full
-        if config.mode() in ("fixed", "energy") or not at_edge:
+        if config.mode() in ("fixed", "energy") or not _wider_may_pay(planner, plan, K, full):
             break
         K = min(2 * K, full)
         fit = stack.widen(K, fit)
     return beta, alpha, plan, planner
+
+
+def _wider_may_pay(planner: ModulePlanner, plan: ModulePlan, K: int, full: int) -> bool:
+    """Whether bases wider than the K vectors computed may hold a cheaper plan than ``plan``.
+
+    Never when any plan beyond K (its bases and coefficients alone) costs more than ``plan``;
+    otherwise when the best k is at the edge, or when it is a mix of sharing and private
+    corrections in the upper half of the bases: there the storage varies little with k (the
+    planner's costs are flat within a fraction of a percent on noisy sets), so a fit of K vectors
+    alone does not tell whether a wider basis pays.
+    """
+    if K >= full or planner.shared_params(K + 1, K + 1) >= plan.params:
+        return False
+    k = max(plan.k_B, plan.k_A)
+    return k >= K or (plan.kind == "mixed" and 2 * k >= K)
 
 
 def _choose(planner: ModulePlanner, config, stack_B, stack_A, sB, sA) -> ModulePlan:

@@ -287,7 +287,9 @@ def extend_basis(
     V = V - U @ (U.T @ V)  # orthogonal to the kept basis (one more pass removes rounding)
     V = torch.linalg.qr(V - U @ (U.T @ V)).Q
     V = V * fix_signs(V)
-    extra = (V.to(torch.float64).T @ stack.to(torch.float64)).cpu()
+    # the new coordinates in the stack's precision: they serve the planner's estimates, and the
+    # encoder measures every stored error exactly
+    extra = (V.T @ stack).to(torch.float64).cpu()
     return torch.cat([U, V], 1), torch.cat([S, T[:keep].cpu()]), torch.cat([proj, extra])
 
 
