@@ -132,8 +132,7 @@ def merge(
     from .report import summarize
 
     if config is not None:
-        config.validate()  # bad options are reported before any input is read
-        config.validate()  # refuses options that store nothing (--k 0 alone) before any input is read
+        config.validate()  # bad options (and --k 0 alone, which stores nothing) before any input is read
     sources = only_modules(open_inputs(inputs, alpha=alpha), modules)
     _merge(sources, output, config, force=force, progress=progress, timings=timings)
     return summarize(Checkpoint(output))
