@@ -784,9 +784,10 @@ def allocate_budget(frontiers: dict[str, list[tuple[int, float]]], budget_params
     ``frontiers[m][j]`` is (parameters, sum of task errors) of module m's least-storage plan at
     ``BUDGET_TARGETS[j]``. Two allocations are compared and the one with the lower total error is
     kept: the same target everywhere (the largest spending that fits), and a greedy by marginal error
-    per parameter (each step moves the module whose next point lowers the error most per extra
-    parameter, while the total fits). The first guarantees that at the storage of the default target
-    plan, a budget plan is never worse than it; the second spends storage where it pays most.
+    per parameter (each step moves the module whose step lowers the error most per extra parameter,
+    while the total fits; a step may skip points where a frontier is not convex). The first
+    guarantees that at the storage of the default target plan, a budget plan is never worse than
+    it; the second spends storage where it pays most.
     Returns the index into ``BUDGET_TARGETS`` per module (the cheapest point when nothing fits).
     """
     import heapq
@@ -811,24 +812,30 @@ def allocate_budget(frontiers: dict[str, list[tuple[int, float]]], budget_params
     heap: list[tuple[float, int, int]] = []
 
     def push(i: int) -> None:
+        """Module i's steepest step from where it is: the point, among those that cost more, lower
+        the error and still fit, with the largest error drop per parameter (on a frontier that is
+        not convex this may skip points, as walking its lower convex hull does)."""
         m = names[i]
         j = choice[m]
         p0, e0 = frontiers[m][j]
-        for nxt in range(j - 1, -1, -1):  # the next point that costs more and lowers the error
+        best: tuple[float, int] | None = None
+        for nxt in range(j - 1, -1, -1):
             p1, e1 = frontiers[m][nxt]
-            if e1 < e0 and p1 > p0:
-                heapq.heappush(heap, (-(e0 - e1) / (p1 - p0), i, nxt))
-                return
+            if e1 < e0 and p1 > p0 and spent + (p1 - p0) <= budget_params:
+                rate = (e0 - e1) / (p1 - p0)
+                if best is None or rate > best[0]:
+                    best = (rate, nxt)
+        if best is not None:
+            heapq.heappush(heap, (-best[0], i, best[1]))
 
     for i in range(len(names)):
         push(i)
-    while heap:
+    while heap:  # each module has at most one step in the heap
         _rate, i, nxt = heapq.heappop(heap)
         m = names[i]
-        if nxt >= choice[m]:
-            continue
         extra = frontiers[m][nxt][0] - frontiers[m][choice[m]][0]
-        if spent + extra > budget_params:
+        if spent + extra > budget_params:  # no longer fits: the module's best step that does
+            push(i)
             continue
         choice[m] = nxt
         spent += extra
