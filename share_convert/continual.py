@@ -604,6 +604,12 @@ def update_module(
     return result
 
 
+#: Coefficient tensors up to this size (bytes, one side) are written again rather than chained: a
+#: chain pays when copying the old rows with their block checksums saves real work (format: blocks
+#: for tensors over 64 KiB).
+CHAIN_MIN_BYTES = 1 << 16
+
+
 def _chain_step(
     ckpt: Checkpoint, name: str, prefix: str, old_tasks: list[str], k_B: int, k_A: int, plan: ModulePlan
 ) -> Chain | None:
@@ -614,12 +620,15 @@ def _chain_step(
         return None
     if not ckpt.has(f"{prefix}coefs_B") or old_tasks != _prefix_tasks(ckpt, name, prefix):
         return None  # no rows yet, or some of them belong to tasks that leave
-    rows = ckpt.tensor_meta(f"{prefix}coefs_B")[0][0]
+    (rows, _), dtype = ckpt.tensor_meta(f"{prefix}coefs_B")
+    itemsize = 4 if dtype == "F32" else 2
+    if rows * k_B * itemsize <= CHAIN_MIN_BYTES:
+        return None  # small: written again costs nothing worth a chain
     old = ckpt.chain(prefix)
     covered = int(old.ends[-1]) if old is not None else 0
     length = (len(old) if old is not None else 0) + (rows > covered)
-    # a chain that would hold more numbers than the rows it rotates is folded into them instead
-    if not rows or length * (k_B * k_B + k_A * k_A) > rows * (k_B + k_A):
+    # a chain whose rotations (float64) would take more bytes than the rows they rotate is folded into them
+    if length * (k_B * k_B + k_A * k_A) * 8 > rows * (k_B + k_A) * itemsize:
         return None
     if old is None:
         f64 = torch.float64
