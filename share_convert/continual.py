@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import CHAIN_PARTS, Checkpoint, CheckpointWriter, check_output
+from .checkpoint import CHAIN_PARTS, Checkpoint, CheckpointWriter, check_output, st_dtype
 from .consolidation import (
     _DTYPES,
     ConsolidationConfig,
@@ -488,9 +488,11 @@ def update_module(
 
     When every old task stays and the bases keep their widths, the old coefficient rows stay as
     they are stored: the rotation β_newᵀ β_old joins the chain (format version 3), the stored rows
-    are copied and only the new tasks' rows are written, so the bytes written do not grow with the
-    old tasks. Otherwise (a task replaced, the widths changed, or the chain would hold more numbers
-    than the rows it rotates) the old rows are rotated, rebalanced and written again, chain-free.
+    are copied with their block checksums and only the new tasks' rows are written and hashed, and
+    no old task is rebalanced (spec, section 5: E ← β_newᵀ β_old E). Otherwise (a task replaced,
+    the widths or the dtype changed, small rows, or a chain that would take more bytes than the rows
+    it rotates; see :func:`_chain_step`) the old rows are rotated, rebalanced and written again,
+    chain-free.
     """
     info = ckpt.modules[name]
     n, d = info["out_features"], info["in_features"]
@@ -516,8 +518,7 @@ def update_module(
     new_beta, sB = _updated_basis(beta, GB, NB)
     new_alpha, sA = _updated_basis(alpha, GA, NA)
     nb64, na64 = new_beta.double(), new_alpha.double()
-    # ‖shared part‖² (bases taken as orthonormal, as the planner does) and ‖before‖² (bases as stored)
-    norm2 = old.form([(1.0, None, None)])
+    norm2 = old.form([(1.0, None, None)])  # ‖shared part‖², the bases taken as orthonormal (as the planner does)
     frozen = FrozenTasks(
         Eb=_rotate(nb64.T @ b_old, old.XB),
         Ea=_rotate(na64.T @ a_old, old.XA),
@@ -540,7 +541,7 @@ def update_module(
     result = ModuleResult(plan=plan)
     beta_s, alpha_s = store_bases(name, new_beta, new_alpha, plan, dtype, result, prefix)
     stored = StoredBases.of(beta_s, alpha_s)
-    chain = _chain_step(ckpt, name, prefix, old_tasks, b_old.shape[1], a_old.shape[1], plan)
+    chain = _chain_step(ckpt, name, prefix, old_tasks, b_old.shape[1], a_old.shape[1], plan, dtype)
     # drift² = ‖before‖² − 2⟨before, after⟩ + ‖after‖², all from k-sized products (batched)
     before = (1.0, b_old.T @ b_old, a_old.T @ a_old)
     T = len(old_tasks)
@@ -611,7 +612,14 @@ CHAIN_MIN_BYTES = 1 << 16
 
 
 def _chain_step(
-    ckpt: Checkpoint, name: str, prefix: str, old_tasks: list[str], k_B: int, k_A: int, plan: ModulePlan
+    ckpt: Checkpoint,
+    name: str,
+    prefix: str,
+    old_tasks: list[str],
+    k_B: int,
+    k_A: int,
+    plan: ModulePlan,
+    dtype: torch.dtype,
 ) -> Chain | None:
     """The chain of ``prefix`` before this update (empty if it has none) when the update can keep
     the old rows where they are; None when they must be written again. This update's rotation is
@@ -620,8 +628,10 @@ def _chain_step(
         return None
     if not ckpt.has(f"{prefix}coefs_B") or old_tasks != _prefix_tasks(ckpt, name, prefix):
         return None  # no rows yet, or some of them belong to tasks that leave
-    (rows, _), dtype = ckpt.tensor_meta(f"{prefix}coefs_B")
-    itemsize = 4 if dtype == "F32" else 2
+    (rows, _), stored_dtype = ckpt.tensor_meta(f"{prefix}coefs_B")
+    if stored_dtype != st_dtype(dtype):
+        return None  # stored in another dtype than this update writes
+    itemsize = dtype.itemsize
     if rows * k_B * itemsize <= CHAIN_MIN_BYTES:
         return None  # small: written again costs nothing worth a chain
     old = ckpt.chain(prefix)

@@ -14,6 +14,7 @@ from share_convert.consolidation import ConsolidationConfig, merge
 from share_convert.continual import CheckpointTask, add, quadratic_form, remove
 from share_convert.errors import CorruptCheckpointError
 from share_convert.formats import open_adapters
+from share_convert.verification import verify_checkpoint
 
 from .conftest import random_factors, write_adapter
 
@@ -108,6 +109,11 @@ def test_the_same_add_writes_the_same_bytes(chained, tmp_path):
     (c0, c1, *_), new = chained
     add(c0, [new[0]], tmp_path / "again.safetensors", K4)
     assert (tmp_path / "again.safetensors").read_bytes() == c1.read_bytes()
+
+
+def test_verify_passes_on_a_chained_checkpoint(chained):
+    (*_, c3), _ = chained
+    assert verify_checkpoint(Checkpoint(c3))["ok"]
 
 
 def test_a_flipped_byte_in_a_rotation_is_found(chained, tmp_path):
