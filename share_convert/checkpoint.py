@@ -1124,8 +1124,8 @@ class Checkpoint:
         k = self.tensor_meta(f"{prefix}basis_{side}")[0][1]
         ranks = table.int_column("rank")
         width = int(ranks.max()) if len(ranks) else 0
-        X = torch.zeros(len(tasks), k, width, dtype=torch.float64)
         if self.version < 2:
+            X = torch.zeros(len(tasks), k, width, dtype=torch.float64)
             by_rank: dict[int, list[int]] = {}
             for j, p in enumerate(ranks.tolist()):
                 if p:
@@ -1134,7 +1134,7 @@ class Checkpoint:
                 X[idx, :, :p] = self.stacked([f"tasks/{tasks[j]}/{module}/coef_{side}" for j in idx]).double()
             return X
         if not width:
-            return X
+            return torch.zeros(len(tasks), k, 0, dtype=torch.float64)
         stacked = self.tensor(f"{prefix}coefs_{side}").double()  # P × k
         index = gather_rows(table.int_column("coef_row"), ranks)
         chain = self.chain(prefix)
@@ -1146,6 +1146,7 @@ class Checkpoint:
         if chain is not None:  # rows written under older bases, rotated into these
             rows = chain.rotate(rows, index, side)
         # every task's rows go to its slot of the padded batch, in one indexed copy
+        X = torch.zeros(len(tasks), k, width, dtype=torch.float64)
         task_idx = torch.from_numpy(np.repeat(np.arange(len(tasks)), ranks))
         col_idx = torch.from_numpy(gather_rows(np.zeros(len(tasks), dtype=np.int64), ranks))
         X[task_idx, :, col_idx] = rows

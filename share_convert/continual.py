@@ -258,7 +258,7 @@ def add(
             if not members:
                 return None
             # in the module's own order (its stored rows' order), without the replaced tasks
-            kept = [t for t in old_info["tasks"] if t not in clashed]
+            kept = [t for t in old_info["tasks"] if t not in clashed] if clashed else list(old_info["tasks"])
             if "groups" in old_info:
                 return update_grouped_module(ckpt, name, kept, clashes, members, module_config, mdtype)
             res = update_module(ckpt, name, kept, members, module_config, mdtype)

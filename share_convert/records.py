@@ -110,10 +110,8 @@ class RecordTable(Mapping):
 
     def select(self, tasks: Sequence[str]) -> RecordTable:
         """The records of ``tasks`` (all in this table), in that order."""
-        if len(tasks) == len(self.tasks) and list(tasks) == self.tasks:  # all of them (no lookups)
-            out = RecordTable(self.tasks, self.ints.copy(), self.floats.copy())
-            out._index = self._index
-            return out
+        if len(tasks) == len(self.tasks) and list(tasks) == self.tasks:  # all of them, in order: no lookups
+            return self  # tables are not changed in place (``updated`` copies)
         rows = self.rows_of(tasks)
         return RecordTable(tasks, self.ints[rows], self.floats[rows])
 
