@@ -69,6 +69,7 @@ class RecordTable(Mapping):
         self.ints = np.asarray(ints, dtype=np.int64).reshape(len(self.tasks), len(RECORD_INT))
         self.floats = np.asarray(floats, dtype=np.float64).reshape(len(self.tasks), len(RECORD_FLOAT))
         self._index: dict[str, int] | None = None
+        self._lookups = 0
 
     @classmethod
     def from_dicts(cls, records: Mapping[str, Mapping[str, Any]]) -> RecordTable:
@@ -131,8 +132,21 @@ class RecordTable(Mapping):
                 floats[:, _F[name]] = values
         return RecordTable(self.tasks, ints, floats)
 
+    def _position(self, task: object) -> int | None:
+        """The row of ``task``, or None. The first few look-ups scan the names (a table of thousands
+        of tasks asked about one of them, as a manifest's new task is, builds no index)."""
+        if self._index is None and self._lookups < 8:
+            self._lookups += 1
+            try:
+                return self.tasks.index(task)  # type: ignore[arg-type]
+            except ValueError:
+                return None
+        return self.index().get(task)  # type: ignore[arg-type]
+
     def __getitem__(self, task: str) -> dict[str, Any]:
-        i = self.index()[task]
+        i = self._position(task)
+        if i is None:
+            raise KeyError(task)
         return record_dict(self.ints[i].tolist(), self.floats[i].tolist())
 
     def __iter__(self) -> Iterator[str]:
@@ -142,7 +156,7 @@ class RecordTable(Mapping):
         return len(self.tasks)
 
     def __contains__(self, task: object) -> bool:
-        return task in self.index()
+        return self._position(task) is not None
 
 
 @dataclass
