@@ -19,8 +19,13 @@ The ``__metadata__`` entry ``share_convert`` holds a JSON manifest (format versi
 tasks, module shapes and ranks, history, a SHA-256 of every tensor and of every block of rows of
 the large ones), and ``share_convert_sha256`` the SHA-256 of that manifest text.
 
+Version 3 adds, per set of bases, a basis-rotation chain (``rotations_B``, ``rotations_A``,
+``chain_rows``): coefficient rows written under earlier bases, read rotated into the current ones
+(:class:`~share_convert.records.Chain`; ``add`` then writes only what changed). Files without a
+chain are written as version 2.
+
 Version 1 (one tensor per task, module and side; figures in JSON) stays readable: the reader
-presents both versions through the same accessors.
+presents every version through the same accessors.
 
 :class:`CheckpointWriter` streams tensors to disk as they are produced and publishes the file
 atomically; :class:`Checkpoint` reads lazily, verifying each tensor (or block of rows) it reads.
@@ -756,7 +761,7 @@ class Checkpoint:
         order = present[np.argsort(pos[present], kind="stable")]
         names = self._task_names()
         if len(order) == len(names) and (order == np.arange(len(names))).all():  # every task, in order
-            return RecordTable(names, col_i, col_f)
+            return RecordTable(names, col_i, col_f.copy())  # the tables are read-only; records are not
         return RecordTable([names[i] for i in order.tolist()], col_i[order], col_f[order])
 
     def _task_names(self) -> list[str]:
@@ -1042,8 +1047,10 @@ class Checkpoint:
         return self.tensor(f"{prefix}gram_B"), self.tensor(f"{prefix}gram_A")
 
     def task_tensors(self, task: str, module: str) -> dict[str, torch.Tensor]:
-        """The stored coefficients (``coef_B`` k_B × p, ``coef_A`` k_A × p) and private factors
-        (``private_B`` n × q, ``private_A`` q × d) of one task in one module; absent parts are left out."""
+        """The coefficients (``coef_B`` k_B × p, ``coef_A`` k_A × p) in the current bases and private
+        factors (``private_B`` n × q, ``private_A`` q × d) of one task in one module; absent parts are
+        left out. Coefficients written under older bases (a chain, format version 3) come rotated,
+        as float32; the others as stored."""
         if self.version < 2:
             out = {}
             for part in TASK_PARTS:
@@ -1071,7 +1078,11 @@ class Checkpoint:
 
     def task_rows(self, module: str, tasks: Sequence[str]) -> TaskRows:
         """The stored coefficients and private factors of ``tasks`` (all in ``module``), stacked as
-        format version 2 stores them: one gather per tensor in version 2, one read per task in version 1."""
+        format version 2 stores them: one gather per tensor in version 2, one read per task in version 1.
+
+        Rows of a set of bases with a chain keep their coordinates and come with the chain of the
+        rows gathered (``TaskRows.chains``) when they stay in the order of their versions; otherwise
+        they are rotated into the current bases (in the module's dtype)."""
         import torch
 
         info = self.modules[module]
@@ -1115,8 +1126,9 @@ class Checkpoint:
         return TaskRows(list(tasks), prefixes, coefs, coef_row, private, np.cumsum(q) - q, chains)  # type: ignore[arg-type]
 
     def coefficients(self, module: str, tasks: Sequence[str], side: str, prefix: str | None = None) -> torch.Tensor:
-        """The coefficients ``coef_<side>`` of ``tasks`` in ``module``, zero-padded to the widest:
-        a ``len(tasks) × k × p_max`` float64 batch (one gather per module, or one read per rank in version 1)."""
+        """The coefficients ``coef_<side>`` of ``tasks`` in ``module`` in the current bases (rows of
+        older bases rotated through the chain), zero-padded to the widest: a ``len(tasks) × k × p_max``
+        float64 batch (one gather per module, or one read per rank in version 1)."""
         import torch
 
         table = RecordTable.from_dicts(self.modules[module]["tasks"]).select(tasks)
