@@ -19,8 +19,13 @@ The ``__metadata__`` entry ``share_convert`` holds a JSON manifest (format versi
 tasks, module shapes and ranks, history, a SHA-256 of every tensor and of every block of rows of
 the large ones), and ``share_convert_sha256`` the SHA-256 of that manifest text.
 
+Version 3 adds, per set of bases, a basis-rotation chain (``rotations_B``, ``rotations_A``,
+``chain_rows``): coefficient rows written under earlier bases, read rotated into the current ones
+(:class:`~share_convert.records.Chain`; ``add`` then writes only what changed). Files without a
+chain are written as version 2.
+
 Version 1 (one tensor per task, module and side; figures in JSON) stays readable: the reader
-presents both versions through the same accessors.
+presents every version through the same accessors.
 
 :class:`CheckpointWriter` streams tensors to disk as they are produced and publishes the file
 atomically; :class:`Checkpoint` reads lazily, verifying each tensor (or block of rows) it reads.
@@ -55,6 +60,7 @@ from .records import (
     INT,
     RECORD_FLOAT,
     RECORD_INT,
+    Chain,
     RecordTable,
     TaskRows,
     gather_rows,
@@ -66,7 +72,11 @@ if TYPE_CHECKING:  # torch is imported where tensors are touched: reading a mani
     import torch
 
 FORMAT_NAME = "share-convert"
-FORMAT_VERSION = 2
+#: The highest format version this reader knows. Files are written as version 2 unless a module
+#: stores a basis-rotation chain (version 3; see :class:`~share_convert.records.Chain`).
+FORMAT_VERSION = 3
+#: The tensors of a chain, beside the bases they lead to: ``<prefix>rotations_B`` and so on.
+CHAIN_PARTS = ("rotations_B", "rotations_A", "chain_rows")
 MANIFEST_KEY = "share_convert"
 MANIFEST_SHA_KEY = "share_convert_sha256"
 #: safetensors dtype names and their numpy equivalents (BF16 has none: read through torch)
@@ -218,16 +228,89 @@ class CheckpointWriter:
 
     def add_module(self, module: str, rows: TaskRows) -> None:
         """Store one module's per-task tensors, stacked (format version 2): every set of bases'
-        coefficient rows as ``<prefix>coefs_B``/``coefs_A``, the private rows as
-        ``modules/<module>/private_B``/``private_A``."""
-        for prefix in sorted(rows.coefs):
-            cB, cA = rows.coefs[prefix]
-            self.add(f"{prefix}coefs_B", cB.contiguous())
-            self.add(f"{prefix}coefs_A", cA.contiguous())
-        if rows.private is not None:
-            self.add(f"modules/{module}/private_B", rows.private[0].contiguous())
-            self.add(f"modules/{module}/private_A", rows.private[1].contiguous())
+        coefficient rows as ``<prefix>coefs_B``/``coefs_A`` (with its chain, if any: version 3),
+        the private rows as ``modules/<module>/private_B``/``private_A``.
+
+        Rows that ``rows.base`` says lead a tensor of ``rows.source`` are copied from it as they
+        are (see :meth:`append_rows`); only the rows after them are written and hashed."""
+        import torch
+
+        for prefix in sorted(set(rows.coefs) | (set(rows.base) - {"private"})):
+            for side, part in zip("BA", rows.coefs.get(prefix, (None, None))):
+                self._stacked(f"{prefix}coefs_{side}", part, rows, prefix)
+            chain = rows.chains.get(prefix)
+            if chain is not None:
+                self.add(f"{prefix}rotations_B", chain.rotations_B.to(torch.float64).contiguous())
+                self.add(f"{prefix}rotations_A", chain.rotations_A.to(torch.float64).contiguous())
+                self.add(f"{prefix}chain_rows", torch.from_numpy(np.asarray(chain.ends, dtype=np.int64).copy()))
+        if rows.private is not None or "private" in rows.base:
+            for side, part in zip("BA", rows.private or (None, None)):
+                self._stacked(f"modules/{module}/private_{side}", part, rows, "private")
         self.set_module_rows(module, rows.tasks, rows.coef_row, rows.private_row)
+
+    def _stacked(self, name: str, part: torch.Tensor | None, rows: TaskRows, key: str) -> None:
+        if key in rows.base:
+            self.append_rows(name, rows.source, rows.base[key], part)
+        else:
+            self.add(name, part.contiguous())
+
+    def append_rows(self, name: str, source: Checkpoint, count: int, extra: torch.Tensor | None) -> None:
+        """Write ``source``'s tensor ``name`` (``count`` rows, all of it) followed by the rows ``extra``.
+
+        The source's whole blocks are copied in the kernel where the platform can, with their
+        SHA-256 digests (the block size stays the source's); only its last, partial block and the
+        new rows are hashed. The source tensor is verified first unless this reader already has.
+        """
+        dtype, shape, offset, length, blocks = source.stored_layout(name)
+        if shape[0] != count or (
+            extra is not None and (st_dtype(extra.dtype) != dtype or list(extra.shape[1:]) != shape[1:])
+        ):
+            raise ValueError(f"rows appended to {name} do not match it")
+        tail = tensor_bytes(extra) if extra is not None else b""
+        new_shape = [count + (extra.shape[0] if extra is not None else 0), *shape[1:]]
+        if blocks is None:  # small (one checksum): written whole, as a new tensor
+            self.add_raw(name, dtype, new_shape, source.raw(name)[2] + tail)
+            return
+        source.verify_once(name)
+        if name in self._entries:
+            raise ValueError(f"duplicate tensor name {name}")
+        per, row = int(blocks["rows"]), length // shape[0]
+        whole = count // per  # blocks copied as they are
+        kept = whole * per * row
+        rest = source.stored_bytes(name, kept, length) + tail
+        self._copy_range(source, offset, kept)
+        self._data.write(rest)
+        step = per * row
+        view = memoryview(rest)
+        digests = list(blocks["sha256"][:whole]) + [sha256(view[i : i + step]) for i in range(0, len(rest), step)]
+        self._entries[name] = {
+            "dtype": dtype,
+            "shape": new_shape,
+            "data_offsets": [self._offset, self._offset + kept + len(rest)],
+        }
+        self._offset += kept + len(rest)
+        self.blocks[name] = {"rows": per, "sha256": digests}
+        self.hashes[name] = block_digest(digests)
+
+    def _copy_range(self, source: Checkpoint, offset: int, size: int) -> None:
+        """Append ``size`` bytes of ``source``'s file from ``offset`` to the data (in the kernel where possible)."""
+        self._data.flush()
+        done = 0
+        copy = getattr(os, "copy_file_range", None)
+        if copy is not None:
+            try:
+                fd = source.file_descriptor()
+                while done < size:
+                    n = copy(fd, self._data.fileno(), size - done, offset + done, self._offset + done)
+                    if n == 0:
+                        break
+                    done += n
+            except OSError:  # not supported here (another file system): copy through a buffer
+                pass
+        self._data.seek(self._offset + done)
+        if done < size:
+            self._data.truncate()
+            self._data.write(source.file_bytes(offset + done, size - done))
 
     def set_module_rows(self, module: str, tasks: list[str], coef_row: np.ndarray, private_row: np.ndarray) -> None:
         """Where each task's rows start in a module's stacked tensors (those written by
@@ -258,8 +341,11 @@ class CheckpointWriter:
         reader presents it; it is stored in the ``records/*`` tables, not in the JSON.
         """
         manifest = self._records(manifest)
+        chained = any(k.endswith("/chain_rows") for k in self._entries)
         manifest = dict(
             manifest,
+            # a reader that does not know chains would read rotated rows as current: it must refuse
+            format_version=3 if chained else min(int(manifest.get("format_version", 2)), 2),
             tensors={k: self.hashes[k] for k in sorted(self.hashes)},
             blocks={k: self.blocks[k] for k in sorted(self.blocks)},
         )
@@ -270,8 +356,7 @@ class CheckpointWriter:
         header.update(self._entries)
         blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        # no fsync here: the data file is only read back through the page cache and then deleted;
-        # the published file is synced below before it replaces the target
+        # not synced: the published file is synced as a whole before it replaces the target
         self._data.flush()
         self._data.close()
         crash_point("checkpoint.data-written")
@@ -508,6 +593,9 @@ class Checkpoint:
         self._tables: tuple[np.ndarray, np.ndarray] | None = None
         self._task_modules: dict[str, dict[str, dict[str, Any]]] = {}
         self._history: list[dict[str, Any]] | None = None
+        self._chains: dict[str, Chain | None] = {}
+        self._names: list[str] | None = None
+        self._verified: set[str] = set()  # tensors whose every byte this reader has verified
         # a reader is shared by the worker threads of an update: caches and lazy state change under this lock
         self._lock = threading.RLock()
         # held open from here, so that raw reads see this file even if the path is replaced later
@@ -671,8 +759,16 @@ class Checkpoint:
         pos = col_i[:, INT["position"]]
         present = np.nonzero(pos >= 0)[0]
         order = present[np.argsort(pos[present], kind="stable")]
-        names = list(self.tasks)
+        names = self._task_names()
+        if len(order) == len(names) and (order == np.arange(len(names))).all():  # every task, in order
+            return RecordTable(names, col_i, col_f.copy())  # the tables are read-only; records are not
         return RecordTable([names[i] for i in order.tolist()], col_i[order], col_f[order])
+
+    def _task_names(self) -> list[str]:
+        """The tasks in their order (the record tables' rows), one list for every module's records."""
+        if self._names is None:
+            self._names = list(self.tasks)
+        return self._names
 
     # -- tensors --------------------------------------------------------------------------------------
     def has(self, name: str) -> bool:
@@ -784,7 +880,40 @@ class Checkpoint:
                 path=self.path,
                 hint="Re-create or re-download it",
             )
+        with self._lock:
+            self._verified.add(name)
         return entry["dtype"], list(entry["shape"]), raw, expected
+
+    def verify_once(self, name: str) -> None:
+        """Verify a tensor's every byte unless this reader already has (it is then copied as it is)."""
+        with self._lock:
+            done = name in self._verified
+        if not done:
+            self.raw(name)
+
+    def stored_layout(self, name: str) -> tuple[str, list[int], int, int, dict[str, Any] | None]:
+        """Where a tensor lies in the file: dtype, shape, byte offset in the file, length, and its
+        block checksums (None without)."""
+        entry, _ = self._entry(name)
+        begin, end = entry["data_offsets"]
+        blocks = self.manifest.get("blocks", {}).get(name) if self.version >= 2 else None
+        return entry["dtype"], list(entry["shape"]), self._mapped()[1] + begin, end - begin, blocks
+
+    def stored_bytes(self, name: str, begin: int, end: int) -> bytes:
+        """Bytes ``begin:end`` of a tensor's data, unverified (callers verify what they keep)."""
+        entry, _ = self._entry(name)
+        start = entry["data_offsets"][0]
+        return self._bytes(name, start + begin, start + end)
+
+    def file_descriptor(self) -> int:
+        """The open file this reader reads (the path may since have been replaced)."""
+        self._mapped()
+        return self._handle.fileno()
+
+    def file_bytes(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of the file from ``offset``."""
+        data = self._mapped()[0]
+        return data[offset : offset + size]
 
     def _rows_raw(self, name: str, start: int, stop: int) -> tuple[str, list[int], bytes]:
         """Rows ``start:stop`` of a tensor's bytes, verified by the blocks that hold them."""
@@ -857,6 +986,39 @@ class Checkpoint:
         """Copy one tensor into ``writer`` byte for byte, verified, keeping its checksum."""
         writer.add_raw(name, *self.raw(name))
 
+    def chain(self, prefix: str) -> Chain | None:
+        """The basis-rotation chain of the bases under ``prefix`` (format version 3), or None."""
+        import torch
+
+        with self._lock:
+            if prefix in self._chains:
+                return self._chains[prefix]
+        chain = None
+        if self.version >= 3 and self.has(f"{prefix}chain_rows"):
+            ends = self._array(f"{prefix}chain_rows").astype(np.int64)
+            RB = self.tensor(f"{prefix}rotations_B").to(torch.float64)
+            RA = self.tensor(f"{prefix}rotations_A").to(torch.float64)
+            k_B = self.tensor_meta(f"{prefix}basis_B")[0][1]
+            k_A = self.tensor_meta(f"{prefix}basis_A")[0][1]
+            P = self.tensor_meta(f"{prefix}coefs_B")[0][0]
+            V = len(ends)
+            if (
+                ends.ndim != 1
+                or tuple(RB.shape) != (V, k_B, k_B)
+                or tuple(RA.shape) != (V, k_A, k_A)
+                or bool((np.diff(ends) <= 0).any())
+                or (V and (ends[0] <= 0 or ends[-1] > P))
+            ):
+                raise CorruptCheckpointError(
+                    f"the rotation chain of {prefix} does not match its bases and rows",
+                    path=self.path,
+                    hint="Re-create it",
+                )
+            chain = Chain(RB, RA, ends)
+        with self._lock:
+            self._chains[prefix] = chain
+        return chain
+
     def bases_prefix(self, module: str, task: str | None = None) -> str | None:
         """Where the bases of ``module`` (for ``task``, when the module has groups) are stored; None if k = 0."""
         info = self.modules[module]
@@ -885,8 +1047,10 @@ class Checkpoint:
         return self.tensor(f"{prefix}gram_B"), self.tensor(f"{prefix}gram_A")
 
     def task_tensors(self, task: str, module: str) -> dict[str, torch.Tensor]:
-        """The stored coefficients (``coef_B`` k_B × p, ``coef_A`` k_A × p) and private factors
-        (``private_B`` n × q, ``private_A`` q × d) of one task in one module; absent parts are left out."""
+        """The coefficients (``coef_B`` k_B × p, ``coef_A`` k_A × p) in the current bases and private
+        factors (``private_B`` n × q, ``private_A`` q × d) of one task in one module; absent parts are
+        left out. Coefficients written under older bases (a chain, format version 3) come rotated,
+        as float32; the others as stored."""
         if self.version < 2:
             out = {}
             for part in TASK_PARTS:
@@ -900,8 +1064,12 @@ class Checkpoint:
         prefix = self._prefix(module, rec)
         if p and prefix is not None:
             row = rec["coef_row"]
-            out["coef_B"] = self.rows(f"{prefix}coefs_B", row, row + p).T
-            out["coef_A"] = self.rows(f"{prefix}coefs_A", row, row + p).T
+            chain = self.chain(prefix)
+            for side in "BA":
+                stored = self.rows(f"{prefix}coefs_{side}", row, row + p)
+                if chain is not None and row < chain.ends[-1]:  # written under older bases: rotated to these
+                    stored = chain.rotate(stored.double(), np.arange(row, row + p), side).float()
+                out[f"coef_{side}"] = stored.T
         if q:
             row = rec["private_row"]
             out["private_B"] = self.rows(f"modules/{module}/private_B", row, row + q).T
@@ -910,7 +1078,11 @@ class Checkpoint:
 
     def task_rows(self, module: str, tasks: Sequence[str]) -> TaskRows:
         """The stored coefficients and private factors of ``tasks`` (all in ``module``), stacked as
-        format version 2 stores them: one gather per tensor in version 2, one read per task in version 1."""
+        format version 2 stores them: one gather per tensor in version 2, one read per task in version 1.
+
+        Rows of a set of bases with a chain keep their coordinates and come with the chain of the
+        rows gathered (``TaskRows.chains``) when they stay in the order of their versions; otherwise
+        they are rotated into the current bases (in the module's dtype)."""
         import torch
 
         info = self.modules[module]
@@ -927,22 +1099,36 @@ class Checkpoint:
         ranks, q = table.int_column("rank"), table.int_column("private_rank")
         coef_row = np.zeros(len(tasks), dtype=np.int64)
         coefs = {}
+        chains: dict[str, Chain] = {}
         for prefix in sorted(set(prefixes)):
             mine = np.array([p == prefix for p in prefixes], dtype=bool)
             if not ranks[mine].any():
                 continue
-            pick = torch.from_numpy(gather_rows(table.int_column("coef_row")[mine], ranks[mine]))
+            index = gather_rows(table.int_column("coef_row")[mine], ranks[mine])
+            pick = torch.from_numpy(index)
             coefs[prefix] = tuple(self.tensor(f"{prefix}coefs_{side}")[pick] for side in "BA")
+            chain = self.chain(prefix)
+            if chain is not None:  # rows keep the coordinates they were written in, when they can
+                kept = chain.select(index)
+                if kept is not None:
+                    chains[prefix] = kept
+                else:
+                    cB, cA = coefs[prefix]
+                    coefs[prefix] = (
+                        chain.rotate(cB.double(), index, "B").to(cB.dtype),
+                        chain.rotate(cA.double(), index, "A").to(cA.dtype),
+                    )
             coef_row[mine] = np.cumsum(ranks[mine]) - ranks[mine]
         private = None
         if q.any():
             pick = torch.from_numpy(gather_rows(table.int_column("private_row"), q))
             private = tuple(self.tensor(f"modules/{module}/private_{side}")[pick] for side in "BA")
-        return TaskRows(list(tasks), prefixes, coefs, coef_row, private, np.cumsum(q) - q)  # type: ignore[arg-type]
+        return TaskRows(list(tasks), prefixes, coefs, coef_row, private, np.cumsum(q) - q, chains)  # type: ignore[arg-type]
 
     def coefficients(self, module: str, tasks: Sequence[str], side: str, prefix: str | None = None) -> torch.Tensor:
-        """The coefficients ``coef_<side>`` of ``tasks`` in ``module``, zero-padded to the widest:
-        a ``len(tasks) × k × p_max`` float64 batch (one gather per module, or one read per rank in version 1)."""
+        """The coefficients ``coef_<side>`` of ``tasks`` in ``module`` in the current bases (rows of
+        older bases rotated through the chain), zero-padded to the widest: a ``len(tasks) × k × p_max``
+        float64 batch (one gather per module, or one read per rank in version 1)."""
         import torch
 
         table = RecordTable.from_dicts(self.modules[module]["tasks"]).select(tasks)
@@ -950,8 +1136,8 @@ class Checkpoint:
         k = self.tensor_meta(f"{prefix}basis_{side}")[0][1]
         ranks = table.int_column("rank")
         width = int(ranks.max()) if len(ranks) else 0
-        X = torch.zeros(len(tasks), k, width, dtype=torch.float64)
         if self.version < 2:
+            X = torch.zeros(len(tasks), k, width, dtype=torch.float64)
             by_rank: dict[int, list[int]] = {}
             for j, p in enumerate(ranks.tolist()):
                 if p:
@@ -960,13 +1146,22 @@ class Checkpoint:
                 X[idx, :, :p] = self.stacked([f"tasks/{tasks[j]}/{module}/coef_{side}" for j in idx]).double()
             return X
         if not width:
-            return X
+            return torch.zeros(len(tasks), k, 0, dtype=torch.float64)
         stacked = self.tensor(f"{prefix}coefs_{side}").double()  # P × k
+        index = gather_rows(table.int_column("coef_row"), ranks)
+        chain = self.chain(prefix)
+        if len(index) == stacked.shape[0] and (ranks == width).all() and (index == np.arange(len(index))).all():
+            # every row, in order, all tasks of one rank (the common case): a view, no indexed copy
+            rows = chain.rotate(stacked, index, side) if chain is not None else stacked
+            return rows.view(len(tasks), width, k).transpose(1, 2)
+        rows = stacked[torch.from_numpy(index)]
+        if chain is not None:  # rows written under older bases, rotated into these
+            rows = chain.rotate(rows, index, side)
         # every task's rows go to its slot of the padded batch, in one indexed copy
+        X = torch.zeros(len(tasks), k, width, dtype=torch.float64)
         task_idx = torch.from_numpy(np.repeat(np.arange(len(tasks)), ranks))
         col_idx = torch.from_numpy(gather_rows(np.zeros(len(tasks), dtype=np.int64), ranks))
-        src = torch.from_numpy(gather_rows(table.int_column("coef_row"), ranks))
-        X[task_idx, :, col_idx] = stacked[src]
+        X[task_idx, :, col_idx] = rows
         return X
 
     def reconstruction(

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace as dc_replace
+from itertools import compress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint, CheckpointWriter, check_output
+from .checkpoint import CHAIN_PARTS, Checkpoint, CheckpointWriter, check_output, st_dtype
 from .consolidation import (
     _DTYPES,
     ConsolidationConfig,
@@ -50,7 +51,7 @@ from .errors import DuplicateTaskError, IncompatibleAdaptersError, InvalidOption
 from .formats import LoraFactors
 from .linalg import RANK_RTOL, canonicalize_padded, deterministic, fix_signs, load_linalg
 from .planning import FrozenTasks, ModulePlanner, TaskFit, energy_k, task_weight, task_weights
-from .records import RecordTable, TaskRows
+from .records import Chain, RecordTable, TaskRows
 
 
 class CheckpointTask:
@@ -129,7 +130,7 @@ def _carry_module(
                 ckpt.copy_to(writer, f"{prefix}gram_{side}")
     left = table.select(left_tasks)
     if ckpt.version >= 2 and len(left) == len(table):  # every task stays: the stacked tensors as they are
-        stacked = [f"{p}coefs_{side}" for p in prefixes for side in "BA"]
+        stacked = [f"{p}{part}" for p in prefixes for part in ("coefs_B", "coefs_A", *CHAIN_PARTS)]
         for tname in [*stacked, f"modules/{name}/private_B", f"modules/{name}/private_A"]:
             if ckpt.has(tname):
                 ckpt.copy_to(writer, tname)
@@ -213,6 +214,7 @@ def add(
             hint="Pass --replace to replace it, or rename: NAME=PATH",
         )
     old_tasks = [t for t in ckpt.tasks if t not in clashes]
+    clashed = set(clashes)
     new_shapes = check_compatible(list(sources))
     for name, (n, d, _) in new_shapes.items():
         if name in ckpt.modules:
@@ -255,8 +257,8 @@ def add(
                 return consolidate_module(name, n, d, members, module_config, mdtype)
             if not members:
                 return None
-            here_before = old_info["tasks"]
-            kept = [t for t in old_tasks if t in here_before]
+            # in the module's own order (its stored rows' order), without the replaced tasks
+            kept = [t for t in old_info["tasks"] if t not in clashed] if clashed else list(old_info["tasks"])
             if "groups" in old_info:
                 return update_grouped_module(ckpt, name, kept, clashes, members, module_config, mdtype)
             res = update_module(ckpt, name, kept, members, module_config, mdtype)
@@ -292,8 +294,7 @@ def add(
                 continue
             table = RecordTable.from_dicts(res.records)
             moved = table.float_column("drift")
-            for i in np.nonzero(moved >= 0)[0].tolist():
-                drifted.add(table.tasks[i])
+            drifted.update(compress(table.tasks, (moved >= 0).tolist()))
             worst = max(worst, float(moved.max(initial=0.0)))
             write_module(writer, name, res, module_dtype(name), ckpt)
             modules_out[name] = module_record(*_shape(ckpt, new_shapes, name), res, module_dtype(name))
@@ -371,8 +372,9 @@ def _updated_basis(
 class _OldCoefficients:
     """The old tasks of one module in coordinates, zero-padded to one width and batched.
 
-    ``XB`` (T × k × r) and ``XA`` hold each task's stored (balanced) coefficients; the padding
-    changes no product below, so every per-task quantity of an update is a batched k-sized product.
+    ``XB`` (T × k × r) and ``XA`` hold each task's coefficients in the current bases (rows written
+    under older bases come rotated through the chain); the padding changes no product below, so
+    every per-task quantity of an update is a batched k-sized product.
     """
 
     def __init__(self, ckpt: Checkpoint, name: str, tasks: list[str], k_B: int, k_A: int, prefix: str | None = None):
@@ -386,22 +388,85 @@ class _OldCoefficients:
             self.XB = torch.zeros(len(tasks), k_B, 0, dtype=torch.float64)
             self.XA = torch.zeros(len(tasks), k_A, 0, dtype=torch.float64)
             self.ranks = torch.zeros(len(tasks), dtype=torch.int64)
+        self._cores: torch.Tensor | None = None
 
-    def norm2(self) -> torch.Tensor:
-        """‖shared part‖² per task: balanced coefficients have column norms whose product is S."""
-        s = self.XB.pow(2).sum(1).sqrt() * self.XA.pow(2).sum(1).sqrt()
-        return (s * s).sum(-1)
+    def form(self, terms: Sequence[tuple[float, torch.Tensor | None, torch.Tensor | None]]) -> torch.Tensor:
+        """:func:`quadratic_form` of these tasks (their cores computed once)."""
+        if self._cores is None and _use_cores(self.XB, self.XA):
+            self._cores = _cores(self.XB, self.XA)
+        return quadratic_form(self.XB, self.XA, terms, self._cores)
 
 
-def _frobenius2(XB: torch.Tensor, GB: torch.Tensor, XA: torch.Tensor, GA: torch.Tensor) -> torch.Tensor:
-    """‖β XB (α XA)ᵀ‖² per task from the Gram matrices G = βᵀβ, G = αᵀα (batched, spec section 4)."""
-    return ((XB.transpose(-1, -2) @ GB @ XB) * (XA.transpose(-1, -2) @ GA @ XA)).sum((-1, -2))
+def _use_cores(XB: torch.Tensor, XA: torch.Tensor) -> bool:
+    """Whether products go through each task's core X_B X_Aᵀ (k_B · k_A numbers, and a
+    (k_B · k_A)² matrix for the form): when that is not much more than its coefficients."""
+    k_B, r, k_A = XB.shape[1], XB.shape[2], XA.shape[1]
+    return bool(r) and k_B * k_A <= max(4 * r * (k_B + k_A), 64)
+
+
+def _cores(XB: torch.Tensor, XA: torch.Tensor) -> torch.Tensor:
+    """Every task's core X_B X_Aᵀ, flattened row-major: ``T × (k_B · k_A)`` (a sum of r outer products)."""
+    T, k_B, r = XB.shape
+    C = torch.zeros(T, k_B, XA.shape[1], dtype=torch.float64)
+    for j in range(r):
+        C += XB[:, :, j, None] * XA[:, None, :, j]
+    return C.reshape(T, -1)
+
+
+def quadratic_form(
+    XB: torch.Tensor,
+    XA: torch.Tensor,
+    terms: Sequence[tuple[float, torch.Tensor | None, torch.Tensor | None]],
+    cores: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Σ_terms w · tr((X_Bᵀ G X_B)(X_Aᵀ H X_A)) per task, for ``terms`` (w, G, H) (None: identity).
+
+    With G = βᵀβ', H = αᵀα' a term is w ⟨β X_B (α X_A)ᵀ, β' X_B (α' X_A)ᵀ⟩ (G, H symmetric), so
+    squared norms, inner products and drifts of the old tasks' shared parts come from k-sized
+    products (spec, section 4). Through the cores c = vec(X_B X_Aᵀ) the sum is the one quadratic
+    form cᵀ (Σ w G ⊗ H) c: one matrix product for all terms, whose cancellations (a drift) happen
+    in the k-sized matrix. For k ≫ r, per term the r × r blocks Xᵀ G X of each side instead.
+    """
+    T, k_B, r = XB.shape
+    k_A = XA.shape[1]
+    if r == 0 or T == 0:
+        return torch.zeros(T, dtype=torch.float64)
+    eye_B, eye_A = torch.eye(k_B, dtype=torch.float64), torch.eye(k_A, dtype=torch.float64)
+    if cores is None and _use_cores(XB, XA):
+        cores = _cores(XB, XA)
+    if cores is not None:
+        if all(G is None and H is None for _, G, H in terms):  # a multiple of ‖C‖²: no product needed
+            return sum(w for w, _, _ in terms) * cores.pow(2).sum(1)
+        K = sum(w * torch.kron(eye_B if G is None else G, eye_A if H is None else H) for w, G, H in terms)
+        return ((cores @ K) * cores).sum(1)
+    out = torch.zeros(T, dtype=torch.float64)
+    for w, G, H in terms:
+        QB = XB.transpose(1, 2) @ (XB if G is None else G @ XB)  # r × r per task
+        QA = XA.transpose(1, 2) @ (XA if H is None else H @ XA)
+        out += w * (QB * QA).sum((1, 2))
+    return out
+
+
+def _rotate(R: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """R X per task of a batch ``T × k × r`` (R: k' × k), as one matrix product."""
+    T, k, r = X.shape
+    return (X.transpose(1, 2).reshape(T * r, k) @ R.T).view(T, r, R.shape[0]).transpose(1, 2)
 
 
 def _gram(X: torch.Tensor) -> torch.Tensor:
     """Σ_i X_i X_iᵀ over a batch ``T × k × r``."""
     flat = X.transpose(0, 1).reshape(X.shape[1], X.shape[0] * X.shape[2])
     return flat @ flat.T
+
+
+def _prefix_tasks(ckpt: Checkpoint, name: str, prefix: str) -> list[str]:
+    """The tasks whose coefficient rows are stored under ``prefix``, in their order in the module."""
+    info = ckpt.modules[name]
+    table = RecordTable.from_dicts(info["tasks"])
+    if "groups" not in info:
+        return list(table.tasks)
+    group = int(prefix.rstrip("/").rsplit("/g", 1)[1])
+    return [t for t, g in zip(table.tasks, table.int_column("group").tolist()) if g == group]
 
 
 def update_module(
@@ -417,9 +482,17 @@ def update_module(
     """Fold new members into one module of ``ckpt`` incrementally; old tasks keep their private parts.
 
     Old tasks are handled as one batch of k-sized coefficient matrices: rotating them into the new
-    bases, rebalancing them and measuring their drift are a few batched products (spec, section 5).
-    Tasks not in ``old_tasks`` (replaced ones) leave the bases' weights. ``prefix`` names one
-    group's bases in a module with groups (``old_tasks`` are then that group's tasks).
+    bases and measuring their drift are a few batched products (spec, section 5). Tasks not in
+    ``old_tasks`` (replaced ones) leave the bases' weights. ``prefix`` names one group's bases in a
+    module with groups (``old_tasks`` are then that group's tasks).
+
+    When every old task stays and the bases keep their widths, the old coefficient rows stay as
+    they are stored: the rotation β_newᵀ β_old joins the chain (format version 3), the stored rows
+    are copied with their block checksums and only the new tasks' rows are written and hashed, and
+    no old task is rebalanced (spec, section 5: E ← β_newᵀ β_old E). Otherwise (a task replaced,
+    the widths or the dtype changed, small rows, or a chain that would take more bytes than the rows
+    it rotates; see :func:`_chain_step`) the old rows are rotated, rebalanced and written again,
+    chain-free.
     """
     info = ckpt.modules[name]
     n, d = info["out_features"], info["in_features"]
@@ -430,9 +503,9 @@ def update_module(
     b_old = beta.double() if beta is not None else torch.zeros(n, 0, dtype=torch.float64)
     a_old = alpha.double() if alpha is not None else torch.zeros(d, 0, dtype=torch.float64)
     # Old tasks stay in coordinates: their shared part is β x_b (α x_a)ᵀ with (x_b, x_a) their
-    # balanced coefficients, so nothing n-sized is computed per old task (section 5). Their
-    # weighted Gram matrix E Eᵀ is recomputed from them in float64 (they are read anyway, for the
-    # drift): the stored float32 copy would add rounding noise that reads as weak extra directions.
+    # coefficients, so nothing n-sized is computed per old task (section 5). Their weighted Gram
+    # matrix E Eᵀ is recomputed from them in float64 (they are read anyway, for the drift): the
+    # stored float32 copy would add rounding noise that reads as weak extra directions.
     old = _OldCoefficients(ckpt, name, old_tasks, b_old.shape[1], a_old.shape[1], prefix)
     table = RecordTable.from_dicts(info["tasks"]).select(old_tasks)
     old_norms, old_errors = table.float_column("norm"), table.float_column("error")
@@ -445,10 +518,11 @@ def update_module(
     new_beta, sB = _updated_basis(beta, GB, NB)
     new_alpha, sA = _updated_basis(alpha, GA, NA)
     nb64, na64 = new_beta.double(), new_alpha.double()
+    norm2 = old.form([(1.0, None, None)])  # ‖shared part‖², the bases taken as orthonormal (as the planner does)
     frozen = FrozenTasks(
-        Eb=(nb64.T @ b_old) @ old.XB,
-        Ea=(na64.T @ a_old) @ old.XA,
-        norm2=old.norm2(),
+        Eb=_rotate(nb64.T @ b_old, old.XB),
+        Ea=_rotate(na64.T @ a_old, old.XA),
+        norm2=norm2,
         ranks=old.ranks,
         prior=torch.from_numpy(old_errors.copy()),
         scale=task_weights(old_norms, "equal"),
@@ -467,20 +541,38 @@ def update_module(
     result = ModuleResult(plan=plan)
     beta_s, alpha_s = store_bases(name, new_beta, new_alpha, plan, dtype, result, prefix)
     stored = StoredBases.of(beta_s, alpha_s)
+    chain = _chain_step(ckpt, name, prefix, old_tasks, b_old.shape[1], a_old.shape[1], plan, dtype)
     # drift² = ‖before‖² − 2⟨before, after⟩ + ‖after‖², all from k-sized products (batched)
-    before2 = _frobenius2(old.XB, b_old.T @ b_old, old.XA, a_old.T @ a_old)
-    cross = after2 = torch.zeros_like(before2)
+    before = (1.0, b_old.T @ b_old, a_old.T @ a_old)
     T = len(old_tasks)
+    known = None
     if stored is not None:
-        EB, EA = (stored.beta.T @ b_old) @ old.XB, (stored.alpha.T @ a_old) @ old.XA
-        CB, CA, _S, ranks = canonicalize_padded(EB, EA)
-        CB, CA = CB.to(dtype), CA.to(dtype)  # as stored
-        CB64, CA64 = CB.double(), CA.double()
-        cross = ((EB.transpose(-1, -2) @ CB64) * (EA.transpose(-1, -2) @ CA64)).sum((-1, -2))
-        after2 = _frobenius2(CB64, stored.gram_beta, CA64, stored.gram_alpha)
+        RB, RA = stored.beta.T @ b_old, stored.alpha.T @ a_old  # old coordinates -> new (k × k_old)
+        if chain is not None:
+            # the rows stay; readers rotate them: after = β_new (R_B x_b)(α_new R_A x_a)ᵀ exactly
+            ranks = old.ranks
+            # ⟨before, after⟩ with R = β_newᵀβ_old (G = R_BᵀR_B), ‖after‖² with the stored bases' Grams
+            drift2 = old.form(
+                [
+                    before,
+                    (-2.0, RB.T @ RB, RA.T @ RA),
+                    (1.0, RB.T @ stored.gram_beta @ RB, RA.T @ stored.gram_alpha @ RA),
+                ]
+            )
+            known = {"B": RB @ GB @ RB.T, "A": RA @ GA @ RA.T}  # the old tasks' part of Σ w c cᵀ
+        else:
+            EB, EA = _rotate(RB, old.XB), _rotate(RA, old.XA)
+            CB, CA, _S, ranks = canonicalize_padded(EB, EA)
+            CB, CA = CB.to(dtype), CA.to(dtype)  # as stored
+            CB64, CA64 = CB.double(), CA.double()
+            cross = ((EB.transpose(-1, -2) @ CB64) * (EA.transpose(-1, -2) @ CA64)).sum((-1, -2))
+            after2 = quadratic_form(CB64, CA64, [(1.0, stored.gram_beta, stored.gram_alpha)])
+            drift2 = old.form([before]) - 2 * cross + after2
+            known = {side: _gram(C * root) for side, C in (("B", CB64), ("A", CA64))}
     else:
         ranks = torch.zeros(T, dtype=torch.int64)
-    drifts_abs = (before2 - 2 * cross + after2).clamp_min(0).sqrt().numpy()
+        drift2 = old.form([before])
+    drifts_abs = drift2.clamp_min(0).sqrt().numpy()
     drift = np.where(old_norms > 0, drifts_abs / np.where(old_norms > 0, old_norms, 1.0), 0.0)
     result.records = table.updated(
         error_before=old_errors,
@@ -489,17 +581,6 @@ def update_module(
         rank=ranks.numpy(),
         bound=table.int_column("bound") | (drift > 1e-6),
     )
-    # the old tasks' rows as stored: coefficients rotated into the new bases, private factors unchanged
-    old_rows = ckpt.task_rows(name, old_tasks)
-    coef_row = ranks.cumsum(0) - ranks
-    coefs = {}
-    if stored is not None and T:
-        kept = torch.arange(CB.shape[2])[None, :] < ranks[:, None]  # T × p_max: each task's columns
-        coefs[prefix] = (CB.transpose(1, 2)[kept], CA.transpose(1, 2)[kept])
-    old_rows = TaskRows(old_tasks, [prefix] * T, coefs, coef_row.numpy(), old_rows.private, old_rows.private_row)
-    known = None
-    if stored is not None:  # the old tasks' part of Σ w c cᵀ, in one product per side
-        known = {side: _gram(C * root) for side, C in (("B", CB64), ("A", CA64))}
     weighted, new_records = [], {}
     for j, m in enumerate(members):
         tensors, rec = encode_task(m, plan.private_ranks[j], stored, dtype, norms[j])
@@ -508,9 +589,109 @@ def update_module(
         weighted.append((m.task, weights[j]))
     store_grams(name, result, weighted, plan, prefix, known=known)
     new_rows = TaskRows.of_parts([(m.task, prefix, result.task_parts[m.task]) for m in members], dtype)
-    result.rows = TaskRows.concat([old_rows, new_rows], dtype)
+    if chain is not None:
+        result.rows = _appended_rows(ckpt, name, prefix, table, new_rows, chain, RB, RA)
+    else:
+        # the old tasks' rows rewritten: coefficients rotated into the new bases, private factors unchanged
+        old_rows = ckpt.task_rows(name, old_tasks)
+        coef_row = ranks.cumsum(0) - ranks
+        coefs = {}
+        if stored is not None and T:
+            kept = torch.arange(CB.shape[2])[None, :] < ranks[:, None]  # T × p_max: each task's columns
+            coefs[prefix] = (CB.transpose(1, 2)[kept], CA.transpose(1, 2)[kept])
+        old_rows = TaskRows(old_tasks, [prefix] * T, coefs, coef_row.numpy(), old_rows.private, old_rows.private_row)
+        result.rows = TaskRows.concat([old_rows, new_rows], dtype)
     result.records = RecordTable.concat([result.records, new_records])
     return result
+
+
+#: Coefficient tensors up to this size (bytes, one side) are written again rather than chained: a
+#: chain pays when copying the old rows with their block checksums saves real work (format: blocks
+#: for tensors over 64 KiB).
+CHAIN_MIN_BYTES = 1 << 16
+
+
+def _chain_step(
+    ckpt: Checkpoint,
+    name: str,
+    prefix: str,
+    old_tasks: list[str],
+    k_B: int,
+    k_A: int,
+    plan: ModulePlan,
+    dtype: torch.dtype,
+) -> Chain | None:
+    """The chain of ``prefix`` before this update (empty if it has none) when the update can keep
+    the old rows where they are; None when they must be written again. This update's rotation is
+    added by :func:`_appended_rows`."""
+    if ckpt.version < 2 or not (k_B and k_A) or (plan.k_B, plan.k_A) != (k_B, k_A):
+        return None
+    if not ckpt.has(f"{prefix}coefs_B") or old_tasks != _prefix_tasks(ckpt, name, prefix):
+        return None  # no rows yet, or some of them belong to tasks that leave
+    (rows, _), stored_dtype = ckpt.tensor_meta(f"{prefix}coefs_B")
+    if stored_dtype != st_dtype(dtype):
+        return None  # stored in another dtype than this update writes
+    itemsize = dtype.itemsize
+    if rows * k_B * itemsize <= CHAIN_MIN_BYTES:
+        return None  # small: written again costs nothing worth a chain
+    old = ckpt.chain(prefix)
+    covered = int(old.ends[-1]) if old is not None else 0
+    length = (len(old) if old is not None else 0) + (rows > covered)
+    # a chain whose rotations (float64) would take more bytes than the rows they rotate is folded into them
+    if length * (k_B * k_B + k_A * k_A) * 8 > rows * (k_B + k_A) * itemsize:
+        return None
+    if old is None:
+        f64 = torch.float64
+        return Chain(torch.zeros(0, k_B, k_B, dtype=f64), torch.zeros(0, k_A, k_A, dtype=f64), np.zeros(0, np.int64))
+    return old
+
+
+def _appended_rows(
+    ckpt: Checkpoint,
+    name: str,
+    prefix: str,
+    table: RecordTable,
+    new_rows: TaskRows,
+    chain: Chain,
+    RB: torch.Tensor,
+    RA: torch.Tensor,
+) -> TaskRows:
+    """The module's rows after an update that keeps the old rows where they are: the stored
+    tensors copied, the new tasks' rows after them, and the chain extended by this update's
+    rotation (R_B = β_newᵀ β_old, R_A = α_newᵀ α_old): every older version's rotation to the
+    current bases is composed with it, and the rows written under the old bases become a version."""
+    rows = ckpt.tensor_meta(f"{prefix}coefs_B")[0][0]
+    covered = int(chain.ends[-1]) if len(chain) else 0
+    rotations_B, rotations_A, ends = RB @ chain.rotations_B, RA @ chain.rotations_A, chain.ends
+    if rows > covered:
+        rotations_B, rotations_A = torch.cat([rotations_B, RB[None]]), torch.cat([rotations_A, RA[None]])
+        ends = np.append(ends, rows)
+    T = len(table)
+    base = {prefix: rows}
+    private, private_row = new_rows.private, np.concatenate([np.zeros(T, dtype=np.int64), new_rows.private_row])
+    private_name = f"modules/{name}/private_B"
+    if ckpt.has(private_name) and prefix == f"modules/{name}/":  # one set of bases: the private rows are all ours
+        stored = ckpt.tensor_meta(private_name)[0][0]
+        base["private"] = stored
+        private_row = np.concatenate([table.int_column("private_row"), new_rows.private_row + stored])
+    elif ckpt.has(private_name):  # a group's tasks: their private rows gathered from the module's
+        old = ckpt.task_rows(name, table.tasks)
+        gathered = old.private[0].shape[0] if old.private is not None else 0
+        private_row = np.concatenate([old.private_row, new_rows.private_row + gathered])
+        if old.private is not None:
+            parts = [old.private] + ([new_rows.private] if new_rows.private is not None else [])
+            private = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    return TaskRows(
+        tasks=[*table.tasks, *new_rows.tasks],
+        prefixes=[prefix] * (T + len(new_rows.tasks)),
+        coefs={prefix: new_rows.coefs[prefix]} if prefix in new_rows.coefs else {},
+        coef_row=np.concatenate([table.int_column("coef_row"), new_rows.coef_row + rows]),
+        private=private,
+        private_row=private_row,
+        chains={prefix: Chain(rotations_B, rotations_A, ends)},
+        base=base,
+        source=ckpt,
+    )
 
 
 def update_grouped_module(

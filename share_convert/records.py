@@ -9,13 +9,16 @@ T × M Python objects:
 - :class:`RecordTable`: one module's task records, one row per task (a read-only mapping
   task -> record dict, built on access, for code that wants one task at a time);
 - :class:`TaskRows`: one module's per-task tensors stacked as they are stored: coefficient rows
-  per set of bases, private rows, and where each task's rows start.
+  per set of bases, private rows, and where each task's rows start;
+- :class:`Chain`: the basis-rotation chain of one set of bases (format version 3): coefficient
+  rows written under earlier versions of the bases, and the rotations that bring them to the
+  current ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -66,6 +69,7 @@ class RecordTable(Mapping):
         self.ints = np.asarray(ints, dtype=np.int64).reshape(len(self.tasks), len(RECORD_INT))
         self.floats = np.asarray(floats, dtype=np.float64).reshape(len(self.tasks), len(RECORD_FLOAT))
         self._index: dict[str, int] | None = None
+        self._lookups = 0
 
     @classmethod
     def from_dicts(cls, records: Mapping[str, Mapping[str, Any]]) -> RecordTable:
@@ -107,6 +111,8 @@ class RecordTable(Mapping):
 
     def select(self, tasks: Sequence[str]) -> RecordTable:
         """The records of ``tasks`` (all in this table), in that order."""
+        if len(tasks) == len(self.tasks) and list(tasks) == self.tasks:  # all of them, in order: no lookups
+            return self  # tables are not changed in place (``updated`` copies)
         rows = self.rows_of(tasks)
         return RecordTable(tasks, self.ints[rows], self.floats[rows])
 
@@ -126,8 +132,21 @@ class RecordTable(Mapping):
                 floats[:, _F[name]] = values
         return RecordTable(self.tasks, ints, floats)
 
+    def _position(self, task: object) -> int | None:
+        """The row of ``task``, or None. The first few look-ups scan the names (a table of thousands
+        of tasks asked about one of them, as a manifest's new task is, builds no index)."""
+        if self._index is None and self._lookups < 8:
+            self._lookups += 1
+            try:
+                return self.tasks.index(task)  # type: ignore[arg-type]
+            except ValueError:
+                return None
+        return self.index().get(task)  # type: ignore[arg-type]
+
     def __getitem__(self, task: str) -> dict[str, Any]:
-        i = self.index()[task]
+        i = self._position(task)
+        if i is None:
+            raise KeyError(task)
         return record_dict(self.ints[i].tolist(), self.floats[i].tolist())
 
     def __iter__(self) -> Iterator[str]:
@@ -137,7 +156,67 @@ class RecordTable(Mapping):
         return len(self.tasks)
 
     def __contains__(self, task: object) -> bool:
-        return task in self.index()
+        return self._position(task) is not None
+
+
+@dataclass
+class Chain:
+    """The basis-rotation chain of one set of bases (format version 3, docs/format.md).
+
+    Coefficient rows ``ends[v-1] … ends[v] − 1`` (``ends[-1]`` = 0) were written in the coordinates
+    of version v of the bases and are read as ``rotations_B[v] @ row`` (``rotations_A`` for the A
+    side); rows from ``ends[-1]`` on are in the current bases. ``rotations_*`` are float64,
+    ``V × k × k``; ``ends`` holds V increasing row counts.
+    """
+
+    rotations_B: torch.Tensor
+    rotations_A: torch.Tensor
+    ends: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def versions(self, rows: np.ndarray) -> np.ndarray:
+        """The version of each row (``len(self)`` for rows in the current bases)."""
+        return np.searchsorted(self.ends, np.asarray(rows, dtype=np.int64), side="right")
+
+    def rotate(self, rows: torch.Tensor, index: np.ndarray, side: str) -> torch.Tensor:
+        """Rows (float64, ``len(index) × k``, stored at rows ``index``) in the current bases' coordinates."""
+        import torch
+
+        R = self.rotations_B if side == "B" else self.rotations_A
+        versions = self.versions(index)
+        present = np.unique(versions[versions < len(self)]).tolist()
+        if len(present) > 64:  # many versions: one batched product, each row with its rotation
+            current = torch.eye(R.shape[1], dtype=R.dtype)[None]
+            each = torch.cat([R, current])[torch.from_numpy(versions)]
+            return (each @ rows[:, :, None])[:, :, 0]
+        out = rows.clone()
+        ordered = bool((np.diff(versions) >= 0).all())
+        starts = np.searchsorted(versions, np.arange(len(self) + 1)) if ordered else None
+        for v in present:
+            if starts is not None:  # the rows of one version are one block
+                a, b = int(starts[v]), int(starts[v + 1])
+                out[a:b] = rows[a:b] @ R[v].T
+            else:
+                pick = torch.from_numpy(np.nonzero(versions == v)[0])
+                out[pick] = rows[pick] @ R[v].T
+        return out
+
+    def select(self, index: np.ndarray) -> Chain | None:
+        """The chain of the rows ``index`` gathered in that order, or None when they are not in
+        increasing versions (they must then be rotated into the current bases)."""
+        versions = self.versions(index)
+        if len(versions) and bool((np.diff(versions) < 0).any()):
+            return None
+        ends = np.searchsorted(versions, np.arange(len(self)), side="right")
+        keep = np.diff(np.concatenate([[0], ends])) > 0  # versions left without rows are dropped
+        if not keep.any():
+            return None
+        import torch
+
+        pick = torch.from_numpy(np.nonzero(keep)[0])
+        return Chain(self.rotations_B[pick], self.rotations_A[pick], ends[keep])
 
 
 @dataclass
@@ -155,6 +234,13 @@ class TaskRows:
     coef_row: np.ndarray
     private: tuple[torch.Tensor, torch.Tensor] | None
     private_row: np.ndarray
+    #: per set of bases, the chain of its coefficient rows (absent: every row is in the current bases)
+    chains: dict[str, Chain] = field(default_factory=dict)
+    #: stacked tensors whose leading rows are ``source``'s tensor of the same name, unchanged:
+    #: name -> how many rows; ``coefs``/``private`` then hold only the rows after them (appended
+    #: to the copied ones, whose block checksums stay valid)
+    base: dict[str, int] = field(default_factory=dict)
+    source: Any = None
 
     @classmethod
     def of_parts(cls, tasks: Sequence[tuple[str, str, Mapping[str, torch.Tensor]]], dtype: torch.dtype) -> TaskRows:
@@ -195,22 +281,43 @@ class TaskRows:
 
     @classmethod
     def concat(cls, parts: Sequence[TaskRows], dtype: torch.dtype) -> TaskRows:
-        """One module's rows from several blocks of tasks (their row offsets shifted)."""
+        """One module's rows from several blocks of tasks (their row offsets shifted).
+
+        A block's chain or copied leading rows (``base``) are kept only when no earlier block has
+        rows of the same tensor; otherwise its rows are rotated into the current bases."""
         import torch
 
         coefs: dict[str, tuple[list, list]] = {}
         coef_rows, private_rows, privates_B, privates_A = [], [], [], []
         filled: dict[str, int] = {}
         private_filled = 0
+        chains: dict[str, Chain] = {}
+        base: dict[str, int] = {}
+        source = None
         for part in parts:
+            for key, count in part.base.items():
+                if (filled if key != "private" else {"private": private_filled}).get(key, 0):
+                    raise ValueError("copied rows must come first in their stacked tensor")
+                base[key] = count
+                source = part.source
             shift = np.array([filled.get(p, 0) for p in part.prefixes], dtype=np.int64)
             coef_rows.append(part.coef_row + shift)
             for p, (b, a) in part.coefs.items():
+                chain = part.chains.get(p)
+                if chain is not None and filled.get(p, 0):  # behind other rows: rotated now
+                    index = np.arange(b.shape[0]) + part.base.get(p, 0)
+                    b = chain.rotate(b.double(), index, "B").to(dtype)
+                    a = chain.rotate(a.double(), index, "A").to(dtype)
+                elif chain is not None:
+                    chains[p] = chain
                 cb, ca = coefs.setdefault(p, ([], []))
                 cb.append(b)
                 ca.append(a)
-                filled[p] = filled.get(p, 0) + b.shape[0]
+                filled[p] = filled.get(p, 0) + part.base.get(p, 0) + b.shape[0]
+            for p in set(part.base) - set(part.coefs) - {"private"}:
+                filled[p] = filled.get(p, 0) + part.base[p]
             private_rows.append(part.private_row + private_filled)
+            private_filled += part.base.get("private", 0)
             if part.private is not None:
                 privates_B.append(part.private[0])
                 privates_A.append(part.private[1])
@@ -222,6 +329,9 @@ class TaskRows:
             coef_row=np.concatenate(coef_rows) if coef_rows else np.zeros(0, dtype=np.int64),
             private=(torch.cat(privates_B).to(dtype), torch.cat(privates_A).to(dtype)) if privates_B else None,
             private_row=np.concatenate(private_rows) if private_rows else np.zeros(0, dtype=np.int64),
+            chains=chains,
+            base=base,
+            source=source,
         )
 
 

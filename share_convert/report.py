@@ -30,7 +30,8 @@ LARGE_MAX_ERROR = 0.50
 FULL_PLAN_OPS = ("merge", "remove+refit")
 
 
-#: The role of a checkpoint tensor, from the last part of its name (format versions 1 and 2).
+#: The role of a checkpoint tensor, from the last part of its name (format versions 1 to 3; a
+#: chain's rotations count with the coefficients they rotate, its row ranges with the records).
 ROLES = {
     "basis_B": "bases",
     "basis_A": "bases",
@@ -40,6 +41,8 @@ ROLES = {
     "coef_A": "coefficients",
     "coefs_B": "coefficients",
     "coefs_A": "coefficients",
+    "rotations_B": "coefficients",
+    "rotations_A": "coefficients",
     "private_B": "private",
     "private_A": "private",
 }

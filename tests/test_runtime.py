@@ -30,9 +30,10 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from share_convert import ShareModel, api
+from share_convert import ShareModel, api, continual
 from share_convert.checkpoint import Checkpoint
 from share_convert.consolidation import ConsolidationConfig, merge
+from share_convert.continual import add
 from share_convert.errors import (
     BatchMismatchError,
     DeviceMismatchError,
@@ -212,13 +213,27 @@ def make_case(root: Path, name: str, real: Path) -> Case:
         )
         sources = open_adapters([str(p) for p in paths])
         config, build, inputs, wanted = ConsolidationConfig(groups="2"), llama, tokens(), None
+    elif name == "llama-chain":  # two adds whose old rows stay in earlier bases (a rotation chain, format v3)
+        paths = write_synthetic_adapters(folder / "c", count=6, layers=2, hidden=64, noise=0.05, seed=3, prefix="c")
+        sources = open_adapters([str(p) for p in paths])
+        config, build, inputs, wanted = ConsolidationConfig(k=8), llama, tokens(), None
     else:
         raise AssertionError(name)
     path = folder / "share.safetensors"
-    merge(sources, path, config)
+    if name == "llama-chain":
+        merge(sources[:4], path, config)
+        chain_min, continual.CHAIN_MIN_BYTES = continual.CHAIN_MIN_BYTES, 0  # chain these small tensors too
+        try:
+            for src in sources[4:]:
+                add(path, [src], path, config)
+        finally:
+            continual.CHAIN_MIN_BYTES = chain_min
+        assert Checkpoint(path).manifest["format_version"] == 3
+    else:
+        merge(sources, path, config)
     ckpt = Checkpoint(path)
     tasks = [t for t in ckpt.tasks if wanted is None or ckpt.tasks[t]["adapter_config"]["task_type"] == wanted]
-    default = 0 if name in ("llama", "gpt2-lm") else build().config.num_labels
+    default = 0 if name in ("llama", "llama-chain", "gpt2-lm") else build().config.num_labels
     labels = {t: head_width(ckpt, t, default) for t in tasks}
     reference = {None: run(build(default), inputs)}
     (folder / "x").mkdir()
@@ -230,7 +245,7 @@ def make_case(root: Path, name: str, real: Path) -> Case:
     return Case(path, tasks, build, labels, inputs, reference, build(default))
 
 
-CASES = ["gpt2", "gpt2-lm", "distilbert", "bert-tiny", "vit", "llama"]
+CASES = ["gpt2", "gpt2-lm", "distilbert", "bert-tiny", "vit", "llama", "llama-chain"]
 
 
 @pytest.fixture(scope="session")
