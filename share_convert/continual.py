@@ -49,7 +49,7 @@ from .consolidation import (
 from .encoding import StoredBases, encode_task, store_bases, store_grams
 from .errors import DuplicateTaskError, IncompatibleAdaptersError, InvalidOptionError, UnknownTaskError
 from .formats import LoraFactors
-from .linalg import RANK_RTOL, canonicalize_padded, deterministic, fix_signs, load_linalg
+from .linalg import RANK_RTOL, canonicalize_padded, deterministic, fix_signs, left_batched, load_linalg
 from .planning import FrozenTasks, ModulePlanner, TaskFit, energy_k, task_weight, task_weights
 from .records import Chain, RecordTable, TaskRows
 
@@ -447,12 +447,6 @@ def quadratic_form(
     return out
 
 
-def _rotate(R: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """R X per task of a batch ``T × k × r`` (R: k' × k), as one matrix product."""
-    T, k, r = X.shape
-    return (X.transpose(1, 2).reshape(T * r, k) @ R.T).view(T, r, R.shape[0]).transpose(1, 2)
-
-
 def _gram(X: torch.Tensor) -> torch.Tensor:
     """Σ_i X_i X_iᵀ over a batch ``T × k × r``."""
     flat = X.transpose(0, 1).reshape(X.shape[1], X.shape[0] * X.shape[2])
@@ -520,8 +514,8 @@ def update_module(
     nb64, na64 = new_beta.double(), new_alpha.double()
     norm2 = old.form([(1.0, None, None)])  # ‖shared part‖², the bases taken as orthonormal (as the planner does)
     frozen = FrozenTasks(
-        Eb=_rotate(nb64.T @ b_old, old.XB),
-        Ea=_rotate(na64.T @ a_old, old.XA),
+        Eb=left_batched(nb64.T @ b_old, old.XB),
+        Ea=left_batched(na64.T @ a_old, old.XA),
         norm2=norm2,
         ranks=old.ranks,
         prior=torch.from_numpy(old_errors.copy()),
@@ -561,7 +555,7 @@ def update_module(
             )
             known = {"B": RB @ GB @ RB.T, "A": RA @ GA @ RA.T}  # the old tasks' part of Σ w c cᵀ
         else:
-            EB, EA = _rotate(RB, old.XB), _rotate(RA, old.XA)
+            EB, EA = left_batched(RB, old.XB), left_batched(RA, old.XA)
             CB, CA, _S, ranks = canonicalize_padded(EB, EA)
             CB, CA = CB.to(dtype), CA.to(dtype)  # as stored
             CB64, CA64 = CB.double(), CA.double()
