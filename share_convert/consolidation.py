@@ -29,9 +29,8 @@ from .config import DEFAULT_TARGET_ERROR, ConsolidationConfig, task_errors  # no
 from .encoding import (
     StoredBases,
     coordinates,
-    encode_mixed,
+    encode_in_bases,
     encode_private_only,
-    encode_shared_only,
     store_bases,
     store_grams,
 )
@@ -426,30 +425,10 @@ def consolidate_group(
     result.planner = planner
     bases = StoredBases.of(*store_bases(name, beta, alpha, plan, dtype, result, prefix))
     coords = coordinates(members, bases)
-    shared_only = [i for i, q in enumerate(plan.private_ranks) if q == 0] if bases is not None else []
     if bases is None:  # no shared part: every task keeps its own top directions
-        shared_only = list(range(len(members)))
-        batch = encode_private_only(members, plan.private_ranks, dtype, norms)
+        encoded = encode_private_only(members, plan.private_ranks, dtype, norms)
     else:
-        batch = encode_shared_only(
-            [members[i] for i in shared_only],
-            bases,
-            dtype,
-            [norms[i] for i in shared_only],
-            [coords[i] for i in shared_only],
-        )
-    encoded = dict(zip(shared_only, batch))
-    mixed = [i for i in range(len(members)) if i not in encoded]
-    if mixed:
-        batch = encode_mixed(
-            [members[i] for i in mixed],
-            [plan.private_ranks[i] for i in mixed],
-            bases,
-            dtype,
-            [norms[i] for i in mixed],
-            [coords[i] for i in mixed],
-        )
-        encoded.update(zip(mixed, batch))
+        encoded = encode_in_bases(members, plan.private_ranks, bases, dtype, norms, coords)
     for i, m in enumerate(members):
         tensors, record = encoded[i]
         result.task_parts[m.task] = tensors

@@ -139,67 +139,7 @@ def encode_task(
     return tensors, _with_prior(m, record)
 
 
-def encode_shared_only(
-    members: Sequence[ModuleMember],
-    bases: StoredBases,
-    dtype: torch.dtype,
-    norms: Sequence[float],
-    coords: Sequence[tuple[torch.Tensor, torch.Tensor]],
-) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
-    """:func:`encode_task` of many tasks without private correction (q = 0), batched by rank.
-
-    Per rank, one batched balanced SVD of the coordinates (spec, section 2, step 7) and the
-    errors by batched traces of small products (section 4); tasks below ``PRECISE_BELOW`` get
-    theirs in float64 from their canonical factors, batched as well.
-    """
-    out: list[tuple[dict[str, torch.Tensor], dict[str, Any]] | None] = [None] * len(members)
-    by_rank: dict[int, list[int]] = {}
-    for i, m in enumerate(members):
-        by_rank.setdefault(int(m.Bc.shape[1]), []).append(i)
-    f64 = torch.float64
-    for r, idx in by_rank.items():
-        if r == 0:
-            for i in idx:
-                out[i] = encode_task(members[i], 0, bases, dtype, norms[i], coords[i])
-            continue
-        EB = torch.stack([coords[i][0] for i in idx])  # t × k_B × r, float64
-        EA = torch.stack([coords[i][1] for i in idx])
-        CB, CA, _S, ranks = canonicalize_padded(EB, EA)
-        CB, CA = CB.to(dtype), CA.to(dtype)  # as stored
-        CB64, CA64 = CB.to(f64), CA.to(f64)
-        s2 = torch.stack([members[i].s.to(f64).pow(2).sum() for i in idx])
-        cross = ((EB.transpose(-1, -2) @ CB64) * (EA.transpose(-1, -2) @ CA64)).sum((-1, -2))
-        recon2 = (
-            (CB64.transpose(-1, -2) @ bases.gram_beta @ CB64) * (CA64.transpose(-1, -2) @ bases.gram_alpha @ CA64)
-        ).sum((-1, -2))
-        err = relative_errors(s2, cross, recon2)
-        close = err < PRECISE_BELOW
-        if bool(close.any()):  # the float32 coordinates are not precise enough there: float64 throughout
-            pick = torch.nonzero(close).flatten()
-            Bc = torch.stack([members[idx[j]].Bc for j in pick.tolist()]).to(f64)
-            Ac = torch.stack([members[idx[j]].Ac for j in pick.tolist()]).to(f64)
-            ref2 = ((Bc.transpose(-1, -2) @ Bc) * (Ac.transpose(-1, -2) @ Ac)).sum((-1, -2))
-            Eb, Ea = left_batched(bases.beta.T, Bc), left_batched(bases.alpha.T, Ac)
-            cB, cA = CB64[pick], CA64[pick]
-            cross_p = ((Eb.transpose(-1, -2) @ cB) * (Ea.transpose(-1, -2) @ cA)).sum((-1, -2))
-            precise = relative_errors(ref2, cross_p, recon2[pick])
-            err = err.clone()
-            err[pick] = precise
-        for j, i in enumerate(idx):
-            m, p = members[i], int(ranks[j])
-            tensors = {"coef_B": CB[j, :, :p], "coef_A": CA[j, :, :p]} if p else {}
-            record: dict[str, Any] = {
-                "rank": p,
-                "private_rank": 0,
-                "original_rank": m.rank,
-                "error": float(err[j]),
-                "norm": norms[i],
-            }
-            out[i] = (tensors, _with_prior(m, record))
-    return out  # type: ignore[return-value]
-
-
-def encode_mixed(
+def encode_in_bases(
     members: Sequence[ModuleMember],
     qs: Sequence[int],
     bases: StoredBases,
@@ -207,18 +147,25 @@ def encode_mixed(
     norms: Sequence[float],
     coords: Sequence[tuple[torch.Tensor, torch.Tensor]],
 ) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
-    """:func:`encode_task` of many tasks with a shared part and a private correction (q > 0), batched.
+    """:func:`encode_task` of many tasks in a module's shared bases, each with a private rank q
+    (0 for none), batched per (rank, q).
 
-    Per (rank, q): one batched balanced SVD of the coordinates (spec, section 2, step 7), then the
-    best rank-q part of each residual ΔW − ΔŴ_shared = [Bc, −β cB] [Ac, α cA]ᵀ (section 6) by one
-    batched QR per side and one batched SVD of the small cores, and the errors of the tensors as
-    stored by batched traces (section 4; float64 from the canonical factors below ``PRECISE_BELOW``).
+    One batched balanced SVD of the coordinates gives the coefficients (spec, section 2, step 7);
+    where q > 0, the best rank-q part of each residual ΔW − ΔŴ_shared = [Bc, −β cB] [Ac, α cA]ᵀ
+    (section 6) comes from one batched QR per side and one batched SVD of the small cores. Errors are
+    those of the tensors as stored, by batched traces (section 4), in float64 from the canonical
+    factors for tasks below ``PRECISE_BELOW``.
     """
     out: list[tuple[dict[str, torch.Tensor], dict[str, Any]] | None] = [None] * len(members)
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (m, q) in enumerate(zip(members, qs)):
         groups.setdefault((int(m.Bc.shape[1]), int(q)), []).append(i)
     f64 = torch.float64
+
+    def tr(X1: torch.Tensor, Y1: torch.Tensor, X2: torch.Tensor, Y2: torch.Tensor) -> torch.Tensor:
+        """⟨X1 Y1ᵀ, X2 Y2ᵀ⟩ per task, from the small products (spec, section 4)."""
+        return ((X1.transpose(-1, -2) @ X2) * (Y1.transpose(-1, -2) @ Y2)).sum((-1, -2))
+
     for (r, q), idx in groups.items():
         if r == 0:
             for i in idx:
@@ -229,45 +176,47 @@ def encode_mixed(
         CB, CA, _S, ranks = canonicalize_padded(EB, EA)
         CB, CA = CB.to(dtype), CA.to(dtype)  # as stored
         cB, cA = CB.to(f64), CA.to(f64)
-        Bc = torch.stack([members[i].Bc for i in idx]).to(f64)  # t × n × r
-        Ac = torch.stack([members[i].Ac for i in idx]).to(f64)
-        shared_B, shared_A = left_batched(bases.beta, cB), left_batched(bases.alpha, cA)  # as stored
-        # the residual's best rank-q part: QR of the side-by-side factors, SVD of the small core
-        QB, RB = torch.linalg.qr(torch.cat([Bc, -shared_B], -1))
-        QA, RA = torch.linalg.qr(torch.cat([Ac, shared_A], -1))
-        U, S, Vh = torch.linalg.svd(RB @ RA.transpose(-1, -2))
-        top = S[:, :1]
-        keep = ((S > 1e-10 * top) & (top > 0)).sum(-1).clamp(max=q)
-        live = (torch.arange(S.shape[-1]) < keep[:, None])[:, :q].to(f64)  # t × q
-        half = (S[:, :q].sqrt() * live).unsqueeze(-2)
-        PB = QB @ (U[:, :, :q] * half)
-        PA = QA @ (Vh.transpose(-1, -2)[:, :, :q] * half)
-        at = PB.abs().argmax(dim=-2, keepdim=True)  # the sign convention of fix_signs
-        signs = torch.sign(PB.gather(-2, at))
-        signs[signs == 0] = 1
-        PB, PA = (PB * signs).to(dtype), (PA * signs).to(dtype)  # as stored
-        PB64, PA64 = PB.to(f64), PA.to(f64)
-
-        def tr(X1: torch.Tensor, Y1: torch.Tensor, X2: torch.Tensor, Y2: torch.Tensor) -> torch.Tensor:
-            """⟨X1 Y1ᵀ, X2 Y2ᵀ⟩ per task, from the small products (spec, section 4)."""
-            return ((X1.transpose(-1, -2) @ X2) * (Y1.transpose(-1, -2) @ Y2)).sum((-1, -2))
-
         ref2 = torch.stack([members[i].s.to(f64).pow(2).sum() for i in idx])
-        cross_private = tr(Bc, Ac, PB64, PA64)
-        recon2 = (
-            ((cB.transpose(-1, -2) @ bases.gram_beta @ cB) * (cA.transpose(-1, -2) @ bases.gram_alpha @ cA)).sum(
-                (-1, -2)
-            )
-            + tr(PB64, PA64, PB64, PA64)
-            + 2 * tr(shared_B, shared_A, PB64, PA64)
+        cross = tr(EB, EA, cB, cA)
+        recon2 = ((cB.transpose(-1, -2) @ bases.gram_beta @ cB) * (cA.transpose(-1, -2) @ bases.gram_alpha @ cA)).sum(
+            (-1, -2)
         )
-        err = relative_errors(ref2, tr(EB, EA, cB, cA) + cross_private, recon2)
+        keep = torch.zeros(len(idx), dtype=torch.int64)
+        if q:
+            Bc = torch.stack([members[i].Bc for i in idx]).to(f64)  # t × n × r
+            Ac = torch.stack([members[i].Ac for i in idx]).to(f64)
+            shared_B, shared_A = left_batched(bases.beta, cB), left_batched(bases.alpha, cA)  # as stored
+            # the residual's best rank-q part: QR of the side-by-side factors, SVD of the small core
+            QB, RB = torch.linalg.qr(torch.cat([Bc, -shared_B], -1))
+            QA, RA = torch.linalg.qr(torch.cat([Ac, shared_A], -1))
+            U, S, Vh = torch.linalg.svd(RB @ RA.transpose(-1, -2))
+            top = S[:, :1]
+            keep = ((S > 1e-10 * top) & (top > 0)).sum(-1).clamp(max=q)
+            live = (torch.arange(S.shape[-1]) < keep[:, None])[:, :q].to(f64)  # t × q
+            half = (S[:, :q].sqrt() * live).unsqueeze(-2)
+            PB = QB @ (U[:, :, :q] * half)
+            PA = QA @ (Vh.transpose(-1, -2)[:, :, :q] * half)
+            at = PB.abs().argmax(dim=-2, keepdim=True)  # the sign convention of fix_signs
+            signs = torch.sign(PB.gather(-2, at))
+            signs[signs == 0] = 1
+            PB, PA = (PB * signs).to(dtype), (PA * signs).to(dtype)  # as stored
+            PB64, PA64 = PB.to(f64), PA.to(f64)
+            cross_private = tr(Bc, Ac, PB64, PA64)
+            cross = cross + cross_private
+            recon2 = recon2 + tr(PB64, PA64, PB64, PA64) + 2 * tr(shared_B, shared_A, PB64, PA64)
+        err = relative_errors(ref2, cross, recon2)
         close = err < PRECISE_BELOW
         if bool(close.any()):  # the float32 coordinates are not precise enough there: float64 throughout
             pick = torch.nonzero(close).flatten()
-            B, A = Bc[pick], Ac[pick]
+            if q:
+                B, A = Bc[pick], Ac[pick]
+            else:
+                B = torch.stack([members[idx[j]].Bc for j in pick.tolist()]).to(f64)
+                A = torch.stack([members[idx[j]].Ac for j in pick.tolist()]).to(f64)
             Eb, Ea = left_batched(bases.beta.T, B), left_batched(bases.alpha.T, A)
-            precise_cross = tr(Eb, Ea, cB[pick], cA[pick]) + cross_private[pick]
+            precise_cross = tr(Eb, Ea, cB[pick], cA[pick])
+            if q:
+                precise_cross = precise_cross + cross_private[pick]
             err = err.clone()
             err[pick] = relative_errors(tr(B, A, B, A), precise_cross, recon2[pick])
         for j, i in enumerate(idx):

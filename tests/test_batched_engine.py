@@ -10,7 +10,7 @@ from share_convert.consolidation import read_members as read_module_members
 from share_convert.encoding import (
     StoredBases,
     coordinates,
-    encode_mixed,
+    encode_in_bases,
     encode_private_only,
     encode_task,
     store_bases,
@@ -117,7 +117,7 @@ def test_mixed_tasks_encoded_as_a_batch_equal_one_at_a_time(stacks, dtype):
     members = stack.members
     coords = coordinates(members, bases)
     qs = [1 + i % 3 for i in range(len(members))]
-    batch = encode_mixed(members, qs, bases, dtype, stack.norms, coords)
+    batch = encode_in_bases(members, qs, bases, dtype, stack.norms, coords)
     for i, m in enumerate(members):
         tensors, record = encode_task(m, qs[i], bases, dtype, stack.norms[i], coords[i])
         assert (record["rank"], record["private_rank"]) == (batch[i][1]["rank"], batch[i][1]["private_rank"])
