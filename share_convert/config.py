@@ -7,7 +7,7 @@ checkpoint's options and describe them without the engine (docs/architecture.md,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import InvalidOptionError
 
@@ -148,10 +148,3 @@ class ConsolidationConfig:
         if mode == "budget":
             return f"budget {self.budget}, least mean ΔW error"
         return f"{self.target_metric} ΔW error ≤ {self.target_error:g} per module, least storage"
-
-
-def task_errors(modules: dict[str, Any], task: str) -> dict[str, float]:
-    errs = [m["tasks"][task]["error"] for m in modules.values() if task in m["tasks"]]
-    if not errs:
-        return {"mean": 0.0, "max": 0.0}
-    return {"mean": sum(errs) / len(errs), "max": max(errs)}

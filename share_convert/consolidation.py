@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .checkpoint import FORMAT_NAME, FORMAT_VERSION, CheckpointWriter, check_output
-from .config import DEFAULT_TARGET_ERROR, ConsolidationConfig, task_errors  # noqa: F401 (re-exported)
+from .config import DEFAULT_TARGET_ERROR, ConsolidationConfig  # noqa: F401 (re-exported)
 from .encoding import (
     StoredBases,
     coordinates,
@@ -235,10 +235,11 @@ class ModuleStack:
 
     def __init__(self, n: int, d: int, members: list[ModuleMember], config: ConsolidationConfig):
         self.n, self.d, self.members, self.config = n, d, members, config
-        #: each task's rank here (its canonical singular values), and its columns in the stacks
+        #: each task's rank here (its canonical singular values); uniform: one rank, and those columns stacked
         self.ranks = [int(m.s.numel()) for m in members]
-        self.columns = [int(m.stacked[0].shape[1]) for m in members]
-        self.uniform = len(set(self.ranks)) == 1 and self.ranks == self.columns
+        self.uniform = len(set(self.ranks)) == 1 and all(
+            m.stacked[0].shape[1] == r for m, r in zip(members, self.ranks)
+        )
         if self.uniform and members:  # one batched reduction, the same sums as one per task
             self.norm2 = (torch.stack([m.s for m in members]) ** 2).sum(1)
         else:

@@ -292,11 +292,11 @@ class ModulePlanner:
     def _relative(self, energy: torch.Tensor) -> torch.Tensor:
         """Planned errors from residual energies (``T × …``): √(energy / ‖ΔW‖²), 0 where ΔW = 0,
         or their bounds for tasks that are reconstructions (prior + ratio × error, spec section 5)."""
-        norm2 = self.norm2.view(-1, *([1] * (energy.dim() - 1)))
+        shape = (-1, *([1] * (energy.dim() - 1)))  # per task, broadcast over the other dimensions
+        norm2 = self.norm2.view(shape)
         errs = torch.where(norm2 > 0, (energy / norm2.clamp_min(1e-300)).clamp_min(0).sqrt(), 0.0)
         if self._plain:
             return errs
-        shape = (-1, *([1] * (energy.dim() - 1)))
         return self.prior.view(shape) + self.ratio.view(shape) * errs
 
     def shared_error_tensor(self, k_B: int, k_A: int) -> torch.Tensor:

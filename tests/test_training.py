@@ -313,15 +313,21 @@ def test_the_transformers_trainer_trains_it_with_gradient_checkpointing(world: W
 # -- saving and folding --------------------------------------------------------------------------------------------
 
 
-def test_saved_task_loads_with_peft_and_gives_the_same_outputs(related: dict, tmp_path: Path) -> None:
-    model = related["model"]
-    path = model.save_task("new", tmp_path / "new")
-    peft = PeftModel.from_pretrained(bert(), path).eval()
-    x, _ = data(RELATED, 8, seed=6)
+def assert_peft_gives_the_task(model, base: torch.nn.Module, path: Path, seed: int) -> tuple[PeftModel, torch.Tensor]:
+    """The saved task, loaded with PEFT into a fresh ``base``, gives the model's outputs for task "new";
+    returns the PEFT model and the inputs compared."""
+    peft = PeftModel.from_pretrained(base, path).eval()
+    x, _ = data(RELATED, 8, seed=seed)
     with torch.no_grad():
         torch.testing.assert_close(
             peft(input_ids=x).logits, model(input_ids=x, task="new").logits, rtol=1e-5, atol=1e-5
         )
+    return peft, x
+
+
+def test_saved_task_loads_with_peft_and_gives_the_same_outputs(related: dict, tmp_path: Path) -> None:
+    model = related["model"]
+    assert_peft_gives_the_task(model, bert(), model.save_task("new", tmp_path / "new"), seed=6)
 
 
 def _reconstruction_gap(before: Checkpoint, after: Checkpoint, task: str, module: str) -> float:
@@ -451,13 +457,7 @@ def test_a_gpt2_task_with_its_own_head_trains_saves_and_loads_with_peft(tmp_path
     train(model.trainable_parameters(), on(model), RELATED)
     assert accuracy(on(model), RELATED) > 0.7
     assert torch.equal(model.heads_of("t0")["score"].weight, base_score)  # other tasks keep the base head
-    path = model.save_task("new", tmp_path / "new")
-    peft = PeftModel.from_pretrained(gpt2(), path).eval()
-    x, _ = data(RELATED, 8, seed=8)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            peft(input_ids=x).logits, model(input_ids=x, task="new").logits, rtol=1e-5, atol=1e-5
-        )
+    peft, x = assert_peft_gives_the_task(model, gpt2(), model.save_task("new", tmp_path / "new"), seed=8)
     report = model.fold_into("new", tmp_path / "gpt2.safetensors", tmp_path / "folded.safetensors")
     assert report is not None
     folded = ShareModel.from_checkpoint(gpt2(), tmp_path / "folded.safetensors")
