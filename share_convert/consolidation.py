@@ -35,7 +35,7 @@ from .encoding import (
     store_grams,
 )
 from .errors import IncompatibleAdaptersError, InvalidOptionError
-from .formats import LoraFactors, itemsize
+from .formats import LoraFactors, LoraStack, itemsize, read_module_stack
 from .grouping import cluster_tasks
 from .linalg import canonicalize_many, deterministic, extend_basis, load_linalg, principal_basis
 from .planning import ModulePlan, ModulePlanner, TaskFit, energy_k, parse_budget, task_weight
@@ -185,7 +185,7 @@ def prepare_member(task: str, factors: LoraFactors, config: ConsolidationConfig,
 
 def prepare_members(
     tasks: Sequence[str],
-    factors: Sequence[LoraFactors],
+    factors: LoraStack | Sequence[LoraFactors],
     config: ConsolidationConfig,
     priors: Sequence | None = None,
     original_ranks: Sequence[int | None] | None = None,
@@ -194,7 +194,10 @@ def prepare_members(
 
     ``original_ranks`` gives, for tasks read from a checkpoint, the rank of the adapter they came
     from (their factors as read have the stored rank)."""
-    canon = canonicalize_many([f.B for f in factors], [f.A.T for f in factors])
+    if isinstance(factors, LoraStack):  # read as one stack: canonicalized without restacking
+        canon = canonicalize_many(factors.B, factors.A.transpose(-1, -2))
+    else:
+        canon = canonicalize_many([f.B for f in factors], [f.A.T for f in factors])
     priors = priors or [None] * len(tasks)
     originals = original_ranks or [None] * len(tasks)
     return [
@@ -216,7 +219,7 @@ def read_members(sources: Sequence[TaskSource], module: str, config: Consolidati
     merge, add and the budget's first pass all start a module with."""
     return prepare_members(
         [s.task for s in sources],
-        [s.read_module(module) for s in sources],
+        read_module_stack(list(sources), module),
         config,
         [s.prior(module) for s in sources],
         [original_rank(s, module) for s in sources],
@@ -548,7 +551,7 @@ def merge(
             name, (n, d, idx) = item
             local = dict.fromkeys(clock, 0.0)
             t0 = time.perf_counter()
-            factors = [sources[i].read_module(name) for i in idx]
+            factors = read_module_stack([sources[i] for i in idx], name)
             t1 = time.perf_counter()
             here = [sources[i] for i in idx]
             members = prepare_members(  # read_members, with the reading timed apart

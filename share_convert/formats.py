@@ -16,6 +16,7 @@ import re
 import struct
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,6 +82,86 @@ class LoraFactors:
 
     B: torch.Tensor
     A: torch.Tensor
+
+
+@dataclass
+class LoraStack:
+    """Many tasks' factors of one module, stacked: ``B`` is ``T × out × r`` and ``A`` is
+    ``T × r × in``, float32, scales folded (what :class:`LoraFactors` is for one task)."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.B.shape[0])
+
+    def __getitem__(self, i: int) -> LoraFactors:
+        return LoraFactors(B=self.B[i], A=self.A[i])
+
+    def __iter__(self) -> Iterator[LoraFactors]:
+        return (self[i] for i in range(len(self)))
+
+
+@dataclass(frozen=True)
+class ModuleLocation:
+    """Where one module's factors lie in a safetensors file: what a batched read needs."""
+
+    path: Path
+    dtype: str
+    shape_B: tuple[int, ...]
+    shape_A: tuple[int, ...]
+    span_B: tuple[int, int]
+    span_A: tuple[int, int]
+    scale: float
+
+
+def read_module_stack(sources: list[Any], module: str) -> LoraStack | list[LoraFactors]:
+    """One module of every source in ``sources``, as :meth:`AdapterSource.read_module` gives it.
+
+    When every source is a safetensors adapter storing the module with one dtype and shape (the
+    common case: adapters of one base), the bytes are read straight into one buffer per side and
+    converted, scaled and checked as one tensor: two reads per file and a few tensor operations
+    per module, instead of a dozen operations per task. Otherwise, one source at a time.
+    """
+    import torch
+
+    locate = [getattr(s, "locate", None) for s in sources]
+    places = [f(module) if f is not None else None for f in locate]
+    first = places[0] if places else None
+    if first is None or any(
+        p is None or (p.dtype, p.shape_B, p.shape_A) != (first.dtype, first.shape_B, first.shape_A) for p in places
+    ):
+        return [s.read_module(module) for s in sources]
+    T = len(places)
+    size_B, size_A = first.span_B[1] - first.span_B[0], first.span_A[1] - first.span_A[0]
+    raw_B, raw_A = bytearray(T * size_B), bytearray(T * size_A)
+    view_B, view_A = memoryview(raw_B), memoryview(raw_A)
+    for i, p in enumerate(places):
+        try:
+            with open(p.path, "rb") as f:  # opened per read: see AdapterSource._get
+                for (begin, end), view, size in ((p.span_B, view_B, size_B), (p.span_A, view_A, size_A)):
+                    f.seek(begin)
+                    if f.readinto(view[i * size : (i + 1) * size]) != end - begin:
+                        raise ValueError("the file is shorter than its header says: it changed since it was opened")
+        except Exception as e:
+            raise BadAdapterError(
+                f"cannot read tensors ({first_line(e)})", path=p.path, hint="Re-download the adapter"
+            ) from None
+    dtype = _torch_dtype(first.dtype)
+    scales = torch.tensor([p.scale for p in places], dtype=torch.float32)[:, None, None]
+    B = _from_bytes(raw_B, dtype, (T, *first.shape_B)).to(torch.float32) * scales
+    A = _from_bytes(raw_A, dtype, (T, *first.shape_A)).to(torch.float32)
+    finite = torch.isfinite(B.sum((1, 2)) + A.sum((1, 2)))  # one reduction per task and side
+    if not bool(finite.all()):
+        bad = int((~finite).nonzero()[0])
+        sources[bad].read_module(module)  # names the tensor (or passes: only a sum overflowed)
+    return LoraStack(B=B, A=A)
+
+
+def _from_bytes(raw: bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    import torch
+
+    return torch.frombuffer(raw, dtype=dtype).reshape(shape) if raw else torch.zeros(shape, dtype=dtype)
 
 
 def validate_task_name(name: str, *, origin: str | None = None) -> str:
@@ -310,6 +391,25 @@ class AdapterSource:
                     hint="This adapter is broken; retrain or re-export it",
                 )
         return LoraFactors(B=B, A=A)
+
+    def locate(self, module: str) -> ModuleLocation | None:
+        """Where ``module``'s factors lie in the weights file, for :func:`read_module_stack`;
+        None when they cannot be read as raw bytes (a ``.bin`` file, an unusual dtype)."""
+        spec = self.modules[module]
+        if self.weights_path.suffix == ".bin":
+            return None
+        dtype = self.dtypes[spec.key_B]
+        if dtype not in SUPPORTED_DTYPES or self.dtypes[spec.key_A] != dtype:
+            return None
+        return ModuleLocation(
+            self.weights_path,
+            dtype,
+            tuple(self.shapes[spec.key_B]),
+            tuple(self.shapes[spec.key_A]),
+            self._offsets[spec.key_B],
+            self._offsets[spec.key_A],
+            self._scales[module],
+        )
 
     def read_heads(self) -> dict[str, torch.Tensor]:
         """The non-LoRA tensors (classifier heads, ``modules_to_save``), unchanged."""

@@ -92,18 +92,23 @@ def canonicalize(
 
 
 def canonicalize_many(
-    Bs: list[torch.Tensor], As: list[torch.Tensor], chunk: int = 64
+    Bs: list[torch.Tensor] | torch.Tensor, As: list[torch.Tensor] | torch.Tensor, chunk: int = 64
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """:func:`canonicalize` of many factor pairs at once, batched over pairs of equal shape.
 
-    The small cores are float64 as in :func:`canonicalize`; the n-sized canonical factors are
-    returned in float32 (the precision of the inputs), which halves the memory traffic of the
-    step that touches every input. Ill-conditioned pairs go through the Householder route.
+    ``Bs`` and ``As`` are lists of pairs, or two stacks (``T × n × r`` and ``T × d × r``) of pairs
+    of one shape. The small cores are float64 as in :func:`canonicalize`; the n-sized canonical
+    factors are returned in float32 (the precision of the inputs), which halves the memory
+    traffic of the step that touches every input. Ill-conditioned pairs go through the
+    Householder route.
     """
     out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(Bs)
     groups: dict[tuple, list[int]] = {}
-    for i, (B, A) in enumerate(zip(Bs, As)):
-        groups.setdefault((tuple(B.shape), tuple(A.shape)), []).append(i)
+    if isinstance(Bs, torch.Tensor):  # one stack: one group
+        groups[(tuple(Bs.shape[1:]), tuple(As.shape[1:]))] = list(range(len(Bs)))
+    else:
+        for i, (B, A) in enumerate(zip(Bs, As)):
+            groups.setdefault((tuple(B.shape), tuple(A.shape)), []).append(i)
     chunks = [(shape, idx[j : j + chunk]) for shape, idx in groups.items() for j in range(0, len(idx), chunk)]
     for (bshape, _), idx in chunks:  # chunks bound the float64 temporaries
         if bshape[1] == 0:
@@ -111,8 +116,11 @@ def canonicalize_many(
                 Bc, Ac, sv = canonicalize(Bs[i], As[i])
                 out[i] = (Bc.float(), Ac.float(), sv)
             continue
-        B32 = torch.stack([Bs[i] for i in idx]).to(torch.float32)
-        A32 = torch.stack([As[i] for i in idx]).to(torch.float32)
+        if isinstance(Bs, torch.Tensor):  # consecutive pairs of the stack: views, not copies
+            B32, A32 = Bs[idx[0] : idx[-1] + 1].to(torch.float32), As[idx[0] : idx[-1] + 1].to(torch.float32)
+        else:
+            B32 = torch.stack([Bs[i] for i in idx]).to(torch.float32)
+            A32 = torch.stack([As[i] for i in idx]).to(torch.float32)
         B, A = B32.to(torch.float64), A32.to(torch.float64)
         LB, infoB = torch.linalg.cholesky_ex(B.transpose(-1, -2) @ B)
         LA, infoA = torch.linalg.cholesky_ex(A.transpose(-1, -2) @ A)
@@ -349,12 +357,34 @@ def residual_spectrum(s: torch.Tensor, Eb: torch.Tensor, Ea: torch.Tensor) -> to
     S = torch.diag_embed(s)
     Gb = Eb.transpose(-1, -2) @ Eb
     Ga = Ea.transpose(-1, -2) @ Ea
-    # the left Gram matrix is block-diagonal, diag(S − G_B, G_B): its square root, block by block
-    # (one batched r × r eigh instead of a 2r × 2r one), is X = diag(X1, X2); the spectrum is that
-    # of X · right · X, assembled from its blocks
-    X1, X2 = _psd_sqrt(torch.stack([S - Gb, Gb])).unbind(0)
+    # The left Gram matrix is block-diagonal, diag(S − G_B, G_B). With any factor of it,
+    # L Lᵀ = diag(L1 L1ᵀ, L2 L2ᵀ), the spectrum of R is that of Lᵀ · right · L (it equals the
+    # spectrum of right · L Lᵀ): assembled from its blocks, one 2r × 2r eigvalsh per task.
+    r, k = Eb.shape[-1], Eb.shape[-2]
+    if k < r:  # G_B = E_Bᵀ E_B has the narrower factor E_Bᵀ: an (r + k)-sized problem
+        L1, L2 = gram_factor(S - Gb), Eb.transpose(-1, -2)
+    else:
+        L1, L2 = gram_factor(torch.stack([S - Gb, Gb])).unbind(0)
     D = S - Ga
-    top = torch.cat([X1 @ S @ X1, X1 @ D @ X2], -1)
-    bottom = torch.cat([X2 @ D @ X1, X2 @ D @ X2], -1)
-    evals = torch.linalg.eigvalsh(torch.cat([top, bottom], -2))
-    return evals.flip(-1).clamp_min(0)
+    L1t, L2t = L1.transpose(-1, -2), L2.transpose(-1, -2)
+    top = torch.cat([L1t @ S @ L1, L1t @ D @ L2], -1)
+    bottom = torch.cat([L2t @ D @ L1, L2t @ D @ L2], -1)
+    evals = torch.linalg.eigvalsh(torch.cat([top, bottom], -2)).flip(-1).clamp_min(0)
+    if k < r:  # the rest of the 2r values are zeros
+        evals = torch.cat([evals, evals.new_zeros(*evals.shape[:-1], r - k)], -1)
+    return evals
+
+
+def gram_factor(M: torch.Tensor) -> torch.Tensor:
+    """A factor L with L Lᵀ = M for a batch of positive semidefinite matrices.
+
+    The Cholesky factor where it exists (an order of magnitude cheaper than an eigendecomposition
+    for small matrices), else the symmetric square root (singular matrices: a basis narrower
+    than the task, or a task the basis holds entirely).
+    """
+    L, info = torch.linalg.cholesky_ex(M)
+    failed = info != 0
+    if bool(failed.any()):
+        L = L.clone()
+        L[failed] = _psd_sqrt(M[failed])
+    return L

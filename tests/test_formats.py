@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from share_convert.errors import BadAdapterError, DuplicateTaskError, InvalidTaskNameError
-from share_convert.formats import AdapterSource, open_adapters
+from share_convert.formats import AdapterSource, LoraStack, open_adapters, read_module_stack
 
 from .conftest import random_factors, write_adapter
 
@@ -126,3 +126,43 @@ def test_file_without_lora_tensors_is_refused(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
     with pytest.raises(BadAdapterError, match="no LoRA tensors"):
         AdapterSource(tmp_path / "x.safetensors")
+
+
+def _adapters(tmp_path, count: int, *, dtype=torch.float32, alpha: float = 16, fmt: str = "safetensors"):
+    g = torch.Generator().manual_seed(11)
+    folders = []
+    for i in range(count):
+        A, B = torch.randn(4, 12, generator=g), torch.randn(10, 4, generator=g)
+        folders.append(
+            write_adapter(tmp_path / f"t{i}", {"layers.0.q": (A.to(dtype), B.to(dtype))}, alpha=alpha + i, fmt=fmt)
+        )
+    return open_adapters([str(f) for f in folders])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_module_read_as_one_stack_equals_reading_it_task_by_task(tmp_path, dtype):
+    sources = _adapters(tmp_path, 3, dtype=dtype)
+    module = next(iter(sources[0].modules))
+    stack = read_module_stack(sources, module)
+    assert isinstance(stack, LoraStack)
+    for source, factors in zip(sources, stack):
+        one = source.read_module(module)
+        assert torch.equal(factors.B, one.B) and torch.equal(factors.A, one.A)
+
+
+def test_a_module_that_cannot_be_read_as_raw_bytes_is_read_task_by_task(tmp_path):
+    sources = _adapters(tmp_path / "st", 1) + _adapters(tmp_path / "bin", 1, fmt="bin")
+    module = next(iter(sources[0].modules))
+    factors = read_module_stack(sources, module)
+    assert isinstance(factors, list)
+    assert torch.equal(factors[1].B, sources[1].read_module(module).B)
+
+
+def test_a_stack_read_names_the_adapter_with_nan(tmp_path):
+    sources = _adapters(tmp_path, 2)
+    A, B = torch.randn(4, 12), torch.randn(10, 4)
+    B[3, 1] = float("nan")
+    sources.append(open_adapters([str(write_adapter(tmp_path / "broken", {"layers.0.q": (A, B)}))])[0])
+    with pytest.raises(BadAdapterError, match="NaN or Inf") as info:
+        read_module_stack(sources, next(iter(sources[0].modules)))
+    assert "broken" in str(info.value.path)

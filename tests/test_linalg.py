@@ -1,5 +1,6 @@
 """The linear algebra against dense brute force on small shapes."""
 
+import pytest
 import torch
 
 from share_convert.linalg import (
@@ -91,17 +92,23 @@ def test_basis_sign_convention_is_fixed():
     assert (U1[idx, torch.arange(4)] > 0).all()
 
 
-def test_residual_spectrum_matches_dense_svd():
+@pytest.mark.parametrize("k", [1, 3, 6, 30], ids=["narrower", "rank-1", "wider", "whole-space"])
+def test_residual_spectrum_matches_dense_svd(k: int):
+    # k < r takes the narrow factor of E_BᵀE_B; k = n leaves a singular S − G_B (the basis holds the task)
     g = torch.Generator().manual_seed(7)
-    n, d, r, k = 30, 25, 4, 6
-    Bc, Ac, s = canonicalize(torch.randn(n, r, generator=g), torch.randn(d, r, generator=g))
+    n, d, r = 30, 25, 4
+    pairs = [canonicalize(torch.randn(n, r, generator=g), torch.randn(d, r, generator=g)) for _ in range(3)]
     beta = torch.linalg.qr(torch.randn(n, k, generator=g).double()).Q
-    alpha = torch.linalg.qr(torch.randn(d, k, generator=g).double()).Q
-    W = dense(Bc, Ac)
-    R = W - beta @ beta.T @ W @ alpha @ alpha.T
-    expected = torch.linalg.svdvals(R)[: 2 * r] ** 2
-    got = residual_spectrum(s, beta.T @ Bc, alpha.T @ Ac)
-    assert torch.allclose(got, expected, atol=1e-8 * float(expected[0]))
+    alpha = torch.linalg.qr(torch.randn(d, min(k, d), generator=g).double()).Q
+    s = torch.stack([p[2] for p in pairs])
+    got = residual_spectrum(
+        s, torch.stack([beta.T @ B for B, _, _ in pairs]), torch.stack([alpha.T @ A for _, A, _ in pairs])
+    )
+    for (Bc, Ac, _), row in zip(pairs, got):
+        W = dense(Bc, Ac)
+        R = W - beta @ beta.T @ W @ alpha @ alpha.T
+        expected = torch.linalg.svdvals(R)[: 2 * r] ** 2
+        assert torch.allclose(row, expected, atol=1e-8 * float(W.pow(2).sum()))
 
 
 def test_projection_returned_with_the_basis_is_its_coordinates():
