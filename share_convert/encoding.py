@@ -255,18 +255,15 @@ def encode_private_only(
         Ac = torch.stack([members[i].Ac for i in idx])
         PB = Bc[:, :, :q].to(dtype)
         PA = Ac[:, :, :q].transpose(-1, -2).to(dtype)  # t × q × d
-        # the n-sized Gram matrices of [Bc, PB] and [Ac, PAᵀ] in float32, the traces in float64;
-        # float32 sums are precise enough above PRECISE_BELOW, and below it float64 throughout
-        XB = torch.cat([Bc, PB.float()], -1)
-        XA = torch.cat([Ac, PA.float().transpose(-1, -2)], -1)
-        GB, GA = (XB.transpose(-1, -2) @ XB).to(f64), (XA.transpose(-1, -2) @ XA).to(f64)
-        r = Bc.shape[-1]
-        err = _errors_from_grams(GB, GA, r)
+        # the n-sized Gram matrices of [Bc, PB] and [Ac, PAᵀ] in float32, block by block (no
+        # concatenated copy), the traces in float64; float32 sums are precise enough above
+        # PRECISE_BELOW, and below it float64 throughout
+        PBf, PAf = PB.float(), PA.float().transpose(-1, -2)
+        err = _errors_from_blocks(Bc, Ac, PBf, PAf)
         close = err < PRECISE_BELOW
         if bool(close.any()):
             pick = torch.nonzero(close).flatten()
-            XB, XA = XB[pick].to(f64), XA[pick].to(f64)
-            precise = _errors_from_grams(XB.transpose(-1, -2) @ XB, XA.transpose(-1, -2) @ XA, r)
+            precise = _errors_from_blocks(*(x[pick].to(f64) for x in (Bc, Ac, PBf, PAf)))
             err = err.clone()
             err[pick] = precise
         for j, i in enumerate(idx):
@@ -283,13 +280,15 @@ def encode_private_only(
     return out  # type: ignore[return-value]
 
 
-def _errors_from_grams(GB: torch.Tensor, GA: torch.Tensor, r: int) -> torch.Tensor:
-    """‖ΔW − ΔŴ‖ / ‖ΔW‖ per task from the Gram matrices of [B, B̂] and [A, Â] (ΔW = B Aᵀ with
-    r columns, ΔŴ = B̂ Âᵀ): the three traces of section 4 are sums over their blocks."""
-    ref2 = (GB[:, :r, :r] * GA[:, :r, :r]).sum((-1, -2))
-    cross = (GB[:, :r, r:] * GA[:, :r, r:]).sum((-1, -2))
-    recon2 = (GB[:, r:, r:] * GA[:, r:, r:]).sum((-1, -2))
-    return relative_errors(ref2, cross, recon2)
+def _errors_from_blocks(B: torch.Tensor, A: torch.Tensor, Bh: torch.Tensor, Ah: torch.Tensor) -> torch.Tensor:
+    """‖ΔW − ΔŴ‖ / ‖ΔW‖ per task for ΔW = B Aᵀ and ΔŴ = Bh Ahᵀ (batches): the three traces of
+    section 4 from the blocks of the Gram matrices, summed in float64."""
+    f64 = torch.float64
+
+    def tr(X: torch.Tensor, Y: torch.Tensor, Z: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        return ((X.transpose(-1, -2) @ Y).to(f64) * (Z.transpose(-1, -2) @ W).to(f64)).sum((-1, -2))
+
+    return relative_errors(tr(B, B, A, A), tr(B, Bh, A, Ah), tr(Bh, Bh, Ah, Ah))
 
 
 def _with_prior(m: ModuleMember, record: dict[str, Any]) -> dict[str, Any]:

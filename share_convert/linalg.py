@@ -143,10 +143,9 @@ def canonicalize_many(
         # the n-sized products in float32 (the inputs' precision); the small factors stay float64
         Bc_all, Ac_all = B32 @ XB.to(torch.float32), A32 @ XA.to(torch.float32)
         # the sign convention of fix_signs, for the whole chunk at once
-        top = Bc_all.abs().argmax(dim=-2, keepdim=True)
-        signs = torch.sign(Bc_all.gather(-2, top))
-        signs[signs == 0] = 1
-        Bc_all, Ac_all = Bc_all * signs, Ac_all * signs
+        signs = _largest_entry_signs(Bc_all)
+        Bc_all.mul_(signs)
+        Ac_all.mul_(signs)
         keeps = ((S > 1e-10 * S[:, :1]) & (S[:, :1] > 0)).sum(-1).tolist()
         for j, (i, good, keep) in enumerate(zip(idx, ok.tolist(), keeps)):
             if not good:
@@ -155,6 +154,18 @@ def canonicalize_many(
                 continue
             out[i] = (Bc_all[j, :, :keep], Ac_all[j, :, :keep], S[j, :keep])
     return out  # type: ignore[return-value]
+
+
+def _largest_entry_signs(X: torch.Tensor) -> torch.Tensor:
+    """The sign of each column's largest-magnitude entry (the first such, on ties; 1 for a zero
+    column), for a batch ``… × n × r``: the convention of :func:`fix_signs`, from a max and a
+    min reduction instead of an n-sized ``abs`` copy."""
+    high, at_high = X.max(dim=-2, keepdim=True)
+    low, at_low = X.min(dim=-2, keepdim=True)
+    # the positive entry wins where it is larger in magnitude, or equal and earlier
+    positive = (high > -low) | ((high == -low) & (at_high < at_low))
+    signs = torch.where(positive, 1.0, -1.0).to(X.dtype)
+    return torch.where((high == 0) & (low == 0), torch.ones_like(signs), signs)
 
 
 def canonicalize_padded(
