@@ -249,23 +249,22 @@ def encode_private_only(
     groups: dict[tuple[int, int], list[int]] = {}
     for i, (m, q) in enumerate(zip(members, qs)):
         groups.setdefault((int(m.Bc.shape[1]), min(int(q), int(m.Bc.shape[1]))), []).append(i)
-    f64 = torch.float64
     for (_r, q), idx in groups.items():
         Bc = torch.stack([members[i].Bc for i in idx])  # t × n × r
         Ac = torch.stack([members[i].Ac for i in idx])
         PB = Bc[:, :, :q].to(dtype)
         PA = Ac[:, :, :q].transpose(-1, -2).to(dtype)  # t × q × d
-        # the n-sized Gram matrices of [Bc, PB] and [Ac, PAᵀ] in float32, block by block (no
-        # concatenated copy), the traces in float64; float32 sums are precise enough above
-        # PRECISE_BELOW, and below it float64 throughout
-        PBf, PAf = PB.float(), PA.float().transpose(-1, -2)
-        err = _errors_from_blocks(Bc, Ac, PBf, PAf)
-        close = err < PRECISE_BELOW
-        if bool(close.any()):
-            pick = torch.nonzero(close).flatten()
-            precise = _errors_from_blocks(*(x[pick].to(f64) for x in (Bc, Ac, PBf, PAf)))
-            err = err.clone()
-            err[pick] = precise
+        # ΔW − ΔŴ = Σ_{j≥q} b_j a_jᵀ − Σ_{j<q} b_j δa_jᵀ − δB PAᵀ, with δ the rounding of the
+        # stored factors (exact in float32): one product X Yᵀ of n- and d-sized factors that holds
+        # the difference itself, so its norm (section 4's trace of Gram matrices, in float32, summed
+        # in float64) does not cancel large terms, and small errors need no float64 pass.
+        PBf = PB.float()
+        dA = PA.float().transpose(-1, -2) - Ac[:, :, :q]
+        X = torch.cat([Bc, PBf - Bc[:, :, :q]], -1)
+        Y = torch.cat([-dA, Ac[:, :, q:], -PA.float().transpose(-1, -2)], -1)
+        diff2 = _trace_of_grams(X, Y)
+        ref2 = _trace_of_grams(Bc, Ac)
+        err = torch.where(ref2 > 0, (diff2.clamp_min(0) / ref2.clamp_min(1e-300)).sqrt(), 0.0)
         for j, i in enumerate(idx):
             m = members[i]
             tensors = {"private_B": PB[j], "private_A": PA[j]} if q else {}
@@ -280,15 +279,10 @@ def encode_private_only(
     return out  # type: ignore[return-value]
 
 
-def _errors_from_blocks(B: torch.Tensor, A: torch.Tensor, Bh: torch.Tensor, Ah: torch.Tensor) -> torch.Tensor:
-    """‖ΔW − ΔŴ‖ / ‖ΔW‖ per task for ΔW = B Aᵀ and ΔŴ = Bh Ahᵀ (batches): the three traces of
-    section 4 from the blocks of the Gram matrices, summed in float64."""
+def _trace_of_grams(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """‖B Aᵀ‖²_F per task of a batch, as tr((BᵀB)(AᵀA)): float32 Gram matrices, float64 sum."""
     f64 = torch.float64
-
-    def tr(X: torch.Tensor, Y: torch.Tensor, Z: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-        return ((X.transpose(-1, -2) @ Y).to(f64) * (Z.transpose(-1, -2) @ W).to(f64)).sum((-1, -2))
-
-    return relative_errors(tr(B, B, A, A), tr(B, Bh, A, Ah), tr(Bh, Bh, Ah, Ah))
+    return ((B.transpose(-1, -2) @ B).to(f64) * (A.transpose(-1, -2) @ A).to(f64)).sum((-1, -2))
 
 
 def _with_prior(m: ModuleMember, record: dict[str, Any]) -> dict[str, Any]:
