@@ -250,13 +250,22 @@ class ModuleStack:
         self.norms = [x**0.5 for x in self.norm2.tolist()]
         self.weights = [task_weight(nm, config.weighting) for nm in self.norms]
         device = config.torch_device()
-        self.stack_B = torch.cat([m.stacked[0].float() * w**0.5 for m, w in zip(members, self.weights)], 1).to(device)
-        self.stack_A = torch.cat([m.stacked[1].float() * w**0.5 for m, w in zip(members, self.weights)], 1).to(device)
+        self.stack_B, self.stack_A = (self._weighted(side).to(device) for side in (0, 1))
         m_total = self.stack_B.shape[1]
         self.cap = config.max_k or m_total
         #: the most basis vectors either side can have
         self.full = max(min(n, m_total, self.cap), min(d, m_total, self.cap))
         self._fits: dict[int | tuple, tuple] = {}  # fit(K) and widen(K, …), computed once each
+
+    def _weighted(self, side: int) -> torch.Tensor:
+        """One side's stack: every task's columns times √weight, side by side (``n × Σr``)."""
+        parts = [m.stacked[side] for m in self.members]
+        roots = [w**0.5 for w in self.weights]
+        if self.uniform and len(parts) > 1:  # one rank: a batched product, then one copy into place
+            T, rows, r = len(parts), parts[0].shape[0], parts[0].shape[1]
+            scale = torch.tensor(roots, dtype=torch.float32)[:, None, None]
+            return (torch.stack(parts).float() * scale).permute(1, 0, 2).reshape(rows, T * r)
+        return torch.cat([p.float() * w for p, w in zip(parts, roots)], 1)
 
     def fit(self, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ModulePlanner]:
         """Top-K bases of both stacks and a planner over them (computed once per K)."""
