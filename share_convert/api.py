@@ -36,6 +36,15 @@ if TYPE_CHECKING:
 Progress = Callable[[str, int, int], None]
 
 
+def _summary(path: str | Path) -> dict[str, Any]:
+    """The report of the checkpoint just written at ``path`` (its file closed afterwards)."""
+    from .checkpoint import Checkpoint
+    from .report import summarize
+
+    with Checkpoint(path) as ckpt:
+        return summarize(ckpt)
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a checkpoint from a path or an ``hf://owner/name`` address (downloaded through the cache).
 
@@ -126,16 +135,14 @@ def merge(
     ``modules`` keeps only the modules whose names match that regular expression; ``timings``
     receives where the time went (see :func:`share_convert.consolidation.merge`).
     """
-    from .checkpoint import Checkpoint
     from .consolidation import merge as _merge
     from .consolidation import only_modules
-    from .report import summarize
 
     if config is not None:
         config.validate()  # bad options (and --k 0 alone, which stores nothing) before any input is read
     sources = only_modules(open_inputs(inputs, alpha=alpha), modules)
     _merge(sources, output, config, force=force, progress=progress, timings=timings)
-    return summarize(Checkpoint(output))
+    return _summary(output)
 
 
 def info(checkpoint: str | Path) -> dict[str, Any]:
@@ -201,10 +208,8 @@ def add(
     ``config`` defaults to the checkpoint's own options, with ``k`` / ``target_error`` / ``device``
     overriding them (the device defaults to 'auto', whatever the checkpoint was made on).
     """
-    from .checkpoint import Checkpoint
     from .continual import add as _add
     from .continual import config_of
-    from .report import summarize
 
     ckpt = open_checkpoint(checkpoint)
     if config is None:
@@ -215,7 +220,7 @@ def add(
     config.validate()  # refuses options that store nothing (--k 0 alone) before any input is read
     sources = open_inputs(inputs, alpha=alpha)
     _add(ckpt, sources, output, config, replace=replace, force=force, progress=progress)
-    return summarize(Checkpoint(output))
+    return _summary(output)
 
 
 def remove(
@@ -244,7 +249,7 @@ def remove(
     ckpt = open_checkpoint(checkpoint)
     if not refit:
         _remove(ckpt, tasks, output, refit=False, force=force, progress=progress)
-        return summarize(Checkpoint(output))
+        return _summary(output)
     output = Path(output)
     same_file = output.exists() and output.resolve() == ckpt.path.resolve()
     check_output(output, force or same_file)
@@ -266,7 +271,7 @@ def remove(
         os.replace(staged, output)
     finally:
         staged.unlink(missing_ok=True)
-    return summarize(Checkpoint(output))
+    return _summary(output)
 
 
 #: An error that grows by less than this (0.01 percentage points, below the report's precision) is

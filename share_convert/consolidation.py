@@ -35,7 +35,7 @@ from .encoding import (
     store_grams,
 )
 from .errors import IncompatibleAdaptersError, InvalidOptionError
-from .formats import LoraFactors, LoraStack, itemsize, read_module_stack
+from .formats import LoraFactors, LoraStack, OpenFiles, itemsize, read_module_stack
 from .grouping import cluster_tasks
 from .linalg import canonicalize_many, deterministic, extend_basis, load_linalg, principal_basis
 from .planning import ModulePlan, ModulePlanner, TaskFit, energy_k, parse_budget, task_weight
@@ -214,12 +214,14 @@ def prepare_members(
     ]
 
 
-def read_members(sources: Sequence[TaskSource], module: str, config: ConsolidationConfig) -> list[ModuleMember]:
+def read_members(
+    sources: Sequence[TaskSource], module: str, config: ConsolidationConfig, files: OpenFiles | None = None
+) -> list[ModuleMember]:
     """One module of every source in ``sources``, read (scale folded) and canonicalized: what
     merge, add and the budget's first pass all start a module with."""
     return prepare_members(
         [s.task for s in sources],
-        read_module_stack(list(sources), module),
+        read_module_stack(list(sources), module, files),
         config,
         [s.prior(module) for s in sources],
         [original_rank(s, module) for s in sources],
@@ -545,11 +547,36 @@ def merge(
         + 2000 * len(modules)
         + 4096
     )
+    with OpenFiles() as files:  # each adapter file opened once for the whole merge (up to a limit)
+        return _merge_into(
+            sources, output, config, modules, dtype, workers, total_original, fixed_bytes, files,
+            progress=progress, history=history, op=op, timings=timings,
+        )  # fmt: skip
+
+
+def _merge_into(
+    sources: Sequence[TaskSource],
+    output: Path,
+    config: ConsolidationConfig,
+    modules: dict[str, tuple[int, int, list[int]]],
+    dtype: torch.dtype,
+    workers: int,
+    total_original: int,
+    fixed_bytes: int,
+    files: OpenFiles,
+    *,
+    progress: Progress | None,
+    history: list[dict[str, Any]] | None,
+    op: str,
+    timings: dict[str, float] | None,
+) -> dict[str, Any]:
+    """The body of :func:`merge`, once its inputs are checked: the budget's targets, then every
+    module read, consolidated and written in order."""
     manifest_modules: dict[str, Any] = {}
     clock = dict.fromkeys(("read", "canonicalize", "decompose", "encode", "write"), 0.0)
     # a --budget is spent across modules: first each module's error against storage, then a target per module
     with deterministic():
-        targets = _budget_targets(sources, modules, config, dtype, total_original, fixed_bytes, workers)
+        targets = _budget_targets(sources, modules, config, dtype, total_original, fixed_bytes, workers, files)
     with deterministic(), CheckpointWriter(output) as writer:
         for src in sources:
             for key, t in src.read_heads().items():
@@ -560,7 +587,7 @@ def merge(
             name, (n, d, idx) = item
             local = dict.fromkeys(clock, 0.0)
             t0 = time.perf_counter()
-            factors = read_module_stack([sources[i] for i in idx], name)
+            factors = read_module_stack([sources[i] for i in idx], name, files)
             t1 = time.perf_counter()
             here = [sources[i] for i in idx]
             members = prepare_members(  # read_members, with the reading timed apart
@@ -738,6 +765,7 @@ def _budget_targets(
     total_original: int,
     fixed_bytes: int,
     workers: int,
+    files: OpenFiles | None = None,
 ) -> dict[str, float]:
     """Under ``--budget``, the error target of each module that spends the budget best (else {}).
 
@@ -753,7 +781,7 @@ def _budget_targets(
 
     def frontier(item: tuple[str, tuple[int, int, list[int]]]) -> list[tuple[int, float]]:
         name, (n, d, idx) = item
-        members = read_members([sources[i] for i in idx], name, config)
+        members = read_members([sources[i] for i in idx], name, config, files)
         stack = ModuleStack(n, d, members, config)
         points = []
         for eps in BUDGET_TARGETS:

@@ -15,6 +15,7 @@ import os
 import re
 import struct
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -115,13 +116,69 @@ class ModuleLocation:
     scale: float
 
 
-def read_module_stack(sources: list[Any], module: str) -> LoraStack | list[LoraFactors]:
+class OpenFiles:
+    """Adapter files held open for positioned reads during one merge, so that each is opened once.
+
+    At most ``limit`` files are held (by default a quarter of the process's file-descriptor
+    limit, at most 4096); files beyond it are opened for each read, as are all files where the
+    platform has no positioned reads. Reads from several threads share the descriptors safely
+    (``os.preadv`` has no file position). Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, limit: int | None = None):
+        if limit is None:
+            try:
+                import resource
+
+                soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+                limit = min(4096, max(soft, 0) // 4) if soft != resource.RLIM_INFINITY else 4096
+            except (ImportError, OSError, ValueError):
+                limit = 0
+        self.limit = limit if hasattr(os, "preadv") else 0
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def read_into(self, path: Path, offset: int, view: memoryview) -> int:
+        """Read ``len(view)`` bytes of ``path`` at ``offset`` into ``view``; the count read."""
+        fd = self._fds.get(path)
+        if fd is None and self.limit:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None and len(self._fds) < self.limit:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        if fd is not None:
+            done = 0
+            while done < len(view):  # preadv may return fewer bytes than asked
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got <= 0:
+                    break
+                done += got
+            return done
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.readinto(view) or 0
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self) -> OpenFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_module_stack(sources: list[Any], module: str, files: OpenFiles | None = None) -> LoraStack | list[LoraFactors]:
     """One module of every source in ``sources``, as :meth:`AdapterSource.read_module` gives it.
 
     When every source is a safetensors adapter storing the module with one dtype and shape (the
     common case: adapters of one base), the bytes are read straight into one buffer per side and
     converted, scaled and checked as one tensor: two reads per file and a few tensor operations
     per module, instead of a dozen operations per task. Otherwise, one source at a time.
+    ``files`` keeps the files open between modules (see :class:`OpenFiles`).
     """
     import torch
 
@@ -136,13 +193,12 @@ def read_module_stack(sources: list[Any], module: str) -> LoraStack | list[LoraF
     size_B, size_A = first.span_B[1] - first.span_B[0], first.span_A[1] - first.span_A[0]
     raw_B, raw_A = bytearray(T * size_B), bytearray(T * size_A)
     view_B, view_A = memoryview(raw_B), memoryview(raw_A)
+    files = files or OpenFiles(limit=0)
     for i, p in enumerate(places):
         try:
-            with open(p.path, "rb") as f:  # opened per read: see AdapterSource._get
-                for (begin, end), view, size in ((p.span_B, view_B, size_B), (p.span_A, view_A, size_A)):
-                    f.seek(begin)
-                    if f.readinto(view[i * size : (i + 1) * size]) != end - begin:
-                        raise ValueError("the file is shorter than its header says: it changed since it was opened")
+            for (begin, end), view, size in ((p.span_B, view_B, size_B), (p.span_A, view_A, size_A)):
+                if files.read_into(p.path, begin, view[i * size : (i + 1) * size]) != end - begin:
+                    raise ValueError("the file is shorter than its header says: it changed since it was opened")
         except Exception as e:
             raise BadAdapterError(
                 f"cannot read tensors ({first_line(e)})", path=p.path, hint="Re-download the adapter"

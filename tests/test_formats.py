@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from share_convert.errors import BadAdapterError, DuplicateTaskError, InvalidTaskNameError
-from share_convert.formats import AdapterSource, LoraStack, open_adapters, read_module_stack
+from share_convert.formats import AdapterSource, LoraStack, OpenFiles, open_adapters, read_module_stack
 
 from .conftest import random_factors, write_adapter
 
@@ -166,3 +166,27 @@ def test_a_stack_read_names_the_adapter_with_nan(tmp_path):
     with pytest.raises(BadAdapterError, match="NaN or Inf") as info:
         read_module_stack(sources, next(iter(sources[0].modules)))
     assert "broken" in str(info.value.path)
+
+
+def test_open_files_read_what_a_plain_read_gives_within_and_beyond_the_limit(tmp_path):
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"f{i}")
+        paths[-1].write_bytes(bytes(range(i, i + 200)))
+    with OpenFiles(limit=2) as files:  # two held open, the third opened per read
+        for path in paths * 2:
+            buf = bytearray(50)
+            assert files.read_into(path, 7, memoryview(buf)) == 50
+            assert bytes(buf) == path.read_bytes()[7:57]
+        short = bytearray(50)
+        assert files.read_into(paths[0], 180, memoryview(short)) == 20  # past the end: what is there
+
+
+def test_a_merge_closes_the_adapter_files_it_held_open(tmp_path, small_adapters):
+    import os
+
+    from share_convert.api import merge
+
+    before = len(os.listdir("/proc/self/fd"))
+    merge([str(p) for p in small_adapters], tmp_path / "c.safetensors")
+    assert len(os.listdir("/proc/self/fd")) == before
