@@ -257,7 +257,9 @@ class ModuleStack:
         self.cap = config.max_k or m_total
         #: the most basis vectors either side can have
         self.full = max(min(n, m_total, self.cap), min(d, m_total, self.cap))
-        self._fits: dict[int | tuple, tuple] = {}  # fit(K) and widen(K, …), computed once each
+        #: fit(K) by K, and widen(K, fit) by (the fit's widths, K): each computed once
+        self._fits: dict[int, tuple] = {}
+        self._widened: dict[tuple[int, int, int], tuple] = {}
 
     def _weighted(self, side: int) -> torch.Tensor:
         """One side's stack: every task's columns times √weight, side by side (``n × Σr``)."""
@@ -285,10 +287,10 @@ class ModuleStack:
         beta, alpha, sB, sA, planner = fit
         if planner.projections is None:  # not built from projections: fit afresh
             return self.fit(K)
-        key = ("widened", beta.shape[1], alpha.shape[1], K)
-        if key not in self._fits:
-            self._fits[key] = self._widen(K, fit)
-        return self._fits[key]
+        key = (beta.shape[1], alpha.shape[1], K)
+        if key not in self._widened:
+            self._widened[key] = self._widen(K, fit)
+        return self._widened[key]
 
     def _widen(
         self, K: int, fit: tuple
