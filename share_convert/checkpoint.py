@@ -1,4 +1,5 @@
-"""The Share checkpoint: one self-describing ``.safetensors`` file (format in docs/format.md).
+"""The Share checkpoint: one self-describing ``.safetensors`` file, or above a size its shards with
+an index in the Hugging Face convention (format in docs/format.md).
 
 Format version 2 (written) stores per module, for all of its tasks at once:
 
@@ -27,8 +28,9 @@ chain are written as version 2.
 Version 1 (one tensor per task, module and side; figures in JSON) stays readable: the reader
 presents every version through the same accessors.
 
-:class:`CheckpointWriter` streams tensors to disk as they are produced and publishes the file
-atomically; :class:`Checkpoint` reads lazily, verifying each tensor (or block of rows) it reads.
+:class:`CheckpointWriter` streams tensors to disk as they are produced and publishes the file (or
+the shards, then their index) atomically; :class:`Checkpoint` reads lazily, verifying each tensor
+(or block of rows) it reads, from the file or shard that holds it.
 """
 
 from __future__ import annotations
@@ -214,6 +216,8 @@ class CheckpointWriter:
     Tensor data goes to a temporary file beside the target as it arrives; :meth:`finish` writes
     the header, appends the data and renames the result over the target in one step, so a crash
     at any moment leaves the previous file (if any) intact and no partial file at the target.
+    Above ``max_shard_size`` bytes of tensors it writes shards and an index instead, the index
+    renamed last (:func:`publish_files`); memory holds headers only, as for one file.
 
     A module's per-task tensors go in through :meth:`add_module`, which stacks them into a few
     tensors per module; :meth:`finish` turns the manifest's per-(task, module) records into the
@@ -488,13 +492,12 @@ def publish_files(written: Sequence[tuple[Path, Path]], target: Path) -> None:
     shard index) being the commit point, then remove what the previous checkpoint at ``target``
     left that is not part of the new one: its index, its single file, its other shards.
 
-    Until the commit point a reader opens the previous checkpoint, whole, except where a new shard
-    has the name of one of its shards (the same shard count): the previous index then names a
-    shard of the new write, which every reader refuses (each shard names its manifest's digest).
-    A crash after it may leave files of the previous checkpoint; a reader does not pick them up
-    (a single file is preferred to an index only when both exist, which a crash between the
-    commit and the removal of the previous single file leaves: that file is then the previous
-    checkpoint, whole), and the next write of ``target`` removes them.
+    A reader given ``target`` opens the single file when it exists, else the index. So until the
+    commit it opens the previous checkpoint, whole; so it does in the moment between the commit of
+    an index and the removal of a previous single file. The exception: new shards named as the
+    previous ones (the same shard count) replace them before the index does, and a crash then
+    leaves an index naming shards of another write, which every reader refuses (each shard holds
+    its manifest's digest). The next write of ``target`` removes what a crash left.
     """
     target = checkpoint_target(target)
     parent = target.parent if str(target.parent) else Path(".")
@@ -507,12 +510,7 @@ def publish_files(written: Sequence[tuple[Path, Path]], target: Path) -> None:
     kept = {final.name for _, final in written}
     for stale in [index_path(target), target, *shard_files(target)]:
         if stale.name not in kept:
-            try:
-                stale.unlink()
-            except FileNotFoundError:
-                pass
-            except IsADirectoryError:  # not ours to remove
-                pass
+            stale.unlink(missing_ok=True)
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:

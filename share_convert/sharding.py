@@ -64,6 +64,7 @@ def index_path(path: str | Path) -> Path:
 
 
 def stem(target: Path) -> str:
+    """What shard names start with: the checkpoint's file name without ``.safetensors``."""
     return target.name[: -len(".safetensors")] if target.name.endswith(".safetensors") else target.name
 
 
