@@ -39,6 +39,7 @@ import hashlib
 import json
 import mmap
 import os
+import shutil
 import struct
 import threading
 import weakref
@@ -492,15 +493,16 @@ def publish_files(written: Sequence[tuple[Path, Path]], target: Path) -> None:
     shard index) being the commit point, then remove what the previous checkpoint at ``target``
     left that is not part of the new one: its index, its single file, its other shards.
 
-    A reader given ``target`` opens the single file when it exists, else the index. So until the
-    commit it opens the previous checkpoint, whole; so it does in the moment between the commit of
-    an index and the removal of a previous single file. The exception: new shards named as the
-    previous ones (the same shard count) replace them before the index does, and a crash then
-    leaves an index naming shards of another write, which every reader refuses (each shard holds
-    its manifest's digest). The next write of ``target`` removes what a crash left.
+    A reader given ``target`` opens the single file when it exists, else the index; so until the
+    commit it opens the previous checkpoint, whole, and so it does in the moment between the
+    commit of an index and the removal of a previous single file. New shards named as the previous
+    ones (the same shard count) would replace them before the index does: the previous index is
+    first pointed at links to its shards (:func:`_keep_previous_shards`). The next write of
+    ``target`` removes what a crash left.
     """
     target = checkpoint_target(target)
     parent = target.parent if str(target.parent) else Path(".")
+    _keep_previous_shards(target, {final.name for _, final in written[:-1]})
     for tmp, final in written[:-1]:
         os.replace(tmp, final)
         crash_point("checkpoint.shard-published")
@@ -508,9 +510,48 @@ def publish_files(written: Sequence[tuple[Path, Path]], target: Path) -> None:
     crash_point("checkpoint.published")
     _fsync_dir(parent)
     kept = {final.name for _, final in written}
-    for stale in [index_path(target), target, *shard_files(target)]:
+    for stale in [index_path(target), target, *shard_files(target), *parent.glob(f".{target.name}.previous.*")]:
         if stale.name not in kept:
             stale.unlink(missing_ok=True)
+
+
+def _keep_previous_shards(target: Path, new_shards: set[str]) -> None:
+    """When new shards are about to replace shards of the previous checkpoint at ``target`` by name,
+    keep the previous checkpoint whole until the commit: link each of its shards to
+    ``.<target name>.previous.<shard>`` (hard links, else copies) and replace its index by one
+    naming the links (same metadata, same manifest), in one rename."""
+    index = index_path(target)
+    if not new_shards or not index.is_file():
+        return
+    try:
+        metadata, files, weight_map = read_index(index)
+    except CorruptCheckpointError:  # not readable: nothing a reader could open to keep
+        return
+    if not set(files) & new_shards:
+        return
+    links = {}
+    for name in files:
+        source, link = index.parent / name, index.parent / f".{target.name}.previous.{name}"
+        if not source.is_file():  # the previous checkpoint is not whole: nothing to keep
+            return
+        link.unlink(missing_ok=True)
+        try:
+            os.link(source, link)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(source, link)
+        links[name] = link.name
+    fd, tmp = temp_file_beside(target)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(index_text(metadata, {t: links[f] for t, f in weight_map.items()}))
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, index)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    crash_point("checkpoint.previous-kept")
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:

@@ -534,3 +534,41 @@ def test_pushing_one_form_over_the_other_leaves_one_checkpoint_in_the_repository
     assert (tmp_path / "p/share.safetensors").read_bytes() == single.read_bytes()
     assert hub_cli(["push", sharded, "ivy/both"], uploads.url, tmp_path / "h1").exit_code == 0
     assert "share.safetensors" not in repo_files(olah, "ivy/both")
+
+
+@pytest.fixture(scope="module")
+def one_per_tensor(inputs, tmp_path_factory) -> Path:
+    """The test merge with one tensor per shard (read-only)."""
+    out = tmp_path_factory.mktemp("per-tensor") / "share.safetensors"
+    ok("merge", inputs / "a", *CONFIG, "-o", out, "--max-shard-size", "1")
+    return out
+
+
+@pytest.mark.parametrize(
+    "step, published",
+    [
+        ("checkpoint.previous-kept", False),  # the old index now names links to the old shards
+        ("checkpoint.shard-published", False),  # a new shard has replaced an old one of the same name
+        ("checkpoint.published", True),  # the new index in place, the links not yet removed
+    ],
+)
+def test_sigkill_while_shards_replace_shards_of_the_same_names_leaves_a_whole_checkpoint(
+    inputs, one_per_tensor, tmp_path, step, published
+):
+    path = copy_of(one_per_tensor, tmp_path / "c")
+    before = Checkpoint(path).manifest
+    # k = 3 instead of 4: other contents, the same tensors, so the same shard names
+    args = ["merge", str(inputs / "a"), "--k", "3", "--private-rank", "1", "-o", str(path)]
+    args += ["--max-shard-size", "1", "--force"]
+    killed = subprocess.run(
+        [sys.executable, "-m", "share_convert.cli", *args], env={**os.environ, CRASH_AT: step}, capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    after = Checkpoint(path)
+    after.verify_all()
+    assert (after.manifest == before) != published
+    ok(*args)
+    index = json.loads((path.parent / "share.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == len(shard_names(one_per_tensor))
+    assert files(path.parent) == sorted([*set(index["weight_map"].values()), "share.safetensors.index.json"])
+    ok("verify", path)
