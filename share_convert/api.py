@@ -107,7 +107,7 @@ def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
         typed = spec.path
         if not os.path.exists(typed) and typed.endswith(".safetensors") and existing_checkpoint(typed) is not None:
             typed = str(existing_checkpoint(typed))  # a checkpoint written in shards: its index
-        for path in expand_paths(typed):
+        for path in shards_as_indexes(expand_paths(typed)):
             if path.is_file() and path.name.endswith(INDEX_SUFFIX) and is_checkpoint(path):
                 sources += checkpoint_tasks(Checkpoint(path))
             elif path.is_file() and path.suffix == ".safetensors" and is_checkpoint(path):
@@ -119,6 +119,24 @@ def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
     check_unique_tasks([s.task for s in sources], [s.origin for s in sources])
     check_same_base(sources)  # text-to-image inputs: one base (SD 1.x, SDXL, Flux)
     return sources
+
+
+def shards_as_indexes(paths: list[Path]) -> list[Path]:
+    """``paths`` (a folder's files, a glob's matches) with the shards of a sharded checkpoint beside
+    them replaced by its index, once: a folder or glob holding a sharded checkpoint gives its tasks."""
+    from .checkpoint import INDEX_SUFFIX, is_checkpoint, read_index
+
+    out = list(paths)
+    for folder in sorted({p.parent for p in paths}):
+        for index in sorted(folder.glob(f"*.safetensors{INDEX_SUFFIX}")):
+            if not is_checkpoint(index):
+                continue
+            names = set(read_index(index)[1])
+            if any(p.parent == folder and p.name in names for p in out):
+                out = [p for p in out if not (p.parent == folder and p.name in names)]
+                if index not in out:
+                    out.append(index)
+    return out
 
 
 def merge(

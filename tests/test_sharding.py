@@ -273,6 +273,13 @@ def llama():
     return LlamaForCausalLM(cfg).eval()
 
 
+@pytest.mark.parametrize("given", ["folder", "glob"])
+def test_a_folder_or_glob_holding_a_sharded_checkpoint_gives_its_tasks_once(sharded, tmp_path, given):
+    typed = sharded.parent if given == "folder" else f"{sharded.parent}/*.safetensors"
+    ok("merge", typed, *CONFIG, "-o", tmp_path / "again.safetensors")
+    assert list(Checkpoint(tmp_path / "again.safetensors").tasks) == list(Checkpoint(sharded).tasks)
+
+
 def test_the_runtime_serves_a_sharded_checkpoint_as_the_single_file(single, sharded):
     model = llama
     ids = torch.randint(1, 100, (2, 6), generator=torch.Generator().manual_seed(0))
