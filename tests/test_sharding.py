@@ -183,6 +183,13 @@ def test_the_same_input_writes_the_same_shards_byte_for_byte(inputs, sharded, tm
         assert (tmp_path / name).read_bytes() == (sharded.parent / name).read_bytes(), name
 
 
+def test_shards_copied_through_a_buffer_are_the_same_bytes(inputs, sharded, tmp_path, monkeypatch):
+    monkeypatch.delattr(os, "copy_file_range", raising=False)  # as on a system without it
+    ok("merge", inputs / "a", *CONFIG, "-o", tmp_path / "share.safetensors", "--max-shard-size", SHARD)
+    for name in files(sharded.parent):
+        assert (tmp_path / name).read_bytes() == (sharded.parent / name).read_bytes(), name
+
+
 def test_a_tensor_larger_than_the_size_gets_a_shard_of_its_own(inputs, single, tmp_path):
     ok("merge", inputs / "a", *CONFIG, "-o", tmp_path / "share.safetensors", "--max-shard-size", "1")
     index = json.loads((tmp_path / "share.safetensors.index.json").read_text())
@@ -303,9 +310,12 @@ def test_a_task_trained_on_a_sharded_checkpoint_folds_into_shards(sharded, tmp_p
     folded.verify_all()
 
 
-def test_an_add_from_shards_copies_the_old_blocks_as_from_one_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("copy", ["kernel", "buffer"])
+def test_an_add_from_shards_copies_the_old_blocks_as_from_one_file(tmp_path, monkeypatch, copy):
     # 40 rank-8 tasks in k = 64 bases: coefficient rows of 80 KiB, with block checksums, kept by a chain
     monkeypatch.setattr(continual, "CHAIN_MIN_BYTES", 0)
+    if copy == "buffer":  # the old blocks read from the shard's map, as on a system without copy_file_range
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
     paths = [
         write_adapter(tmp_path / f"o{i}", {"layers.0.q": random_factors(96, 96, 8, seed=i)}, r=8, alpha=8)
         for i in range(41)
