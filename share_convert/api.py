@@ -25,6 +25,7 @@ from .formats import (
     open_adapters,
     parse_input,
 )
+from .sharding import DEFAULT_MAX_SHARD_SIZE
 
 # The engine (consolidation, continual updates, extraction) imports torch: each command imports
 # what it needs when it runs, so that --help, tasks and info start without it.
@@ -48,17 +49,22 @@ def _summary(path: str | Path) -> dict[str, Any]:
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a checkpoint from a path or an ``hf://owner/name`` address (downloaded through the cache).
 
-    A folder holding ``share.safetensors`` (as ``pull`` writes it) stands for that file; an adapter
-    folder or weights file is named as such, with the commands that take adapters.
+    A folder holding ``share.safetensors`` or its shards' index ``share.safetensors.index.json``
+    (as ``pull`` writes them), or exactly one shard index, stands for that checkpoint; a path whose
+    file does not exist stands for its shard index when that does (``-o share.safetensors`` written
+    in shards). An adapter folder or weights file is named as such, with the commands that take adapters.
     """
-    from .checkpoint import Checkpoint
+    from .checkpoint import Checkpoint, existing_checkpoint
 
     if hub.is_hub_address(str(path)):
         return Checkpoint(hub.checkpoint_path(str(path), progress=_tty()))
     p = Path(path)
     if p.is_dir():
-        if (p / hub.CHECKPOINT_NAME).is_file():
-            return Checkpoint(p / hub.CHECKPOINT_NAME)
+        found = existing_checkpoint(p / hub.CHECKPOINT_NAME)
+        if found is not None and found.is_file():
+            return Checkpoint(found)
+        if len(list(p.glob("*.safetensors.index.json"))) == 1:
+            return Checkpoint(p)
         raise not_a_checkpoint(p)
     if p.is_file() and p.suffix == ".bin":
         raise not_a_checkpoint(p)
@@ -90,7 +96,7 @@ def _tty() -> bool:
 
 def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
     """Adapters and Share checkpoints (every task of a checkpoint is an input) from what was typed."""
-    from .checkpoint import Checkpoint, is_checkpoint
+    from .checkpoint import INDEX_SUFFIX, Checkpoint, existing_checkpoint, is_checkpoint
     from .continual import checkpoint_tasks
     from .t2i import check_same_base
 
@@ -107,8 +113,13 @@ def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
                     name = spec.task or (addr.subfolder or addr.repo_id).rstrip("/").split("/")[-1]
                     sources.append(open_adapter(path, task=name, alpha=alpha, origin=str(addr)))
             continue
-        for path in expand_paths(spec.path):
-            if path.is_file() and path.suffix == ".safetensors" and is_checkpoint(path):
+        typed = spec.path
+        if not os.path.exists(typed) and typed.endswith(".safetensors") and existing_checkpoint(typed) is not None:
+            typed = str(existing_checkpoint(typed))  # a checkpoint written in shards: its index
+        for path in shards_as_indexes(expand_paths(typed)):
+            if path.is_file() and path.name.endswith(INDEX_SUFFIX) and is_checkpoint(path):
+                sources += checkpoint_tasks(Checkpoint(path))
+            elif path.is_file() and path.suffix == ".safetensors" and is_checkpoint(path):
                 sources += checkpoint_tasks(Checkpoint(path))
             else:
                 sources += open_adapters(
@@ -117,6 +128,24 @@ def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
     check_unique_tasks([s.task for s in sources], [s.origin for s in sources])
     check_same_base(sources)  # text-to-image inputs: one base (SD 1.x, SDXL, Flux)
     return sources
+
+
+def shards_as_indexes(paths: list[Path]) -> list[Path]:
+    """``paths`` (a folder's files, a glob's matches) with the shards of a sharded checkpoint beside
+    them replaced by its index, once: a folder or glob holding a sharded checkpoint gives its tasks."""
+    from .checkpoint import INDEX_SUFFIX, is_checkpoint, read_index
+
+    out = list(paths)
+    for folder in sorted({p.parent for p in paths}):
+        for index in sorted(folder.glob(f"*.safetensors{INDEX_SUFFIX}")):
+            if not is_checkpoint(index):
+                continue
+            names = set(read_index(index)[1])
+            if any(p.parent == folder and p.name in names for p in out):
+                out = [p for p in out if not (p.parent == folder and p.name in names)]
+                if index not in out:
+                    out.append(index)
+    return out
 
 
 def merge(
@@ -129,19 +158,25 @@ def merge(
     force: bool = False,
     progress: Progress | None = None,
     timings: dict[str, float] | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> dict[str, Any]:
     """Consolidate adapters (paths, globs, folders, checkpoints) into ``output``; return the report.
 
     ``modules`` keeps only the modules whose names match that regular expression; ``timings``
-    receives where the time went (see :func:`share_convert.consolidation.merge`).
+    receives where the time went (see :func:`share_convert.consolidation.merge`). Tensors taking
+    more than ``max_shard_size`` bytes (an int, or text: '5GB', '500MB') are written in shards
+    beside ``output`` with an index ``<output>.index.json`` (docs/format.md, "Sharding").
     """
+    from .checkpoint import parse_size
+
+    max_shard_size = parse_size(max_shard_size)
     from .consolidation import merge as _merge
     from .consolidation import only_modules
 
     if config is not None:
         config.validate()  # bad options (and --k 0 alone, which stores nothing) before any input is read
     sources = only_modules(open_inputs(inputs, alpha=alpha), modules)
-    _merge(sources, output, config, force=force, progress=progress, timings=timings)
+    _merge(sources, output, config, force=force, progress=progress, timings=timings, max_shard_size=max_shard_size)
     return _summary(output)
 
 
@@ -202,15 +237,18 @@ def add(
     replace: bool = False,
     force: bool = False,
     progress: Progress | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> dict[str, Any]:
     """Fold new adapters (or checkpoints) into ``checkpoint``, writing ``output``; return the report.
 
     ``config`` defaults to the checkpoint's own options, with ``k`` / ``target_error`` / ``device``
     overriding them (the device defaults to 'auto', whatever the checkpoint was made on).
     """
+    from .checkpoint import parse_size
     from .continual import add as _add
     from .continual import config_of
 
+    max_shard_size = parse_size(max_shard_size)
     ckpt = open_checkpoint(checkpoint)
     if config is None:
         config = config_of(ckpt)
@@ -219,7 +257,7 @@ def add(
         config.device = device if device is not None else config.device
     config.validate()  # refuses options that store nothing (--k 0 alone) before any input is read
     sources = open_inputs(inputs, alpha=alpha)
-    _add(ckpt, sources, output, config, replace=replace, force=force, progress=progress)
+    _add(ckpt, sources, output, config, replace=replace, force=force, progress=progress, max_shard_size=max_shard_size)
     return _summary(output)
 
 
@@ -232,6 +270,7 @@ def remove(
     force: bool = False,
     allow_worse: bool = False,
     progress: Progress | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> dict[str, Any]:
     """Drop ``tasks`` from ``checkpoint`` (optionally refitting the bases); return the report.
 
@@ -241,24 +280,27 @@ def remove(
     task's mean or worst-module error above both its error before and the target is refused, and
     nothing is written, unless ``allow_worse``.
     """
-    from .atomic import temp_file_beside
-    from .checkpoint import Checkpoint, check_output
+    import shutil
+
+    from .atomic import temp_dir_beside
+    from .checkpoint import Checkpoint, check_output, checkpoint_target, move_checkpoint, parse_size, same_checkpoint
     from .continual import remove as _remove
     from .report import summarize
 
+    max_shard_size = parse_size(max_shard_size)
     ckpt = open_checkpoint(checkpoint)
     if not refit:
-        _remove(ckpt, tasks, output, refit=False, force=force, progress=progress)
+        _remove(ckpt, tasks, output, refit=False, force=force, progress=progress, max_shard_size=max_shard_size)
         return _summary(output)
-    output = Path(output)
-    same_file = output.exists() and output.resolve() == ckpt.path.resolve()
-    check_output(output, force or same_file)
+    output = checkpoint_target(output)
+    check_output(output, force or same_checkpoint(output, ckpt))
     before = {t["task"]: t for t in summarize(ckpt)["tasks"]}
     target = float(ckpt.config.get("target_error") or 0.0)
-    fd, staged = temp_file_beside(output)
-    os.close(fd)
+    # staged under the output's own name (its shards are named after it), in a folder beside it
+    folder = temp_dir_beside(output)
+    staged = folder / output.name
     try:
-        _remove(ckpt, tasks, staged, refit=True, force=True, progress=progress)
+        _remove(ckpt, tasks, staged, refit=True, force=True, progress=progress, max_shard_size=max_shard_size)
         worse = degraded_tasks(before, summarize(Checkpoint(staged))["tasks"], target)
         if worse and not allow_worse:
             shown = "; ".join(worse[:3]) + (f"; and {len(worse) - 3} more" if len(worse) > 3 else "")
@@ -268,9 +310,9 @@ def remove(
                 path=ckpt.path,
                 hint="Remove without --refit (no remaining task changes), or pass --force to accept it",
             )
-        os.replace(staged, output)
+        move_checkpoint(staged, output)
     finally:
-        staged.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
     return _summary(output)
 
 

@@ -1,4 +1,5 @@
-"""The Share checkpoint: one self-describing ``.safetensors`` file (format in docs/format.md).
+"""The Share checkpoint: one self-describing ``.safetensors`` file, or above a size its shards with
+an index in the Hugging Face convention (format in docs/format.md).
 
 Format version 2 (written) stores per module, for all of its tasks at once:
 
@@ -27,8 +28,9 @@ chain are written as version 2.
 Version 1 (one tensor per task, module and side; figures in JSON) stays readable: the reader
 presents every version through the same accessors.
 
-:class:`CheckpointWriter` streams tensors to disk as they are produced and publishes the file
-atomically; :class:`Checkpoint` reads lazily, verifying each tensor (or block of rows) it reads.
+:class:`CheckpointWriter` streams tensors to disk as they are produced and publishes the file (or
+the shards, then their index) atomically; :class:`Checkpoint` reads lazily, verifying each tensor
+(or block of rows) it reads, from the file or shard that holds it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import hashlib
 import json
 import mmap
 import os
+import shutil
 import struct
 import threading
 import weakref
@@ -66,6 +69,15 @@ from .records import (
     gather_rows,
     record_dict,
     record_tables,
+)
+from .sharding import (
+    DEFAULT_MAX_SHARD_SIZE,
+    INDEX_SUFFIX,
+    checkpoint_target,
+    index_path,
+    parse_size,
+    shard_files,
+    shard_name,
 )
 
 if TYPE_CHECKING:  # torch is imported where tensors are touched: reading a manifest does not need it
@@ -163,10 +175,30 @@ def _itemsize(dtype: str) -> int:
     return 2 if dtype == "BF16" else np.dtype(_NP_DTYPES[dtype]).itemsize
 
 
+def existing_checkpoint(path: str | Path) -> Path | None:
+    """The file that holds the checkpoint at ``path``: ``path`` when it exists, else its shard
+    index when that exists (the sharded form of the same output); None when neither does."""
+    path = Path(path)
+    if path.exists():
+        return path
+    target = checkpoint_target(path)
+    for found in (target, index_path(target)):
+        if found.is_file():
+            return found
+    return None
+
+
+def same_checkpoint(output: str | Path, ckpt: Checkpoint) -> bool:
+    """Whether writing ``output`` replaces the checkpoint ``ckpt`` was opened from (single file or sharded)."""
+    found = existing_checkpoint(checkpoint_target(output))
+    return found is not None and found.resolve() == ckpt.path.resolve()
+
+
 def check_output(path: Path, force: bool) -> None:
-    """Refuse to overwrite an existing output unless ``force``; check its folder is writable."""
-    if path.exists() and not force:
-        raise OutputExistsError("already exists", path=path, hint="Pass --force to overwrite it")
+    """Refuse to overwrite an existing output (single file or sharded) unless ``force``; check its folder is writable."""
+    found = existing_checkpoint(checkpoint_target(path))
+    if found is not None and not force:
+        raise OutputExistsError("already exists", path=found, hint="Pass --force to overwrite it")
     check_parent_writable(path)
 
 
@@ -185,14 +217,18 @@ class CheckpointWriter:
     Tensor data goes to a temporary file beside the target as it arrives; :meth:`finish` writes
     the header, appends the data and renames the result over the target in one step, so a crash
     at any moment leaves the previous file (if any) intact and no partial file at the target.
+    Above ``max_shard_size`` bytes of tensors it writes shards and an index instead, the index
+    renamed last (:func:`publish_files`); memory holds headers only, as for one file.
 
     A module's per-task tensors go in through :meth:`add_module`, which stacks them into a few
     tensors per module; :meth:`finish` turns the manifest's per-(task, module) records into the
     two ``records/*`` tables.
     """
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE):
+        self.path = checkpoint_target(path)
+        #: tensors taking more bytes than this in all are written in shards (see :meth:`finish`)
+        self.max_shard_size = parse_size(max_shard_size)
         fd, self._data_path = temp_file_beside(self.path, ".data.tmp")
         self._data = os.fdopen(fd, "wb")
         self._entries: dict[str, dict[str, Any]] = {}
@@ -278,7 +314,7 @@ class CheckpointWriter:
         whole = count // per  # blocks copied as they are
         kept = whole * per * row
         rest = source.stored_bytes(name, kept, length) + tail
-        self._copy_range(source, offset, kept)
+        self._copy_range(source, name, offset, kept)
         self._data.write(rest)
         step = per * row
         view = memoryview(rest)
@@ -292,14 +328,15 @@ class CheckpointWriter:
         self.blocks[name] = {"rows": per, "sha256": digests}
         self.hashes[name] = block_digest(digests)
 
-    def _copy_range(self, source: Checkpoint, offset: int, size: int) -> None:
-        """Append ``size`` bytes of ``source``'s file from ``offset`` to the data (in the kernel where possible)."""
+    def _copy_range(self, source: Checkpoint, name: str, offset: int, size: int) -> None:
+        """Append ``size`` bytes from ``offset`` of the file of ``source`` that holds tensor ``name``
+        to the data (in the kernel where possible)."""
         self._data.flush()
         done = 0
         copy = getattr(os, "copy_file_range", None)
         if copy is not None:
             try:
-                fd = source.file_descriptor()
+                fd = source.file_descriptor(name)
                 while done < size:
                     n = copy(fd, self._data.fileno(), size - done, offset + done, self._offset + done)
                     if n == 0:
@@ -310,7 +347,7 @@ class CheckpointWriter:
         self._data.seek(self._offset + done)
         if done < size:
             self._data.truncate()
-            self._data.write(source.file_bytes(offset + done, size - done))
+            self._data.write(source.file_bytes(name, offset + done, size - done))
 
     def set_module_rows(self, module: str, tasks: list[str], coef_row: np.ndarray, private_row: np.ndarray) -> None:
         """Where each task's rows start in a module's stacked tensors (those written by
@@ -335,10 +372,15 @@ class CheckpointWriter:
         return dict(manifest, modules=stored, record_columns={"int": list(RECORD_INT), "float": list(RECORD_FLOAT)})
 
     def finish(self, manifest: dict[str, Any]) -> None:
-        """Publish the file atomically with ``manifest`` (plus tensor hashes) in its metadata.
+        """Publish the checkpoint atomically with ``manifest`` (plus tensor hashes) in its metadata.
 
         ``manifest["modules"][m]["tasks"]`` holds each task's record in that module, as the
         reader presents it; it is stored in the ``records/*`` tables, not in the JSON.
+
+        When the tensors take more than ``max_shard_size`` bytes in all, they are written in
+        shards with an index (the Hugging Face convention, docs/format.md, "Sharding"): tensors in
+        the order they were added, a new shard started where the next tensor would take the
+        current one above the size (a tensor is never split). Otherwise one file, as always.
         """
         manifest = self._records(manifest)
         chained = any(k.endswith("/chain_rows") for k in self._entries)
@@ -350,17 +392,68 @@ class CheckpointWriter:
             blocks={k: self.blocks[k] for k in sorted(self.blocks)},
         )
         text = json.dumps(manifest, separators=(",", ":"), allow_nan=False)
-        header: dict[str, Any] = {
-            "__metadata__": {"format": "pt", MANIFEST_KEY: text, MANIFEST_SHA_KEY: sha256(text.encode())}
-        }
-        header.update(self._entries)
-        blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        # not synced: the published file is synced as a whole before it replaces the target
+        digest = sha256(text.encode())
+        # not synced: each published file is synced as a whole before it replaces its target
         self._data.flush()
         self._data.close()
         crash_point("checkpoint.data-written")
-        parent = self.path.parent if str(self.path.parent) else Path(".")
+        shards = self._shards()
+        written: list[tuple[Path, Path]] = []  # (temporary, final), the commit point last
+        try:
+            if len(shards) == 1:
+                meta = {"format": "pt", MANIFEST_KEY: text, MANIFEST_SHA_KEY: digest}
+                written.append((self._write_file(meta, shards[0]), self.path))
+            else:
+                weight_map = {}
+                for i, names in enumerate(shards, 1):
+                    name = shard_name(self.path, i, len(shards))
+                    # each shard names the manifest it belongs to: a reader refuses a shard of another write
+                    meta = {"format": "pt", MANIFEST_SHA_KEY: digest}
+                    written.append((self._write_file(meta, names), self.path.with_name(name)))
+                    weight_map.update(dict.fromkeys(names, name))
+                total = sum(e["data_offsets"][1] - e["data_offsets"][0] for e in self._entries.values())
+                metadata = {"total_size": total, MANIFEST_KEY: text, MANIFEST_SHA_KEY: digest}
+                fd, tmp = temp_file_beside(self.path)
+                written.append((Path(tmp), index_path(self.path)))
+                with os.fdopen(fd, "w", encoding="utf-8") as out:
+                    out.write(index_text(metadata, weight_map))
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.chmod(tmp, 0o644)
+            crash_point("checkpoint.file-synced")
+            publish_files(written, self.path)
+        except BaseException:
+            for tmp, _ in written:
+                tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            self._data_path.unlink(missing_ok=True)
+
+    def _shards(self) -> list[list[str]]:
+        """The tensors of each shard, in the order they were written (one list: a single file)."""
+        groups: list[list[str]] = [[]]
+        size = 0
+        for name, entry in self._entries.items():
+            begin, end = entry["data_offsets"]
+            if groups[-1] and size + (end - begin) > self.max_shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(name)
+            size += end - begin
+        return groups
+
+    def _write_file(self, metadata: dict[str, str], names: list[str]) -> Path:
+        """One safetensors file (synced, under a temporary name beside the target) holding ``names``,
+        which lie one after another in the data file; returns its temporary path."""
+        base = self._entries[names[0]]["data_offsets"][0] if names else 0
+        end = self._entries[names[-1]]["data_offsets"][1] if names else 0
+        header: dict[str, Any] = {"__metadata__": metadata}
+        for name in names:
+            entry = self._entries[name]
+            b, e = entry["data_offsets"]
+            header[name] = dict(entry, data_offsets=[b - base, e - base])
+        blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
         fd, tmp = temp_file_beside(self.path)
         try:
             with os.fdopen(fd, "wb") as out, open(self._data_path, "rb") as data:
@@ -368,19 +461,14 @@ class CheckpointWriter:
                 out.write(blob)
                 out.flush()
                 crash_point("checkpoint.header-written")
-                _append_file(data, out)
+                _append_file(data, out, base, end - base)
                 out.flush()
                 os.fsync(out.fileno())
             os.chmod(tmp, 0o644)
-            crash_point("checkpoint.file-synced")
-            os.replace(tmp, self.path)
-            crash_point("checkpoint.published")
-            _fsync_dir(parent)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        finally:
-            self._data_path.unlink(missing_ok=True)
+        return Path(tmp)
 
     def abort(self) -> None:
         if not self._data.closed:
@@ -395,16 +483,140 @@ class CheckpointWriter:
             self.abort()
 
 
-def _append_file(source: Any, target: Any) -> None:
-    """Append the whole of ``source`` to ``target`` (open binary files): in the kernel where the
-    platform can (``os.copy_file_range``), else through a buffer."""
-    size = os.fstat(source.fileno()).st_size
+def index_text(metadata: dict[str, Any], weight_map: dict[str, str]) -> str:
+    """A shard index as written: ``{"metadata": ..., "weight_map": tensor -> shard file}``, keys sorted."""
+    return json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n"
+
+
+def publish_files(written: Sequence[tuple[Path, Path]], target: Path) -> None:
+    """Rename finished temporaries onto their final names, the last one (the single file, or the
+    shard index) being the commit point, then remove what the previous checkpoint at ``target``
+    left that is not part of the new one: its index, its single file, its other shards.
+
+    A reader given ``target`` opens the single file when it exists, else the index; so until the
+    commit it opens the previous checkpoint, whole, and so it does in the moment between the
+    commit of an index and the removal of a previous single file. New shards named as the previous
+    ones (the same shard count) would replace them before the index does: the previous index is
+    first pointed at links to its shards (:func:`_keep_previous_shards`). The next write of
+    ``target`` removes what a crash left.
+    """
+    target = checkpoint_target(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    _keep_previous_shards(target, {final.name for _, final in written[:-1]})
+    for tmp, final in written[:-1]:
+        os.replace(tmp, final)
+        crash_point("checkpoint.shard-published")
+    os.replace(*written[-1])
+    crash_point("checkpoint.published")
+    _fsync_dir(parent)
+    kept = {final.name for _, final in written}
+    for stale in [index_path(target), target, *shard_files(target), *parent.glob(f".{target.name}.previous.*")]:
+        if stale.name not in kept:
+            stale.unlink(missing_ok=True)
+
+
+def _keep_previous_shards(target: Path, new_shards: set[str]) -> None:
+    """When new shards are about to replace shards of the previous checkpoint at ``target`` by name,
+    keep the previous checkpoint whole until the commit: link each of its shards to
+    ``.<target name>.previous.<shard>`` (hard links, else copies) and replace its index by one
+    naming the links (same metadata, same manifest), in one rename."""
+    index = index_path(target)
+    if not new_shards or not index.is_file():
+        return
+    try:
+        metadata, files, weight_map = read_index(index)
+    except CorruptCheckpointError:  # not readable: nothing a reader could open to keep
+        return
+    if not set(files) & new_shards:
+        return
+    links = {}
+    for name in files:
+        source, link = index.parent / name, index.parent / f".{target.name}.previous.{name}"
+        if not source.is_file():  # the previous checkpoint is not whole: nothing to keep
+            return
+        link.unlink(missing_ok=True)
+        try:
+            os.link(source, link)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(source, link)
+        links[name] = link.name
+    fd, tmp = temp_file_beside(target)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(index_text(metadata, {t: links[f] for t, f in weight_map.items()}))
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, index)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    crash_point("checkpoint.previous-kept")
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The files of the checkpoint at ``path`` (its single file, or its index then its shards), as they are named."""
+    found = existing_checkpoint(checkpoint_target(path))
+    if found is None:
+        raise CorruptCheckpointError("no such file", path=path, hint="Check the path")
+    if not found.name.endswith(INDEX_SUFFIX):
+        return [found]
+    return [found, *(found.parent / name for name in read_index(found)[1])]
+
+
+def move_checkpoint(source: Path, target: Path) -> None:
+    """Move a finished checkpoint written at ``source`` (same name, same file system) to ``target``,
+    published as :class:`CheckpointWriter` publishes."""
+    target = checkpoint_target(target)
+    if source.name != target.name:
+        raise ValueError("a checkpoint moves under its own name (its shards are named after it)")
+    files = checkpoint_files(source)
+    moved = [(f, target.with_name(f.name)) for f in files[1:]] + [(files[0], target.with_name(files[0].name))]
+    publish_files(moved, target)
+
+
+def read_index(path: Path) -> tuple[dict[str, Any], list[str], dict[str, str]]:
+    """A shard index's metadata, its shard file names (in order) and its weight map, checked for shape."""
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpointError(
+            f"not a readable shard index ({first_line(e, 160)})",
+            path=path,
+            hint="Re-create or re-download the checkpoint",
+        ) from None
+    meta = index.get("metadata") if isinstance(index, dict) else None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(weight_map, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())
+    ):
+        raise CorruptCheckpointError(
+            "is not a shard index (no metadata and weight_map objects)", path=path, hint="Re-create it"
+        )
+    files = sorted(set(weight_map.values()))
+    for name in files:
+        if not name or Path(name).name != name or name in (".", "..") or "\\" in name:
+            raise CorruptCheckpointError(
+                f"the index names the shard {name!r}, which is not a file name beside it",
+                path=path,
+                hint="Re-create or re-download the checkpoint",
+            )
+    return meta, files, weight_map
+
+
+def _append_file(source: Any, target: Any, start: int = 0, size: int | None = None) -> None:
+    """Append ``size`` bytes of ``source`` from ``start`` (default: all of it) to ``target`` (open
+    binary files): in the kernel where the platform can (``os.copy_file_range``), else through a buffer."""
+    if size is None:
+        size = os.fstat(source.fileno()).st_size - start
     copy = getattr(os, "copy_file_range", None)
     if copy is not None:
         try:
             done, offset = 0, target.tell()
             while done < size:
-                n = copy(source.fileno(), target.fileno(), size - done, done, offset + done)
+                n = copy(source.fileno(), target.fileno(), size - done, start + done, offset + done)
                 if n == 0:
                     break
                 done += n
@@ -416,9 +628,11 @@ def _append_file(source: Any, target: Any) -> None:
         except OSError:  # not supported here (another file system): copy through a buffer
             target.seek(offset)
             target.truncate()
-    source.seek(0)
-    while chunk := source.read(1 << 24):
+    source.seek(start)
+    left = size
+    while left > 0 and (chunk := source.read(min(left, 1 << 24))):
         target.write(chunk)
+        left -= len(chunk)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -441,7 +655,12 @@ def _close_all(resources: list[Any]) -> None:
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    """True when ``path`` is a safetensors file carrying a Share manifest."""
+    """True when ``path`` is a safetensors file carrying a Share manifest, or the shard index of one."""
+    if str(path).endswith(INDEX_SUFFIX):
+        try:
+            return MANIFEST_KEY in read_index(Path(path))[0]
+        except CorruptCheckpointError:
+            return False
     try:
         with safe_open(str(path), framework="numpy") as f:
             return MANIFEST_KEY in (f.metadata() or {})
@@ -540,32 +759,49 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | Path):
+        """Open ``path``: a checkpoint file, a shard index, the name given to ``-o`` when the
+        checkpoint was written in shards (its index beside it is opened), or a folder holding
+        exactly one shard index."""
         self.path = Path(path)
         if self.path.is_dir():
-            raise CorruptCheckpointError(
-                "is a folder, not a Share checkpoint file",
-                path=self.path,
-                hint="Give the checkpoint's .safetensors file (an adapter folder is an input of 'merge' or 'plan')",
-            )
+            indexes = sorted(self.path.glob(f"*.safetensors{INDEX_SUFFIX}"))
+            if len(indexes) != 1:
+                raise CorruptCheckpointError(
+                    "is a folder, not a Share checkpoint file"
+                    + (f" ({len(indexes)} shard indexes in it)" if indexes else ""),
+                    path=self.path,
+                    hint="Give the checkpoint's .safetensors file (an adapter folder is an input of 'merge' or 'plan')",
+                )
+            self.path = indexes[0]
+        elif not self.path.exists():
+            self.path = existing_checkpoint(self.path) or self.path
         if not self.path.is_file():
             raise CorruptCheckpointError("no such file", path=self.path, hint="Check the path")
-        try:
-            with safe_open(str(self.path), framework="numpy") as f:
-                meta = f.metadata() or {}
-                keys = set(f.keys())
-        except Exception as e:
-            raise CorruptCheckpointError(
-                f"not a readable safetensors file ({first_line(e, 160)})",
-                path=self.path,
-                hint="Re-create or re-download the checkpoint",
-            ) from None
-        if MANIFEST_KEY not in meta:
-            raise CorruptCheckpointError(
-                "is a safetensors file but not a Share checkpoint (no share_convert manifest)",
-                path=self.path,
-                hint="Create one with 'share-convert merge'",
-            )
+        #: the files read: one, or the shards of an index (``path`` is then the index)
+        self.shard_paths: list[Path] = [self.path]
+        self._shard_of: dict[str, int] | None = None
+        if self.path.name.endswith(INDEX_SUFFIX):
+            meta, keys = self._open_index()
+        else:
+            try:
+                with safe_open(str(self.path), framework="numpy") as f:
+                    meta = f.metadata() or {}
+                    keys = set(f.keys())
+            except Exception as e:
+                raise CorruptCheckpointError(
+                    f"not a readable safetensors file ({first_line(e, 160)})",
+                    path=self.path,
+                    hint="Re-create or re-download the checkpoint",
+                ) from None
+            if MANIFEST_KEY not in meta:
+                raise CorruptCheckpointError(
+                    "is a safetensors file but not a Share checkpoint (no share_convert manifest)",
+                    path=self.path,
+                    hint="Create one with 'share-convert merge'",
+                )
         text = meta[MANIFEST_KEY]
+        if not isinstance(text, str):
+            raise CorruptCheckpointError("manifest is not a string", path=self.path, hint="Re-create it")
         if sha256(text.encode()) != meta.get(MANIFEST_SHA_KEY):
             raise CorruptCheckpointError(
                 "manifest checksum mismatch: the file is corrupt", path=self.path, hint="Re-create or re-download it"
@@ -598,11 +834,14 @@ class Checkpoint:
         self._verified: set[str] = set()  # tensors whose every byte this reader has verified
         # a reader is shared by the worker threads of an update: caches and lazy state change under this lock
         self._lock = threading.RLock()
-        # held open from here, so that raw reads see this file even if the path is replaced later
-        self._handle = open(self.path, "rb")  # noqa: SIM115 (lives as long as the reader)
-        self._layout: tuple[mmap.mmap, int, dict[str, Any]] | None = None
-        self._open: list[Any] = [self._handle]  # closed by close(), or when the reader is collected
+        # held open from here, so that raw reads see these files even if the paths are replaced later
+        self._open: list[Any] = []  # closed by close(), or when the reader is collected
         self._closer = weakref.finalize(self, _close_all, self._open)
+        self._handles = []
+        for f in self.shard_paths:
+            self._handles.append(open(f, "rb"))  # noqa: SIM115 (lives as long as the reader)
+            self._open.append(self._handles[-1])
+        self._layouts: list[tuple[mmap.mmap, int, dict[str, Any]] | None] = [None] * len(self.shard_paths)
         if version >= 2:
             try:
                 self._check_v2_layout()
@@ -613,6 +852,68 @@ class Checkpoint:
             self._modules: Mapping[str, dict[str, Any]] = _LazyModules(self, self.manifest["modules"])
         else:
             self._modules = self.manifest["modules"]
+
+    def _open_index(self) -> tuple[dict[str, Any], set[str]]:
+        """Read a shard index and check its shards: each exists, is a safetensors file of this
+        checkpoint (it names the index's manifest digest) and holds exactly the tensors mapped to it."""
+        meta, files, weight_map = read_index(self.path)
+        if MANIFEST_KEY not in meta:
+            raise CorruptCheckpointError(
+                "is a shard index but not of a Share checkpoint (no share_convert manifest)",
+                path=self.path,
+                hint="Create one with 'share-convert merge'",
+            )
+        self.shard_paths = [self.path.parent / name for name in files]
+        where = {name: i for i, name in enumerate(files)}
+        self._shard_of = {tensor: where[name] for tensor, name in weight_map.items()}
+        hint = "Re-download or re-create the checkpoint: all its shards come from one write"
+        for i, (name, shard) in enumerate(zip(files, self.shard_paths)):
+            if not shard.is_file():
+                raise CorruptCheckpointError(f"shard {name} named by the index is missing", path=self.path, hint=hint)
+            try:
+                with safe_open(str(shard), framework="numpy") as f:
+                    shard_meta = f.metadata() or {}
+                    shard_keys = set(f.keys())
+            except Exception as e:
+                raise CorruptCheckpointError(
+                    f"shard {name} is not a readable safetensors file ({first_line(e, 160)})", path=shard, hint=hint
+                ) from None
+            if shard_meta.get(MANIFEST_SHA_KEY) != meta.get(MANIFEST_SHA_KEY):
+                raise CorruptCheckpointError(
+                    f"shard {name} belongs to another checkpoint than its index (a mixed or interrupted copy)",
+                    path=self.path,
+                    hint=hint,
+                )
+            if shard_keys != {t for t, j in self._shard_of.items() if j == i}:
+                raise CorruptCheckpointError(
+                    f"shard {name} does not hold the tensors the index maps to it", path=self.path, hint=hint
+                )
+        return meta, set(weight_map)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this checkpoint is stored in shards with an index (``path``)."""
+        return self._shard_of is not None
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file of the checkpoint: the single file, or the index followed by its shards."""
+        return [self.path, *self.shard_paths] if self.sharded else [self.path]
+
+    def file_of(self, name: str) -> Path:
+        """The file that holds tensor ``name``."""
+        return self.shard_paths[self._shard(name)]
+
+    def stray_shards(self) -> list[Path]:
+        """Files beside a sharded checkpoint named as its shards but not in its index (left by an
+        interrupted write or a copy); none for a single file."""
+        if not self.sharded:
+            return []
+        mine = {p.name for p in self.shard_paths}
+        return [p for p in shard_files(self.path) if p.name not in mine]
+
+    def _shard(self, name: str) -> int:
+        return self._shard_of.get(name, 0) if self._shard_of is not None else 0
 
     def _check_v2_layout(self) -> None:
         cols = self.manifest["record_columns"]
@@ -780,7 +1081,7 @@ class Checkpoint:
             raise CorruptCheckpointError(
                 f"tensor {name} is missing", path=self.path, hint="Re-create or re-download it"
             )
-        entry = self._mapped()[2][name]
+        entry = self._mapped(self._shard(name))[2][name]
         return list(entry["shape"]), entry["dtype"]
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -844,15 +1145,15 @@ class Checkpoint:
             raise CorruptCheckpointError(
                 f"tensor {name} is missing", path=self.path, hint="Re-create or re-download it"
             )
-        return self._mapped()[2][name], expected
+        return self._mapped(self._shard(name))[2][name], expected
 
     def _bytes(self, name: str, begin: int, end: int) -> bytes:
-        data, start, _ = self._mapped()
+        data, start, _ = self._mapped(self._shard(name))
         raw = data[start + begin : start + end]
         if len(raw) != end - begin:
             raise CorruptCheckpointError(
                 f"tensor {name} cannot be read (the file is truncated)",
-                path=self.path,
+                path=self.file_of(name),
                 hint="Re-create or re-download it",
             )
         return raw
@@ -877,7 +1178,7 @@ class Checkpoint:
         if actual != expected:
             raise CorruptCheckpointError(
                 f"checksum mismatch in tensor {name}: the file is corrupt",
-                path=self.path,
+                path=self.file_of(name),
                 hint="Re-create or re-download it",
             )
         with self._lock:
@@ -892,12 +1193,12 @@ class Checkpoint:
             self.raw(name)
 
     def stored_layout(self, name: str) -> tuple[str, list[int], int, int, dict[str, Any] | None]:
-        """Where a tensor lies in the file: dtype, shape, byte offset in the file, length, and its
-        block checksums (None without)."""
+        """Where a tensor lies in the file that holds it (:meth:`file_of`): dtype, shape, byte
+        offset in that file, length, and its block checksums (None without)."""
         entry, _ = self._entry(name)
         begin, end = entry["data_offsets"]
         blocks = self.manifest.get("blocks", {}).get(name) if self.version >= 2 else None
-        return entry["dtype"], list(entry["shape"]), self._mapped()[1] + begin, end - begin, blocks
+        return entry["dtype"], list(entry["shape"]), self._mapped(self._shard(name))[1] + begin, end - begin, blocks
 
     def stored_bytes(self, name: str, begin: int, end: int) -> bytes:
         """Bytes ``begin:end`` of a tensor's data, unverified (callers verify what they keep)."""
@@ -905,14 +1206,15 @@ class Checkpoint:
         start = entry["data_offsets"][0]
         return self._bytes(name, start + begin, start + end)
 
-    def file_descriptor(self) -> int:
-        """The open file this reader reads (the path may since have been replaced)."""
-        self._mapped()
-        return self._handle.fileno()
+    def file_descriptor(self, name: str) -> int:
+        """The open file that holds tensor ``name`` (its path may since have been replaced)."""
+        i = self._shard(name)
+        self._mapped(i)
+        return self._handles[i].fileno()
 
-    def file_bytes(self, offset: int, size: int) -> bytes:
-        """``size`` bytes of the file from ``offset``."""
-        data = self._mapped()[0]
+    def file_bytes(self, name: str, offset: int, size: int) -> bytes:
+        """``size`` bytes from ``offset`` of the file that holds tensor ``name``."""
+        data = self._mapped(self._shard(name))[0]
         return data[offset : offset + size]
 
     def _rows_raw(self, name: str, start: int, stop: int) -> tuple[str, list[int], bytes]:
@@ -937,7 +1239,7 @@ class Checkpoint:
             if b >= len(digests) or sha256(chunk) != digests[b]:
                 raise CorruptCheckpointError(
                     f"checksum mismatch in tensor {name}: the file is corrupt",
-                    path=self.path,
+                    path=self.file_of(name),
                     hint="Re-create or re-download it",
                 )
         off = start * row - lo
@@ -959,28 +1261,32 @@ class Checkpoint:
             return torch.zeros(shape, dtype=torch_dtype)
         return torch.frombuffer(bytearray(raw), dtype=torch_dtype).reshape(shape)
 
-    def _mapped(self) -> tuple[mmap.mmap, int, dict[str, Any]]:
-        """The file mapped read-only, where its data starts, and its header (parsed once)."""
+    def _mapped(self, shard: int = 0) -> tuple[mmap.mmap, int, dict[str, Any]]:
+        """A file (shard ``shard``; 0 for a single file) mapped read-only, where its data starts,
+        and its header (parsed once)."""
         if not self._closer.alive:
             raise ValueError(f"the checkpoint reader of {self.path} is closed")
-        if self._layout is not None:
-            return self._layout
+        layout = self._layouts[shard]
+        if layout is not None:
+            return layout
         with self._lock:
-            return self._map()
+            return self._map(shard)
 
-    def _map(self) -> tuple[mmap.mmap, int, dict[str, Any]]:
-        if self._layout is None:
+    def _map(self, shard: int) -> tuple[mmap.mmap, int, dict[str, Any]]:
+        if self._layouts[shard] is None:
             try:
-                data = mmap.mmap(self._handle.fileno(), 0, access=mmap.ACCESS_READ)
+                data = mmap.mmap(self._handles[shard].fileno(), 0, access=mmap.ACCESS_READ)
                 self._open.append(data)
                 (size,) = struct.unpack("<Q", data[:8])
                 header = json.loads(data[8 : 8 + size])
             except (OSError, ValueError, struct.error):
                 raise CorruptCheckpointError(
-                    "the file changed or cannot be read", path=self.path, hint="Re-create or re-download it"
+                    "the file changed or cannot be read",
+                    path=self.shard_paths[shard],
+                    hint="Re-create or re-download it",
                 ) from None
-            self._layout = (data, 8 + size, header)
-        return self._layout
+            self._layouts[shard] = (data, 8 + size, header)
+        return self._layouts[shard]
 
     def copy_to(self, writer: CheckpointWriter, name: str) -> None:
         """Copy one tensor into ``writer`` byte for byte, verified, keeping its checksum."""

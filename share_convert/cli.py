@@ -215,6 +215,14 @@ AlphaOpt = Annotated[
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
+ShardOpt = Annotated[
+    str,
+    typer.Option(
+        "--max-shard-size",
+        help="Above this many bytes of tensors, write shards CHECKPOINT-00001-of-0000N.safetensors and an index "
+        "CHECKPOINT.safetensors.index.json (Hugging Face convention). E.g. 5GB, 500MB, 2GiB or bytes.",
+    ),
+]
 OutputOpt = Annotated[
     Path | None,
     typer.Option(
@@ -249,6 +257,7 @@ def merge(
     alpha: AlphaOpt = None,
     modules: ModulesOpt = None,
     force: ForceOpt = False,
+    max_shard_size: ShardOpt = "5GB",
     as_json: JsonOpt = False,
     timings: Annotated[
         Path | None, typer.Option("--timings", hidden=True, help="Write where the time went (JSON).")
@@ -273,7 +282,15 @@ def merge(
     with progress_bar("merging") as progress:
         clock: dict[str, float] = {}
         summary = api.merge(
-            inputs, output, config, alpha=alpha, modules=modules, force=force, progress=progress, timings=clock
+            inputs,
+            output,
+            config,
+            alpha=alpha,
+            modules=modules,
+            force=force,
+            progress=progress,
+            timings=clock,
+            max_shard_size=max_shard_size,
         )
     if timings is not None:
         timings.write_text(json.dumps(clock, indent=2) + "\n")
@@ -453,6 +470,7 @@ def add(
     alpha: AlphaOpt = None,
     device: DeviceOpt = Device.auto,
     force: ForceOpt = False,
+    max_shard_size: ShardOpt = "5GB",
     as_json: JsonOpt = False,
 ) -> None:
     """Fold new adapters (or another checkpoint) into a checkpoint, without the old adapters.
@@ -475,6 +493,7 @@ def add(
             replace=replace,
             force=force or in_place,
             progress=progress,
+            max_shard_size=max_shard_size,
         )
     show(summary, as_json)
 
@@ -502,6 +521,7 @@ def remove(
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite an existing output; with --refit, accept worse errors.")
     ] = False,
+    max_shard_size: ShardOpt = "5GB",
     as_json: JsonOpt = False,
 ) -> None:
     """Remove tasks from a checkpoint, optionally refitting the bases to the tasks that remain.
@@ -512,7 +532,14 @@ def remove(
     target = _update_target(checkpoint, output, in_place)
     with progress_bar("removing") as progress:
         summary = api.remove(
-            checkpoint, task, target, refit=refit, force=force or in_place, allow_worse=force, progress=progress
+            checkpoint,
+            task,
+            target,
+            refit=refit,
+            force=force or in_place,
+            allow_worse=force,
+            progress=progress,
+            max_shard_size=max_shard_size,
         )
     show(summary, as_json)
 
@@ -533,7 +560,8 @@ def verify(
         emit_json(result)
     else:
         out.print(
-            f"ok: {result['tensors']} tensors, {result['tasks']} tasks, {result['modules']} modules verified",
+            f"ok: {result['tensors']} tensors, {result['tasks']} tasks, {result['modules']} modules verified"
+            + (f" in {result['files'] - 1} shards" if result["files"] > 1 else ""),
             highlight=False,
         )
 

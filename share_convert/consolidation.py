@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from .checkpoint import FORMAT_NAME, FORMAT_VERSION, CheckpointWriter, check_output
+from .checkpoint import DEFAULT_MAX_SHARD_SIZE, FORMAT_NAME, FORMAT_VERSION, CheckpointWriter, check_output, parse_size
 from .config import DEFAULT_TARGET_ERROR, ConsolidationConfig  # noqa: F401 (re-exported)
 from .encoding import (
     StoredBases,
@@ -516,6 +516,7 @@ def merge(
     op: str = "merge",
     timings: dict[str, float] | None = None,
     workers: int | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> dict[str, Any]:
     """Consolidate ``sources`` into the Share checkpoint ``output``; return its manifest.
 
@@ -523,10 +524,12 @@ def merge(
     ``timings``, when given, receives the seconds spent reading, canonicalizing, decomposing
     (bases and planning), encoding (coefficients, private factors, errors) and writing, summed
     over workers. ``workers`` modules are processed at once (default: one per CPU core, at most
-    4); memory holds that many modules' stacks.
+    4); memory holds that many modules' stacks. Tensors taking more than ``max_shard_size`` bytes
+    (an int, or text such as '5GB') are written in shards with an index.
     """
     config = config or ConsolidationConfig()
     config.validate()
+    max_shard_size = parse_size(max_shard_size)
     output = Path(output)
     if not sources:
         raise InvalidOptionError("no inputs were given", hint="Pass adapter folders, files or globs")
@@ -552,7 +555,7 @@ def merge(
     with OpenFiles() as files:  # each adapter file opened once for the whole merge (up to a limit)
         return _merge_into(
             sources, output, config, modules, dtype, workers, total_original, fixed_bytes, files,
-            progress=progress, history=history, op=op, timings=timings,
+            progress=progress, history=history, op=op, timings=timings, max_shard_size=max_shard_size,
         )  # fmt: skip
 
 
@@ -571,6 +574,7 @@ def _merge_into(
     history: list[dict[str, Any]] | None,
     op: str,
     timings: dict[str, float] | None,
+    max_shard_size: int | str,
 ) -> dict[str, Any]:
     """The body of :func:`merge`, once its inputs are checked: the budget's targets, then every
     module read, consolidated and written in order."""
@@ -579,7 +583,7 @@ def _merge_into(
     # a --budget is spent across modules: first each module's error against storage, then a target per module
     with deterministic():
         targets = _budget_targets(sources, modules, config, dtype, total_original, fixed_bytes, workers, files)
-    with deterministic(), CheckpointWriter(output) as writer:
+    with deterministic(), CheckpointWriter(output, max_shard_size) as writer:
         for src in sources:
             for key, t in src.read_heads().items():
                 writer.add(f"tasks/{src.task}/heads/{key}", t)

@@ -25,7 +25,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import CHAIN_PARTS, Checkpoint, CheckpointWriter, check_output, st_dtype
+from .checkpoint import (
+    CHAIN_PARTS,
+    DEFAULT_MAX_SHARD_SIZE,
+    Checkpoint,
+    CheckpointWriter,
+    check_output,
+    parse_size,
+    same_checkpoint,
+    st_dtype,
+)
 from .consolidation import (
     _DTYPES,
     ConsolidationConfig,
@@ -191,6 +200,7 @@ def add(
     force: bool = False,
     progress: Progress | None = None,
     workers: int | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> dict[str, Any]:
     """Fold ``sources`` into ``checkpoint`` and write the result to ``output`` (may be the same path).
 
@@ -201,11 +211,11 @@ def add(
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     config = config or config_of(ckpt)
     config.validate()
+    max_shard_size = parse_size(max_shard_size)
     output = Path(output)
     if not sources:
         raise InvalidOptionError("no new adapters were given", hint="Pass adapter folders, files, globs or checkpoints")
-    same_file = output.exists() and output.resolve() == ckpt.path.resolve()
-    check_output(output, force or same_file)
+    check_output(output, force or same_checkpoint(output, ckpt))
     clashes = [s.task for s in sources if s.task in ckpt.tasks]
     if clashes and not replace:
         raise DuplicateTaskError(
@@ -237,7 +247,7 @@ def add(
     all_modules = sorted(set(ckpt.modules) | set(new_shapes), key=natural_key)
     drifted: set[str] = set()
     worst = 0.0
-    with deterministic(), CheckpointWriter(output) as writer:
+    with deterministic(), CheckpointWriter(output, max_shard_size) as writer:
         for t in old_tasks:
             for key in ckpt.task(t).get("heads", []):
                 ckpt.copy_to(writer, f"tasks/{t}/heads/{key}")
@@ -798,10 +808,12 @@ def remove(
     refit: bool = False,
     force: bool = False,
     progress: Progress | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> dict[str, Any]:
     """Drop ``tasks``. Without ``refit`` the bases stay (their Gram matrices are recomputed from the
     remaining tasks); with ``refit`` the bases are recomputed from the remaining tasks' reconstructions."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    max_shard_size = parse_size(max_shard_size)
     for t in tasks:
         ckpt.task(t)  # raises UnknownTaskError with the list
     keep = [t for t in ckpt.tasks if t not in tasks]
@@ -810,8 +822,7 @@ def remove(
             "removing every task would leave an empty checkpoint", path=ckpt.path, hint="Delete the file instead"
         )
     output = Path(output)
-    same_file = output.exists() and output.resolve() == ckpt.path.resolve()
-    check_output(output, force or same_file)
+    check_output(output, force or same_checkpoint(output, ckpt))
     config = config_of(ckpt)
     if refit:
         return merge(
@@ -822,9 +833,10 @@ def remove(
             progress=progress,
             history=ckpt.history,
             op="remove+refit",
+            max_shard_size=max_shard_size,
         )
     modules_out: dict[str, Any] = {}
-    with CheckpointWriter(output) as writer:
+    with CheckpointWriter(output, max_shard_size) as writer:
         for t in keep:
             for key in ckpt.task(t).get("heads", []):
                 ckpt.copy_to(writer, f"tasks/{t}/heads/{key}")

@@ -19,8 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HubError, OutputExistsError
+from .sharding import INDEX_SUFFIX, shard_name
 
 CHECKPOINT_NAME = "share.safetensors"
+#: A checkpoint pushed in shards: this index and share-00001-of-0000N.safetensors ... beside it.
+INDEX_NAME = CHECKPOINT_NAME + INDEX_SUFFIX
+SHARD_PATTERN = "share-*-of-*.safetensors"
 CONFIG_NAME = "share_config.json"
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
 _ADDRESS = re.compile(r"^hf://(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<rev>[^/]+))?(?:/(?P<sub>.+))?$")
@@ -194,6 +198,7 @@ def download_inputs(address: str, *, token: str | None = None, progress: bool = 
     from .checkpoint import is_checkpoint
 
     checkpoints = sorted(p for p in folder.glob("*.safetensors") if is_checkpoint(p))
+    checkpoints += sorted(p for p in folder.glob(f"*.safetensors{INDEX_SUFFIX}") if is_checkpoint(p))
     if checkpoints:
         return checkpoints
     raise HubError(
@@ -203,12 +208,21 @@ def download_inputs(address: str, *, token: str | None = None, progress: bool = 
 
 
 def checkpoint_path(address: str, *, token: str | None = None, progress: bool = False) -> Path:
-    """The local path of the Share checkpoint an ``hf://`` address names."""
+    """The local path of the Share checkpoint an ``hf://`` address names: ``share.safetensors``,
+    else its shards' index ``share.safetensors.index.json``, else the first checkpoint (file or
+    shard index) found there."""
     addr = parse_address(address)
-    folder = download(addr, patterns=[CHECKPOINT_NAME, "*.safetensors"], token=token, progress=progress)
+    folder = download(
+        addr,
+        patterns=[CHECKPOINT_NAME, "*.safetensors", f"*.safetensors{INDEX_SUFFIX}"],
+        token=token,
+        progress=progress,
+    )
     from .checkpoint import is_checkpoint
 
-    found = [folder / CHECKPOINT_NAME] if (folder / CHECKPOINT_NAME).is_file() else sorted(folder.glob("*.safetensors"))
+    found = [p for p in (folder / CHECKPOINT_NAME, folder / INDEX_NAME) if p.is_file()]
+    if not found:
+        found = sorted(folder.glob("*.safetensors")) + sorted(folder.glob(f"*.safetensors{INDEX_SUFFIX}"))
     found = [p for p in found if is_checkpoint(p)]
     if not found:
         raise HubError(f"{addr}: holds no Share checkpoint", hint="Push one with 'share-convert push'")
@@ -273,7 +287,12 @@ def push(
     commit_message: str | None = None,
     license: str | None = None,
 ) -> str:
-    """Upload a checkpoint, its config and a model card to ``repo_id`` (created when needed); return the commit URL."""
+    """Upload a checkpoint, its config and a model card to ``repo_id`` (created when needed); return the commit URL.
+
+    The checkpoint goes up as ``share.safetensors``, or when it is sharded as
+    ``share.safetensors.index.json`` and ``share-00001-of-0000N.safetensors`` ...; the commit
+    deletes the files of the other form (or of another shard count) that the revision held, so
+    that it holds one checkpoint."""
     from huggingface_hub import HfApi
 
     from .checkpoint import Checkpoint
@@ -281,6 +300,7 @@ def push(
 
     ckpt = Checkpoint(checkpoint)
     ckpt.verify_all()
+    ckpt_name = INDEX_NAME if ckpt.sharded else CHECKPOINT_NAME
     summary = summarize(ckpt)
     summary["_task_records"] = ckpt.tasks
     token = _token(token)
@@ -289,13 +309,22 @@ def push(
     api = HfApi(endpoint=_endpoint(), token=token)
     with tempfile.TemporaryDirectory(prefix="share-convert-push-") as tmp:
         folder = Path(tmp)
-        shutil.copy(ckpt.path, folder / CHECKPOINT_NAME)
+        if ckpt.sharded:
+            from .checkpoint import index_text, read_index
+
+            metadata, files, weight_map = read_index(ckpt.path)
+            names = {f: shard_name(CHECKPOINT_NAME, i, len(files)) for i, f in enumerate(files, 1)}
+            for f, path in zip(files, ckpt.shard_paths):
+                shutil.copy(path, folder / names[f])
+            (folder / INDEX_NAME).write_text(index_text(metadata, {t: names[f] for t, f in weight_map.items()}))
+        else:
+            shutil.copy(ckpt.path, folder / CHECKPOINT_NAME)
         (folder / CONFIG_NAME).write_text(
             json.dumps(
                 {
                     "format": "share-convert",
                     "format_version": ckpt.manifest["format_version"],
-                    "checkpoint": CHECKPOINT_NAME,
+                    "checkpoint": ckpt_name,
                     "tasks": list(ckpt.tasks),
                     "config": ckpt.config,
                 },
@@ -313,6 +342,8 @@ def push(
                 folder_path=str(folder),
                 revision=revision,
                 commit_message=commit_message or f"Share checkpoint: {len(ckpt.tasks)} tasks",
+                # the other form, or other shards, of a checkpoint pushed before (files uploaded now are kept)
+                delete_patterns=[CHECKPOINT_NAME, INDEX_NAME, SHARD_PATTERN],
             )
         except Exception as e:
             raise _translate(e, f"hf://{repo_id}", token, writing=True) from None
@@ -328,20 +359,52 @@ def pull(
     force: bool = False,
     progress: bool = False,
 ) -> Path:
-    """Download a pushed checkpoint repository into ``output``; return the checkpoint's path."""
+    """Download a pushed checkpoint repository into ``output``; return the checkpoint's path
+    (``share.safetensors``, or the index of its shards). A checkpoint already in ``output`` is
+    replaced as :class:`~share_convert.checkpoint.CheckpointWriter` replaces one: the new files are
+    published with the index (or the single file) last, and the old form's files are removed."""
+    from .atomic import temp_file_beside
+    from .checkpoint import publish_files, read_index
+
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not force:
         raise OutputExistsError("exists and is not empty", path=output, hint="Pass --force to replace it")
     addr = parse_address(repo if is_hub_address(repo) else f"hf://{repo}")
     if revision:
         addr = HubAddress(addr.repo_id, revision, addr.subfolder)
-    src = download(addr, patterns=[CHECKPOINT_NAME, CONFIG_NAME, "README.md"], token=token, progress=progress)
-    if not (src / CHECKPOINT_NAME).is_file():
+    src = download(
+        addr,
+        patterns=[CHECKPOINT_NAME, INDEX_NAME, SHARD_PATTERN, CONFIG_NAME, "README.md"],
+        token=token,
+        progress=progress,
+    )
+    if (src / CHECKPOINT_NAME).is_file():
+        files = [CHECKPOINT_NAME]
+    elif (src / INDEX_NAME).is_file():
+        files = [*read_index(src / INDEX_NAME)[1], INDEX_NAME]  # the index last: the commit point
+    else:
         raise HubError(f"{addr}: holds no {CHECKPOINT_NAME}", hint="Is this a repository pushed by share-convert?")
+    missing = [name for name in files if not (src / name).is_file()]
+    if missing:
+        raise HubError(f"{addr}: shard {missing[0]} named by {INDEX_NAME} is missing", hint="Push the checkpoint again")
     output.mkdir(parents=True, exist_ok=True)
-    for name in (CHECKPOINT_NAME, CONFIG_NAME, "README.md"):
+    target = output / CHECKPOINT_NAME
+    written: list[tuple[Path, Path]] = []
+    try:
+        for name in files:
+            fd, tmp = temp_file_beside(target)
+            os.close(fd)
+            written.append((Path(tmp), output / name))
+            shutil.copyfile(src / name, tmp)
+            os.chmod(tmp, 0o644)
+        publish_files(written, target)
+    except BaseException:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    for name in (CONFIG_NAME, "README.md"):
         if (src / name).is_file():
             tmp = output / f".{name}.tmp"
             shutil.copyfile(src / name, tmp)
             os.replace(tmp, output / name)
-    return output / CHECKPOINT_NAME
+    return output / files[-1]

@@ -157,7 +157,7 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         "original_bytes": orig_bytes,
         "checkpoint_params": ckpt_params,
         "checkpoint_bytes": ckpt_bytes,
-        "checkpoint_file_bytes": ckpt.path.stat().st_size,
+        "checkpoint_file_bytes": sum(f.stat().st_size for f in ckpt.files),
         "ratio": orig_bytes / ckpt_bytes if ckpt_bytes else math.inf,
         "ratio_excluding_shared_bases": (orig_bytes - head_bytes) / per_task_bytes if per_task_bytes else None,
         "mean_error": sum(all_errs) / len(all_errs) if all_errs else 0.0,

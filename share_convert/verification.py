@@ -19,6 +19,13 @@ def verify_checkpoint(ckpt: Checkpoint, *, tol: float = 1e-3) -> dict[str, Any]:
     that it is consistent with the stored ‖ΔW‖ and the reconstruction (triangle inequality).
     """
     ckpt.verify_all()
+    stray = ckpt.stray_shards()
+    if stray:
+        raise CorruptCheckpointError(
+            f"shard {stray[0].name} is not in the index (left by an interrupted write or a copy)",
+            path=ckpt.path,
+            hint=f"Delete it ({len(stray)} such file(s) beside the index); the checkpoint itself is whole",
+        )
 
     def bad(msg: str) -> None:
         raise CorruptCheckpointError(msg, path=ckpt.path, hint="Re-create the checkpoint")
@@ -67,6 +74,7 @@ def verify_checkpoint(ckpt: Checkpoint, *, tol: float = 1e-3) -> dict[str, Any]:
     return {
         "checkpoint": str(ckpt.path),
         "tensors": len(ckpt.manifest["tensors"]),
+        "files": len(ckpt.files),
         "tasks": len(ckpt.tasks),
         "modules": len(ckpt.modules),
         "ok": True,

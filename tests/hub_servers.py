@@ -96,8 +96,9 @@ class Olah:
 
 
 class UploadServer:
-    """create_repo, create_branch, preupload and commit (plus validate-yaml, which upload_folder
-    calls for a README), writing into git repos under ``mirrors``."""
+    """create_repo, create_branch, preupload and commit (with added and deleted files; plus
+    validate-yaml, which upload_folder calls for a README, and the file list of a revision, which
+    its delete_patterns reads), writing into git repos under ``mirrors``."""
 
     def __init__(self, mirrors: Path, *, require_token: str | None = None):
         self.mirrors, self.require_token = mirrors, require_token
@@ -115,6 +116,24 @@ class UploadServer:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def do_GET(self):  # noqa: N802
+                """The file list of a revision (list_repo_files, which upload_folder's delete_patterns uses)."""
+                m = re.match(r"^/api/models/(.+?)/tree/([^?/]+)", self.path)
+                repo = server.mirrors / "models" / m.group(1) if m else None
+                if repo is None or not repo.exists():
+                    return self.reply(404, {"error": "Repository not found"})
+                listed = subprocess.run(
+                    ["git", "-C", str(repo), "ls-tree", "-r", "-l", m.group(2)], capture_output=True, text=True
+                )
+                if listed.returncode:
+                    return self.reply(404, {"error": "Revision not found"})
+                files = []
+                for line in listed.stdout.splitlines():
+                    info, path = line.split("\t", 1)
+                    _, _, oid, size = info.split()
+                    files.append({"type": "file", "path": path, "oid": oid, "size": int(size)})
+                return self.reply(200, files)
 
             def do_POST(self):  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -158,6 +177,8 @@ class UploadServer:
                         dst = repo / item["value"]["path"]
                         dst.parent.mkdir(parents=True, exist_ok=True)
                         dst.write_bytes(base64.b64decode(item["value"]["content"]))
+                    elif item["key"] == "deletedFile":
+                        (repo / item["value"]["path"]).unlink(missing_ok=True)
                 subprocess.run([*GIT, "-C", str(repo), "add", "-A"], check=True)
                 subprocess.run([*GIT, "-C", str(repo), "commit", "-q", "-m", header["summary"]], check=True)
                 oid = subprocess.run(

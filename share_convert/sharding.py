@@ -1,0 +1,85 @@
+"""Checkpoints in shards, in the Hugging Face convention: names, the size limit (docs/format.md, "Sharding").
+
+A checkpoint written to ``share.safetensors`` whose tensors take more than the size limit is
+stored as ``share-00001-of-00003.safetensors`` ... beside an index
+``share.safetensors.index.json``. These helpers only name files (no numpy, no torch), so that
+the CLI can check ``--max-shard-size`` before importing the engine.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import InvalidOptionError
+
+#: The Hugging Face default: a checkpoint whose tensors take more bytes than this is written in shards.
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+INDEX_SUFFIX = ".index.json"
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(value: int | str) -> int:
+    """A size in bytes from an int or text such as '5GB', '500MB', '1.5GiB' or '1000000'
+    (KB, MB, GB, TB: powers of 1000 as in huggingface_hub; KiB, MiB, GiB, TiB: powers of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m[2].upper() not in _SIZE_UNITS:
+            raise InvalidOptionError(
+                f"max shard size {str(value)!r} is not a size",
+                hint="Write bytes (5000000000) or a number with KB, MB, GB, TB or KiB, MiB, GiB, TiB, e.g. 5GB",
+            )
+        size = int(float(m[1]) * _SIZE_UNITS[m[2].upper()])
+    if size < 1:
+        raise InvalidOptionError(f"max shard size {value!r} is not positive", hint="Give at least 1 byte, e.g. 5GB")
+    return size
+
+
+def checkpoint_target(path: str | Path) -> Path:
+    """The checkpoint a path names: the path itself, or for a shard index the single-file name it stands for
+    (``share.safetensors.index.json`` stands for ``share.safetensors``)."""
+    path = Path(path)
+    if path.name.endswith(INDEX_SUFFIX):
+        return path.with_name(path.name[: -len(INDEX_SUFFIX)])
+    return path
+
+
+def index_path(path: str | Path) -> Path:
+    """The shard index of a checkpoint written to ``path``: ``<name>.index.json`` beside it."""
+    path = checkpoint_target(path)
+    return path.with_name(path.name + INDEX_SUFFIX)
+
+
+def stem(target: Path) -> str:
+    """What shard names start with: the checkpoint's file name without ``.safetensors``."""
+    return target.name[: -len(".safetensors")] if target.name.endswith(".safetensors") else target.name
+
+
+def shard_name(target: str | Path, i: int, count: int) -> str:
+    """The file name of shard ``i`` (from 1) of ``count``, in the Hugging Face convention:
+    ``<stem>-00001-of-00003.safetensors`` for a checkpoint named ``<stem>.safetensors``."""
+    return f"{stem(checkpoint_target(target))}-{i:05d}-of-{count:05d}.safetensors"
+
+
+def shard_files(target: str | Path) -> list[Path]:
+    """The files beside ``target`` named as its shards (of any count), sorted."""
+    target = checkpoint_target(target)
+    pattern = re.compile(rf"^{re.escape(stem(target))}-\d{{5,}}-of-\d{{5,}}\.safetensors$")
+    folder = target.parent if str(target.parent) else Path(".")
+    try:
+        return sorted(p for p in folder.iterdir() if pattern.match(p.name))
+    except OSError:
+        return []
