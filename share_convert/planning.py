@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import parse_budget  # noqa: F401 (re-exported)
-from .linalg import residual_spectrum
+from .linalg import left_batched, residual_spectrum
 
 #: The k values tried between 0 and the number of basis vectors computed.
 K_GRID = (
@@ -93,12 +93,40 @@ class TaskFit:
         return cls(s, Eb, Ea, error, float((s**2).sum()) ** 0.5 / norm if norm > 0 else 0.0)
 
 
+def drift_bound(error: torch.Tensor, drift: torch.Tensor, outside: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
+    """Upper bounds on old tasks' relative errors after an update moved their reconstructions (spec, section 5).
+
+    With R = ΔW − ΔŴ_before (‖R‖ = ``error``) and D = ΔŴ_before − ΔŴ_after (‖D‖ = ``drift``), all
+    relative to ‖ΔW‖:  ‖ΔW − ΔŴ_after‖² = e² + d² + 2⟨R, D⟩. Cauchy–Schwarz, ⟨R, D⟩ ≤ e d, gives
+    the triangle bound e + d, the only one for a task about whose R nothing more is known.
+
+    A task whose stored part is the orthogonal projection of ΔW onto S = span(β) ⊗ span(α) (it was
+    encoded in these bases, with no private part) has R ⊥ S, but for ΠR, of norm a ≤ ``slack`` (η),
+    left by rounding to the storage dtype. Split D = ΠD + (I − Π)D, of norms g and f = ``outside``
+    (f² + g² = d²): ⟨R, D⟩ ≤ a g + √(e² − a²) f, whose largest value over a ≤ η is taken (a = e g / d
+    gives e d, so the result never exceeds e + d; a = 0 gives e² + d² + 2 e f). Rotating bases
+    move a reconstruction mostly out of S (f ≈ d) and gain little; dropping directions of S (f ≈ 0)
+    gives Pythagoras. ``slack`` is +inf for tasks with no such structure (the triangle bound).
+    This is the least upper bound of its kind: an original consistent with all the checkpoint
+    stores can put R along (I − Π)D (tests/test_bounds.py builds one).
+    """
+    f = outside.clamp_min(0).minimum(drift)
+    g = (drift.square() - f.square()).clamp_min(0).sqrt()
+    worst = torch.where(drift > 0, error * g / drift.clamp_min(1e-300), 0.0)
+    a = torch.minimum(worst, slack.clamp_min(0))
+    cross = a * g + (error.square() - a.square()).clamp_min(0).sqrt() * f
+    tight = (error.square() + drift.square() + 2 * cross).sqrt()
+    return torch.where(torch.isfinite(slack), torch.minimum(tight, error + drift), error + drift)
+
+
 @dataclass
 class FrozenTasks:
     """Tasks whose private rank is fixed at 0 (old tasks during a continual update), batched.
 
-    A frozen task's error after the update is bounded by its error before plus the drift of its
-    shared part, ‖S − P_β S P_α‖ / ‖ΔW‖ (spec, section 5), which is what the planner counts.
+    A frozen task's error after the update is bounded from its error before and the drift of its
+    shared part, ‖S − P_β S P_α‖ / ‖ΔW‖ (spec, section 5): by their sum, or, for tasks whose
+    ``slack`` is finite, by :func:`drift_bound`, which needs the part of the drift outside the old
+    bases' span (``inside`` gives that span's coordinates); it is what the planner counts.
     Coordinates are zero-padded to the largest rank (padding changes none of the sums below), so
     their errors at any k cost a few batched products, not a Python loop over tasks.
     """
@@ -109,6 +137,10 @@ class FrozenTasks:
     ranks: torch.Tensor  # (T,) int64
     prior: torch.Tensor  # (T,) float64, each task's error before the update
     scale: torch.Tensor  # (T,) float64, 1 / ‖ΔW‖ of each task's original update (0 if ΔW = 0)
+    #: (T,) float64, η of :func:`drift_bound` per task, +inf where only the triangle bound holds; None: all
+    slack: torch.Tensor | None = None
+    #: (V_B, V_A), k_old × K each: ‖V_B[:, :k] x‖ is the norm of β'_k x's projection on span(β_old)
+    inside: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         self._cache: dict[tuple[int, int], tuple[float, float]] = {}
@@ -117,14 +149,25 @@ class FrozenTasks:
         return int(self.Eb.shape[0])
 
     def errors(self, k_B: int, k_A: int) -> torch.Tensor:
-        """Each task's error bound at this k: its prior error plus the drift of its shared part."""
+        """Each task's error bound at this k, from its prior error and the drift of its shared part."""
         if k_B == 0 or k_A == 0:
             kept = torch.zeros_like(self.norm2)
+            Eb = Ea = None
         else:
             Eb, Ea = self.Eb[:, :k_B], self.Ea[:, :k_A]
             kept = ((Eb.transpose(-1, -2) @ Eb) * (Ea.transpose(-1, -2) @ Ea)).sum((-1, -2))
         # the bases are orthonormal: ‖S − P S P‖² = ‖S‖² − ‖P S P‖²
-        return self.prior + (self.norm2 - kept).clamp_min(0).sqrt() * self.scale
+        drift = (self.norm2 - kept).clamp_min(0).sqrt() * self.scale
+        if self.slack is None or self.inside is None or not bool(torch.isfinite(self.slack).any()):
+            return self.prior + drift
+        if Eb is None:  # nothing kept: the drift is the shared part itself, inside the old span
+            outside = torch.zeros_like(drift)
+        else:
+            # ‖(I − Π_old) P S P‖² = ‖P S P‖² − ‖Π_old P S P‖², Π_old the old bases' projection
+            YB, YA = left_batched(self.inside[0][:, :k_B], Eb), left_batched(self.inside[1][:, :k_A], Ea)
+            within = ((YB.transpose(-1, -2) @ YB) * (YA.transpose(-1, -2) @ YA)).sum((-1, -2))
+            outside = (kept - within).clamp_min(0).sqrt() * self.scale
+        return drift_bound(self.prior, drift, outside, self.slack)
 
     def error_stats(self, k_B: int, k_A: int) -> tuple[float, float]:
         """(sum, max) of the errors at this k."""
