@@ -11,7 +11,8 @@
   asynchronous continual learning: groups consolidated separately, merged later).
 
 Old tasks' errors can only be bounded after an update (their originals are gone): the new error
-is at most the old error plus the drift ‖ΔŴ_before − ΔŴ_after‖ / ‖ΔW‖, and both are recorded.
+is at most the old error plus the drift ‖ΔŴ_before − ΔŴ_after‖ / ‖ΔW‖, both recorded, and less
+where the stored task was a projection in the old bases (:func:`share_convert.planning.drift_bound`).
 """
 
 from __future__ import annotations
