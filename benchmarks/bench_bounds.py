@@ -122,13 +122,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/tmp/share-bench-bounds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--out")
     p.add_argument("--label", help="the code measured (default: git rev-parse --short HEAD)")
     a = p.parse_args()
     work = Path(a.work)
     shutil.rmtree(work, ignore_errors=True)
     paths = write_synthetic_adapters(
-        work / "adapters", count=10, layers=4, hidden=512, rank=8, shared_rank=16, noise=0.1, seed=a.seed
+        work / "adapters", count=10, layers=a.layers, hidden=a.hidden, rank=8, shared_rank=16, noise=0.1, seed=a.seed
     )
     originals = {path.name: path for path in paths}
     steps = {}
