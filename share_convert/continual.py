@@ -890,26 +890,25 @@ def refit_module(
     sources = [CheckpointTask(ckpt, t) for t in old_tasks]
     old_members = read_members(sources, name, config)
     info = ckpt.modules[name]
+    projections = _old_projections(ckpt, name, old_tasks)
+    for m in old_members:  # the planner counts the tighter bounds of plans that stay in the old span
+        if m.task in projections:
+            m.slack = projections[m.task][0]
     res = consolidate_module(name, info["out_features"], info["in_features"], old_members + members, config, dtype)
     for t in old_tasks:
         rec = res.records[t]
         before = info["tasks"][t]["error"]
         rec["error_before"] = before
         rec["drift"] = max(rec["error"] - before, 0.0)
-    _tighten_refit(ckpt, name, old_tasks, res)
+    _tighten_refit(res, name, projections)
     return res
 
 
-def _tighten_refit(ckpt: Checkpoint, name: str, old_tasks: list[str], res: ModuleResult) -> None:
-    """Replace the bound error before + drift of :func:`refit_module`'s old tasks by :func:`drift_bound`
-    where their stored part was a projection in the old bases.
-
-    The refit encodes each old task's reconstruction ΔŴ_before afresh as ΔŴ_after, so D = ΔŴ_before −
-    ΔŴ_after and its part outside the old span is ΔŴ_after's: ‖(I − Π_old) ΔŴ_after‖² = ‖ΔŴ_after‖² −
-    ‖Π_old ΔŴ_after‖², from products of the new factors with the old bases (n-sized, per task, as the
-    refit itself is). When the refit keeps each task's own top directions, ΔŴ_after lies in the old span
-    and the bound is Pythagoras', √(e² + d²).
-    """
+def _old_projections(
+    ckpt: Checkpoint, name: str, old_tasks: list[str]
+) -> dict[str, tuple[float, torch.Tensor, torch.Tensor]]:
+    """The old tasks of one module whose stored part is a projection in their bases
+    (:func:`projection_slack` finite): task -> (η, β, α of those bases, float64)."""
     info = ckpt.modules[name]
     table = RecordTable.from_dicts(info["tasks"]).select(old_tasks)
     by_prefix: dict[str, list[str]] = {}
@@ -917,28 +916,40 @@ def _tighten_refit(ckpt: Checkpoint, name: str, old_tasks: list[str], res: Modul
         prefix = ckpt.bases_prefix(name, t)
         if prefix is not None:
             by_prefix.setdefault(prefix, []).append(t)
+    out: dict[str, tuple[float, torch.Tensor, torch.Tensor]] = {}
     for prefix, tasks in by_prefix.items():
         beta, alpha = ckpt.tensor(f"{prefix}basis_B").double(), ckpt.tensor(f"{prefix}basis_A").double()
         old = _OldCoefficients(ckpt, name, tasks, beta.shape[1], alpha.shape[1], prefix)
-        sub = table.select(tasks)
-        slack = projection_slack(ckpt, info, sub, old, beta, alpha, old.form([(1.0, None, None)]))
-        chosen = torch.isfinite(slack).nonzero().flatten().tolist()
-        if not chosen:
-            continue
-        picked = [tasks[i] for i in chosen]
-        outside = torch.zeros(len(chosen), dtype=torch.float64)
-        for j, t in enumerate(picked):
-            Bn, An = _result_factors(res, name, t)
-            if Bn.shape[1] == 0:
-                continue
+        slack = projection_slack(ckpt, info, table.select(tasks), old, beta, alpha, old.form([(1.0, None, None)]))
+        for i in torch.isfinite(slack).nonzero().flatten().tolist():
+            out[tasks[i]] = (float(slack[i]), beta, alpha)
+    return out
+
+
+def _tighten_refit(
+    res: ModuleResult, name: str, projections: dict[str, tuple[float, torch.Tensor, torch.Tensor]]
+) -> None:
+    """Replace the bound error before + drift of :func:`refit_module`'s old tasks by :func:`drift_bound`
+    where their stored part was a projection in the old bases (``projections``).
+
+    The refit encodes each old task's reconstruction ΔŴ_before afresh as ΔŴ_after, so D = ΔŴ_before −
+    ΔŴ_after and its part outside the old span is ΔŴ_after's: ‖(I − Π_old) ΔŴ_after‖² = ‖ΔŴ_after‖² −
+    ‖Π_old ΔŴ_after‖², from products of the new factors with the old bases (n-sized, per task, as the
+    refit itself is). When the refit keeps each task's own top directions, ΔŴ_after lies in the old span
+    and the bound is Pythagoras', √(e² + d²).
+    """
+    f64 = torch.float64
+    for t, (slack, beta, alpha) in projections.items():
+        rec = res.records[t]
+        Bn, An = _result_factors(res, name, t)
+        outside = 0.0
+        if Bn.shape[1]:
             VB, VA = _inside(beta, Bn), _inside(alpha, An)
             within = ((VB.T @ VB) * (VA.T @ VA)).sum()
-            outside[j] = (((Bn.T @ Bn) * (An.T @ An)).sum() - within).clamp_min(0).sqrt() / res.records[t]["norm"]
-        before = torch.tensor([res.records[t]["error_before"] for t in picked], dtype=torch.float64)
-        drift = torch.tensor([res.records[t]["drift"] for t in picked], dtype=torch.float64)
-        bound = drift_bound(before, drift, outside, slack[chosen])
-        for t, value in zip(picked, bound.tolist()):
-            res.records[t]["error"] = min(value, res.records[t]["error"])
+            outside = float((((Bn.T @ Bn) * (An.T @ An)).sum() - within).clamp_min(0).sqrt()) / rec["norm"]
+        before, drift = (torch.tensor([rec[c]], dtype=f64) for c in ("error_before", "drift"))
+        bound = drift_bound(before, drift, torch.tensor([outside], dtype=f64), torch.tensor([slack], dtype=f64))
+        rec["error"] = min(float(bound), rec["error"])
 
 
 def _result_factors(res: ModuleResult, name: str, task: str) -> tuple[torch.Tensor, torch.Tensor]:

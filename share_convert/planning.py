@@ -72,6 +72,9 @@ class TaskFit:
     A task that is itself a reconstruction (from a checkpoint) carries its error so far
     (``prior``) and ``ratio`` = ‖ΔŴ‖ / ‖ΔW‖: its planned error is then the bound
     prior + ratio × (error relative to ΔŴ), the figure its record will show (spec, section 5).
+    Where the reconstruction was a projection of its original onto its checkpoint's bases
+    (``slack`` finite: η of :func:`drift_bound`), plans that keep each task's own directions (k = 0)
+    stay inside those bases, and the planned bound is :func:`drift_bound`'s with no outside part.
     """
 
     s: torch.Tensor  # (r,) float64, canonical singular values of ΔW
@@ -79,18 +82,19 @@ class TaskFit:
     Ea: torch.Tensor  # (K_A, r) float64, αᵀA'
     prior: float = 0.0
     ratio: float = 1.0
+    slack: float = math.inf
 
     def __post_init__(self) -> None:
         self.rank = int(self.s.numel())
         self.norm2 = float((self.s**2).sum())
 
     @classmethod
-    def of(cls, s: torch.Tensor, Eb: torch.Tensor, Ea: torch.Tensor, prior=None) -> TaskFit:
+    def of(cls, s: torch.Tensor, Eb: torch.Tensor, Ea: torch.Tensor, prior=None, slack: float = math.inf) -> TaskFit:
         """A fit for a member whose ``prior`` is (error, ‖ΔW‖ of the original, is_bound) or None."""
         if prior is None:
             return cls(s, Eb, Ea)
         error, norm, _ = prior
-        return cls(s, Eb, Ea, error, float((s**2).sum()) ** 0.5 / norm if norm > 0 else 0.0)
+        return cls(s, Eb, Ea, error, float((s**2).sum()) ** 0.5 / norm if norm > 0 else 0.0, slack)
 
 
 def drift_bound(error: torch.Tensor, drift: torch.Tensor, outside: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
@@ -235,6 +239,7 @@ class ModulePlanner:
             norm2=torch.tensor([f.norm2 for f in fits], dtype=f64),
             prior=torch.tensor([f.prior for f in fits], dtype=f64),
             ratio=torch.tensor([f.ratio for f in fits], dtype=f64),
+            slack=torch.tensor([f.slack for f in fits], dtype=f64),
             frozen=frozen,
         )
         self._fits = fits
@@ -252,16 +257,17 @@ class ModulePlanner:
         norm2: torch.Tensor,
         prior: torch.Tensor,
         ratio: torch.Tensor,
+        slack: torch.Tensor | None = None,
     ) -> ModulePlanner:
         """A planner over tasks given as padded stacks: ``s`` (T × R), ``Eb`` (T × K_B × R), ``Ea``
-        (T × K_A × R), float64, zero past each task's rank; ``prior`` and ``ratio`` as in :class:`TaskFit`.
-        No object per task is made unless :attr:`fits` is asked for."""
+        (T × K_A × R), float64, zero past each task's rank; ``prior``, ``ratio`` and ``slack`` as in
+        :class:`TaskFit`. No object per task is made unless :attr:`fits` is asked for."""
         planner = cls.__new__(cls)
-        planner._init(n, d, s, Eb, Ea, ranks=ranks, norm2=norm2, prior=prior, ratio=ratio, frozen=None)
+        planner._init(n, d, s, Eb, Ea, ranks=ranks, norm2=norm2, prior=prior, ratio=ratio, slack=slack, frozen=None)
         planner._fits = None
         return planner
 
-    def _init(self, n, d, s, Eb, Ea, *, ranks, norm2, prior, ratio, frozen) -> None:
+    def _init(self, n, d, s, Eb, Ea, *, ranks, norm2, prior, ratio, frozen, slack=None) -> None:
         self.n, self.d = n, d
         #: tasks whose private rank is fixed at 0 here (old tasks during a continual update)
         self.frozen = frozen
@@ -272,6 +278,9 @@ class ModulePlanner:
         self.R = R = int(s.shape[1])
         #: no task is a reconstruction: planned errors are the errors themselves
         self._plain = bool(((prior == 0) & (ratio == 1)).all())
+        #: η of drift_bound per task (+inf: the triangle bound), used where a plan keeps each task's own directions
+        self.slack = slack if slack is not None else torch.full_like(prior, math.inf)
+        self._projections = bool(torch.isfinite(self.slack).any())
         self._s, self._Eb, self._Ea = s, Eb, Ea
         #: q ≤ rank: which private ranks each task can take (columns 0 … R)
         self._allowed = torch.arange(R + 1)[None, :] <= ranks[:, None]
@@ -332,20 +341,25 @@ class ModulePlanner:
         return min(k, self.K_B), min(k, self.K_A)
 
     # -- errors --------------------------------------------------------------------------------------
-    def _relative(self, energy: torch.Tensor) -> torch.Tensor:
+    def _relative(self, energy: torch.Tensor, inside: bool = False) -> torch.Tensor:
         """Planned errors from residual energies (``T × …``): √(energy / ‖ΔW‖²), 0 where ΔW = 0,
-        or their bounds for tasks that are reconstructions (prior + ratio × error, spec section 5)."""
+        or their bounds for tasks that are reconstructions (prior + ratio × error, spec section 5;
+        :func:`drift_bound` with no outside part where ``inside``: each task keeps its own directions)."""
         shape = (-1, *([1] * (energy.dim() - 1)))  # per task, broadcast over the other dimensions
         norm2 = self.norm2.view(shape)
         errs = torch.where(norm2 > 0, (energy / norm2.clamp_min(1e-300)).clamp_min(0).sqrt(), 0.0)
         if self._plain:
             return errs
-        return self.prior.view(shape) + self.ratio.view(shape) * errs
+        drift = self.ratio.view(shape) * errs
+        if inside and self._projections:
+            prior, slack = self.prior.view(shape).expand_as(drift), self.slack.view(shape).expand_as(drift)
+            return drift_bound(prior, drift, torch.zeros_like(drift), slack)
+        return self.prior.view(shape) + drift
 
     def shared_error_tensor(self, k_B: int, k_A: int) -> torch.Tensor:
         """Per task, the error of pure sharing (q = 0): e² = 1 − ‖E_B E_Aᵀ‖² / ‖ΔW‖² (spec, section 4)."""
         if k_B == 0 or k_A == 0:
-            return self._relative(self.norm2.clone())
+            return self._relative(self.norm2.clone(), inside=True)
         Eb, Ea = self._Eb[:, :k_B], self._Ea[:, :k_A]
         kept = ((Eb.transpose(-1, -2) @ Eb) * (Ea.transpose(-1, -2) @ Ea)).sum((-1, -2))
         return self._relative(self.norm2 - kept)
@@ -370,7 +384,7 @@ class ModulePlanner:
         # energy left after keeping q private directions, q = 0 … R
         tail = spec.flip(-1).cumsum(-1).flip(-1)
         tail = torch.cat([tail, tail.new_zeros(T, 1)], -1)[:, : R + 1]
-        self._tails[key] = out = self._relative(tail)
+        self._tails[key] = out = self._relative(tail, inside=k_B == 0)
         return out
 
     def evaluate(self, k_B: int, k_A: int, q) -> ModulePlan:

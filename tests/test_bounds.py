@@ -6,6 +6,7 @@ modules) and compares it with what the checkpoint records.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from share_convert.checkpoint import Checkpoint
 from share_convert.consolidation import ConsolidationConfig, merge
 from share_convert.continual import add, checkpoint_tasks
 from share_convert.formats import open_adapters
-from share_convert.planning import FrozenTasks, drift_bound
+from share_convert.planning import FrozenTasks, ModulePlanner, drift_bound
 from share_convert.records import RecordTable
 from share_convert.synthetic import write_synthetic_adapters
 
@@ -263,3 +264,19 @@ def test_only_tasks_encoded_in_the_current_bases_without_private_parts_get_the_t
     again = slacks(tmp_path / "r.safetensors")
     assert all(again[s.task] == float("inf") for s in sources[:3])  # errors relative to reconstructions
     assert all(again[s.task] < 1e-3 for s in sources[4:])
+
+
+def test_a_refit_plans_tasks_that_keep_their_own_directions_on_pythagoras():
+    g = torch.Generator().manual_seed(1)
+    T, K, r = 2, 5, 3
+    f64 = torch.float64
+    s = torch.rand(T, r, generator=g, dtype=f64).sort(descending=True).values + 0.5
+    Eb, Ea = torch.randn(T, K, r, generator=g, dtype=f64), torch.randn(T, K, r, generator=g, dtype=f64)
+    common = dict(ranks=torch.full((T,), r), norm2=(s**2).sum(1), prior=torch.full((T,), 0.04, dtype=f64))
+    ratio = torch.full((T,), 0.99, dtype=f64)
+    triangle = ModulePlanner.stacked(8, 6, s, Eb, Ea, **common, ratio=ratio)
+    tight = ModulePlanner.stacked(8, 6, s, Eb, Ea, **common, ratio=ratio, slack=torch.tensor([0.0, math.inf]))
+    drift = triangle.tails(0, 0) - 0.04  # ratio × the error of keeping q of each task's own directions
+    expected = torch.stack([(0.04**2 + drift[0] ** 2).sqrt(), 0.04 + drift[1]])
+    assert torch.allclose(tight.tails(0, 0), expected)
+    assert torch.equal(tight.tails(2, 2), triangle.tails(2, 2))  # shared bases may leave the old span
