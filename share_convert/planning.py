@@ -111,8 +111,9 @@ def drift_bound(error: torch.Tensor, drift: torch.Tensor, outside: torch.Tensor,
     gives e d, so the result never exceeds e + d; a = 0 gives e² + d² + 2 e f). Rotating bases
     move a reconstruction mostly out of S (f ≈ d) and gain little; dropping directions of S (f ≈ 0)
     gives Pythagoras. ``slack`` is +inf for tasks with no such structure (the triangle bound).
-    This is the least upper bound of its kind: an original consistent with all the checkpoint
-    stores can put R along (I − Π)D (tests/test_bounds.py builds one).
+    Nothing stored rules the worst case out: ΔW' = ΔŴ_before + R' with R' ⊥ S along (I − Π)D has
+    the same stored coefficients, error and norm, and reaches the bound (tests/test_bounds.py builds
+    one; it is a matrix of any rank, so a rank-r original might stay a little below).
     """
     f = outside.clamp_min(0).minimum(drift)
     g = (drift.square() - f.square()).clamp_min(0).sqrt()
@@ -301,8 +302,10 @@ class ModulePlanner:
         """The tasks, one :class:`TaskFit` each (views of the stacks when the planner was built from them)."""
         if self._fits is None:
             self._fits = [
-                TaskFit(self._s[i, :r], self._Eb[i, :, :r], self._Ea[i, :, :r], float(p), float(q))
-                for i, (r, p, q) in enumerate(zip(self.ranks.tolist(), self.prior.tolist(), self.ratio.tolist()))
+                TaskFit(self._s[i, :r], self._Eb[i, :, :r], self._Ea[i, :, :r], float(p), float(q), float(h))
+                for i, (r, p, q, h) in enumerate(
+                    zip(self.ranks.tolist(), self.prior.tolist(), self.ratio.tolist(), self.slack.tolist())
+                )
             ]
         return self._fits
 
