@@ -9,6 +9,7 @@ memory.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -76,6 +77,8 @@ class ModuleMember:
     s: torch.Tensor  # singular values of ΔW, float64
     raw: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, Aᵀ) as trained, stacked when not canonicalizing
     prior: tuple[float, float, bool] | None = None
+    #: η of planning.drift_bound for a reconstruction that was a projection of its original (+inf: not known)
+    slack: float = math.inf
 
     @property
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,11 +323,15 @@ class ModuleStack:
             for m, w in zip(self.members, self.weights):
                 r = m.stacked[0].shape[1]
                 scale = w**-0.5 if w > 0 else 0.0
-                fits.append(TaskFit.of(m.s, projB[:, off : off + r] * scale, projA[:, off : off + r] * scale, m.prior))
+                fits.append(
+                    TaskFit.of(m.s, projB[:, off : off + r] * scale, projA[:, off : off + r] * scale, m.prior, m.slack)
+                )
                 off += r
         else:
             b64, a64 = beta.double().cpu(), alpha.double().cpu()
-            fits = [TaskFit.of(m.s, b64.T @ m.Bc.double(), a64.T @ m.Ac.double(), m.prior) for m in self.members]
+            fits = [
+                TaskFit.of(m.s, b64.T @ m.Bc.double(), a64.T @ m.Ac.double(), m.prior, m.slack) for m in self.members
+            ]
         return beta, alpha, sB, sA, ModulePlanner(self.n, self.d, fits)
 
     def _planner(self, projB: torch.Tensor, projA: torch.Tensor) -> ModulePlanner:
@@ -337,15 +344,17 @@ class ModuleStack:
         Ea = (projA.reshape(projA.shape[0], T, r).permute(1, 0, 2) * scale).contiguous()
         prior = torch.zeros(T, dtype=f64)
         ratio = torch.ones(T, dtype=f64)
+        slack = torch.full((T,), math.inf, dtype=f64)
         for i, m in enumerate(self.members):  # tasks that are reconstructions (a few, when any)
             if m.prior is not None:
                 error, norm, _ = m.prior
                 prior[i] = error
                 ratio[i] = self.norms[i] / norm if norm > 0 else 0.0
+                slack[i] = m.slack
         s = torch.stack([m.s for m in self.members]).to(f64) if T else torch.zeros(0, 0, dtype=f64)
         ranks = torch.full((T,), r, dtype=torch.int64)
         planner = ModulePlanner.stacked(
-            self.n, self.d, s, Eb, Ea, ranks=ranks, norm2=self.norm2, prior=prior, ratio=ratio
+            self.n, self.d, s, Eb, Ea, ranks=ranks, norm2=self.norm2, prior=prior, ratio=ratio, slack=slack
         )
         planner.projections = (projB, projA)
         return planner

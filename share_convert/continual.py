@@ -11,11 +11,13 @@
   asynchronous continual learning: groups consolidated separately, merged later).
 
 Old tasks' errors can only be bounded after an update (their originals are gone): the new error
-is at most the old error plus the drift ‖ΔŴ_before − ΔŴ_after‖ / ‖ΔW‖, and both are recorded.
+is at most the old error plus the drift ‖ΔŴ_before − ΔŴ_after‖ / ‖ΔW‖, both recorded, and less
+where the stored task was a projection in the old bases (:func:`share_convert.planning.drift_bound`).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import replace as dc_replace
 from itertools import compress
@@ -59,7 +61,7 @@ from .encoding import StoredBases, encode_task, store_bases, store_grams
 from .errors import DuplicateTaskError, IncompatibleAdaptersError, InvalidOptionError, UnknownTaskError
 from .formats import LoraFactors
 from .linalg import RANK_RTOL, canonicalize_padded, deterministic, fix_signs, left_batched, load_linalg
-from .planning import FrozenTasks, ModulePlanner, TaskFit, energy_k, task_weight, task_weights
+from .planning import FrozenTasks, ModulePlanner, TaskFit, drift_bound, energy_k, task_weight, task_weights
 from .records import Chain, RecordTable, TaskRows
 
 
@@ -449,7 +451,18 @@ def quadratic_form(
             return sum(w for w, _, _ in terms) * cores.pow(2).sum(1)
         K = sum(w * torch.kron(eye_B if G is None else G, eye_A if H is None else H) for w, G, H in terms)
         return ((cores @ K) * cores).sum(1)
+    return block_form(XB, XA, terms)
+
+
+def block_form(
+    XB: torch.Tensor, XA: torch.Tensor, terms: Sequence[tuple[float, torch.Tensor | None, torch.Tensor | None]]
+) -> torch.Tensor:
+    """:func:`quadratic_form` through each task's r × r blocks Xᵀ G X, per term: k² r work per task
+    and term rather than the cores' (k_B k_A)², for sums whose cancellations float64 can afford."""
+    T = XB.shape[0]
     out = torch.zeros(T, dtype=torch.float64)
+    if XB.shape[2] == 0:
+        return out
     for w, G, H in terms:
         QB = XB.transpose(1, 2) @ (XB if G is None else G @ XB)  # r × r per task
         QA = XA.transpose(1, 2) @ (XA if H is None else H @ XA)
@@ -471,6 +484,87 @@ def _prefix_tasks(ckpt: Checkpoint, name: str, prefix: str) -> list[str]:
         return list(table.tasks)
     group = int(prefix.rstrip("/").rsplit("/g", 1)[1])
     return [t for t, g in zip(table.tasks, table.int_column("group").tolist()) if g == group]
+
+
+#: Unit roundoff of each storage dtype: a stored coefficient is within this fraction of the computed one.
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
+
+
+def projection_slack(
+    ckpt: Checkpoint,
+    info: dict[str, Any],
+    table: RecordTable,
+    old: _OldCoefficients,
+    b_old: torch.Tensor,
+    a_old: torch.Tensor,
+    norm2: torch.Tensor,
+) -> torch.Tensor:
+    """η of :func:`share_convert.planning.drift_bound` per old task: a bound on ‖Π R‖ / ‖ΔW‖, with
+    R = ΔW − ΔŴ and Π the projection onto span(β) ⊗ span(α) of the stored bases; +inf where
+    nothing better than the triangle bound is known.
+
+    Finite only for tasks encoded by the operation that wrote the checkpoint (``drift`` −1, so
+    their coefficients were computed in these very bases), with an exact error (not ``bound``), not
+    taken from another checkpoint (whose error is relative to an earlier reconstruction) and with no
+    private part (the private correction of the residual has a component in the span). For those the
+    stored core C is βᵀΔWα up to rounding (spec, section 2, step 6), so that Π R = Π ΔW − β C αᵀ
+    comes only from the storage dtype (unit roundoff u, each factor of C rounded) and from the stored
+    bases being orthonormal only to that precision (‖βᵀβ − I‖₂ = ε_B):
+    ‖Π R‖ ≤ √((1+ε_B)(1+ε_A)) [(1+δ_B)(1+δ_A)(2u + u²) ‖c_B‖ ‖c_A‖ + (δ_B + δ_A + δ_B δ_A) ‖C‖],
+    δ = ε / (1 − ε). u also carries √max(n, d) · 2⁻²³ for the float32 products the coordinates come
+    from (a typical-case margin, not a proof: recorded errors are accurate to that precision too).
+    """
+    T = len(table)
+    inf = torch.full((T,), torch.inf, dtype=torch.float64)
+    if T == 0 or b_old.shape[1] == 0 or a_old.shape[1] == 0:
+        return inf
+    eligible = (
+        (table.int_column("bound") == 0)
+        & (table.float_column("drift") < 0)
+        & (table.int_column("private_rank") == 0)
+        & (table.float_column("norm") > 0)
+    )
+    reconstructed = _reconstructed_tasks(ckpt)
+    if reconstructed:
+        eligible &= ~np.isin(np.asarray(table.tasks, dtype=object), reconstructed)
+    if not eligible.any():
+        return inf
+    n, d = info["out_features"], info["in_features"]
+    u = UNIT_ROUNDOFF.get(info.get("dtype", "float32"), 2.0**-8) + max(n, d) ** 0.5 * 2.0**-23
+
+    def defect(basis: torch.Tensor) -> float:
+        gram = basis.T @ basis
+        return float(torch.linalg.eigvalsh(gram - torch.eye(gram.shape[0], dtype=gram.dtype)).abs().max())
+
+    eps_B, eps_A = defect(b_old), defect(a_old)
+    if max(eps_B, eps_A) >= 0.5:
+        return inf
+    dB, dA = eps_B / (1 - eps_B), eps_A / (1 - eps_A)
+    coefs = (old.XB.square().sum((1, 2)) * old.XA.square().sum((1, 2))).sqrt()
+    core = norm2.clamp_min(0).sqrt()
+    eta = ((1 + eps_B) * (1 + eps_A)) ** 0.5 * (
+        (1 + dB) * (1 + dA) * (2 * u + u * u) * coefs + (dB + dA + dB * dA) * core
+    )
+    eta = eta * task_weights(table.float_column("norm"), "equal")
+    return torch.where(torch.from_numpy(eligible), eta, inf)
+
+
+_RECONSTRUCTED: weakref.WeakKeyDictionary[Checkpoint, list[str]] = weakref.WeakKeyDictionary()
+
+
+def _reconstructed_tasks(ckpt: Checkpoint) -> list[str]:
+    """The tasks of ``ckpt`` taken from another checkpoint (their originals were reconstructions),
+    found once per checkpoint rather than once per module."""
+    if ckpt not in _RECONSTRUCTED:
+        _RECONSTRUCTED[ckpt] = [t for t, rec in ckpt.tasks.items() if rec.get("from_checkpoint")]
+    return _RECONSTRUCTED[ckpt]
+
+
+def _inside(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """V (k_old × k) with ‖V x‖ = ‖Π_old new x‖ for every x, Π_old the orthogonal projection onto
+    span(``old``): with G = oldᵀold = L Lᵀ, V = L⁻¹ oldᵀ new (G is the identity but for rounding)."""
+    L = torch.linalg.cholesky(old.T @ old)
+    return torch.linalg.solve_triangular(L, old.T @ new, upper=False)
 
 
 def update_module(
@@ -523,6 +617,8 @@ def update_module(
     new_alpha, sA = _updated_basis(alpha, GA, NA)
     nb64, na64 = new_beta.double(), new_alpha.double()
     norm2 = old.form([(1.0, None, None)])  # ‖shared part‖², the bases taken as orthonormal (as the planner does)
+    slack = projection_slack(ckpt, info, table, old, b_old, a_old, norm2)
+    inside = (_inside(b_old, nb64), _inside(a_old, na64)) if bool(torch.isfinite(slack).any()) else None
     frozen = FrozenTasks(
         Eb=left_batched(nb64.T @ b_old, old.XB),
         Ea=left_batched(na64.T @ a_old, old.XA),
@@ -530,6 +626,8 @@ def update_module(
         ranks=old.ranks,
         prior=torch.from_numpy(old_errors.copy()),
         scale=task_weights(old_norms, "equal"),
+        slack=slack,
+        inside=inside,
     )
     fits = [TaskFit.of(m.s, nb64.T @ m.Bc.double(), na64.T @ m.Ac.double(), m.prior) for m in members]
     planner = ModulePlanner(n, d, fits, frozen=frozen)
@@ -546,23 +644,28 @@ def update_module(
     beta_s, alpha_s = store_bases(name, new_beta, new_alpha, plan, dtype, result, prefix)
     stored = StoredBases.of(beta_s, alpha_s)
     chain = _chain_step(ckpt, name, prefix, old_tasks, b_old.shape[1], a_old.shape[1], plan, dtype)
-    # drift² = ‖before‖² − 2⟨before, after⟩ + ‖after‖², all from k-sized products (batched)
+    # drift² = ‖before‖² − 2⟨before, after⟩ + ‖after‖², all from k-sized products (batched); for the
+    # tasks drift_bound can do more for, outside² = ‖after‖² − ‖Π_old after‖² (before is inside the old span)
     before = (1.0, b_old.T @ b_old, a_old.T @ a_old)
     T = len(old_tasks)
     known = None
+    outside2 = torch.zeros(T, dtype=torch.float64)
+    tighter = inside is not None
     if stored is not None:
         RB, RA = stored.beta.T @ b_old, stored.alpha.T @ a_old  # old coordinates -> new (k × k_old)
+        if tighter:
+            VB, VA = _inside(b_old, stored.beta), _inside(a_old, stored.alpha)
         if chain is not None:
             # the rows stay; readers rotate them: after = β_new (R_B x_b)(α_new R_A x_a)ᵀ exactly
             ranks = old.ranks
             # ⟨before, after⟩ with R = β_newᵀβ_old (G = R_BᵀR_B), ‖after‖² with the stored bases' Grams
-            drift2 = old.form(
-                [
-                    before,
-                    (-2.0, RB.T @ RB, RA.T @ RA),
-                    (1.0, RB.T @ stored.gram_beta @ RB, RA.T @ stored.gram_alpha @ RA),
-                ]
-            )
+            after = (1.0, RB.T @ stored.gram_beta @ RB, RA.T @ stored.gram_alpha @ RA)
+            drift2 = old.form([before, (-2.0, RB.T @ RB, RA.T @ RA), after])
+            # f² as a difference of float64 sums: rounding (~1e-16 ‖after‖²) moves f by ~1e-8 ‖after‖
+            # at most, far below the slack: the blocks, much cheaper than the cores here, suffice
+            if tighter:
+                WB, WA = VB @ RB, VA @ RA
+                outside2 = block_form(old.XB, old.XA, [after, (-1.0, WB.T @ WB, WA.T @ WA)])
             known = {"B": RB @ GB @ RB.T, "A": RA @ GA @ RA.T}  # the old tasks' part of Σ w c cᵀ
         else:
             EB, EA = left_batched(RB, old.XB), left_batched(RA, old.XA)
@@ -572,16 +675,21 @@ def update_module(
             cross = ((EB.transpose(-1, -2) @ CB64) * (EA.transpose(-1, -2) @ CA64)).sum((-1, -2))
             after2 = quadratic_form(CB64, CA64, [(1.0, stored.gram_beta, stored.gram_alpha)])
             drift2 = old.form([before]) - 2 * cross + after2
+            if tighter:
+                gram = (1.0, stored.gram_beta, stored.gram_alpha)
+                outside2 = block_form(CB64, CA64, [gram, (-1.0, VB.T @ VB, VA.T @ VA)])
             known = {side: _gram(C * root) for side, C in (("B", CB64), ("A", CA64))}
     else:
         ranks = torch.zeros(T, dtype=torch.int64)
-        drift2 = old.form([before])
+        drift2 = old.form([before])  # nothing is kept: the drift is the shared part, inside the old span
     drifts_abs = drift2.clamp_min(0).sqrt().numpy()
     drift = np.where(old_norms > 0, drifts_abs / np.where(old_norms > 0, old_norms, 1.0), 0.0)
+    outside = outside2.clamp_min(0).sqrt() * task_weights(old_norms, "equal")
+    error = drift_bound(torch.from_numpy(old_errors.copy()), torch.from_numpy(drift), outside, slack).numpy()
     result.records = table.updated(
         error_before=old_errors,
         drift=drift,
-        error=old_errors + drift,
+        error=error,
         rank=ranks.numpy(),
         bound=table.int_column("bound") | (drift > 1e-6),
     )
@@ -786,18 +894,89 @@ def refit_module(
 
     The fallback of :func:`update_grouped_module` when a group would be left empty or no group
     has bases; its cost grows with the number of old tasks of that module. Old tasks' errors
-    become bounds.
+    become bounds: the error before plus the drift, or :func:`share_convert.planning.drift_bound`
+    where the old reconstruction was a projection (:func:`projection_slack`).
     """
     sources = [CheckpointTask(ckpt, t) for t in old_tasks]
     old_members = read_members(sources, name, config)
     info = ckpt.modules[name]
+    projections = _old_projections(ckpt, name, old_tasks)
+    for m in old_members:  # the planner counts the tighter bounds of plans that stay in the old span
+        if m.task in projections:
+            m.slack = projections[m.task][0]
     res = consolidate_module(name, info["out_features"], info["in_features"], old_members + members, config, dtype)
     for t in old_tasks:
         rec = res.records[t]
         before = info["tasks"][t]["error"]
         rec["error_before"] = before
         rec["drift"] = max(rec["error"] - before, 0.0)
+    _tighten_refit(res, name, projections)
     return res
+
+
+def _old_projections(
+    ckpt: Checkpoint, name: str, old_tasks: list[str]
+) -> dict[str, tuple[float, torch.Tensor, torch.Tensor]]:
+    """The old tasks of one module whose stored part is a projection in their bases
+    (:func:`projection_slack` finite): task -> (η, β, α of those bases, float64)."""
+    info = ckpt.modules[name]
+    table = RecordTable.from_dicts(info["tasks"]).select(old_tasks)
+    by_prefix: dict[str, list[str]] = {}
+    for t in old_tasks:
+        prefix = ckpt.bases_prefix(name, t)
+        if prefix is not None:
+            by_prefix.setdefault(prefix, []).append(t)
+    out: dict[str, tuple[float, torch.Tensor, torch.Tensor]] = {}
+    for prefix, tasks in by_prefix.items():
+        beta, alpha = ckpt.tensor(f"{prefix}basis_B").double(), ckpt.tensor(f"{prefix}basis_A").double()
+        old = _OldCoefficients(ckpt, name, tasks, beta.shape[1], alpha.shape[1], prefix)
+        slack = projection_slack(ckpt, info, table.select(tasks), old, beta, alpha, old.form([(1.0, None, None)]))
+        for i in torch.isfinite(slack).nonzero().flatten().tolist():
+            out[tasks[i]] = (float(slack[i]), beta, alpha)
+    return out
+
+
+def _tighten_refit(
+    res: ModuleResult, name: str, projections: dict[str, tuple[float, torch.Tensor, torch.Tensor]]
+) -> None:
+    """Replace the bound error before + drift of :func:`refit_module`'s old tasks by :func:`drift_bound`
+    where their stored part was a projection in the old bases (``projections``).
+
+    The refit encodes each old task's reconstruction ΔŴ_before afresh as ΔŴ_after, so D = ΔŴ_before −
+    ΔŴ_after and its part outside the old span is ΔŴ_after's: ‖(I − Π_old) ΔŴ_after‖² = ‖ΔŴ_after‖² −
+    ‖Π_old ΔŴ_after‖², from products of the new factors with the old bases (n-sized, per task, as the
+    refit itself is). When the refit keeps each task's own top directions, ΔŴ_after lies in the old span
+    and the bound is Pythagoras', √(e² + d²).
+    """
+    f64 = torch.float64
+    for t, (slack, beta, alpha) in projections.items():
+        rec = res.records[t]
+        Bn, An = _result_factors(res, name, t)
+        outside = 0.0
+        if Bn.shape[1]:
+            VB, VA = _inside(beta, Bn), _inside(alpha, An)
+            within = ((VB.T @ VB) * (VA.T @ VA)).sum()
+            outside = float((((Bn.T @ Bn) * (An.T @ An)).sum() - within).clamp_min(0).sqrt()) / rec["norm"]
+        before, drift = (torch.tensor([rec[c]], dtype=f64) for c in ("error_before", "drift"))
+        bound = drift_bound(before, drift, torch.tensor([outside], dtype=f64), torch.tensor([slack], dtype=f64))
+        rec["error"] = min(float(bound), rec["error"])
+
+
+def _result_factors(res: ModuleResult, name: str, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A task's ΔŴ in a freshly consolidated module as column factors (n × w, d × w), float64."""
+    parts = res.task_parts.get(task, {})
+    rec = res.records[task]
+    prefix = f"modules/{name}/g{rec['group']}/" if res.groups else f"modules/{name}/"
+    cols_B, cols_A = [], []
+    if "coef_B" in parts:
+        cols_B.append(res.tensors[f"{prefix}basis_B"].double() @ parts["coef_B"].double())
+        cols_A.append(res.tensors[f"{prefix}basis_A"].double() @ parts["coef_A"].double())
+    if "private_B" in parts:
+        cols_B.append(parts["private_B"].double())
+        cols_A.append(parts["private_A"].double().T)
+    if not cols_B:  # nothing stored: ΔŴ_after = 0
+        return torch.zeros(0, 0, dtype=torch.float64), torch.zeros(0, 0, dtype=torch.float64)
+    return torch.cat(cols_B, 1), torch.cat(cols_A, 1)
 
 
 def remove(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import parse_budget  # noqa: F401 (re-exported)
-from .linalg import residual_spectrum
+from .linalg import left_batched, residual_spectrum
 
 #: The k values tried between 0 and the number of basis vectors computed.
 K_GRID = (
@@ -72,6 +72,9 @@ class TaskFit:
     A task that is itself a reconstruction (from a checkpoint) carries its error so far
     (``prior``) and ``ratio`` = ‖ΔŴ‖ / ‖ΔW‖: its planned error is then the bound
     prior + ratio × (error relative to ΔŴ), the figure its record will show (spec, section 5).
+    Where the reconstruction was a projection of its original onto its checkpoint's bases
+    (``slack`` finite: η of :func:`drift_bound`), plans that keep each task's own directions (k = 0)
+    stay inside those bases, and the planned bound is :func:`drift_bound`'s with no outside part.
     """
 
     s: torch.Tensor  # (r,) float64, canonical singular values of ΔW
@@ -79,26 +82,56 @@ class TaskFit:
     Ea: torch.Tensor  # (K_A, r) float64, αᵀA'
     prior: float = 0.0
     ratio: float = 1.0
+    slack: float = math.inf
 
     def __post_init__(self) -> None:
         self.rank = int(self.s.numel())
         self.norm2 = float((self.s**2).sum())
 
     @classmethod
-    def of(cls, s: torch.Tensor, Eb: torch.Tensor, Ea: torch.Tensor, prior=None) -> TaskFit:
+    def of(cls, s: torch.Tensor, Eb: torch.Tensor, Ea: torch.Tensor, prior=None, slack: float = math.inf) -> TaskFit:
         """A fit for a member whose ``prior`` is (error, ‖ΔW‖ of the original, is_bound) or None."""
         if prior is None:
             return cls(s, Eb, Ea)
         error, norm, _ = prior
-        return cls(s, Eb, Ea, error, float((s**2).sum()) ** 0.5 / norm if norm > 0 else 0.0)
+        return cls(s, Eb, Ea, error, float((s**2).sum()) ** 0.5 / norm if norm > 0 else 0.0, slack)
+
+
+def drift_bound(error: torch.Tensor, drift: torch.Tensor, outside: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
+    """Upper bounds on old tasks' relative errors after an update moved their reconstructions (spec, section 5).
+
+    With R = ΔW − ΔŴ_before (‖R‖ = ``error``) and D = ΔŴ_before − ΔŴ_after (‖D‖ = ``drift``), all
+    relative to ‖ΔW‖:  ‖ΔW − ΔŴ_after‖² = e² + d² + 2⟨R, D⟩. Cauchy–Schwarz, ⟨R, D⟩ ≤ e d, gives
+    the triangle bound e + d, the only one for a task about whose R nothing more is known.
+
+    A task whose stored part is the orthogonal projection of ΔW onto S = span(β) ⊗ span(α) (it was
+    encoded in these bases, with no private part) has R ⊥ S, but for ΠR, of norm a ≤ ``slack`` (η),
+    left by rounding to the storage dtype. Split D = ΠD + (I − Π)D, of norms g and f = ``outside``
+    (f² + g² = d²): ⟨R, D⟩ ≤ a g + √(e² − a²) f, whose largest value over a ≤ η is taken (a = e g / d
+    gives e d, so the result never exceeds e + d; a = 0 gives e² + d² + 2 e f). Rotating bases
+    move a reconstruction mostly out of S (f ≈ d) and gain little; dropping directions of S (f ≈ 0)
+    gives Pythagoras. ``slack`` is +inf for tasks with no such structure (the triangle bound).
+    Nothing stored rules the worst case out: ΔW' = ΔŴ_before + R' with R' ⊥ S along (I − Π)D has
+    the same stored coefficients, error and norm, and reaches the bound (tests/test_bounds.py builds
+    one; it is a matrix of any rank, so a rank-r original might stay a little below).
+    """
+    f = outside.clamp_min(0).minimum(drift)
+    g = (drift.square() - f.square()).clamp_min(0).sqrt()
+    worst = torch.where(drift > 0, error * g / drift.clamp_min(1e-300), 0.0)
+    a = torch.minimum(worst, slack.clamp_min(0))
+    cross = a * g + (error.square() - a.square()).clamp_min(0).sqrt() * f
+    tight = (error.square() + drift.square() + 2 * cross).sqrt()
+    return torch.where(torch.isfinite(slack), torch.minimum(tight, error + drift), error + drift)
 
 
 @dataclass
 class FrozenTasks:
     """Tasks whose private rank is fixed at 0 (old tasks during a continual update), batched.
 
-    A frozen task's error after the update is bounded by its error before plus the drift of its
-    shared part, ‖S − P_β S P_α‖ / ‖ΔW‖ (spec, section 5), which is what the planner counts.
+    A frozen task's error after the update is bounded from its error before and the drift of its
+    shared part, ‖S − P_β S P_α‖ / ‖ΔW‖ (spec, section 5): by their sum, or, for tasks whose
+    ``slack`` is finite, by :func:`drift_bound`, which needs the part of the drift outside the old
+    bases' span (``inside`` gives that span's coordinates); it is what the planner counts.
     Coordinates are zero-padded to the largest rank (padding changes none of the sums below), so
     their errors at any k cost a few batched products, not a Python loop over tasks.
     """
@@ -109,6 +142,10 @@ class FrozenTasks:
     ranks: torch.Tensor  # (T,) int64
     prior: torch.Tensor  # (T,) float64, each task's error before the update
     scale: torch.Tensor  # (T,) float64, 1 / ‖ΔW‖ of each task's original update (0 if ΔW = 0)
+    #: (T,) float64, η of :func:`drift_bound` per task, +inf where only the triangle bound holds; None: all
+    slack: torch.Tensor | None = None
+    #: (V_B, V_A), k_old × K each: ‖V_B[:, :k] x‖ is the norm of β'_k x's projection on span(β_old)
+    inside: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         self._cache: dict[tuple[int, int], tuple[float, float]] = {}
@@ -117,14 +154,25 @@ class FrozenTasks:
         return int(self.Eb.shape[0])
 
     def errors(self, k_B: int, k_A: int) -> torch.Tensor:
-        """Each task's error bound at this k: its prior error plus the drift of its shared part."""
+        """Each task's error bound at this k, from its prior error and the drift of its shared part."""
         if k_B == 0 or k_A == 0:
             kept = torch.zeros_like(self.norm2)
+            Eb = Ea = None
         else:
             Eb, Ea = self.Eb[:, :k_B], self.Ea[:, :k_A]
             kept = ((Eb.transpose(-1, -2) @ Eb) * (Ea.transpose(-1, -2) @ Ea)).sum((-1, -2))
         # the bases are orthonormal: ‖S − P S P‖² = ‖S‖² − ‖P S P‖²
-        return self.prior + (self.norm2 - kept).clamp_min(0).sqrt() * self.scale
+        drift = (self.norm2 - kept).clamp_min(0).sqrt() * self.scale
+        if self.slack is None or self.inside is None or not bool(torch.isfinite(self.slack).any()):
+            return self.prior + drift
+        if Eb is None:  # nothing kept: the drift is the shared part itself, inside the old span
+            outside = torch.zeros_like(drift)
+        else:
+            # ‖(I − Π_old) P S P‖² = ‖P S P‖² − ‖Π_old P S P‖², Π_old the old bases' projection
+            YB, YA = left_batched(self.inside[0][:, :k_B], Eb), left_batched(self.inside[1][:, :k_A], Ea)
+            within = ((YB.transpose(-1, -2) @ YB) * (YA.transpose(-1, -2) @ YA)).sum((-1, -2))
+            outside = (kept - within).clamp_min(0).sqrt() * self.scale
+        return drift_bound(self.prior, drift, outside, self.slack)
 
     def error_stats(self, k_B: int, k_A: int) -> tuple[float, float]:
         """(sum, max) of the errors at this k."""
@@ -192,6 +240,7 @@ class ModulePlanner:
             norm2=torch.tensor([f.norm2 for f in fits], dtype=f64),
             prior=torch.tensor([f.prior for f in fits], dtype=f64),
             ratio=torch.tensor([f.ratio for f in fits], dtype=f64),
+            slack=torch.tensor([f.slack for f in fits], dtype=f64),
             frozen=frozen,
         )
         self._fits = fits
@@ -209,16 +258,17 @@ class ModulePlanner:
         norm2: torch.Tensor,
         prior: torch.Tensor,
         ratio: torch.Tensor,
+        slack: torch.Tensor | None = None,
     ) -> ModulePlanner:
         """A planner over tasks given as padded stacks: ``s`` (T × R), ``Eb`` (T × K_B × R), ``Ea``
-        (T × K_A × R), float64, zero past each task's rank; ``prior`` and ``ratio`` as in :class:`TaskFit`.
-        No object per task is made unless :attr:`fits` is asked for."""
+        (T × K_A × R), float64, zero past each task's rank; ``prior``, ``ratio`` and ``slack`` as in
+        :class:`TaskFit`. No object per task is made unless :attr:`fits` is asked for."""
         planner = cls.__new__(cls)
-        planner._init(n, d, s, Eb, Ea, ranks=ranks, norm2=norm2, prior=prior, ratio=ratio, frozen=None)
+        planner._init(n, d, s, Eb, Ea, ranks=ranks, norm2=norm2, prior=prior, ratio=ratio, slack=slack, frozen=None)
         planner._fits = None
         return planner
 
-    def _init(self, n, d, s, Eb, Ea, *, ranks, norm2, prior, ratio, frozen) -> None:
+    def _init(self, n, d, s, Eb, Ea, *, ranks, norm2, prior, ratio, frozen, slack=None) -> None:
         self.n, self.d = n, d
         #: tasks whose private rank is fixed at 0 here (old tasks during a continual update)
         self.frozen = frozen
@@ -229,6 +279,9 @@ class ModulePlanner:
         self.R = R = int(s.shape[1])
         #: no task is a reconstruction: planned errors are the errors themselves
         self._plain = bool(((prior == 0) & (ratio == 1)).all())
+        #: η of drift_bound per task (+inf: the triangle bound), used where a plan keeps each task's own directions
+        self.slack = slack if slack is not None else torch.full_like(prior, math.inf)
+        self._projections = bool(torch.isfinite(self.slack).any())
         self._s, self._Eb, self._Ea = s, Eb, Ea
         #: q ≤ rank: which private ranks each task can take (columns 0 … R)
         self._allowed = torch.arange(R + 1)[None, :] <= ranks[:, None]
@@ -249,8 +302,10 @@ class ModulePlanner:
         """The tasks, one :class:`TaskFit` each (views of the stacks when the planner was built from them)."""
         if self._fits is None:
             self._fits = [
-                TaskFit(self._s[i, :r], self._Eb[i, :, :r], self._Ea[i, :, :r], float(p), float(q))
-                for i, (r, p, q) in enumerate(zip(self.ranks.tolist(), self.prior.tolist(), self.ratio.tolist()))
+                TaskFit(self._s[i, :r], self._Eb[i, :, :r], self._Ea[i, :, :r], float(p), float(q), float(h))
+                for i, (r, p, q, h) in enumerate(
+                    zip(self.ranks.tolist(), self.prior.tolist(), self.ratio.tolist(), self.slack.tolist())
+                )
             ]
         return self._fits
 
@@ -289,20 +344,25 @@ class ModulePlanner:
         return min(k, self.K_B), min(k, self.K_A)
 
     # -- errors --------------------------------------------------------------------------------------
-    def _relative(self, energy: torch.Tensor) -> torch.Tensor:
+    def _relative(self, energy: torch.Tensor, inside: bool = False) -> torch.Tensor:
         """Planned errors from residual energies (``T × …``): √(energy / ‖ΔW‖²), 0 where ΔW = 0,
-        or their bounds for tasks that are reconstructions (prior + ratio × error, spec section 5)."""
+        or their bounds for tasks that are reconstructions (prior + ratio × error, spec section 5;
+        :func:`drift_bound` with no outside part where ``inside``: each task keeps its own directions)."""
         shape = (-1, *([1] * (energy.dim() - 1)))  # per task, broadcast over the other dimensions
         norm2 = self.norm2.view(shape)
         errs = torch.where(norm2 > 0, (energy / norm2.clamp_min(1e-300)).clamp_min(0).sqrt(), 0.0)
         if self._plain:
             return errs
-        return self.prior.view(shape) + self.ratio.view(shape) * errs
+        drift = self.ratio.view(shape) * errs
+        if inside and self._projections:
+            prior, slack = self.prior.view(shape).expand_as(drift), self.slack.view(shape).expand_as(drift)
+            return drift_bound(prior, drift, torch.zeros_like(drift), slack)
+        return self.prior.view(shape) + drift
 
     def shared_error_tensor(self, k_B: int, k_A: int) -> torch.Tensor:
         """Per task, the error of pure sharing (q = 0): e² = 1 − ‖E_B E_Aᵀ‖² / ‖ΔW‖² (spec, section 4)."""
         if k_B == 0 or k_A == 0:
-            return self._relative(self.norm2.clone())
+            return self._relative(self.norm2.clone(), inside=True)
         Eb, Ea = self._Eb[:, :k_B], self._Ea[:, :k_A]
         kept = ((Eb.transpose(-1, -2) @ Eb) * (Ea.transpose(-1, -2) @ Ea)).sum((-1, -2))
         return self._relative(self.norm2 - kept)
@@ -327,7 +387,7 @@ class ModulePlanner:
         # energy left after keeping q private directions, q = 0 … R
         tail = spec.flip(-1).cumsum(-1).flip(-1)
         tail = torch.cat([tail, tail.new_zeros(T, 1)], -1)[:, : R + 1]
-        self._tails[key] = out = self._relative(tail)
+        self._tails[key] = out = self._relative(tail, inside=k_B == 0)
         return out
 
     def evaluate(self, k_B: int, k_A: int, q) -> ModulePlan:

@@ -113,3 +113,12 @@ def test_serve_runner_compares_the_runtime_with_peft_and_writes_its_results(tmp_
     memory = results["memory"]
     assert memory["share_adapter_bytes"] == memory["share_report"]["adapters"] > 0
     assert set(memory["whole_process_mb"]) == {"base", "peft", "share"}
+
+
+def test_bounds_runner_compares_recorded_and_true_errors(tmp_path):
+    out = tmp_path / "b.json"
+    run(BENCH / "bench_bounds.py", "--layers", "1", "--hidden", "64", "--work", tmp_path / "w", "--out", out)
+    steps = json.loads(out.read_text())["steps"]
+    assert list(steps) == ["merge 4", "add 3", "add 3 more", "merge 7 at once", "merge 10 at once"]
+    for step in steps.values():
+        assert all(row["shortfall"] <= 1e-5 for row in step["tasks"].values())  # every recorded error bounds the truth

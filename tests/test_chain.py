@@ -88,7 +88,9 @@ def test_a_chained_add_gives_the_updates_and_figures_of_writing_the_rows_again(c
     for task in chain.tasks:
         assert rel(delta(chain, task), delta(rewritten, task)) < 1e-6, task
         a, b = chain.modules[MODULE]["tasks"][task], rewritten.modules[MODULE]["tasks"][task]
-        assert a["error"] == pytest.approx(b["error"], abs=1e-9)
+        # the bound uses the drift's part outside the old bases, a difference of squares: rounding
+        # the rewritten coefficients moves it a little more than the drift itself
+        assert a["error"] == pytest.approx(b["error"], abs=1e-8)
         assert a.get("drift", -1) == pytest.approx(b.get("drift", -1), abs=1e-9)
 
 
