@@ -25,7 +25,7 @@ from .formats import (
     open_adapters,
     parse_input,
 )
-from .sharding import DEFAULT_MAX_SHARD_SIZE
+from .sharding import DEFAULT_MAX_SHARD_SIZE, parse_size
 
 # The engine (consolidation, continual updates, extraction) imports torch: each command imports
 # what it needs when it runs, so that --help, tasks and info start without it.
@@ -117,9 +117,8 @@ def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
         if not os.path.exists(typed) and typed.endswith(".safetensors") and existing_checkpoint(typed) is not None:
             typed = str(existing_checkpoint(typed))  # a checkpoint written in shards: its index
         for path in shards_as_indexes(expand_paths(typed)):
-            if path.is_file() and path.name.endswith(INDEX_SUFFIX) and is_checkpoint(path):
-                sources += checkpoint_tasks(Checkpoint(path))
-            elif path.is_file() and path.suffix == ".safetensors" and is_checkpoint(path):
+            stored = path.name.endswith(INDEX_SUFFIX) or path.suffix == ".safetensors"
+            if path.is_file() and stored and is_checkpoint(path):  # a checkpoint, or its shards' index
                 sources += checkpoint_tasks(Checkpoint(path))
             else:
                 sources += open_adapters(
@@ -167,11 +166,10 @@ def merge(
     more than ``max_shard_size`` bytes (an int, or text: '5GB', '500MB') are written in shards
     beside ``output`` with an index ``<output>.index.json`` (docs/format.md, "Sharding").
     """
-    from .checkpoint import parse_size
-
-    max_shard_size = parse_size(max_shard_size)
     from .consolidation import merge as _merge
     from .consolidation import only_modules
+
+    max_shard_size = parse_size(max_shard_size)
 
     if config is not None:
         config.validate()  # bad options (and --k 0 alone, which stores nothing) before any input is read
@@ -244,7 +242,6 @@ def add(
     ``config`` defaults to the checkpoint's own options, with ``k`` / ``target_error`` / ``device``
     overriding them (the device defaults to 'auto', whatever the checkpoint was made on).
     """
-    from .checkpoint import parse_size
     from .continual import add as _add
     from .continual import config_of
 
@@ -283,7 +280,7 @@ def remove(
     import shutil
 
     from .atomic import temp_dir_beside
-    from .checkpoint import Checkpoint, check_output, checkpoint_target, move_checkpoint, parse_size, same_checkpoint
+    from .checkpoint import Checkpoint, check_output, checkpoint_target, move_checkpoint, same_checkpoint
     from .continual import remove as _remove
     from .report import summarize
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .linalg import canonicalize, canonicalize_padded, left_batched, relative_errors
+from .linalg import canonicalize, canonicalize_padded, fix_signs, left_batched, relative_errors
 from .planning import ModulePlan
 
 if TYPE_CHECKING:
@@ -196,9 +196,7 @@ def encode_in_bases(
             half = (S[:, :q].sqrt() * live).unsqueeze(-2)
             PB = QB @ (U[:, :, :q] * half)
             PA = QA @ (Vh.transpose(-1, -2)[:, :, :q] * half)
-            at = PB.abs().argmax(dim=-2, keepdim=True)  # the sign convention of fix_signs
-            signs = torch.sign(PB.gather(-2, at))
-            signs[signs == 0] = 1
+            signs = fix_signs(PB).unsqueeze(-2)
             PB, PA = (PB * signs).to(dtype), (PA * signs).to(dtype)  # as stored
             PB64, PA64 = PB.to(f64), PA.to(f64)
             cross_private = tr(Bc, Ac, PB64, PA64)

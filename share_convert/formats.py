@@ -196,9 +196,8 @@ def read_module_stack(sources: list[Any], module: str, files: OpenFiles | None =
     files = files or OpenFiles(limit=0)
     for i, p in enumerate(places):
         try:
-            for (begin, end), view, size in ((p.span_B, view_B, size_B), (p.span_A, view_A, size_A)):
-                if files.read_into(p.path, begin, view[i * size : (i + 1) * size]) != end - begin:
-                    raise ValueError("the file is shorter than its header says: it changed since it was opened")
+            for (begin, _end), view, size in ((p.span_B, view_B, size_B), (p.span_A, view_A, size_A)):
+                _read_exactly(files, p.path, begin, view[i * size : (i + 1) * size])
         except Exception as e:
             raise BadAdapterError(
                 f"cannot read tensors ({first_line(e)})", path=p.path, hint="Re-download the adapter"
@@ -212,6 +211,12 @@ def read_module_stack(sources: list[Any], module: str, files: OpenFiles | None =
         bad = int((~finite).nonzero()[0])
         sources[bad].read_module(module)  # names the tensor (or passes: only a sum overflowed)
     return LoraStack(B=B, A=A)
+
+
+def _read_exactly(files: OpenFiles, path: Path, offset: int, view: memoryview) -> None:
+    """Fill ``view`` from ``path`` at ``offset``; ValueError when the file ends first."""
+    if files.read_into(path, offset, view) != len(view):
+        raise ValueError("the file is shorter than its header says: it changed since it was opened")
 
 
 def _from_bytes(raw: bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -397,7 +402,6 @@ class AdapterSource:
 
     # -- data -----------------------------------------------------------------------------------
     def _get(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        import torch
 
         if self.weights_path.suffix == ".bin":
             data = self._load_bin()
@@ -408,19 +412,12 @@ class AdapterSource:
             # seek and a read per tensor, not a parse of the whole header per module.
             if all(self.dtypes[k] in SUPPORTED_DTYPES for k in keys):
                 out = {}
-                with open(self.weights_path, "rb") as f:
+                with OpenFiles(limit=1) as files:  # the file opened once for these tensors
                     for k in keys:
                         begin, end = self._offsets[k]
-                        f.seek(begin)
-                        raw = f.read(end - begin)
-                        if len(raw) != end - begin:
-                            raise ValueError("the file is shorter than its header says: it changed since it was opened")
-                        dtype = _torch_dtype(self.dtypes[k])
-                        out[k] = (
-                            torch.frombuffer(bytearray(raw), dtype=dtype).reshape(self.shapes[k])
-                            if raw
-                            else torch.zeros(self.shapes[k], dtype=dtype)
-                        )
+                        raw = bytearray(end - begin)
+                        _read_exactly(files, self.weights_path, begin, memoryview(raw))
+                        out[k] = _from_bytes(raw, _torch_dtype(self.dtypes[k]), tuple(self.shapes[k]))
                 return out
             with safe_open(self.weights_path, framework="pt") as f:
                 return {k: f.get_tensor(k) for k in keys}

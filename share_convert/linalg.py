@@ -52,14 +52,18 @@ def load_linalg(device: torch.device) -> None:
 def fix_signs(U: torch.Tensor) -> torch.Tensor:
     """Sign convention: each column's largest-magnitude entry is positive (spec, section 2.4).
 
-    Returns the ±1 vector applied, so that a paired factor can be flipped the same way.
+    Returns the ±1 vector applied (``r``, or ``… × r`` for a batch ``… × n × r``), so that a paired
+    factor can be flipped the same way; the first such entry on ties, and 1 for a zero column. A
+    max and a min reduction find it, without an n-sized ``abs`` copy.
     """
-    if U.shape[1] == 0:
-        return torch.ones(0, dtype=U.dtype, device=U.device)
-    idx = U.abs().argmax(dim=0)
-    signs = torch.sign(U.gather(0, idx.unsqueeze(0)).squeeze(0))
-    signs[signs == 0] = 1
-    return signs
+    if U.shape[-1] == 0 or U.shape[-2] == 0:
+        return torch.ones((*U.shape[:-2], U.shape[-1]), dtype=U.dtype, device=U.device)
+    high, at_high = U.max(dim=-2)
+    low, at_low = U.min(dim=-2)
+    # the positive entry wins where it is larger in magnitude, or equal and earlier
+    positive = (high > -low) | ((high == -low) & (at_high < at_low))
+    signs = torch.where(positive, 1.0, -1.0).to(U.dtype)
+    return torch.where((high == 0) & (low == 0), torch.ones_like(signs), signs)
 
 
 def canonicalize(
@@ -142,8 +146,7 @@ def canonicalize_many(
         XA = torch.linalg.solve_triangular(RA, Vh.transpose(-1, -2) * half, upper=True)
         # the n-sized products in float32 (the inputs' precision); the small factors stay float64
         Bc_all, Ac_all = B32 @ XB.to(torch.float32), A32 @ XA.to(torch.float32)
-        # the sign convention of fix_signs, for the whole chunk at once
-        signs = _largest_entry_signs(Bc_all)
+        signs = fix_signs(Bc_all).unsqueeze(-2)  # for the whole chunk at once
         Bc_all.mul_(signs)
         Ac_all.mul_(signs)
         keeps = ((S > 1e-10 * S[:, :1]) & (S[:, :1] > 0)).sum(-1).tolist()
@@ -154,18 +157,6 @@ def canonicalize_many(
                 continue
             out[i] = (Bc_all[j, :, :keep], Ac_all[j, :, :keep], S[j, :keep])
     return out  # type: ignore[return-value]
-
-
-def _largest_entry_signs(X: torch.Tensor) -> torch.Tensor:
-    """The sign of each column's largest-magnitude entry (the first such, on ties; 1 for a zero
-    column), for a batch ``… × n × r``: the convention of :func:`fix_signs`, from a max and a
-    min reduction instead of an n-sized ``abs`` copy."""
-    high, at_high = X.max(dim=-2, keepdim=True)
-    low, at_low = X.min(dim=-2, keepdim=True)
-    # the positive entry wins where it is larger in magnitude, or equal and earlier
-    positive = (high > -low) | ((high == -low) & (at_high < at_low))
-    signs = torch.where(positive, 1.0, -1.0).to(X.dtype)
-    return torch.where((high == 0) & (low == 0), torch.ones_like(signs), signs)
 
 
 def canonicalize_padded(
@@ -188,10 +179,7 @@ def canonicalize_padded(
     S = torch.where(live, S, torch.zeros_like(S))
     half = S.sqrt().unsqueeze(-2)
     Bc, Ac = QB @ (U * half), QA @ (Vh.transpose(-1, -2) * half)
-    # the sign convention of fix_signs, per pair and column
-    idx = Bc.abs().argmax(dim=-2, keepdim=True)
-    signs = torch.sign(Bc.gather(-2, idx))
-    signs[signs == 0] = 1
+    signs = fix_signs(Bc).unsqueeze(-2)  # per pair and column
     return Bc * signs, Ac * signs, S, rank
 
 
