@@ -114,8 +114,8 @@ def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
                     sources.append(open_adapter(path, task=name, alpha=alpha, origin=str(addr)))
             continue
         typed = spec.path
-        if not os.path.exists(typed) and typed.endswith(".safetensors") and existing_checkpoint(typed) is not None:
-            typed = str(existing_checkpoint(typed))  # a checkpoint written in shards: its index
+        if not os.path.exists(typed) and typed.endswith(".safetensors") and (found := existing_checkpoint(typed)):
+            typed = str(found)  # a checkpoint written in shards: its index
         for path in shards_as_indexes(expand_paths(typed)):
             stored = path.name.endswith(INDEX_SUFFIX) or path.suffix == ".safetensors"
             if path.is_file() and stored and is_checkpoint(path):  # a checkpoint, or its shards' index

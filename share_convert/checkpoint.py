@@ -35,6 +35,7 @@ the shards, then their index) atomically; :class:`Checkpoint` reads lazily, veri
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import mmap
@@ -510,7 +511,12 @@ def publish_files(written: Sequence[tuple[Path, Path]], target: Path) -> None:
     crash_point("checkpoint.published")
     _fsync_dir(parent)
     kept = {final.name for _, final in written}
-    for stale in [index_path(target), target, *shard_files(target), *parent.glob(f".{target.name}.previous.*")]:
+    for stale in [
+        index_path(target),
+        target,
+        *shard_files(target),
+        *parent.glob(f".{glob.escape(target.name)}.previous.*"),
+    ]:
         if stale.name not in kept:
             stale.unlink(missing_ok=True)
 
@@ -866,6 +872,9 @@ class Checkpoint:
         self.shard_paths = [self.path.parent / name for name in files]
         where = {name: i for i, name in enumerate(files)}
         self._shard_of = {tensor: where[name] for tensor, name in weight_map.items()}
+        held: list[set[str]] = [set() for _ in files]  # each shard's tensors, by the index
+        for tensor, i in self._shard_of.items():
+            held[i].add(tensor)
         hint = "Re-download or re-create the checkpoint: all its shards come from one write"
         for i, (name, shard) in enumerate(zip(files, self.shard_paths)):
             if not shard.is_file():
@@ -884,7 +893,7 @@ class Checkpoint:
                     path=self.path,
                     hint=hint,
                 )
-            if shard_keys != {t for t, j in self._shard_of.items() if j == i}:
+            if shard_keys != held[i]:
                 raise CorruptCheckpointError(
                     f"shard {name} does not hold the tensors the index maps to it", path=self.path, hint=hint
                 )

@@ -561,7 +561,7 @@ def verify(
     else:
         out.print(
             f"ok: {result['tensors']} tensors, {result['tasks']} tasks, {result['modules']} modules verified"
-            + (f" in {result['files'] - 1} shards" if result["files"] > 1 else ""),
+            + (f" in {result['shards']} shards" if result["shards"] else ""),
             highlight=False,
         )
 

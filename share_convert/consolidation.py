@@ -508,7 +508,7 @@ def _choose(planner: ModulePlanner, config, stack_B, stack_A, sB, sA) -> ModuleP
     if mode == "energy":
         kB = energy_k(sB, float(stack_B.double().pow(2).sum()), config.energy)
         kA = energy_k(sA, float(stack_A.double().pow(2).sum()), config.energy)
-        return planner.evaluate(kB, kA, [0] * len(planner.fits))
+        return planner.evaluate(kB, kA, [0] * planner.T)
     if mode == "budget":
         raise ValueError("a --budget is spent across modules by merge(): plan each module at its target")
     return planner.for_target(config.target_error, config.target_metric)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .checkpoint import (
+    BLOCK_BYTES,
     CHAIN_PARTS,
     DEFAULT_MAX_SHARD_SIZE,
     Checkpoint,
@@ -270,7 +271,7 @@ def add(
             if not members:
                 return None
             # in the module's own order (its stored rows' order), without the replaced tasks
-            kept = [t for t in old_info["tasks"] if t not in clashed] if clashed else list(old_info["tasks"])
+            kept = [t for t in old_info["tasks"] if t not in clashed]
             if "groups" in old_info:
                 return update_grouped_module(ckpt, name, kept, clashes, members, module_config, mdtype)
             res = update_module(ckpt, name, kept, members, module_config, mdtype)
@@ -718,9 +719,9 @@ def update_module(
 
 
 #: Coefficient tensors up to this size (bytes, one side) are written again rather than chained: a
-#: chain pays when copying the old rows with their block checksums saves real work (format: blocks
-#: for tensors over 64 KiB).
-CHAIN_MIN_BYTES = 1 << 16
+#: chain pays when copying the old rows with their block checksums saves real work (the format's
+#: blocks start at this size).
+CHAIN_MIN_BYTES = BLOCK_BYTES
 
 
 def _chain_step(

@@ -388,7 +388,7 @@ def render(summary: dict[str, Any], console: Console) -> None:
             sizes.add_row(f"  {role}", f"{st[role]['params']:,}", human_bytes(st[role]["bytes"]))
     console.print(sizes)
     console.print(
-        f"Compression: [bold]{tot['ratio']:.2f}×[/bold] (shared bases counted; file {human_bytes(tot['checkpoint_file_bytes'])})"
+        f"Compression: [bold]{tot['ratio']:.2f}×[/bold] (shared bases counted; on disk {human_bytes(tot['checkpoint_file_bytes'])}, every file of the checkpoint)"
     )
     if tot["ratio_excluding_shared_bases"]:
         console.print(

@@ -9,6 +9,7 @@ the CLI can check ``--max-shard-size`` before importing the engine.
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from pathlib import Path
 
 from .errors import InvalidOptionError
@@ -42,7 +43,9 @@ def parse_size(value: int | str) -> int:
                 f"max shard size {str(value)!r} is not a size",
                 hint="Write bytes (5000000000) or a number with KB, MB, GB, TB or KiB, MiB, GiB, TiB, e.g. 5GB",
             )
-        size = int(float(m[1]) * _SIZE_UNITS[m[2].upper()])
+        unit = _SIZE_UNITS[m[2].upper()]
+        # whole numbers exactly, at any length (through float, a long one overflows or rounds)
+        size = int(m[1]) * unit if "." not in m[1] else int(Decimal(m[1]) * unit)
     if size < 1:
         raise InvalidOptionError(f"max shard size {value!r} is not positive", hint="Give at least 1 byte, e.g. 5GB")
     return size

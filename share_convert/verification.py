@@ -74,7 +74,8 @@ def verify_checkpoint(ckpt: Checkpoint, *, tol: float = 1e-3) -> dict[str, Any]:
     return {
         "checkpoint": str(ckpt.path),
         "tensors": len(ckpt.manifest["tensors"]),
-        "files": len(ckpt.files),
+        "files": len(ckpt.files),  # the single file, or the index and its shards
+        "shards": len(ckpt.shard_paths) if ckpt.sharded else 0,
         "tasks": len(ckpt.tasks),
         "modules": len(ckpt.modules),
         "ok": True,

@@ -112,6 +112,10 @@ def test_sizes_are_read_as_huggingface_writes_them(text, size):
     assert parse_size(text) == size
 
 
+def test_a_size_of_any_length_is_read_exactly():
+    assert parse_size("9" * 400 + "KB") == (10**400 - 1) * 1000
+
+
 @pytest.mark.parametrize("text", ["5XB", "", "GB", "-1", "0", "1e9"])
 def test_a_bad_size_is_refused_by_the_api(text):
     with pytest.raises(InvalidOptionError):
