@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from dataclasses import replace as dc_replace
 from itertools import compress
 from pathlib import Path
@@ -499,10 +500,12 @@ def projection_slack(
     b_old: torch.Tensor,
     a_old: torch.Tensor,
     norm2: torch.Tensor,
+    grams: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """η of :func:`share_convert.planning.drift_bound` per old task: a bound on ‖Π R‖ / ‖ΔW‖, with
     R = ΔW − ΔŴ and Π the projection onto span(β) ⊗ span(α) of the stored bases; +inf where
-    nothing better than the triangle bound is known.
+    nothing better than the triangle bound is known. ``grams``: the bases' Gram matrices βᵀβ and
+    αᵀα when the caller has them.
 
     Finite only for tasks encoded by the operation that wrote the checkpoint (``drift`` −1, so
     their coefficients were computed in these very bases), with an exact error (not ``bound``), not
@@ -533,11 +536,11 @@ def projection_slack(
     n, d = info["out_features"], info["in_features"]
     u = UNIT_ROUNDOFF.get(info.get("dtype", "float32"), 2.0**-8) + max(n, d) ** 0.5 * 2.0**-23
 
-    def defect(basis: torch.Tensor) -> float:
-        gram = basis.T @ basis
+    def defect(gram: torch.Tensor) -> float:  # how far the stored basis is from orthonormal
         return float(torch.linalg.eigvalsh(gram - torch.eye(gram.shape[0], dtype=gram.dtype)).abs().max())
 
-    eps_B, eps_A = defect(b_old), defect(a_old)
+    gram_B, gram_A = grams if grams is not None else (b_old.T @ b_old, a_old.T @ a_old)
+    eps_B, eps_A = defect(gram_B), defect(gram_A)
     if max(eps_B, eps_A) >= 0.5:
         return inf
     dB, dA = eps_B / (1 - eps_B), eps_A / (1 - eps_A)
@@ -561,10 +564,10 @@ def _reconstructed_tasks(ckpt: Checkpoint) -> list[str]:
     return _RECONSTRUCTED[ckpt]
 
 
-def _inside(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+def _inside(old: torch.Tensor, new: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     """V (k_old × k) with ‖V x‖ = ‖Π_old new x‖ for every x, Π_old the orthogonal projection onto
-    span(``old``): with G = oldᵀold = L Lᵀ, V = L⁻¹ oldᵀ new (G is the identity but for rounding)."""
-    L = torch.linalg.cholesky(old.T @ old)
+    span(``old``): with G = oldᵀold = L Lᵀ (``L``, computed once per basis), V = L⁻¹ oldᵀ new (G is
+    the identity but for rounding)."""
     return torch.linalg.solve_triangular(L, old.T @ new, upper=False)
 
 
@@ -618,8 +621,12 @@ def update_module(
     new_alpha, sA = _updated_basis(alpha, GA, NA)
     nb64, na64 = new_beta.double(), new_alpha.double()
     norm2 = old.form([(1.0, None, None)])  # ‖shared part‖², the bases taken as orthonormal (as the planner does)
-    slack = projection_slack(ckpt, info, table, old, b_old, a_old, norm2)
-    inside = (_inside(b_old, nb64), _inside(a_old, na64)) if bool(torch.isfinite(slack).any()) else None
+    gram_B, gram_A = b_old.T @ b_old, a_old.T @ a_old  # the old bases' Grams, used below four times
+    slack = projection_slack(ckpt, info, table, old, b_old, a_old, norm2, (gram_B, gram_A))
+    inside = None
+    if bool(torch.isfinite(slack).any()):
+        LB, LA = torch.linalg.cholesky(gram_B), torch.linalg.cholesky(gram_A)
+        inside = (_inside(b_old, nb64, LB), _inside(a_old, na64, LA))
     frozen = FrozenTasks(
         Eb=left_batched(nb64.T @ b_old, old.XB),
         Ea=left_batched(na64.T @ a_old, old.XA),
@@ -647,7 +654,7 @@ def update_module(
     chain = _chain_step(ckpt, name, prefix, old_tasks, b_old.shape[1], a_old.shape[1], plan, dtype)
     # drift² = ‖before‖² − 2⟨before, after⟩ + ‖after‖², all from k-sized products (batched); for the
     # tasks drift_bound can do more for, outside² = ‖after‖² − ‖Π_old after‖² (before is inside the old span)
-    before = (1.0, b_old.T @ b_old, a_old.T @ a_old)
+    before = (1.0, gram_B, gram_A)
     T = len(old_tasks)
     known = None
     outside2 = torch.zeros(T, dtype=torch.float64)
@@ -655,7 +662,7 @@ def update_module(
     if stored is not None:
         RB, RA = stored.beta.T @ b_old, stored.alpha.T @ a_old  # old coordinates -> new (k × k_old)
         if tighter:
-            VB, VA = _inside(b_old, stored.beta), _inside(a_old, stored.alpha)
+            VB, VA = _inside(b_old, stored.beta, LB), _inside(a_old, stored.alpha, LA)
         if chain is not None:
             # the rows stay; readers rotate them: after = β_new (R_B x_b)(α_new R_A x_a)ᵀ exactly
             ranks = old.ranks
@@ -915,9 +922,7 @@ def refit_module(
     return res
 
 
-def _old_projections(
-    ckpt: Checkpoint, name: str, old_tasks: list[str]
-) -> dict[str, tuple[float, torch.Tensor, torch.Tensor]]:
+def _old_projections(ckpt: Checkpoint, name: str, old_tasks: list[str]) -> dict[str, tuple[float, OldSpan]]:
     """The old tasks of one module whose stored part is a projection in their bases
     (:func:`projection_slack` finite): task -> (η, β, α of those bases, float64)."""
     info = ckpt.modules[name]
@@ -927,19 +932,32 @@ def _old_projections(
         prefix = ckpt.bases_prefix(name, t)
         if prefix is not None:
             by_prefix.setdefault(prefix, []).append(t)
-    out: dict[str, tuple[float, torch.Tensor, torch.Tensor]] = {}
+    out: dict[str, tuple[float, OldSpan]] = {}
     for prefix, tasks in by_prefix.items():
         beta, alpha = ckpt.tensor(f"{prefix}basis_B").double(), ckpt.tensor(f"{prefix}basis_A").double()
         old = _OldCoefficients(ckpt, name, tasks, beta.shape[1], alpha.shape[1], prefix)
-        slack = projection_slack(ckpt, info, table.select(tasks), old, beta, alpha, old.form([(1.0, None, None)]))
-        for i in torch.isfinite(slack).nonzero().flatten().tolist():
-            out[tasks[i]] = (float(slack[i]), beta, alpha)
+        gram_B, gram_A = beta.T @ beta, alpha.T @ alpha
+        norm2 = old.form([(1.0, None, None)])
+        slack = projection_slack(ckpt, info, table.select(tasks), old, beta, alpha, norm2, (gram_B, gram_A))
+        eligible = torch.isfinite(slack).nonzero().flatten().tolist()
+        if eligible:  # the Cholesky factors once per set of bases, not once per task
+            span = OldSpan(beta, alpha, torch.linalg.cholesky(gram_B), torch.linalg.cholesky(gram_A))
+            for i in eligible:
+                out[tasks[i]] = (float(slack[i]), span)
     return out
 
 
-def _tighten_refit(
-    res: ModuleResult, name: str, projections: dict[str, tuple[float, torch.Tensor, torch.Tensor]]
-) -> None:
+@dataclass(frozen=True)
+class OldSpan:
+    """One set of old bases and the Cholesky factors of their Gram matrices (see :func:`_inside`)."""
+
+    beta: torch.Tensor
+    alpha: torch.Tensor
+    L_B: torch.Tensor
+    L_A: torch.Tensor
+
+
+def _tighten_refit(res: ModuleResult, name: str, projections: dict[str, tuple[float, OldSpan]]) -> None:
     """Replace the bound error before + drift of :func:`refit_module`'s old tasks by :func:`drift_bound`
     where their stored part was a projection in the old bases (``projections``).
 
@@ -950,12 +968,12 @@ def _tighten_refit(
     and the bound is Pythagoras', √(e² + d²).
     """
     f64 = torch.float64
-    for t, (slack, beta, alpha) in projections.items():
+    for t, (slack, span) in projections.items():
         rec = res.records[t]
         Bn, An = _result_factors(res, name, t)
         outside = 0.0
         if Bn.shape[1]:
-            VB, VA = _inside(beta, Bn), _inside(alpha, An)
+            VB, VA = _inside(span.beta, Bn, span.L_B), _inside(span.alpha, An, span.L_A)
             within = ((VB.T @ VB) * (VA.T @ VA)).sum()
             outside = float((((Bn.T @ Bn) * (An.T @ An)).sum() - within).clamp_min(0).sqrt()) / rec["norm"]
         before, drift = (torch.tensor([rec[c]], dtype=f64) for c in ("error_before", "drift"))
