@@ -85,6 +85,13 @@ class ModuleMember:
         """The column factors that enter the stacks (spec, section 2, step 3)."""
         return self.raw if self.raw is not None else (self.Bc, self.Ac)
 
+    def to(self, device: torch.device) -> ModuleMember:
+        """This member with its tensors on ``device`` (itself when they are there already)."""
+        if self.s.device == device:
+            return self
+        raw = None if self.raw is None else (self.raw[0].to(device), self.raw[1].to(device))
+        return dc_replace(self, Bc=self.Bc.to(device), Ac=self.Ac.to(device), s=self.s.to(device), raw=raw)
+
 
 @dataclass
 class ModuleResult:
@@ -195,11 +202,16 @@ def prepare_members(
 ) -> list[ModuleMember]:
     """Canonicalize many tasks' factors in one module at once (batched; spec, section 2, step 2).
 
-    ``original_ranks`` gives, for tasks read from a checkpoint, the rank of the adapter they came
-    from (their factors as read have the stored rank)."""
+    The factors move to the compute device first (``config.device``): the members, and everything
+    computed from them for this module (stacks, bases, planning, encoding), live there; only what
+    is written comes back. ``original_ranks`` gives, for tasks read from a checkpoint, the rank of
+    the adapter they came from (their factors as read have the stored rank)."""
+    device = config.torch_device()
     if isinstance(factors, LoraStack):  # read as one stack: canonicalized without restacking
+        factors = LoraStack(factors.B.to(device), factors.A.to(device))
         canon = canonicalize_many(factors.B, factors.A.transpose(-1, -2))
     else:
+        factors = [LoraFactors(f.B.to(device), f.A.to(device)) for f in factors]
         canon = canonicalize_many([f.B for f in factors], [f.A.T for f in factors])
     priors = priors or [None] * len(tasks)
     originals = original_ranks or [None] * len(tasks)
@@ -224,7 +236,7 @@ def read_members(
     merge, add and the budget's first pass all start a module with."""
     return prepare_members(
         [s.task for s in sources],
-        read_module_stack(list(sources), module, files),
+        read_module_stack(list(sources), module, files, config.torch_device()),
         config,
         [s.prior(module) for s in sources],
         [original_rank(s, module) for s in sources],
@@ -248,14 +260,15 @@ class ModuleStack:
         self.uniform = len(set(self.ranks)) == 1 and all(
             m.stacked[0].shape[1] == r for m, r in zip(members, self.ranks)
         )
+        #: where this module is computed: the members' device
+        self.device = members[0].s.device if members else config.torch_device()
         if self.uniform and members:  # one batched reduction, the same sums as one per task
             self.norm2 = (torch.stack([m.s for m in members]) ** 2).sum(1)
         else:
-            self.norm2 = torch.tensor([float((m.s**2).sum()) for m in members], dtype=torch.float64)
+            self.norm2 = torch.tensor([float((m.s**2).sum()) for m in members], dtype=torch.float64, device=self.device)
         self.norms = [x**0.5 for x in self.norm2.tolist()]
         self.weights = [task_weight(nm, config.weighting) for nm in self.norms]
-        device = config.torch_device()
-        self.stack_B, self.stack_A = (self._weighted(side).to(device) for side in (0, 1))
+        self.stack_B, self.stack_A = (self._weighted(side) for side in (0, 1))
         m_total = self.stack_B.shape[1]
         self.cap = config.max_k or m_total
         #: the most basis vectors either side can have
@@ -270,8 +283,10 @@ class ModuleStack:
         roots = [w**0.5 for w in self.weights]
         if self.uniform and len(parts) > 1:  # one rank: a batched product, then one copy into place
             T, rows, r = len(parts), parts[0].shape[0], parts[0].shape[1]
-            scale = torch.tensor(roots, dtype=torch.float32)[:, None, None]
+            scale = torch.tensor(roots, dtype=torch.float32, device=self.device)[:, None, None]
             return (torch.stack(parts).float() * scale).permute(1, 0, 2).reshape(rows, T * r)
+        if not parts:
+            return torch.zeros(self.n if side == 0 else self.d, 0, device=self.device)
         return torch.cat([p.float() * w for p, w in zip(parts, roots)], 1)
 
     def fit(self, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ModulePlanner]:
@@ -328,7 +343,7 @@ class ModuleStack:
                 )
                 off += r
         else:
-            b64, a64 = beta.double().cpu(), alpha.double().cpu()
+            b64, a64 = beta.double(), alpha.double()
             fits = [
                 TaskFit.of(m.s, b64.T @ m.Bc.double(), a64.T @ m.Ac.double(), m.prior, m.slack) for m in self.members
             ]
@@ -338,21 +353,20 @@ class ModuleStack:
         """The planner over tasks of one rank, built from the projections without a Python object per
         task: the weighted stack's coordinates, unweighted column block by column block."""
         T, r = len(self.members), self.ranks[0] if self.members else 0
-        f64 = torch.float64
-        scale = torch.tensor([w**-0.5 if w > 0 else 0.0 for w in self.weights], dtype=f64)[:, None, None]
-        Eb = (projB.reshape(projB.shape[0], T, r).permute(1, 0, 2) * scale).contiguous()
-        Ea = (projA.reshape(projA.shape[0], T, r).permute(1, 0, 2) * scale).contiguous()
-        prior = torch.zeros(T, dtype=f64)
-        ratio = torch.ones(T, dtype=f64)
-        slack = torch.full((T,), math.inf, dtype=f64)
+        f64, device = torch.float64, projB.device
+        scale = torch.tensor([w**-0.5 if w > 0 else 0.0 for w in self.weights], dtype=f64, device=device)
+        Eb = (projB.reshape(projB.shape[0], T, r).permute(1, 0, 2) * scale[:, None, None]).contiguous()
+        Ea = (projA.reshape(projA.shape[0], T, r).permute(1, 0, 2) * scale[:, None, None]).contiguous()
+        prior, ratio, slack = [0.0] * T, [1.0] * T, [math.inf] * T
         for i, m in enumerate(self.members):  # tasks that are reconstructions (a few, when any)
             if m.prior is not None:
                 error, norm, _ = m.prior
                 prior[i] = error
                 ratio[i] = self.norms[i] / norm if norm > 0 else 0.0
                 slack[i] = m.slack
-        s = torch.stack([m.s for m in self.members]).to(f64) if T else torch.zeros(0, 0, dtype=f64)
-        ranks = torch.full((T,), r, dtype=torch.int64)
+        prior, ratio, slack = (torch.tensor(x, dtype=f64, device=device) for x in (prior, ratio, slack))
+        s = torch.stack([m.s for m in self.members]).to(f64) if T else torch.zeros(0, 0, dtype=f64, device=device)
+        ranks = torch.full((T,), r, dtype=torch.int64, device=device)
         planner = ModulePlanner.stacked(
             self.n, self.d, s, Eb, Ea, ranks=ranks, norm2=self.norm2, prior=prior, ratio=ratio, slack=slack
         )
@@ -597,12 +611,19 @@ def _merge_into(
             for key, t in src.read_heads().items():
                 writer.add(f"tasks/{src.task}/heads/{key}", t)
         lock = threading.Lock()
+        device = config.torch_device()
 
-        def work(item: tuple[str, tuple[int, int, list[int]]]) -> ModuleResult:
+        def read(item: tuple[str, tuple[int, int, list[int]]]) -> tuple[LoraStack | list[LoraFactors], float]:
+            name, (_n, _d, idx) = item
+            t0 = time.perf_counter()
+            return read_module_stack([sources[i] for i in idx], name, files, device), time.perf_counter() - t0
+
+        def work(
+            item: tuple[str, tuple[int, int, list[int]]], read_ahead: tuple[Any, float] | None = None
+        ) -> ModuleResult:
             name, (n, d, idx) = item
             local = dict.fromkeys(clock, 0.0)
-            t0 = time.perf_counter()
-            factors = read_module_stack([sources[i] for i in idx], name, files)
+            factors, local["read"] = read_ahead or read(item)
             t1 = time.perf_counter()
             here = [sources[i] for i in idx]
             members = prepare_members(  # read_members, with the reading timed apart
@@ -610,7 +631,6 @@ def _merge_into(
                 [original_rank(s, name) for s in here],
             )  # fmt: skip
             del factors
-            local["read"] += t1 - t0
             local["canonicalize"] += time.perf_counter() - t1
             module_config = config
             if targets:  # under --budget: this module's share, as an error target
@@ -623,7 +643,14 @@ def _merge_into(
 
         # Modules are independent: workers compute them concurrently (each numeric op on one
         # thread, so results do not depend on the thread count) and the writer takes them in order.
-        for step, (item, res) in enumerate(zip(modules.items(), _ordered_map(work, list(modules.items()), workers))):
+        # Several workers overlap one's reading with the others' compute; a single one (large
+        # modules) has the next module read on a thread of its own while it computes this one.
+        items = list(modules.items())
+        if workers <= 1:
+            results = (work(item, ahead) for item, ahead in zip(items, _prefetched(read, items)))
+        else:
+            results = _ordered_map(work, items, workers)
+        for step, (item, res) in enumerate(zip(items, results)):
             name, (n, d, _idx) = item
             if progress:
                 progress(name, step, len(modules))
@@ -675,6 +702,23 @@ def _ordered_map(fn: Callable, items: list, workers: int | None) -> Iterator:
             nxt = next(it, None)
             if nxt is not None:
                 pending.append(pool.submit(fn, nxt))
+
+
+def _prefetched(fn: Callable, items: list, ahead: int = 1) -> Iterator:
+    """``map(fn, items)``, computed on one background thread ``ahead`` items before each is asked
+    for: the next module is read while this one is computed (memory: ``ahead`` more modules)."""
+    if len(items) <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="share-convert-read") as pool:
+        pending: deque = deque(pool.submit(fn, item) for item in items[:ahead])
+        nxt = ahead
+        while pending:
+            result = pending.popleft().result()
+            if nxt < len(items):
+                pending.append(pool.submit(fn, items[nxt]))
+                nxt += 1
+            yield result
 
 
 def write_module(

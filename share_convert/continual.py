@@ -598,6 +598,9 @@ def update_module(
     """
     info = ckpt.modules[name]
     n, d = info["out_features"], info["in_features"]
+    # an incremental update is k-sized products over the old tasks' coefficients as read from the
+    # checkpoint, and a few new tasks: CPU work, where a GPU would pay a transfer and a launch per step
+    members = [m.to(torch.device("cpu")) for m in members]
     prefix = prefix or f"modules/{name}/"
     beta = alpha = None
     if ckpt.has(f"{prefix}basis_B"):
@@ -830,6 +833,7 @@ def update_grouped_module(
     info = ckpt.modules[name]
     groups = info["groups"]
     kept = set(old_tasks)
+    members = [m.to(torch.device("cpu")) for m in members]  # as in update_module
     prefixes = [f"modules/{name}/g{j}/" if g["k_B"] else None for j, g in enumerate(groups)]
     if not any(prefixes) or any(not [t for t in g["tasks"] if t in kept] for g in groups):
         return refit_module(ckpt, name, old_tasks, members, config, dtype)
@@ -906,7 +910,8 @@ def refit_module(
     where the old reconstruction was a projection (:func:`projection_slack`).
     """
     sources = [CheckpointTask(ckpt, t) for t in old_tasks]
-    old_members = read_members(sources, name, config)
+    old_members = read_members(sources, name, config)  # on the compute device, where the new join them
+    members = [m.to(config.torch_device()) for m in members]
     info = ckpt.modules[name]
     projections = _old_projections(ckpt, name, old_tasks)
     for m in old_members:  # the planner counts the tighter bounds of plans that stay in the old span

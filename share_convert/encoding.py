@@ -24,13 +24,14 @@ if TYPE_CHECKING:
 def store_bases(
     name: str, beta, alpha, plan: ModulePlan, dtype: torch.dtype, result: ModuleResult, prefix: str | None = None
 ):
-    """Round the chosen bases to the storage dtype and add them to ``result``."""
+    """Round the chosen bases to the storage dtype and add them to ``result`` (on the CPU, to be
+    written); returns the rounded bases on their device, for encoding."""
     if not (plan.k_B and plan.k_A):
         return None, None
     prefix = prefix or f"modules/{name}/"
-    beta_s, alpha_s = beta[:, : plan.k_B].cpu().to(dtype), alpha[:, : plan.k_A].cpu().to(dtype)
-    result.tensors[f"{prefix}basis_B"] = beta_s
-    result.tensors[f"{prefix}basis_A"] = alpha_s
+    beta_s, alpha_s = beta[:, : plan.k_B].to(dtype), alpha[:, : plan.k_A].to(dtype)
+    result.tensors[f"{prefix}basis_B"] = beta_s.cpu()
+    result.tensors[f"{prefix}basis_A"] = alpha_s.cpu()
     return beta_s, alpha_s
 
 
@@ -136,7 +137,7 @@ def encode_task(
     if err < PRECISE_BELOW and coords is not None:
         err = stored_error(m, tensors, bases, None)
     record: dict[str, Any] = {"rank": p, "private_rank": q, "original_rank": m.rank, "error": err, "norm": norm}
-    return tensors, _with_prior(m, record)
+    return {key: t.cpu() for key, t in tensors.items()}, _with_prior(m, record)
 
 
 def encode_in_bases(
@@ -181,7 +182,8 @@ def encode_in_bases(
         recon2 = ((cB.transpose(-1, -2) @ bases.gram_beta @ cB) * (cA.transpose(-1, -2) @ bases.gram_alpha @ cA)).sum(
             (-1, -2)
         )
-        keep = torch.zeros(len(idx), dtype=torch.int64)
+        keep = torch.zeros(len(idx), dtype=torch.int64, device=EB.device)
+        PB = PA = None
         if q:
             Bc = torch.stack([members[i].Bc for i in idx]).to(f64)  # t × n × r
             Ac = torch.stack([members[i].Ac for i in idx]).to(f64)
@@ -192,7 +194,7 @@ def encode_in_bases(
             U, S, Vh = torch.linalg.svd(RB @ RA.transpose(-1, -2))
             top = S[:, :1]
             keep = ((S > 1e-10 * top) & (top > 0)).sum(-1).clamp(max=q)
-            live = (torch.arange(S.shape[-1]) < keep[:, None])[:, :q].to(f64)  # t × q
+            live = (torch.arange(S.shape[-1], device=S.device) < keep[:, None])[:, :q].to(f64)  # t × q
             half = (S[:, :q].sqrt() * live).unsqueeze(-2)
             PB = QB @ (U[:, :, :q] * half)
             PA = QA @ (Vh.transpose(-1, -2)[:, :, :q] * half)
@@ -217,8 +219,10 @@ def encode_in_bases(
                 precise_cross = precise_cross + cross_private[pick]
             err = err.clone()
             err[pick] = relative_errors(tr(B, A, B, A), precise_cross, recon2[pick])
-        for j, i in enumerate(idx):
-            p, k = int(ranks[j]), int(keep[j])
+        # what is written comes back from the compute device at once, not task by task
+        CB, CA = CB.cpu(), CA.cpu()
+        PB, PA = (PB.cpu(), PA.cpu()) if q else (None, None)
+        for j, (i, p, k, e) in enumerate(zip(idx, ranks.tolist(), keep.tolist(), err.tolist())):
             tensors = {"coef_B": CB[j, :, :p], "coef_A": CA[j, :, :p]} if p else {}
             if k:
                 tensors["private_B"] = PB[j, :, :k]
@@ -227,7 +231,7 @@ def encode_in_bases(
                 "rank": p,
                 "private_rank": k,
                 "original_rank": members[i].rank,
-                "error": float(err[j]),
+                "error": e,
                 "norm": norms[i],
             }
             out[i] = (tensors, _with_prior(members[i], record))
@@ -263,14 +267,15 @@ def encode_private_only(
         diff2 = _trace_of_grams(X, Y)
         ref2 = _trace_of_grams(Bc, Ac)
         err = torch.where(ref2 > 0, (diff2.clamp_min(0) / ref2.clamp_min(1e-300)).sqrt(), 0.0)
-        for j, i in enumerate(idx):
+        PB, PA = PB.cpu(), PA.cpu()  # what is written, back from the compute device at once
+        for j, (i, e) in enumerate(zip(idx, err.tolist())):
             m = members[i]
             tensors = {"private_B": PB[j], "private_A": PA[j]} if q else {}
             record: dict[str, Any] = {
                 "rank": 0,
                 "private_rank": q,
                 "original_rank": m.rank,
-                "error": float(err[j]),
+                "error": e,
                 "norm": norms[i],
             }
             out[i] = (tensors, _with_prior(m, record))

@@ -171,14 +171,18 @@ class OpenFiles:
         self.close()
 
 
-def read_module_stack(sources: list[Any], module: str, files: OpenFiles | None = None) -> LoraStack | list[LoraFactors]:
+def read_module_stack(
+    sources: list[Any], module: str, files: OpenFiles | None = None, device: torch.device | None = None
+) -> LoraStack | list[LoraFactors]:
     """One module of every source in ``sources``, as :meth:`AdapterSource.read_module` gives it.
 
     When every source is a safetensors adapter storing the module with one dtype and shape (the
     common case: adapters of one base), the bytes are read straight into one buffer per side and
     converted, scaled and checked as one tensor: two reads per file and a few tensor operations
     per module, instead of a dozen operations per task. Otherwise, one source at a time.
-    ``files`` keeps the files open between modules (see :class:`OpenFiles`).
+    ``files`` keeps the files open between modules (see :class:`OpenFiles`). With ``device``, the
+    stack's bytes move there as stored (bfloat16 moves half the bytes of float32) and are converted
+    and checked there.
     """
     import torch
 
@@ -203,9 +207,9 @@ def read_module_stack(sources: list[Any], module: str, files: OpenFiles | None =
                 f"cannot read tensors ({first_line(e)})", path=p.path, hint="Re-download the adapter"
             ) from None
     dtype = _torch_dtype(first.dtype)
-    scales = torch.tensor([p.scale for p in places], dtype=torch.float32)[:, None, None]
-    B = _from_bytes(raw_B, dtype, (T, *first.shape_B)).to(torch.float32) * scales
-    A = _from_bytes(raw_A, dtype, (T, *first.shape_A)).to(torch.float32)
+    scales = torch.tensor([p.scale for p in places], dtype=torch.float32, device=device)[:, None, None]
+    B = _from_bytes(raw_B, dtype, (T, *first.shape_B)).to(device).to(torch.float32) * scales
+    A = _from_bytes(raw_A, dtype, (T, *first.shape_A)).to(device).to(torch.float32)
     finite = torch.isfinite(B.sum((1, 2)) + A.sum((1, 2)))  # one reduction per task and side
     if not bool(finite.all()):
         bad = int((~finite).nonzero()[0])

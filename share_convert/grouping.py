@@ -26,7 +26,8 @@ def cluster_tasks(fits: list[TaskFit], groups: int, rounds: int = 5) -> list[int
         if f.rank == 0 or f.norm2 == 0:
             bases.append(torch.zeros(f.Eb.shape[0], 1, dtype=torch.float64))
             continue
-        q, _ = torch.linalg.qr(f.Eb * f.s.clamp_min(0).sqrt().unsqueeze(0))
+        # on the CPU: a T × T loop of small products, which a GPU would pay a launch per step for
+        q, _ = torch.linalg.qr(f.Eb.cpu() * f.s.cpu().clamp_min(0).sqrt().unsqueeze(0))
         bases.append(q)
     T = len(fits)
     aff = torch.zeros(T, T, dtype=torch.float64)

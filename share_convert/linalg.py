@@ -137,7 +137,7 @@ def canonicalize_many(
             & (dA.min(-1).values > CHOLESKY_MIN_RATIO * dA.max(-1).values)
         )
         RB, RA = LB.transpose(-1, -2), LA.transpose(-1, -2)
-        eye = torch.eye(RB.shape[-1], dtype=torch.float64).expand_as(RB)
+        eye = torch.eye(RB.shape[-1], dtype=torch.float64, device=RB.device).expand_as(RB)
         RB = torch.where(ok[:, None, None], RB, eye)  # placeholders for the pairs redone one by one
         RA = torch.where(ok[:, None, None], RA, eye)
         U, S, Vh = torch.linalg.svd(RB @ RA.transpose(-1, -2))
@@ -219,13 +219,18 @@ def principal_basis(
     Martinsson & Tropp (2011) with ``n_oversamples`` extra columns and ``n_iter`` power
     iterations re-orthonormalized by QR, from a fixed ``seed`` (spec, section 2, step 4).
     The result is clamped to the numerical rank (spec, section 2, step 5) and has the sign
-    convention of :func:`fix_signs`. Returns U (float32, on ``stack``'s device), S (float64) and
-    the projection Uᵀ·stack (``k × m``, float64, on the CPU), which the randomized route gets for free.
+    convention of :func:`fix_signs`. Returns U (float32), S (float64, on the CPU: it steers
+    Python-level choices) and the projection Uᵀ·stack (``k × m``, float64), which the randomized route
+    gets for free; U and the projection stay on ``stack``'s device, where the planner uses them.
     """
     n, m = stack.shape
     k = min(k, n, m)
     if k <= 0 or m == 0:
-        return stack.new_zeros((n, 0)), torch.zeros(0, dtype=torch.float64), torch.zeros(0, m, dtype=torch.float64)
+        return (
+            stack.new_zeros((n, 0)),
+            torch.zeros(0, dtype=torch.float64),
+            torch.zeros(0, m, dtype=torch.float64, device=stack.device),
+        )
     if m <= exact_below or k + n_oversamples >= min(n, m):
         s64 = stack.to(torch.float64)
         if m <= exact_below:
@@ -244,7 +249,7 @@ def principal_basis(
             d[d == 0] = 1
             U = Q * d
         U = (U * fix_signs(U)).to(torch.float32)
-        proj = (U.to(torch.float64).T @ s64).cpu()
+        proj = U.to(torch.float64).T @ s64
         return U, S[:rank].cpu(), proj
     gen = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(m, k + n_oversamples, generator=gen, dtype=torch.float32).to(stack.device)
@@ -259,7 +264,7 @@ def principal_basis(
     signs = fix_signs(U)
     # Uᵀ·stack = Usᵀ Qᵀ stack = S Vᵀ: the coordinates of every stacked column, at no extra cost
     proj = (S[:rank, None] * Vh[:rank]) * signs.to(torch.float64)[:, None]
-    return U * signs, S[:rank].cpu(), proj.cpu()
+    return U * signs, S[:rank].cpu(), proj
 
 
 def extend_basis(
@@ -296,7 +301,7 @@ def extend_basis(
     V = V * fix_signs(V)
     # the new coordinates in the stack's precision: they serve the planner's estimates, and the
     # encoder measures every stored error exactly
-    extra = (V.T @ stack).to(torch.float64).cpu()
+    extra = (V.T @ stack).to(torch.float64)
     return torch.cat([U, V], 1), torch.cat([S, T[:keep].cpu()]), torch.cat([proj, extra])
 
 

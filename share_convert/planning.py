@@ -231,16 +231,16 @@ class ModulePlanner:
         K_B = max([f.Eb.shape[0] for f in fits], default=0)
         K_A = max([f.Ea.shape[0] for f in fits], default=0)
         R = max([f.rank for f in fits], default=0)
-        f64 = torch.float64
+        f64, device = torch.float64, fits[0].s.device if fits else torch.device("cpu")
         self._init(
             n,
             d,
             *_padded(fits, R, K_B, K_A),
-            ranks=torch.tensor([f.rank for f in fits], dtype=torch.int64),
-            norm2=torch.tensor([f.norm2 for f in fits], dtype=f64),
-            prior=torch.tensor([f.prior for f in fits], dtype=f64),
-            ratio=torch.tensor([f.ratio for f in fits], dtype=f64),
-            slack=torch.tensor([f.slack for f in fits], dtype=f64),
+            ranks=torch.tensor([f.rank for f in fits], dtype=torch.int64, device=device),
+            norm2=torch.tensor([f.norm2 for f in fits], dtype=f64, device=device),
+            prior=torch.tensor([f.prior for f in fits], dtype=f64, device=device),
+            ratio=torch.tensor([f.ratio for f in fits], dtype=f64, device=device),
+            slack=torch.tensor([f.slack for f in fits], dtype=f64, device=device),
             frozen=frozen,
         )
         self._fits = fits
@@ -284,7 +284,7 @@ class ModulePlanner:
         self._projections = bool(torch.isfinite(self.slack).any())
         self._s, self._Eb, self._Ea = s, Eb, Ea
         #: q ≤ rank: which private ranks each task can take (columns 0 … R)
-        self._allowed = torch.arange(R + 1)[None, :] <= ranks[:, None]
+        self._allowed = torch.arange(R + 1, device=ranks.device)[None, :] <= ranks[:, None]
         #: the tasks the mean error is over: planned and frozen, but not those whose ΔW is zero here
         #: (an untrained export's 0% error would let the others' errors grow)
         self.count = max(int((norm2 > 0).sum()) + (len(frozen) if frozen is not None else 0), 1)
@@ -391,8 +391,8 @@ class ModulePlanner:
         return out
 
     def evaluate(self, k_B: int, k_A: int, q) -> ModulePlan:
-        q = torch.as_tensor(q, dtype=torch.int64)
         tails = self.tails(k_B, k_A)
+        q = torch.as_tensor(q, dtype=torch.int64, device=tails.device)
         errs = tails.gather(1, q[:, None]).squeeze(1) if self.T else tails.new_zeros(0)
         params = self.shared_params(k_B, k_A) + int(q.sum()) * (self.n + self.d)
         if k_B == 0 or k_A == 0:
@@ -419,14 +419,14 @@ class ModulePlanner:
         sort replaces the heap; ties go to the earlier task, as they did. Returns q per task.
         """
         T = self.T
-        q = torch.zeros(T, dtype=torch.int64)
+        q = torch.zeros(T, dtype=torch.int64, device=tails.device)
         if T == 0 or self.R == 0:
             return q
         drops = tails[:, :-1] - tails[:, 1:]  # T × R: the drop from q to q + 1
         live = self._allowed[:, 1:]
         keys = torch.cummin(drops, dim=1).values[live]  # task-major order, within a task by q
         gains = drops[live]
-        owner = torch.arange(T)[:, None].expand_as(drops)[live]
+        owner = torch.arange(T, device=drops.device)[:, None].expand_as(drops)[live]
         order = torch.sort(keys, descending=True, stable=True).indices
         gains, owner = gains[order], owner[order]
         if slots is not None:
@@ -436,7 +436,7 @@ class ModulePlanner:
             totals = float(tails[:, 0].sum()) - torch.cat([gains.new_zeros(1), gains.cumsum(0)])
             hit = (totals <= total_at_most).nonzero()
             taken = int(hit[0]) if hit.numel() else int(gains.numel())
-        return q.index_add_(0, owner[:taken], torch.ones(taken, dtype=torch.int64))
+        return q.index_add_(0, owner[:taken], torch.ones(taken, dtype=torch.int64, device=q.device))
 
     # -- the three ways of choosing ---------------------------------------------------------------------
     def fixed(self, k: int, private_rank: int = 0) -> ModulePlan:
@@ -603,12 +603,13 @@ class ModulePlanner:
 def _padded(fits: list[TaskFit], R: int, K_B: int, K_A: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The tasks' singular values and coordinates stacked, zero-padded to rank R and to K_B, K_A
     basis vectors (zero columns change no error, residual spectrum or Gram matrix)."""
-    f64 = torch.float64
+    f64, device = torch.float64, fits[0].s.device if fits else torch.device("cpu")
     T = len(fits)
     if T and all(f.rank == R and f.Eb.shape[0] == K_B and f.Ea.shape[0] == K_A for f in fits):
         stack = [torch.stack([getattr(f, a) for f in fits]).to(f64) for a in ("s", "Eb", "Ea")]
         return stack[0], stack[1], stack[2]
-    s, Eb, Ea = torch.zeros(T, R, dtype=f64), torch.zeros(T, K_B, R, dtype=f64), torch.zeros(T, K_A, R, dtype=f64)
+    s = torch.zeros(T, R, dtype=f64, device=device)
+    Eb, Ea = torch.zeros(T, K_B, R, dtype=f64, device=device), torch.zeros(T, K_A, R, dtype=f64, device=device)
     for i, f in enumerate(fits):
         s[i, : f.rank] = f.s
         Eb[i, : f.Eb.shape[0], : f.rank] = f.Eb

@@ -122,3 +122,16 @@ def small_adapters(tmp_path: Path) -> list[Path]:
         mods = {"layers.0.q": random_factors(16, 12, r, 10 * i), "layers.0.v": random_factors(8, 12, r, 10 * i + 1)}
         paths.append(write_adapter(tmp_path / f"a{i}", mods, alpha=alpha))
     return paths
+
+
+# SHARE_EMULATED_CUDA=1: every test runs with a CUDA device emulated on the CPU (tests/emulated_cuda.py),
+# so that 'auto' and 'cuda' take the device path and any tensor left on the wrong side fails as it
+# would on a GPU. The engine's own tests run this way in tests/test_device_path.py.
+if os.environ.get("SHARE_EMULATED_CUDA") == "1":
+
+    @pytest.fixture(autouse=True)
+    def _emulated_cuda() -> Iterator[None]:
+        from .emulated_cuda import emulated_cuda
+
+        with emulated_cuda():
+            yield
