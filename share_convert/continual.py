@@ -522,15 +522,7 @@ def projection_slack(
     inf = torch.full((T,), torch.inf, dtype=torch.float64)
     if T == 0 or b_old.shape[1] == 0 or a_old.shape[1] == 0:
         return inf
-    eligible = (
-        (table.int_column("bound") == 0)
-        & (table.float_column("drift") < 0)
-        & (table.int_column("private_rank") == 0)
-        & (table.float_column("norm") > 0)
-    )
-    reconstructed = _reconstructed_tasks(ckpt)
-    if reconstructed:
-        eligible &= ~np.isin(np.asarray(table.tasks, dtype=object), reconstructed)
+    eligible = _projection_eligible(ckpt, table)
     if not eligible.any():
         return inf
     n, d = info["out_features"], info["in_features"]
@@ -551,6 +543,20 @@ def projection_slack(
     )
     eta = eta * task_weights(table.float_column("norm"), "equal")
     return torch.where(torch.from_numpy(eligible), eta, inf)
+
+
+def _projection_eligible(ckpt: Checkpoint, table: RecordTable) -> np.ndarray:
+    """Which tasks of ``table`` :func:`projection_slack` can bound (from their records alone)."""
+    eligible = (
+        (table.int_column("bound") == 0)
+        & (table.float_column("drift") < 0)
+        & (table.int_column("private_rank") == 0)
+        & (table.float_column("norm") > 0)
+    )
+    reconstructed = _reconstructed_tasks(ckpt)
+    if reconstructed:
+        eligible &= ~np.isin(np.asarray(table.tasks, dtype=object), reconstructed)
+    return eligible
 
 
 _RECONSTRUCTED: weakref.WeakKeyDictionary[Checkpoint, list[str]] = weakref.WeakKeyDictionary()
@@ -939,6 +945,8 @@ def _old_projections(ckpt: Checkpoint, name: str, old_tasks: list[str]) -> dict[
             by_prefix.setdefault(prefix, []).append(t)
     out: dict[str, tuple[float, OldSpan]] = {}
     for prefix, tasks in by_prefix.items():
+        if not _projection_eligible(ckpt, table.select(tasks)).any():
+            continue  # decided by the records: nothing to read
         beta, alpha = ckpt.tensor(f"{prefix}basis_B").double(), ckpt.tensor(f"{prefix}basis_A").double()
         old = _OldCoefficients(ckpt, name, tasks, beta.shape[1], alpha.shape[1], prefix)
         gram_B, gram_A = beta.T @ beta, alpha.T @ alpha

@@ -42,11 +42,14 @@ def load_linalg(device: torch.device) -> None:
     their first QR fail with "lazy wrapper should be called at most once" (seen on an H200).
     """
     if device.type == "cuda":
-        x = torch.eye(2, device=device)
-        torch.linalg.qr(x)
-        torch.linalg.svd(x)
-        torch.linalg.eigh(x)
-        torch.linalg.cholesky_ex(x)
+        # every routine the device path calls, single and batched (batches may take other backends)
+        for x in (torch.eye(2, device=device, dtype=torch.float64), torch.eye(2, device=device).expand(3, 2, 2)):
+            torch.linalg.qr(x)
+            torch.linalg.svd(x)
+            torch.linalg.eigh(x)
+            torch.linalg.eigvalsh(x)
+            torch.linalg.cholesky_ex(x)
+            torch.linalg.solve_triangular(x, x, upper=True)
 
 
 def fix_signs(U: torch.Tensor) -> torch.Tensor:

@@ -149,6 +149,8 @@ class FrozenTasks:
 
     def __post_init__(self) -> None:
         self._cache: dict[tuple[int, int], tuple[float, float]] = {}
+        #: whether some task has drift_bound's structure (decided once, not per k)
+        self._tight = self.slack is not None and self.inside is not None and bool(torch.isfinite(self.slack).any())
 
     def __len__(self) -> int:
         return int(self.Eb.shape[0])
@@ -163,7 +165,7 @@ class FrozenTasks:
             kept = ((Eb.transpose(-1, -2) @ Eb) * (Ea.transpose(-1, -2) @ Ea)).sum((-1, -2))
         # the bases are orthonormal: ‖S − P S P‖² = ‖S‖² − ‖P S P‖²
         drift = (self.norm2 - kept).clamp_min(0).sqrt() * self.scale
-        if self.slack is None or self.inside is None or not bool(torch.isfinite(self.slack).any()):
+        if not self._tight:
             return self.prior + drift
         if Eb is None:  # nothing kept: the drift is the shared part itself, inside the old span
             outside = torch.zeros_like(drift)

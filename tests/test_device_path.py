@@ -117,7 +117,9 @@ def test_one_worker_reads_the_next_module_while_it_computes_this_one(adapters, t
 
     monkeypatch.setattr(consolidation, "read_module_stack", read)
     monkeypatch.setattr(consolidation, "consolidate_module", consolidate)
-    merge(open_adapters([str(adapters / "a")]), tmp_path / "c.safetensors", ConsolidationConfig(device="cpu"), workers=1)
+    merge(
+        open_adapters([str(adapters / "a")]), tmp_path / "c.safetensors", ConsolidationConfig(device="cpu"), workers=1
+    )
     at = {(kind, module): t for kind, module, t in events}
     for i in range(len(modules) - 2):  # never more than one module ahead: memory holds two at most
         assert at[("read", modules[i + 2])] >= at[("done", modules[i])]
