@@ -128,12 +128,16 @@ class ModuleFilter:
 
     def __init__(self, source: TaskSource, pattern: str):
         self._source, self._pattern = source, re.compile(pattern)
+        self._shapes: dict[str, tuple[int, int, int]] | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._source, name)
 
     def module_shapes(self) -> dict[str, tuple[int, int, int]]:
-        return {k: v for k, v in self._source.module_shapes().items() if self._pattern.search(k)}
+        """The source's modules that match, filtered once (a merge asks for them per module)."""
+        if self._shapes is None:
+            self._shapes = {k: v for k, v in self._source.module_shapes().items() if self._pattern.search(k)}
+        return dict(self._shapes)
 
 
 def only_modules(sources: Sequence[TaskSource], pattern: str | None) -> list[TaskSource]:
