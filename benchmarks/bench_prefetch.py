@@ -9,6 +9,7 @@ the time went (phases summed over threads: with reading ahead, reading runs besi
     git worktree add /tmp/wt-before 70592b0 --detach
     python benchmarks/bench_prefetch.py --inputs '/tmp/bench-1b/n64/*' --checkouts /tmp/wt-before,. \\
         --rounds 2 --out benchmarks/results/prefetch-1b.json
+    python benchmarks/bench_prefetch.py ... --cold --out benchmarks/results/prefetch-1b-cold.json
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def main() -> None:
     p.add_argument("--inputs", required=True, help="a glob of adapter folders")
     p.add_argument("--checkouts", required=True, help="comma-separated source trees to compare")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument(
+        "--cold", action="store_true", help="drop the page cache before each run (root only): inputs read from disk"
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args()
     rows = []
@@ -53,6 +57,9 @@ def main() -> None:
                     ["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
                 ).stdout.strip()
                 timings = Path(work) / "timings.json"
+                if args.cold:
+                    os.sync()
+                    Path("/proc/sys/vm/drop_caches").write_text("1\n")
                 run = measure(
                     [sys.executable, "-c", MERGE, args.inputs, str(Path(work) / "c.safetensors"), str(timings)],
                     env={"PYTHONPATH": tree},
@@ -68,6 +75,7 @@ def main() -> None:
                         "peak_rss_mb": round(run.peak_rss_mb),
                         "phases_s": {k: round(v, 2) for k, v in json.loads(timings.read_text()).items()},
                         "load_1min": os.getloadavg()[0],
+                        "page_cache": "dropped before the run" if args.cold else "as left by the previous run",
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)

@@ -8,7 +8,8 @@ does ``.numpy()`` of a device tensor. What each operation touched is recorded (`
 test can ask which work ran on the device and which stayed on the CPU.
 
 It is a test utility, not a GPU: timings mean nothing, and CUDA-only behaviour (streams, kernels'
-own rounding) is not modelled. Use::
+own rounding, memory) is not modelled; third-party code that probes CUDA further than
+``is_available``, ``device_count``, ``current_device`` and pinned memory may fail under it. Use::
 
     with emulated_cuda() as emulator:
         merge(..., ConsolidationConfig(device="cuda"))
@@ -175,6 +176,7 @@ def _run(func, args, kwargs):
                     f"(in {func})"
                 )
     kwargs = dict(kwargs)
+    kwargs.pop("pin_memory", None)  # no pinned allocator without CUDA: plain CPU memory
     if "device" in kwargs and _is_cuda(target):
         kwargs["device"] = CPU
     out = func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
@@ -221,8 +223,8 @@ def _move(func, args, kwargs):
         return self if isinstance(self, OnDevice) else OnDevice(self.clone())
     target = kwargs.pop("device", None)
     for i, a in enumerate(rest):
-        if isinstance(a, (str, torch.device)):
-            target = rest.pop(i)
+        if isinstance(a, (str, torch.device)):  # the data stays on the CPU: only the wrapper says where
+            target, rest[i] = a, CPU
             break
         if isinstance(a, torch.Tensor):  # .to(other): its dtype and device
             rest[i] = a.dtype
@@ -243,6 +245,9 @@ class _FunctionMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func in (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.cpu):
             return _move(func, args, kwargs)
+        if func is torch.Tensor.pin_memory:
+            return args[0]
+        kwargs.pop("pin_memory", None)
         if _is_cuda(kwargs.get("device")):  # a factory (torch.tensor, zeros, eye, ...): made here, then "moved"
             kwargs["device"] = CPU
             with _device_work():
@@ -317,6 +322,7 @@ def emulated_cuda() -> Iterator[Emulator]:
         stack.enter_context(mock.patch.object(torch.cuda, "device_count", lambda: 1))
         stack.enter_context(mock.patch.object(torch.cuda, "synchronize", lambda *a, **k: None))
         stack.enter_context(mock.patch.object(torch.cuda, "_lazy_init", lambda: None))
+        stack.enter_context(mock.patch.object(torch.cuda, "current_device", lambda: 0))
         stack.enter_context(mock.patch.object(threading.Thread, "run", run))
         _ACTIVE = emulator
         try:
