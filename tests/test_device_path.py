@@ -123,3 +123,20 @@ def test_one_worker_reads_the_next_module_while_it_computes_this_one(adapters, t
     at = {(kind, module): t for kind, module, t in events}
     for i in range(len(modules) - 2):  # never more than one module ahead: memory holds two at most
         assert at[("read", modules[i + 2])] >= at[("done", modules[i])]
+
+
+def test_the_cli_merges_and_extracts_with_device_cuda(adapters, tmp_path):
+    from typer.testing import CliRunner
+
+    from share_convert.cli import app
+
+    cpu = merged(adapters, tmp_path / "cpu.safetensors", "cpu")
+    out = tmp_path / "gpu.safetensors"
+    runner = CliRunner()
+    with emulated_cuda():
+        result = runner.invoke(app, ["merge", str(adapters / "a"), "-o", str(out), "--device", "cuda", "--json"])
+        assert result.exit_code == 0, result.output
+        extracted = runner.invoke(app, ["extract", str(out), "--task", "task-003", "-o", str(tmp_path / "x")])
+        assert extracted.exit_code == 0, extracted.output
+    assert tensors(out) == tensors(cpu)
+    assert (tmp_path / "x" / "adapter_model.safetensors").is_file()
