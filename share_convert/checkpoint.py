@@ -414,13 +414,9 @@ class CheckpointWriter:
                     weight_map.update(dict.fromkeys(names, name))
                 total = sum(e["data_offsets"][1] - e["data_offsets"][0] for e in self._entries.values())
                 metadata = {"total_size": total, MANIFEST_KEY: text, MANIFEST_SHA_KEY: digest}
-                fd, tmp = temp_file_beside(self.path)
-                written.append((Path(tmp), index_path(self.path)))
-                with os.fdopen(fd, "w", encoding="utf-8") as out:
-                    out.write(index_text(metadata, weight_map))
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.chmod(tmp, 0o644)
+                written.append(
+                    (_synced_text_beside(self.path, index_text(metadata, weight_map)), index_path(self.path))
+                )
             crash_point("checkpoint.file-synced")
             publish_files(written, self.path)
         except BaseException:
@@ -546,18 +542,29 @@ def _keep_previous_shards(target: Path, new_shards: set[str]) -> None:
         except OSError:  # a file system without hard links
             shutil.copyfile(source, link)
         links[name] = link.name
+    tmp = _synced_text_beside(target, index_text(metadata, {t: links[f] for t, f in weight_map.items()}))
+    try:
+        os.replace(tmp, index)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    crash_point("checkpoint.previous-kept")
+
+
+def _synced_text_beside(target: Path, text: str) -> Path:
+    """``text`` in a new temporary file beside ``target``, synced and readable by all (a shard
+    index about to be published); the temporary is removed if writing fails."""
     fd, tmp = temp_file_beside(target)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(index_text(metadata, {t: links[f] for t, f in weight_map.items()}))
+            out.write(text)
             out.flush()
             os.fsync(out.fileno())
         os.chmod(tmp, 0o644)
-        os.replace(tmp, index)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    crash_point("checkpoint.previous-kept")
+    return Path(tmp)
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:

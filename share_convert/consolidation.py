@@ -289,8 +289,6 @@ class ModuleStack:
             T, rows, r = len(parts), parts[0].shape[0], parts[0].shape[1]
             scale = torch.tensor(roots, dtype=torch.float32, device=self.device)[:, None, None]
             return (torch.stack(parts).float() * scale).permute(1, 0, 2).reshape(rows, T * r)
-        if not parts:
-            return torch.zeros(self.n if side == 0 else self.d, 0, device=self.device)
         return torch.cat([p.float() * w for p, w in zip(parts, roots)], 1)
 
     def fit(self, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ModulePlanner]:

@@ -177,13 +177,12 @@ def encode_in_bases(
         CB, CA, _S, ranks = canonicalize_padded(EB, EA)
         CB, CA = CB.to(dtype), CA.to(dtype)  # as stored
         cB, cA = CB.to(f64), CA.to(f64)
-        ref2 = torch.stack([members[i].s.to(f64).pow(2).sum() for i in idx])
+        ref2 = torch.stack([members[i].s for i in idx]).to(f64).pow(2).sum(-1)  # one reduction, not one per task
         cross = tr(EB, EA, cB, cA)
         recon2 = ((cB.transpose(-1, -2) @ bases.gram_beta @ cB) * (cA.transpose(-1, -2) @ bases.gram_alpha @ cA)).sum(
             (-1, -2)
         )
         keep = torch.zeros(len(idx), dtype=torch.int64, device=EB.device)
-        PB = PA = None
         if q:
             Bc = torch.stack([members[i].Bc for i in idx]).to(f64)  # t × n × r
             Ac = torch.stack([members[i].Ac for i in idx]).to(f64)
