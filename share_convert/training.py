@@ -193,7 +193,7 @@ class TrainableTask(nn.Module):
         tid = self.task_id
 
         def add_delta(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-            sel = layer.selection
+            sel = layer.selection.current
             if sel.single is not None:
                 if sel.single != tid:
                     return output
