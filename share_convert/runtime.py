@@ -620,10 +620,19 @@ class ShareModel(nn.Module):
     # -- training a new task (share_convert.training; docs/training.md) ----------------------------------
     def add_task(self, name: str, **options: Any) -> Any:
         """Add a new task trained in the checkpoint's subspaces (coefficients and ``new_directions``
-        temporary directions only); see :func:`share_convert.training.add_trainable_task`."""
+        temporary directions only); it becomes the task that trains (others frozen: switch with
+        :meth:`train_task`); see :func:`share_convert.training.add_trainable_task`."""
         from .training import add_trainable_task
 
         return add_trainable_task(self, name, **options)
+
+    def train_task(self, *names: str) -> list[nn.Parameter]:
+        """Make the added tasks ``names`` the ones that train (every other parameter frozen); returns their
+        parameters. :meth:`add_task` makes the new task the one that trains; see
+        :func:`share_convert.training.set_training`."""
+        from .training import set_training
+
+        return set_training(self, names)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters of the tasks added with :meth:`add_task` that require grad, for an optimizer."""
