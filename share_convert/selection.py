@@ -114,6 +114,11 @@ class TaskSelection:
         self.merged = state["merged"]
 
 
+#: torch's thread-local objects (absent from older torch versions: then only the caller's thread sees it)
+_IS_KEY_IN_TLS = getattr(torch._C, "_is_key_in_tls", None)
+_GET_OBJ_IN_TLS = getattr(torch._C, "_get_obj_in_tls", None)
+
+
 def _in_backward_caller(var: contextvars.ContextVar[Selection]) -> Selection | None:
     """``var`` in the context that started the running backward pass, if one is running here.
 
@@ -121,10 +126,9 @@ def _in_backward_caller(var: contextvars.ContextVar[Selection]) -> Selection | N
     of checkpointed layers runs there. torch stashes the caller's context in the thread-local state
     it carries to those threads (``torch.autograd.graph._engine_run_backward``).
     """
-    is_key, get = getattr(torch._C, "_is_key_in_tls", None), getattr(torch._C, "_get_obj_in_tls", None)
-    if is_key is None or get is None or not is_key("context"):
+    if _IS_KEY_IN_TLS is None or _GET_OBJ_IN_TLS is None or not _IS_KEY_IN_TLS("context"):
         return None
-    caller = get("context")
+    caller = _GET_OBJ_IN_TLS("context")
     return caller.get(var) if isinstance(caller, contextvars.Context) else None
 
 
