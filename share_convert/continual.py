@@ -1047,14 +1047,20 @@ def remove(
             max_shard_size=max_shard_size,
         )
     modules_out: dict[str, Any] = {}
-    with CheckpointWriter(output, max_shard_size) as writer:
+    # the Gram matrices are recomputed: one thread, as merge, add and extract compute (same bytes anywhere)
+    with deterministic(), CheckpointWriter(output, max_shard_size) as writer:
         for t in keep:
             for key in ckpt.task(t).get("heads", []):
                 ckpt.copy_to(writer, f"tasks/{t}/heads/{key}")
-        for name in ckpt.modules:
+        modules = list(ckpt.modules)
+        for step, name in enumerate(modules):
+            if progress:
+                progress(name, step, len(modules))
             carried = _carry_module(ckpt, writer, name, keep, tasks, config.weighting)
             if carried is not None:
                 modules_out[name] = carried
+        if progress:
+            progress("", len(modules), len(modules))
         manifest = build_manifest(
             config, [_OldTask(ckpt, t) for t in keep], modules_out, ckpt.history, "remove", added=[]
         )

@@ -86,3 +86,8 @@ class DeviceMismatchError(ShareError):
 class BatchMismatchError(ShareError):
     """A call whose tasks do not fit its batch: a task list whose length differs from the number of
     rows, or a model that reshapes rows so that a layer no longer sees one row per task."""
+
+
+class UntrainedTaskError(ShareError):
+    """A task added for training that was never trained (its update is still exactly zero), given to
+    be saved or folded: writing it would store an adapter that changes nothing."""

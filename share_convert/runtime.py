@@ -41,6 +41,7 @@ from .errors import (
     UnknownTaskError,
 )
 from .formats import PEFT_PREFIX
+from .selection import BASE, Selection, TaskSelection
 
 #: ``task=`` left out: the merged task when one is merged, an error otherwise.
 _UNSET: Any = object()
@@ -90,60 +91,6 @@ def layer_kind(module: nn.Module) -> LayerKind | None:
 def model_path(key: str) -> str:
     """The base model's submodule name for a PEFT key prefix (``base_model.model.`` stripped)."""
     return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
-
-
-# -- which task each row uses -------------------------------------------------------------------------------
-
-
-class TaskSelection:
-    """The tasks of the running call, shared by every injected module of one :class:`ShareModel`.
-
-    Task ids index :attr:`ShareModel.tasks`; the id ``len(tasks)`` is the base model (no task).
-    ``single`` is set when every row uses one task; otherwise ``ids`` lists one id per row. Index
-    tensors are built once per call and device, then reused by every layer.
-    """
-
-    def __init__(self, base_id: int):
-        self.base_id = base_id
-        self.merged: int | None = None
-        self.reset()
-
-    def reset(self) -> None:
-        self.single: int | None = self.base_id
-        self.ids: list[int] | None = None
-        self.distinct: tuple[int, ...] = (self.base_id,)
-        self._cache: dict[Any, torch.Tensor] = {}
-
-    def select(self, ids: int | list[int]) -> None:
-        self.reset()
-        if isinstance(ids, int):
-            self.single, self.distinct = ids, (ids,)
-            return
-        distinct = tuple(sorted(set(ids)))
-        if len(distinct) == 1:
-            self.single, self.distinct = distinct[0], distinct
-            return
-        self.single, self.ids, self.distinct = None, list(ids), distinct
-
-    @property
-    def batch(self) -> int:
-        return len(self.ids) if self.ids is not None else 0
-
-    def index(self, device: torch.device) -> torch.Tensor:
-        """The task id of every row, as a long tensor on ``device``."""
-        key = ("index", device)
-        if key not in self._cache:
-            self._cache[key] = torch.tensor(self.ids, dtype=torch.long, device=device)
-        return self._cache[key]
-
-    def rows(self, ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """The rows whose task is one of ``ids``."""
-        key = ("rows", ids, device)
-        if key not in self._cache:
-            wanted = set(ids)
-            rows = [i for i, t in enumerate(self.ids or []) if t in wanted]
-            self._cache[key] = torch.tensor(rows, dtype=torch.long, device=device)
-        return self._cache[key]
 
 
 # -- one target layer --------------------------------------------------------------------------------------
@@ -221,15 +168,15 @@ class ShareLayer(nn.Module):
 
     # forward ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        sel = self.selection
+        sel = self.selection.current
         if sel.single is not None:
-            if sel.single == sel.merged or not self.serves(sel.single):
+            if sel.single == self.selection.merged or not self.serves(sel.single):
                 return self.base_layer(x, *args, **kwargs)
         elif not any(self.serves(t) for t in sel.distinct):
             return self.base_layer(x, *args, **kwargs)
         self._check_input(x)
         result = self.base_layer(x, *args, **kwargs)
-        delta = self.delta(x)
+        delta = self.delta(x, sel)
         return result if delta is None else result + delta.to(result.dtype)
 
     def serves(self, task: int) -> bool:
@@ -255,9 +202,9 @@ class ShareLayer(nn.Module):
                 hint=f"Convert the inputs to {weight.dtype}, or the model with model.to({x.dtype})",
             )
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The Share part of the output for the selected tasks (None when it is zero)."""
-        sel, f = self.selection, self.factors
+    def delta(self, x: torch.Tensor, sel: Selection | None = None) -> torch.Tensor | None:
+        """The Share part of the output for the tasks of ``sel`` (default: the running call's); None when zero."""
+        sel, f = sel if sel is not None else self.selection.current, self.factors
         dtype = f.coef_A.dtype
         h = x if x.dtype == dtype else x.to(dtype)
         if sel.single is not None:
@@ -270,16 +217,16 @@ class ShareLayer(nn.Module):
                 hint="Run one task per call for this model",
             )
         rows = h.reshape(batch, -1, h.shape[-1])  # (B, L, d)
-        index = sel.index(h.device)
+        index = sel.index(h.device)  # the base model's rows (id -1) take the last, all-zero slot entry
         out = None
         if self.basis_A is not None and any(t in f.spans for t in sel.distinct):
-            slots = f.coef_slot.index_select(0, index)
+            slots = f.coef_slot[index]
             z = rows @ self.basis_A  # αᵀx once for all rows: (B, L, K_A)
             u = torch.bmm(z, f.coef_A.index_select(0, slots))  # E_A,tᵀ per row: (B, L, P)
             v = torch.bmm(u, f.coef_B.index_select(0, slots).transpose(1, 2))  # E_B,t: (B, L, K_B)
             out = v @ self.basis_B.T  # β once for all rows
         if any(t in f.private_ranks for t in sel.distinct):
-            slots = f.private_slot.index_select(0, index)
+            slots = f.private_slot[index]
             w = torch.bmm(rows, f.private_A.index_select(0, slots).transpose(1, 2))  # (B, L, Q)
             w = torch.bmm(w, f.private_B.index_select(0, slots).transpose(1, 2))  # (B, L, n)
             out = w if out is None else out + w
@@ -379,7 +326,7 @@ class ShareHead(nn.Module):
         return self.copies[str(task)] if str(task) in self.copies else self.base_module
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        sel = self.selection
+        sel = self.selection.current
         if sel.single is not None:
             return self.module_for(sel.single)(x, *args, **kwargs)
         groups: dict[int, list[int]] = {}
@@ -458,8 +405,10 @@ class ShareModel(nn.Module):
 
     Build it with :meth:`from_checkpoint`; call it like the base model plus ``task=``: one task name
     for the whole batch, or a list of one name (or None, the base model) per row. The base model is
-    changed in place (as PEFT does); :meth:`unload` gives it back untouched. One call at a time:
-    the tasks of the running call are held by the model, not passed through the layers.
+    changed in place (as PEFT does); :meth:`unload` gives it back untouched. The tasks of the running
+    call are not passed through the layers: they are held per thread and asyncio task
+    (share_convert.selection), so that threads serving different tasks do not see each other's and a
+    nested selection restores the outer one. :meth:`merge` changes the weights, for every thread.
     """
 
     def __init__(
@@ -540,7 +489,7 @@ class ShareModel(nn.Module):
 
     def _task_id(self, task: str | None) -> int:
         if task is None:
-            return self._selection.base_id
+            return BASE
         tid = self._ids.get(task) if isinstance(task, str) else None
         if tid is None:
             shown = task if isinstance(task, str) else repr(task)
@@ -579,14 +528,16 @@ class ShareModel(nn.Module):
     def use(self, task: Any = _UNSET, *, batch: int | None = None) -> Iterator[None]:
         """Select ``task`` (a name, None, or one per row) for every call to the base model inside.
 
-        For calls that do not go through :meth:`forward`, e.g. ``base_model.generate``.
+        For calls that do not go through :meth:`forward`, e.g. ``base_model.generate``. The selection
+        holds in this thread or asyncio task only (threads started inside see none: the base model);
+        leaving the block, or a nested selection ending, restores the one that was there before.
         """
         ids = self._resolve(task, batch)
-        self._selection.select(ids)
+        token = self._selection.select(ids)
         try:
             yield
         finally:
-            self._selection.reset()
+            self._selection.restore(token)
 
     def forward(self, *args: Any, task: Any = _UNSET, **kwargs: Any) -> Any:
         """The base model's output with ``task`` (a name, None, or one per row) applied."""
@@ -609,7 +560,7 @@ class ShareModel(nn.Module):
         """
         self._check_loaded()
         tid = self._task_id(task)
-        if tid == self._selection.base_id:
+        if tid == BASE:
             raise InvalidOptionError("cannot merge the base model", hint="Name a task")
         self.unmerge()
         for layer in self._layers.values():
@@ -669,10 +620,19 @@ class ShareModel(nn.Module):
     # -- training a new task (share_convert.training; docs/training.md) ----------------------------------
     def add_task(self, name: str, **options: Any) -> Any:
         """Add a new task trained in the checkpoint's subspaces (coefficients and ``new_directions``
-        temporary directions only); see :func:`share_convert.training.add_trainable_task`."""
+        temporary directions only); it becomes the task that trains (others frozen: switch with
+        :meth:`train_task`); see :func:`share_convert.training.add_trainable_task`."""
         from .training import add_trainable_task
 
         return add_trainable_task(self, name, **options)
+
+    def train_task(self, *names: str) -> list[nn.Parameter]:
+        """Make the added tasks ``names`` the ones that train (every other parameter frozen); returns their
+        parameters. :meth:`add_task` makes the new task the one that trains; see
+        :func:`share_convert.training.set_training`."""
+        from .training import set_training
+
+        return set_training(self, names)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters of the tasks added with :meth:`add_task` that require grad, for an optimizer."""
@@ -701,8 +661,6 @@ class ShareModel(nn.Module):
         tid = len(self._tasks)
         self._tasks.append(name)
         self._ids[name] = tid
-        self._selection.base_id = tid + 1
-        self._selection.reset()
         for layer in self._layers.values():
             f = layer.factors
             f.coef_slot = torch.cat([f.coef_slot, f.coef_slot.new_zeros(1)])
@@ -760,7 +718,7 @@ def _build(
             f"dtype must be a floating torch dtype, got {dtype!r}", hint="For example torch.float32"
         )
     ids = {t: i for i, t in enumerate(names)}
-    selection = TaskSelection(base_id=len(names))
+    selection = TaskSelection()
     layers: dict[str, ShareLayer] = {}
     for module, info in ckpt.modules.items():
         present = [t for t in names if t in info["tasks"]]

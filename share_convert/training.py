@@ -42,7 +42,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .atomic import publish_dir, temp_dir_beside
-from .errors import DuplicateTaskError, InvalidOptionError, InvalidTaskNameError, ModelMismatchError, UnknownTaskError
+from .errors import (
+    DuplicateTaskError,
+    InvalidOptionError,
+    InvalidTaskNameError,
+    ModelMismatchError,
+    UnknownTaskError,
+    UntrainedTaskError,
+)
 from .extraction import prepare_output_dir
 from .formats import PEFT_PREFIX, validate_task_name
 from .linalg import canonicalize, principal_basis
@@ -193,7 +200,7 @@ class TrainableTask(nn.Module):
         tid = self.task_id
 
         def add_delta(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-            sel = layer.selection
+            sel = layer.selection.current
             if sel.single is not None:
                 if sel.single != tid:
                     return output
@@ -241,8 +248,10 @@ def add_trainable_task(
             factors' squared norm (default 0.9).
         seed: seed of the random initial E_A and Φ.
 
-    Every other parameter of the model is frozen (``requires_grad=False``); the new task's
-    parameters are the ones with ``requires_grad`` (:meth:`ShareModel.trainable_parameters`).
+    The new task becomes the one that trains: every other parameter of the model, earlier added tasks'
+    included, is frozen (``requires_grad=False``), and the new task's parameters are the ones with
+    ``requires_grad`` (:meth:`ShareModel.trainable_parameters`). :func:`set_training`
+    (:meth:`ShareModel.train_task`) switches to other added tasks.
     """
     if rank < 1:
         raise InvalidOptionError(f"rank must be ≥ 1, got {rank}", hint="For example rank=8")
@@ -280,7 +289,6 @@ def add_trainable_task(
     for path, head in head_modules.items():
         copies[path] = copy.deepcopy(head.base_module if isinstance(head, ShareHead) else head).requires_grad_(True)
     task = TrainableTask(name, tid, trainables, copies)
-    model.base_model.requires_grad_(False)
     for path, module in copies.items():
         _attach_head(model, path, tid, module)
     # held by the model (moved by .to(), listed by .parameters()), keyed by id: names may hold dots
@@ -289,12 +297,33 @@ def add_trainable_task(
     model.trainable[f"task{tid}"] = task
     model._trainable[name] = task
     for path, trainable in trainables.items():
-        trainable.requires_grad_(True)
         # also a submodule of its layer: the base model's parameters include it, so that code that
         # only sees the base model (the transformers Trainer, inside model.use(task)) trains it
         layers[path].add_module(f"trainable_task{tid}", trainable)
         task._hooks.append(layers[path].register_forward_hook(task.hook(layers[path])))
+    set_training(model, [name])
     return task
+
+
+def set_training(model: ShareModel, names: Sequence[str]) -> list[nn.Parameter]:
+    """Make the added tasks ``names`` the ones that train; return their parameters (for an optimizer).
+
+    Their parameters (coefficients, temporary directions, head copies) require grad; every other
+    parameter of the model, the base model's and other added tasks', is frozen. Training a task
+    that is frozen would otherwise fail inside torch's backward() with no word of which task.
+    """
+    if isinstance(names, str):
+        raise InvalidOptionError("names must be a list of task names", hint=f"Use [{names!r}]")
+    if not names:
+        known = ", ".join(model._trainable) or "none"
+        raise InvalidOptionError("no task named to train", hint=f"Name one of the added tasks: {known}")
+    chosen = [trainable_task(model, n) for n in names]
+    model.base_model.requires_grad_(False)
+    for task in model._trainable.values():
+        task.requires_grad_(False)
+    for task in chosen:
+        task.requires_grad_(True)
+    return model.trainable_parameters()
 
 
 def _chosen_modules(layers: dict[str, ShareLayer], modules: Sequence[str] | None) -> list[str]:
@@ -397,6 +426,23 @@ def trainable_task(model: ShareModel, name: str) -> TrainableTask:
     return task
 
 
+@torch.no_grad()
+def check_trained(model: ShareModel, task: TrainableTask) -> None:
+    """Refuse a task that was never trained: E_B starts at zero, so its ΔW is still exactly zero in every
+    module, and its head copies still equal the modules they were copied from."""
+    if any(torch.count_nonzero(m.coef_B) for m in task.layers.values()):  # type: ignore[arg-type]
+        return
+    for path in task.head_names:
+        trained, base = task.heads[_key(path)].state_dict(), model._heads[path].base_module.state_dict()
+        if trained.keys() != base.keys() or any(not torch.equal(v, base[k].to(v)) for k, v in trained.items()):
+            return
+    raise UntrainedTaskError(
+        f"task {task.name!r} was never trained (its ΔW is zero in every module and its heads are the base "
+        "model's): nothing was written",
+        hint=f"Train it first; model.train_task({task.name!r}) makes it the task that trains",
+    )
+
+
 def adapter_config(model: ShareModel, task: TrainableTask) -> dict[str, Any]:
     """A PEFT LoRA config for the trained task: exact target paths, r = lora_alpha = p (scale 1)."""
     transposed = any(model._layers[m].kind.transposed for m in task.module_names)
@@ -447,8 +493,12 @@ def adapter_tensors(task: TrainableTask) -> dict[str, torch.Tensor]:
 
 
 def save_task(model: ShareModel, name: str, path: str | Path, *, force: bool = False) -> Path:
-    """Write trainable task ``name`` to the folder ``path`` as a standard PEFT LoRA adapter (scale folded)."""
+    """Write trainable task ``name`` to the folder ``path`` as a standard PEFT LoRA adapter (scale folded).
+
+    A task that was never trained is refused (:class:`~share_convert.errors.UntrainedTaskError`).
+    """
     task = trainable_task(model, name)
+    check_trained(model, task)
     output = Path(path)
     prepare_output_dir(output, force)
     tmp = temp_dir_beside(output)
@@ -477,11 +527,13 @@ def fold_into(
 
     The task is saved as a PEFT adapter in a temporary folder and given to
     :func:`share_convert.api.add` (``options`` pass through: ``k``, ``target_error``, ``config``...).
-    Returns ``add``'s report; the checkpoint's history records the drift of every old task.
+    Returns ``add``'s report; the checkpoint's history records the drift of every old task. A task
+    that was never trained is refused (:class:`~share_convert.errors.UntrainedTaskError`).
     """
     from . import api
 
     task = trainable_task(model, name)
+    check_trained(model, task)
     if "k" not in options and "config" not in options:
         # a fixed-k checkpoint keeps its k in add: grow it by φ so that the temporary directions
         # become part of the bases instead of being truncated away
@@ -504,4 +556,5 @@ __all__ = [
     "adapter_config",
     "fold_into",
     "save_task",
+    "set_training",
 ]

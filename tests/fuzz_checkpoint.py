@@ -26,7 +26,6 @@ from share_convert.errors import ShareError
 from share_convert.extraction import extract
 from share_convert.formats import open_adapters
 
-from .conftest import REAL
 from .fuzz_reader import mutate, mutations
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
@@ -35,9 +34,9 @@ mutation = mutations(20000)  # a checkpoint's header (with its manifest) is long
 
 
 @pytest.fixture(scope="module")
-def original(tmp_path_factory) -> bytes:
+def original(tmp_path_factory, real) -> bytes:
     out = tmp_path_factory.mktemp("ckpt") / "c.safetensors"
-    merge(open_adapters([str(REAL / "bert-tiny")]), out, ConsolidationConfig(k=4, private_rank=1))
+    merge(open_adapters([str(real / "bert-tiny")]), out, ConsolidationConfig(k=4, private_rank=1))
     return out.read_bytes()
 
 

@@ -21,12 +21,10 @@ from hypothesis import strategies as st
 from share_convert.errors import ShareError
 from share_convert.formats import AdapterSource
 
-from .conftest import REAL
-
-SEEDS = [
-    REAL / "gpt2-c_attn/winkitee__peft-lora-gpt2",
-    REAL / "bert-tiny/YeshwanthrajG__bert-tiny-checkpoint-7500",
-    REAL / "gpt2-c_attn/gsj-rifat__tmp",
+SEEDS = [  # in the real adapters' folder (the ``real`` fixture)
+    "gpt2-c_attn/winkitee__peft-lora-gpt2",
+    "bert-tiny/YeshwanthrajG__bert-tiny-checkpoint-7500",
+    "gpt2-c_attn/gsj-rifat__tmp",
 ]
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "300"))
 
@@ -61,10 +59,10 @@ def mutate(data: bytearray, ops) -> bytearray:
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.sampled_from(SEEDS), st.lists(mutation, min_size=1, max_size=4), st.booleans())
-def test_mutated_adapters_are_read_or_refused_cleanly(seed, ops, mutate_config):
+def test_mutated_adapters_are_read_or_refused_cleanly(real, seed, ops, mutate_config):
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "a"
-        shutil.copytree(seed, folder)
+        shutil.copytree(real / seed, folder)
         target = folder / (
             "adapter_config.json"
             if mutate_config

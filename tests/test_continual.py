@@ -375,3 +375,35 @@ def test_updates_never_store_more_than_the_original_adapters(tmp_path):
     api.add(tmp_path / "c7.safetensors", [str(p) for p in paths[7:]], tmp_path / "c10.safetensors")
     original = sum(t["original_bytes"] for t in api.info(tmp_path / "c10.safetensors")["tasks"])
     assert _lora_bytes(tmp_path / "c10.safetensors") <= original
+
+
+@pytest.mark.parametrize("command", ["merge", "add", "remove", "remove --refit"])
+def test_every_command_computes_on_one_thread_whatever_torchs_setting(tmp_path, command):
+    """Thread counts change how sums are split, and so the last bits of the results: merge, add and
+    remove (with or without refit) all compute on one thread, so that their bytes do not depend on it.
+    Observed through the progress callback, which runs inside the computation."""
+    from share_convert.synthetic import write_synthetic_adapters
+
+    write_synthetic_adapters(tmp_path / "a", count=3, layers=1, hidden=16, rank=2, shared_rank=2)
+    write_synthetic_adapters(tmp_path / "b", count=1, layers=1, hidden=16, rank=2, shared_rank=2, prefix="new")
+    if command != "merge":
+        api.merge([str(tmp_path / "a")], tmp_path / "c.safetensors")
+    threads: list[int] = []
+
+    def progress(name: str, step: int, total: int) -> None:
+        threads.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        out = tmp_path / "out.safetensors"
+        if command == "merge":
+            api.merge([str(tmp_path / "a")], out, progress=progress)
+        elif command == "add":
+            api.add(tmp_path / "c.safetensors", [str(tmp_path / "b")], out, progress=progress)
+        else:
+            api.remove(tmp_path / "c.safetensors", ["task-000"], out, refit="refit" in command, progress=progress)
+        assert torch.get_num_threads() == 3  # and the setting is given back
+    finally:
+        torch.set_num_threads(before)
+    assert threads and set(threads) == {1}

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import subprocess
+import sys
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -69,6 +72,29 @@ def test_no_local_copy_and_no_network_is_one_clear_message_and_leaves_no_cache(t
     message = str(info.value)
     assert "SHARE_REAL_ADAPTERS" in message and "http://127.0.0.1:9" in message and str(tmp_path / "cache") in message
     assert not (tmp_path / "cache").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_tests_that_use_no_real_adapters_collect_and_run_without_them(tmp_path):
+    """conftest looks the real adapters up for the tests that ask for them only: with none to be had (no
+    local copy, an empty cache, a closed port), tests/test_linalg.py collects and passes, and a test that
+    asks for them errors with the reason. A real pytest process: collection is what is tested."""
+    env = {
+        **os.environ,
+        "SHARE_REAL_ADAPTERS": str(tmp_path / "none"),
+        "SHARE_REAL_ADAPTERS_CACHE": str(tmp_path / "cache"),
+        "SHARE_REAL_ADAPTERS_URL": "http://127.0.0.1:9",
+    }
+    wanting = "tests/test_real_adapters.py::test_a_local_copy_is_used_as_it_is"
+    args = ["tests/test_linalg.py", wanting, "-q", "-rA", "-p", "no:cacheprovider", "-p", "no:randomly"]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=root, env=env, capture_output=True, text=True)
+    summary = [line for line in proc.stdout.splitlines() if line.startswith(("PASSED", "FAILED", "ERROR"))]
+    linalg = [line for line in summary if "test_linalg.py" in line]
+    assert linalg and all(line.startswith("PASSED") for line in linalg), proc.stdout + proc.stderr
+    # only the test that asks for them does not pass: it errors in its setup, saying why and what to do
+    assert [line for line in summary if not line.startswith("PASSED")] == [line for line in summary if wanting in line]
+    assert f"ERROR at setup of {wanting.rsplit(':', 1)[1]}" in proc.stdout and "Set SHARE_REAL_ADAPTERS" in proc.stdout
+    assert not (tmp_path / "cache").exists()
 
 
 def test_a_file_of_the_wrong_size_is_refused(real, source_server, tmp_path):

@@ -30,6 +30,8 @@ from share_convert.errors import (
     InvalidTaskNameError,
     ModelMismatchError,
     ShareError,
+    UnknownTaskError,
+    UntrainedTaskError,
 )
 from share_convert.training import TrainableTask
 
@@ -228,10 +230,42 @@ def test_a_second_new_task_freezes_the_first_and_any_valid_name_works(world: Wor
     model, first = share(world.checkpoint)
     second = model.add_task("parameters.v2", rank=2)  # dots, and a name that is also a method's
     assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in second.parameters()}
-    first.requires_grad_(True)
+    model.train_task("new", "parameters.v2")  # both train
     assert len(model.trainable_parameters()) == len(list(first.parameters())) + len(list(second.parameters()))
     x, _ = data(RELATED, 4, seed=2)
     assert model(input_ids=x, task=["new", "parameters.v2", "t0", None]).logits.shape == (4, 2)
+
+
+def test_train_task_chooses_which_added_task_trains(world: World) -> None:
+    """After a second add_task the first is frozen; train_task makes it the one that trains again."""
+    model, first = share(world.checkpoint)
+    second = model.add_task("second", rank=2)
+    params = model.train_task("new")
+    assert {id(p) for p in params} == {id(p) for p in first.parameters()}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in params}  # nothing else
+    x, y = data(RELATED, 512, seed=0)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(F.cross_entropy(on(model)(x), y))
+
+    before = loss()
+    train(params, on(model), RELATED, steps=40)
+    assert loss() < before
+    assert all(torch.count_nonzero(m.coef_B) == 0 for m in second.layers.values())  # the other did not move
+    assert {id(p) for p in model.train_task("second")} == {id(p) for p in second.parameters()}
+    with pytest.raises(UnknownTaskError, match="no trainable task named 't0'"):
+        model.train_task("t0")  # a stored task is not trainable
+
+
+def test_saving_or_folding_a_task_that_was_never_trained_is_refused_in_one_line(world: World, tmp_path: Path) -> None:
+    model, _ = share(world.checkpoint)
+    saved, folded = tmp_path / "saved", tmp_path / "folded.safetensors"
+    for write in (lambda: model.save_task("new", saved), lambda: model.fold_into("new", world.checkpoint, folded)):
+        with pytest.raises(UntrainedTaskError, match="'new' was never trained") as caught:
+            write()
+        assert "\n" not in str(caught.value)
+    assert not saved.exists() and not folded.exists()
 
 
 def test_rows_of_the_new_task_mix_with_stored_tasks_in_one_batch(related: dict) -> None:

@@ -1,0 +1,135 @@
+"""Which task each row of a running call uses: the runtime's task selection, per thread and async task.
+
+A :class:`~share_convert.runtime.ShareModel` does not pass the selected tasks through the base
+model's layers (it cannot: the layers are called by the base model's own code). They are held in a
+:class:`contextvars.ContextVar` that every injected module reads, so that:
+
+- a nested selection (``model(x, task="b")`` inside ``with model.use("a"):``) restores the outer
+  one when it ends, instead of leaving the base model selected;
+- each thread and each asyncio task sees only the selection it made: two threads serving different
+  tasks with one model never run each other's task (a new thread starts with nothing selected: the
+  base model);
+- the recomputation of checkpointed layers during ``backward()`` sees the selection of the code that
+  called ``backward()``, also where autograd runs it on its own device threads (CUDA): torch stashes
+  the caller's context for them, and :attr:`TaskSelection.current` reads it there.
+
+Which task is merged into the weights is model-wide (the weights are shared), held beside it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+#: The task id of the base model (no task) in a selection. Negative: as an index into a layer's slot
+#: map it picks the last entry, which is the base model's (always slot 0, no tensors).
+BASE = -1
+
+
+class Selection:
+    """The tasks of one call, fixed once made.
+
+    ``single`` is set when every row uses one task (possibly :data:`BASE`); otherwise ``ids`` lists one
+    task id per row. ``distinct`` holds the ids that occur. Index tensors are built once per device
+    and reused by every layer of the call.
+    """
+
+    __slots__ = ("single", "ids", "distinct", "_cache")
+
+    def __init__(self, ids: int | Sequence[int]):
+        self.ids: tuple[int, ...] | None = None
+        self._cache: dict[Any, torch.Tensor] = {}
+        if isinstance(ids, int):
+            self.single: int | None = ids
+            self.distinct: tuple[int, ...] = (ids,)
+            return
+        self.distinct = tuple(sorted(set(ids)))
+        if len(self.distinct) == 1:
+            self.single = self.distinct[0]
+        else:
+            self.single, self.ids = None, tuple(ids)
+
+    @property
+    def batch(self) -> int:
+        """The number of rows of a mixed batch (0 when every row uses one task)."""
+        return len(self.ids) if self.ids is not None else 0
+
+    def index(self, device: torch.device) -> torch.Tensor:
+        """The task id of every row (:data:`BASE` for the base model's), as a long tensor on ``device``."""
+        key = ("index", device)
+        if key not in self._cache:
+            self._cache[key] = torch.tensor(self.ids, dtype=torch.long, device=device)
+        return self._cache[key]
+
+    def rows(self, ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The rows whose task is one of ``ids``."""
+        key = ("rows", ids, device)
+        if key not in self._cache:
+            wanted = set(ids)
+            rows = [i for i, t in enumerate(self.ids or ()) if t in wanted]
+            self._cache[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        return self._cache[key]
+
+
+#: What a thread or task that selected nothing runs: the base model.
+NOTHING = Selection(BASE)
+
+
+class TaskSelection:
+    """The selection shared by every injected module of one ShareModel.
+
+    :attr:`current` is the running call's :class:`Selection`, held in a context variable of this
+    object (one per model); :attr:`merged` is the task merged into the weights, model-wide.
+    """
+
+    def __init__(self) -> None:
+        self.merged: int | None = None
+        self._var: contextvars.ContextVar[Selection] = contextvars.ContextVar("share_convert_task_selection")
+
+    @property
+    def current(self) -> Selection:
+        """The selection of this thread or async task (or of the code running the current backward pass)."""
+        selected = self._var.get(None)
+        if selected is None:
+            selected = _in_backward_caller(self._var)
+        return NOTHING if selected is None else selected
+
+    def select(self, ids: int | Sequence[int]) -> contextvars.Token[Selection]:
+        """Select ``ids`` (one task id, or one per row) here; :meth:`restore` with the token undoes it."""
+        return self._var.set(Selection(ids))
+
+    def restore(self, token: contextvars.Token[Selection]) -> None:
+        """Give back the selection that :meth:`select` replaced (the outer one, or nothing)."""
+        self._var.reset(token)
+
+    # a context variable cannot be copied or pickled: a copy of the model gets its own, empty one
+    def __getstate__(self) -> dict[str, Any]:
+        return {"merged": self.merged}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+        self.merged = state["merged"]
+
+
+#: torch's thread-local objects (absent from older torch versions: then only the caller's thread sees it)
+_IS_KEY_IN_TLS = getattr(torch._C, "_is_key_in_tls", None)
+_GET_OBJ_IN_TLS = getattr(torch._C, "_get_obj_in_tls", None)
+
+
+def _in_backward_caller(var: contextvars.ContextVar[Selection]) -> Selection | None:
+    """``var`` in the context that started the running backward pass, if one is running here.
+
+    Autograd runs CUDA nodes on its own device threads, whose context is empty; the recomputation
+    of checkpointed layers runs there. torch stashes the caller's context in the thread-local state
+    it carries to those threads (``torch.autograd.graph._engine_run_backward``).
+    """
+    if _IS_KEY_IN_TLS is None or _GET_OBJ_IN_TLS is None or not _IS_KEY_IN_TLS("context"):
+        return None
+    caller = _GET_OBJ_IN_TLS("context")
+    return caller.get(var) if isinstance(caller, contextvars.Context) else None
+
+
+__all__ = ["BASE", "NOTHING", "Selection", "TaskSelection"]
