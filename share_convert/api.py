@@ -107,7 +107,7 @@ def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
         if hub.is_hub_address(spec.path):
             for path in hub.download_inputs(spec.path, progress=_tty()):
                 if is_checkpoint(path):
-                    sources += checkpoint_tasks(Checkpoint(path))
+                    sources += checkpoint_tasks(Checkpoint(path), address=str(hub.parse_address(spec.path)))
                 else:
                     addr = hub.parse_address(spec.path)
                     name = spec.task or (addr.subfolder or addr.repo_id).rstrip("/").split("/")[-1]

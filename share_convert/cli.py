@@ -592,9 +592,21 @@ def push(
     license: Annotated[
         str | None, typer.Option("--license", help="Licence for the model card (e.g. mit, apache-2.0).")
     ] = None,
+    no_local_paths: Annotated[
+        bool,
+        typer.Option(
+            "--no-local-paths",
+            help="Refuse to push when a recorded value looks like a local path (by default: a warning per value).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Upload a checkpoint to the Hub with a machine-readable config and a model card.
+
+    Before uploading, says which recorded values look like local paths (a base_model_name_or_path
+    that is a folder, an absolute path in kohya metadata): they would be published. Local inputs
+    are recorded by their own name only; hf:// addresses are kept. Everything goes up in one commit:
+    a push cut off leaves the repository as it was.
 
     Example: share-convert push share.safetensors alice/my-share
     """
@@ -605,6 +617,14 @@ def push(
         repo = repo_option
     if repo is None:
         fail("no repository was given: share-convert push CHECKPOINT OWNER/NAME")
+    local: list[dict[str, Any]] = []
+
+    def tell(found: list) -> None:  # before anything is uploaded
+        then = "" if no_local_paths else " and will be published with the checkpoint"
+        for value in found:
+            warn(f"{value.describe()} looks like a local path{then}")
+            local.append(value.as_json())
+
     url = api.push(
         checkpoint,
         repo,
@@ -613,9 +633,11 @@ def push(
         token=token,
         commit_message=commit_message,
         license=license,
+        on_local_paths=tell,
+        refuse_local_paths=no_local_paths,
     )
     if as_json:
-        emit_json({"checkpoint": checkpoint, "repo": repo, "revision": revision, "url": url})
+        emit_json({"checkpoint": checkpoint, "repo": repo, "revision": revision, "url": url, "local_paths": local})
         return
     out.print(f"pushed {checkpoint} to {repo}: {url}", highlight=False, markup=False)
 

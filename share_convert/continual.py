@@ -64,16 +64,20 @@ from .errors import DuplicateTaskError, IncompatibleAdaptersError, InvalidOption
 from .formats import LoraFactors
 from .linalg import RANK_RTOL, canonicalize_padded, deterministic, fix_signs, left_batched, load_linalg
 from .planning import FrozenTasks, ModulePlanner, TaskFit, drift_bound, energy_k, task_weight, task_weights
+from .provenance import recorded_source
 from .records import Chain, RecordTable, TaskRows
 
 
 class CheckpointTask:
     """One task of a Share checkpoint, seen as an input: its factors are the reconstruction ΔŴ."""
 
-    def __init__(self, ckpt: Checkpoint, task: str, *, rename: str | None = None):
+    def __init__(self, ckpt: Checkpoint, task: str, *, rename: str | None = None, address: str | None = None):
         self.ckpt, self.source_task = ckpt, task
         self.task = rename or task
-        self.origin = f"{ckpt.path}:{task}"
+        self.origin = f"{address or ckpt.path}:{task}"
+        #: what the new manifest records as the checkpoint it came from: its own file name, or the
+        #: ``hf://`` address it was read from (never the local folders above it, nor the Hub cache)
+        self.from_checkpoint = recorded_source(address or str(ckpt.path))
         rec = ckpt.task(task)
         self.record = rec
         self.config = rec.get("adapter_config")
@@ -106,11 +110,12 @@ class CheckpointTask:
         return t["error"], t["norm"], bool(t.get("bound"))
 
     def task_record(self) -> dict[str, Any]:
-        return dict(self.record, from_checkpoint=str(self.ckpt.path))
+        return dict(self.record, from_checkpoint=self.from_checkpoint)
 
 
-def checkpoint_tasks(ckpt: Checkpoint) -> list[CheckpointTask]:
-    return [CheckpointTask(ckpt, t) for t in ckpt.tasks]
+def checkpoint_tasks(ckpt: Checkpoint, *, address: str | None = None) -> list[CheckpointTask]:
+    """Every task of ``ckpt`` as an input; ``address`` is the ``hf://`` address it was downloaded from."""
+    return [CheckpointTask(ckpt, t, address=address) for t in ckpt.tasks]
 
 
 def config_of(ckpt: Checkpoint) -> ConsolidationConfig:

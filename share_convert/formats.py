@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors import safe_open
 
 from .errors import BadAdapterError, DuplicateTaskError, InvalidTaskNameError, first_line
+from .provenance import recorded_source
 
 if TYPE_CHECKING:  # torch is imported where tensors are read, so that light commands start fast
     import torch
@@ -483,7 +484,7 @@ class AdapterSource:
     def task_record(self) -> dict[str, Any]:
         """What the checkpoint keeps about this task (manifest ``tasks`` entry)."""
         return {
-            "source": self.origin,
+            "source": recorded_source(self.origin),  # its own name, or its hf:// address
             "adapter_config": self.config,
             "alpha_assumed": self.alpha_assumed,
             "weights_dtype": self.weights_dtype,

@@ -14,11 +14,13 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import HubError, OutputExistsError
+from .provenance import LocalValue, local_path_values, looks_local
 from .sharding import INDEX_SUFFIX, shard_name
 
 CHECKPOINT_NAME = "share.safetensors"
@@ -235,6 +237,7 @@ def model_card(summary: dict[str, Any], repo_id: str, *, license: str | None = N
         {str((t.get("adapter_config") or {}).get("base_model_name_or_path")) for t in summary["_task_records"].values()}
         - {"None"}
     )
+    bases = [b for b in bases if not looks_local(b, model_key=True)]  # push warns about those; the card omits them
     front = ["---", "library_name: share-convert"]
     if len(bases) == 1:
         front.append(f"base_model: {bases[0]}")
@@ -286,8 +289,15 @@ def push(
     token: str | None = None,
     commit_message: str | None = None,
     license: str | None = None,
+    on_local_paths: Callable[[list[LocalValue]], None] | None = None,
+    refuse_local_paths: bool = False,
 ) -> str:
     """Upload a checkpoint, its config and a model card to ``repo_id`` (created when needed); return the commit URL.
+
+    Before anything is uploaded, the manifest's values that look like local paths (an adapter
+    config's ``base_model_name_or_path`` that is a folder, kohya metadata naming files, sources
+    recorded by older versions) are handed to ``on_local_paths`` (called only when there are
+    some), and with ``refuse_local_paths`` the push stops there with a :class:`HubError`.
 
     The checkpoint goes up as ``share.safetensors``, or when it is sharded as
     ``share.safetensors.index.json`` and ``share-00001-of-0000N.safetensors`` ...; the commit
@@ -300,6 +310,17 @@ def push(
 
     ckpt = Checkpoint(checkpoint)
     ckpt.verify_all()
+    found = local_path_values(ckpt.manifest)
+    if found and on_local_paths is not None:
+        on_local_paths(found)
+    if found and refuse_local_paths:
+        raise HubError(
+            f"{len(found)} recorded value(s) look like local paths and would be published"
+            f" (first: {found[0].describe()}); nothing was uploaded",
+            path=ckpt.path,
+            hint="Give the inputs' configs public values (e.g. base_model_name_or_path: the Hub model id) "
+            "and merge again, or push without --no-local-paths",
+        )
     ckpt_name = INDEX_NAME if ckpt.sharded else CHECKPOINT_NAME
     summary = summarize(ckpt)
     summary["_task_records"] = ckpt.tasks
@@ -307,6 +328,9 @@ def push(
     if _offline():
         raise HubError("cannot push while HF_HUB_OFFLINE is set", hint="Unset HF_HUB_OFFLINE")
     api = HfApi(endpoint=_endpoint(), token=token)
+    from huggingface_hub.utils import logging
+
+    logging.set_verbosity_error()  # a retried request is not the user's business; a failed one is one line
     with tempfile.TemporaryDirectory(prefix="share-convert-push-") as tmp:
         folder = Path(tmp)
         if ckpt.sharded:
@@ -362,9 +386,15 @@ def pull(
     """Download a pushed checkpoint repository into ``output``; return the checkpoint's path
     (``share.safetensors``, or the index of its shards). A checkpoint already in ``output`` is
     replaced as :class:`~share_convert.checkpoint.CheckpointWriter` replaces one: the new files are
-    published with the index (or the single file) last, and the old form's files are removed."""
+    published with the index (or the single file) last, and the old form's files are removed.
+
+    Nothing is written to ``output`` until every file has arrived whole (huggingface_hub checks
+    each file's size against the Hub's metadata, and resumes a download cut off in a rerun) and
+    the checkpoint has passed its own integrity check (every tensor's SHA-256), so a pull cut
+    off, or of a damaged repository, leaves nothing there that reads as a checkpoint."""
     from .atomic import temp_file_beside
-    from .checkpoint import publish_files, read_index
+    from .checkpoint import Checkpoint, publish_files, read_index
+    from .errors import ShareError
 
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not force:
@@ -387,6 +417,14 @@ def pull(
     missing = [name for name in files if not (src / name).is_file()]
     if missing:
         raise HubError(f"{addr}: shard {missing[0]} named by {INDEX_NAME} is missing", hint="Push the checkpoint again")
+    try:
+        with Checkpoint(src / files[-1]) as downloaded:
+            downloaded.verify_all()
+    except ShareError as e:  # said of the repository, not of the cache's file names
+        raise HubError(
+            f"{addr}: the downloaded checkpoint fails its integrity check ({e.message}); nothing was written",
+            hint="Pull again; if it fails again, the repository's copy is damaged: push the checkpoint again",
+        ) from None
     output.mkdir(parents=True, exist_ok=True)
     target = output / CHECKPOINT_NAME
     written: list[tuple[Path, Path]] = []

@@ -38,6 +38,7 @@ from .atomic import publish_dir, temp_dir_beside, temp_file_beside
 from .checkpoint import check_parent_writable
 from .errors import BadAdapterError, IncompatibleAdaptersError, InvalidOptionError, OutputExistsError, first_line
 from .formats import SUPPORTED_DTYPES, LoraFactors, itemsize, validate_task_name
+from .provenance import recorded_source
 
 T2I_FORMATS = ("kohya", "diffusers")
 EXTRACT_FORMATS = ("peft", *T2I_FORMATS)
@@ -665,7 +666,7 @@ class T2ISource:
 
     def _record(self) -> dict[str, Any]:
         return {
-            "source": self.origin,
+            "source": recorded_source(self.origin),  # its own name, or its hf:// address
             "format": self.format,
             "adapter_config": None,
             "alpha_assumed": self.alpha_assumed,

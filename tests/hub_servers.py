@@ -4,12 +4,15 @@ olah serves git repositories under ``<mirrors>/models/<owner>/<name>`` offline, 
 upstream pointed at a closed local port. olah has no upload API, so :class:`UploadServer`
 implements the endpoints huggingface_hub's ``create_repo``, ``create_branch`` and
 ``upload_folder`` use, committing what it receives into those same git repositories, so that a
-push followed by a pull goes through both servers.
+push followed by a pull goes through both servers. :class:`CuttingProxy`, put in front of
+either, passes everything through but can cut a connection in the middle of a file, once, as a
+network failure would.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import importlib.util
 import json
 import os
@@ -23,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -180,7 +184,9 @@ class UploadServer:
                     elif item["key"] == "deletedFile":
                         (repo / item["value"]["path"]).unlink(missing_ok=True)
                 subprocess.run([*GIT, "-C", str(repo), "add", "-A"], check=True)
-                subprocess.run([*GIT, "-C", str(repo), "commit", "-q", "-m", header["summary"]], check=True)
+                subprocess.run(  # a commit that changes nothing (the same checkpoint again) is still one
+                    [*GIT, "-C", str(repo), "commit", "-q", "--allow-empty", "-m", header["summary"]], check=True
+                )
                 oid = subprocess.run(
                     ["git", "-C", str(repo), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
                 ).stdout.strip()
@@ -193,6 +199,89 @@ class UploadServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class CuttingProxy:
+    """A proxy on 127.0.0.1 in front of a local Hub server (``upstream``) that passes requests and
+    answers through, except for the cuts armed with :meth:`cut_download` and :meth:`cut_upload`:
+    each fires once, on the next matching request, and closes the connection mid-transfer."""
+
+    def __init__(self, upstream: str):
+        self.upstream = urlsplit(upstream).netloc
+        self._download: tuple[str, int, int] | None = None  # file name, bytes sent, downloads cut
+        self._upload: tuple[str, int] | None = None  # file name, commits cut
+        self.cuts: list[str] = []  # the paths of the requests that were cut
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def cut(self) -> None:
+                proxy.cuts.append(self.path)
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+
+            def forward(self) -> None:
+                size = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(size) if size else None
+                armed = proxy._upload
+                if armed and self.command == "POST" and "/commit/" in self.path and f'"{armed[0]}"'.encode() in body:
+                    proxy._upload = (armed[0], armed[1] - 1) if armed[1] > 1 else None
+                    return self.cut()  # the commit never reaches the server whole: the line went down
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                conn.request(self.command, self.path, body=body, headers=headers)
+                answer = conn.getresponse()
+                data = answer.read()
+                conn.close()
+                self.send_response(answer.status)
+                head = self.command == "HEAD"  # its Content-Length is the file's: passed on as it is
+                for key, value in answer.getheaders():
+                    if key.lower() in ("transfer-encoding", "connection", "server", "date"):
+                        continue
+                    if key.lower() == "content-length" and not head:
+                        continue
+                    self.send_header(key, value.replace(proxy.upstream, proxy.netloc))  # redirects come back here
+                if not head:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if head:
+                    return
+                armed = proxy._download
+                if armed and self.command == "GET" and self.path.split("?")[0].endswith("/" + armed[0]) and data:
+                    name, after, times = armed
+                    proxy._download = (name, 0, times - 1) if times > 1 else None  # later tries get nothing
+                    self.wfile.write(data[:after])
+                    return self.cut()
+                self.wfile.write(data)
+
+            do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = forward  # noqa: N815
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.netloc = f"127.0.0.1:{self.httpd.server_address[1]}"
+        self.url = f"http://{self.netloc}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def cut_download(self, name: str, after: int, *, times: int = 1) -> None:
+        """Cut the next download of a file named ``name`` after its first ``after`` bytes, and the
+        ``times - 1`` tries after it (a resumed download) before their first byte."""
+        self._download = (name, after, times)
+
+    def cut_upload(self, name: str, *, times: int = 1) -> None:
+        """Cut the next ``times`` commits that carry a file named ``name`` (a first one and the
+        client's retries), before the server has all of it."""
+        self._upload = (name, times)
+
+    def disarm(self) -> None:
+        """Cut nothing more: pass everything through."""
+        self._download = self._upload = None
 
     def stop(self) -> None:
         self.httpd.shutdown()

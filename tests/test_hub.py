@@ -6,6 +6,8 @@ the tests that a token never reaches the screen run it in a real process.
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from typer.testing import CliRunner
 
 from share_convert.cli import app
 
-from .hub_servers import Olah, UploadServer, hub_env, hub_settings, make_repo
+from .hub_servers import CuttingProxy, Olah, UploadServer, hub_env, hub_settings, make_repo
 
 GOOD = "gpt2-c_attn/winkitee__peft-lora-gpt2"
 
@@ -81,8 +83,6 @@ def test_merge_reads_adapters_from_the_hub_with_revision_and_subfolder(olah, tmp
     out = tmp_path / "c.safetensors"
     proc = cli(["merge", "hf://alice/imdb@v1", "hf://bob/collection/shutter", "-o", out, "--json"], env)
     assert proc.returncode == 0, proc.stderr
-    import json
-
     tasks = {t["task"]: t for t in json.loads(proc.stdout)["tasks"]}
     assert set(tasks) == {"imdb", "shutter"}
     assert tasks["imdb"]["source"] == "hf://alice/imdb@v1"
@@ -178,6 +178,11 @@ def test_hub_checkpoints_work_wherever_a_path_does(olah, uploads, tmp_path, real
         env,
     )
     assert merged.returncode == 0, merged.stderr
+    # a task taken from a Hub checkpoint records its address, not where the Hub cache put it
+    from share_convert.checkpoint import Checkpoint
+
+    assert Checkpoint(tmp_path / "z.safetensors").task("gsj-rifat__tmp")["from_checkpoint"] == "hf://erin/share@v2"
+    assert str(tmp_path / "h2").encode() not in (tmp_path / "z.safetensors").read_bytes()
 
 
 def test_authentication_failure_is_one_line_and_never_shows_the_token(olah, tmp_path, merged):
@@ -209,3 +214,96 @@ def test_hf_token_from_the_environment_is_used_and_never_shown(olah, tmp_path, m
         assert "hf_from_env_456" not in proc.stdout + proc.stderr
     finally:
         server.stop()
+
+
+def checkpoint_with_base(real, tmp_path, base: str):
+    """A checkpoint of one real gpt2 adapter whose config names ``base`` as its base model."""
+    adapter = tmp_path / "imdb"
+    shutil.copytree(real / GOOD, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(dict(config, base_model_name_or_path=base)))
+    out = tmp_path / "share.safetensors"
+    assert cli(["merge", adapter, "-o", out], {}).returncode == 0
+    return out
+
+
+def test_push_tells_which_recorded_values_look_like_local_paths_before_uploading(olah, uploads, tmp_path, real):
+    ckpt = checkpoint_with_base(real, tmp_path, "/home/alice/models/gpt2")
+    push = cli(["push", ckpt, "hana/share", "--json"], hub_env(uploads.url, tmp_path / "h1"))
+    assert push.returncode == 0, push.stderr
+    field = "adapter_config.base_model_name_or_path"
+    assert json.loads(push.stdout)["local_paths"] == [
+        {"task": "imdb", "field": field, "value": "/home/alice/models/gpt2"}
+    ]
+    warnings = push.stderr.strip().splitlines()
+    assert len(warnings) == 1 and "task 'imdb'" in warnings[0] and field in warnings[0] and "published" in warnings[0]
+    assert cli(["pull", "hana/share", "-o", tmp_path / "p"], hub_env(olah.url, tmp_path / "h2")).returncode == 0
+    assert "/home/alice" not in (tmp_path / "p/README.md").read_text()  # the card names no local base
+
+
+@pytest.mark.parametrize("base", ["/home/alice/models/gpt2", "~/gpt2", "C:\\Users\\alice\\gpt2", "gpt2-here"])
+def test_push_with_no_local_paths_refuses_them_and_uploads_nothing(olah, uploads, tmp_path, real, monkeypatch, base):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt2-here").mkdir()  # a base model named by a folder of this machine
+    ckpt = checkpoint_with_base(real, tmp_path, base)
+    push = cli(["push", ckpt, "ivan/share", "--no-local-paths"], hub_env(uploads.url, tmp_path / "h1"))
+    assert push.returncode == 2
+    lines = push.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("warning:") and "nothing was uploaded" in lines[1], push.stderr
+    assert uploads.received == [] and not (olah.mirrors / "models/ivan/share").exists()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data: data[: len(data) // 2],  # cut off
+        lambda data: data[:-1] + bytes([data[-1] ^ 1]),  # one byte changed
+        lambda data: b"not a checkpoint",
+    ],
+    ids=["truncated", "changed", "other"],
+)
+def test_pull_of_a_damaged_checkpoint_writes_nothing(olah, tmp_path, merged, damage, request):
+    repo = f"judy/{request.node.callspec.id}"
+    make_repo(olah.mirrors, repo, {"share.safetensors": damage(merged(GOOD).read_bytes())})
+    pulled = cli(["pull", repo, "-o", tmp_path / "p"], hub_env(olah.url, tmp_path / "h"))
+    assert pulled.returncode == 2 and len(pulled.stderr.strip().splitlines()) == 1, pulled.stderr
+    assert "integrity check" in pulled.stderr and str(tmp_path / "h") not in pulled.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_pull_cut_off_mid_file_writes_nothing_and_a_rerun_completes(olah, uploads, tmp_path, merged):
+    ckpt = merged(GOOD)
+    assert cli(["push", ckpt, "kate/share"], hub_env(uploads.url, tmp_path / "h1")).returncode == 0
+    proxy = CuttingProxy(olah.url)
+    try:
+        proxy.cut_download("share.safetensors", ckpt.stat().st_size // 2, times=20)  # and each resumed try
+        env = hub_env(proxy.url, tmp_path / "h2")
+        cut = cli(["pull", "kate/share", "-o", tmp_path / "p"], env)
+        assert cut.returncode == 2 and len(cut.stderr.strip().splitlines()) == 1 and proxy.cuts, cut.stderr
+        assert not (tmp_path / "p").exists()
+        proxy.disarm()
+        again = cli(["pull", "kate/share", "-o", tmp_path / "p"], env)
+        assert again.returncode == 0, again.stderr
+        assert (tmp_path / "p/share.safetensors").read_bytes() == ckpt.read_bytes()
+    finally:
+        proxy.stop()
+
+
+def test_a_push_cut_off_mid_upload_leaves_the_repository_as_it_was(olah, uploads, tmp_path, merged):
+    first, second = merged(GOOD), merged("gpt2-c_attn")
+    assert cli(["push", first, "leo/share"], hub_env(uploads.url, tmp_path / "h")).returncode == 0
+    repo = olah.mirrors / "models/leo/share"
+    head = subprocess.run(["git", "-C", repo, "rev-parse", "main"], capture_output=True, text=True).stdout
+    proxy = CuttingProxy(uploads.url)
+    try:
+        proxy.cut_upload("share.safetensors", times=20)  # the commit and every retry of it
+        cut = cli(["push", second, "leo/share", "--license", "mit"], hub_env(proxy.url, tmp_path / "h"))
+        assert cut.returncode == 2 and len(cut.stderr.strip().splitlines()) == 1 and proxy.cuts, cut.stderr
+    finally:
+        proxy.stop()
+    assert subprocess.run(["git", "-C", repo, "rev-parse", "main"], capture_output=True, text=True).stdout == head
+    assert cli(["pull", "leo/share", "-o", tmp_path / "a"], hub_env(olah.url, tmp_path / "h2")).returncode == 0
+    assert (tmp_path / "a/share.safetensors").read_bytes() == first.read_bytes()
+    assert cli(["push", second, "leo/share"], hub_env(uploads.url, tmp_path / "h")).returncode == 0
+    assert cli(["pull", "leo/share", "-o", tmp_path / "b"], hub_env(olah.url, tmp_path / "h3")).returncode == 0
+    assert (tmp_path / "b/share.safetensors").read_bytes() == second.read_bytes()
