@@ -342,10 +342,16 @@ def plan(
     plot: str | Path | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Error-against-compression curves of a collection, without writing a checkpoint."""
-    from .analysis import plan_collection, plot_curves
+    """Error-against-compression curves of a collection, without writing a checkpoint.
+
+    ``plot`` (a PNG file to draw the curves to) is checked before any input is read: matplotlib is
+    installed and its folder exists and is writable, as ``merge`` checks its output.
+    """
+    from .analysis import check_plot_target, plan_collection, plot_curves
     from .consolidation import only_modules
 
+    if plot is not None:
+        check_plot_target(plot)
     result = plan_collection(only_modules(open_inputs(inputs, alpha=alpha), modules), config, progress=progress)
     if plot is not None:
         plot_curves(result, plot)
