@@ -74,7 +74,6 @@ from .records import (
 from .sharding import (
     DEFAULT_MAX_SHARD_SIZE,
     INDEX_SUFFIX,
-    check_checkpoint_name,
     checkpoint_target,
     index_path,
     parse_size,
@@ -197,9 +196,7 @@ def same_checkpoint(output: str | Path, ckpt: Checkpoint) -> bool:
 
 
 def check_output(path: Path, force: bool) -> None:
-    """Refuse an output that is not named as a checkpoint, or that exists (single file or sharded) unless
-    ``force``; check its folder is writable."""
-    check_checkpoint_name(path)
+    """Refuse to overwrite an existing output (single file or sharded) unless ``force``; check its folder is writable."""
     found = existing_checkpoint(checkpoint_target(path))
     if found is not None and not force:
         raise OutputExistsError("already exists", path=found, hint="Pass --force to overwrite it")

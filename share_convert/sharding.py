@@ -64,7 +64,8 @@ def check_checkpoint_name(path: str | Path) -> None:
     """Refuse an output name that is not a checkpoint's: ``NAME.safetensors``, or its shard index
     ``NAME.safetensors.index.json``. Readers recognise a checkpoint by that suffix (a folder or glob
     given to ``merge``, ``hf://`` downloads, the Hub's file list), so one written as ``x.txt`` would
-    be a file no command takes for a checkpoint: refused before any work rather than written."""
+    be a file no command takes for a checkpoint: refused before any work rather than written. Checked
+    by :mod:`share_convert.api` (the commands); the engine's own writers take any name."""
     target = checkpoint_target(path)
     if target.name.endswith(".safetensors") and len(target.name) > len(".safetensors"):
         return
