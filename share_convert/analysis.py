@@ -37,6 +37,7 @@ from .consolidation import (
 )
 from .errors import InvalidOptionError
 from .grouping import cluster_tasks
+from .report import base_model_warning
 
 STRATEGIES = ("shared_unweighted", "shared", "private", "private_allocated", "mixed", "groups")
 DEFAULT_RATIOS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
@@ -151,6 +152,7 @@ def plan_collection(
         "curves": table,
         "default_plan": default_plan,
         "verdict": collection_verdict(table, default_plan),
+        "warnings": [w for w in [base_model_warning({s.task: getattr(s, "config", None) for s in sources})] if w],
     }
 
 
@@ -212,8 +214,8 @@ def ratio_ticks(result: dict[str, Any]) -> list[float]:
     return ticks
 
 
-def plot_curves(result: dict[str, Any], path: str | Path, title: str = "") -> None:
-    """Draw the curves as a PNG (needs matplotlib: pip install matplotlib)."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only backend, or the one-line error saying how to install it."""
     try:
         import matplotlib
 
@@ -221,6 +223,20 @@ def plot_curves(result: dict[str, Any], path: str | Path, title: str = "") -> No
         import matplotlib.pyplot as plt
     except ImportError:
         raise InvalidOptionError("--plot needs matplotlib", hint="pip install matplotlib") from None
+    return plt
+
+
+def check_plot_target(path: str | Path) -> None:
+    """Before any work: the image can be drawn (matplotlib) and written (its folder exists, is writable)."""
+    from .checkpoint import check_parent_writable
+
+    _pyplot()
+    check_parent_writable(Path(path))
+
+
+def plot_curves(result: dict[str, Any], path: str | Path, title: str = "") -> None:
+    """Draw the curves as a PNG (needs matplotlib: pip install matplotlib)."""
+    plt = _pyplot()
     labels = {
         "shared_unweighted": "pure sharing, weighted by ‖ΔW‖ (paper)",
         "shared": "pure sharing, tasks weighted equally",

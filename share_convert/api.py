@@ -25,7 +25,7 @@ from .formats import (
     open_adapters,
     parse_input,
 )
-from .sharding import DEFAULT_MAX_SHARD_SIZE, parse_size
+from .sharding import DEFAULT_MAX_SHARD_SIZE, check_checkpoint_name, parse_size
 
 # The engine (consolidation, continual updates, extraction) imports torch: each command imports
 # what it needs when it runs, so that --help, tasks and info start without it.
@@ -169,6 +169,7 @@ def merge(
     from .consolidation import merge as _merge
     from .consolidation import only_modules
 
+    check_checkpoint_name(output)
     max_shard_size = parse_size(max_shard_size)
 
     if config is not None:
@@ -247,6 +248,7 @@ def add(
 
     max_shard_size = parse_size(max_shard_size)
     ckpt = open_checkpoint(checkpoint)
+    check_checkpoint_name(output)
     if config is None:
         config = config_of(ckpt)
         config.k = k if k is not None else config.k
@@ -286,6 +288,7 @@ def remove(
 
     max_shard_size = parse_size(max_shard_size)
     ckpt = open_checkpoint(checkpoint)
+    check_checkpoint_name(output)
     if not refit:
         _remove(ckpt, tasks, output, refit=False, force=force, progress=progress, max_shard_size=max_shard_size)
         return _summary(output)
@@ -342,10 +345,16 @@ def plan(
     plot: str | Path | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Error-against-compression curves of a collection, without writing a checkpoint."""
-    from .analysis import plan_collection, plot_curves
+    """Error-against-compression curves of a collection, without writing a checkpoint.
+
+    ``plot`` (a PNG file to draw the curves to) is checked before any input is read: matplotlib is
+    installed and its folder exists and is writable, as ``merge`` checks its output.
+    """
+    from .analysis import check_plot_target, plan_collection, plot_curves
     from .consolidation import only_modules
 
+    if plot is not None:
+        check_plot_target(plot)
     result = plan_collection(only_modules(open_inputs(inputs, alpha=alpha), modules), config, progress=progress)
     if plot is not None:
         plot_curves(result, plot)

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import api
+from .cli_help import HelpCommand, choices_metavar
 from .errors import ShareError
 
 if TYPE_CHECKING:
@@ -29,7 +30,17 @@ if TYPE_CHECKING:
 
 from .config import DEFAULT_TARGET_ERROR
 
-app = typer.Typer(
+
+class _Typer(typer.Typer):
+    """Every command draws its help with :class:`~share_convert.cli_help.HelpCommand` (the same under
+    every typer the project allows)."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", HelpCommand)
+        return super().command(*args, **kwargs)
+
+
+app = _Typer(
     name="share-convert",
     help=(
         "Consolidate many LoRA adapters into one Share checkpoint (shared bases per module plus tiny "
@@ -39,7 +50,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    # click's plain help: flags without a type, [required] marked, choices listed as <a|b|c>
+    # plain help, drawn by cli_help.HelpCommand: flags bare, [required] marked, choices listed as <a|b|c>
     rich_markup_mode=None,
 )
 out = Console()
@@ -170,21 +181,34 @@ def config_from_options(
 
 # Options shared by merge, add and plan.
 KOpt = Annotated[
-    int | None, typer.Option("--k", help="Fixed shared rank per module and side (pure Share unless --private-rank).")
+    int | None,
+    typer.Option("--k", metavar="K", help="Fixed shared rank per module and side (pure Share unless --private-rank)."),
 ]
-PrivOpt = Annotated[int, typer.Option("--private-rank", help="With --k: private rank every task keeps per module.")]
+PrivOpt = Annotated[
+    int, typer.Option("--private-rank", metavar="Q", help="With --k: private rank every task keeps per module.")
+]
 EnergyOpt = Annotated[
     float | None,
-    typer.Option("--energy", help="Energy target: keep this fraction of each stack's squared norm (e.g. 0.99)."),
+    typer.Option(
+        "--energy",
+        metavar="FRACTION",
+        help="Energy target: keep this fraction of each stack's squared norm (e.g. 0.99).",
+    ),
 ]
 BudgetOpt = Annotated[
     str | None,
-    typer.Option("--budget", help="Storage budget, a ratio ('4x') or a size ('20MB'): least mean error within it."),
+    typer.Option(
+        "--budget",
+        metavar="RATIO|SIZE",
+        help="Storage budget, a ratio ('4x') or a size ('20MB'): least mean error within it.",
+    ),
 ]
 TargetOpt = Annotated[
     float,
     typer.Option(
-        "--target-error", help="Relative ΔW error target per module (default rule; least storage that meets it)."
+        "--target-error",
+        metavar="ERROR",
+        help="Relative ΔW error target per module (default rule; least storage that meets it).",
     ),
 ]
 MetricOpt = Annotated[
@@ -208,10 +232,13 @@ DtypeOpt = Annotated[
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD.")]
 ModulesOpt = Annotated[
     str | None,
-    typer.Option("--modules", help="Only the modules whose names match this regular expression (e.g. 'c_attn')."),
+    typer.Option(
+        "--modules", metavar="REGEX", help="Only the modules whose names match this regular expression (e.g. 'c_attn')."
+    ),
 ]
 AlphaOpt = Annotated[
-    float | None, typer.Option("--alpha", help="lora_alpha to assume for weights files with no config beside them.")
+    float | None,
+    typer.Option("--alpha", metavar="ALPHA", help="lora_alpha to assume for weights files with no config beside them."),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")]
@@ -219,6 +246,7 @@ ShardOpt = Annotated[
     str,
     typer.Option(
         "--max-shard-size",
+        metavar="SIZE",
         help="Above this many bytes of tensors, write shards CHECKPOINT-00001-of-0000N.safetensors and an index "
         "CHECKPOINT.safetensors.index.json (Hugging Face convention). E.g. 5GB, 500MB, 2GiB or bytes.",
     ),
@@ -226,7 +254,11 @@ ShardOpt = Annotated[
 OutputOpt = Annotated[
     Path | None,
     typer.Option(
-        "-o", "--output", help="The Share checkpoint to write (.safetensors).  [required]", show_default=False
+        "-o",
+        "--output",
+        metavar="CHECKPOINT",
+        help="The Share checkpoint to write (.safetensors).  [required]",
+        show_default=False,
     ),
 ]
 
@@ -251,6 +283,7 @@ def merge(
         str,
         typer.Option(
             "--groups",
+            metavar="<1|auto|N>",
             help="'1', 'auto' (try 2–4 groups of tasks with separate bases per module, kept where cheaper) or a number.",
         ),
     ] = "1",
@@ -347,15 +380,19 @@ def extract(
     output: Annotated[
         Path,
         typer.Option(
-            "-o", "--output", help="Folder to write the PEFT adapter to (with --all: one sub-folder per task)."
+            "-o",
+            "--output",
+            metavar="PATH",
+            help="Folder to write the PEFT adapter to (with --all: one sub-folder per task).",
         ),
     ],
-    task: Annotated[str | None, typer.Option("--task", help="The task to extract.")] = None,
+    task: Annotated[str | None, typer.Option("--task", metavar="NAME", help="The task to extract.")] = None,
     all_tasks: Annotated[bool, typer.Option("--all", help="Extract every task.")] = False,
     rank: Annotated[
         int | None,
         typer.Option(
             "--rank",
+            metavar="R",
             help="Truncate to at most this rank (best rank-R approximation), for engines with a maximum LoRA rank.",
         ),
     ] = None,
@@ -366,6 +403,7 @@ def extract(
         str | None,
         typer.Option(
             "--format",
+            metavar=choices_metavar(["peft", "kohya", "diffusers"]),
             help="peft (a PEFT folder), kohya (one .safetensors for ComfyUI/A1111) or diffusers "
             "(for load_lora_weights). Default: the format the task came in. With kohya/diffusers, "
             "-o may name the .safetensors file.",
@@ -404,6 +442,7 @@ def plan(
         Path | None,
         typer.Option(
             "--plot",
+            metavar="PNG",
             help="Also draw the curves to this PNG file (needs matplotlib: pip install 'share-convert[plot]').",
         ),
     ] = None,
@@ -420,6 +459,7 @@ def plan(
     weighted equally), no sharing (truncating each adapter), and the planner's mix; then where
     the default plan lands, and one sentence on whether consolidation pays off. Writes nothing
     (except the --plot image).
+
     Example: share-convert plan adapters/ --plot curves.png
     """
     if not inputs:
@@ -457,7 +497,10 @@ def add(
     ],
     inputs: InputsArg = None,
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="Where to write the updated checkpoint.", show_default=False)
+        Path | None,
+        typer.Option(
+            "-o", "--output", metavar="CHECKPOINT", help="Where to write the updated checkpoint.", show_default=False
+        ),
     ] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="Replace CHECKPOINT itself (atomically).")] = False,
     replace: Annotated[
@@ -476,6 +519,7 @@ def add(
     """Fold new adapters (or another checkpoint) into a checkpoint, without the old adapters.
 
     The report shows each old task's ΔW error before and after (its drift) and the new tasks' errors.
+
     Example: share-convert add share.safetensors new-task/ -o share-v2.safetensors
     """
     if not inputs:
@@ -504,9 +548,10 @@ def remove(
     checkpoint: Annotated[
         str, typer.Argument(help="The Share checkpoint to update.", show_default=False, metavar="CHECKPOINT")
     ],
-    task: Annotated[list[str], typer.Option("--task", help="Task to remove (repeatable).")],
+    task: Annotated[list[str], typer.Option("--task", metavar="NAME", help="Task to remove (repeatable).")],
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="Where to write the result.", show_default=False)
+        Path | None,
+        typer.Option("-o", "--output", metavar="CHECKPOINT", help="Where to write the result.", show_default=False),
     ] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="Replace CHECKPOINT itself (atomically).")] = False,
     refit: Annotated[
@@ -527,6 +572,7 @@ def remove(
     """Remove tasks from a checkpoint, optionally refitting the bases to the tasks that remain.
 
     Without --refit no remaining task changes: the bases stay as they are.
+
     Example: share-convert remove share.safetensors --task old-task --in-place
     """
     target = _update_target(checkpoint, output, in_place)
@@ -588,7 +634,9 @@ def push(
     token: Annotated[
         str | None, typer.Option("--token", help="Hub token (default: HF_TOKEN or the saved login). Never printed.")
     ] = None,
-    commit_message: Annotated[str | None, typer.Option("--commit-message", help="Commit message.")] = None,
+    commit_message: Annotated[
+        str | None, typer.Option("--commit-message", metavar="MESSAGE", help="Commit message.")
+    ] = None,
     license: Annotated[
         str | None, typer.Option("--license", help="Licence for the model card (e.g. mit, apache-2.0).")
     ] = None,
@@ -654,7 +702,8 @@ def pull(
         ),
     ],
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="Folder to download into.  [required]", show_default=False)
+        Path | None,
+        typer.Option("-o", "--output", metavar="DIR", help="Folder to download into.  [required]", show_default=False),
     ] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit.")] = None,
     token: Annotated[str | None, typer.Option("--token", help="Hub token (default: HF_TOKEN). Never printed.")] = None,
@@ -681,6 +730,7 @@ def demo(
         Path | None,
         typer.Option(
             "--keep",
+            metavar="DIR",
             help="Write the demo's files (adapters, checkpoint, extracted task) to this folder and keep them; "
             "without it they go to a temporary folder that is removed at the end.",
         ),

@@ -116,17 +116,24 @@ def extract(
     output = Path(output)
     # -- text-to-image hook: kohya / diffusers files (share_convert/t2i.py) --
     fmt = t2i.resolve_format(record, format, task)
+    truncation: dict[str, float] = {}
     if fmt != "peft":
         dtype = _DTYPES.get(record.get("weights_dtype", "F32"), torch.float32)
         with deterministic():
-            factors, width = adapter_tensors(ckpt, task, rank, dtype)
+            factors, width = adapter_tensors(ckpt, task, rank, truncation, dtype=dtype)
         for m, (B, A) in factors.items():  # in place, so one module at a time holds two copies
             factors[m] = _padded(B, A, width)
         w = t2i.write_lora(factors, width, record, fmt, output, task, force=force)
-        return ExtractedAdapter(task=task, path=w.path, rank=w.rank, modules=w.modules, warnings=w.warnings)
+        return ExtractedAdapter(
+            task=task,
+            path=w.path,
+            rank=w.rank,
+            modules=w.modules,
+            warnings=w.warnings,
+            truncation_error=_added_error(rank, truncation),
+        )
     # -- end of hook --
     prepare_output_dir(output, force)
-    truncation: dict[str, float] = {}
     with deterministic():
         factors, width = adapter_tensors(ckpt, task, rank, truncation)
     dtype = _DTYPES.get(record.get("weights_dtype", "F32"), torch.float32)
@@ -153,13 +160,22 @@ def extract(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    added = None
-    if rank is not None and truncation:
-        values = list(truncation.values())
-        added = {"mean": sum(values) / len(values), "max": max(values)}
     return ExtractedAdapter(
-        task=task, path=output, rank=width, modules=len(factors), warnings=warnings, truncation_error=added
+        task=task,
+        path=output,
+        rank=width,
+        modules=len(factors),
+        warnings=warnings,
+        truncation_error=_added_error(rank, truncation),
     )
+
+
+def _added_error(rank: int | None, truncation: dict[str, float]) -> dict[str, float] | None:
+    """The mean and worst relative ΔW error a ``--rank`` truncation adds over the modules (None without one)."""
+    if rank is None or not truncation:
+        return None
+    values = list(truncation.values())
+    return {"mean": sum(values) / len(values), "max": max(values)}
 
 
 def _padded(B: torch.Tensor, A: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -174,6 +174,9 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
             f"{', '.join(sorted(zeros))}. Their 0% error means nothing and is left out of the overall mean; "
             "check these adapters, and remove them (share-convert remove --task NAME) if they are broken."
         )
+    mixed_bases = base_model_warning({name: rec.get("adapter_config") for name, rec in ckpt.tasks.items()})
+    if mixed_bases:
+        warnings.append(mixed_bases)
     return {
         "checkpoint": str(ckpt.path),
         "format_version": ckpt.manifest["format_version"],
@@ -198,6 +201,33 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         },
         "history": ckpt.history,
     }
+
+
+def base_model_warning(configs: dict[str, dict[str, Any] | None]) -> str | None:
+    """A warning when the tasks' adapter configs (task → config) name more than one base model.
+
+    Adapters of different base models with the same module shapes (gpt2 and distilgpt2) consolidate
+    without an error, but an adapter only means something on the model it was trained on. Tasks
+    without a config or a base model name (bare weights files, text-to-image files) are not counted.
+    """
+    tasks_of: dict[str, list[str]] = {}
+    for task, config in configs.items():
+        base = (config or {}).get("base_model_name_or_path")
+        if base:
+            tasks_of.setdefault(str(base), []).append(task)
+    if len(tasks_of) < 2:
+        return None
+
+    def which(tasks: list[str]) -> str:
+        shown = ", ".join(tasks[:3]) + (f" and {len(tasks) - 3} more" if len(tasks) > 3 else "")
+        return f"{len(tasks)} task{'s' if len(tasks) > 1 else ''}: {shown}"
+
+    named = "; ".join(f"{base} ({which(tasks)})" for base, tasks in sorted(tasks_of.items()))
+    return (
+        f"the adapters' configs name {len(tasks_of)} different base models: {named}. Their modules have the same "
+        "shapes, so they were consolidated together, but each adapter only works on the base model it was trained "
+        "on: check that they belong together, and consolidate adapters of one base model together otherwise."
+    )
 
 
 def describe_config(config: dict[str, Any]) -> str:
@@ -263,6 +293,32 @@ def why(modules: dict[str, Any], stored: int, last_op: str) -> dict[str, Any]:
     }
 
 
+def size_phrase(totals: dict[str, Any]) -> str:
+    """How the checkpoint's tensors compare with the original adapters', without rounding to '1.00×'.
+
+    The ratio counts every tensor of the checkpoint: besides the LoRA data (bases, coefficients,
+    private factors; never more parameters than the originals' under the default rule), the per-task
+    records and the Gram matrices. Where nothing is shared those make the checkpoint slightly larger
+    than the originals, and the phrase says so and by how much.
+    """
+    ratio = totals["ratio"]
+    if not math.isfinite(ratio) or ratio >= 1:
+        return f"{ratio:.2f}× smaller" if ratio >= 1.005 else f"{1 - 1 / ratio:.1%} smaller"
+    larger = f"{1 / ratio:.2f}× larger" if ratio <= 1 / 1.005 else f"{1 / ratio - 1:.1%} larger"
+    st = totals.get("storage") or {}
+    part = lambda *roles: sum(st.get(r, {}).get("bytes", 0) for r in roles)  # noqa: E731
+    lora = part("bases", "coefficients", "private")
+    original_lora = totals["original_bytes"] - part("heads")
+    overhead = part("grams", "records")
+    if st and lora <= original_lora:
+        return (
+            f"{larger} than the original adapters: the LoRA tensors take no more than theirs ({human_bytes(lora)} "
+            f"against {human_bytes(original_lora)}); the per-task records and Gram matrices ({human_bytes(overhead)}) "
+            "make the difference"
+        )
+    return f"{larger} than the original adapters"
+
+
 def verdict(
     kinds: dict[str, int], totals: dict[str, Any], reasons: dict[str, Any], config: dict[str, Any], last_op: str
 ) -> str:
@@ -271,8 +327,7 @@ def verdict(
     the same error target. Under another rule (--k, --energy, --budget) that comparison is not
     made here, and the sentence says so rather than guess from the plan's shape. Large errors are
     called out whatever the rule."""
-    ratio = totals["ratio"]
-    size = f"{ratio:.2f}× smaller" if ratio >= 1 else f"{1 / ratio:.2f}× larger than the original adapters"
+    size = size_phrase(totals)
     n = sum(kinds.values()) or 1
     sharing = kinds["shared"] + kinds["mixed"]
     chosen, private = reasons.get("chosen_params"), reasons.get("no_sharing_params")
@@ -292,7 +347,7 @@ def verdict(
         else:
             text = (
                 f"These adapters share little: at this error target no module is worth a shared basis, so every "
-                f"module keeps each task's own top directions (independent truncation): {size}, by truncation alone."
+                f"module keeps each task's own top directions (independent truncation): overall {size}."
             )
     elif last_op not in FULL_PLAN_OPS and "why" in reasons:
         text = (
@@ -359,8 +414,9 @@ def render(summary: dict[str, Any], console: Console) -> None:
     if hidden:
         title += f": the {len(rows)} tasks with the largest errors or just added, of {len(summary['tasks'])}"
     table = Table(title=title, title_justify="left")
-    for col in ("task", "modules", "rank per module: orig → shared+private", "mean ΔW error", "worst ΔW error"):
-        table.add_column(col, justify="left" if col == "task" else "right", overflow="fold")
+    task_column(table)
+    for col in ("modules", "rank per module: orig → shared+private", "mean ΔW error", "worst ΔW error"):
+        table.add_column(col, justify="right", overflow="fold")
     for t in rows:
         mark = " ≤" if t["error_is_bound"] else ""
         table.add_row(
@@ -420,6 +476,12 @@ def render(summary: dict[str, Any], console: Console) -> None:
         )
 
 
+def task_column(table: Table) -> None:
+    """The task column: folded over lines when the table is too wide, never cut with '…', so that two
+    tasks whose names share a long prefix stay distinguishable on any terminal."""
+    table.add_column("task", justify="left", overflow="fold")
+
+
 def _range(r: dict[str, float]) -> str:
     return f"{r['min']:g}" if r["min"] == r["max"] else f"{r['min']:g}–{r['max']:g}"
 
@@ -442,9 +504,6 @@ def render_history(history: list[dict[str, Any]], console: Console) -> None:
     if first:
         title += f" (the last {len(shown)} of {len(history)})"
     table = Table(title=title, title_justify="left")
-    table.add_column("task")
-    for i, h in shown:
-        table.add_column(f"#{i} {h['op']}", justify="right")
     tasks: list[str] = []
     seen: set[str] = set()
     for _, h in shown:
@@ -455,6 +514,9 @@ def render_history(history: list[dict[str, Any]], console: Console) -> None:
     last = history[-1]
     latest = lambda t: max((h.get("errors", {}).get(t, {}).get("mean", 0.0) for _, h in shown), default=0.0)  # noqa: E731
     rows, hidden = _clip(tasks, latest, _just_added(history), lambda t: t)
+    task_column(table)
+    for i, h in shown:
+        table.add_column(f"#{i} {h['op']}", justify="right")
     for t in rows:
         row = [escape(t)]
         for _, h in shown:
@@ -470,8 +532,9 @@ def render_history(history: list[dict[str, Any]], console: Console) -> None:
         if hidden:
             title += f", the {len(rows)} with the largest drift of {len(items)}"
         drift = Table(title=title, title_justify="left")
-        for col in ("task", "mean ΔW error before", "after (bound)", "mean drift", "worst drift"):
-            drift.add_column(col, justify="left" if col == "task" else "right")
+        task_column(drift)
+        for col in ("mean ΔW error before", "after (bound)", "mean drift", "worst drift"):
+            drift.add_column(col, justify="right")
         for t, d in rows:
             before = last.get("errors_before", {}).get(t, {}).get("mean")
             after = last.get("errors", {}).get(t, {}).get("mean")
@@ -541,6 +604,8 @@ def render_plan(result: dict[str, Any], console: Console) -> None:
         f"sharing (equal ranks) {same['private']:.1%}."
     )
     console.print(result["verdict"])
+    for w in result.get("warnings", []):
+        console.print(f"[yellow]Warning: {escape(w)}[/yellow]")
 
 
 #: A plan cell whose reached compression is this far (relative) from its row's budget is marked.

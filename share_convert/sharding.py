@@ -60,6 +60,23 @@ def checkpoint_target(path: str | Path) -> Path:
     return path
 
 
+def check_checkpoint_name(path: str | Path) -> None:
+    """Refuse an output name that is not a checkpoint's: ``NAME.safetensors``, or its shard index
+    ``NAME.safetensors.index.json``. Readers recognise a checkpoint by that suffix (a folder or glob
+    given to ``merge``, ``hf://`` downloads, the Hub's file list), so one written as ``x.txt`` would
+    be a file no command takes for a checkpoint: refused before any work rather than written. Checked
+    by :mod:`share_convert.api` (the commands); the engine's own writers take any name."""
+    target = checkpoint_target(path)
+    if target.name.endswith(".safetensors") and len(target.name) > len(".safetensors"):
+        return
+    name = target.name.split(".")[0] or "share"
+    raise InvalidOptionError(
+        "a Share checkpoint is written as a .safetensors file (or its shard index .safetensors.index.json)",
+        path=path,
+        hint=f"Name the output {name}.safetensors",
+    )
+
+
 def index_path(path: str | Path) -> Path:
     """The shard index of a checkpoint written to ``path``: ``<name>.index.json`` beside it."""
     path = checkpoint_target(path)
