@@ -363,7 +363,7 @@ def pull(
     (``share.safetensors``, or the index of its shards). A checkpoint already in ``output`` is
     replaced as :class:`~share_convert.checkpoint.CheckpointWriter` replaces one: the new files are
     published with the index (or the single file) last, and the old form's files are removed."""
-    from .atomic import temp_file_beside
+    from .atomic import file_mode, temp_file_beside
     from .checkpoint import publish_files, read_index
 
     output = Path(output)
@@ -396,7 +396,7 @@ def pull(
             os.close(fd)
             written.append((Path(tmp), output / name))
             shutil.copyfile(src / name, tmp)
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, file_mode())
         publish_files(written, target)
     except BaseException:
         for tmp, _ in written:
