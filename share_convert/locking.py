@@ -56,10 +56,10 @@ def _open(path: Path) -> int | None:
     """The lock file, opened (created under the umask when needed); None where it cannot be."""
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except (FileNotFoundError, NotADirectoryError):  # no such folder: the writer's own checks say so
+        return None
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            if e.errno in (errno.ENOENT, errno.ENOTDIR):
-                return None
             raise
     try:  # a lock file of another user, not writable by this one: locking needs only reading
         return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
