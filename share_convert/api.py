@@ -35,6 +35,17 @@ if TYPE_CHECKING:
     from .extraction import ExtractedAdapter
 
 Progress = Callable[[str, int, int], None]
+#: Receives one line to show when another process holds the output's lock, before waiting for it.
+OnWait = Callable[[str], None]
+
+
+def _turn(target: str | Path, wait: bool, on_wait: OnWait | None, *, shared: bool = False):
+    """The lock that writers of the checkpoint at ``target`` take turns on (:func:`share_convert.locking.writing`);
+    a folder stands for the checkpoint ``share.safetensors`` in it."""
+    from .locking import writing
+
+    path = Path(target)
+    return writing(path / hub.CHECKPOINT_NAME if path.is_dir() else path, wait=wait, on_wait=on_wait, shared=shared)
 
 
 def _summary(path: str | Path) -> dict[str, Any]:
@@ -158,6 +169,8 @@ def merge(
     progress: Progress | None = None,
     timings: dict[str, float] | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    wait: bool = True,
+    on_wait: OnWait | None = None,
 ) -> dict[str, Any]:
     """Consolidate adapters (paths, globs, folders, checkpoints) into ``output``; return the report.
 
@@ -165,6 +178,10 @@ def merge(
     receives where the time went (see :func:`share_convert.consolidation.merge`). Tensors taking
     more than ``max_shard_size`` bytes (an int, or text: '5GB', '500MB') are written in shards
     beside ``output`` with an index ``<output>.index.json`` (docs/format.md, "Sharding").
+
+    Writers of one output take turns (:mod:`share_convert.locking`): while another process writes
+    ``output``, ``on_wait`` receives one line and this waits for it, or with ``wait=False`` raises
+    :class:`~share_convert.errors.TargetBusyError`. The same holds for :func:`add` and :func:`remove`.
     """
     from .consolidation import merge as _merge
     from .consolidation import only_modules
@@ -174,9 +191,10 @@ def merge(
 
     if config is not None:
         config.validate()  # bad options (and --k 0 alone, which stores nothing) before any input is read
-    sources = only_modules(open_inputs(inputs, alpha=alpha), modules)
-    _merge(sources, output, config, force=force, progress=progress, timings=timings, max_shard_size=max_shard_size)
-    return _summary(output)
+    with _turn(output, wait, on_wait):  # from reading the inputs (one may be the output) to the report
+        sources = only_modules(open_inputs(inputs, alpha=alpha), modules)
+        _merge(sources, output, config, force=force, progress=progress, timings=timings, max_shard_size=max_shard_size)
+        return _summary(output)
 
 
 def info(checkpoint: str | Path) -> dict[str, Any]:
@@ -237,6 +255,8 @@ def add(
     force: bool = False,
     progress: Progress | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    wait: bool = True,
+    on_wait: OnWait | None = None,
 ) -> dict[str, Any]:
     """Fold new adapters (or checkpoints) into ``checkpoint``, writing ``output``; return the report.
 
@@ -247,17 +267,27 @@ def add(
     from .continual import config_of
 
     max_shard_size = parse_size(max_shard_size)
-    ckpt = open_checkpoint(checkpoint)
-    check_checkpoint_name(output)
-    if config is None:
-        config = config_of(ckpt)
-        config.k = k if k is not None else config.k
-        config.target_error = target_error if target_error is not None else config.target_error
-        config.device = device if device is not None else config.device
-    config.validate()  # refuses options that store nothing (--k 0 alone) before any input is read
-    sources = open_inputs(inputs, alpha=alpha)
-    _add(ckpt, sources, output, config, replace=replace, force=force, progress=progress, max_shard_size=max_shard_size)
-    return _summary(output)
+    with _turn(output, wait, on_wait):  # from reading the old checkpoint (in place: the output) to the report
+        ckpt = open_checkpoint(checkpoint)
+        check_checkpoint_name(output)
+        if config is None:
+            config = config_of(ckpt)
+            config.k = k if k is not None else config.k
+            config.target_error = target_error if target_error is not None else config.target_error
+            config.device = device if device is not None else config.device
+        config.validate()  # refuses options that store nothing (--k 0 alone) before any input is read
+        sources = open_inputs(inputs, alpha=alpha)
+        _add(
+            ckpt,
+            sources,
+            output,
+            config,
+            replace=replace,
+            force=force,
+            progress=progress,
+            max_shard_size=max_shard_size,
+        )
+        return _summary(output)
 
 
 def remove(
@@ -270,6 +300,8 @@ def remove(
     allow_worse: bool = False,
     progress: Progress | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    wait: bool = True,
+    on_wait: OnWait | None = None,
 ) -> dict[str, Any]:
     """Drop ``tasks`` from ``checkpoint`` (optionally refitting the bases); return the report.
 
@@ -279,6 +311,22 @@ def remove(
     task's mean or worst-module error above both its error before and the target is refused, and
     nothing is written, unless ``allow_worse``.
     """
+    max_shard_size = parse_size(max_shard_size)
+    with _turn(output, wait, on_wait):  # from reading the old checkpoint (in place: the output) to the report
+        return _remove_locked(checkpoint, tasks, output, refit, force, allow_worse, progress, max_shard_size)
+
+
+def _remove_locked(
+    checkpoint: str | Path,
+    tasks: Sequence[str],
+    output: str | Path,
+    refit: bool,
+    force: bool,
+    allow_worse: bool,
+    progress: Progress | None,
+    max_shard_size: int,
+) -> dict[str, Any]:
+    """The body of :func:`remove`, under the output's lock."""
     import shutil
 
     from .atomic import temp_dir_beside
@@ -286,7 +334,6 @@ def remove(
     from .continual import remove as _remove
     from .report import summarize
 
-    max_shard_size = parse_size(max_shard_size)
     ckpt = open_checkpoint(checkpoint)
     check_checkpoint_name(output)
     if not refit:
@@ -362,9 +409,16 @@ def plan(
     return result
 
 
-def push(checkpoint: str | Path, repo_id: str, **kwargs: Any) -> str:
-    """Upload a checkpoint with a model card; see :func:`share_convert.hub.push`."""
-    return hub.push(checkpoint, repo_id, **kwargs)
+def push(
+    checkpoint: str | Path, repo_id: str, *, wait: bool = True, on_wait: OnWait | None = None, **kwargs: Any
+) -> str:
+    """Upload a checkpoint with a model card; see :func:`share_convert.hub.push`.
+
+    The checkpoint is read under its lock, shared (:mod:`share_convert.locking`): a checkpoint being
+    written is uploaded once it is published, never half-written; ``wait`` and ``on_wait`` as for :func:`merge`.
+    """
+    with _turn(checkpoint, wait, on_wait, shared=True):
+        return hub.push(checkpoint, repo_id, **kwargs)
 
 
 def pull(repo: str, output: str | Path, **kwargs: Any) -> Path:

@@ -6,7 +6,13 @@ temporary names carry the writing process's id — ``.NAME.PID.RANDOM.tmp`` — 
 write of the same target can remove what a killed run left behind (its process no longer runs)
 without touching another live run's files.
 
-:func:`crash_point` marks the steps of a write where the crash-safety tests kill the process.
+Files and folders written follow the umask (:func:`file_mode`, :func:`folder_mode`), as ``cp``
+and ``torch.save`` do: temporaries are created private (0600, 0700) and given that mode before
+they are published. A publication runs with Ctrl-C deferred (:func:`interrupts_deferred`) and is
+recorded (:func:`published`), so that an interrupted command can say what is on disk.
+
+:func:`crash_point` marks the steps of a write where the crash-safety tests kill, interrupt or
+pause the process.
 """
 
 from __future__ import annotations
@@ -19,21 +25,123 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 CRASH_AT = "SHARE_CONVERT_CRASH_AT"
+INTERRUPT_AT = "SHARE_CONVERT_INTERRUPT_AT"
+PAUSE_AT = "SHARE_CONVERT_PAUSE_AT"
 
 
 def crash_point(label: str) -> None:
-    """Kill this process with SIGKILL here when the environment variable ``SHARE_CONVERT_CRASH_AT`` is ``label``.
+    """Kill, interrupt or pause this process here when a test asks for it at ``label``.
 
-    A test-only hook: the crash-safety tests set the variable in a child process to kill it at a
-    named step of a write (after the data is written, between the renames, ...), so that the kill
-    provably lands inside the write rather than wherever a timer happened to fire. Unset, as it
-    always is outside those tests, it costs one dictionary look-up.
+    A test-only hook: the crash-safety tests set ``SHARE_CONVERT_CRASH_AT=label`` in a child
+    process to kill it (SIGKILL) at a named step of a write (after the data is written, between
+    the renames, ...), so that the kill provably lands inside the write rather than wherever a
+    timer happened to fire; ``SHARE_CONVERT_INTERRUPT_AT=label`` sends it SIGINT (Ctrl-C) there
+    instead; ``SHARE_CONVERT_PAUSE_AT=label:GATE`` creates the file ``GATE.reached`` there and
+    waits (up to a minute) until the file ``GATE`` exists, so that a test can run another process
+    while this one is at that step. Unset, as they always are outside those tests, they cost three
+    dictionary look-ups.
     """
     if os.environ.get(CRASH_AT) == label:
         os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+    if os.environ.get(INTERRUPT_AT) == label:
+        os.kill(os.getpid(), signal.SIGINT)
+    pause = os.environ.get(PAUSE_AT, "")
+    if pause.startswith(label + ":"):
+        gate = Path(pause[len(label) + 1 :])
+        gate.with_name(gate.name + ".reached").touch()
+        deadline = time.monotonic() + 60
+        while not gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+_umask_lock = threading.Lock()
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux 4.7+:
+    ``/proc/self/status``); elsewhere set and restored at once (another thread creating a file
+    in that instant would get mode 0o666 & ~0o022)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a new file gets under the umask (0o644 under 022, 0o600 under 077), as ``open`` gives it."""
+    return 0o666 & ~umask()
+
+
+def folder_mode() -> int:
+    """The mode a new folder gets under the umask (0o755 under 022, 0o700 under 077), as ``mkdir`` gives it."""
+    return 0o777 & ~umask()
+
+
+def follow_umask(path: Path) -> None:
+    """Give ``path`` (a temporary about to be published: a file, or a folder and everything in it)
+    the modes new files and folders get under the umask; temporaries are created private."""
+    files, folders = file_mode(), folder_mode()
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, names in os.walk(path):
+            for name in names:
+                os.chmod(os.path.join(root, name), files)
+            for name in dirs:
+                os.chmod(os.path.join(root, name), folders)
+        os.chmod(path, folders)
+    else:
+        os.chmod(path, files)
+
+
+_published: list[Path] = []
+
+
+def published() -> list[Path]:
+    """Every target this process has published (renamed into place), oldest first: after an
+    interruption, what is on disk (see ``cli.handle_errors``)."""
+    return list(_published)
+
+
+def record_published(target: Path) -> None:
+    """Note that ``target`` has just been published (see :func:`published`)."""
+    _published.append(Path(target))
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Run a publication (its renames and the removal of what it replaces) to its end through
+    Ctrl-C: a SIGINT that arrives meanwhile raises KeyboardInterrupt when the block has finished,
+    so that an interruption lands before the target changes or after it has changed, never between.
+
+    Only in the main thread with Python's own SIGINT handler (elsewhere signals cannot be handled
+    here, or the program has its own handling): the block then runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _folder(target: Path) -> Path:
@@ -103,15 +211,31 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(errno, os.strerror(errno), str(a), None, str(b))
 
 
+def publish_file(tmp: Path, target: Path) -> None:
+    """Rename a fully written file over ``target`` in one step, with the mode the umask gives."""
+    os.chmod(tmp, file_mode())
+    crash_point("file.written")
+    with interrupts_deferred():
+        os.replace(tmp, target)
+        record_published(target)
+
+
 def publish_dir(tmp: Path, target: Path) -> None:
     """Move a fully written folder into place; an existing target is replaced only at the end.
 
     An existing target is swapped with the new folder in one step where the system can (Linux), so
     that at every moment the target is either the old folder, whole, or the new one. Elsewhere the
     old folder is first renamed aside: a crash between the two renames leaves it under its hidden
-    temporary name.
+    temporary name. The folder and everything in it get the modes the umask gives (:func:`follow_umask`).
     """
+    follow_umask(tmp)
     crash_point("dir.written")
+    with interrupts_deferred():
+        _publish_dir(tmp, target)
+        record_published(target)
+
+
+def _publish_dir(tmp: Path, target: Path) -> None:
     if target.exists() and not target.is_symlink() and target.is_dir() and _exchange(tmp, target):
         crash_point("dir.published")  # the new folder is in place; the old one, now at ``tmp``, not yet removed
         shutil.rmtree(tmp, ignore_errors=True)

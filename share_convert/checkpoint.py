@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from safetensors import safe_open
 
-from .atomic import crash_point, temp_file_beside
+from .atomic import crash_point, file_mode, interrupts_deferred, record_published, temp_file_beside
 from .errors import (
     CorruptCheckpointError,
     OutputExistsError,
@@ -461,7 +461,7 @@ class CheckpointWriter:
                 _append_file(data, out, base, end - base)
                 out.flush()
                 os.fsync(out.fileno())
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, file_mode())
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -496,8 +496,18 @@ def publish_files(written: Sequence[tuple[Path, Path]], target: Path) -> None:
     ones (the same shard count) would replace them before the index does: the previous index is
     first pointed at links to its shards (:func:`_keep_previous_shards`). The next write of
     ``target`` removes what a crash left.
+
+    Ctrl-C is deferred until the end (:func:`~share_convert.atomic.interrupts_deferred`): an
+    interruption lands before the first rename or after the last removal, and the commit point
+    (the single file or the index) is recorded as published.
     """
     target = checkpoint_target(target)
+    with interrupts_deferred():
+        _publish_files(written, target)
+        record_published(written[-1][1])
+
+
+def _publish_files(written: Sequence[tuple[Path, Path]], target: Path) -> None:
     parent = target.parent if str(target.parent) else Path(".")
     _keep_previous_shards(target, {final.name for _, final in written[:-1]})
     for tmp, final in written[:-1]:
@@ -552,15 +562,15 @@ def _keep_previous_shards(target: Path, new_shards: set[str]) -> None:
 
 
 def _synced_text_beside(target: Path, text: str) -> Path:
-    """``text`` in a new temporary file beside ``target``, synced and readable by all (a shard
-    index about to be published); the temporary is removed if writing fails."""
+    """``text`` in a new temporary file beside ``target``, synced, with the mode the umask gives (a
+    shard index about to be published); the temporary is removed if writing fails."""
     fd, tmp = temp_file_beside(target)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, file_mode())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

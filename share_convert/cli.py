@@ -67,6 +67,9 @@ def handle_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .atomic import published
+
+        before = len(published())
         try:
             return fn(*args, **kwargs)
         except ShareError as e:
@@ -75,9 +78,24 @@ def handle_errors(fn: Callable) -> Callable:
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
             fail(f"{where}{e.strerror or e}")
         except KeyboardInterrupt:
-            fail("interrupted; nothing was written", 130)
+            fail(interrupted(published()[before:]), 130)
 
     return wrapper
+
+
+def interrupted(written: list[Path]) -> str:
+    """What Ctrl-C left on disk: nothing, or the outputs published before it (whole: a publication
+    is never cut, see share_convert/atomic.py). Temporaries published into, then removed, are not counted."""
+    done = list(dict.fromkeys(str(p) for p in written if os.path.lexists(p)))
+    if not done:
+        return "interrupted before anything was written"
+    where = "it is" if len(done) == 1 else "they are"
+    return f"interrupted after writing {', '.join(done)}: {where} in place, complete"
+
+
+def say_waiting(line: str) -> None:
+    """The one line a writer shows when another process holds its output's lock, before waiting."""
+    err.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 @contextmanager
@@ -251,6 +269,14 @@ ShardOpt = Annotated[
         "CHECKPOINT.safetensors.index.json (Hugging Face convention). E.g. 5GB, 500MB, 2GiB or bytes.",
     ),
 ]
+NoWaitOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-wait",
+        help="When another share-convert is writing the same checkpoint, fail at once (exit 2) instead of "
+        "waiting for it to finish.",
+    ),
+]
 OutputOpt = Annotated[
     Path | None,
     typer.Option(
@@ -291,6 +317,7 @@ def merge(
     modules: ModulesOpt = None,
     force: ForceOpt = False,
     max_shard_size: ShardOpt = "5GB",
+    no_wait: NoWaitOpt = False,
     as_json: JsonOpt = False,
     timings: Annotated[
         Path | None, typer.Option("--timings", hidden=True, help="Write where the time went (JSON).")
@@ -324,6 +351,8 @@ def merge(
             progress=progress,
             timings=clock,
             max_shard_size=max_shard_size,
+            wait=not no_wait,
+            on_wait=say_waiting,
         )
     if timings is not None:
         timings.write_text(json.dumps(clock, indent=2) + "\n")
@@ -514,6 +543,7 @@ def add(
     device: DeviceOpt = Device.auto,
     force: ForceOpt = False,
     max_shard_size: ShardOpt = "5GB",
+    no_wait: NoWaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fold new adapters (or another checkpoint) into a checkpoint, without the old adapters.
@@ -538,6 +568,8 @@ def add(
             force=force or in_place,
             progress=progress,
             max_shard_size=max_shard_size,
+            wait=not no_wait,
+            on_wait=say_waiting,
         )
     show(summary, as_json)
 
@@ -567,6 +599,7 @@ def remove(
         bool, typer.Option("--force", help="Overwrite an existing output; with --refit, accept worse errors.")
     ] = False,
     max_shard_size: ShardOpt = "5GB",
+    no_wait: NoWaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Remove tasks from a checkpoint, optionally refitting the bases to the tasks that remain.
@@ -586,6 +619,8 @@ def remove(
             allow_worse=force,
             progress=progress,
             max_shard_size=max_shard_size,
+            wait=not no_wait,
+            on_wait=say_waiting,
         )
     show(summary, as_json)
 
@@ -647,6 +682,14 @@ def push(
             help="Refuse to push when a recorded value looks like a local path (by default: a warning per value).",
         ),
     ] = False,
+    no_wait: Annotated[
+        bool,
+        typer.Option(
+            "--no-wait",
+            help="When another share-convert is writing the checkpoint, fail at once (exit 2) instead of waiting "
+            "to upload it whole.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Upload a checkpoint to the Hub with a machine-readable config and a model card.
@@ -683,6 +726,8 @@ def push(
         license=license,
         on_local_paths=tell,
         refuse_local_paths=no_local_paths,
+        wait=not no_wait,
+        on_wait=say_waiting,
     )
     if as_json:
         emit_json({"checkpoint": checkpoint, "repo": repo, "revision": revision, "url": url, "local_paths": local})

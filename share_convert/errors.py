@@ -65,6 +65,10 @@ class OutputExistsError(ShareError):
     """The output already exists and ``--force`` was not given."""
 
 
+class TargetBusyError(ShareError):
+    """Another process is writing the checkpoint (or pushing it), and the command was told not to wait."""
+
+
 class InvalidOptionError(ShareError):
     """Options that contradict each other or are out of range."""
 

@@ -10,9 +10,7 @@ Only the tensors of the requested task (and the bases of its modules) are read.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,12 +149,7 @@ def extract(
     try:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        # safetensors writes its file 0600 and mkdtemp its folder 0700: both follow the umask instead,
-        # like the config just written with a plain open()
-        mode = stat.S_IMODE((tmp / "adapter_config.json").stat().st_mode)
-        os.chmod(tmp / "adapter_model.safetensors", mode)
-        os.chmod(tmp, folder_mode(mode))
-        publish_dir(tmp, output)
+        publish_dir(tmp, output)  # with the modes the umask gives (safetensors writes 0600, mkdtemp 0700)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -201,7 +194,6 @@ def extract_all(
         for t in ckpt.tasks:  # every format is valid before anything is written
             t2i.resolve_format(ckpt.task(t), format, t)
         results = [extract(ckpt, t, tmp / t, rank=rank, format=format) for t in ckpt.tasks]
-        os.chmod(tmp, stat.S_IMODE((tmp / results[0].task).stat().st_mode) if results else 0o755)
         publish_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -209,11 +201,6 @@ def extract_all(
     for r in results:
         r.path = output / r.path.relative_to(tmp)
     return results
-
-
-def folder_mode(file_mode: int) -> int:
-    """The mode of a folder beside files of ``file_mode``: searchable wherever readable (0644 → 0755)."""
-    return file_mode | ((file_mode & 0o444) >> 2)
 
 
 def exported_config(record: dict[str, Any], modules: list[str], rank: int) -> dict[str, Any]:

@@ -392,7 +392,7 @@ def pull(
     each file's size against the Hub's metadata, and resumes a download cut off in a rerun) and
     the checkpoint has passed its own integrity check (every tensor's SHA-256), so a pull cut
     off, or of a damaged repository, leaves nothing there that reads as a checkpoint."""
-    from .atomic import temp_file_beside
+    from .atomic import file_mode, temp_file_beside
     from .checkpoint import Checkpoint, publish_files, read_index
     from .errors import ShareError
 
@@ -434,7 +434,7 @@ def pull(
             os.close(fd)
             written.append((Path(tmp), output / name))
             shutil.copyfile(src / name, tmp)
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, file_mode())
         publish_files(written, target)
     except BaseException:
         for tmp, _ in written:

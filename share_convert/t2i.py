@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .atomic import publish_dir, temp_dir_beside, temp_file_beside
+from .atomic import publish_dir, publish_file, temp_dir_beside, temp_file_beside
 from .checkpoint import check_parent_writable
 from .errors import BadAdapterError, IncompatibleAdaptersError, InvalidOptionError, OutputExistsError, first_line
 from .formats import SUPPORTED_DTYPES, LoraFactors, itemsize, validate_task_name
@@ -976,8 +976,7 @@ def write_lora(
         tmp = temp_dir_beside(output)
         try:
             save_sorted(tensors, tmp / name, metadata)
-            os.chmod(tmp, 0o755)
-            publish_dir(tmp, output)
+            publish_dir(tmp, output)  # with the modes the umask gives
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -992,8 +991,7 @@ def write_lora(
         os.close(fd)
         try:
             save_sorted(tensors, tmp_file, metadata)
-            os.chmod(tmp_file, 0o644)
-            os.replace(tmp_file, output)
+            publish_file(tmp_file, output)
         except BaseException:
             tmp_file.unlink(missing_ok=True)
             raise

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -506,8 +505,7 @@ def save_task(model: ShareModel, name: str, path: str | Path, *, force: bool = F
         save_file(adapter_tensors(task), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         config = adapter_config(model, task)
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o755)
-        publish_dir(tmp, output)
+        publish_dir(tmp, output)  # with the modes the umask gives (safetensors writes 0600, mkdtemp 0700)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
