@@ -187,7 +187,10 @@ def save_trained_task(ckpt: Path, out: Path) -> None:
     base = nn.Module()
     base.layers = nn.ModuleList([layer])
     model = ShareModel.from_checkpoint(base, ckpt)
-    model.add_task("new")
+    task = model.add_task("new")
+    with torch.no_grad():  # a non-zero E_B stands for training: an untrained task is refused
+        for m in task.layers.values():
+            m.coef_B.fill_(0.01)
     model.save_task("new", out)
 
 
