@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -81,8 +82,21 @@ def umask() -> int:
     return mask
 
 
-def file_mode() -> int:
-    """The mode a new file gets under the umask (0o644 under 022, 0o600 under 077), as ``open`` gives it."""
+def file_mode(replacing: Path | None = None) -> int:
+    """The mode a new file gets under the umask (0o644 under 022, 0o600 under 077), as ``open`` gives it.
+
+    A file that replaces ``replacing`` keeps that file's permission bits instead, as ``cp`` onto an
+    existing file and an editor's save do: a checkpoint the user made private stays private when it
+    is updated in place, whatever the umask of the process updating it.
+    """
+    if replacing is not None:
+        try:
+            found = os.stat(replacing)
+        except OSError:
+            pass
+        else:
+            if stat.S_ISREG(found.st_mode):
+                return stat.S_IMODE(found.st_mode) & 0o777
     return 0o666 & ~umask()
 
 
@@ -212,8 +226,9 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def publish_file(tmp: Path, target: Path) -> None:
-    """Rename a fully written file over ``target`` in one step, with the mode the umask gives."""
-    os.chmod(tmp, file_mode())
+    """Rename a fully written file over ``target`` in one step, with the mode the umask gives (or the
+    replaced file's, :func:`file_mode`)."""
+    os.chmod(tmp, file_mode(replacing=target))
     crash_point("file.written")
     with interrupts_deferred():
         os.replace(tmp, target)

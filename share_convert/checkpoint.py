@@ -461,7 +461,7 @@ class CheckpointWriter:
                 _append_file(data, out, base, end - base)
                 out.flush()
                 os.fsync(out.fileno())
-            os.chmod(tmp, file_mode())
+            os.chmod(tmp, file_mode(replacing=existing_checkpoint(self.path)))
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -570,7 +570,7 @@ def _synced_text_beside(target: Path, text: str) -> Path:
             out.write(text)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, file_mode())
+        os.chmod(tmp, file_mode(replacing=existing_checkpoint(target)))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -434,7 +434,7 @@ def pull(
             os.close(fd)
             written.append((Path(tmp), output / name))
             shutil.copyfile(src / name, tmp)
-            os.chmod(tmp, file_mode())
+            os.chmod(tmp, file_mode(replacing=output / name))
         publish_files(written, target)
     except BaseException:
         for tmp, _ in written:

@@ -233,3 +233,18 @@ def test_every_file_written_follows_the_umask(ckpt, small_adapters, tmp_path, um
             wrong[str(path.relative_to(out))] = oct(mode)
     assert not wrong
     assert len(list(out.glob("sharded-*-of-*.safetensors"))) > 1  # shards and their index were checked
+
+
+@pytest.mark.parametrize("form", ["single file", "sharded"])
+def test_a_checkpoint_updated_in_place_keeps_its_own_mode(ckpt, sharded, small_adapters, form):
+    """A checkpoint the user made private stays private when another umask updates it, as ``cp`` keeps it."""
+    target = ckpt if form == "single file" else sharded  # the single file, or the shards' index
+    size = "5GB" if form == "single file" else "256"
+    target.chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        assert run("add", target, small_adapters[3], "--in-place", "--max-shard-size", size).exit_code == 0
+    finally:
+        os.umask(old)
+    written = [target, *target.parent.glob("share-*-of-*.safetensors")]
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {p.name: "0o600" for p in written}
