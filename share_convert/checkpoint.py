@@ -952,6 +952,14 @@ class Checkpoint:
                 )
         if not isinstance(self.manifest["modules"], dict) or not isinstance(self.manifest["tasks"], dict):
             raise ValueError("modules and tasks must be objects")
+        T, M = len(self.manifest["tasks"]), len(self.manifest["modules"])
+        for name, dtype, columns in (("records/int", "I32", RECORD_INT), ("records/float", "F64", RECORD_FLOAT)):
+            if self.tensor_meta(name) != ([T, M, len(columns)], dtype):  # from the header: nothing read yet
+                raise CorruptCheckpointError(
+                    f"tensor {name} does not match the manifest's {T} tasks and {M} modules",
+                    path=self.path,
+                    hint="Re-create or re-download it",
+                )
 
     def close(self) -> None:
         """Release the file (also done when the reader is garbage-collected)."""

@@ -207,7 +207,7 @@ def _check_module(c: _Check, module: str, entry: dict[str, Any], tasks: int, ver
     for key in ("params",):
         c.optional(entry, key, where, c.count)
     c.optional(entry, "task_count", where, lambda v, w: c.count(v, w, 0, tasks))
-    c.optional(entry, "kind", where, c.text)
+    c.text(entry.get("kind"), f"{where}.kind")
     c.optional(entry, "alternatives", where, c.obj)
     bases = [entry]
     if "groups" in entry:
@@ -220,6 +220,9 @@ def _check_module(c: _Check, module: str, entry: dict[str, Any], tasks: int, ver
         c.count(b.get("k_B"), f"{at}.k_B", 0, n)
         c.count(b.get("k_A"), f"{at}.k_A", 0, d)
         c.optional(b, "params", at, c.count)
+        if b is not entry:
+            c.text(b.get("kind"), f"{at}.kind")
+            c.count(b.get("params"), f"{at}.params")
     if version == 1:  # records in JSON
         for task, rec in c.obj(entry.get("tasks", {}), f"{where}.tasks").items():
             c.name(task, f"{where}.tasks", task_name_problem, "task")
