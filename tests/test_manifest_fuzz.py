@@ -30,7 +30,7 @@ from share_convert.cli import app
 
 from .manifest_tools import rename_task, rewrite_manifest
 
-EXAMPLES = int(os.environ.get("MANIFEST_FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("MANIFEST_FUZZ_EXAMPLES", "60"))
 #: Seconds one case (four commands on a one-task checkpoint) may take, on a loaded machine.
 CASE_SECONDS = 30
 #: How much the process's peak memory may grow over the whole run.
