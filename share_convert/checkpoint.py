@@ -59,6 +59,7 @@ from .errors import (
     UnsupportedFormatError,
     first_line,
 )
+from .manifest import MAX_MANIFEST_BYTES, check_index_files, check_manifest, parse_json, parse_manifest
 from .records import (
     FLOAT,
     INT,
@@ -601,12 +602,25 @@ def move_checkpoint(source: Path, target: Path) -> None:
 def read_index(path: Path) -> tuple[dict[str, Any], list[str], dict[str, str]]:
     """A shard index's metadata, its shard file names (in order) and its weight map, checked for shape."""
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        with open(path, "rb") as f:  # bounded: an index is read whole
+            text = f.read(MAX_MANIFEST_BYTES * 2 + 1)
+    except OSError as e:
         raise CorruptCheckpointError(
             f"not a readable shard index ({first_line(e, 160)})",
             path=path,
             hint="Re-create or re-download the checkpoint",
+        ) from None
+    if len(text) > MAX_MANIFEST_BYTES * 2:
+        raise CorruptCheckpointError(
+            f"not a readable shard index (over {MAX_MANIFEST_BYTES * 2} bytes)",
+            path=path,
+            hint="Re-create or re-download the checkpoint",
+        )
+    try:
+        index = parse_json(text, path, "shard index")
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(
+            f"not a readable shard index ({e.message})", path=path, hint="Re-create or re-download the checkpoint"
         ) from None
     meta = index.get("metadata") if isinstance(index, dict) else None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -619,13 +633,7 @@ def read_index(path: Path) -> tuple[dict[str, Any], list[str], dict[str, str]]:
             "is not a shard index (no metadata and weight_map objects)", path=path, hint="Re-create it"
         )
     files = sorted(set(weight_map.values()))
-    for name in files:
-        if not name or Path(name).name != name or name in (".", "..") or "\\" in name:
-            raise CorruptCheckpointError(
-                f"the index names the shard {name!r}, which is not a file name beside it",
-                path=path,
-                hint="Re-create or re-download the checkpoint",
-            )
+    check_index_files(files, path)
     return meta, files, weight_map
 
 
@@ -829,23 +837,25 @@ class Checkpoint:
             raise CorruptCheckpointError(
                 "manifest checksum mismatch: the file is corrupt", path=self.path, hint="Re-create or re-download it"
             )
-        try:
-            self.manifest: dict[str, Any] = json.loads(text)
-        except json.JSONDecodeError:
-            raise CorruptCheckpointError(
-                "manifest is not valid JSON", path=self.path, hint="Re-create or re-download it"
-            ) from None
-        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT_NAME:
+        self.manifest: dict[str, Any] = parse_manifest(text, self.path)  # bounded in size and depth
+        if self.manifest.get("format") != FORMAT_NAME:
             raise CorruptCheckpointError(
                 "manifest is not a share-convert manifest", path=self.path, hint="Re-create it"
             )
         version = self.manifest.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise CorruptCheckpointError(
+                f"the manifest's format version is {str(version)[:20]!r}, not a version number",
+                path=self.path,
+                hint="Re-create or re-download it",
+            )
+        if version > FORMAT_VERSION:
             raise UnsupportedFormatError(
                 f"format version {version!r}; this share-convert reads versions up to {FORMAT_VERSION}",
                 path=self.path,
                 hint="Upgrade share-convert",
             )
+        check_manifest(self.manifest, self.path)  # types, ranges and names, before anything uses them
         self.version = version
         self._keys = keys
         self._cache: dict[str, Any] = {}
@@ -952,6 +962,14 @@ class Checkpoint:
                 )
         if not isinstance(self.manifest["modules"], dict) or not isinstance(self.manifest["tasks"], dict):
             raise ValueError("modules and tasks must be objects")
+        T, M = len(self.manifest["tasks"]), len(self.manifest["modules"])
+        for name, dtype, columns in (("records/int", "I32", RECORD_INT), ("records/float", "F64", RECORD_FLOAT)):
+            if self.tensor_meta(name) != ([T, M, len(columns)], dtype):  # from the header: nothing read yet
+                raise CorruptCheckpointError(
+                    f"tensor {name} does not match the manifest's {T} tasks and {M} modules",
+                    path=self.path,
+                    hint="Re-create or re-download it",
+                )
 
     def close(self) -> None:
         """Release the file (also done when the reader is garbage-collected)."""

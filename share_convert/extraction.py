@@ -24,6 +24,7 @@ from .checkpoint import Checkpoint, check_parent_writable
 from .errors import InvalidOptionError, OutputExistsError
 from .formats import PEFT_PREFIX
 from .linalg import canonicalize, deterministic
+from .names import path_under
 
 _DTYPES = {"F32": torch.float32, "F64": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -193,7 +194,8 @@ def extract_all(
     try:  # every task is written under a temporary folder, published in one rename at the end
         for t in ckpt.tasks:  # every format is valid before anything is written
             t2i.resolve_format(ckpt.task(t), format, t)
-        results = [extract(ckpt, t, tmp / t, rank=rank, format=format) for t in ckpt.tasks]
+        # each task's folder is named after it: joined under the temporary folder, never outside it
+        results = [extract(ckpt, t, path_under(tmp, t, origin=ckpt.path), rank=rank, format=format) for t in ckpt.tasks]
         publish_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

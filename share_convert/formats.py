@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
 
-from .errors import BadAdapterError, DuplicateTaskError, InvalidTaskNameError, first_line
+from .errors import BadAdapterError, DuplicateTaskError, first_line
+from .names import MAX_TASK_NAME, key_problem, validate_task_name  # noqa: F401 (re-exported: the rules live in names.py)
 from .provenance import recorded_source
 
 if TYPE_CHECKING:  # torch is imported where tensors are read, so that light commands start fast
@@ -60,7 +61,6 @@ _REFUSED_KEYS = {
     "lora_embedding_B": "embedding LoRA (lora_embedding_A/B) is not supported",
     "lora_magnitude_vector": "DoRA adapters (lora_magnitude_vector) are not supported",
 }
-MAX_TASK_NAME = 100
 
 
 @dataclass(frozen=True)
@@ -228,31 +228,6 @@ def _from_bytes(raw: bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> t
     import torch
 
     return torch.frombuffer(raw, dtype=dtype).reshape(shape) if raw else torch.zeros(shape, dtype=dtype)
-
-
-def validate_task_name(name: str, *, origin: str | None = None) -> str:
-    """Return ``name`` if it can name a task (and a folder); raise otherwise."""
-    problem = None
-    if not name:
-        problem = "is empty"
-    elif len(name) > MAX_TASK_NAME:
-        problem = f"is {len(name)} characters long (at most {MAX_TASK_NAME})"
-    elif any(not ch.isprintable() for ch in name):
-        problem = "contains control characters"
-    elif "/" in name or "\\" in name:
-        problem = "contains a path separator"
-    elif name.startswith("."):
-        problem = "starts with '.'"
-    elif name != name.strip():
-        problem = "starts or ends with whitespace"
-    if problem:
-        shown = "".join(ch if ch.isprintable() else "?" for ch in name[:40])
-        raise InvalidTaskNameError(
-            f"task name {shown!r} {problem}",
-            path=origin,
-            hint="Name the task explicitly: NAME=PATH, with letters, digits, '-', '_' or '.'",
-        )
-    return name
 
 
 def task_name_for(path: Path) -> str:
@@ -585,6 +560,11 @@ def _parse_keys(
     pairs: dict[str, dict[str, str]] = {}
     heads: list[str] = []
     for key in sorted(shapes):
+        problem = key_problem(key)
+        if problem:
+            raise BadAdapterError(
+                f"a tensor's key {problem}", path=path, hint="Re-save the adapter with plain tensor names"
+            )
         for marker, why in _REFUSED_KEYS.items():
             if f".{marker}" in key:
                 raise BadAdapterError(why, path=path, hint="Remove this adapter from the inputs")

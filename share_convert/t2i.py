@@ -38,6 +38,7 @@ from .atomic import publish_dir, publish_file, temp_dir_beside, temp_file_beside
 from .checkpoint import check_parent_writable
 from .errors import BadAdapterError, IncompatibleAdaptersError, InvalidOptionError, OutputExistsError, first_line
 from .formats import SUPPORTED_DTYPES, LoraFactors, itemsize, validate_task_name
+from .names import path_under
 from .provenance import recorded_source
 
 T2I_FORMATS = ("kohya", "diffusers")
@@ -972,15 +973,15 @@ def write_lora(
     folder = output.suffix != ".safetensors"
     if folder:
         name = DIFFUSERS_WEIGHT_NAME if fmt == "diffusers" else f"{task}.safetensors"
+        target = path_under(output, name)  # a file named after the task: in the folder, never outside it
         _prepare_folder(output, force)
         tmp = temp_dir_beside(output)
         try:
-            save_sorted(tensors, tmp / name, metadata)
+            save_sorted(tensors, tmp / target.name, metadata)
             publish_dir(tmp, output)  # with the modes the umask gives
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        target = output / name
     else:
         if output.exists() and not force:
             raise OutputExistsError("exists", path=output, hint="Pass --force to replace it")

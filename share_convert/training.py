@@ -52,6 +52,7 @@ from .errors import (
 from .extraction import prepare_output_dir
 from .formats import PEFT_PREFIX, validate_task_name
 from .linalg import canonicalize, principal_basis
+from .names import path_under
 from .planning import energy_k
 from .runtime import ShareHead, ShareLayer, model_path
 
@@ -540,7 +541,7 @@ def fold_into(
         if fixed is not None and task.new_directions:
             options["k"] = fixed + task.new_directions
     with tempfile.TemporaryDirectory(prefix="share-train-") as tmp:
-        folder = Path(tmp) / name
+        folder = path_under(tmp, name)
         save_task(model, name, folder)
         return api.add(checkpoint, [f"{name}={folder}"], output, force=force, **options)
 

@@ -1,0 +1,171 @@
+"""Checkpoints whose manifest was made by hand, its checksum recomputed (issue 28, items 1 and 2).
+
+A checkpoint travels (``pull``, ``hf://``, files passed around): every name and number its
+manifest holds is untrusted. Each case here is refused by every command that reads it, in one
+line, with nothing written anywhere.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from share_convert.checkpoint import Checkpoint
+from share_convert.cli import app
+from share_convert.errors import InvalidTaskNameError
+from share_convert.names import path_under
+
+from .manifest_tools import rename_task, rewrite_manifest
+
+runner = CliRunner()
+COMMANDS = {
+    "info": lambda ckpt, out: ["info", str(ckpt)],
+    "tasks": lambda ckpt, out: ["tasks", str(ckpt)],
+    "verify": lambda ckpt, out: ["verify", str(ckpt)],
+    "extract --all": lambda ckpt, out: ["extract", str(ckpt), "--all", "-o", str(out)],
+}
+
+
+@pytest.fixture(scope="module")
+def good(merged) -> Path:
+    """A small real checkpoint (the bert-tiny adapter: one task with a classifier head)."""
+    return merged("bert-tiny", k=4, private_rank=1)
+
+
+def tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def refused_everywhere(tmp_path: Path, ckpt: Path) -> list[str]:
+    """Run every reading command on ``ckpt`` (which lies two folders below ``tmp_path``); each must
+    exit 2 with one line and write nothing anywhere under ``tmp_path``. Returns the lines."""
+    before = tree(tmp_path)
+    lines = []
+    for name, args in COMMANDS.items():
+        result = runner.invoke(app, args(ckpt, ckpt.parent / "out"))
+        text = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(text) == 1 and text[0].startswith("error:"), (name, result.output)
+        assert tree(tmp_path) == before, f"{name} wrote {sorted(tree(tmp_path) - before)}"
+        lines.append(text[0])
+    return lines
+
+
+def hand_made(tmp_path: Path, good: Path, edit) -> Path:
+    folder = tmp_path / "a" / "b"
+    folder.mkdir(parents=True)
+    path = folder / "c.safetensors"
+    rewrite_manifest(good, path, edit)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../../escape", "{tmp}/abs", "a/b", "..", ".hidden", "", "x" * 101, "a\nb", "a\\b", " padded"],
+)
+def test_a_task_name_that_is_not_a_folder_name_is_refused_in_one_line(tmp_path, good, name):
+    name = name.replace("{tmp}", str(tmp_path))
+    task = next(iter(Checkpoint(good).tasks))
+    path = hand_made(tmp_path, good, lambda m, h: rename_task(m, h, task, name))
+    lines = refused_everywhere(tmp_path, path)
+    assert all("names a task" in line for line in lines), lines
+    assert not Path(str(tmp_path) + "/abs").exists()
+
+
+@pytest.mark.parametrize("where", ["module", "head"])
+def test_a_module_or_head_name_with_control_characters_is_refused(tmp_path, good, where):
+    def edit(m, h):
+        if where == "module":
+            first = next(iter(m["modules"]))
+            m["modules"] = {("bad\x1b[2Jname" if k == first else k): v for k, v in m["modules"].items()}
+        else:
+            task = next(iter(m["tasks"]))
+            m["tasks"][task]["heads"][0] = "bad\x00key"
+
+    lines = refused_everywhere(tmp_path, hand_made(tmp_path, good, edit))
+    assert all(f"names a {where}" in line for line in lines), lines
+
+
+def test_a_shard_index_naming_a_file_elsewhere_is_refused(tmp_path, good):
+    index = tmp_path / "a" / "b" / "c.safetensors.index.json"
+    index.parent.mkdir(parents=True)
+    index.write_text('{"metadata": {"share_convert": "{}"}, "weight_map": {"x": "/etc/passwd"}}')
+    assert all("not a file name" in line for line in refused_everywhere(tmp_path, index))
+
+
+@pytest.mark.parametrize("name", ["..", "../x", "/abs", "a/b", "", ".", "a\\b", "a\0b"])
+def test_a_writer_never_joins_a_name_that_leaves_its_folder(tmp_path, name):
+    with pytest.raises(InvalidTaskNameError, match="outside"):
+        path_under(tmp_path, name)
+
+
+def test_a_writer_joins_a_plain_name_inside_its_folder(tmp_path):
+    assert path_under(tmp_path, "task-1.safetensors") == tmp_path / "task-1.safetensors"
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda m, h: m.update(extra="@deep@"), "nested deeper"),
+        (lambda m, h: m["config"].update(x="@deep70@"), "nested deeper"),
+        (lambda m, h: m.update(extra="@long_int@"), "not valid JSON"),
+        (lambda m, h: m["config"].update(target_error="@nan@"), "not valid JSON"),
+        (lambda m, h: m["config"].update(target_error="@inf@"), "not valid JSON"),
+    ],
+    ids=["deep", "deep-70", "long-integer", "nan", "inf"],
+)
+def test_a_manifest_json_cannot_parse_safely_is_refused_in_one_line(tmp_path, good, edit, needle):
+    lines = refused_everywhere(tmp_path, hand_made(tmp_path, good, edit))
+    assert all(needle in line for line in lines), lines
+
+
+def _module(m):
+    return m["modules"][next(iter(m["modules"]))]
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda m, h: _module(m).update(out_features=10**30), "out_features"),
+        (lambda m, h: _module(m).update(in_features=-1), "in_features"),
+        (lambda m, h: _module(m).update(k_B=1 << 40), "k_B"),
+        (lambda m, h: _module(m).update(k_A="4"), "k_A"),
+        (lambda m, h: _module(m).update(groups=[]), "groups"),
+        (lambda m, h: m["blocks"].update(x={"rows": 0, "sha256": []}), "rows"),
+        (lambda m, h: m.update(tasks=[]), "tasks"),
+        (lambda m, h: m.update(format_version=True), "format version"),
+        (lambda m, h: m.update(history={"op": "merge"}), "history"),
+    ],
+    ids=[
+        "huge-features",
+        "negative-features",
+        "huge-k",
+        "k-as-text",
+        "no-groups",
+        "zero-rows",
+        "tasks-list",
+        "bool-version",
+        "history-object",
+    ],
+)
+def test_absurd_sizes_and_wrong_types_are_refused_in_one_line(tmp_path, good, edit, field):
+    lines = refused_everywhere(tmp_path, hand_made(tmp_path, good, edit))
+    assert all(field in line for line in lines), lines
+
+
+def test_the_manifest_size_is_bounded_before_parsing(tmp_path, good, monkeypatch):
+    from share_convert import manifest
+
+    path = hand_made(tmp_path, good, lambda m, h: None)
+    monkeypatch.setattr(manifest, "MAX_MANIFEST_BYTES", 1000)  # a real checkpoint's manifest is longer
+    assert all("at most 1000" in line for line in refused_everywhere(tmp_path, path))
+
+
+def test_an_untouched_rewrite_still_reads(tmp_path, good):
+    """The tools above change nothing by themselves: the same manifest rewritten reads and verifies."""
+    path = hand_made(tmp_path, good, lambda m, h: None)
+    result = runner.invoke(app, ["verify", str(path)])
+    assert result.exit_code == 0, result.output
+    shutil.rmtree(tmp_path / "a")
