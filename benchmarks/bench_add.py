@@ -3,7 +3,7 @@
 Builds checkpoints with N old tasks (merged once, untimed), then times the whole process
 ``share-convert add CKPT NEW -o OUT`` for each N, side by side in one run, together with the
 start-up of the CLI alone (``share-convert --help``: Python, torch and the CLI imported) as the floor.
-Also times the library call alone (``share_convert.continual.add`` timed inside a fresh process,
+Also times the library call alone (``share_convert.engine.continual.add`` timed inside a fresh process,
 best of the rounds): the update without start-up, reading of the new adapter's header, or the report.
 
     python benchmarks/bench_add.py --tasks 10,50,100,200,500 --work /tmp/bench-add --out benchmarks/results/add.json
@@ -23,14 +23,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from measure import measure  # noqa: E402
 
-from share_convert.synthetic import write_synthetic_adapters  # noqa: E402
+from share_convert.io.synthetic import write_synthetic_adapters  # noqa: E402
 
 #: Times the library call alone in a fresh process (this one stays small: a child's peak RSS
 #: counts what it inherited before exec).
 LIBRARY_ADD = """
 import sys, time
-from share_convert.continual import add
-from share_convert.formats import open_adapters
+from share_convert.engine.continual import add
+from share_convert.io.formats import open_adapters
 sources = open_adapters([sys.argv[2]])
 t = time.perf_counter()
 add(sys.argv[1], sources, sys.argv[3], force=True)

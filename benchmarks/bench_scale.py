@@ -2,7 +2,7 @@
 
 Synthetic adapters shaped like a 32-layer model's all-linear LoRAs (q, k, v, o, gate, up, down:
 224 modules; hidden 64, r = 4, float32, about 0.5 MB each), each a planted shared subspace of
-rank 8 per module plus 10% of its own directions (`share_convert.synthetic`). For each count N the
+rank 8 per module plus 10% of its own directions (`share_convert.io.synthetic`). For each count N the
 whole process `share-convert merge DIR -o OUT --timings T.json` is timed (default options: the
 error target) after the adapters are written and read once (page cache warm), with its phase
 breakdown; the cost per (task, module) pair is the time divided by N × 224.
@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from measure import measure  # noqa: E402
 
-from share_convert.synthetic import write_synthetic_adapters  # noqa: E402
+from share_convert.io.synthetic import write_synthetic_adapters  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LAYERS = 32

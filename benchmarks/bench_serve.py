@@ -2,7 +2,7 @@
 
 A GPT-2-sized model (GPT2Config defaults: 12 layers, 768 wide, random weights) and synthetic
 adapters on every ``attn.c_attn`` (Conv1D, 2304 × 768, r = 8) with a planted shared subspace
-(``share_convert.synthetic``). The adapters are merged once into a Share checkpoint (default
+(``share_convert.io.synthetic``). The adapters are merged once into a Share checkpoint (default
 options: 5% mean ΔW error target) and every task is extracted back as a PEFT adapter; both sides
 serve the same extracted tasks, so their outputs are compared too.
 
@@ -45,9 +45,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from measure import measure  # noqa: E402
 
 from share_convert import ShareModel, api  # noqa: E402
-from share_convert.consolidation import ConsolidationConfig, merge  # noqa: E402
-from share_convert.formats import open_adapters  # noqa: E402
-from share_convert.synthetic import write_synthetic_adapters  # noqa: E402
+from share_convert.engine.consolidation import ConsolidationConfig, merge  # noqa: E402
+from share_convert.io.formats import open_adapters  # noqa: E402
+from share_convert.io.synthetic import write_synthetic_adapters  # noqa: E402
 
 
 def rss() -> int:

@@ -14,9 +14,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import hub
+from .checkpoint.sharding import DEFAULT_MAX_SHARD_SIZE, check_checkpoint_name, parse_size
 from .errors import CorruptCheckpointError, InvalidOptionError
-from .formats import (
+from .io import hub
+from .io.formats import (
     CONFIG_NAME,
     WEIGHT_NAMES,
     check_unique_tasks,
@@ -25,14 +26,13 @@ from .formats import (
     open_adapters,
     parse_input,
 )
-from .sharding import DEFAULT_MAX_SHARD_SIZE, check_checkpoint_name, parse_size
 
 # The engine (consolidation, continual updates, extraction) imports torch: each command imports
 # what it needs when it runs, so that --help, tasks and info start without it.
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
+    from .checkpoint.file import Checkpoint
     from .config import ConsolidationConfig
-    from .extraction import ExtractedAdapter
+    from .io.extraction import ExtractedAdapter
 
 Progress = Callable[[str, int, int], None]
 #: Receives one line to show when another process holds the output's lock, before waiting for it.
@@ -40,9 +40,9 @@ OnWait = Callable[[str], None]
 
 
 def _turn(target: str | Path, wait: bool, on_wait: OnWait | None, *, shared: bool = False):
-    """The lock that writers of the checkpoint at ``target`` take turns on (:func:`share_convert.locking.writing`);
+    """The lock that writers of the checkpoint at ``target`` take turns on (:func:`share_convert.files.locking.writing`);
     a folder stands for the checkpoint ``share.safetensors`` in it."""
-    from .locking import writing
+    from .files.locking import writing
 
     path = Path(target)
     return writing(path / hub.CHECKPOINT_NAME if path.is_dir() else path, wait=wait, on_wait=on_wait, shared=shared)
@@ -50,8 +50,8 @@ def _turn(target: str | Path, wait: bool, on_wait: OnWait | None, *, shared: boo
 
 def _summary(path: str | Path) -> dict[str, Any]:
     """The report of the checkpoint just written at ``path`` (its file closed afterwards)."""
-    from .checkpoint import Checkpoint
-    from .report import summarize
+    from .checkpoint.file import Checkpoint
+    from .report.summary import summarize
 
     with Checkpoint(path) as ckpt:
         return summarize(ckpt)
@@ -65,7 +65,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     file does not exist stands for its shard index when that does (``-o share.safetensors`` written
     in shards). An adapter folder or weights file is named as such, with the commands that take adapters.
     """
-    from .checkpoint import Checkpoint, existing_checkpoint
+    from .checkpoint.file import Checkpoint, existing_checkpoint
 
     if hub.is_hub_address(str(path)):
         return Checkpoint(hub.checkpoint_path(str(path), progress=_tty()))
@@ -107,9 +107,9 @@ def _tty() -> bool:
 
 def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
     """Adapters and Share checkpoints (every task of a checkpoint is an input) from what was typed."""
-    from .checkpoint import INDEX_SUFFIX, Checkpoint, existing_checkpoint, is_checkpoint
-    from .continual import checkpoint_tasks
-    from .t2i import check_same_base
+    from .checkpoint.file import INDEX_SUFFIX, Checkpoint, existing_checkpoint, is_checkpoint
+    from .engine.continual import checkpoint_tasks
+    from .io.t2i import check_same_base
 
     sources: list = []
     shared: dict[tuple, tuple] = {}  # one copy of the shapes and offsets the adapters repeat
@@ -143,7 +143,7 @@ def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
 def shards_as_indexes(paths: list[Path]) -> list[Path]:
     """``paths`` (a folder's files, a glob's matches) with the shards of a sharded checkpoint beside
     them replaced by its index, once: a folder or glob holding a sharded checkpoint gives its tasks."""
-    from .checkpoint import INDEX_SUFFIX, is_checkpoint, read_index
+    from .checkpoint.file import INDEX_SUFFIX, is_checkpoint, read_index
 
     out = list(paths)
     for folder in sorted({p.parent for p in paths}):
@@ -175,16 +175,16 @@ def merge(
     """Consolidate adapters (paths, globs, folders, checkpoints) into ``output``; return the report.
 
     ``modules`` keeps only the modules whose names match that regular expression; ``timings``
-    receives where the time went (see :func:`share_convert.consolidation.merge`). Tensors taking
+    receives where the time went (see :func:`share_convert.engine.consolidation.merge`). Tensors taking
     more than ``max_shard_size`` bytes (an int, or text: '5GB', '500MB') are written in shards
     beside ``output`` with an index ``<output>.index.json`` (docs/format.md, "Sharding").
 
-    Writers of one output take turns (:mod:`share_convert.locking`): while another process writes
+    Writers of one output take turns (:mod:`share_convert.files.locking`): while another process writes
     ``output``, ``on_wait`` receives one line and this waits for it, or with ``wait=False`` raises
     :class:`~share_convert.errors.TargetBusyError`. The same holds for :func:`add` and :func:`remove`.
     """
-    from .consolidation import merge as _merge
-    from .consolidation import only_modules
+    from .engine.consolidation import merge as _merge
+    from .engine.consolidation import only_modules
 
     check_checkpoint_name(output)
     max_shard_size = parse_size(max_shard_size)
@@ -199,7 +199,7 @@ def merge(
 
 def info(checkpoint: str | Path) -> dict[str, Any]:
     """The report of an existing checkpoint (every tensor's checksum is verified first)."""
-    from .report import summarize
+    from .report.summary import summarize
 
     ckpt = open_checkpoint(checkpoint)
     ckpt.verify_all()
@@ -225,8 +225,8 @@ def extract(
     ``format`` is ``peft``, ``kohya`` or ``diffusers``; by default each task in the format it came in.
     With ``rank``, each result's ``truncation_error`` says how much ΔW error the truncation adds.
     """
-    from .extraction import extract as _extract
-    from .extraction import extract_all as _extract_all
+    from .io.extraction import extract as _extract
+    from .io.extraction import extract_all as _extract_all
 
     ckpt = open_checkpoint(checkpoint)
     if all_tasks:
@@ -236,7 +236,7 @@ def extract(
 
 
 def verify(checkpoint: str | Path) -> dict[str, Any]:
-    from .verification import verify_checkpoint
+    from .checkpoint.verification import verify_checkpoint
 
     return verify_checkpoint(open_checkpoint(checkpoint))
 
@@ -263,8 +263,8 @@ def add(
     ``config`` defaults to the checkpoint's own options, with ``k`` / ``target_error`` / ``device``
     overriding them (the device defaults to 'auto', whatever the checkpoint was made on).
     """
-    from .continual import add as _add
-    from .continual import config_of
+    from .engine.continual import add as _add
+    from .engine.continual import config_of
 
     max_shard_size = parse_size(max_shard_size)
     with _turn(output, wait, on_wait):  # from reading the old checkpoint (in place: the output) to the report
@@ -329,10 +329,10 @@ def _remove_locked(
     """The body of :func:`remove`, under the output's lock."""
     import shutil
 
-    from .atomic import temp_dir_beside
-    from .checkpoint import Checkpoint, check_output, checkpoint_target, move_checkpoint, same_checkpoint
-    from .continual import remove as _remove
-    from .report import summarize
+    from .checkpoint.file import Checkpoint, check_output, checkpoint_target, move_checkpoint, same_checkpoint
+    from .engine.continual import remove as _remove
+    from .files.atomic import temp_dir_beside
+    from .report.summary import summarize
 
     ckpt = open_checkpoint(checkpoint)
     check_checkpoint_name(output)
@@ -397,8 +397,8 @@ def plan(
     ``plot`` (a PNG file to draw the curves to) is checked before any input is read: matplotlib is
     installed and its folder exists and is writable, as ``merge`` checks its output.
     """
-    from .analysis import check_plot_target, plan_collection, plot_curves
-    from .consolidation import only_modules
+    from .engine.consolidation import only_modules
+    from .report.curves import check_plot_target, plan_collection, plot_curves
 
     if plot is not None:
         check_plot_target(plot)
@@ -412,9 +412,9 @@ def plan(
 def push(
     checkpoint: str | Path, repo_id: str, *, wait: bool = True, on_wait: OnWait | None = None, **kwargs: Any
 ) -> str:
-    """Upload a checkpoint with a model card; see :func:`share_convert.hub.push`.
+    """Upload a checkpoint with a model card; see :func:`share_convert.io.hub.push`.
 
-    The checkpoint is read under its lock, shared (:mod:`share_convert.locking`): a checkpoint being
+    The checkpoint is read under its lock, shared (:mod:`share_convert.files.locking`): a checkpoint being
     written is uploaded once it is published, never half-written; ``wait`` and ``on_wait`` as for :func:`merge`.
     """
     with _turn(checkpoint, wait, on_wait, shared=True):
@@ -422,5 +422,5 @@ def push(
 
 
 def pull(repo: str, output: str | Path, **kwargs: Any) -> Path:
-    """Download a pushed checkpoint; see :func:`share_convert.hub.pull`."""
+    """Download a pushed checkpoint; see :func:`share_convert.io.hub.pull`."""
     return hub.pull(repo, output, progress=_tty(), **kwargs)

@@ -67,7 +67,7 @@ def handle_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .atomic import published
+        from .files.atomic import published
 
         before = len(published())
         try:
@@ -360,7 +360,7 @@ def merge(
 
 
 def show(summary: dict[str, Any], as_json: bool) -> None:
-    from .report import render
+    from .report.summary import render
 
     if as_json:
         emit_json(summary)
@@ -503,7 +503,7 @@ def plan(
     if as_json:
         emit_json(result)
         return
-    from .report import render_plan
+    from .report.summary import render_plan
 
     render_plan(result, out)
     if plot is not None:
@@ -787,7 +787,7 @@ def demo(
     Example: share-convert demo --keep demo/
     """
     from .config import ConsolidationConfig
-    from .synthetic import write_synthetic_adapters
+    from .io.synthetic import write_synthetic_adapters
 
     say = (lambda text: None) if as_json else (lambda text: out.print(text, highlight=False, markup=False))  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="share-convert-demo-") as tmp:

@@ -18,10 +18,10 @@ import torch
 from safetensors import safe_open
 
 from share_convert import consolidation
-from share_convert.consolidation import ConsolidationConfig, merge
-from share_convert.continual import add
-from share_convert.formats import open_adapters
-from share_convert.synthetic import write_synthetic_adapters
+from share_convert.engine.consolidation import ConsolidationConfig, merge
+from share_convert.engine.continual import add
+from share_convert.io.formats import open_adapters
+from share_convert.io.synthetic import write_synthetic_adapters
 
 from .emulated_cuda import emulated_cuda
 

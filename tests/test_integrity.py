@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from share_convert.atomic import CRASH_AT
-from share_convert.checkpoint import Checkpoint, CheckpointWriter
+from share_convert.checkpoint.file import Checkpoint, CheckpointWriter
 from share_convert.cli import app
-from share_convert.consolidation import ConsolidationConfig, merge
+from share_convert.engine.consolidation import ConsolidationConfig, merge
 from share_convert.errors import CorruptCheckpointError
-from share_convert.formats import open_adapters
-from share_convert.synthetic import write_synthetic_adapters
+from share_convert.files.atomic import CRASH_AT
+from share_convert.io.formats import open_adapters
+from share_convert.io.synthetic import write_synthetic_adapters
 
 runner = CliRunner()
 
@@ -144,7 +144,7 @@ def test_extraction_is_byte_identical_run_after_run(tmp_path, ckpt):
 
 
 # The steps of a write where a crash must leave the previous output whole and no partial one
-# (share_convert.atomic.crash_point). The checkpoint writer's steps: a tensor written to the data
+# (share_convert.files.atomic.crash_point). The checkpoint writer's steps: a tensor written to the data
 # file, all data written, the header written, the new file synced (just before the rename), and
 # renamed into place (the data file not yet removed). A folder's: written, and swapped into place.
 CHECKPOINT_STEPS = [
@@ -251,7 +251,7 @@ def test_a_tensor_of_a_dtype_share_convert_never_writes_is_refused(tmp_path, ckp
     import torch
     from safetensors.torch import save_file
 
-    from share_convert.checkpoint import MANIFEST_KEY, MANIFEST_SHA_KEY
+    from share_convert.checkpoint.file import MANIFEST_KEY, MANIFEST_SHA_KEY
 
     manifest = dict(Checkpoint(ckpt).manifest, format_version=1)  # version 1: no record tables to provide
     odd = torch.zeros(4, dtype=torch.float8_e4m3fn)

@@ -31,9 +31,9 @@ from transformers import (
 )
 
 from share_convert import ShareModel, api, continual
-from share_convert.checkpoint import Checkpoint
-from share_convert.consolidation import ConsolidationConfig, merge
-from share_convert.continual import add
+from share_convert.checkpoint.file import Checkpoint
+from share_convert.engine.consolidation import ConsolidationConfig, merge
+from share_convert.engine.continual import add
 from share_convert.errors import (
     BatchMismatchError,
     DeviceMismatchError,
@@ -42,9 +42,9 @@ from share_convert.errors import (
     ShareError,
     UnknownTaskError,
 )
-from share_convert.formats import open_adapters
-from share_convert.runtime import ShareHead, ShareLayer
-from share_convert.synthetic import write_synthetic_adapters
+from share_convert.io.formats import open_adapters
+from share_convert.io.synthetic import write_synthetic_adapters
+from share_convert.runtime.model import ShareHead, ShareLayer
 
 TOLERANCE = 1e-5
 

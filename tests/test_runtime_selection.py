@@ -1,4 +1,4 @@
-"""Which task a call runs (share_convert.selection): a nested selection restores the outer one, and each
+"""Which task a call runs (share_convert.runtime.selection): a nested selection restores the outer one, and each
 thread and asyncio task sees only its own, on a small Llama built from a config and synthetic tasks.
 
 Each concurrent test makes every worker select its task before any of them computes (a barrier or
@@ -18,9 +18,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from share_convert import ShareModel
-from share_convert.consolidation import ConsolidationConfig, merge
-from share_convert.formats import open_adapters
-from share_convert.synthetic import write_synthetic_adapters
+from share_convert.engine.consolidation import ConsolidationConfig, merge
+from share_convert.io.formats import open_adapters
+from share_convert.io.synthetic import write_synthetic_adapters
 
 TASKS = ["task-000", "task-001", "task-002"]
 

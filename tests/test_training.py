@@ -1,4 +1,4 @@
-"""Training a new task inside a Share checkpoint (share_convert.training), on small models built from
+"""Training a new task inside a Share checkpoint (share_convert.runtime.training), on small models built from
 configs and synthetic, learnable tasks.
 
 Every task labels a sequence of tokens by the sign of a weighted token count, Σ_j v[x_j] > 0, with
@@ -22,8 +22,8 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
 
 from share_convert import ShareModel, api
-from share_convert.checkpoint import Checkpoint
-from share_convert.consolidation import ConsolidationConfig
+from share_convert.checkpoint.file import Checkpoint
+from share_convert.engine.consolidation import ConsolidationConfig
 from share_convert.errors import (
     DuplicateTaskError,
     InvalidOptionError,
@@ -33,7 +33,7 @@ from share_convert.errors import (
     UnknownTaskError,
     UntrainedTaskError,
 )
-from share_convert.training import TrainableTask
+from share_convert.runtime.training import TrainableTask
 
 VOCAB, LENGTH, RANK, K = 64, 8, 4, 10
 STEPS, LR, BATCH = 200, 1e-2, 64

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .linalg import canonicalize, canonicalize_padded, fix_signs, left_batched, relative_errors
+from ..math.linalg import canonicalize, canonicalize_padded, fix_signs, left_batched, relative_errors
 from .planning import ModulePlan
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ the large ones), and ``share_convert_sha256`` the SHA-256 of that manifest text.
 
 Version 3 adds, per set of bases, a basis-rotation chain (``rotations_B``, ``rotations_A``,
 ``chain_rows``): coefficient rows written under earlier bases, read rotated into the current ones
-(:class:`~share_convert.records.Chain`; ``add`` then writes only what changed). Files without a
+(:class:`~share_convert.checkpoint.records.Chain`; ``add`` then writes only what changed). Files without a
 chain are written as version 2.
 
 Version 1 (one tensor per task, module and side; figures in JSON) stays readable: the reader
@@ -51,14 +51,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from safetensors import safe_open
 
-from .atomic import crash_point, file_mode, interrupts_deferred, record_published, temp_file_beside
-from .errors import (
+from ..errors import (
     CorruptCheckpointError,
     OutputExistsError,
     UnknownTaskError,
     UnsupportedFormatError,
     first_line,
 )
+from ..files.atomic import crash_point, file_mode, interrupts_deferred, record_published, temp_file_beside
 from .manifest import MAX_MANIFEST_BYTES, check_index_files, check_manifest, parse_json, parse_manifest
 from .records import (
     FLOAT,
@@ -87,7 +87,7 @@ if TYPE_CHECKING:  # torch is imported where tensors are touched: reading a mani
 
 FORMAT_NAME = "share-convert"
 #: The highest format version this reader knows. Files are written as version 2 unless a module
-#: stores a basis-rotation chain (version 3; see :class:`~share_convert.records.Chain`).
+#: stores a basis-rotation chain (version 3; see :class:`~share_convert.checkpoint.records.Chain`).
 FORMAT_VERSION = 3
 #: The tensors of a chain, beside the bases they lead to: ``<prefix>rotations_B`` and so on.
 CHAIN_PARTS = ("rotations_B", "rotations_A", "chain_rows")
@@ -498,7 +498,7 @@ def publish_files(written: Sequence[tuple[Path, Path]], target: Path) -> None:
     first pointed at links to its shards (:func:`_keep_previous_shards`). The next write of
     ``target`` removes what a crash left.
 
-    Ctrl-C is deferred until the end (:func:`~share_convert.atomic.interrupts_deferred`): an
+    Ctrl-C is deferred until the end (:func:`~share_convert.files.atomic.interrupts_deferred`): an
     interruption lands before the first rename or after the last removal, and the commit point
     (the single file or the index) is recorded as published.
     """

@@ -3,7 +3,7 @@
 The planner sees one module at a time: each task's canonical singular values and its
 coordinates in candidate bases (``Eb = βᵀB'``, ``Ea = αᵀA'`` for the largest k computed).
 For any k (a prefix of those bases) and q it knows each task's exact relative ΔW error from
-2r × 2r matrices (:func:`share_convert.linalg.residual_spectrum`), so it can search the
+2r × 2r matrices (:func:`share_convert.math.linalg.residual_spectrum`), so it can search the
 plan space — pure sharing (q = 0) through independent truncation (k = 0) — cheaply and
 choose the plan with the least storage that meets a target, or the least error within a budget.
 """
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import parse_budget  # noqa: F401 (re-exported)
-from .linalg import left_batched, residual_spectrum
+from ..config import parse_budget  # noqa: F401 (re-exported)
+from ..math.linalg import left_batched, residual_spectrum
 
 #: The k values tried between 0 and the number of basis vectors computed.
 K_GRID = (

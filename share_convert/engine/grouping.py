@@ -2,7 +2,7 @@
 
 When a module's tasks fall into families that occupy different subspaces, one basis per family
 can be cheaper than one for all at the same error. :func:`cluster_tasks` proposes the families;
-:func:`share_convert.consolidation.consolidate_module` keeps a split only where it is cheaper.
+:func:`share_convert.engine.consolidation.consolidate_module` keeps a split only where it is cheaper.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint
-from .errors import CorruptCheckpointError
-from .linalg import frob2
+from ..errors import CorruptCheckpointError
+from ..math.linalg import frob2
+from .file import Checkpoint
 
 
 def verify_checkpoint(ckpt: Checkpoint, *, tol: float = 1e-3) -> dict[str, Any]:

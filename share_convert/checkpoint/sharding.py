@@ -12,7 +12,7 @@ import re
 from decimal import Decimal
 from pathlib import Path
 
-from .errors import InvalidOptionError
+from ..errors import InvalidOptionError
 
 #: The Hugging Face default: a checkpoint whose tensors take more bytes than this is written in shards.
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9

@@ -25,8 +25,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from .checkpoint import DEFAULT_MAX_SHARD_SIZE, FORMAT_NAME, FORMAT_VERSION, CheckpointWriter, check_output, parse_size
-from .config import DEFAULT_TARGET_ERROR, ConsolidationConfig  # noqa: F401 (re-exported)
+from ..checkpoint.file import (
+    DEFAULT_MAX_SHARD_SIZE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    CheckpointWriter,
+    check_output,
+    parse_size,
+)
+from ..checkpoint.records import RecordTable, TaskRows
+from ..config import DEFAULT_TARGET_ERROR, ConsolidationConfig  # noqa: F401 (re-exported)
+from ..errors import IncompatibleAdaptersError, InvalidOptionError
+from ..io.formats import LoraFactors, LoraStack, OpenFiles, itemsize, read_module_stack
+from ..math.linalg import canonicalize_many, deterministic, extend_basis, load_linalg, principal_basis
 from .encoding import (
     StoredBases,
     coordinates,
@@ -35,15 +46,11 @@ from .encoding import (
     store_bases,
     store_grams,
 )
-from .errors import IncompatibleAdaptersError, InvalidOptionError
-from .formats import LoraFactors, LoraStack, OpenFiles, itemsize, read_module_stack
 from .grouping import cluster_tasks
-from .linalg import canonicalize_many, deterministic, extend_basis, load_linalg, principal_basis
 from .planning import ModulePlan, ModulePlanner, TaskFit, energy_k, parse_budget, task_weight
-from .records import RecordTable, TaskRows
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
+    from ..checkpoint.file import Checkpoint
 
 Progress = Callable[[str, int, int], None]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -301,7 +308,7 @@ class ModuleStack:
         """``fit`` (the result of :meth:`fit` or :meth:`widen`) widened to K vectors per side.
 
         The vectors already computed are kept and new ones found in what they leave out
-        (:func:`share_convert.linalg.extend_basis`), so widening costs the new vectors only, and
+        (:func:`share_convert.math.linalg.extend_basis`), so widening costs the new vectors only, and
         the planner keeps every error it computed on the narrower bases (they are prefixes of the new).
         """
         beta, alpha, sB, sA, planner = fit

@@ -34,11 +34,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .atomic import publish_dir, publish_file, temp_dir_beside, temp_file_beside
-from .checkpoint import check_parent_writable
-from .errors import BadAdapterError, IncompatibleAdaptersError, InvalidOptionError, OutputExistsError, first_line
+from ..checkpoint.file import check_parent_writable
+from ..errors import BadAdapterError, IncompatibleAdaptersError, InvalidOptionError, OutputExistsError, first_line
+from ..files.atomic import publish_dir, publish_file, temp_dir_beside, temp_file_beside
+from ..names import path_under
 from .formats import SUPPORTED_DTYPES, LoraFactors, itemsize, validate_task_name
-from .names import path_under
 from .provenance import recorded_source
 
 T2I_FORMATS = ("kohya", "diffusers")
@@ -573,7 +573,7 @@ def _configured_alpha(cfg: dict[str, Any] | None, component: str, rest: str, r: 
 class T2ISource:
     """A kohya or diffusers text-to-image LoRA file, opened lazily, under canonical module names.
 
-    Behaves as a consolidation ``TaskSource`` (like :class:`share_convert.formats.AdapterSource`).
+    Behaves as a consolidation ``TaskSource`` (like :class:`share_convert.io.formats.AdapterSource`).
     """
 
     def __init__(

@@ -14,10 +14,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .formats import itemsize
+from ..io.formats import itemsize
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
+    from ..checkpoint.file import Checkpoint
 
 #: A task whose ‖ΔW‖ in a module is at most this fraction of the largest task's there counts as zero
 #: in that module (float32 rounding of an untouched lora_B leaves exact zeros; 1e-7 is far below
@@ -77,7 +77,7 @@ def _task_statistics(ckpt: Checkpoint) -> tuple[list[dict[str, Any]], set[str], 
     arrays), so that ``info`` on thousands of tasks × hundreds of modules stays fast."""
     import numpy as np
 
-    from .records import FLOAT, INT
+    from ..checkpoint.records import FLOAT, INT
 
     ints, floats = ckpt.record_tables()
     present = ints[:, :, INT["position"]] >= 0
@@ -232,7 +232,7 @@ def base_model_warning(configs: dict[str, dict[str, Any] | None]) -> str | None:
 
 def describe_config(config: dict[str, Any]) -> str:
     """The rule a checkpoint was made with, in words (the engine's own description when it loads)."""
-    from .config import ConsolidationConfig
+    from ..config import ConsolidationConfig
 
     try:
         return ConsolidationConfig(**config).describe()

@@ -40,8 +40,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import publish_dir, temp_dir_beside
-from .errors import (
+from ..engine.planning import energy_k
+from ..errors import (
     DuplicateTaskError,
     InvalidOptionError,
     InvalidTaskNameError,
@@ -49,15 +49,15 @@ from .errors import (
     UnknownTaskError,
     UntrainedTaskError,
 )
-from .extraction import prepare_output_dir
-from .formats import PEFT_PREFIX, validate_task_name
-from .linalg import canonicalize, principal_basis
-from .names import path_under
-from .planning import energy_k
-from .runtime import ShareHead, ShareLayer, model_path
+from ..files.atomic import publish_dir, temp_dir_beside
+from ..io.extraction import prepare_output_dir
+from ..io.formats import PEFT_PREFIX, validate_task_name
+from ..math.linalg import canonicalize, principal_basis
+from ..names import path_under
+from .model import ShareHead, ShareLayer, model_path
 
 if TYPE_CHECKING:
-    from .runtime import ShareModel
+    from .model import ShareModel
 
 #: Default energy target of the principal subspace in modules without shared bases.
 DEFAULT_SUBSPACE_ENERGY = 0.9
@@ -529,7 +529,7 @@ def fold_into(
     Returns ``add``'s report; the checkpoint's history records the drift of every old task. A task
     that was never trained is refused (:class:`~share_convert.errors.UntrainedTaskError`).
     """
-    from . import api
+    from .. import api
 
     task = trainable_task(model, name)
     check_trained(model, task)

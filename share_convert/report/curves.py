@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .consolidation import (
+from ..engine.consolidation import (
     BUDGET_TARGETS,
     ConsolidationConfig,
     ModuleStack,
@@ -35,9 +35,9 @@ from .consolidation import (
     check_compatible,
     prepare_member,
 )
-from .errors import InvalidOptionError
-from .grouping import cluster_tasks
-from .report import base_model_warning
+from ..engine.grouping import cluster_tasks
+from ..errors import InvalidOptionError
+from .summary import base_model_warning
 
 STRATEGIES = ("shared_unweighted", "shared", "private", "private_allocated", "mixed", "groups")
 DEFAULT_RATIOS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
@@ -228,7 +228,7 @@ def _pyplot() -> Any:
 
 def check_plot_target(path: str | Path) -> None:
     """Before any work: the image can be drawn (matplotlib) and written (its folder exists, is writable)."""
-    from .checkpoint import check_parent_writable
+    from ..checkpoint.file import check_parent_writable
 
     _pyplot()
     check_parent_writable(Path(path))

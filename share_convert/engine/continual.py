@@ -12,7 +12,7 @@
 
 Old tasks' errors can only be bounded after an update (their originals are gone): the new error
 is at most the old error plus the drift ‖ΔŴ_before − ΔŴ_after‖ / ‖ΔW‖, both recorded, and less
-where the stored task was a projection in the old bases (:func:`share_convert.planning.drift_bound`).
+where the stored task was a projection in the old bases (:func:`share_convert.engine.planning.drift_bound`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import (
+from ..checkpoint.file import (
     BLOCK_BYTES,
     CHAIN_PARTS,
     DEFAULT_MAX_SHARD_SIZE,
@@ -39,6 +39,11 @@ from .checkpoint import (
     same_checkpoint,
     st_dtype,
 )
+from ..checkpoint.records import Chain, RecordTable, TaskRows
+from ..errors import DuplicateTaskError, IncompatibleAdaptersError, InvalidOptionError, UnknownTaskError
+from ..io.formats import LoraFactors
+from ..io.provenance import recorded_source
+from ..math.linalg import RANK_RTOL, canonicalize_padded, deterministic, fix_signs, left_batched, load_linalg
 from .consolidation import (
     _DTYPES,
     ConsolidationConfig,
@@ -60,12 +65,7 @@ from .consolidation import (
     write_module,
 )
 from .encoding import StoredBases, encode_task, store_bases, store_grams
-from .errors import DuplicateTaskError, IncompatibleAdaptersError, InvalidOptionError, UnknownTaskError
-from .formats import LoraFactors
-from .linalg import RANK_RTOL, canonicalize_padded, deterministic, fix_signs, left_batched, load_linalg
 from .planning import FrozenTasks, ModulePlanner, TaskFit, drift_bound, energy_k, task_weight, task_weights
-from .provenance import recorded_source
-from .records import Chain, RecordTable, TaskRows
 
 
 class CheckpointTask:
@@ -507,7 +507,7 @@ def projection_slack(
     norm2: torch.Tensor,
     grams: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """η of :func:`share_convert.planning.drift_bound` per old task: a bound on ‖Π R‖ / ‖ΔW‖, with
+    """η of :func:`share_convert.engine.planning.drift_bound` per old task: a bound on ‖Π R‖ / ‖ΔW‖, with
     R = ΔW − ΔŴ and Π the projection onto span(β) ⊗ span(α) of the stored bases; +inf where
     nothing better than the triangle bound is known. ``grams``: the bases' Gram matrices βᵀβ and
     αᵀα when the caller has them.
@@ -917,7 +917,7 @@ def refit_module(
 
     The fallback of :func:`update_grouped_module` when a group would be left empty or no group
     has bases; its cost grows with the number of old tasks of that module. Old tasks' errors
-    become bounds: the error before plus the drift, or :func:`share_convert.planning.drift_bound`
+    become bounds: the error before plus the drift, or :func:`share_convert.engine.planning.drift_bound`
     where the old reconstruction was a projection (:func:`projection_slack`).
     """
     sources = [CheckpointTask(ckpt, t) for t in old_tasks]

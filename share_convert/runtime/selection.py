@@ -1,6 +1,6 @@
 """Which task each row of a running call uses: the runtime's task selection, per thread and async task.
 
-A :class:`~share_convert.runtime.ShareModel` does not pass the selected tasks through the base
+A :class:`~share_convert.runtime.model.ShareModel` does not pass the selected tasks through the base
 model's layers (it cannot: the layers are called by the base model's own code). They are held in a
 :class:`contextvars.ContextVar` that every injected module reads, so that:
 

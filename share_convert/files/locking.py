@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import TargetBusyError
-from .sharding import checkpoint_target
+from ..checkpoint.sharding import checkpoint_target
+from ..errors import TargetBusyError
 
 try:
     import fcntl

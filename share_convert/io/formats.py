@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
 
-from .errors import BadAdapterError, DuplicateTaskError, first_line
-from .names import MAX_TASK_NAME, key_problem, validate_task_name  # noqa: F401 (re-exported: the rules live in names.py)
+from ..errors import BadAdapterError, DuplicateTaskError, first_line
+from ..names import MAX_TASK_NAME, key_problem, validate_task_name  # noqa: F401 (re-exported: the rules live in names.py)
 from .provenance import recorded_source
 
 if TYPE_CHECKING:  # torch is imported where tensors are read, so that light commands start fast
@@ -696,7 +696,7 @@ def open_adapter(
     shared: dict[tuple, tuple] | None = None,
 ) -> AdapterSource | T2ISource | PeftComponentSource:
     """One adapter file or folder: a text-to-image LoRA file (kohya or diffusers layout, see
-    :mod:`share_convert.t2i`) when its tensor names say so, else a PEFT adapter."""
+    :mod:`share_convert.io.t2i`) when its tensor names say so, else a PEFT adapter."""
     from .t2i import as_component, open_source  # t2i builds on this module
 
     source = open_source(Path(path), task=task, alpha=alpha, origin=origin or str(path))

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import HubError, OutputExistsError
+from ..checkpoint.sharding import INDEX_SUFFIX, shard_name
+from ..errors import HubError, OutputExistsError
 from .provenance import LocalValue, local_path_values, looks_local
-from .sharding import INDEX_SUFFIX, shard_name
 
 CHECKPOINT_NAME = "share.safetensors"
 #: A checkpoint pushed in shards: this index and share-00001-of-0000N.safetensors ... beside it.
@@ -197,7 +197,7 @@ def download_inputs(address: str, *, token: str | None = None, progress: bool = 
     folder = download(addr, patterns=[*ADAPTER_FILES, "*.safetensors", "*.json"], token=token, progress=progress)
     if any((folder / n).is_file() for n in ADAPTER_FILES[1:]):
         return [folder]
-    from .checkpoint import is_checkpoint
+    from ..checkpoint.file import is_checkpoint
 
     checkpoints = sorted(p for p in folder.glob("*.safetensors") if is_checkpoint(p))
     checkpoints += sorted(p for p in folder.glob(f"*.safetensors{INDEX_SUFFIX}") if is_checkpoint(p))
@@ -220,7 +220,7 @@ def checkpoint_path(address: str, *, token: str | None = None, progress: bool = 
         token=token,
         progress=progress,
     )
-    from .checkpoint import is_checkpoint
+    from ..checkpoint.file import is_checkpoint
 
     found = [p for p in (folder / CHECKPOINT_NAME, folder / INDEX_NAME) if p.is_file()]
     if not found:
@@ -305,8 +305,8 @@ def push(
     that it holds one checkpoint."""
     from huggingface_hub import HfApi
 
-    from .checkpoint import Checkpoint
-    from .report import summarize
+    from ..checkpoint.file import Checkpoint
+    from ..report.summary import summarize
 
     ckpt = Checkpoint(checkpoint)
     ckpt.verify_all()
@@ -334,7 +334,7 @@ def push(
     with tempfile.TemporaryDirectory(prefix="share-convert-push-") as tmp:
         folder = Path(tmp)
         if ckpt.sharded:
-            from .checkpoint import index_text, read_index
+            from ..checkpoint.file import index_text, read_index
 
             metadata, files, weight_map = read_index(ckpt.path)
             names = {f: shard_name(CHECKPOINT_NAME, i, len(files)) for i, f in enumerate(files, 1)}
@@ -385,16 +385,16 @@ def pull(
 ) -> Path:
     """Download a pushed checkpoint repository into ``output``; return the checkpoint's path
     (``share.safetensors``, or the index of its shards). A checkpoint already in ``output`` is
-    replaced as :class:`~share_convert.checkpoint.CheckpointWriter` replaces one: the new files are
+    replaced as :class:`~share_convert.checkpoint.file.CheckpointWriter` replaces one: the new files are
     published with the index (or the single file) last, and the old form's files are removed.
 
     Nothing is written to ``output`` until every file has arrived whole (huggingface_hub checks
     each file's size against the Hub's metadata, and resumes a download cut off in a rerun) and
     the checkpoint has passed its own integrity check (every tensor's SHA-256), so a pull cut
     off, or of a damaged repository, leaves nothing there that reads as a checkpoint."""
-    from .atomic import file_mode, temp_file_beside
-    from .checkpoint import Checkpoint, publish_files, read_index
-    from .errors import ShareError
+    from ..checkpoint.file import Checkpoint, publish_files, read_index
+    from ..errors import ShareError
+    from ..files.atomic import file_mode, temp_file_beside
 
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not force:

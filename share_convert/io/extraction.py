@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ..checkpoint.file import Checkpoint, check_parent_writable
+from ..errors import InvalidOptionError, OutputExistsError
+from ..files.atomic import publish_dir, temp_dir_beside
+from ..math.linalg import canonicalize, deterministic
+from ..names import path_under
 from . import t2i
-from .atomic import publish_dir, temp_dir_beside
-from .checkpoint import Checkpoint, check_parent_writable
-from .errors import InvalidOptionError, OutputExistsError
 from .formats import PEFT_PREFIX
-from .linalg import canonicalize, deterministic
-from .names import path_under
 
 _DTYPES = {"F32": torch.float32, "F64": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -106,7 +106,7 @@ def extract(
 
     ``rank`` re-truncates every module to its best rank-``rank`` approximation. ``format``
     (``peft``, ``kohya``, ``diffusers``; default: the format the task came in) selects the
-    text-to-image writers of :mod:`share_convert.t2i`.
+    text-to-image writers of :mod:`share_convert.io.t2i`.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     record = ckpt.task(task)

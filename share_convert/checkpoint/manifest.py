@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CorruptCheckpointError
-from .names import file_name_problem, key_problem, shown, task_name_problem
+from ..errors import CorruptCheckpointError
+from ..names import file_name_problem, key_problem, shown, task_name_problem
 
 #: The most a manifest (or a shard index) may take: what safetensors accepts as a whole header.
 MAX_MANIFEST_BYTES = 100_000_000

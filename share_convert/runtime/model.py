@@ -12,7 +12,7 @@ k × p coefficient products are per task, gathered per row from zero-padded stac
 (``index_select`` + ``bmm``), with no Python loop over rows or tasks. Heads saved with
 ``modules_to_save`` are replaced by :class:`ShareHead`, which runs each task's copy on its rows.
 
-The checkpoint is read only through :class:`~share_convert.checkpoint.Checkpoint`'s accessors
+The checkpoint is read only through :class:`~share_convert.checkpoint.file.Checkpoint`'s accessors
 (``tasks``, ``modules``, ``bases``, ``task_tensors``, ``heads``). The API is documented in
 docs/runtime.md.
 """
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import Checkpoint
-from .errors import (
+from ..checkpoint.file import Checkpoint
+from ..errors import (
     BatchMismatchError,
     CorruptCheckpointError,
     DeviceMismatchError,
@@ -40,7 +40,7 @@ from .errors import (
     ModelMismatchError,
     UnknownTaskError,
 )
-from .formats import PEFT_PREFIX
+from ..io.formats import PEFT_PREFIX
 from .selection import BASE, Selection, TaskSelection
 
 #: ``task=`` left out: the merged task when one is merged, an error otherwise.
@@ -407,7 +407,7 @@ class ShareModel(nn.Module):
     for the whole batch, or a list of one name (or None, the base model) per row. The base model is
     changed in place (as PEFT does); :meth:`unload` gives it back untouched. The tasks of the running
     call are not passed through the layers: they are held per thread and asyncio task
-    (share_convert.selection), so that threads serving different tasks do not see each other's and a
+    (share_convert.runtime.selection), so that threads serving different tasks do not see each other's and a
     nested selection restores the outer one. :meth:`merge` changes the weights, for every thread.
     """
 
@@ -456,7 +456,7 @@ class ShareModel(nn.Module):
         """
         if isinstance(checkpoint, Checkpoint):
             return _build(base_model, checkpoint, tasks, dtype, device, head_pad_value)
-        from .api import open_checkpoint
+        from ..api import open_checkpoint
 
         with open_checkpoint(checkpoint) as ckpt:
             return _build(base_model, ckpt, tasks, dtype, device, head_pad_value)
@@ -617,11 +617,11 @@ class ShareModel(nn.Module):
         if self._unloaded:
             raise InvalidOptionError("this ShareModel was unloaded", hint="Load the checkpoint again")
 
-    # -- training a new task (share_convert.training; docs/training.md) ----------------------------------
+    # -- training a new task (share_convert.runtime.training; docs/training.md) ----------------------------------
     def add_task(self, name: str, **options: Any) -> Any:
         """Add a new task trained in the checkpoint's subspaces (coefficients and ``new_directions``
         temporary directions only); it becomes the task that trains (others frozen: switch with
-        :meth:`train_task`); see :func:`share_convert.training.add_trainable_task`."""
+        :meth:`train_task`); see :func:`share_convert.runtime.training.add_trainable_task`."""
         from .training import add_trainable_task
 
         return add_trainable_task(self, name, **options)
@@ -629,7 +629,7 @@ class ShareModel(nn.Module):
     def train_task(self, *names: str) -> list[nn.Parameter]:
         """Make the added tasks ``names`` the ones that train (every other parameter frozen); returns their
         parameters. :meth:`add_task` makes the new task the one that trains; see
-        :func:`share_convert.training.set_training`."""
+        :func:`share_convert.runtime.training.set_training`."""
         from .training import set_training
 
         return set_training(self, names)
@@ -639,14 +639,14 @@ class ShareModel(nn.Module):
         return [p for task in self._trainable.values() for p in task.parameters() if p.requires_grad]
 
     def save_task(self, name: str, path: str | Path, *, force: bool = False) -> Path:
-        """Write trainable task ``name`` as a standard PEFT LoRA adapter; see :func:`share_convert.training.save_task`."""
+        """Write trainable task ``name`` as a standard PEFT LoRA adapter; see :func:`share_convert.runtime.training.save_task`."""
         from .training import save_task
 
         return save_task(self, name, path, force=force)
 
     def fold_into(self, name: str, checkpoint: str | Path, output: str | Path, **options: Any) -> dict[str, Any]:
         """Fold trainable task ``name`` into ``checkpoint`` (the engine of ``add``); see
-        :func:`share_convert.training.fold_into`."""
+        :func:`share_convert.runtime.training.fold_into`."""
         from .training import fold_into
 
         return fold_into(self, name, checkpoint, output, **options)
