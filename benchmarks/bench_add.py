@@ -23,14 +23,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from measure import measure  # noqa: E402
 
-from share_convert.io.synthetic import write_synthetic_adapters  # noqa: E402
+from share_convert.io import write_synthetic_adapters  # noqa: E402
 
 #: Times the library call alone in a fresh process (this one stays small: a child's peak RSS
 #: counts what it inherited before exec).
 LIBRARY_ADD = """
 import sys, time
-from share_convert.engine.continual import add
-from share_convert.io.formats import open_adapters
+from share_convert.engine import add
+from share_convert.io import open_adapters
 sources = open_adapters([sys.argv[2]])
 t = time.perf_counter()
 add(sys.argv[1], sources, sys.argv[3], force=True)

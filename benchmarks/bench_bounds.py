@@ -22,11 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from share_convert.checkpoint.file import Checkpoint
-from share_convert.engine.consolidation import merge
-from share_convert.engine.continual import add
-from share_convert.io.formats import open_adapters
-from share_convert.io.synthetic import write_synthetic_adapters
+from share_convert.checkpoint import Checkpoint
+from share_convert.engine import add, merge
+from share_convert.io import open_adapters, write_synthetic_adapters
 
 
 def true_errors(ckpt: Checkpoint, originals: dict[str, Path]) -> dict[str, dict[str, float]]:

@@ -32,9 +32,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from measure import measure  # noqa: E402
 
-from share_convert.checkpoint.file import CheckpointWriter  # noqa: E402
-from share_convert.checkpoint.records import RecordTable, TaskRows  # noqa: E402
-from share_convert.engine.consolidation import ConsolidationConfig  # noqa: E402
+from share_convert.checkpoint import (  # noqa: E402
+    CheckpointWriter,  # noqa: E402
+    RecordTable,
+    TaskRows,
+)
+from share_convert.engine import ConsolidationConfig  # noqa: E402
 
 LAYERS = 32
 SHAPES = {  # module -> (out_features n, in_features d)

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from measure import measure  # noqa: E402
 
-from share_convert.io.synthetic import write_synthetic_adapters  # noqa: E402
+from share_convert.io import write_synthetic_adapters  # noqa: E402
 
 HERE = Path(__file__).parent
 

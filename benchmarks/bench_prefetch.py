@@ -29,8 +29,8 @@ from measure import measure  # noqa: E402
 #: The merge each process runs: argv = inputs glob, output, timings file.
 MERGE = """
 import glob, json, sys
-from share_convert.engine.consolidation import ConsolidationConfig, merge
-from share_convert.io.formats import open_adapters
+from share_convert.engine import ConsolidationConfig, merge
+from share_convert.io import open_adapters
 clock = {}
 merge(open_adapters(sorted(glob.glob(sys.argv[1]))), sys.argv[2], ConsolidationConfig(device="cpu"),
       force=True, workers=1, timings=clock)

@@ -45,9 +45,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from measure import measure  # noqa: E402
 
 from share_convert import ShareModel, api  # noqa: E402
-from share_convert.engine.consolidation import ConsolidationConfig, merge  # noqa: E402
-from share_convert.io.formats import open_adapters  # noqa: E402
-from share_convert.io.synthetic import write_synthetic_adapters  # noqa: E402
+from share_convert.engine import ConsolidationConfig, merge  # noqa: E402
+from share_convert.io import (
+    open_adapters,  # noqa: E402
+    write_synthetic_adapters,  # noqa: E402
+)
 
 
 def rss() -> int:

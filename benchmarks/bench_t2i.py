@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from measure import measure  # noqa: E402
 
-from share_convert.io.t2i import path_to_sgm  # noqa: E402
+from share_convert.io import path_to_sgm  # noqa: E402
 
 HERE = Path(__file__).parent
 READ_ONCE = """

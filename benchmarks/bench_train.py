@@ -42,7 +42,7 @@ from torch import nn
 from transformers import AutoTokenizer, BertForSequenceClassification
 
 from share_convert import ShareModel, api
-from share_convert.engine.consolidation import ConsolidationConfig
+from share_convert.engine import ConsolidationConfig
 
 TASKS: dict[str, Callable[[float, float], bool]] = {
     "polarity": lambda v, med: v > 0,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from share_convert import api
 from share_convert.api import open_inputs
-from share_convert.engine.consolidation import ConsolidationConfig, only_modules
-from share_convert.report.curves import plan_collection
+from share_convert.engine import ConsolidationConfig, only_modules
+from share_convert.report import plan_collection
 
 HERE = Path(__file__).parent
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from share_convert.io.synthetic import write_synthetic_adapters
+from share_convert.io import write_synthetic_adapters
 
 
 def main() -> None:

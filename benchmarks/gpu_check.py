@@ -31,9 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from measure import measure  # noqa: E402
 
-from share_convert.checkpoint.file import Checkpoint  # noqa: E402
-from share_convert.io.synthetic import write_synthetic_adapters  # noqa: E402
-from share_convert.math.linalg import principal_basis  # noqa: E402
+from share_convert.checkpoint import Checkpoint  # noqa: E402
+from share_convert.io import write_synthetic_adapters  # noqa: E402
+from share_convert.math import principal_basis  # noqa: E402
 
 
 def time_basis(stack: torch.Tensor, k: int, device: str, repeat: int = 3) -> tuple[float, list[float]]:

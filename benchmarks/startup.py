@@ -35,7 +35,7 @@ def build_checkpoint(folder: Path) -> Path:
     """A small checkpoint made with this checkout (not timed)."""
     sys.path.insert(0, str(REPO))
     from share_convert import api
-    from share_convert.io.synthetic import write_synthetic_adapters
+    from share_convert.io import write_synthetic_adapters
 
     write_synthetic_adapters(folder / "adapters", count=6)
     ckpt = folder / "share.safetensors"

@@ -56,8 +56,8 @@ def merged(real: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cal
     (copy it into ``tmp_path`` first); at the end of the session every shared file is checked to
     be byte for byte what was merged, so a test that changed one is reported.
     """
-    from share_convert.engine.consolidation import ConsolidationConfig, merge
-    from share_convert.io.formats import open_adapters
+    from share_convert.engine import ConsolidationConfig, merge
+    from share_convert.io import open_adapters
 
     root = tmp_path_factory.mktemp("merged")
     made: dict[tuple, tuple[Path, str]] = {}

@@ -20,11 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from share_convert.checkpoint.file import Checkpoint
-from share_convert.engine.consolidation import ConsolidationConfig, merge
+from share_convert.checkpoint import Checkpoint
+from share_convert.engine import ConsolidationConfig, merge
 from share_convert.errors import ShareError
-from share_convert.io.extraction import extract
-from share_convert.io.formats import open_adapters
+from share_convert.io import extract, open_adapters
 
 from .fuzz_reader import mutate, mutations
 

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from share_convert.errors import ShareError
-from share_convert.io.formats import AdapterSource
+from share_convert.io import AdapterSource
 
 SEEDS = [  # in the real adapters' folder (the ``real`` fixture)
     "gpt2-c_attn/winkitee__peft-lora-gpt2",

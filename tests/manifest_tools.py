@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from share_convert.checkpoint.file import MANIFEST_KEY, MANIFEST_SHA_KEY, sha256
+from share_convert.checkpoint import MANIFEST_KEY, MANIFEST_SHA_KEY, sha256
 
 #: Placeholders a test may leave in a manifest, replaced by raw JSON text after ``json.dumps``
 #: (values ``json`` would not write itself: deep nesting, over-long integers, 1e999).

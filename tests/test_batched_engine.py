@@ -5,19 +5,22 @@ import heapq
 import pytest
 import torch
 
-from share_convert.engine.consolidation import ConsolidationConfig, ModuleStack, _wider_may_pay, check_compatible
-from share_convert.engine.consolidation import read_members as read_module_members
-from share_convert.engine.encoding import (
+from share_convert.engine import (
+    ConsolidationConfig,
+    ModulePlan,
+    ModuleStack,
     StoredBases,
+    _wider_may_pay,
+    check_compatible,
     coordinates,
     encode_in_bases,
     encode_private_only,
     encode_task,
     store_bases,
 )
-from share_convert.engine.planning import ModulePlan
-from share_convert.io.formats import open_adapters
-from share_convert.math.linalg import left_batched, relative_error
+from share_convert.engine import read_members as read_module_members
+from share_convert.io import open_adapters
+from share_convert.math import left_batched, relative_error
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +153,7 @@ def test_a_matrix_times_a_batch_is_one_product_with_the_same_result():
 def test_a_budget_skips_frontier_points_that_are_not_worth_their_storage():
     import itertools
 
-    from share_convert.engine.consolidation import BUDGET_TARGETS, allocate_budget
+    from share_convert.engine import BUDGET_TARGETS, allocate_budget
 
     # a noisy module's frontier (parameters in millions, errors summed over 64 tasks): lossless,
     # 2.9%, 5% with a shared basis, 6.8% with a small one; its middle points are not worth their

@@ -13,13 +13,17 @@ import pytest
 import torch
 
 from share_convert import continual
-from share_convert.checkpoint.file import Checkpoint
-from share_convert.checkpoint.records import RecordTable
-from share_convert.engine.consolidation import ConsolidationConfig, merge
-from share_convert.engine.continual import add, checkpoint_tasks
-from share_convert.engine.planning import FrozenTasks, ModulePlanner, drift_bound
-from share_convert.io.formats import open_adapters
-from share_convert.io.synthetic import write_synthetic_adapters
+from share_convert.checkpoint import Checkpoint, RecordTable
+from share_convert.engine import (
+    ConsolidationConfig,
+    FrozenTasks,
+    ModulePlanner,
+    add,
+    checkpoint_tasks,
+    drift_bound,
+    merge,
+)
+from share_convert.io import open_adapters, write_synthetic_adapters
 
 from .conftest import random_factors, write_adapter
 from .test_groups import two_families

@@ -9,12 +9,10 @@ import pytest
 import torch
 
 from share_convert import continual
-from share_convert.checkpoint.file import Checkpoint, tensor_bytes
-from share_convert.checkpoint.verification import verify_checkpoint
-from share_convert.engine.consolidation import ConsolidationConfig, merge
-from share_convert.engine.continual import CheckpointTask, add, quadratic_form, remove
+from share_convert.checkpoint import Checkpoint, tensor_bytes, verify_checkpoint
+from share_convert.engine import CheckpointTask, ConsolidationConfig, add, merge, quadratic_form, remove
 from share_convert.errors import CorruptCheckpointError
-from share_convert.io.formats import open_adapters
+from share_convert.io import open_adapters
 
 from .conftest import random_factors, write_adapter
 

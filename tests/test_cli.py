@@ -200,8 +200,8 @@ def test_names_and_paths_with_brackets_are_printed_verbatim(tmp_path):
 
 
 def test_reports_of_many_tasks_show_the_new_ones_and_say_how_many_rows_are_left_out(tmp_path):
-    from share_convert.io.synthetic import write_synthetic_adapters
-    from share_convert.report.summary import MAX_ROWS
+    from share_convert.io import write_synthetic_adapters
+    from share_convert.report import MAX_ROWS
 
     write_synthetic_adapters(tmp_path / "old", count=MAX_ROWS + 5, layers=1, hidden=32, rank=2, shared_rank=2)
     write_synthetic_adapters(tmp_path / "new", count=1, layers=1, hidden=32, rank=2, shared_rank=2, prefix="late")
@@ -217,8 +217,8 @@ def test_reports_of_many_tasks_show_the_new_ones_and_say_how_many_rows_are_left_
 
 
 def test_info_on_a_merge_of_many_tasks_shows_the_worst_and_counts_the_rest(tmp_path):
-    from share_convert.io.synthetic import write_synthetic_adapters
-    from share_convert.report.summary import MAX_ROWS
+    from share_convert.io import write_synthetic_adapters
+    from share_convert.report import MAX_ROWS
 
     write_synthetic_adapters(tmp_path / "a", count=MAX_ROWS + 10, layers=1, hidden=32, rank=2, shared_rank=2)
     ck = tmp_path / "c.safetensors"

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from share_convert.cli import app
-from share_convert.report.summary import verdict
+from share_convert.report import verdict
 
 from .conftest import random_factors, write_adapter
 

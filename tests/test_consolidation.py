@@ -2,9 +2,9 @@
 
 import torch
 
-from share_convert.checkpoint.file import Checkpoint
-from share_convert.engine.consolidation import ConsolidationConfig, merge
-from share_convert.io.formats import AdapterSource, open_adapters
+from share_convert.checkpoint import Checkpoint
+from share_convert.engine import ConsolidationConfig, merge
+from share_convert.io import AdapterSource, open_adapters
 
 from .conftest import random_factors, write_adapter
 

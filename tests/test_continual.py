@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from share_convert import api
-from share_convert.checkpoint.file import Checkpoint
-from share_convert.engine.consolidation import ConsolidationConfig, merge
-from share_convert.engine.continual import CheckpointTask, add, remove
+from share_convert.checkpoint import Checkpoint
+from share_convert.engine import CheckpointTask, ConsolidationConfig, add, merge, remove
 from share_convert.errors import DuplicateTaskError, IncompatibleAdaptersError, UnknownTaskError, UnsupportedFormatError
-from share_convert.io.formats import open_adapters
+from share_convert.io import open_adapters
 
 from .conftest import random_factors, write_adapter
 
@@ -143,7 +142,7 @@ def test_a_checkpoint_of_an_unknown_format_version_is_refused(tmp_path, real):
 
     from safetensors.torch import save_file
 
-    from share_convert.checkpoint.file import MANIFEST_KEY, MANIFEST_SHA_KEY, sha256
+    from share_convert.checkpoint import MANIFEST_KEY, MANIFEST_SHA_KEY, sha256
 
     merge(open_adapters([str(real / "gpt2-c_attn/ShutterStack__peft_model")]), tmp_path / "c.safetensors")
     ckpt = Checkpoint(tmp_path / "c.safetensors")
@@ -192,7 +191,7 @@ def test_private_corrections_survive_add(tmp_path, real, merged):
 
 
 def test_old_private_corrections_are_kept_byte_for_byte(tmp_path, real, merged):
-    from share_convert.checkpoint.file import tensor_bytes
+    from share_convert.checkpoint import tensor_bytes
 
     sources = open_adapters([str(real / "gpt2-c_attn")])
     c = merged(*GPT2_FIRST_THREE, k=4, private_rank=2)
@@ -340,7 +339,7 @@ def test_a_checkpoint_made_on_a_gpu_is_extended_on_a_machine_without_one(tmp_pat
 
     from safetensors.torch import save_file
 
-    from share_convert.checkpoint.file import MANIFEST_KEY, MANIFEST_SHA_KEY, sha256
+    from share_convert.checkpoint import MANIFEST_KEY, MANIFEST_SHA_KEY, sha256
 
     sources = open_adapters([str(real / "gpt2-c_attn")])
     merge(sources[:2], tmp_path / "c.safetensors", ConsolidationConfig(k=4, device="cpu"))
@@ -367,7 +366,7 @@ def _lora_bytes(path) -> int:
 
 
 def test_updates_never_store_more_than_the_original_adapters(tmp_path):
-    from share_convert.io.synthetic import write_synthetic_adapters
+    from share_convert.io import write_synthetic_adapters
 
     paths = write_synthetic_adapters(tmp_path / "a", count=10, layers=1, hidden=512, rank=8, shared_rank=16, noise=0.1)
     api.merge([str(p) for p in paths[:4]], tmp_path / "c4.safetensors")
@@ -382,7 +381,7 @@ def test_every_command_computes_on_one_thread_whatever_torchs_setting(tmp_path, 
     """Thread counts change how sums are split, and so the last bits of the results: merge, add and
     remove (with or without refit) all compute on one thread, so that their bytes do not depend on it.
     Observed through the progress callback, which runs inside the computation."""
-    from share_convert.io.synthetic import write_synthetic_adapters
+    from share_convert.io import write_synthetic_adapters
 
     write_synthetic_adapters(tmp_path / "a", count=3, layers=1, hidden=16, rank=2, shared_rank=2)
     write_synthetic_adapters(tmp_path / "b", count=1, layers=1, hidden=16, rank=2, shared_rank=2, prefix="new")

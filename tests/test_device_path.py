@@ -18,10 +18,8 @@ import torch
 from safetensors import safe_open
 
 from share_convert import consolidation
-from share_convert.engine.consolidation import ConsolidationConfig, merge
-from share_convert.engine.continual import add
-from share_convert.io.formats import open_adapters
-from share_convert.io.synthetic import write_synthetic_adapters
+from share_convert.engine import ConsolidationConfig, add, merge
+from share_convert.io import open_adapters, write_synthetic_adapters
 
 from .emulated_cuda import emulated_cuda
 

@@ -15,11 +15,10 @@ from transformers import (
     GPT2ForSequenceClassification,
 )
 
-from share_convert.checkpoint.file import Checkpoint
-from share_convert.engine.consolidation import ConsolidationConfig, merge
+from share_convert.checkpoint import Checkpoint
+from share_convert.engine import ConsolidationConfig, merge
 from share_convert.errors import OutputExistsError, UnknownTaskError
-from share_convert.io.extraction import extract, extract_all
-from share_convert.io.formats import open_adapters
+from share_convert.io import extract, extract_all, open_adapters
 
 
 def gpt2():
@@ -173,7 +172,7 @@ def test_non_empty_output_folder_is_refused_without_force(tmp_path, merged):
 
 
 def test_extraction_reads_only_the_task_it_needs(tmp_path, merged, monkeypatch):
-    from share_convert.checkpoint.file import Checkpoint
+    from share_convert.checkpoint import Checkpoint
 
     ckpt = merged("gpt2-c_attn", k=4, private_rank=1)
     read: list[str] = []

@@ -11,14 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from share_convert.checkpoint.file import Checkpoint
-from share_convert.checkpoint.verification import verify_checkpoint
-from share_convert.engine.consolidation import ConsolidationConfig, merge
-from share_convert.engine.continual import add, checkpoint_tasks
+from share_convert.checkpoint import Checkpoint, verify_checkpoint
+from share_convert.engine import ConsolidationConfig, add, checkpoint_tasks, merge
 from share_convert.errors import CorruptCheckpointError
-from share_convert.io.extraction import extract
-from share_convert.io.formats import open_adapters
-from share_convert.io.synthetic import write_synthetic_adapters
+from share_convert.io import extract, open_adapters, write_synthetic_adapters
 
 V1 = Path(__file__).parent / "data" / "v1"
 V1_FILES = sorted(V1.glob("*.safetensors"))

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from share_convert.errors import BadAdapterError, DuplicateTaskError, InvalidTaskNameError
-from share_convert.io.formats import AdapterSource, LoraStack, OpenFiles, open_adapters, read_module_stack
+from share_convert.io import AdapterSource, LoraStack, OpenFiles, open_adapters, read_module_stack
 
 from .conftest import random_factors, write_adapter
 

@@ -8,12 +8,10 @@ import sys
 import pytest
 import torch
 
-from share_convert.checkpoint.file import Checkpoint
-from share_convert.engine.consolidation import ConsolidationConfig, merge
-from share_convert.io.extraction import extract
-from share_convert.io.formats import open_adapters
-from share_convert.io.synthetic import write_synthetic_adapters
-from share_convert.math.linalg import principal_basis
+from share_convert.checkpoint import Checkpoint
+from share_convert.engine import ConsolidationConfig, merge
+from share_convert.io import extract, open_adapters, write_synthetic_adapters
+from share_convert.math import principal_basis
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -3,13 +3,10 @@
 import torch
 from typer.testing import CliRunner
 
-from share_convert.checkpoint.file import Checkpoint
+from share_convert.checkpoint import Checkpoint
 from share_convert.cli import app
-from share_convert.engine.consolidation import ConsolidationConfig, merge
-from share_convert.engine.continual import add, remove
-from share_convert.io.extraction import extract
-from share_convert.io.formats import AdapterSource, open_adapters
-from share_convert.io.synthetic import write_synthetic_adapters
+from share_convert.engine import ConsolidationConfig, add, merge, remove
+from share_convert.io import AdapterSource, extract, open_adapters, write_synthetic_adapters
 
 
 def two_families(tmp_path):

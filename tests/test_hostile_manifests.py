@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from share_convert.checkpoint.file import Checkpoint
+from share_convert.checkpoint import Checkpoint
 from share_convert.cli import app
 from share_convert.errors import InvalidTaskNameError
 from share_convert.names import path_under

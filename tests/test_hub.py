@@ -179,7 +179,7 @@ def test_hub_checkpoints_work_wherever_a_path_does(olah, uploads, tmp_path, real
     )
     assert merged.returncode == 0, merged.stderr
     # a task taken from a Hub checkpoint records its address, not where the Hub cache put it
-    from share_convert.checkpoint.file import Checkpoint
+    from share_convert.checkpoint import Checkpoint
 
     assert Checkpoint(tmp_path / "z.safetensors").task("gsj-rifat__tmp")["from_checkpoint"] == "hf://erin/share@v2"
     assert str(tmp_path / "h2").encode() not in (tmp_path / "z.safetensors").read_bytes()

@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from share_convert.checkpoint.file import Checkpoint, CheckpointWriter
+from share_convert.checkpoint import Checkpoint, CheckpointWriter
 from share_convert.cli import app
-from share_convert.engine.consolidation import ConsolidationConfig, merge
+from share_convert.engine import ConsolidationConfig, merge
 from share_convert.errors import CorruptCheckpointError
-from share_convert.files.atomic import CRASH_AT
-from share_convert.io.formats import open_adapters
-from share_convert.io.synthetic import write_synthetic_adapters
+from share_convert.files import CRASH_AT
+from share_convert.io import open_adapters, write_synthetic_adapters
 
 runner = CliRunner()
 
@@ -251,7 +250,7 @@ def test_a_tensor_of_a_dtype_share_convert_never_writes_is_refused(tmp_path, ckp
     import torch
     from safetensors.torch import save_file
 
-    from share_convert.checkpoint.file import MANIFEST_KEY, MANIFEST_SHA_KEY
+    from share_convert.checkpoint import MANIFEST_KEY, MANIFEST_SHA_KEY
 
     manifest = dict(Checkpoint(ckpt).manifest, format_version=1)  # version 1: no record tables to provide
     odd = torch.zeros(4, dtype=torch.float8_e4m3fn)

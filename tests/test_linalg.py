@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from share_convert.math.linalg import (
+from share_convert.math import (
     canonicalize,
     canonicalize_padded,
     principal_basis,

@@ -18,7 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 from share_convert import api
-from share_convert.checkpoint.file import Checkpoint
+from share_convert.checkpoint import Checkpoint
 from share_convert.cli import app
 
 from .conftest import random_factors, write_adapter
@@ -146,7 +146,7 @@ def test_the_default_verdict_compares_storage_with_truncation_at_the_same_error(
 
 
 def test_adapters_built_on_one_subspace_are_said_to_share_structure(tmp_path):
-    from share_convert.io.synthetic import write_synthetic_adapters
+    from share_convert.io import write_synthetic_adapters
 
     write_synthetic_adapters(tmp_path / "a", count=8, layers=1, hidden=64, rank=8, shared_rank=4)
     summary = api.merge([str(tmp_path / "a")], tmp_path / "c.safetensors")
@@ -215,7 +215,7 @@ def test_why_after_add_counts_every_stored_parameter_and_does_not_repeat_the_mer
 
 
 def test_why_says_one_module_in_the_singular():
-    from share_convert.report.summary import why
+    from share_convert.report import why
 
     modules = {
         "m": {
@@ -335,7 +335,7 @@ def test_plan_reports_the_ratio_merge_reports(planned, five):
 
 
 def test_plot_ticks_are_labelled_and_do_not_crowd(planned, tmp_path):
-    from share_convert.report.curves import plot_curves, ratio_ticks
+    from share_convert.report import plot_curves, ratio_ticks
 
     ticks = ratio_ticks(planned)
     assert len(ticks) >= 5
@@ -376,7 +376,7 @@ def test_help_shows_flags_without_a_type_required_marks_and_choices():
 
 
 def test_the_help_default_target_is_the_engine_default():
-    from share_convert.engine.consolidation import ConsolidationConfig
+    from share_convert.engine import ConsolidationConfig
 
     text = run("merge", "--help").output.split("--target-error")[1].split("--")[0]
     assert f"[default: {ConsolidationConfig().target_error:g}]" in " ".join(text.split())
@@ -426,8 +426,8 @@ def test_pull_json_says_where_the_checkpoint_went(five, tmp_path, monkeypatch, n
 
 
 def test_storage_rows_give_every_tensor_its_role(tmp_path):
-    from share_convert.io.synthetic import write_synthetic_adapters
-    from share_convert.report.summary import storage_role
+    from share_convert.io import write_synthetic_adapters
+    from share_convert.report import storage_role
 
     write_synthetic_adapters(tmp_path / "a", count=6, layers=1, hidden=64, rank=8, shared_rank=4)
     summary = api.merge([str(tmp_path / "a")], tmp_path / "c.safetensors")

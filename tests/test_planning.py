@@ -5,12 +5,18 @@ import json
 import pytest
 import torch
 
-from share_convert.checkpoint.file import Checkpoint
-from share_convert.engine.consolidation import ConsolidationConfig, ModuleStack, check_compatible, merge, prepare_member
-from share_convert.engine.planning import FrozenTasks, ModulePlanner
-from share_convert.io.extraction import extract
-from share_convert.io.formats import AdapterSource, open_adapters
-from share_convert.report.curves import plan_collection
+from share_convert.checkpoint import Checkpoint
+from share_convert.engine import (
+    ConsolidationConfig,
+    FrozenTasks,
+    ModulePlanner,
+    ModuleStack,
+    check_compatible,
+    merge,
+    prepare_member,
+)
+from share_convert.io import AdapterSource, extract, open_adapters
+from share_convert.report import plan_collection
 
 
 def planners(sources, config=ConsolidationConfig()):
@@ -88,7 +94,7 @@ def test_a_target_counts_frozen_tasks_but_gives_them_no_private_directions(gpt2_
 
 
 def test_predicted_errors_are_the_errors_of_the_stored_tensors(tmp_path, real):
-    from share_convert.engine.consolidation import plan_group
+    from share_convert.engine import plan_group
 
     sources = open_adapters([str(real / "gpt2-c_attn")])
     merge(sources, tmp_path / "c.safetensors", ConsolidationConfig(budget="3x"))
@@ -144,7 +150,7 @@ def test_plan_curves_show_the_planner_below_both_extremes(real):
 
 
 def test_planted_shared_structure_is_detected(tmp_path):
-    from share_convert.io.synthetic import write_synthetic_adapters
+    from share_convert.io import write_synthetic_adapters
 
     write_synthetic_adapters(tmp_path / "a", count=8, hidden=48, rank=8, shared_rank=6, noise=0.001)
     result = plan_collection(open_adapters([str(tmp_path / "a")]), ratios=(2.0, 4.0))
@@ -180,9 +186,9 @@ def test_plan_command_prints_curves_and_a_verdict_and_draws_a_png(tmp_path, real
 
 
 def test_a_zero_adapter_does_not_loosen_the_target_of_the_others(tmp_path):
-    from share_convert.checkpoint.file import Checkpoint
-    from share_convert.engine.consolidation import ConsolidationConfig, merge
-    from share_convert.io.formats import open_adapters
+    from share_convert.checkpoint import Checkpoint
+    from share_convert.engine import ConsolidationConfig, merge
+    from share_convert.io import open_adapters
 
     from .conftest import random_factors, write_adapter
 
@@ -196,10 +202,9 @@ def test_a_zero_adapter_does_not_loosen_the_target_of_the_others(tmp_path):
 
 
 def test_a_task_merged_again_from_a_checkpoint_keeps_its_original_rank(tmp_path):
-    from share_convert.checkpoint.file import Checkpoint
-    from share_convert.engine.consolidation import ConsolidationConfig, merge
-    from share_convert.engine.continual import checkpoint_tasks
-    from share_convert.io.formats import open_adapters
+    from share_convert.checkpoint import Checkpoint
+    from share_convert.engine import ConsolidationConfig, checkpoint_tasks, merge
+    from share_convert.io import open_adapters
 
     from .conftest import random_factors, write_adapter
 
@@ -213,7 +218,7 @@ def test_a_task_merged_again_from_a_checkpoint_keeps_its_original_rank(tmp_path)
 
 
 def test_the_plan_curve_of_the_mix_is_never_above_the_default_plan(real):
-    from share_convert.report.curves import plan_collection
+    from share_convert.report import plan_collection
 
     result = plan_collection(open_adapters([str(real / "gpt2-c_attn"), str(real / "gpt2-c_attn+c_proj")]))
     default = result["default_plan"]

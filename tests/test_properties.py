@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from share_convert.engine.consolidation import ConsolidationConfig, ModuleStack, consolidate_module, prepare_members
-from share_convert.io.formats import LoraFactors
-from share_convert.math.linalg import canonicalize, principal_basis
+from share_convert.engine import ConsolidationConfig, ModuleStack, consolidate_module, prepare_members
+from share_convert.io import LoraFactors
+from share_convert.math import canonicalize, principal_basis
 
 shapes = st.tuples(st.integers(3, 24), st.integers(3, 24), st.integers(1, 6), st.integers(0, 2**31 - 1))
 
@@ -120,10 +120,9 @@ def test_adding_tasks_one_by_one_keeps_every_delta_w_when_nothing_is_truncated(n
     import tempfile
     from pathlib import Path
 
-    from share_convert.checkpoint.file import Checkpoint
-    from share_convert.engine.consolidation import merge
-    from share_convert.engine.continual import add
-    from share_convert.io.formats import open_adapters
+    from share_convert.checkpoint import Checkpoint
+    from share_convert.engine import add, merge
+    from share_convert.io import open_adapters
 
     from .conftest import random_factors, write_adapter
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from share_convert.checkpoint.file import Checkpoint
+from share_convert.checkpoint import Checkpoint
 from share_convert.cli import app
-from share_convert.io.provenance import local_path_values, looks_local, recorded_source
+from share_convert.io import local_path_values, looks_local, recorded_source
 
 PAIR = ("gsj-rifat__tmp", "ShutterStack__peft_model")
 

@@ -31,9 +31,8 @@ from transformers import (
 )
 
 from share_convert import ShareModel, api, continual
-from share_convert.checkpoint.file import Checkpoint
-from share_convert.engine.consolidation import ConsolidationConfig, merge
-from share_convert.engine.continual import add
+from share_convert.checkpoint import Checkpoint
+from share_convert.engine import ConsolidationConfig, add, merge
 from share_convert.errors import (
     BatchMismatchError,
     DeviceMismatchError,
@@ -42,9 +41,8 @@ from share_convert.errors import (
     ShareError,
     UnknownTaskError,
 )
-from share_convert.io.formats import open_adapters
-from share_convert.io.synthetic import write_synthetic_adapters
-from share_convert.runtime.model import ShareHead, ShareLayer
+from share_convert.io import open_adapters, write_synthetic_adapters
+from share_convert.runtime import ShareHead, ShareLayer
 
 TOLERANCE = 1e-5
 

@@ -18,9 +18,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from share_convert import ShareModel
-from share_convert.engine.consolidation import ConsolidationConfig, merge
-from share_convert.io.formats import open_adapters
-from share_convert.io.synthetic import write_synthetic_adapters
+from share_convert.engine import ConsolidationConfig, merge
+from share_convert.io import open_adapters, write_synthetic_adapters
 
 TASKS = ["task-000", "task-001", "task-002"]
 

@@ -21,15 +21,12 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from share_convert import ShareModel, continual
-from share_convert.checkpoint.file import Checkpoint, is_checkpoint
-from share_convert.checkpoint.sharding import parse_size
+from share_convert.checkpoint import Checkpoint, is_checkpoint, parse_size
 from share_convert.cli import app
-from share_convert.engine.consolidation import ConsolidationConfig, merge
-from share_convert.engine.continual import add
+from share_convert.engine import ConsolidationConfig, add, merge
 from share_convert.errors import CorruptCheckpointError, InvalidOptionError
-from share_convert.files.atomic import CRASH_AT
-from share_convert.io.formats import open_adapters
-from share_convert.io.synthetic import write_synthetic_adapters
+from share_convert.files import CRASH_AT
+from share_convert.io import open_adapters, write_synthetic_adapters
 
 from .conftest import random_factors, write_adapter
 
@@ -301,7 +298,7 @@ def test_the_runtime_serves_a_sharded_checkpoint_as_the_single_file(single, shar
 
 
 def test_a_task_trained_on_a_sharded_checkpoint_folds_into_shards(sharded, tmp_path):
-    from share_convert.runtime.training import add_trainable_task
+    from share_convert.runtime import add_trainable_task
 
     model = ShareModel.from_checkpoint(llama(), sharded)
     task = add_trainable_task(model, "trained", rank=2)

@@ -35,9 +35,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from share_convert import api  # noqa: E402
 from share_convert.cli import app  # noqa: E402
-from share_convert.engine.consolidation import ConsolidationConfig  # noqa: E402
+from share_convert.engine import ConsolidationConfig  # noqa: E402
 from share_convert.errors import BadAdapterError, IncompatibleAdaptersError  # noqa: E402
-from share_convert.io.formats import open_adapters  # noqa: E402
+from share_convert.io import open_adapters  # noqa: E402
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 FULL = ConsolidationConfig(k=10_000, dtype="float32")
@@ -782,7 +782,7 @@ def test_half_precision_kohya_files_round_trip_within_their_rounding_at_the_defa
 def test_the_pipeline_components_are_ordinary_modules_of_the_checkpoint(sdxl, tmp_path):
     kohya_sd(sdxl, tmp_path / "k.safetensors", seed=1, conv=False)
     summary = api.merge([str(tmp_path / "k.safetensors")], tmp_path / "c.safetensors", FULL)
-    from share_convert.checkpoint.file import Checkpoint
+    from share_convert.checkpoint import Checkpoint
 
     names = list(Checkpoint(tmp_path / "c.safetensors").modules)
     assert any(n.startswith("unet.") for n in names) and any(n.startswith("text_encoder_2.text_model.") for n in names)

@@ -22,8 +22,8 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
 
 from share_convert import ShareModel, api
-from share_convert.checkpoint.file import Checkpoint
-from share_convert.engine.consolidation import ConsolidationConfig
+from share_convert.checkpoint import Checkpoint
+from share_convert.engine import ConsolidationConfig
 from share_convert.errors import (
     DuplicateTaskError,
     InvalidOptionError,
@@ -33,7 +33,7 @@ from share_convert.errors import (
     UnknownTaskError,
     UntrainedTaskError,
 )
-from share_convert.runtime.training import TrainableTask
+from share_convert.runtime import TrainableTask
 
 VOCAB, LENGTH, RANK, K = 64, 8, 4, 10
 STEPS, LR, BATCH = 200, 1e-2, 64

@@ -19,10 +19,9 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from share_convert.checkpoint.file import Checkpoint
+from share_convert.checkpoint import Checkpoint
 from share_convert.cli import app
-from share_convert.files.atomic import INTERRUPT_AT, PAUSE_AT
-from share_convert.files.locking import writing
+from share_convert.files import INTERRUPT_AT, PAUSE_AT, writing
 
 
 def run(*args):
@@ -180,7 +179,7 @@ def save_trained_task(ckpt: Path, out: Path) -> None:
     """A coefficient-only task added to a model of the small adapters' shapes, saved as a PEFT folder."""
     from torch import nn
 
-    from share_convert.runtime.model import ShareModel
+    from share_convert.runtime import ShareModel
 
     layer = nn.Module()
     layer.q, layer.v = nn.Linear(12, 16), nn.Linear(12, 8)

@@ -1,0 +1,34 @@
+"""The Share checkpoint format: typed entries, records, the writer, the reader, sharding, verification.
+
+This facade names, lazily, what tests, benchmarks and users import (nothing is imported until a
+name is asked for, so that light commands start fast); the package's own modules import each
+other directly, never through it.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+#: name -> the module of this package that defines it
+_WHERE = {
+    "Checkpoint": "file",
+    "CheckpointWriter": "file",
+    "MANIFEST_KEY": "file",
+    "MANIFEST_SHA_KEY": "file",
+    "RecordTable": "records",
+    "TaskRows": "records",
+    "is_checkpoint": "file",
+    "parse_size": "sharding",
+    "sha256": "file",
+    "tensor_bytes": "file",
+    "verify_checkpoint": "verification",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_WHERE[name]}", __name__), name)
