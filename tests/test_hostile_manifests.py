@@ -18,7 +18,7 @@ from share_convert.cli import app
 from share_convert.errors import InvalidTaskNameError
 from share_convert.names import path_under
 
-from .manifest_tools import rename_task, rewrite_manifest
+from .manifest_tools import rename_task, rewrite_manifest, rewrite_record
 
 runner = CliRunner()
 COMMANDS = {
@@ -39,12 +39,14 @@ def tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
-def refused_everywhere(tmp_path: Path, ckpt: Path) -> list[str]:
-    """Run every reading command on ``ckpt`` (which lies two folders below ``tmp_path``); each must
-    exit 2 with one line and write nothing anywhere under ``tmp_path``. Returns the lines."""
+def refused_everywhere(tmp_path: Path, ckpt: Path, commands: tuple[str, ...] = tuple(COMMANDS)) -> list[str]:
+    """Run every reading command (of ``commands``) on ``ckpt`` (which lies two folders below
+    ``tmp_path``); each must exit 2 with one line and write nothing anywhere under ``tmp_path``.
+    Returns the lines."""
     before = tree(tmp_path)
     lines = []
-    for name, args in COMMANDS.items():
+    for name in commands:
+        args = COMMANDS[name]
         result = runner.invoke(app, args(ckpt, ckpt.parent / "out"))
         text = [line for line in result.output.splitlines() if line.strip()]
         assert result.exit_code == 2 and len(text) == 1 and text[0].startswith("error:"), (name, result.output)
@@ -169,3 +171,18 @@ def test_an_untouched_rewrite_still_reads(tmp_path, good):
     result = runner.invoke(app, ["verify", str(path)])
     assert result.exit_code == 0, result.output
     shutil.rmtree(tmp_path / "a")
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("rank", 10_000), ("private_rank", 10_000), ("coef_row", 10_000), ("coef_row", -3), ("private_row", 10_000)],
+)
+def test_a_record_pointing_outside_its_tensors_is_refused_in_one_line(tmp_path, good, column, value):
+    """The record tables say where each task's rows lie in the stacked tensors: a rank or a first
+    row beyond them (or before them) is refused before any tensor is reshaped by it."""
+    folder = tmp_path / "a" / "b"
+    folder.mkdir(parents=True)
+    path = folder / "c.safetensors"
+    rewrite_record(good, path, column, value)
+    lines = refused_everywhere(tmp_path, path, ("info", "verify", "extract --all"))  # 'tasks' reads no records
+    assert all("outside its module's tasks and tensors" in line for line in lines), lines
