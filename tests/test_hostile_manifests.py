@@ -186,3 +186,30 @@ def test_a_record_pointing_outside_its_tensors_is_refused_in_one_line(tmp_path, 
     rewrite_record(good, path, column, value)
     lines = refused_everywhere(tmp_path, path, ("info", "verify", "extract --all"))  # 'tasks' reads no records
     assert all("outside its module's tasks and tensors" in line for line in lines), lines
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory) -> Path:
+    """A small checkpoint whose first module has two groups of bases."""
+    from share_convert.engine import ConsolidationConfig, merge
+    from share_convert.io import open_adapters, write_synthetic_adapters
+
+    folder = tmp_path_factory.mktemp("grouped")
+    for seed, prefix in ((1, "x"), (2, "y")):  # two families from two planted subspaces: one basis serves them badly
+        write_synthetic_adapters(
+            folder / "a", count=2, layers=1, hidden=48, rank=4, shared_rank=4, noise=0.001, seed=seed, prefix=prefix
+        )
+    out = folder / "g.safetensors"
+    merge(open_adapters([str(folder / "a")]), out, ConsolidationConfig(target_error=0.02, groups="2"), workers=1)
+    assert "groups" in next(iter(Checkpoint(out).modules.values()))
+    return out
+
+
+@pytest.mark.parametrize("value", [2, -2])
+def test_a_record_naming_a_group_the_module_lacks_is_refused_in_one_line(tmp_path, grouped, value):
+    folder = tmp_path / "a" / "b"
+    folder.mkdir(parents=True)
+    path = folder / "c.safetensors"
+    rewrite_record(grouped, path, "group", value)
+    lines = refused_everywhere(tmp_path, path, ("info", "verify", "extract --all"))
+    assert all("a group outside" in line for line in lines), lines
