@@ -65,8 +65,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     file does not exist stands for its shard index when that does (``-o share.safetensors`` written
     in shards). An adapter folder or weights file is named as such, with the commands that take adapters.
     """
-    from .checkpoint.publish import existing_checkpoint
     from .checkpoint.reader import Checkpoint
+    from .checkpoint.sharding import existing_checkpoint
 
     if hub.is_hub_address(str(path)):
         return Checkpoint(hub.checkpoint_path(str(path), progress=_tty()))
@@ -109,9 +109,8 @@ def _tty() -> bool:
 def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
     """Adapters and Share checkpoints (every task of a checkpoint is an input) from what was typed."""
     from .checkpoint.index import is_checkpoint
-    from .checkpoint.publish import existing_checkpoint
     from .checkpoint.reader import Checkpoint
-    from .checkpoint.sharding import INDEX_SUFFIX
+    from .checkpoint.sharding import INDEX_SUFFIX, existing_checkpoint
     from .engine.continual import checkpoint_tasks
     from .io.t2i import check_same_base
 

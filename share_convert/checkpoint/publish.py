@@ -19,26 +19,13 @@ from typing import Any, Protocol
 from ..errors import CorruptCheckpointError, OutputExistsError
 from ..files.atomic import crash_point, file_mode, interrupts_deferred, record_published, temp_file_beside
 from .index import index_text, read_index
-from .sharding import INDEX_SUFFIX, checkpoint_target, index_path, shard_files
+from .sharding import INDEX_SUFFIX, checkpoint_target, existing_checkpoint, index_path, shard_files
 
 
 class _Opened(Protocol):
     """A checkpoint opened for reading (:class:`~share_convert.checkpoint.reader.Checkpoint`): its path."""
 
     path: Path
-
-
-def existing_checkpoint(path: str | Path) -> Path | None:
-    """The file that holds the checkpoint at ``path``: ``path`` when it exists, else its shard
-    index when that exists (the sharded form of the same output); None when neither does."""
-    path = Path(path)
-    if path.exists():
-        return path
-    target = checkpoint_target(path)
-    for found in (target, index_path(target)):
-        if found.is_file():
-            return found
-    return None
 
 
 def same_checkpoint(output: str | Path, ckpt: _Opened) -> bool:

@@ -71,6 +71,19 @@ def index_path(path: str | Path) -> Path:
     return path.with_name(path.name + INDEX_SUFFIX)
 
 
+def existing_checkpoint(path: str | Path) -> Path | None:
+    """The file that holds the checkpoint at ``path``: ``path`` when it exists, else its shard
+    index when that exists (the sharded form of the same output); None when neither does."""
+    path = Path(path)
+    if path.exists():
+        return path
+    target = checkpoint_target(path)
+    for found in (target, index_path(target)):
+        if found.is_file():
+            return found
+    return None
+
+
 def stem(target: Path) -> str:
     """What shard names start with: the checkpoint's file name without ``.safetensors``."""
     return target.name[: -len(".safetensors")] if target.name.endswith(".safetensors") else target.name

@@ -21,8 +21,7 @@ from safetensors import safe_open
 from ..errors import CorruptCheckpointError, first_line
 from .format import MANIFEST_KEY, MANIFEST_SHA_KEY
 from .index import read_index
-from .publish import existing_checkpoint
-from .sharding import INDEX_SUFFIX, shard_files
+from .sharding import INDEX_SUFFIX, existing_checkpoint, shard_files
 
 #: One mapped file: the map, where its data starts, its header.
 Mapped = tuple[mmap.mmap, int, dict[str, Any]]

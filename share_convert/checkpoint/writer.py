@@ -20,9 +20,9 @@ from ..dtypes import itemsize, st_name
 from ..files.atomic import crash_point, file_mode, temp_file_beside
 from .format import MANIFEST_KEY, MANIFEST_SHA_KEY, block_digest, block_digests, block_rows, sha256, tensor_bytes
 from .index import index_text
-from .publish import append_file, existing_checkpoint, publish_files, synced_text_beside
+from .publish import append_file, publish_files, synced_text_beside
 from .records import RECORD_FLOAT, RECORD_INT, TaskRows, record_tables
-from .sharding import DEFAULT_MAX_SHARD_SIZE, checkpoint_target, index_path, parse_size, shard_name
+from .sharding import DEFAULT_MAX_SHARD_SIZE, checkpoint_target, existing_checkpoint, index_path, parse_size, shard_name
 
 if TYPE_CHECKING:
     import torch
