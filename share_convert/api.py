@@ -30,7 +30,7 @@ from .io.formats import (
 # The engine (consolidation, continual updates, extraction) imports torch: each command imports
 # what it needs when it runs, so that --help, tasks and info start without it.
 if TYPE_CHECKING:
-    from .checkpoint.file import Checkpoint
+    from .checkpoint.reader import Checkpoint
     from .config import ConsolidationConfig
     from .io.extraction import ExtractedAdapter
 
@@ -50,7 +50,7 @@ def _turn(target: str | Path, wait: bool, on_wait: OnWait | None, *, shared: boo
 
 def _summary(path: str | Path) -> dict[str, Any]:
     """The report of the checkpoint just written at ``path`` (its file closed afterwards)."""
-    from .checkpoint.file import Checkpoint
+    from .checkpoint.reader import Checkpoint
     from .report.summary import summarize
 
     with Checkpoint(path) as ckpt:
@@ -65,7 +65,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     file does not exist stands for its shard index when that does (``-o share.safetensors`` written
     in shards). An adapter folder or weights file is named as such, with the commands that take adapters.
     """
-    from .checkpoint.file import Checkpoint, existing_checkpoint
+    from .checkpoint.reader import Checkpoint
+    from .checkpoint.sharding import existing_checkpoint
 
     if hub.is_hub_address(str(path)):
         return Checkpoint(hub.checkpoint_path(str(path), progress=_tty()))
@@ -107,7 +108,9 @@ def _tty() -> bool:
 
 def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
     """Adapters and Share checkpoints (every task of a checkpoint is an input) from what was typed."""
-    from .checkpoint.file import INDEX_SUFFIX, Checkpoint, existing_checkpoint, is_checkpoint
+    from .checkpoint.index import is_checkpoint
+    from .checkpoint.reader import Checkpoint
+    from .checkpoint.sharding import INDEX_SUFFIX, existing_checkpoint
     from .engine.continual import checkpoint_tasks
     from .io.t2i import check_same_base
 
@@ -143,7 +146,8 @@ def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
 def shards_as_indexes(paths: list[Path]) -> list[Path]:
     """``paths`` (a folder's files, a glob's matches) with the shards of a sharded checkpoint beside
     them replaced by its index, once: a folder or glob holding a sharded checkpoint gives its tasks."""
-    from .checkpoint.file import INDEX_SUFFIX, is_checkpoint, read_index
+    from .checkpoint.index import is_checkpoint, read_index
+    from .checkpoint.sharding import INDEX_SUFFIX
 
     out = list(paths)
     for folder in sorted({p.parent for p in paths}):
@@ -329,7 +333,9 @@ def _remove_locked(
     """The body of :func:`remove`, under the output's lock."""
     import shutil
 
-    from .checkpoint.file import Checkpoint, check_output, checkpoint_target, move_checkpoint, same_checkpoint
+    from .checkpoint.publish import check_output, move_checkpoint, same_checkpoint
+    from .checkpoint.reader import Checkpoint
+    from .checkpoint.sharding import checkpoint_target
     from .engine.continual import remove as _remove
     from .files.atomic import temp_dir_beside
     from .report.summary import summarize

@@ -24,16 +24,41 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+#: Units of a size, by lower-case name: KB, MB, GB, TB are powers of 1000 (as in huggingface_hub),
+#: KiB, MiB, GiB, TiB powers of 1024. Longer names first: a size is split at the first that ends it.
+SIZE_UNITS = {
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "b": 1,
+}
+
+
+def split_size(text: str) -> tuple[str, int]:
+    """A size written as text, split into its number (as written) and its unit's bytes:
+    ``'2.5 GiB'`` → ('2.5', 2**30); text without a unit → (text, 1). The one reading of units
+    for every size share-convert takes (``--budget``, ``--max-shard-size``); each caller reads the
+    number as it needs (a float for a budget, exactly for a shard size)."""
+    t = text.strip().lower()
+    for unit, factor in SIZE_UNITS.items():
+        if t.endswith(unit):
+            return t[: -len(unit)].rstrip(), factor
+    return t, 1
+
+
 def parse_budget(text: str) -> tuple[str, float]:
-    """``'4x'`` → ('ratio', 4.0); ``'10MB'`` / ``'2.5GiB'`` / ``'1000000'`` → ('bytes', …)."""
+    """``'4x'`` → ('ratio', 4.0); ``'10MB'`` / ``'2.5GiB'`` / ``'1000000'`` → ('bytes', …);
+    ValueError for anything else."""
     t = text.strip().lower().replace(" ", "")
     if t.endswith("x"):
         return "ratio", float(t[:-1])
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 1e3, "mb": 1e6, "gb": 1e9, "b": 1}
-    for u, f in units.items():
-        if t.endswith(u):
-            return "bytes", float(t[: -len(u)]) * f
-    return "bytes", float(t)
+    number, factor = split_size(t)
+    return "bytes", float(number) * factor
 
 
 DEFAULT_TARGET_ERROR = 0.05

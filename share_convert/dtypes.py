@@ -22,6 +22,18 @@ FLOAT_NAMES = ("F64", "F32", "BF16", "F16")
 NAME_OF = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 #: the manifest's name -> safetensors name.
 ST_OF = {name: st for st, name in NAME_OF.items()}
+#: safetensors name -> numpy's name, for every dtype the format may hold but BF16 (numpy has none: read through torch).
+NUMPY_NAME = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 #: The largest relative rounding error of one stored number, by the manifest's name (2^-(mantissa bits + 1)).
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
 

@@ -63,3 +63,26 @@ def rename_task(manifest: dict[str, Any], header: dict[str, Any], old: str, new:
     manifest["tensors"] = {renamed(k): v for k, v in manifest["tensors"].items()}
     for key in [k for k in header if k.startswith(before)]:
         header[renamed(key)] = header.pop(key)
+
+
+def rewrite_record(src: Path, dst: Path, column: str, value: int) -> None:
+    """Write ``src`` (a format-2 checkpoint) to ``dst`` with one integer of its ``records/int``
+    table, ``column`` of the first task in the first module, set to ``value``; the table's checksum
+    and the manifest's recomputed (a consistent file, as a hostile author would make it)."""
+    import numpy as np
+
+    from share_convert.checkpoint.records import INT
+
+    header, body = read_st(src)
+    manifest = json.loads(header["__metadata__"][MANIFEST_KEY])
+    begin, end = header["records/int"]["data_offsets"]
+    table = np.frombuffer(body[begin:end], dtype=np.int32).reshape(header["records/int"]["shape"]).copy()
+    table[0, 0, INT[column]] = value
+    data = table.tobytes()
+    manifest["tensors"]["records/int"] = sha256(data)
+    text = json.dumps(manifest, separators=(",", ":"))
+    header["__metadata__"][MANIFEST_KEY] = text
+    header["__metadata__"][MANIFEST_SHA_KEY] = sha256(text.encode())
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    dst.write_bytes(struct.pack("<Q", len(blob)) + blob + body[:begin] + data + body[end:])

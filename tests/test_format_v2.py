@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from share_convert.checkpoint import Checkpoint, verify_checkpoint
+from share_convert.checkpoint import Checkpoint, CheckpointFiles, verify_checkpoint
 from share_convert.engine import ConsolidationConfig, add, checkpoint_tasks, merge
 from share_convert.errors import CorruptCheckpointError
 from share_convert.io import extract, open_adapters, write_synthetic_adapters
@@ -83,13 +83,13 @@ def test_a_task_read_from_the_stacked_tensors_equals_its_records(many):
 def test_extracting_one_task_reads_a_small_part_of_the_file(many, tmp_path, monkeypatch):
     path, _ = many
     read = []
-    original = Checkpoint._bytes
+    original = CheckpointFiles.read_bytes
 
     def counting(self, name, begin, end):
         read.append(end - begin)
         return original(self, name, begin, end)
 
-    monkeypatch.setattr(Checkpoint, "_bytes", counting)
+    monkeypatch.setattr(CheckpointFiles, "read_bytes", counting)
     extract(path, "task-017", tmp_path / "out")
     assert 0 < sum(read) < path.stat().st_size / 4
 
@@ -101,7 +101,7 @@ def test_a_flipped_byte_in_one_block_is_found_when_that_block_is_read(many, tmp_
     ckpt = Checkpoint(bad)
     name = "modules/base_model.model.model.layers.0.self_attn.q_proj/private_B"
     assert name in ckpt.manifest["blocks"]  # large enough for a checksum per block of rows
-    data, start, header = ckpt._mapped()
+    data, start, header = ckpt.store.files.mapped()
     offset = start + header[name]["data_offsets"][1] - 3  # inside the last rows: the last task's
     ckpt.close()
     raw = bytearray(bad.read_bytes())

@@ -18,7 +18,7 @@ from share_convert.cli import app
 from share_convert.errors import InvalidTaskNameError
 from share_convert.names import path_under
 
-from .manifest_tools import rename_task, rewrite_manifest
+from .manifest_tools import rename_task, rewrite_manifest, rewrite_record
 
 runner = CliRunner()
 COMMANDS = {
@@ -39,12 +39,14 @@ def tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
-def refused_everywhere(tmp_path: Path, ckpt: Path) -> list[str]:
-    """Run every reading command on ``ckpt`` (which lies two folders below ``tmp_path``); each must
-    exit 2 with one line and write nothing anywhere under ``tmp_path``. Returns the lines."""
+def refused_everywhere(tmp_path: Path, ckpt: Path, commands: tuple[str, ...] = tuple(COMMANDS)) -> list[str]:
+    """Run every reading command (of ``commands``) on ``ckpt`` (which lies two folders below
+    ``tmp_path``); each must exit 2 with one line and write nothing anywhere under ``tmp_path``.
+    Returns the lines."""
     before = tree(tmp_path)
     lines = []
-    for name, args in COMMANDS.items():
+    for name in commands:
+        args = COMMANDS[name]
         result = runner.invoke(app, args(ckpt, ckpt.parent / "out"))
         text = [line for line in result.output.splitlines() if line.strip()]
         assert result.exit_code == 2 and len(text) == 1 and text[0].startswith("error:"), (name, result.output)
@@ -156,7 +158,7 @@ def test_absurd_sizes_and_wrong_types_are_refused_in_one_line(tmp_path, good, ed
 
 
 def test_the_manifest_size_is_bounded_before_parsing(tmp_path, good, monkeypatch):
-    from share_convert import manifest
+    from share_convert.checkpoint import manifest
 
     path = hand_made(tmp_path, good, lambda m, h: None)
     monkeypatch.setattr(manifest, "MAX_MANIFEST_BYTES", 1000)  # a real checkpoint's manifest is longer
@@ -169,3 +171,45 @@ def test_an_untouched_rewrite_still_reads(tmp_path, good):
     result = runner.invoke(app, ["verify", str(path)])
     assert result.exit_code == 0, result.output
     shutil.rmtree(tmp_path / "a")
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("rank", 10_000), ("private_rank", 10_000), ("coef_row", 10_000), ("coef_row", -3), ("private_row", 10_000)],
+)
+def test_a_record_pointing_outside_its_tensors_is_refused_in_one_line(tmp_path, good, column, value):
+    """The record tables say where each task's rows lie in the stacked tensors: a rank or a first
+    row beyond them (or before them) is refused before any tensor is reshaped by it."""
+    folder = tmp_path / "a" / "b"
+    folder.mkdir(parents=True)
+    path = folder / "c.safetensors"
+    rewrite_record(good, path, column, value)
+    lines = refused_everywhere(tmp_path, path, ("info", "verify", "extract --all"))  # 'tasks' reads no records
+    assert all("outside its module's tasks and tensors" in line for line in lines), lines
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory) -> Path:
+    """A small checkpoint whose first module has two groups of bases."""
+    from share_convert.engine import ConsolidationConfig, merge
+    from share_convert.io import open_adapters, write_synthetic_adapters
+
+    folder = tmp_path_factory.mktemp("grouped")
+    for seed, prefix in ((1, "x"), (2, "y")):  # two families from two planted subspaces: one basis serves them badly
+        write_synthetic_adapters(
+            folder / "a", count=2, layers=1, hidden=48, rank=4, shared_rank=4, noise=0.001, seed=seed, prefix=prefix
+        )
+    out = folder / "g.safetensors"
+    merge(open_adapters([str(folder / "a")]), out, ConsolidationConfig(target_error=0.02, groups="2"), workers=1)
+    assert "groups" in next(iter(Checkpoint(out).modules.values()))
+    return out
+
+
+@pytest.mark.parametrize("value", [2, -2])
+def test_a_record_naming_a_group_the_module_lacks_is_refused_in_one_line(tmp_path, grouped, value):
+    folder = tmp_path / "a" / "b"
+    folder.mkdir(parents=True)
+    path = folder / "c.safetensors"
+    rewrite_record(grouped, path, "group", value)
+    lines = refused_everywhere(tmp_path, path, ("info", "verify", "extract --all"))
+    assert all("a group outside" in line for line in lines), lines

@@ -12,16 +12,17 @@ from typing import Any
 
 #: name -> the module of this package that defines it
 _WHERE = {
-    "Checkpoint": "file",
-    "CheckpointWriter": "file",
-    "MANIFEST_KEY": "file",
-    "MANIFEST_SHA_KEY": "file",
+    "Checkpoint": "reader",
+    "CheckpointFiles": "store",
+    "CheckpointWriter": "writer",
+    "MANIFEST_KEY": "format",
+    "MANIFEST_SHA_KEY": "format",
     "RecordTable": "records",
     "TaskRows": "records",
-    "is_checkpoint": "file",
+    "is_checkpoint": "index",
     "parse_size": "sharding",
-    "sha256": "file",
-    "tensor_bytes": "file",
+    "sha256": "format",
+    "tensor_bytes": "format",
     "verify_checkpoint": "verification",
 }
 

@@ -12,40 +12,28 @@ import re
 from decimal import Decimal
 from pathlib import Path
 
+from ..config import split_size
 from ..errors import InvalidOptionError
 
 #: The Hugging Face default: a checkpoint whose tensors take more bytes than this is written in shards.
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 INDEX_SUFFIX = ".index.json"
-_SIZE_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
 
 
 def parse_size(value: int | str) -> int:
     """A size in bytes from an int or text such as '5GB', '500MB', '1.5GiB' or '1000000'
-    (KB, MB, GB, TB: powers of 1000 as in huggingface_hub; KiB, MiB, GiB, TiB: powers of 1024)."""
+    (units: :data:`share_convert.config.SIZE_UNITS`), read exactly, at any length."""
     if isinstance(value, int) and not isinstance(value, bool):
         size = value
     else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([A-Za-z]*)\s*", str(value))
-        if not m or m[2].upper() not in _SIZE_UNITS:
+        number, unit = split_size(str(value))
+        if not re.fullmatch(r"\d+(?:\.\d*)?", number):
             raise InvalidOptionError(
                 f"max shard size {str(value)!r} is not a size",
                 hint="Write bytes (5000000000) or a number with KB, MB, GB, TB or KiB, MiB, GiB, TiB, e.g. 5GB",
             )
-        unit = _SIZE_UNITS[m[2].upper()]
         # whole numbers exactly, at any length (through float, a long one overflows or rounds)
-        size = int(m[1]) * unit if "." not in m[1] else int(Decimal(m[1]) * unit)
+        size = int(number) * unit if "." not in number else int(Decimal(number) * unit)
     if size < 1:
         raise InvalidOptionError(f"max shard size {value!r} is not positive", hint="Give at least 1 byte, e.g. 5GB")
     return size
@@ -81,6 +69,19 @@ def index_path(path: str | Path) -> Path:
     """The shard index of a checkpoint written to ``path``: ``<name>.index.json`` beside it."""
     path = checkpoint_target(path)
     return path.with_name(path.name + INDEX_SUFFIX)
+
+
+def existing_checkpoint(path: str | Path) -> Path | None:
+    """The file that holds the checkpoint at ``path``: ``path`` when it exists, else its shard
+    index when that exists (the sharded form of the same output); None when neither does."""
+    path = Path(path)
+    if path.exists():
+        return path
+    target = checkpoint_target(path)
+    for found in (target, index_path(target)):
+        if found.is_file():
+            return found
+    return None
 
 
 def stem(target: Path) -> str:

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import CorruptCheckpointError
 from ..math.linalg import frob2
-from .file import Checkpoint
+from .reader import Checkpoint
 
 
 def verify_checkpoint(ckpt: Checkpoint, *, tol: float = 1e-3) -> dict[str, Any]:

@@ -25,15 +25,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from ..checkpoint.file import (
-    DEFAULT_MAX_SHARD_SIZE,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    CheckpointWriter,
-    check_output,
-    parse_size,
-)
+from ..checkpoint.format import FORMAT_NAME, FORMAT_VERSION
+from ..checkpoint.publish import check_output
 from ..checkpoint.records import RecordTable, TaskRows
+from ..checkpoint.sharding import DEFAULT_MAX_SHARD_SIZE, parse_size
+from ..checkpoint.writer import CheckpointWriter
 from ..config import DEFAULT_TARGET_ERROR, ConsolidationConfig  # noqa: F401 (re-exported)
 from ..errors import IncompatibleAdaptersError, InvalidOptionError
 from ..io.formats import LoraFactors, LoraStack, OpenFiles, itemsize, read_module_stack
@@ -50,7 +46,7 @@ from .grouping import cluster_tasks
 from .planning import ModulePlan, ModulePlanner, TaskFit, energy_k, parse_budget, task_weight
 
 if TYPE_CHECKING:
-    from ..checkpoint.file import Checkpoint
+    from ..checkpoint.reader import Checkpoint
 
 Progress = Callable[[str, int, int], None]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -28,18 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint.file import (
-    BLOCK_BYTES,
-    CHAIN_PARTS,
-    DEFAULT_MAX_SHARD_SIZE,
-    Checkpoint,
-    CheckpointWriter,
-    check_output,
-    parse_size,
-    same_checkpoint,
-    st_dtype,
-)
+from ..checkpoint.format import BLOCK_BYTES, CHAIN_PARTS
+from ..checkpoint.publish import check_output, same_checkpoint
+from ..checkpoint.reader import Checkpoint
 from ..checkpoint.records import Chain, RecordTable, TaskRows
+from ..checkpoint.sharding import DEFAULT_MAX_SHARD_SIZE, parse_size
+from ..checkpoint.writer import CheckpointWriter
+from ..dtypes import st_name as st_dtype
 from ..errors import DuplicateTaskError, IncompatibleAdaptersError, InvalidOptionError, UnknownTaskError
 from ..io.formats import LoraFactors
 from ..io.provenance import recorded_source

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint.file import Checkpoint, check_parent_writable
+from ..checkpoint.publish import check_parent_writable
+from ..checkpoint.reader import Checkpoint
 from ..errors import InvalidOptionError, OutputExistsError
 from ..files.atomic import publish_dir, temp_dir_beside
 from ..math.linalg import canonicalize, deterministic

@@ -197,7 +197,7 @@ def download_inputs(address: str, *, token: str | None = None, progress: bool = 
     folder = download(addr, patterns=[*ADAPTER_FILES, "*.safetensors", "*.json"], token=token, progress=progress)
     if any((folder / n).is_file() for n in ADAPTER_FILES[1:]):
         return [folder]
-    from ..checkpoint.file import is_checkpoint
+    from ..checkpoint.index import is_checkpoint
 
     checkpoints = sorted(p for p in folder.glob("*.safetensors") if is_checkpoint(p))
     checkpoints += sorted(p for p in folder.glob(f"*.safetensors{INDEX_SUFFIX}") if is_checkpoint(p))
@@ -220,7 +220,7 @@ def checkpoint_path(address: str, *, token: str | None = None, progress: bool = 
         token=token,
         progress=progress,
     )
-    from ..checkpoint.file import is_checkpoint
+    from ..checkpoint.index import is_checkpoint
 
     found = [p for p in (folder / CHECKPOINT_NAME, folder / INDEX_NAME) if p.is_file()]
     if not found:
@@ -305,7 +305,7 @@ def push(
     that it holds one checkpoint."""
     from huggingface_hub import HfApi
 
-    from ..checkpoint.file import Checkpoint
+    from ..checkpoint.reader import Checkpoint
     from ..report.summary import summarize
 
     ckpt = Checkpoint(checkpoint)
@@ -334,7 +334,7 @@ def push(
     with tempfile.TemporaryDirectory(prefix="share-convert-push-") as tmp:
         folder = Path(tmp)
         if ckpt.sharded:
-            from ..checkpoint.file import index_text, read_index
+            from ..checkpoint.index import index_text, read_index
 
             metadata, files, weight_map = read_index(ckpt.path)
             names = {f: shard_name(CHECKPOINT_NAME, i, len(files)) for i, f in enumerate(files, 1)}
@@ -385,14 +385,16 @@ def pull(
 ) -> Path:
     """Download a pushed checkpoint repository into ``output``; return the checkpoint's path
     (``share.safetensors``, or the index of its shards). A checkpoint already in ``output`` is
-    replaced as :class:`~share_convert.checkpoint.file.CheckpointWriter` replaces one: the new files are
+    replaced as :class:`~share_convert.checkpoint.writer.CheckpointWriter` replaces one: the new files are
     published with the index (or the single file) last, and the old form's files are removed.
 
     Nothing is written to ``output`` until every file has arrived whole (huggingface_hub checks
     each file's size against the Hub's metadata, and resumes a download cut off in a rerun) and
     the checkpoint has passed its own integrity check (every tensor's SHA-256), so a pull cut
     off, or of a damaged repository, leaves nothing there that reads as a checkpoint."""
-    from ..checkpoint.file import Checkpoint, publish_files, read_index
+    from ..checkpoint.index import read_index
+    from ..checkpoint.publish import publish_files
+    from ..checkpoint.reader import Checkpoint
     from ..errors import ShareError
     from ..files.atomic import file_mode, temp_file_beside
 

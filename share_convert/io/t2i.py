@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..checkpoint.file import check_parent_writable
+from ..checkpoint.publish import check_parent_writable
 from ..errors import BadAdapterError, IncompatibleAdaptersError, InvalidOptionError, OutputExistsError, first_line
 from ..files.atomic import publish_dir, publish_file, temp_dir_beside, temp_file_beside
 from ..names import path_under

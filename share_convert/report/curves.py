@@ -228,7 +228,7 @@ def _pyplot() -> Any:
 
 def check_plot_target(path: str | Path) -> None:
     """Before any work: the image can be drawn (matplotlib) and written (its folder exists, is writable)."""
-    from ..checkpoint.file import check_parent_writable
+    from ..checkpoint.publish import check_parent_writable
 
     _pyplot()
     check_parent_writable(Path(path))

@@ -17,7 +17,7 @@ from rich.table import Table
 from ..io.formats import itemsize
 
 if TYPE_CHECKING:
-    from ..checkpoint.file import Checkpoint
+    from ..checkpoint.reader import Checkpoint
 
 #: A task whose ‖ΔW‖ in a module is at most this fraction of the largest task's there counts as zero
 #: in that module (float32 rounding of an untouched lora_B leaves exact zeros; 1e-7 is far below

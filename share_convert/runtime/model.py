@@ -12,7 +12,7 @@ k × p coefficient products are per task, gathered per row from zero-padded stac
 (``index_select`` + ``bmm``), with no Python loop over rows or tasks. Heads saved with
 ``modules_to_save`` are replaced by :class:`ShareHead`, which runs each task's copy on its rows.
 
-The checkpoint is read only through :class:`~share_convert.checkpoint.file.Checkpoint`'s accessors
+The checkpoint is read only through :class:`~share_convert.checkpoint.reader.Checkpoint`'s accessors
 (``tasks``, ``modules``, ``bases``, ``task_tensors``, ``heads``). The API is documented in
 docs/runtime.md.
 """
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint.file import Checkpoint
+from ..checkpoint.reader import Checkpoint
 from ..errors import (
     BatchMismatchError,
     CorruptCheckpointError,
