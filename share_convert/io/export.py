@@ -3,7 +3,6 @@ rank, and the check of the output folder before anything is computed."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -11,17 +10,6 @@ import torch
 from ..checkpoint.file import Checkpoint, check_parent_writable
 from ..errors import OutputExistsError
 from ..math.linalg import canonicalize
-
-
-@dataclass
-class Written:
-    """What a writer wrote: the file or folder, the rank every module has there, the number of
-    modules, and what serving engines will make of it."""
-
-    path: Path
-    rank: int
-    modules: int
-    warnings: list[str] = field(default_factory=list)
 
 
 def prepare_output_dir(path: Path, force: bool) -> None:

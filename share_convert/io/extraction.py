@@ -18,6 +18,7 @@ from ..files.atomic import publish_dir, temp_dir_beside
 from ..names import path_under
 from .export import prepare_output_dir
 from .writers import writer_for
+from .written import Extraction
 
 
 @dataclass
@@ -63,15 +64,15 @@ def extract(
     if rank is not None and rank < 1:
         raise InvalidOptionError(f"--rank must be ≥ 1, got {rank}", hint="For example --rank 16")
     writer = writer_for(record, format, task)
-    truncation: dict[str, float] = {}
-    w = writer.write(ckpt, task, record, Path(output), rank=rank, force=force, truncation=truncation)
+    job = Extraction(ckpt, task, record, Path(output), rank, force)
+    w = writer.write(job)
     return ExtractedAdapter(
         task=task,
         path=w.path,
         rank=w.rank,
         modules=w.modules,
         warnings=w.warnings,
-        truncation_error=_added_error(rank, truncation),
+        truncation_error=_added_error(rank, job.truncation),
     )
 
 

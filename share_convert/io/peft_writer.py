@@ -10,39 +10,30 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint.file import Checkpoint
 from ..dtypes import kept_as
 from ..files.atomic import publish_dir, temp_dir_beside
 from ..math.linalg import deterministic
-from .export import Written, adapter_tensors, padded, prepare_output_dir
+from .export import adapter_tensors, padded, prepare_output_dir
 from .peft import PEFT_PREFIX
 from .t2i.source import peft_module_name
+from .written import Extraction, Written
 
 #: vLLM's default ``--max-lora-rank``; adapters of a higher rank need that option raised.
 ENGINE_RANK_LIMIT = 16
 
 
-def write_peft(
-    ckpt: Checkpoint,
-    task: str,
-    record: dict[str, Any],
-    output: Path,
-    *,
-    rank: int | None,
-    force: bool,
-    truncation: dict[str, float],
-) -> Written:
-    """Write ``task`` to the folder ``output``: ``adapter_model.safetensors`` (the factors in the
-    dtype the task came in, and its heads) and ``adapter_config.json``."""
-    prepare_output_dir(output, force)
+def write_peft(job: Extraction) -> Written:
+    """Write ``job.task`` to the folder ``job.output``: ``adapter_model.safetensors`` (the factors in
+    the dtype the task came in, and its heads) and ``adapter_config.json``."""
+    ckpt, task, record, output = job.ckpt, job.task, job.record, job.output
+    prepare_output_dir(output, job.force)
     with deterministic():
-        factors, width = adapter_tensors(ckpt, task, rank, truncation)
+        factors, width = adapter_tensors(ckpt, task, job.rank, job.truncation)
     dtype = kept_as(record.get("weights_dtype", "F32"))
     tensors: dict[str, torch.Tensor] = {}
     for module, (B, A) in factors.items():

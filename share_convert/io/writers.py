@@ -8,14 +8,10 @@ from it at start-up); a writer imports torch and its file layout when it writes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from ..errors import InvalidOptionError
-
-if TYPE_CHECKING:
-    from ..checkpoint.file import Checkpoint
-    from .export import Written
+from .written import Extraction, Written
 
 
 class Writer(Protocol):
@@ -27,18 +23,8 @@ class Writer(Protocol):
         """Raise :class:`InvalidOptionError` when ``task`` (of record ``record``) cannot be written in this format."""
         ...
 
-    def write(
-        self,
-        ckpt: Checkpoint,
-        task: str,
-        record: dict[str, Any],
-        output: Path,
-        *,
-        rank: int | None,
-        force: bool,
-        truncation: dict[str, float],
-    ) -> Written:
-        """Write ``task`` at ``output`` (re-truncated to ``rank``; ``truncation`` receives each module's added error)."""
+    def write(self, job: Extraction) -> Written:
+        """Write ``job.task`` at ``job.output``."""
         ...
 
 
@@ -57,20 +43,10 @@ class PeftWriter:
                 hint="Extract it with --format kohya or --format diffusers",
             )
 
-    def write(
-        self,
-        ckpt: Checkpoint,
-        task: str,
-        record: dict[str, Any],
-        output: Path,
-        *,
-        rank: int | None,
-        force: bool,
-        truncation: dict[str, float],
-    ) -> Written:
+    def write(self, job: Extraction) -> Written:
         from .peft_writer import write_peft
 
-        return write_peft(ckpt, task, record, output, rank=rank, force=force, truncation=truncation)
+        return write_peft(job)
 
 
 @dataclass(frozen=True)
@@ -87,20 +63,10 @@ class T2IWriter:
                 hint="Extract it with --format peft",
             )
 
-    def write(
-        self,
-        ckpt: Checkpoint,
-        task: str,
-        record: dict[str, Any],
-        output: Path,
-        *,
-        rank: int | None,
-        force: bool,
-        truncation: dict[str, float],
-    ) -> Written:
+    def write(self, job: Extraction) -> Written:
         from .t2i.writing import write_t2i
 
-        return write_t2i(ckpt, task, record, output, self.name, rank=rank, force=force, truncation=truncation)
+        return write_t2i(job, self.name)
 
 
 #: format name → its writer, in the order ``--format`` lists them

@@ -11,13 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...checkpoint.file import Checkpoint, check_parent_writable
+from ...checkpoint.file import check_parent_writable
 from ...dtypes import kept_as, st_name
 from ...errors import OutputExistsError
 from ...files.atomic import publish_dir, publish_file, temp_dir_beside, temp_file_beside
 from ...math.linalg import deterministic
 from ...names import path_under
-from ..export import Written, adapter_tensors, padded, prepare_output_dir
+from ..export import adapter_tensors, padded, prepare_output_dir
+from ..written import Extraction, Written
 from .naming import (
     DIFFUSERS_WEIGHT_NAME,
     FLUX_DOUBLE,
@@ -38,29 +39,20 @@ Factors = dict[str, tuple["torch.Tensor", "torch.Tensor"]]
 Layout = tuple[dict[str, "torch.Tensor"], dict[str, str], int]
 
 
-def write_t2i(
-    ckpt: Checkpoint,
-    task: str,
-    record: dict[str, Any],
-    output: Path,
-    fmt: str,
-    *,
-    rank: int | None,
-    force: bool,
-    truncation: dict[str, float],
-) -> Written:
-    """Write ``task`` as a ``fmt`` (kohya or diffusers) file, in the dtype it came in.
+def write_t2i(job: Extraction, fmt: str) -> Written:
+    """Write ``job.task`` as a ``fmt`` (kohya or diffusers) file, in the dtype it came in.
 
-    ``output`` ending in ``.safetensors`` is the file; otherwise it is a folder that receives
+    ``job.output`` ending in ``.safetensors`` is the file; otherwise it is a folder that receives
     ``pytorch_lora_weights.safetensors`` (diffusers, so ``load_lora_weights(folder)`` finds it) or
     ``TASK.safetensors`` (kohya).
     """
+    record = job.record
     dtype = kept_as(record.get("weights_dtype", "F32"))
     with deterministic():
-        factors, width = adapter_tensors(ckpt, task, rank, truncation, dtype=dtype)
+        factors, width = adapter_tensors(job.ckpt, job.task, job.rank, job.truncation, dtype=dtype)
     for m, (B, A) in factors.items():  # in place, so one module at a time holds two copies
         factors[m] = padded(B, A, width)
-    return write_lora(factors, width, record, fmt, output, task, force=force)
+    return write_lora(factors, width, record, fmt, job.output, job.task, force=job.force)
 
 
 def write_lora(
