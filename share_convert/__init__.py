@@ -2,13 +2,13 @@
 
 The library API lives in :mod:`share_convert.api`; the pieces it is built from:
 
-- :mod:`~share_convert.io.formats` reads adapters lazily, one module at a time;
+- :mod:`~share_convert.io.sources` classifies inputs and reads them lazily, one module at a time;
 - :mod:`~share_convert.math.linalg` holds the linear algebra (canonical factors, bases, errors);
 - :mod:`~share_convert.config` holds the options (:class:`ConsolidationConfig`);
 - :mod:`~share_convert.engine.planning` chooses the shared rank k and private ranks per module;
 - :mod:`~share_convert.engine.consolidation` streams modules through both into a checkpoint;
 - :mod:`~share_convert.checkpoint` writes and reads the checkpoint file;
-- :mod:`~share_convert.io.extraction` writes a task back out as a PEFT adapter;
+- :mod:`~share_convert.io.extraction` writes a task back out as a PEFT, kohya or diffusers adapter;
 - :mod:`~share_convert.report.summary` summarizes a checkpoint; :mod:`~share_convert.cli` is the CLI;
 - :mod:`~share_convert.runtime.model` serves a checkpoint's tasks in PyTorch (:class:`ShareModel`).
 """

@@ -9,7 +9,6 @@ Example::
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,15 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .checkpoint.sharding import DEFAULT_MAX_SHARD_SIZE, check_checkpoint_name, parse_size
 from .errors import CorruptCheckpointError, InvalidOptionError
 from .io import hub
-from .io.formats import (
-    CONFIG_NAME,
-    WEIGHT_NAMES,
-    check_unique_tasks,
-    expand_paths,
-    open_adapter,
-    open_adapters,
-    parse_input,
-)
+from .io.peft import CONFIG_NAME, WEIGHT_NAMES
 
 # The engine (consolidation, continual updates, extraction) imports torch: each command imports
 # what it needs when it runs, so that --help, tasks and info start without it.
@@ -107,59 +98,19 @@ def _tty() -> bool:
 
 
 def open_inputs(inputs: Sequence[str], *, alpha: float | None = None) -> list:
-    """Adapters and Share checkpoints (every task of a checkpoint is an input) from what was typed."""
-    from .checkpoint.index import is_checkpoint
-    from .checkpoint.reader import Checkpoint
-    from .checkpoint.sharding import INDEX_SUFFIX, existing_checkpoint
-    from .engine.continual import checkpoint_tasks
-    from .io.t2i import check_same_base
+    """Adapters and Share checkpoints (every task of a checkpoint is an input) from what was typed;
+    see :func:`share_convert.io.sources.open_inputs`, where every input is classified."""
+    from .io.sources import open_inputs as _open_inputs
 
-    sources: list = []
-    shared: dict[tuple, tuple] = {}  # one copy of the shapes and offsets the adapters repeat
-    for text in inputs:
-        spec = parse_input(text)
-        if hub.is_hub_address(spec.path):
-            for path in hub.download_inputs(spec.path, progress=_tty()):
-                if is_checkpoint(path):
-                    sources += checkpoint_tasks(Checkpoint(path), address=str(hub.parse_address(spec.path)))
-                else:
-                    addr = hub.parse_address(spec.path)
-                    name = spec.task or (addr.subfolder or addr.repo_id).rstrip("/").split("/")[-1]
-                    sources.append(open_adapter(path, task=name, alpha=alpha, origin=str(addr)))
-            continue
-        typed = spec.path
-        if not os.path.exists(typed) and typed.endswith(".safetensors") and (found := existing_checkpoint(typed)):
-            typed = str(found)  # a checkpoint written in shards: its index
-        for path in shards_as_indexes(expand_paths(typed)):
-            stored = path.name.endswith(INDEX_SUFFIX) or path.suffix == ".safetensors"
-            if path.is_file() and stored and is_checkpoint(path):  # a checkpoint, or its shards' index
-                sources += checkpoint_tasks(Checkpoint(path))
-            else:
-                sources += open_adapters(
-                    [f"{spec.task}={path}" if spec.task else str(path)], alpha=alpha, shared=shared
-                )
-    check_unique_tasks([s.task for s in sources], [s.origin for s in sources])
-    check_same_base(sources)  # text-to-image inputs: one base (SD 1.x, SDXL, Flux)
-    return sources
+    return _open_inputs(inputs, alpha=alpha, progress=_tty())
 
 
 def shards_as_indexes(paths: list[Path]) -> list[Path]:
-    """``paths`` (a folder's files, a glob's matches) with the shards of a sharded checkpoint beside
-    them replaced by its index, once: a folder or glob holding a sharded checkpoint gives its tasks."""
-    from .checkpoint.index import is_checkpoint, read_index
-    from .checkpoint.sharding import INDEX_SUFFIX
+    """``paths`` with the shards of a sharded checkpoint beside them replaced by its index, once
+    (:func:`share_convert.io.sources.shards_as_indexes`)."""
+    from .io.sources import shards_as_indexes as _shards_as_indexes
 
-    out = list(paths)
-    for folder in sorted({p.parent for p in paths}):
-        for index in sorted(folder.glob(f"*.safetensors{INDEX_SUFFIX}")):
-            if not is_checkpoint(index):
-                continue
-            names = set(read_index(index)[1])
-            if any(p.parent == folder and p.name in names for p in out):
-                out = [p for p in out if not (p.parent == folder and p.name in names)]
-                if index not in out:
-                    out.append(index)
-    return out
+    return _shards_as_indexes(paths)
 
 
 def merge(

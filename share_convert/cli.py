@@ -24,6 +24,7 @@ from rich.markup import escape
 from . import api
 from .cli_help import HelpCommand, choices_metavar
 from .errors import ShareError
+from .io.writers import FORMATS as EXTRACT_FORMATS
 
 if TYPE_CHECKING:
     from .config import ConsolidationConfig
@@ -427,12 +428,11 @@ def extract(
     ] = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
-    # -- text-to-image hook (share_convert/t2i.py) --
     format: Annotated[
         str | None,
         typer.Option(
             "--format",
-            metavar=choices_metavar(["peft", "kohya", "diffusers"]),
+            metavar=choices_metavar(list(EXTRACT_FORMATS)),
             help="peft (a PEFT folder), kohya (one .safetensors for ComfyUI/A1111) or diffusers "
             "(for load_lora_weights). Default: the format the task came in. With kohya/diffusers, "
             "-o may name the .safetensors file.",

@@ -19,11 +19,10 @@ from share_convert.engine import (
     FrozenTasks,
     ModulePlanner,
     add,
-    checkpoint_tasks,
     drift_bound,
     merge,
 )
-from share_convert.io import open_adapters, write_synthetic_adapters
+from share_convert.io import checkpoint_tasks, open_adapters, write_synthetic_adapters
 
 from .conftest import random_factors, write_adapter
 from .test_groups import two_families

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from share_convert.checkpoint import Checkpoint, tensor_bytes, verify_checkpoint
-from share_convert.engine import CheckpointTask, ConsolidationConfig, add, continual, merge, quadratic_form, remove
+from share_convert.engine import ConsolidationConfig, add, continual, merge, quadratic_form, remove
 from share_convert.errors import CorruptCheckpointError
-from share_convert.io import open_adapters
+from share_convert.io import CheckpointTask, open_adapters
 
 from .conftest import random_factors, write_adapter
 

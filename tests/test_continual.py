@@ -7,9 +7,9 @@ import torch
 
 from share_convert import api
 from share_convert.checkpoint import Checkpoint
-from share_convert.engine import CheckpointTask, ConsolidationConfig, add, merge, remove
+from share_convert.engine import ConsolidationConfig, add, merge, remove
 from share_convert.errors import DuplicateTaskError, IncompatibleAdaptersError, UnknownTaskError, UnsupportedFormatError
-from share_convert.io import open_adapters
+from share_convert.io import CheckpointTask, open_adapters
 
 from .conftest import random_factors, write_adapter
 

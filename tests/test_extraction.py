@@ -186,3 +186,16 @@ def test_extraction_reads_only_the_task_it_needs(tmp_path, merged, monkeypatch):
     extract(ckpt, "gsj-rifat__tmp", tmp_path / "out")
     assert read and all(n.startswith(("tasks/gsj-rifat__tmp/", "modules/", "records/")) for n in read)
     assert not any(n.endswith(("gram_B", "gram_A")) for n in read)
+
+
+def test_extract_offers_exactly_the_formats_it_has_writers_for(tmp_path, merged):
+    from typer.testing import CliRunner
+
+    from share_convert.cli import app
+    from share_convert.io import WRITERS
+
+    ckpt = merged("gpt2-c_attn")
+    result = CliRunner().invoke(app, ["extract", str(ckpt), "--all", "--format", "onnx", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2 and f"is not one of {', '.join(WRITERS)}" in result.output
+    assert "<" + "|".join(WRITERS) + ">" in CliRunner().invoke(app, ["extract", "--help"]).output
+    assert not (tmp_path / "o").exists()

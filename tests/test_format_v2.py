@@ -12,9 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from share_convert.checkpoint import Checkpoint, CheckpointFiles, verify_checkpoint
-from share_convert.engine import ConsolidationConfig, add, checkpoint_tasks, merge
+from share_convert.engine import ConsolidationConfig, add, merge
 from share_convert.errors import CorruptCheckpointError
-from share_convert.io import extract, open_adapters, write_synthetic_adapters
+from share_convert.io import checkpoint_tasks, extract, open_adapters, write_synthetic_adapters
 
 V1 = Path(__file__).parent / "data" / "v1"
 V1_FILES = sorted(V1.glob("*.safetensors"))

@@ -190,3 +190,25 @@ def test_a_merge_closes_the_adapter_files_it_held_open(tmp_path, small_adapters)
     before = len(os.listdir("/proc/self/fd"))
     merge([str(p) for p in small_adapters], tmp_path / "c.safetensors")
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_each_input_kind_is_classified_once_into_the_reader_of_its_kind(tmp_path, small_adapters):
+    from share_convert import api
+    from share_convert.io import READERS, classify
+
+    kohya, diffusers = tmp_path / "kohya.safetensors", tmp_path / "diffusers.safetensors"
+    A, B = random_factors(8, 8, 2, seed=0)
+    save_file({"lora_unet_conv_in.lora_down.weight": A, "lora_unet_conv_in.lora_up.weight": B}, str(kohya))
+    save_file({"unet.conv_in.lora_A.weight": A, "unet.conv_in.lora_B.weight": B}, str(diffusers))
+    api.merge([str(p) for p in small_adapters], tmp_path / "one.safetensors")
+    api.merge([str(p) for p in small_adapters], tmp_path / "sharded.safetensors", max_shard_size=1000)
+    expected = {
+        small_adapters[0]: "peft",
+        small_adapters[1] / "adapter_model.safetensors": "peft",
+        kohya: "kohya",
+        diffusers: "diffusers",
+        tmp_path / "one.safetensors": "checkpoint",
+        tmp_path / "sharded.safetensors.index.json": "checkpoint",
+    }
+    assert {path: classify(path).kind for path in expected} == expected
+    assert set(expected.values()) <= set(READERS)

@@ -203,8 +203,8 @@ def test_a_zero_adapter_does_not_loosen_the_target_of_the_others(tmp_path):
 
 def test_a_task_merged_again_from_a_checkpoint_keeps_its_original_rank(tmp_path):
     from share_convert.checkpoint import Checkpoint
-    from share_convert.engine import ConsolidationConfig, checkpoint_tasks, merge
-    from share_convert.io import open_adapters
+    from share_convert.engine import ConsolidationConfig, merge
+    from share_convert.io import checkpoint_tasks, open_adapters
 
     from .conftest import random_factors, write_adapter
 

@@ -13,7 +13,6 @@ from typing import Any
 #: name -> the module of this package that defines it
 _WHERE = {
     "BUDGET_TARGETS": "consolidation",
-    "CheckpointTask": "continual",
     "ConsolidationConfig": "consolidation",
     "FrozenTasks": "planning",
     "ModulePlan": "planning",
@@ -24,7 +23,6 @@ _WHERE = {
     "add": "continual",
     "allocate_budget": "consolidation",
     "check_compatible": "consolidation",
-    "checkpoint_tasks": "continual",
     "consolidate_module": "consolidation",
     "coordinates": "encoding",
     "drift_bound": "planning",

@@ -31,8 +31,10 @@ from ..checkpoint.records import RecordTable, TaskRows
 from ..checkpoint.sharding import DEFAULT_MAX_SHARD_SIZE, parse_size
 from ..checkpoint.writer import CheckpointWriter
 from ..config import DEFAULT_TARGET_ERROR, ConsolidationConfig  # noqa: F401 (re-exported)
+from ..dtypes import itemsize
 from ..errors import IncompatibleAdaptersError, InvalidOptionError
-from ..io.formats import LoraFactors, LoraStack, OpenFiles, itemsize, read_module_stack
+from ..io.factors import LoraFactors, LoraStack
+from ..io.stack import OpenFiles, read_module_stack
 from ..math.linalg import canonicalize_many, deterministic, extend_basis, load_linalg, principal_basis
 from .encoding import (
     StoredBases,

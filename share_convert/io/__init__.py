@@ -1,4 +1,5 @@
-"""Inputs (adapter formats, text-to-image files, the Hub) and outputs (extracted adapters).
+"""Inputs (one registry of sources: adapter formats, text-to-image files, checkpoints, the Hub) and
+outputs (one registry of extraction writers).
 
 This facade names, lazily, what tests, benchmarks and users import (nothing is imported until a
 name is asked for, so that light commands start fast); the package's own modules import each
@@ -12,17 +13,24 @@ from typing import Any
 
 #: name -> the module of this package that defines it
 _WHERE = {
-    "AdapterSource": "formats",
-    "LoraFactors": "formats",
-    "LoraStack": "formats",
-    "OpenFiles": "formats",
+    "AdapterSource": "peft",
+    "CheckpointTask": "checkpoint_source",
+    "LoraFactors": "factors",
+    "LoraStack": "factors",
+    "OpenFiles": "stack",
+    "READERS": "sources",
+    "TaskSource": "task_source",
+    "WRITERS": "writers",
+    "checkpoint_tasks": "checkpoint_source",
+    "classify": "sources",
     "extract": "extraction",
     "extract_all": "extraction",
     "local_path_values": "provenance",
     "looks_local": "provenance",
-    "open_adapters": "formats",
-    "path_to_sgm": "t2i",
-    "read_module_stack": "formats",
+    "open_adapters": "sources",
+    "open_inputs": "sources",
+    "path_to_sgm": "t2i.naming",
+    "read_module_stack": "stack",
     "recorded_source": "provenance",
     "write_synthetic_adapters": "synthetic",
 }

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..io.formats import itemsize
+from ..dtypes import itemsize
 
 if TYPE_CHECKING:
     from ..checkpoint.reader import Checkpoint

@@ -40,7 +40,7 @@ from ..errors import (
     ModelMismatchError,
     UnknownTaskError,
 )
-from ..io.formats import PEFT_PREFIX
+from ..io.peft import PEFT_PREFIX
 from .selection import BASE, Selection, TaskSelection
 
 #: ``task=`` left out: the merged task when one is merged, an error otherwise.

@@ -50,10 +50,10 @@ from ..errors import (
     UntrainedTaskError,
 )
 from ..files.atomic import publish_dir, temp_dir_beside
-from ..io.extraction import prepare_output_dir
-from ..io.formats import PEFT_PREFIX, validate_task_name
+from ..io.export import prepare_output_dir
+from ..io.peft import PEFT_PREFIX
 from ..math.linalg import canonicalize, principal_basis
-from ..names import path_under
+from ..names import path_under, validate_task_name
 from .model import ShareHead, ShareLayer, model_path
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""Reading LoRA adapters: PEFT folders, bare ``.safetensors`` / ``.bin`` files, globs.
+"""PEFT LoRA adapters: a PEFT folder, or a bare ``.safetensors`` / ``.bin`` weights file.
 
 An :class:`AdapterSource` is lazy, like ``safetensors.safe_open``: opening it reads only the
 header (names, shapes, dtypes) and the config; :meth:`AdapterSource.read_module` hands over
@@ -8,51 +8,37 @@ module's stack at a time, whatever the number of adapters.
 
 from __future__ import annotations
 
-import glob
 import json
 import math
-import os
 import re
 import struct
 import sys
-import threading
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
 
-from ..errors import BadAdapterError, DuplicateTaskError, first_line
-from ..names import MAX_TASK_NAME, key_problem, validate_task_name  # noqa: F401 (re-exported: the rules live in names.py)
+from ..dtypes import FLOAT_NAMES, itemsize, torch_dtype
+from ..errors import BadAdapterError, first_line
+from ..names import key_problem, validate_task_name
+from .factors import LoraFactors
 from .provenance import recorded_source
+from .stack import ModuleLocation, OpenFiles, from_bytes, read_exactly
 
 if TYPE_CHECKING:  # torch is imported where tensors are read, so that light commands start fast
     import torch
 
-    from .t2i import PeftComponentSource, T2ISource
-
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
-#: The safetensors dtypes of LoRA factors that can be read (all are converted to float32).
-SUPPORTED_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a supported safetensors dtype name (``"F32"`` → ``torch.float32``)."""
-    import torch
-
-    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[name]
-
-
-def _torch_dtype_name(dtype: torch.dtype) -> str:
-    """The safetensors name of a torch dtype (``torch.float32`` → ``"F32"``)."""
-    import torch
-
-    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
-    return names.get(dtype, str(dtype))
+def _st_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a float torch dtype (``torch.float32`` → ``"F32"``); torch's own
+    name for another dtype (a ``.bin`` file's integer head), as the task record has always said."""
+    return {torch_dtype(name): name for name in FLOAT_NAMES}.get(dtype, str(dtype))
 
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -73,161 +59,6 @@ class ModuleSpec:
     rank: int
     key_A: str
     key_B: str
-
-
-@dataclass
-class LoraFactors:
-    """One module's update with the scale folded in: ΔW = B @ A (spec, section 2, step 1).
-
-    ``B`` is ``out × r`` and ``A`` is ``r × in``, both float32.
-    """
-
-    B: torch.Tensor
-    A: torch.Tensor
-
-
-@dataclass
-class LoraStack:
-    """Many tasks' factors of one module, stacked: ``B`` is ``T × out × r`` and ``A`` is
-    ``T × r × in``, float32, scales folded (what :class:`LoraFactors` is for one task)."""
-
-    B: torch.Tensor
-    A: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.B.shape[0])
-
-    def __getitem__(self, i: int) -> LoraFactors:
-        return LoraFactors(B=self.B[i], A=self.A[i])
-
-    def __iter__(self) -> Iterator[LoraFactors]:
-        return (self[i] for i in range(len(self)))
-
-
-@dataclass(frozen=True)
-class ModuleLocation:
-    """Where one module's factors lie in a safetensors file: what a batched read needs."""
-
-    path: Path
-    dtype: str
-    shape_B: tuple[int, ...]
-    shape_A: tuple[int, ...]
-    span_B: tuple[int, int]
-    span_A: tuple[int, int]
-    scale: float
-
-
-class OpenFiles:
-    """Adapter files held open for positioned reads during one merge, so that each is opened once.
-
-    At most ``limit`` files are held (by default a quarter of the process's file-descriptor
-    limit, at most 4096); files beyond it are opened for each read, as are all files where the
-    platform has no positioned reads. Reads from several threads share the descriptors safely
-    (``os.preadv`` has no file position). Use as a context manager, or call :meth:`close`.
-    """
-
-    def __init__(self, limit: int | None = None):
-        if limit is None:
-            try:
-                import resource
-
-                soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-                limit = min(4096, max(soft, 0) // 4) if soft != resource.RLIM_INFINITY else 4096
-            except (ImportError, OSError, ValueError):
-                limit = 0
-        self.limit = limit if hasattr(os, "preadv") else 0
-        self._fds: dict[Path, int] = {}
-        self._lock = threading.Lock()
-
-    def read_into(self, path: Path, offset: int, view: memoryview) -> int:
-        """Read ``len(view)`` bytes of ``path`` at ``offset`` into ``view``; the count read."""
-        fd = self._fds.get(path)
-        if fd is None and self.limit:
-            with self._lock:
-                fd = self._fds.get(path)
-                if fd is None and len(self._fds) < self.limit:
-                    fd = self._fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        if fd is not None:
-            done = 0
-            while done < len(view):  # preadv may return fewer bytes than asked
-                got = os.preadv(fd, [view[done:]], offset + done)
-                if got <= 0:
-                    break
-                done += got
-            return done
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return f.readinto(view) or 0
-
-    def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-
-    def __enter__(self) -> OpenFiles:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def read_module_stack(
-    sources: list[Any], module: str, files: OpenFiles | None = None, device: torch.device | None = None
-) -> LoraStack | list[LoraFactors]:
-    """One module of every source in ``sources``, as :meth:`AdapterSource.read_module` gives it.
-
-    When every source is a safetensors adapter storing the module with one dtype and shape (the
-    common case: adapters of one base), the bytes are read straight into one buffer per side and
-    converted, scaled and checked as one tensor: two reads per file and a few tensor operations
-    per module, instead of a dozen operations per task. Otherwise, one source at a time.
-    ``files`` keeps the files open between modules (see :class:`OpenFiles`). With ``device``, the
-    stack's bytes move there as stored (bfloat16 moves half the bytes of float32) and are converted
-    and checked there.
-    """
-    import torch
-
-    locate = [getattr(s, "locate", None) for s in sources]
-    places = [f(module) if f is not None else None for f in locate]
-    first = places[0] if places else None
-    if first is None or any(
-        p is None or (p.dtype, p.shape_B, p.shape_A) != (first.dtype, first.shape_B, first.shape_A) for p in places
-    ):
-        return [s.read_module(module) for s in sources]
-    T = len(places)
-    size_B, size_A = first.span_B[1] - first.span_B[0], first.span_A[1] - first.span_A[0]
-    raw_B, raw_A = bytearray(T * size_B), bytearray(T * size_A)
-    view_B, view_A = memoryview(raw_B), memoryview(raw_A)
-    files = files or OpenFiles(limit=0)
-    for i, p in enumerate(places):
-        try:
-            for (begin, _end), view, size in ((p.span_B, view_B, size_B), (p.span_A, view_A, size_A)):
-                _read_exactly(files, p.path, begin, view[i * size : (i + 1) * size])
-        except Exception as e:
-            raise BadAdapterError(
-                f"cannot read tensors ({first_line(e)})", path=p.path, hint="Re-download the adapter"
-            ) from None
-    dtype = _torch_dtype(first.dtype)
-    scales = torch.tensor([p.scale for p in places], dtype=torch.float32, device=device)[:, None, None]
-    B = _from_bytes(raw_B, dtype, (T, *first.shape_B)).to(device).to(torch.float32) * scales
-    A = _from_bytes(raw_A, dtype, (T, *first.shape_A)).to(device).to(torch.float32)
-    finite = torch.isfinite(B.sum((1, 2)) + A.sum((1, 2)))  # one reduction per task and side
-    if not bool(finite.all()):
-        bad = int((~finite).nonzero()[0])
-        sources[bad].read_module(module)  # names the tensor (or passes: only a sum overflowed)
-    return LoraStack(B=B, A=A)
-
-
-def _read_exactly(files: OpenFiles, path: Path, offset: int, view: memoryview) -> None:
-    """Fill ``view`` from ``path`` at ``offset``; ValueError when the file ends first."""
-    if files.read_into(path, offset, view) != len(view):
-        raise ValueError("the file is shorter than its header says: it changed since it was opened")
-
-
-def _from_bytes(raw: bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    import torch
-
-    return torch.frombuffer(raw, dtype=dtype).reshape(shape) if raw else torch.zeros(shape, dtype=dtype)
 
 
 def task_name_for(path: Path) -> str:
@@ -303,7 +134,7 @@ class AdapterSource:
         self.modules, self.head_keys = _parse_keys(shapes, dtypes, self.weights_path)
         self.dtypes = dtypes
         self.shapes = shapes
-        self.weights_dtype = _dominant_dtype(dtypes, self.modules)
+        self.weights_dtype = dominant_dtype({dtypes[k] for s in self.modules.values() for k in (s.key_A, s.key_B)})
         #: each module's scale, validated against the config up front
         self._scales = {spec.name: self.scale(spec.name) for spec in self.modules.values()}
 
@@ -314,7 +145,7 @@ class AdapterSource:
         if self.weights_path.suffix == ".bin":
             for key, tensor in self._load_bin().items():
                 shapes[key] = list(tensor.shape)
-                dtypes[key] = _torch_dtype_name(tensor.dtype)
+                dtypes[key] = _st_name(tensor.dtype)
             return shapes, dtypes
         try:
             with safe_open(self.weights_path, framework="pt") as f:  # validates the header and offsets
@@ -368,8 +199,8 @@ class AdapterSource:
             return self.alpha_assumed / spec.rank  # type: ignore[operator]
         cfg = self.config
         name = module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
-        r = _pattern_value(cfg.get("rank_pattern") or {}, name, cfg.get("r", 8))
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8))
+        r = pattern_value(cfg.get("rank_pattern") or {}, name, cfg.get("r", 8))
+        alpha = pattern_value(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8))
         if int(r) != spec.rank:
             raise BadAdapterError(
                 f"module {module} has rank {spec.rank} in the weights but r={r} in the config",
@@ -390,14 +221,14 @@ class AdapterSource:
             # opened per call: a handle kept open keeps the file's pages mapped, and memory would
             # grow with the number of adapters. The header was parsed once, on open: a read is a
             # seek and a read per tensor, not a parse of the whole header per module.
-            if all(self.dtypes[k] in SUPPORTED_DTYPES for k in keys):
+            if all(self.dtypes[k] in FLOAT_NAMES for k in keys):
                 out = {}
                 with OpenFiles(limit=1) as files:  # the file opened once for these tensors
                     for k in keys:
                         begin, end = self._offsets[k]
                         raw = bytearray(end - begin)
-                        _read_exactly(files, self.weights_path, begin, memoryview(raw))
-                        out[k] = _from_bytes(raw, _torch_dtype(self.dtypes[k]), tuple(self.shapes[k]))
+                        read_exactly(files, self.weights_path, begin, memoryview(raw))
+                        out[k] = from_bytes(raw, torch_dtype(self.dtypes[k]), tuple(self.shapes[k]))
                 return out
             with safe_open(self.weights_path, framework="pt") as f:
                 return {k: f.get_tensor(k) for k in keys}
@@ -432,7 +263,7 @@ class AdapterSource:
         if self.weights_path.suffix == ".bin":
             return None
         dtype = self.dtypes[spec.key_B]
-        if dtype not in SUPPORTED_DTYPES or self.dtypes[spec.key_A] != dtype:
+        if dtype not in FLOAT_NAMES or self.dtypes[spec.key_A] != dtype:
             return None
         return ModuleLocation(
             self.weights_path,
@@ -468,13 +299,6 @@ class AdapterSource:
             "head_params": sum(math.prod(self.shapes[k]) for k in self.head_keys),
             "head_bytes": sum(math.prod(self.shapes[k]) * itemsize(self.dtypes[k]) for k in self.head_keys),
         }
-
-
-def itemsize(dtype: str) -> int:
-    """Bytes per element of a safetensors dtype name (``"F32"`` → 4)."""
-    return {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}.get(
-        dtype, 4
-    )
 
 
 def _locate(path: Path, origin: str) -> tuple[dict | None, Path, Path | None]:
@@ -546,9 +370,9 @@ def _check_config(cfg: dict | None, path: Path | None) -> None:
             )
 
 
-def _pattern_value(patterns: dict, name: str, default: Any) -> Any:
+def pattern_value(patterns: dict | None, name: str, default: Any) -> Any:
     """PEFT's rule: a pattern key applies when the module name ends with it (on a '.' boundary)."""
-    for key, value in patterns.items():
+    for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
@@ -590,7 +414,7 @@ def _parse_keys(
             )
         kA, kB = sides["A"], sides["B"]
         for k in (kA, kB):
-            if dtypes[k] not in SUPPORTED_DTYPES:
+            if dtypes[k] not in FLOAT_NAMES:
                 raise BadAdapterError(
                     f"tensor {k} has dtype {dtypes[k]}; LoRA weights must be float32, float16 or bfloat16",
                     path=path,
@@ -614,104 +438,6 @@ def _parse_keys(
     return modules, heads
 
 
-def _dominant_dtype(dtypes: dict[str, str], modules: dict[str, ModuleSpec]) -> str:
-    seen = sorted({dtypes[s.key_A] for s in modules.values()} | {dtypes[s.key_B] for s in modules.values()})
-    for pref in ("F64", "F32", "BF16", "F16"):
-        if pref in seen:
-            return pref
-    return "F32"
-
-
-@dataclass
-class InputSpec:
-    """One input as typed: an optional explicit task name and a path (or pattern)."""
-
-    path: str
-    task: str | None = None
-
-
-def parse_input(text: str) -> InputSpec:
-    """``NAME=PATH`` names the task explicitly; anything else is a path, glob or hf:// address."""
-    if "=" in text and not text.startswith("hf://"):
-        name, _, rest = text.partition("=")
-        if name and "/" not in name and not os.path.exists(text):
-            return InputSpec(path=rest, task=name)
-    return InputSpec(path=text)
-
-
-def expand_paths(text: str) -> list[Path]:
-    """A path, a glob, or a folder of adapters, expanded to adapter paths (sorted)."""
-    if glob.has_magic(text) and not os.path.exists(text):
-        matches = sorted(glob.glob(text))
-        if not matches:
-            raise BadAdapterError("no file matches this pattern", path=text, hint="Check the pattern")
-        return [Path(m) for m in matches]
-    path = Path(text)
-    if path.is_dir() and not any((path / n).is_file() for n in WEIGHT_NAMES) and not (path / CONFIG_NAME).is_file():
-        found = sorted(
-            p
-            for p in path.iterdir()
-            if (p.is_dir() and (p / CONFIG_NAME).is_file()) or p.suffix in (".safetensors", ".bin")
-        )
-        if not found:
-            raise BadAdapterError(
-                "folder holds no adapter", path=text, hint="Pass PEFT adapter folders or weights files"
-            )
-        return found
-    return [path]
-
-
-def open_adapters(
-    inputs: list[str], *, alpha: float | None = None, shared: dict[tuple, tuple] | None = None
-) -> list[AdapterSource]:
-    """Open every input (paths, globs, folders, ``NAME=PATH``) as an :class:`AdapterSource`.
-
-    Raises a :class:`~share_convert.errors.ShareError` for the first bad input, and
-    :class:`DuplicateTaskError` when two inputs would share a task name. ``shared`` (a dict,
-    empty at first) lets adapters opened by several calls keep one copy of their equal shapes
-    and offsets.
-    """
-    shared = shared if shared is not None else {}
-    sources: list[AdapterSource] = []
-    for text in inputs:
-        spec = parse_input(text)
-        paths = expand_paths(spec.path)
-        if spec.task is not None and len(paths) != 1:
-            raise BadAdapterError("NAME=PATH needs exactly one adapter", path=text, hint="Name each adapter separately")
-        for p in paths:
-            sources.append(open_adapter(p, task=spec.task, alpha=alpha, origin=str(p), shared=shared))
-    check_unique_tasks([s.task for s in sources], [s.origin for s in sources])
-    from .t2i import check_same_base
-
-    check_same_base(sources)
-    return sources
-
-
-def open_adapter(
-    path: Path,
-    *,
-    task: str | None = None,
-    alpha: float | None = None,
-    origin: str | None = None,
-    shared: dict[tuple, tuple] | None = None,
-) -> AdapterSource | T2ISource | PeftComponentSource:
-    """One adapter file or folder: a text-to-image LoRA file (kohya or diffusers layout, see
-    :mod:`share_convert.io.t2i`) when its tensor names say so, else a PEFT adapter."""
-    from .t2i import as_component, open_source  # t2i builds on this module
-
-    source = open_source(Path(path), task=task, alpha=alpha, origin=origin or str(path))
-    if source is not None:
-        return source
-    # a PEFT adapter of a UNet or Flux transformer is read under the text-to-image module names
-    return as_component(AdapterSource(path, task=task, alpha=alpha, origin=origin, shared=shared))
-
-
-def check_unique_tasks(names: list[str], origins: list[str]) -> None:
-    seen: dict[str, str] = {}
-    for name, origin in zip(names, origins):
-        if name in seen:
-            raise DuplicateTaskError(
-                f"task name {name!r} is used by both {seen[name]} and {origin}",
-                hint="Name them explicitly: NAME=PATH",
-            )
-        seen[name] = origin
+def dominant_dtype(seen: set[str]) -> str:
+    """The widest float dtype among ``seen`` (what a task's factors are written back in); F32 when none."""
+    return next((d for d in FLOAT_NAMES if d in seen), "F32")

@@ -1,0 +1,35 @@
+"""What an extraction writer is asked to write and what it reports back (light: no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..checkpoint.reader import Checkpoint
+
+
+@dataclass
+class Extraction:
+    """One task to write out: from which checkpoint, its record, where, at what rank."""
+
+    ckpt: Checkpoint
+    task: str
+    record: dict[str, Any]
+    output: Path
+    rank: int | None  # re-truncate every module to its best rank-``rank`` approximation
+    force: bool  # replace what is at ``output``
+    #: receives, per module, the relative ΔW error the truncation to ``rank`` adds
+    truncation: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Written:
+    """What a writer wrote: the file or folder, the rank every module has there, the number of
+    modules, and what serving engines will make of it."""
+
+    path: Path
+    rank: int
+    modules: int
+    warnings: list[str] = field(default_factory=list)
