@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from share_convert import continual
 from share_convert.checkpoint import Checkpoint, tensor_bytes, verify_checkpoint
-from share_convert.engine import CheckpointTask, ConsolidationConfig, add, merge, quadratic_form, remove
+from share_convert.engine import CheckpointTask, ConsolidationConfig, add, continual, merge, quadratic_form, remove
 from share_convert.errors import CorruptCheckpointError
 from share_convert.io import open_adapters
 
-from .conftest import random_factors, write_adapter
+from .builders.adapters import random_factors, write_adapter
 
 MODULE = "base_model.model.layers.0.q"  # as the checkpoint names the adapters' "layers.0.q"
 K4 = ConsolidationConfig(k=4)

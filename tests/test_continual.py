@@ -11,7 +11,7 @@ from share_convert.engine import CheckpointTask, ConsolidationConfig, add, merge
 from share_convert.errors import DuplicateTaskError, IncompatibleAdaptersError, UnknownTaskError, UnsupportedFormatError
 from share_convert.io import open_adapters
 
-from .conftest import random_factors, write_adapter
+from .builders.adapters import random_factors, write_adapter
 
 FULL = ConsolidationConfig(k=100_000)
 # the first three of the five GPT-2 adapters, in the order open_adapters gives them

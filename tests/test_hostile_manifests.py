@@ -156,7 +156,7 @@ def test_absurd_sizes_and_wrong_types_are_refused_in_one_line(tmp_path, good, ed
 
 
 def test_the_manifest_size_is_bounded_before_parsing(tmp_path, good, monkeypatch):
-    from share_convert import manifest
+    from share_convert.checkpoint import manifest
 
     path = hand_made(tmp_path, good, lambda m, h: None)
     monkeypatch.setattr(manifest, "MAX_MANIFEST_BYTES", 1000)  # a real checkpoint's manifest is longer

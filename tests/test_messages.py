@@ -21,7 +21,7 @@ from share_convert import api
 from share_convert.checkpoint import Checkpoint
 from share_convert.cli import app
 
-from .conftest import random_factors, write_adapter
+from .builders.adapters import random_factors, write_adapter
 from .hub_servers import UploadServer
 
 runner = CliRunner()

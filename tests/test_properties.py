@@ -124,7 +124,7 @@ def test_adding_tasks_one_by_one_keeps_every_delta_w_when_nothing_is_truncated(n
     from share_convert.engine import add, merge
     from share_convert.io import open_adapters
 
-    from .conftest import random_factors, write_adapter
+    from .builders.adapters import random_factors, write_adapter
 
     full = ConsolidationConfig(k=100_000)
     with tempfile.TemporaryDirectory() as tmp:
