@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from share_convert import ConsolidationConfig
 from share_convert.checkpoint import Checkpoint, tensor_bytes, verify_checkpoint
-from share_convert.engine import CheckpointTask, ConsolidationConfig, add, continual, merge, quadratic_form, remove
+from share_convert.engine import CheckpointTask, add, continual, merge, quadratic_form, remove
 from share_convert.errors import CorruptCheckpointError
 from share_convert.io import open_adapters
 

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from share_convert import api
+from share_convert import ConsolidationConfig, api
 from share_convert.checkpoint import Checkpoint
-from share_convert.engine import CheckpointTask, ConsolidationConfig, add, merge, remove
+from share_convert.engine import CheckpointTask, add, merge, remove
 from share_convert.errors import DuplicateTaskError, IncompatibleAdaptersError, UnknownTaskError, UnsupportedFormatError
 from share_convert.io import open_adapters
 

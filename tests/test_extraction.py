@@ -7,8 +7,9 @@ import pytest
 import torch
 from peft import PeftModel
 
+from share_convert import ConsolidationConfig
 from share_convert.checkpoint import Checkpoint
-from share_convert.engine import ConsolidationConfig, merge
+from share_convert.engine import merge
 from share_convert.errors import OutputExistsError, UnknownTaskError
 from share_convert.io import extract, extract_all, open_adapters
 

@@ -186,8 +186,9 @@ def test_plan_command_prints_curves_and_a_verdict_and_draws_a_png(tmp_path, real
 
 
 def test_a_zero_adapter_does_not_loosen_the_target_of_the_others(tmp_path):
+    from share_convert import ConsolidationConfig
     from share_convert.checkpoint import Checkpoint
-    from share_convert.engine import ConsolidationConfig, merge
+    from share_convert.engine import merge
     from share_convert.io import open_adapters
 
     from .builders.adapters import random_factors, write_adapter
@@ -202,8 +203,9 @@ def test_a_zero_adapter_does_not_loosen_the_target_of_the_others(tmp_path):
 
 
 def test_a_task_merged_again_from_a_checkpoint_keeps_its_original_rank(tmp_path):
+    from share_convert import ConsolidationConfig
     from share_convert.checkpoint import Checkpoint
-    from share_convert.engine import ConsolidationConfig, checkpoint_tasks, merge
+    from share_convert.engine import checkpoint_tasks, merge
     from share_convert.io import open_adapters
 
     from .builders.adapters import random_factors, write_adapter

@@ -6,7 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from share_convert.engine import ConsolidationConfig, ModuleStack, consolidate_module, prepare_members
+from share_convert import ConsolidationConfig
+from share_convert.engine import ModuleStack, consolidate_module, prepare_members
 from share_convert.io import LoraFactors
 from share_convert.math import canonicalize, principal_basis
 

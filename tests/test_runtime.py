@@ -17,9 +17,9 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from share_convert import ShareModel, api
+from share_convert import ConsolidationConfig, ShareModel, api
 from share_convert.checkpoint import Checkpoint
-from share_convert.engine import ConsolidationConfig, add, continual, merge
+from share_convert.engine import add, continual, merge
 from share_convert.errors import (
     BatchMismatchError,
     DeviceMismatchError,

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from share_convert import ShareModel
-from share_convert.engine import ConsolidationConfig, merge
+from share_convert import ConsolidationConfig, ShareModel
+from share_convert.engine import merge
 from share_convert.io import open_adapters, write_synthetic_adapters
 
 from .builders.models import llama as tiny_llama

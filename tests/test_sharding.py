@@ -20,10 +20,10 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from share_convert import ShareModel
+from share_convert import ConsolidationConfig, ShareModel
 from share_convert.checkpoint import Checkpoint, is_checkpoint, parse_size
 from share_convert.cli import app
-from share_convert.engine import ConsolidationConfig, add, continual, merge
+from share_convert.engine import add, continual, merge
 from share_convert.errors import CorruptCheckpointError, InvalidOptionError
 from share_convert.files import CRASH_AT
 from share_convert.io import open_adapters, write_synthetic_adapters

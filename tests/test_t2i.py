@@ -23,9 +23,11 @@ from typer.testing import CliRunner
 pytest.importorskip("diffusers")
 from diffusers import FluxPipeline, StableDiffusionXLPipeline  # noqa: E402
 
-from share_convert import api  # noqa: E402
+from share_convert import (
+    ConsolidationConfig,  # noqa: E402
+    api,  # noqa: E402
+)
 from share_convert.cli import app  # noqa: E402
-from share_convert.engine import ConsolidationConfig  # noqa: E402
 from share_convert.errors import BadAdapterError, IncompatibleAdaptersError  # noqa: E402
 from share_convert.io import open_adapters  # noqa: E402
 

@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from share_convert import ShareModel, api
+from share_convert import ConsolidationConfig, ShareModel, api
 from share_convert.checkpoint import Checkpoint
-from share_convert.engine import ConsolidationConfig
 from share_convert.errors import (
     DuplicateTaskError,
     InvalidOptionError,

@@ -176,7 +176,7 @@ def save_trained_task(ckpt: Path, out: Path) -> None:
     """A coefficient-only task added to a model of the small adapters' shapes, saved as a PEFT folder."""
     from torch import nn
 
-    from share_convert.runtime import ShareModel
+    from share_convert import ShareModel
 
     layer = nn.Module()
     layer.q, layer.v = nn.Linear(12, 16), nn.Linear(12, 8)
