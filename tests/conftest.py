@@ -29,20 +29,20 @@ if "OMP_NUM_THREADS" not in os.environ:
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The test files that take longest, longest first (CPU seconds, measured on the 2-core machine). The
-# default run spreads whole files over pytest-xdist workers in collection order (pyproject.toml: -n,
-# --dist loadfile); starting with the longest keeps one worker from running a long file alone at the
-# end. The order of the tests inside each file is kept, and every other file follows in pytest's order.
-LONGEST_FIRST = (
-    "test_training.py",
-    "test_runtime.py",
-    "test_benchmarks.py",
-    "test_t2i.py",
-    "test_sharding.py",
-    "test_hub.py",
-    "test_continual.py",
-    "test_device_path.py",
-    "test_writers.py",
+# The test files that take longest, longest first. The default run spreads whole files over
+# pytest-xdist workers in collection order (pyproject.toml: -n, --dist loadfile); starting with the
+# longest keeps one worker from running a long file alone at the end. The order of the tests inside each file is kept, and every other file follows in pytest's order.
+LONGEST_FIRST = (  # seconds per file in one process, summed --durations (2-core machine, shared)
+    "test_benchmarks.py",  # 194
+    "test_continual.py",  # 187
+    "test_device_path.py",  # 155
+    "test_extraction.py",  # 125
+    "test_integrity.py",  # 114
+    "test_sharding.py",  # 93
+    "test_runtime.py",  # 87
+    "test_t2i.py",  # 80
+    "test_planning.py",  # 71
+    "test_hub.py",  # 56
 )
 
 
