@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,8 +10,8 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from .builders.adapters import write_small_adapters
 from .real_adapters import RealAdaptersUnavailable, real_adapters_dir
 
 # No test may reach the real Hub: anything not pointed at a local server fails fast on a closed port.
@@ -29,6 +28,28 @@ if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The test files that take longest, longest first. The default run spreads whole files over
+# pytest-xdist workers in collection order (pyproject.toml: -n, --dist loadfile); starting with the
+# longest keeps one worker from running a long file alone at the end. The order of the tests inside each file is kept, and every other file follows in pytest's order.
+LONGEST_FIRST = (  # seconds per file in one process, summed --durations (2-core machine, shared)
+    "test_benchmarks.py",  # 194
+    "test_continual.py",  # 187
+    "test_device_path.py",  # 155
+    "test_extraction.py",  # 125
+    "test_integrity.py",  # 114
+    "test_sharding.py",  # 93
+    "test_runtime.py",  # 87
+    "test_t2i.py",  # 80
+    "test_planning.py",  # 71
+    "test_hub.py",  # 56
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the files of :data:`LONGEST_FIRST` first, in that order (a stable sort: nothing else moves)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session")
@@ -47,27 +68,43 @@ def real() -> Path:
     pytest.fail(reason, pytrace=False)
 
 
+def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder that every process of this test run sees: under pytest-xdist each worker has its own
+    base temporary folder inside the run's (``popen-gw0`` …), so the run's folder is their parent."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def merged(real: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Path]]:
-    """Checkpoints of the real adapters, each merged once per session and shared by the tests.
+    """Checkpoints of the real adapters, each merged once per test run and shared by the tests.
 
     ``merged("gpt2-c_attn", k=6)`` merges ``real/gpt2-c_attn`` with ``ConsolidationConfig(k=6)``
-    the first time it is asked for and returns the same file afterwards. Tests must not change it
-    (copy it into ``tmp_path`` first); at the end of the session every shared file is checked to
-    be byte for byte what was merged, so a test that changed one is reported.
+    the first time it is asked for and returns the same file afterwards, in this process and in
+    the other pytest-xdist workers (the first to ask merges under a file lock; the others wait for
+    it and read its file). Tests must not change it (copy it into ``tmp_path`` first); at the end of
+    the session every shared file a process handed out is checked to be byte for byte what was
+    merged, so a test that changed one is reported.
     """
-    from share_convert.engine import ConsolidationConfig, merge
+    from filelock import FileLock
+
+    from share_convert import ConsolidationConfig
+    from share_convert.engine import merge
     from share_convert.io import open_adapters
 
-    root = tmp_path_factory.mktemp("merged")
+    root = shared_root(tmp_path_factory) / "merged"
+    root.mkdir(exist_ok=True)
     made: dict[tuple, tuple[Path, str]] = {}
 
     def get(*groups: str, **config: Any) -> Path:
         key = (groups, tuple(sorted(config.items())))
         if key not in made:
-            out = root / str(len(made)) / "share.safetensors"
-            out.parent.mkdir()
-            merge(open_adapters([str(real / g) for g in groups]), out, ConsolidationConfig(**config))
+            folder = root / hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+            out = folder / "share.safetensors"
+            with FileLock(str(folder) + ".lock"):
+                if not out.is_file():
+                    folder.mkdir(exist_ok=True)
+                    merge(open_adapters([str(real / g) for g in groups]), out, ConsolidationConfig(**config))
             made[key] = (out, hashlib.sha256(out.read_bytes()).hexdigest())
         return made[key][0]
 
@@ -76,58 +113,10 @@ def merged(real: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cal
     assert not changed, f"a test changed a shared checkpoint (copy it first): {changed}"
 
 
-def write_adapter(
-    folder: Path,
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    *,
-    r: int | None = None,
-    alpha: float = 16,
-    config: dict | None = None,
-    heads: dict[str, torch.Tensor] | None = None,
-    fmt: str = "safetensors",
-    write_config: bool = True,
-) -> Path:
-    """Write a PEFT adapter folder: ``modules`` maps module names to (A r×d, B n×r)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, (A, B) in modules.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
-    tensors.update(heads or {})
-    if fmt == "safetensors":
-        save_file(tensors, str(folder / "adapter_model.safetensors"))
-    else:
-        torch.save(tensors, folder / "adapter_model.bin")
-    if write_config:
-        rank = r if r is not None else next(iter(modules.values()))[0].shape[0]
-        cfg = {
-            "peft_type": "LORA",
-            "r": rank,
-            "lora_alpha": alpha,
-            "target_modules": sorted({n.rsplit(".", 1)[-1] for n in modules}),
-            "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": "test/base",
-            "fan_in_fan_out": False,
-            "bias": "none",
-        }
-        cfg.update(config or {})
-        (folder / "adapter_config.json").write_text(json.dumps(cfg))
-    return folder
-
-
-def random_factors(n: int, d: int, r: int, seed: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(r, d, generator=g).to(dtype), torch.randn(n, r, generator=g).to(dtype)
-
-
 @pytest.fixture
 def small_adapters(tmp_path: Path) -> list[Path]:
-    """Four adapters over two modules (16×12 and 8×12), mixed ranks and alphas."""
-    paths = []
-    for i, (r, alpha) in enumerate([(4, 8), (2, 16), (3, 3), (4, 32)]):
-        mods = {"layers.0.q": random_factors(16, 12, r, 10 * i), "layers.0.v": random_factors(8, 12, r, 10 * i + 1)}
-        paths.append(write_adapter(tmp_path / f"a{i}", mods, alpha=alpha))
-    return paths
+    """Four adapters over two modules (16×12 and 8×12), mixed ranks and alphas (builders.adapters)."""
+    return write_small_adapters(tmp_path)
 
 
 # SHARE_EMULATED_CUDA=1: every test runs with a CUDA device emulated on the CPU (tests/emulated_cuda.py),

@@ -20,8 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from share_convert import ConsolidationConfig
 from share_convert.checkpoint import Checkpoint
-from share_convert.engine import ConsolidationConfig, merge
+from share_convert.engine import merge
 from share_convert.errors import ShareError
 from share_convert.io import extract, open_adapters
 

@@ -12,19 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from share_convert import continual
 from share_convert.checkpoint import Checkpoint, RecordTable
 from share_convert.engine import (
     ConsolidationConfig,
     FrozenTasks,
     ModulePlanner,
     add,
+    continual,
     drift_bound,
     merge,
 )
 from share_convert.io import checkpoint_tasks, open_adapters, write_synthetic_adapters
 
-from .conftest import random_factors, write_adapter
+from .builders.adapters import random_factors, write_adapter
 from .test_groups import two_families
 
 #: recorded errors are computed from float32 coordinates (encoding.PRECISE_BELOW): their precision

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from share_convert import ConsolidationConfig
 from share_convert.checkpoint import Checkpoint, tensor_bytes, verify_checkpoint
-from share_convert.engine import ConsolidationConfig, add, continual, merge, quadratic_form, remove
+from share_convert.engine import add, continual, merge, quadratic_form, remove
 from share_convert.errors import CorruptCheckpointError
 from share_convert.io import CheckpointTask, open_adapters
 
-from .conftest import random_factors, write_adapter
+from .builders.adapters import random_factors, write_adapter
 
 MODULE = "base_model.model.layers.0.q"  # as the checkpoint names the adapters' "layers.0.q"
 K4 = ConsolidationConfig(k=4)

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from share_convert.cli import app
 from share_convert.report import verdict
 
-from .conftest import random_factors, write_adapter
+from .builders.adapters import random_factors, write_adapter, write_kohya
 
 runner = CliRunner()
 
@@ -43,14 +42,13 @@ def adapter(folder: Path, seed: int, **config) -> Path:
 def kohya_file(path: Path, seed: int) -> Path:
     """A kohya text-encoder LoRA: two modules of rank 4."""
     g = torch.Generator().manual_seed(seed)
-    tensors = {}
+    modules = {}
     for layer in (0, 1):
-        key = f"lora_te_text_model_encoder_layers_{layer}_mlp_fc1"
-        tensors[f"{key}.lora_down.weight"] = torch.randn(4, 16, generator=g)
-        tensors[f"{key}.lora_up.weight"] = torch.randn(24, 4, generator=g)
-        tensors[f"{key}.alpha"] = torch.tensor(4.0)
-    save_file(tensors, str(path))
-    return path
+        modules[f"lora_te_text_model_encoder_layers_{layer}_mlp_fc1"] = (
+            torch.randn(4, 16, generator=g),
+            torch.randn(24, 4, generator=g),
+        )
+    return write_kohya(path, modules, alpha=4.0)
 
 
 @pytest.mark.parametrize("fmt", ["kohya", "diffusers"])

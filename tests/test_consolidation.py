@@ -2,11 +2,12 @@
 
 import torch
 
+from share_convert import ConsolidationConfig
 from share_convert.checkpoint import Checkpoint
-from share_convert.engine import ConsolidationConfig, merge
+from share_convert.engine import merge
 from share_convert.io import AdapterSource, open_adapters
 
-from .conftest import random_factors, write_adapter
+from .builders.adapters import random_factors, write_adapter
 
 
 def dense_delta(src: AdapterSource, module: str) -> torch.Tensor:

@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from share_convert import api
+from share_convert import ConsolidationConfig, api
 from share_convert.checkpoint import Checkpoint
-from share_convert.engine import ConsolidationConfig, add, merge, remove
+from share_convert.engine import add, merge, remove
 from share_convert.errors import DuplicateTaskError, IncompatibleAdaptersError, UnknownTaskError, UnsupportedFormatError
 from share_convert.io import CheckpointTask, open_adapters
 
-from .conftest import random_factors, write_adapter
+from .builders.adapters import random_factors, write_adapter
 
 FULL = ConsolidationConfig(k=100_000)
 # the first three of the five GPT-2 adapters, in the order open_adapters gives them

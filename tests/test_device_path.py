@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from share_convert import consolidation
-from share_convert.engine import ConsolidationConfig, add, merge
+from share_convert import ConsolidationConfig
+from share_convert.engine import add, consolidation, merge
 from share_convert.io import open_adapters, write_synthetic_adapters
 
 from .emulated_cuda import emulated_cuda

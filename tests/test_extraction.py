@@ -6,37 +6,14 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    DistilBertConfig,
-    DistilBertForSequenceClassification,
-    GPT2Config,
-    GPT2ForSequenceClassification,
-)
 
+from share_convert import ConsolidationConfig
 from share_convert.checkpoint import Checkpoint
-from share_convert.engine import ConsolidationConfig, merge
+from share_convert.engine import merge
 from share_convert.errors import OutputExistsError, UnknownTaskError
 from share_convert.io import extract, extract_all, open_adapters
 
-
-def gpt2():
-    torch.manual_seed(0)
-    return GPT2ForSequenceClassification(
-        GPT2Config(n_layer=12, n_embd=768, n_head=12, num_labels=2, pad_token_id=0)
-    ).eval()
-
-
-def distilbert():
-    torch.manual_seed(0)
-    return DistilBertForSequenceClassification(DistilBertConfig(num_labels=2)).eval()
-
-
-def bert_tiny():
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512, num_labels=2)
-    return BertForSequenceClassification(cfg).eval()
+from .builders.models import bert_classifier, distilbert, gpt2_classifier
 
 
 def outputs(base, adapter_dir, tokens):
@@ -50,9 +27,9 @@ def outputs(base, adapter_dir, tokens):
 
 
 CASES = {
-    "gpt2": (gpt2, ["gpt2-c_attn"]),
+    "gpt2": (gpt2_classifier, ["gpt2-c_attn"]),
     "distilbert": (distilbert, ["distilbert"]),
-    "bert-tiny": (bert_tiny, ["bert-tiny"]),
+    "bert-tiny": (bert_classifier, ["bert-tiny"]),
 }
 
 

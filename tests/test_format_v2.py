@@ -11,8 +11,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from share_convert import ConsolidationConfig
 from share_convert.checkpoint import Checkpoint, CheckpointFiles, verify_checkpoint
-from share_convert.engine import ConsolidationConfig, add, merge
+from share_convert.engine import add, merge
 from share_convert.errors import CorruptCheckpointError
 from share_convert.io import checkpoint_tasks, extract, open_adapters, write_synthetic_adapters
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from share_convert.errors import BadAdapterError, DuplicateTaskError, InvalidTaskNameError
 from share_convert.io import AdapterSource, LoraStack, OpenFiles, open_adapters, read_module_stack
 
-from .conftest import random_factors, write_adapter
+from .builders.adapters import random_factors, write_adapter
 
 
 def test_peft_folder_with_safetensors(real):

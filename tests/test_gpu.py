@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
+from share_convert import ConsolidationConfig
 from share_convert.checkpoint import Checkpoint
-from share_convert.engine import ConsolidationConfig, merge
+from share_convert.engine import merge
 from share_convert.io import extract, open_adapters, write_synthetic_adapters
 from share_convert.math import principal_basis
 

@@ -3,9 +3,10 @@
 import torch
 from typer.testing import CliRunner
 
+from share_convert import ConsolidationConfig
 from share_convert.checkpoint import Checkpoint
 from share_convert.cli import app
-from share_convert.engine import ConsolidationConfig, add, merge, remove
+from share_convert.engine import add, merge, remove
 from share_convert.io import AdapterSource, extract, open_adapters, write_synthetic_adapters
 
 

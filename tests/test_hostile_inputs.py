@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from share_convert.cli import app
 
-from .conftest import random_factors, write_adapter
+from .builders.adapters import random_factors, write_adapter
 
 GOOD = "gpt2-c_attn/winkitee__peft-lora-gpt2"
 

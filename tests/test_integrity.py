@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from share_convert import ConsolidationConfig
 from share_convert.checkpoint import Checkpoint, CheckpointWriter
 from share_convert.cli import app
-from share_convert.engine import ConsolidationConfig, merge
+from share_convert.engine import merge
 from share_convert.errors import CorruptCheckpointError
 from share_convert.files import CRASH_AT
 from share_convert.io import open_adapters, write_synthetic_adapters

@@ -21,7 +21,7 @@ from share_convert import api
 from share_convert.checkpoint import Checkpoint
 from share_convert.cli import app
 
-from .conftest import random_factors, write_adapter
+from .builders.adapters import random_factors, write_adapter
 from .hub_servers import UploadServer
 
 runner = CliRunner()
@@ -376,7 +376,7 @@ def test_help_shows_flags_without_a_type_required_marks_and_choices():
 
 
 def test_the_help_default_target_is_the_engine_default():
-    from share_convert.engine import ConsolidationConfig
+    from share_convert import ConsolidationConfig
 
     text = run("merge", "--help").output.split("--target-error")[1].split("--")[0]
     assert f"[default: {ConsolidationConfig().target_error:g}]" in " ".join(text.split())

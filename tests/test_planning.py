@@ -186,11 +186,12 @@ def test_plan_command_prints_curves_and_a_verdict_and_draws_a_png(tmp_path, real
 
 
 def test_a_zero_adapter_does_not_loosen_the_target_of_the_others(tmp_path):
+    from share_convert import ConsolidationConfig
     from share_convert.checkpoint import Checkpoint
-    from share_convert.engine import ConsolidationConfig, merge
+    from share_convert.engine import merge
     from share_convert.io import open_adapters
 
-    from .conftest import random_factors, write_adapter
+    from .builders.adapters import random_factors, write_adapter
 
     paths = [write_adapter(tmp_path / f"t{i}", {"layers.0.q": random_factors(32, 32, 8, seed=i)}) for i in range(3)]
     A, B = random_factors(32, 32, 8, seed=9)
@@ -202,11 +203,12 @@ def test_a_zero_adapter_does_not_loosen_the_target_of_the_others(tmp_path):
 
 
 def test_a_task_merged_again_from_a_checkpoint_keeps_its_original_rank(tmp_path):
+    from share_convert import ConsolidationConfig
     from share_convert.checkpoint import Checkpoint
-    from share_convert.engine import ConsolidationConfig, merge
+    from share_convert.engine import merge
     from share_convert.io import checkpoint_tasks, open_adapters
 
-    from .conftest import random_factors, write_adapter
+    from .builders.adapters import random_factors, write_adapter
 
     paths = [write_adapter(tmp_path / f"t{i}", {"layers.0.q": random_factors(24, 20, 6, seed=i)}) for i in range(3)]
     merge(open_adapters([str(p) for p in paths]), tmp_path / "a.safetensors", ConsolidationConfig(k=3))

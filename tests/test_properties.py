@@ -6,7 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from share_convert.engine import ConsolidationConfig, ModuleStack, consolidate_module, prepare_members
+from share_convert import ConsolidationConfig
+from share_convert.engine import ModuleStack, consolidate_module, prepare_members
 from share_convert.io import LoraFactors
 from share_convert.math import canonicalize, principal_basis
 
@@ -124,7 +125,7 @@ def test_adding_tasks_one_by_one_keeps_every_delta_w_when_nothing_is_truncated(n
     from share_convert.engine import add, merge
     from share_convert.io import open_adapters
 
-    from .conftest import random_factors, write_adapter
+    from .builders.adapters import random_factors, write_adapter
 
     full = ConsolidationConfig(k=100_000)
     with tempfile.TemporaryDirectory() as tmp:

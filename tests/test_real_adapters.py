@@ -85,7 +85,8 @@ def test_tests_that_use_no_real_adapters_collect_and_run_without_them(tmp_path):
         "SHARE_REAL_ADAPTERS_URL": "http://127.0.0.1:9",
     }
     wanting = "tests/test_real_adapters.py::test_a_local_copy_is_used_as_it_is"
-    args = ["tests/test_linalg.py", wanting, "-q", "-rA", "-p", "no:cacheprovider", "-p", "no:randomly"]
+    # one process (-n 0): the workers of the default run (pyproject addopts) would only add their start
+    args = ["tests/test_linalg.py", wanting, "-q", "-rA", "-n", "0", "-p", "no:cacheprovider", "-p", "no:randomly"]
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=root, env=env, capture_output=True, text=True)
     summary = [line for line in proc.stdout.splitlines() if line.startswith(("PASSED", "FAILED", "ERROR"))]

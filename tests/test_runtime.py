@@ -16,23 +16,10 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    DistilBertConfig,
-    DistilBertForSequenceClassification,
-    GPT2Config,
-    GPT2ForSequenceClassification,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    ViTConfig,
-    ViTForImageClassification,
-)
 
-from share_convert import ShareModel, api, continual
+from share_convert import ConsolidationConfig, ShareModel, api
 from share_convert.checkpoint import Checkpoint
-from share_convert.engine import ConsolidationConfig, add, merge
+from share_convert.engine import add, continual, merge
 from share_convert.errors import (
     BatchMismatchError,
     DeviceMismatchError,
@@ -44,65 +31,13 @@ from share_convert.errors import (
 from share_convert.io import open_adapters, write_synthetic_adapters
 from share_convert.runtime import ShareHead, ShareLayer
 
+from .builders.models import bert_classifier, distilbert, gpt2_classifier, gpt2_lm, llama, pixels, tokens, vit
+
 TOLERANCE = 1e-5
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
-
-
-# -- models from small configs (random weights, nothing downloaded) --------------------------------------------
-
-
-def gpt2_cls(labels: int = 2) -> nn.Module:
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=1000, n_positions=64, pad_token_id=0)
-    return GPT2ForSequenceClassification(cfg.__class__(**cfg.to_dict(), num_labels=labels)).eval()
-
-
-def gpt2_lm(labels: int = 0) -> nn.Module:
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=1000, n_positions=64)).eval()
-
-
-def distilbert(labels: int = 2) -> nn.Module:
-    torch.manual_seed(0)
-    return DistilBertForSequenceClassification(DistilBertConfig(vocab_size=1000, num_labels=labels)).eval()
-
-
-def bert_tiny(labels: int = 2) -> nn.Module:
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512
-    )
-    return BertForSequenceClassification(cfg.__class__(**cfg.to_dict(), num_labels=labels)).eval()
-
-
-def vit(labels: int = 7) -> nn.Module:
-    torch.manual_seed(0)
-    return ViTForImageClassification(ViTConfig(image_size=32, patch_size=16, num_labels=labels)).eval()
-
-
-def llama(labels: int = 0) -> nn.Module:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tokens(rows: int = 4, length: int = 8) -> dict[str, torch.Tensor]:
-    return {"input_ids": torch.randint(1, 1000, (rows, length), generator=torch.Generator().manual_seed(0))}
-
-
-def pixels(rows: int = 4) -> dict[str, torch.Tensor]:
-    return {"pixel_values": torch.randn(rows, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
 
 
 # -- cases: a checkpoint of real adapters, a model class, PEFT's outputs per task ----------------------------------
@@ -174,26 +109,29 @@ def head_width(ckpt: Checkpoint, task: str, default: int) -> int:
     return widths[0] if widths else default
 
 
-def make_case(root: Path, name: str, real: Path) -> Case:
-    """Merge the case's adapters, extract every task and record PEFT's outputs for it."""
+def make_case(root: Path, name: str, real: Path, merged: Callable[..., Path]) -> Case:
+    """Merge the case's adapters (or take conftest's shared merge of them), extract every task and
+    record PEFT's outputs for it."""
     folder = root / name
     folder.mkdir()
+    path = folder / "share.safetensors"
     if name in ("gpt2", "gpt2-lm"):
         # shared bases and private corrections in every module; 9 real adapters, c_proj in 4 of them
-        sources = open_adapters([str(real / "gpt2-c_attn"), str(real / "gpt2-c_attn+c_proj")])
-        config, build, inputs = ConsolidationConfig(k=16, private_rank=2), gpt2_cls, tokens()
+        # (one checkpoint, merged once, for both cases: each serves the tasks of its own type)
+        path, sources = merged("gpt2-c_attn", "gpt2-c_attn+c_proj", k=16, private_rank=2), None
+        build, inputs = gpt2_classifier, tokens()
         wanted = "CAUSAL_LM" if name == "gpt2-lm" else "SEQ_CLS"
         if name == "gpt2-lm":
             build = gpt2_lm
     elif name == "distilbert":  # the planner's own choice (private-only here); different targets and heads
-        sources = open_adapters([str(real / "distilbert")])
-        config, build, inputs, wanted = ConsolidationConfig(), distilbert, tokens(), None
+        path, sources = merged("distilbert"), None
+        build, inputs, wanted = distilbert, tokens(), None
     elif name == "bert-tiny":  # stored in bfloat16, served on a float32 model
         derived = derived_adapter(real / "bert-tiny/YeshwanthrajG__bert-tiny-checkpoint-7500", folder / "b2", 2, 1)
         sources = open_adapters([str(real / "bert-tiny"), f"bert-derived={derived}"])
         config, build, inputs, wanted = (
             ConsolidationConfig(k=24, private_rank=4, dtype="bfloat16"),
-            bert_tiny,
+            bert_classifier,
             tokens(),
             None,
         )
@@ -217,7 +155,6 @@ def make_case(root: Path, name: str, real: Path) -> Case:
         config, build, inputs, wanted = ConsolidationConfig(k=8), llama, tokens(), None
     else:
         raise AssertionError(name)
-    path = folder / "share.safetensors"
     if name == "llama-chain":
         merge(sources[:4], path, config)
         chain_min, continual.CHAIN_MIN_BYTES = continual.CHAIN_MIN_BYTES, 0  # chain these small tensors too
@@ -227,29 +164,41 @@ def make_case(root: Path, name: str, real: Path) -> Case:
         finally:
             continual.CHAIN_MIN_BYTES = chain_min
         assert Checkpoint(path).manifest["format_version"] == 3
-    else:
+    elif sources is not None:  # not one of conftest's shared merges
         merge(sources, path, config)
     ckpt = Checkpoint(path)
     tasks = [t for t in ckpt.tasks if wanted is None or ckpt.tasks[t]["adapter_config"]["task_type"] == wanted]
-    default = 0 if name in ("llama", "llama-chain", "gpt2-lm") else build().config.num_labels
+    built: dict[int, nn.Module] = {}  # one model per head width, built once (a build seeds: copies are equal)
+
+    def fresh(labels: int) -> nn.Module:
+        if labels not in built:
+            built[labels] = build(labels)
+        return copy.deepcopy(built[labels])
+
+    if name in ("llama", "llama-chain", "gpt2-lm"):
+        default = 0
+    else:
+        first = build()
+        default = first.config.num_labels
+        built[default] = first
     labels = {t: head_width(ckpt, t, default) for t in tasks}
-    reference = {None: run(build(default), inputs)}
+    reference = {None: run(fresh(default), inputs)}
     (folder / "x").mkdir()
     for t in tasks:
         api.extract(path, folder / "x" / t, task=t)
-        model = PeftModel.from_pretrained(build(labels[t]), str(folder / "x" / t)).eval()
+        model = PeftModel.from_pretrained(fresh(labels[t]), str(folder / "x" / t)).eval()
         reference[t] = run(model, inputs)
     ckpt.close()
-    return Case(path, tasks, build, labels, inputs, reference, build(default))
+    return Case(path, tasks, build, labels, inputs, reference, fresh(default))
 
 
 CASES = ["gpt2", "gpt2-lm", "distilbert", "bert-tiny", "vit", "llama", "llama-chain"]
 
 
 @pytest.fixture(scope="session")
-def case_of(tmp_path_factory, real) -> Callable[[str], Case]:
+def case_of(tmp_path_factory, real, merged) -> Callable[[str], Case]:
     root = tmp_path_factory.mktemp("runtime")
-    return functools.cache(lambda name: make_case(root, name, real))
+    return functools.cache(lambda name: make_case(root, name, real, merged))
 
 
 # -- equality with PEFT --------------------------------------------------------------------------------------------
@@ -507,10 +456,7 @@ def test_no_task_is_refused_unless_one_is_merged(case_of):
 
 def test_a_checkpoint_of_other_shapes_is_refused_and_the_model_left_untouched(case_of):
     case = case_of("llama")
-    torch.manual_seed(0)
-    other = LlamaForCausalLM(
-        LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    )
+    other = llama(hidden=32, intermediate=64)
     with pytest.raises(ModelMismatchError, match=r"weight \(32, 32\), the checkpoint's ΔW is 64×64") as err:
         ShareModel.from_checkpoint(other, case.checkpoint)
     assert "synthetic/llama-like" in str(err.value)
@@ -519,7 +465,7 @@ def test_a_checkpoint_of_other_shapes_is_refused_and_the_model_left_untouched(ca
 
 def test_a_checkpoint_for_another_architecture_is_refused(case_of):
     with pytest.raises(ModelMismatchError, match="no counterpart model.layers.0.self_attn"):
-        ShareModel.from_checkpoint(bert_tiny(), case_of("llama").checkpoint)
+        ShareModel.from_checkpoint(bert_classifier(), case_of("llama").checkpoint)
 
 
 def test_every_runtime_error_is_a_share_error_on_one_line(case_of):

@@ -15,27 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from share_convert import ShareModel
-from share_convert.engine import ConsolidationConfig, merge
+from share_convert import ConsolidationConfig, ShareModel
+from share_convert.engine import merge
 from share_convert.io import open_adapters, write_synthetic_adapters
+
+from .builders.models import llama as tiny_llama
 
 TASKS = ["task-000", "task-001", "task-002"]
 
 
-def llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=100,
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=16,
-    )
-    return LlamaForCausalLM(cfg).eval()
+def llama():
+    """A two-layer Llama (64 wide, vocabulary 100) of the synthetic adapters' shapes."""
+    return tiny_llama(vocab=100, intermediate=64, positions=16)
 
 
 @pytest.fixture(scope="module")

@@ -20,15 +20,15 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from share_convert import ShareModel
+from share_convert import ConsolidationConfig, ShareModel
 from share_convert.checkpoint import Checkpoint, is_checkpoint, parse_size
 from share_convert.cli import app
-from share_convert.engine import ConsolidationConfig, add, continual, merge
+from share_convert.engine import add, continual, merge
 from share_convert.errors import CorruptCheckpointError, InvalidOptionError
 from share_convert.files import CRASH_AT
 from share_convert.io import open_adapters, write_synthetic_adapters
 
-from .conftest import random_factors, write_adapter
+from .builders.adapters import random_factors, write_adapter
 
 runner = CliRunner()
 CONFIG = ["--k", "4", "--private-rank", "1"]
@@ -273,12 +273,9 @@ def test_a_sharded_checkpoint_is_an_input_of_merge_under_its_output_name(sharded
 
 def llama():
     """A two-layer Llama whose q_proj and v_proj (64 × 64) are the synthetic adapters' modules."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from .builders.models import llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)  # fmt: skip
-    return LlamaForCausalLM(cfg).eval()
+    return llama(vocab=100, positions=32)
 
 
 @pytest.mark.parametrize("given", ["folder", "glob"])

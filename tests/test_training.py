@@ -19,11 +19,9 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
 
-from share_convert import ShareModel, api
+from share_convert import ConsolidationConfig, ShareModel, api
 from share_convert.checkpoint import Checkpoint
-from share_convert.engine import ConsolidationConfig
 from share_convert.errors import (
     DuplicateTaskError,
     InvalidOptionError,
@@ -35,6 +33,8 @@ from share_convert.errors import (
 )
 from share_convert.runtime import TrainableTask
 
+from .builders.models import bert_classifier, gpt2_classifier
+
 VOCAB, LENGTH, RANK, K = 64, 8, 4, 10
 STEPS, LR, BATCH = 200, 1e-2, 64
 
@@ -44,28 +44,15 @@ STEPS, LR, BATCH = 200, 1e-2, 64
 
 def bert() -> nn.Module:
     """A one-layer BERT (hidden 128) with a frozen random classifier shared by every task."""
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=256,
-        num_labels=2,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    model = BertForSequenceClassification(cfg).eval()
+    model = bert_classifier(vocab=VOCAB, layers=1, intermediate=256, dropout=0.0)
     with torch.no_grad():  # a classifier of useful scale: the adapters move the features, not the head
         model.classifier.weight.mul_(25)
     return model
 
 
 def gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=VOCAB, n_positions=LENGTH, pad_token_id=0, num_labels=2)
-    cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0
-    model = GPT2ForSequenceClassification(cfg).eval()
+    """A one-layer GPT-2 (hidden 64) with a frozen random score head of useful scale."""
+    model = gpt2_classifier(layers=1, hidden=64, heads=2, vocab=VOCAB, positions=LENGTH, dropout=0.0)
     with torch.no_grad():
         model.score.weight.mul_(25)
     return model

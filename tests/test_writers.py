@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from share_convert.checkpoint import Checkpoint
 from share_convert.cli import app
 from share_convert.files import INTERRUPT_AT, PAUSE_AT, writing
+
+from .builders.adapters import write_kohya
 
 
 def run(*args):
@@ -158,20 +159,16 @@ def test_ctrl_c_once_publishing_has_begun_says_the_new_checkpoint_is_in_place(
 def kohya_adapters(folder: Path) -> list[Path]:
     """Two tiny kohya text-to-image LoRAs (a UNet and a text-encoder module each)."""
     g = torch.Generator().manual_seed(0)
+    meta = {"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"}
     paths = []
     for i in range(2):
-        tensors = {}
+        modules = {}
         for m in (
             "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
             "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
         ):
-            tensors[f"{m}.lora_down.weight"] = torch.randn(2, 16, generator=g)
-            tensors[f"{m}.lora_up.weight"] = torch.randn(16, 2, generator=g)
-            tensors[f"{m}.alpha"] = torch.tensor(2.0)
-        paths.append(folder / f"k{i}.safetensors")
-        save_file(
-            tensors, str(paths[-1]), metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"}
-        )
+            modules[m] = (torch.randn(2, 16, generator=g), torch.randn(16, 2, generator=g))
+        paths.append(write_kohya(folder / f"k{i}.safetensors", modules, alpha=2.0, metadata=meta))
     return paths
 
 
@@ -179,7 +176,7 @@ def save_trained_task(ckpt: Path, out: Path) -> None:
     """A coefficient-only task added to a model of the small adapters' shapes, saved as a PEFT folder."""
     from torch import nn
 
-    from share_convert.runtime import ShareModel
+    from share_convert import ShareModel
 
     layer = nn.Module()
     layer.q, layer.v = nn.Linear(12, 16), nn.Linear(12, 8)
