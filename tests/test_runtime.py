@@ -30,9 +30,9 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from share_convert import ShareModel, api, continual
+from share_convert import ShareModel, api
 from share_convert.checkpoint import Checkpoint
-from share_convert.engine import ConsolidationConfig, add, merge
+from share_convert.engine import ConsolidationConfig, add, chain, merge
 from share_convert.errors import (
     BatchMismatchError,
     DeviceMismatchError,
@@ -220,12 +220,12 @@ def make_case(root: Path, name: str, real: Path) -> Case:
     path = folder / "share.safetensors"
     if name == "llama-chain":
         merge(sources[:4], path, config)
-        chain_min, continual.CHAIN_MIN_BYTES = continual.CHAIN_MIN_BYTES, 0  # chain these small tensors too
+        chain_min, chain.CHAIN_MIN_BYTES = chain.CHAIN_MIN_BYTES, 0  # chain these small tensors too
         try:
             for src in sources[4:]:
                 add(path, [src], path, config)
         finally:
-            continual.CHAIN_MIN_BYTES = chain_min
+            chain.CHAIN_MIN_BYTES = chain_min
         assert Checkpoint(path).manifest["format_version"] == 3
     else:
         merge(sources, path, config)

@@ -17,7 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from ..config import parse_budget  # noqa: F401 (re-exported)
-from ..math.linalg import left_batched, residual_spectrum
+from ..math.bounds import drift_bound  # noqa: F401 (re-exported)
+from ..math.linalg import residual_spectrum
+from ..math.tolerances import COUNT_TOL, ENERGY_RTOL, TARGET_TOL
+from ..math.traces import frobenius2
+from .fits import FrozenTasks, TaskFit, _padded
 
 #: The k values tried between 0 and the number of basis vectors computed.
 K_GRID = (
@@ -63,129 +67,6 @@ K_GRID = (
     3072,
     4096,
 )
-
-
-@dataclass
-class TaskFit:
-    """One task in one module: canonical singular values and coordinates in the bases.
-
-    A task that is itself a reconstruction (from a checkpoint) carries its error so far
-    (``prior``) and ``ratio`` = ‖ΔŴ‖ / ‖ΔW‖: its planned error is then the bound
-    prior + ratio × (error relative to ΔŴ), the figure its record will show (spec, section 5).
-    Where the reconstruction was a projection of its original onto its checkpoint's bases
-    (``slack`` finite: η of :func:`drift_bound`), plans that keep each task's own directions (k = 0)
-    stay inside those bases, and the planned bound is :func:`drift_bound`'s with no outside part.
-    """
-
-    s: torch.Tensor  # (r,) float64, canonical singular values of ΔW
-    Eb: torch.Tensor  # (K_B, r) float64, βᵀB'
-    Ea: torch.Tensor  # (K_A, r) float64, αᵀA'
-    prior: float = 0.0
-    ratio: float = 1.0
-    slack: float = math.inf
-
-    def __post_init__(self) -> None:
-        self.rank = int(self.s.numel())
-        self.norm2 = float((self.s**2).sum())
-
-    @classmethod
-    def of(cls, s: torch.Tensor, Eb: torch.Tensor, Ea: torch.Tensor, prior=None, slack: float = math.inf) -> TaskFit:
-        """A fit for a member whose ``prior`` is (error, ‖ΔW‖ of the original, is_bound) or None."""
-        if prior is None:
-            return cls(s, Eb, Ea)
-        error, norm, _ = prior
-        return cls(s, Eb, Ea, error, float((s**2).sum()) ** 0.5 / norm if norm > 0 else 0.0, slack)
-
-
-def drift_bound(error: torch.Tensor, drift: torch.Tensor, outside: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
-    """Upper bounds on old tasks' relative errors after an update moved their reconstructions (spec, section 5).
-
-    With R = ΔW − ΔŴ_before (‖R‖ = ``error``) and D = ΔŴ_before − ΔŴ_after (‖D‖ = ``drift``), all
-    relative to ‖ΔW‖:  ‖ΔW − ΔŴ_after‖² = e² + d² + 2⟨R, D⟩. Cauchy–Schwarz, ⟨R, D⟩ ≤ e d, gives
-    the triangle bound e + d, the only one for a task about whose R nothing more is known.
-
-    A task whose stored part is the orthogonal projection of ΔW onto S = span(β) ⊗ span(α) (it was
-    encoded in these bases, with no private part) has R ⊥ S, but for ΠR, of norm a ≤ ``slack`` (η),
-    left by rounding to the storage dtype. Split D = ΠD + (I − Π)D, of norms g and f = ``outside``
-    (f² + g² = d²): ⟨R, D⟩ ≤ a g + √(e² − a²) f, whose largest value over a ≤ η is taken (a = e g / d
-    gives e d, so the result never exceeds e + d; a = 0 gives e² + d² + 2 e f). Rotating bases
-    move a reconstruction mostly out of S (f ≈ d) and gain little; dropping directions of S (f ≈ 0)
-    gives Pythagoras. ``slack`` is +inf for tasks with no such structure (the triangle bound).
-    Nothing stored rules the worst case out: ΔW' = ΔŴ_before + R' with R' ⊥ S along (I − Π)D has
-    the same stored coefficients, error and norm, and reaches the bound (tests/test_bounds.py builds
-    one; it is a matrix of any rank, so a rank-r original might stay a little below).
-    """
-    f = outside.clamp_min(0).minimum(drift)
-    g = (drift.square() - f.square()).clamp_min(0).sqrt()
-    worst = torch.where(drift > 0, error * g / drift.clamp_min(1e-300), 0.0)
-    a = torch.minimum(worst, slack.clamp_min(0))
-    cross = a * g + (error.square() - a.square()).clamp_min(0).sqrt() * f
-    tight = (error.square() + drift.square() + 2 * cross).sqrt()
-    return torch.where(torch.isfinite(slack), torch.minimum(tight, error + drift), error + drift)
-
-
-@dataclass
-class FrozenTasks:
-    """Tasks whose private rank is fixed at 0 (old tasks during a continual update), batched.
-
-    A frozen task's error after the update is bounded from its error before and the drift of its
-    shared part, ‖S − P_β S P_α‖ / ‖ΔW‖ (spec, section 5): by their sum, or, for tasks whose
-    ``slack`` is finite, by :func:`drift_bound`, which needs the part of the drift outside the old
-    bases' span (``inside`` gives that span's coordinates); it is what the planner counts.
-    Coordinates are zero-padded to the largest rank (padding changes none of the sums below), so
-    their errors at any k cost a few batched products, not a Python loop over tasks.
-    """
-
-    Eb: torch.Tensor  # (T, K_B, r) float64, the shared part's coordinates in the new bases
-    Ea: torch.Tensor  # (T, K_A, r) float64
-    norm2: torch.Tensor  # (T,) float64, ‖S‖², squared norm of each task's shared part
-    ranks: torch.Tensor  # (T,) int64
-    prior: torch.Tensor  # (T,) float64, each task's error before the update
-    scale: torch.Tensor  # (T,) float64, 1 / ‖ΔW‖ of each task's original update (0 if ΔW = 0)
-    #: (T,) float64, η of :func:`drift_bound` per task, +inf where only the triangle bound holds; None: all
-    slack: torch.Tensor | None = None
-    #: (V_B, V_A), k_old × K each: ‖V_B[:, :k] x‖ is the norm of β'_k x's projection on span(β_old)
-    inside: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def __post_init__(self) -> None:
-        self._cache: dict[tuple[int, int], tuple[float, float]] = {}
-        #: whether some task has drift_bound's structure (decided once, not per k)
-        self._tight = self.slack is not None and self.inside is not None and bool(torch.isfinite(self.slack).any())
-
-    def __len__(self) -> int:
-        return int(self.Eb.shape[0])
-
-    def errors(self, k_B: int, k_A: int) -> torch.Tensor:
-        """Each task's error bound at this k, from its prior error and the drift of its shared part."""
-        if k_B == 0 or k_A == 0:
-            kept = torch.zeros_like(self.norm2)
-            Eb = Ea = None
-        else:
-            Eb, Ea = self.Eb[:, :k_B], self.Ea[:, :k_A]
-            kept = ((Eb.transpose(-1, -2) @ Eb) * (Ea.transpose(-1, -2) @ Ea)).sum((-1, -2))
-        # the bases are orthonormal: ‖S − P S P‖² = ‖S‖² − ‖P S P‖²
-        drift = (self.norm2 - kept).clamp_min(0).sqrt() * self.scale
-        if not self._tight:
-            return self.prior + drift
-        if Eb is None:  # nothing kept: the drift is the shared part itself, inside the old span
-            outside = torch.zeros_like(drift)
-        else:
-            # ‖(I − Π_old) P S P‖² = ‖P S P‖² − ‖Π_old P S P‖², Π_old the old bases' projection
-            YB, YA = left_batched(self.inside[0][:, :k_B], Eb), left_batched(self.inside[1][:, :k_A], Ea)
-            within = ((YB.transpose(-1, -2) @ YB) * (YA.transpose(-1, -2) @ YA)).sum((-1, -2))
-            outside = (kept - within).clamp_min(0).sqrt() * self.scale
-        return drift_bound(self.prior, drift, outside, self.slack)
-
-    def error_stats(self, k_B: int, k_A: int) -> tuple[float, float]:
-        """(sum, max) of the errors at this k."""
-        key = (k_B, k_A) if k_B and k_A else (0, 0)
-        if key not in self._cache:
-            e = self.errors(*key)
-            self._cache[key] = (float(e.sum()), float(e.max()) if e.numel() else 0.0)
-        return self._cache[key]
-
-    def coef_params(self, k_B: int, k_A: int) -> int:
-        return int(self.ranks.clamp(max=min(k_B, k_A)).sum()) * (k_B + k_A)
 
 
 @dataclass
@@ -365,8 +246,7 @@ class ModulePlanner:
         """Per task, the error of pure sharing (q = 0): e² = 1 − ‖E_B E_Aᵀ‖² / ‖ΔW‖² (spec, section 4)."""
         if k_B == 0 or k_A == 0:
             return self._relative(self.norm2.clone(), inside=True)
-        Eb, Ea = self._Eb[:, :k_B], self._Ea[:, :k_A]
-        kept = ((Eb.transpose(-1, -2) @ Eb) * (Ea.transpose(-1, -2) @ Ea)).sum((-1, -2))
+        kept = frobenius2(self._Eb[:, :k_B], self._Ea[:, :k_A])
         return self._relative(self.norm2 - kept)
 
     def shared_errors(self, k_B: int, k_A: int) -> list[float]:
@@ -478,7 +358,7 @@ class ModulePlanner:
             else:
                 excess = float(errs.sum()) + frozen_sum - error * T
                 movable = float(errs.max()) if errs.numel() else 0.0
-                needed = 0 if excess <= 0 else (math.ceil(excess / movable - 1e-9) if movable > 0 else None)
+                needed = 0 if excess <= 0 else (math.ceil(excess / movable - COUNT_TOL) if movable > 0 else None)
                 if needed is None:
                     continue
             if best is not None and base + needed * step >= best.params:
@@ -515,8 +395,8 @@ class ModulePlanner:
             q = ok.to(torch.int8).argmax(1)  # the first private rank that meets the target
         else:
             # the same tolerance as the check below: a running sum must not tip a plan that sits on the target
-            q = self._greedy(tails, total_at_most=error * T + 1e-12 - frozen_sum)
-            if float(tails.gather(1, q[:, None]).sum()) + frozen_sum > error * T + 1e-12:
+            q = self._greedy(tails, total_at_most=error * T + TARGET_TOL - frozen_sum)
+            if float(tails.gather(1, q[:, None]).sum()) + frozen_sum > error * T + TARGET_TOL:
                 return None
         return self.evaluate(k_B, k_A, q)
 
@@ -528,7 +408,7 @@ class ModulePlanner:
             value = max(float(errs.max()) if errs.numel() else 0.0, frozen_max)
         else:
             value = (float(errs.sum()) + frozen_sum) / self.count
-        return value <= error + 1e-12
+        return value <= error + TARGET_TOL
 
     def pure_sharing_for_target(self, error: float, metric: str = "mean") -> ModulePlan | None:
         """The smallest k whose pure-sharing plan (q = 0) meets the target, or None."""
@@ -602,29 +482,12 @@ class ModulePlanner:
         return self.evaluate(0, 0, self.ranks.clamp(max=h))
 
 
-def _padded(fits: list[TaskFit], R: int, K_B: int, K_A: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The tasks' singular values and coordinates stacked, zero-padded to rank R and to K_B, K_A
-    basis vectors (zero columns change no error, residual spectrum or Gram matrix)."""
-    f64, device = torch.float64, fits[0].s.device if fits else torch.device("cpu")
-    T = len(fits)
-    if T and all(f.rank == R and f.Eb.shape[0] == K_B and f.Ea.shape[0] == K_A for f in fits):
-        stack = [torch.stack([getattr(f, a) for f in fits]).to(f64) for a in ("s", "Eb", "Ea")]
-        return stack[0], stack[1], stack[2]
-    s = torch.zeros(T, R, dtype=f64, device=device)
-    Eb, Ea = torch.zeros(T, K_B, R, dtype=f64, device=device), torch.zeros(T, K_A, R, dtype=f64, device=device)
-    for i, f in enumerate(fits):
-        s[i, : f.rank] = f.s
-        Eb[i, : f.Eb.shape[0], : f.rank] = f.Eb
-        Ea[i, : f.Ea.shape[0], : f.rank] = f.Ea
-    return s, Eb, Ea
-
-
 def energy_k(s: torch.Tensor, total: float, tau: float) -> int:
     """Smallest k whose singular values ``s`` hold a fraction ≥ τ of ``total`` (spec, section 2.5)."""
     if total <= 0 or s.numel() == 0:
         return 0
     cum = (s**2).cumsum(0) / total
-    hits = (cum >= tau * (1 - 1e-9)).nonzero()
+    hits = (cum >= tau * (1 - ENERGY_RTOL)).nonzero()
     return int(hits[0]) + 1 if hits.numel() else s.numel()
 
 

@@ -52,7 +52,7 @@ from ..errors import (
 from ..files.atomic import publish_dir, temp_dir_beside
 from ..io.extraction import prepare_output_dir
 from ..io.formats import PEFT_PREFIX, validate_task_name
-from ..math.linalg import canonicalize, principal_basis
+from ..math.linalg import RANK_RTOL, canonicalize, principal_basis
 from ..names import path_under
 from .model import ShareHead, ShareLayer, model_path
 
@@ -411,7 +411,7 @@ def _orthonormal(basis: torch.Tensor) -> torch.Tensor:
     if (b64.T @ b64 - eye).abs().max() <= _ORTHONORMAL_TOL:
         return basis
     U, S, _ = torch.linalg.svd(b64, full_matrices=False)
-    rank = int((S > 1e-6 * S[0]).sum())
+    rank = int((S > RANK_RTOL * S[0]).sum())
     return U[:, :rank].to(basis.dtype).contiguous()
 
 

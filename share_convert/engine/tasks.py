@@ -1,0 +1,84 @@
+"""A checkpoint's tasks as inputs: the paper's asynchronous continual learning (groups
+consolidated separately, merged later), ``add``'s and ``remove --refit``'s old tasks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..checkpoint.file import (
+    Checkpoint,
+)
+from ..config import ConsolidationConfig
+from ..io.formats import LoraFactors
+from ..io.provenance import recorded_source
+
+
+class CheckpointTask:
+    """One task of a Share checkpoint, seen as an input: its factors are the reconstruction ΔŴ."""
+
+    def __init__(self, ckpt: Checkpoint, task: str, *, rename: str | None = None, address: str | None = None):
+        self.ckpt, self.source_task = ckpt, task
+        self.task = rename or task
+        self.origin = f"{address or ckpt.path}:{task}"
+        #: what the new manifest records as the checkpoint it came from: its own file name, or the
+        #: ``hf://`` address it was read from (never the local folders above it, nor the Hub cache)
+        self.from_checkpoint = recorded_source(address or str(ckpt.path))
+        rec = ckpt.task(task)
+        self.record = rec
+        self.config = rec.get("adapter_config")
+        self.head_keys = list(rec.get("heads", []))
+        self.weights_dtype = rec.get("weights_dtype", "F32")
+
+    def module_shapes(self) -> dict[str, tuple[int, int, int]]:
+        out = {}
+        for name, info in self.ckpt.modules.items():
+            if self.source_task in info["tasks"]:
+                t = info["tasks"][self.source_task]
+                out[name] = (info["out_features"], info["in_features"], max(t["rank"] + t["private_rank"], 1))
+        return out
+
+    def read_module(self, module: str) -> LoraFactors:
+        Bh, Ah = self.ckpt.reconstruction(self.source_task, module)
+        if Bh.shape[1] == 0:  # an all-zero update: keep one zero direction
+            Bh, Ah = Bh.new_zeros(Bh.shape[0], 1), Ah.new_zeros(Ah.shape[0], 1)
+        return LoraFactors(B=Bh.to(torch.float32), A=Ah.T.contiguous().to(torch.float32))
+
+    def read_heads(self) -> dict[str, torch.Tensor]:
+        return self.ckpt.heads(self.source_task)
+
+    def original_rank(self, module: str) -> int:
+        """The rank of the adapter this task came from (what it stores here may be less)."""
+        return int(self.ckpt.modules[module]["tasks"][self.source_task]["original_rank"])
+
+    def prior(self, module: str) -> tuple[float, float, bool]:
+        t = self.ckpt.modules[module]["tasks"][self.source_task]
+        return t["error"], t["norm"], bool(t.get("bound"))
+
+    def task_record(self) -> dict[str, Any]:
+        return dict(self.record, from_checkpoint=self.from_checkpoint)
+
+
+def checkpoint_tasks(ckpt: Checkpoint, *, address: str | None = None) -> list[CheckpointTask]:
+    """Every task of ``ckpt`` as an input; ``address`` is the ``hf://`` address it was downloaded from."""
+    return [CheckpointTask(ckpt, t, address=address) for t in ckpt.tasks]
+
+
+def config_of(ckpt: Checkpoint) -> ConsolidationConfig:
+    """The options ``ckpt`` was made with, for its updates; where to compute is this machine's
+    choice (``device`` is 'auto'), not the checkpoint's: one made on a GPU is extended on a CPU."""
+    fields = ConsolidationConfig.__dataclass_fields__
+    return ConsolidationConfig(**{k: v for k, v in ckpt.config.items() if k in fields and k != "device"})
+
+
+class KeptTask:
+    """A task kept as it is: only its manifest record travels."""
+
+    def __init__(self, ckpt: Checkpoint, task: str):
+        self.task = task
+        self._rec = ckpt.task(task)
+
+    def task_record(self) -> dict[str, Any]:
+        return self._rec
