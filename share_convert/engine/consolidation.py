@@ -17,8 +17,8 @@ from ..config import ConsolidationConfig
 from .encoding import StoredBases, coordinates, encode_in_bases, encode_private_only, store_bases, store_grams
 from .grouping import cluster_tasks
 from .members import ModuleMember
-from .planning import ModulePlan, ModulePlanner, energy_k
-from .results import ModuleResult
+from .planning import BasisSpectra, ModulePlan, ModulePlanner, choose_plan
+from .results import GroupPart, ModuleResult, assemble_groups
 from .stacks import ModuleStack
 
 
@@ -54,43 +54,14 @@ def consolidate_module(
             consolidate_group(name, n, d, part, config, dtype, clock, prefix=f"modules/{name}/g{j}/")
             for j, part in enumerate(parts)
         ]
-        combined = combine_groups(members, parts, results, single.plan.alternatives)
+        groups = [
+            GroupPart.of(res, [m.task for m in part], {m.task: q for m, q in zip(part, res.plan.private_ranks)})
+            for part, res in zip(parts, results)
+        ]
+        combined = assemble_groups(groups, [m.task for m in members], single.plan.alternatives, dtype)
         if combined.plan.params < best.plan.params:
             best = combined
     return best
-
-
-def combine_groups(
-    members: list[ModuleMember], parts: list[list[ModuleMember]], results: list[ModuleResult], alternatives
-) -> ModuleResult:
-    """One module result from the results of its groups (bases under modules/<m>/g<j>/)."""
-    combined = ModuleResult(plan=ModulePlan(0, 0, [], [], 0, alternatives))
-    combined.groups = []
-    where = {}
-    for j, (part, res) in enumerate(zip(parts, results)):
-        combined.tensors.update(res.tensors)
-        combined.task_parts.update(res.task_parts)
-        for m in part:
-            where[m.task] = (j, res)
-        combined.groups.append(
-            {
-                "k_B": res.plan.k_B,
-                "k_A": res.plan.k_A,
-                "kind": res.plan.kind,
-                "params": res.plan.params,
-                "tasks": [m.task for m in part],
-            }
-        )
-        combined.plan.k_B += res.plan.k_B
-        combined.plan.k_A += res.plan.k_A
-        combined.plan.params += res.plan.params
-    for m in members:
-        j, res = where[m.task]
-        i = [x.task for x in parts[j]].index(m.task)
-        combined.records[m.task] = dict(res.records[m.task], group=j)
-        combined.plan.private_ranks.append(res.plan.private_ranks[i])
-        combined.plan.predicted_errors.append(res.records[m.task]["error"])
-    return combined
 
 
 def consolidate_group(
@@ -140,7 +111,7 @@ def plan_group(stack: ModuleStack, config: ConsolidationConfig):
     fit = stack.fit(K)
     while True:
         beta, alpha, sB, sA, planner = fit
-        plan = _choose(planner, config, stack.stack_B, stack.stack_A, sB, sA)
+        plan = choose_plan(planner, config, BasisSpectra(sB, sA, stack.energy_totals))
         if config.mode() in ("fixed", "energy") or not _wider_may_pay(planner, plan, K, full):
             break
         K = min(2 * K, full)
@@ -161,16 +132,3 @@ def _wider_may_pay(planner: ModulePlanner, plan: ModulePlan, K: int, full: int) 
         return False
     k = max(plan.k_B, plan.k_A)
     return k >= K or (plan.kind == "mixed" and 2 * k >= K)
-
-
-def _choose(planner: ModulePlanner, config, stack_B, stack_A, sB, sA) -> ModulePlan:
-    mode = config.mode()
-    if mode == "fixed":
-        return planner.fixed(config.k, config.private_rank)
-    if mode == "energy":
-        kB = energy_k(sB, float(stack_B.double().pow(2).sum()), config.energy)
-        kA = energy_k(sA, float(stack_A.double().pow(2).sum()), config.energy)
-        return planner.evaluate(kB, kA, [0] * planner.T)
-    if mode == "budget":
-        raise ValueError("a --budget is spent across modules by merge(): plan each module at its target")
-    return planner.for_target(config.target_error, config.target_metric)

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from dataclasses import replace as dc_replace
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -25,6 +25,14 @@ from ..io.formats import LoraFactors, LoraStack, OpenFiles, read_module_stack
 from ..math.linalg import canonicalize_many
 
 Progress = Callable[[str, int, int], None]
+
+
+class Prior(NamedTuple):
+    """What a task that is itself a reconstruction (a task of a checkpoint) brings from there."""
+
+    error: float  # its recorded error relative to its original ΔW
+    norm: float  # ‖ΔW‖ of its original
+    bound: bool  # whether that error is a bound rather than exact
 
 
 class TaskSource(Protocol):
@@ -40,7 +48,7 @@ class TaskSource(Protocol):
     def read_module(self, module: str) -> LoraFactors: ...
     def read_heads(self) -> dict[str, torch.Tensor]: ...
     def task_record(self) -> dict[str, Any]: ...
-    def prior(self, module: str) -> tuple[float, float, bool] | None: ...  # (error, ‖ΔW‖, is_bound) of a reconstruction
+    def prior(self, module: str) -> Prior | None: ...  # of a reconstruction; None for an adapter
 
 
 @dataclass
@@ -53,7 +61,7 @@ class ModuleMember:
     Ac: torch.Tensor
     s: torch.Tensor  # singular values of ΔW, float64
     raw: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, Aᵀ) as trained, stacked when not canonicalizing
-    prior: tuple[float, float, bool] | None = None
+    prior: Prior | None = None
     #: η of planning.drift_bound for a reconstruction that was a projection of its original (+inf: not known)
     slack: float = math.inf
 

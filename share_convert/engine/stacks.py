@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -10,6 +11,16 @@ from ..config import ConsolidationConfig
 from ..math.linalg import extend_basis, principal_basis
 from .members import ModuleMember
 from .planning import ModulePlanner, TaskFit, task_weight
+
+
+class BasisFit(NamedTuple):
+    """Top-K bases of a module's two stacks, their singular values, and a planner over them."""
+
+    beta: torch.Tensor  # n × K_B, the output side's basis (on the compute device)
+    alpha: torch.Tensor  # d × K_A
+    s_B: torch.Tensor  # K_B, float64, on the CPU
+    s_A: torch.Tensor
+    planner: ModulePlanner
 
 
 class ModuleStack:
@@ -36,8 +47,8 @@ class ModuleStack:
         #: the most basis vectors either side can have
         self.full = max(min(n, m_total, self.cap), min(d, m_total, self.cap))
         #: fit(K) by K, and widen(K, fit) by (the fit's widths, K): each computed once
-        self._fits: dict[int, tuple] = {}
-        self._widened: dict[tuple[int, int, int], tuple] = {}
+        self._fits: dict[int, BasisFit] = {}
+        self._widened: dict[tuple[int, int, int], BasisFit] = {}
 
     def _weighted(self, side: int) -> torch.Tensor:
         """One side's stack: every task's columns times √weight, side by side (``n × Σr``)."""
@@ -49,13 +60,17 @@ class ModuleStack:
             return (torch.stack(parts).float() * scale).permute(1, 0, 2).reshape(rows, T * r)
         return torch.cat([p.float() * w for p, w in zip(parts, roots)], 1)
 
-    def fit(self, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ModulePlanner]:
+    def energy_totals(self) -> tuple[float, float]:
+        """Each stack's total energy ‖stack‖² (float64): what an energy fraction is of."""
+        return float(self.stack_B.double().pow(2).sum()), float(self.stack_A.double().pow(2).sum())
+
+    def fit(self, K: int) -> BasisFit:
         """Top-K bases of both stacks and a planner over them (computed once per K)."""
         if K not in self._fits:
             self._fits[K] = self._fit(K)
         return self._fits[K]
 
-    def widen(self, K: int, fit: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ModulePlanner]:
+    def widen(self, K: int, fit: BasisFit) -> BasisFit:
         """``fit`` (the result of :meth:`fit` or :meth:`widen`) widened to K vectors per side.
 
         The vectors already computed are kept and new ones found in what they leave out
@@ -70,9 +85,7 @@ class ModuleStack:
             self._widened[key] = self._widen(K, fit)
         return self._widened[key]
 
-    def _widen(
-        self, K: int, fit: tuple
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ModulePlanner]:
+    def _widen(self, K: int, fit: BasisFit) -> BasisFit:
         beta, alpha, sB, sA, planner = fit
         projB, projA = planner.projections
         opts = {"n_oversamples": self.config.n_oversamples, "n_iter": self.config.n_iter}
@@ -85,14 +98,14 @@ class ModuleStack:
         )
         wider = self._planner(projB, projA)
         wider.inherit(planner)
-        return beta, alpha, sB, sA, wider
+        return BasisFit(beta, alpha, sB, sA, wider)
 
-    def _fit(self, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, ModulePlanner]:
+    def _fit(self, K: int) -> BasisFit:
         opts = {"n_oversamples": self.config.n_oversamples, "n_iter": self.config.n_iter}
         beta, sB, projB = principal_basis(self.stack_B, min(K, self.cap), seed=self.config.seed, **opts)
         alpha, sA, projA = principal_basis(self.stack_A, min(K, self.cap), seed=self.config.seed + 1, **opts)
         if self.config.canonicalize and self.uniform:  # every task's coordinates, from the projections
-            return beta, alpha, sB, sA, self._planner(projB, projA)
+            return BasisFit(beta, alpha, sB, sA, self._planner(projB, projA))
         if self.config.canonicalize:  # the projections hold every task's coordinates, weighted
             fits, off = [], 0
             for m, w in zip(self.members, self.weights):
@@ -107,7 +120,7 @@ class ModuleStack:
             fits = [
                 TaskFit.of(m.s, b64.T @ m.Bc.double(), a64.T @ m.Ac.double(), m.prior, m.slack) for m in self.members
             ]
-        return beta, alpha, sB, sA, ModulePlanner(self.n, self.d, fits)
+        return BasisFit(beta, alpha, sB, sA, ModulePlanner(self.n, self.d, fits))
 
     def _planner(self, projB: torch.Tensor, projA: torch.Tensor) -> ModulePlanner:
         """The planner over tasks of one rank, built from the projections without a Python object per

@@ -27,10 +27,19 @@ from .chain import appended_rows, chain_step
 from .encoding import StoredBases, encode_task, store_bases, store_grams
 from .members import ModuleMember
 from .old_tasks import OldCoefficients, batch_gram, dropped_here, grams_of
-from .planning import FrozenTasks, ModulePlan, ModulePlanner, TaskFit, drift_bound, energy_k, task_weight, task_weights
+from .planning import (
+    BasisSpectra,
+    FrozenTasks,
+    ModulePlanner,
+    TaskFit,
+    choose_plan,
+    drift_bound,
+    task_weight,
+    task_weights,
+)
 from .projections import projection_slack
 from .refit import refit_module
-from .results import ModuleResult
+from .results import GroupPart, ModuleResult, assemble_groups
 
 
 def _updated_basis(
@@ -130,15 +139,8 @@ def update_module(
     )
     fits = [TaskFit.of(m.s, nb64.T @ m.Bc.double(), na64.T @ m.Ac.double(), m.prior) for m in members]
     planner = ModulePlanner(n, d, fits, frozen=frozen)
-    mode = config.mode()
-    if mode == "fixed":
-        plan = planner.fixed(config.k, config.private_rank)
-    elif mode == "energy":
-        kB = energy_k(sB, float((sB**2).sum()), config.energy)
-        kA = energy_k(sA, float((sA**2).sum()), config.energy)
-        plan = planner.evaluate(kB, kA, [0] * len(fits))
-    else:  # budgets are per merge; an update keeps the error target
-        plan = planner.for_target(config.target_error, config.target_metric)
+    # the new bases are the update's whole stack: their energy is what a fraction is of
+    plan = choose_plan(planner, config, BasisSpectra(sB, sA, lambda: (float((sB**2).sum()), float((sA**2).sum()))))
     result = ModuleResult(plan=plan)
     beta_s, alpha_s = store_bases(name, new_beta, new_alpha, plan, dtype, result, prefix)
     stored = StoredBases.of(beta_s, alpha_s)
@@ -247,47 +249,34 @@ def update_grouped_module(
             Ea = ckpt.tensor(f"{prefix}basis_A").double().T @ m.Ac.double()
             captured.append(float(frobenius2(Eb, Ea)))
         joins.setdefault(max(range(len(groups)), key=lambda j: captured[j]), []).append(m)
-    result = ModuleResult(plan=ModulePlan(0, 0, [], [], 0, info.get("alternatives")))
-    result.groups = []
-    blocks: list[TaskRows] = []
+    parts: list[GroupPart] = []
     for j, g in enumerate(groups):
         tasks = [t for t in g["tasks"] if t in kept]
+        new_tasks = [m.task for m in joins.get(j, [])]
         if j in joins:
             res = update_module(ckpt, name, tasks, joins[j], config, dtype, prefix=prefixes[j])
-            result.tensors.update(res.tensors)
-            blocks.append(res.rows)
-            result.carried += res.carried
-            records = res.records
-            part = {"k_B": res.plan.k_B, "k_A": res.plan.k_A, "kind": res.plan.kind, "params": res.plan.params}
-        else:  # unchanged: bases and tasks copied; the Gram matrices are recomputed without dropped tasks
-            if prefixes[j] is not None:
-                result.carried += [f"{prefixes[j]}basis_B", f"{prefixes[j]}basis_A"]
-                if dropped_here(ckpt, name, prefixes[j], dropped):
-                    grams = grams_of(ckpt, name, prefixes[j], tasks, config.weighting)
-                    for side in ("B", "A"):
-                        result.tensors[f"{prefixes[j]}gram_{side}"] = grams[side].to(torch.float32)
-                else:
-                    result.carried += [f"{prefixes[j]}gram_B", f"{prefixes[j]}gram_A"]
-            blocks.append(ckpt.task_rows(name, tasks))
-            records = {t: dict(info["tasks"][t], error_before=info["tasks"][t]["error"], drift=0.0) for t in tasks}
-            gone = [t for t in g["tasks"] if t not in kept]
-            freed = sum(
-                info["tasks"][t]["rank"] * (g["k_B"] + g["k_A"])
-                + info["tasks"][t]["private_rank"] * (info["out_features"] + info["in_features"])
-                for t in gone
-            )
-            part = {k: g[k] for k in ("k_B", "k_A", "kind")} | {"params": g["params"] - freed}
-        new_tasks = [m.task for m in joins.get(j, [])]
-        result.groups.append(dict(part, tasks=tasks + new_tasks))
-        for t, rec in records.items():
-            result.records[t] = dict(rec, group=j)
-        result.plan.k_B += part["k_B"]
-        result.plan.k_A += part["k_A"]
-        result.plan.params += part["params"]
-    # order the records as the module's tasks were, new ones last; private ranks in that order
+            parts.append(GroupPart.of(res, tasks + new_tasks))
+            continue
+        # unchanged: bases and tasks copied; the Gram matrices are recomputed without dropped tasks
+        part = GroupPart(
+            g["k_B"], g["k_A"], g["kind"], g["params"], tasks + new_tasks, {}, rows=ckpt.task_rows(name, tasks)
+        )
+        if prefixes[j] is not None:
+            part.carried += [f"{prefixes[j]}basis_B", f"{prefixes[j]}basis_A"]
+            if dropped_here(ckpt, name, prefixes[j], dropped):
+                grams = grams_of(ckpt, name, prefixes[j], tasks, config.weighting)
+                for side in ("B", "A"):
+                    part.tensors[f"{prefixes[j]}gram_{side}"] = grams[side].to(torch.float32)
+            else:
+                part.carried += [f"{prefixes[j]}gram_B", f"{prefixes[j]}gram_A"]
+        part.records = {t: dict(info["tasks"][t], error_before=info["tasks"][t]["error"], drift=0.0) for t in tasks}
+        gone = [t for t in g["tasks"] if t not in kept]
+        part.params -= sum(
+            info["tasks"][t]["rank"] * (g["k_B"] + g["k_A"])
+            + info["tasks"][t]["private_rank"] * (info["out_features"] + info["in_features"])
+            for t in gone
+        )
+        parts.append(part)
+    # the records in the module's order of tasks, new ones last
     order = [t for t in info["tasks"] if t in kept] + [m.task for m in members]
-    result.records = {t: result.records[t] for t in order}
-    result.plan.private_ranks = [result.records[t]["private_rank"] for t in order]
-    result.plan.predicted_errors = [result.records[t]["error"] for t in order]
-    result.rows = TaskRows.concat(blocks, dtype)
-    return result
+    return assemble_groups(parts, order, info.get("alternatives"), dtype)
