@@ -3,7 +3,7 @@
 Builds checkpoints with N old tasks (merged once, untimed), then times the whole process
 ``share-convert add CKPT NEW -o OUT`` for each N, side by side in one run, together with the
 start-up of the CLI alone (``share-convert --help``: Python, torch and the CLI imported) as the floor.
-Also times the library call alone (``share_convert.engine.continual.add`` timed inside a fresh process,
+Also times the library call alone (``share_convert.engine.add_tasks.add`` timed inside a fresh process,
 best of the rounds): the update without start-up, reading of the new adapter's header, or the report.
 
     python benchmarks/bench_add.py --tasks 10,50,100,200,500 --work /tmp/bench-add --out benchmarks/results/add.json

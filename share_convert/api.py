@@ -130,7 +130,7 @@ def merge(
     """Consolidate adapters (paths, globs, folders, checkpoints) into ``output``; return the report.
 
     ``modules`` keeps only the modules whose names match that regular expression; ``timings``
-    receives where the time went (see :func:`share_convert.engine.consolidation.merge`). Tensors taking
+    receives where the time went (see :func:`share_convert.engine.pipeline.merge`). Tensors taking
     more than ``max_shard_size`` bytes (an int, or text: '5GB', '500MB') are written in shards
     beside ``output`` with an index ``<output>.index.json`` (docs/format.md, "Sharding").
 
@@ -138,8 +138,8 @@ def merge(
     ``output``, ``on_wait`` receives one line and this waits for it, or with ``wait=False`` raises
     :class:`~share_convert.errors.TargetBusyError`. The same holds for :func:`add` and :func:`remove`.
     """
-    from .engine.consolidation import merge as _merge
-    from .engine.consolidation import only_modules
+    from .engine.members import only_modules
+    from .engine.pipeline import merge as _merge
 
     check_checkpoint_name(output)
     max_shard_size = parse_size(max_shard_size)
@@ -218,8 +218,8 @@ def add(
     ``config`` defaults to the checkpoint's own options, with ``k`` / ``target_error`` / ``device``
     overriding them (the device defaults to 'auto', whatever the checkpoint was made on).
     """
-    from .engine.continual import add as _add
-    from .engine.continual import config_of
+    from .engine.add_tasks import add as _add
+    from .engine.tasks import config_of
 
     max_shard_size = parse_size(max_shard_size)
     with _turn(output, wait, on_wait):  # from reading the old checkpoint (in place: the output) to the report
@@ -287,7 +287,7 @@ def _remove_locked(
     from .checkpoint.publish import check_output, move_checkpoint, same_checkpoint
     from .checkpoint.reader import Checkpoint
     from .checkpoint.sharding import checkpoint_target
-    from .engine.continual import remove as _remove
+    from .engine.remove_tasks import remove as _remove
     from .files.atomic import temp_dir_beside
     from .report.summary import summarize
 
@@ -354,7 +354,7 @@ def plan(
     ``plot`` (a PNG file to draw the curves to) is checked before any input is read: matplotlib is
     installed and its folder exists and is writable, as ``merge`` checks its output.
     """
-    from .engine.consolidation import only_modules
+    from .engine.members import only_modules
     from .report.curves import check_plot_target, plan_collection, plot_curves
 
     if plot is not None:

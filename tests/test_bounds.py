@@ -12,15 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from share_convert import ConsolidationConfig
 from share_convert.checkpoint import Checkpoint, RecordTable
 from share_convert.engine import (
-    ConsolidationConfig,
     FrozenTasks,
     ModulePlanner,
     add,
-    continual,
+    chain,
     drift_bound,
     merge,
+    old_tasks,
+    projections,
 )
 from share_convert.io import checkpoint_tasks, open_adapters, write_synthetic_adapters
 
@@ -148,7 +150,7 @@ def test_recorded_errors_bound_the_true_ones_over_repeated_adds(tmp_path, config
 
 
 def test_recorded_errors_bound_the_true_ones_through_a_chain(tmp_path, monkeypatch):
-    monkeypatch.setattr(continual, "CHAIN_MIN_BYTES", 0)  # small rows are chained too
+    monkeypatch.setattr(chain, "CHAIN_MIN_BYTES", 0)  # small rows are chained too
     sources = noisy(tmp_path / "a", 7, seed=5)
     config = ConsolidationConfig(k=6)
     paths = [tmp_path / "c0.safetensors"]
@@ -244,9 +246,9 @@ def slacks(path: Path) -> dict[str, float]:
     info = ckpt.modules[module]
     table = RecordTable.from_dicts(info["tasks"])
     beta, alpha = (b.double() for b in ckpt.bases(module))
-    old = continual._OldCoefficients(ckpt, module, table.tasks, beta.shape[1], alpha.shape[1])
+    old = old_tasks.OldCoefficients(ckpt, module, table.tasks, beta.shape[1], alpha.shape[1])
     norm2 = old.form([(1.0, None, None)])
-    return dict(zip(table.tasks, continual.projection_slack(ckpt, info, table, old, beta, alpha, norm2).tolist()))
+    return dict(zip(table.tasks, projections.projection_slack(ckpt, info, table, old, beta, alpha, norm2).tolist()))
 
 
 def test_only_tasks_encoded_in_the_current_bases_without_private_parts_get_the_tighter_bound(tmp_path):

@@ -10,7 +10,8 @@ import torch
 
 from share_convert import ConsolidationConfig
 from share_convert.checkpoint import Checkpoint, tensor_bytes, verify_checkpoint
-from share_convert.engine import add, continual, merge, quadratic_form, remove
+from share_convert.engine import add, merge, quadratic_form, remove
+from share_convert.engine import chain as chains
 from share_convert.errors import CorruptCheckpointError
 from share_convert.io import CheckpointTask, open_adapters
 
@@ -41,7 +42,7 @@ def adapters(root: Path, count: int, seed: int, n: int = 24, d: int = 20, r: int
 def chained(tmp_path, monkeypatch) -> tuple[list[Path], list]:
     """16 rank-2 tasks in k = 4 bases (lossy: every add drifts), then three adds, one task each;
     small tensors are chained too (CHAIN_MIN_BYTES = 0). Returns the four checkpoints and the new sources."""
-    monkeypatch.setattr(continual, "CHAIN_MIN_BYTES", 0)
+    monkeypatch.setattr(chains, "CHAIN_MIN_BYTES", 0)
     old, new = adapters(tmp_path / "old", 16, seed=0), adapters(tmp_path / "new", 3, seed=100)
     paths = [tmp_path / "c0.safetensors"]
     merge(old, paths[0], K4)
@@ -79,7 +80,7 @@ def test_extraction_after_several_adds_equals_rotating_the_coefficients_at_each_
 
 def test_a_chained_add_gives_the_updates_and_figures_of_writing_the_rows_again(chained, monkeypatch, tmp_path):
     (c0, c1, *_), new = chained
-    monkeypatch.setattr(continual, "CHAIN_MIN_BYTES", 1 << 40)  # every row written again (rotated, rebalanced)
+    monkeypatch.setattr(chains, "CHAIN_MIN_BYTES", 1 << 40)  # every row written again (rotated, rebalanced)
     add(c0, [new[0]], tmp_path / "rewritten.safetensors", K4)
     chain, rewritten = Checkpoint(c1), Checkpoint(tmp_path / "rewritten.safetensors")
     assert rewritten.manifest["format_version"] == 2

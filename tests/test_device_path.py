@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from share_convert import ConsolidationConfig
-from share_convert.engine import add, consolidation, merge
+from share_convert.engine import add, merge, pipeline
 from share_convert.io import open_adapters, write_synthetic_adapters
 
 from .emulated_cuda import emulated_cuda
@@ -91,7 +91,7 @@ def test_one_worker_reads_the_next_module_while_it_computes_this_one(adapters, t
     events: list[tuple[str, str, float]] = []
     lock = threading.Lock()
     started: dict[str, threading.Event] = {}
-    real_read, real_consolidate = consolidation.read_module_stack, consolidation.consolidate_module
+    real_read, real_consolidate = pipeline.read_module_stack, pipeline.consolidate_module
     modules = list(open_adapters([str(adapters / "a")])[0].module_shapes())
     for m in modules:
         started[m] = threading.Event()
@@ -113,8 +113,8 @@ def test_one_worker_reads_the_next_module_while_it_computes_this_one(adapters, t
         log("done", name)
         return out
 
-    monkeypatch.setattr(consolidation, "read_module_stack", read)
-    monkeypatch.setattr(consolidation, "consolidate_module", consolidate)
+    monkeypatch.setattr(pipeline, "read_module_stack", read)
+    monkeypatch.setattr(pipeline, "consolidate_module", consolidate)
     merge(
         open_adapters([str(adapters / "a")]), tmp_path / "c.safetensors", ConsolidationConfig(device="cpu"), workers=1
     )

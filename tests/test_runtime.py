@@ -19,7 +19,7 @@ from torch import nn
 
 from share_convert import ConsolidationConfig, ShareModel, api
 from share_convert.checkpoint import Checkpoint
-from share_convert.engine import add, continual, merge
+from share_convert.engine import add, chain, merge
 from share_convert.errors import (
     BatchMismatchError,
     DeviceMismatchError,
@@ -157,12 +157,12 @@ def make_case(root: Path, name: str, real: Path, merged: Callable[..., Path]) ->
         raise AssertionError(name)
     if name == "llama-chain":
         merge(sources[:4], path, config)
-        chain_min, continual.CHAIN_MIN_BYTES = continual.CHAIN_MIN_BYTES, 0  # chain these small tensors too
+        chain_min, chain.CHAIN_MIN_BYTES = chain.CHAIN_MIN_BYTES, 0  # chain these small tensors too
         try:
             for src in sources[4:]:
                 add(path, [src], path, config)
         finally:
-            continual.CHAIN_MIN_BYTES = chain_min
+            chain.CHAIN_MIN_BYTES = chain_min
         assert Checkpoint(path).manifest["format_version"] == 3
     elif sources is not None:  # not one of conftest's shared merges
         merge(sources, path, config)

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from share_convert import ConsolidationConfig, ShareModel
 from share_convert.checkpoint import Checkpoint, is_checkpoint, parse_size
 from share_convert.cli import app
-from share_convert.engine import add, continual, merge
+from share_convert.engine import add, chain, merge
 from share_convert.errors import CorruptCheckpointError, InvalidOptionError
 from share_convert.files import CRASH_AT
 from share_convert.io import open_adapters, write_synthetic_adapters
@@ -311,7 +311,7 @@ def test_a_task_trained_on_a_sharded_checkpoint_folds_into_shards(sharded, tmp_p
 @pytest.mark.parametrize("copy", ["kernel", "buffer"])
 def test_an_add_from_shards_copies_the_old_blocks_as_from_one_file(tmp_path, monkeypatch, copy):
     # 40 rank-8 tasks in k = 64 bases: coefficient rows of 80 KiB, with block checksums, kept by a chain
-    monkeypatch.setattr(continual, "CHAIN_MIN_BYTES", 0)
+    monkeypatch.setattr(chain, "CHAIN_MIN_BYTES", 0)
     if copy == "buffer":  # the old blocks read from the shard's map, as on a system without copy_file_range
         monkeypatch.delattr(os, "copy_file_range", raising=False)
     paths = [

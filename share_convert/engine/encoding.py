@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..math.linalg import canonicalize, canonicalize_padded, fix_signs, left_batched, relative_errors
+from ..math.tolerances import CANONICAL_RTOL, DRIFT_BOUND_ABOVE
+from ..math.traces import frobenius2, trace_product
+from .members import ModuleMember
 from .planning import ModulePlan
-
-if TYPE_CHECKING:
-    from .consolidation import ModuleMember, ModuleResult
+from .results import ModuleResult
 
 
 def store_bases(
@@ -163,10 +164,6 @@ def encode_in_bases(
         groups.setdefault((int(m.Bc.shape[1]), int(q)), []).append(i)
     f64 = torch.float64
 
-    def tr(X1: torch.Tensor, Y1: torch.Tensor, X2: torch.Tensor, Y2: torch.Tensor) -> torch.Tensor:
-        """⟨X1 Y1ᵀ, X2 Y2ᵀ⟩ per task, from the small products (spec, section 4)."""
-        return ((X1.transpose(-1, -2) @ X2) * (Y1.transpose(-1, -2) @ Y2)).sum((-1, -2))
-
     for (r, q), idx in groups.items():
         if r == 0:
             for i in idx:
@@ -178,10 +175,8 @@ def encode_in_bases(
         CB, CA = CB.to(dtype), CA.to(dtype)  # as stored
         cB, cA = CB.to(f64), CA.to(f64)
         ref2 = torch.stack([members[i].s for i in idx]).to(f64).pow(2).sum(-1)  # one reduction, not one per task
-        cross = tr(EB, EA, cB, cA)
-        recon2 = ((cB.transpose(-1, -2) @ bases.gram_beta @ cB) * (cA.transpose(-1, -2) @ bases.gram_alpha @ cA)).sum(
-            (-1, -2)
-        )
+        cross = trace_product(EB, EA, cB, cA)
+        recon2 = trace_product(cB, cA, cB, cA, bases.gram_beta, bases.gram_alpha)
         keep = torch.zeros(len(idx), dtype=torch.int64, device=EB.device)
         if q:
             Bc = torch.stack([members[i].Bc for i in idx]).to(f64)  # t × n × r
@@ -192,7 +187,7 @@ def encode_in_bases(
             QA, RA = torch.linalg.qr(torch.cat([Ac, shared_A], -1))
             U, S, Vh = torch.linalg.svd(RB @ RA.transpose(-1, -2))
             top = S[:, :1]
-            keep = ((S > 1e-10 * top) & (top > 0)).sum(-1).clamp(max=q)
+            keep = ((S > CANONICAL_RTOL * top) & (top > 0)).sum(-1).clamp(max=q)
             live = (torch.arange(S.shape[-1], device=S.device) < keep[:, None])[:, :q].to(f64)  # t × q
             half = (S[:, :q].sqrt() * live).unsqueeze(-2)
             PB = QB @ (U[:, :, :q] * half)
@@ -200,9 +195,9 @@ def encode_in_bases(
             signs = fix_signs(PB).unsqueeze(-2)
             PB, PA = (PB * signs).to(dtype), (PA * signs).to(dtype)  # as stored
             PB64, PA64 = PB.to(f64), PA.to(f64)
-            cross_private = tr(Bc, Ac, PB64, PA64)
+            cross_private = trace_product(Bc, Ac, PB64, PA64)
             cross = cross + cross_private
-            recon2 = recon2 + tr(PB64, PA64, PB64, PA64) + 2 * tr(shared_B, shared_A, PB64, PA64)
+            recon2 = recon2 + trace_product(PB64, PA64, PB64, PA64) + 2 * trace_product(shared_B, shared_A, PB64, PA64)
         err = relative_errors(ref2, cross, recon2)
         close = err < PRECISE_BELOW
         if bool(close.any()):  # the float32 coordinates are not precise enough there: float64 throughout
@@ -213,11 +208,11 @@ def encode_in_bases(
                 B = torch.stack([members[idx[j]].Bc for j in pick.tolist()]).to(f64)
                 A = torch.stack([members[idx[j]].Ac for j in pick.tolist()]).to(f64)
             Eb, Ea = left_batched(bases.beta.T, B), left_batched(bases.alpha.T, A)
-            precise_cross = tr(Eb, Ea, cB[pick], cA[pick])
+            precise_cross = trace_product(Eb, Ea, cB[pick], cA[pick])
             if q:
                 precise_cross = precise_cross + cross_private[pick]
             err = err.clone()
-            err[pick] = relative_errors(tr(B, A, B, A), precise_cross, recon2[pick])
+            err[pick] = relative_errors(trace_product(B, A, B, A), precise_cross, recon2[pick])
         # what is written comes back from the compute device at once, not task by task
         CB, CA = CB.cpu(), CA.cpu()
         PB, PA = (PB.cpu(), PA.cpu()) if q else (None, None)
@@ -263,8 +258,8 @@ def encode_private_only(
         dA = PA.float().transpose(-1, -2) - Ac[:, :, :q]
         X = torch.cat([Bc, PBf - Bc[:, :, :q]], -1)
         Y = torch.cat([-dA, Ac[:, :, q:], -PA.float().transpose(-1, -2)], -1)
-        diff2 = _trace_of_grams(X, Y)
-        ref2 = _trace_of_grams(Bc, Ac)
+        diff2 = frobenius2(X, Y, dtype=torch.float64)
+        ref2 = frobenius2(Bc, Ac, dtype=torch.float64)
         err = torch.where(ref2 > 0, (diff2.clamp_min(0) / ref2.clamp_min(1e-300)).sqrt(), 0.0)
         PB, PA = PB.cpu(), PA.cpu()  # what is written, back from the compute device at once
         for j, (i, e) in enumerate(zip(idx, err.tolist())):
@@ -281,19 +276,13 @@ def encode_private_only(
     return out  # type: ignore[return-value]
 
 
-def _trace_of_grams(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """‖B Aᵀ‖²_F per task of a batch, as tr((BᵀB)(AᵀA)): float32 Gram matrices, float64 sum."""
-    f64 = torch.float64
-    return ((B.transpose(-1, -2) @ B).to(f64) * (A.transpose(-1, -2) @ A).to(f64)).sum((-1, -2))
-
-
 def _with_prior(m: ModuleMember, record: dict[str, Any]) -> dict[str, Any]:
     """A record whose task was itself a reconstruction: its error becomes a bound to the original."""
     if m.prior is not None:
         prior_err, prior_norm, prior_bound = m.prior
         err, norm = record["error"], record["norm"]
         drift = err * norm / prior_norm if prior_norm > 0 else 0.0
-        record.update(error=prior_err + drift, norm=prior_norm, bound=prior_bound or drift > 1e-6)
+        record.update(error=prior_err + drift, norm=prior_norm, bound=prior_bound or drift > DRIFT_BOUND_ABOVE)
     return record
 
 
@@ -311,7 +300,7 @@ def stored_error(
     Bc = Ac = None
     if precise or "private_B" in tensors:
         Bc, Ac = m.Bc.to(f64), m.Ac.to(f64)
-    ref2 = float(((Bc.T @ Bc) * (Ac.T @ Ac)).sum()) if precise else float((m.s**2).sum())
+    ref2 = float(frobenius2(Bc, Ac)) if precise else float((m.s**2).sum())
     if ref2 <= 0:
         return 0.0
     cross = recon2 = 0.0
@@ -319,14 +308,14 @@ def stored_error(
     if "coef_B" in tensors:
         Eb, Ea = (bases.beta.T @ Bc, bases.alpha.T @ Ac) if precise else coords
         cB, cA = tensors["coef_B"].to(f64), tensors["coef_A"].to(f64)
-        cross += float(((Eb.T @ cB) * (Ea.T @ cA)).sum())
-        recon2 += float(((cB.T @ bases.gram_beta @ cB) * (cA.T @ bases.gram_alpha @ cA)).sum())
+        cross += float(trace_product(Eb, Ea, cB, cA))
+        recon2 += float(trace_product(cB, cA, cB, cA, bases.gram_beta, bases.gram_alpha))
         if "private_B" in tensors:
             shared_B, shared_A = bases.beta @ cB, bases.alpha @ cA
     if "private_B" in tensors:
         PB, PA = tensors["private_B"].to(f64), tensors["private_A"].to(f64).T
-        cross += float(((Bc.T @ PB) * (Ac.T @ PA)).sum())
-        recon2 += float(((PB.T @ PB) * (PA.T @ PA)).sum())
+        cross += float(trace_product(Bc, Ac, PB, PA))
+        recon2 += float(frobenius2(PB, PA))
         if shared_B is not None:
-            recon2 += 2 * float(((shared_B.T @ PB) * (shared_A.T @ PA)).sum())
+            recon2 += 2 * float(trace_product(shared_B, shared_A, PB, PA))
     return (max(ref2 - 2 * cross + recon2, 0.0) / ref2) ** 0.5

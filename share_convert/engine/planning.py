@@ -10,435 +10,22 @@ choose the plan with the least storage that meets a target, or the least error w
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..config import parse_budget  # noqa: F401 (re-exported)
-from ..math.linalg import left_batched, residual_spectrum
-
-#: The k values tried between 0 and the number of basis vectors computed.
-K_GRID = (
-    0,
-    1,
-    2,
-    3,
-    4,
-    5,
-    6,
-    8,
-    10,
-    12,
-    14,
-    16,
-    20,
-    24,
-    28,
-    32,
-    40,
-    48,
-    56,
-    64,
-    80,
-    96,
-    112,
-    128,
-    160,
-    192,
-    224,
-    256,
-    320,
-    384,
-    448,
-    512,
-    640,
-    768,
-    896,
-    1024,
-    1280,
-    1536,
-    2048,
-    3072,
-    4096,
-)
+from ..config import ConsolidationConfig, parse_budget  # noqa: F401 (parse_budget re-exported)
+from ..math.bounds import drift_bound  # noqa: F401 (re-exported)
+from ..math.tolerances import COUNT_TOL, ENERGY_RTOL, TARGET_TOL
+from .fits import FrozenTasks, TaskFit  # noqa: F401 (re-exported)
+from .plan_space import K_GRID, ModulePlan, PlanSpace  # noqa: F401 (re-exported)
 
 
-@dataclass
-class TaskFit:
-    """One task in one module: canonical singular values and coordinates in the bases.
-
-    A task that is itself a reconstruction (from a checkpoint) carries its error so far
-    (``prior``) and ``ratio`` = ‖ΔŴ‖ / ‖ΔW‖: its planned error is then the bound
-    prior + ratio × (error relative to ΔŴ), the figure its record will show (spec, section 5).
-    Where the reconstruction was a projection of its original onto its checkpoint's bases
-    (``slack`` finite: η of :func:`drift_bound`), plans that keep each task's own directions (k = 0)
-    stay inside those bases, and the planned bound is :func:`drift_bound`'s with no outside part.
-    """
-
-    s: torch.Tensor  # (r,) float64, canonical singular values of ΔW
-    Eb: torch.Tensor  # (K_B, r) float64, βᵀB'
-    Ea: torch.Tensor  # (K_A, r) float64, αᵀA'
-    prior: float = 0.0
-    ratio: float = 1.0
-    slack: float = math.inf
-
-    def __post_init__(self) -> None:
-        self.rank = int(self.s.numel())
-        self.norm2 = float((self.s**2).sum())
-
-    @classmethod
-    def of(cls, s: torch.Tensor, Eb: torch.Tensor, Ea: torch.Tensor, prior=None, slack: float = math.inf) -> TaskFit:
-        """A fit for a member whose ``prior`` is (error, ‖ΔW‖ of the original, is_bound) or None."""
-        if prior is None:
-            return cls(s, Eb, Ea)
-        error, norm, _ = prior
-        return cls(s, Eb, Ea, error, float((s**2).sum()) ** 0.5 / norm if norm > 0 else 0.0, slack)
-
-
-def drift_bound(error: torch.Tensor, drift: torch.Tensor, outside: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
-    """Upper bounds on old tasks' relative errors after an update moved their reconstructions (spec, section 5).
-
-    With R = ΔW − ΔŴ_before (‖R‖ = ``error``) and D = ΔŴ_before − ΔŴ_after (‖D‖ = ``drift``), all
-    relative to ‖ΔW‖:  ‖ΔW − ΔŴ_after‖² = e² + d² + 2⟨R, D⟩. Cauchy–Schwarz, ⟨R, D⟩ ≤ e d, gives
-    the triangle bound e + d, the only one for a task about whose R nothing more is known.
-
-    A task whose stored part is the orthogonal projection of ΔW onto S = span(β) ⊗ span(α) (it was
-    encoded in these bases, with no private part) has R ⊥ S, but for ΠR, of norm a ≤ ``slack`` (η),
-    left by rounding to the storage dtype. Split D = ΠD + (I − Π)D, of norms g and f = ``outside``
-    (f² + g² = d²): ⟨R, D⟩ ≤ a g + √(e² − a²) f, whose largest value over a ≤ η is taken (a = e g / d
-    gives e d, so the result never exceeds e + d; a = 0 gives e² + d² + 2 e f). Rotating bases
-    move a reconstruction mostly out of S (f ≈ d) and gain little; dropping directions of S (f ≈ 0)
-    gives Pythagoras. ``slack`` is +inf for tasks with no such structure (the triangle bound).
-    Nothing stored rules the worst case out: ΔW' = ΔŴ_before + R' with R' ⊥ S along (I − Π)D has
-    the same stored coefficients, error and norm, and reaches the bound (tests/test_bounds.py builds
-    one; it is a matrix of any rank, so a rank-r original might stay a little below).
-    """
-    f = outside.clamp_min(0).minimum(drift)
-    g = (drift.square() - f.square()).clamp_min(0).sqrt()
-    worst = torch.where(drift > 0, error * g / drift.clamp_min(1e-300), 0.0)
-    a = torch.minimum(worst, slack.clamp_min(0))
-    cross = a * g + (error.square() - a.square()).clamp_min(0).sqrt() * f
-    tight = (error.square() + drift.square() + 2 * cross).sqrt()
-    return torch.where(torch.isfinite(slack), torch.minimum(tight, error + drift), error + drift)
-
-
-@dataclass
-class FrozenTasks:
-    """Tasks whose private rank is fixed at 0 (old tasks during a continual update), batched.
-
-    A frozen task's error after the update is bounded from its error before and the drift of its
-    shared part, ‖S − P_β S P_α‖ / ‖ΔW‖ (spec, section 5): by their sum, or, for tasks whose
-    ``slack`` is finite, by :func:`drift_bound`, which needs the part of the drift outside the old
-    bases' span (``inside`` gives that span's coordinates); it is what the planner counts.
-    Coordinates are zero-padded to the largest rank (padding changes none of the sums below), so
-    their errors at any k cost a few batched products, not a Python loop over tasks.
-    """
-
-    Eb: torch.Tensor  # (T, K_B, r) float64, the shared part's coordinates in the new bases
-    Ea: torch.Tensor  # (T, K_A, r) float64
-    norm2: torch.Tensor  # (T,) float64, ‖S‖², squared norm of each task's shared part
-    ranks: torch.Tensor  # (T,) int64
-    prior: torch.Tensor  # (T,) float64, each task's error before the update
-    scale: torch.Tensor  # (T,) float64, 1 / ‖ΔW‖ of each task's original update (0 if ΔW = 0)
-    #: (T,) float64, η of :func:`drift_bound` per task, +inf where only the triangle bound holds; None: all
-    slack: torch.Tensor | None = None
-    #: (V_B, V_A), k_old × K each: ‖V_B[:, :k] x‖ is the norm of β'_k x's projection on span(β_old)
-    inside: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def __post_init__(self) -> None:
-        self._cache: dict[tuple[int, int], tuple[float, float]] = {}
-        #: whether some task has drift_bound's structure (decided once, not per k)
-        self._tight = self.slack is not None and self.inside is not None and bool(torch.isfinite(self.slack).any())
-
-    def __len__(self) -> int:
-        return int(self.Eb.shape[0])
-
-    def errors(self, k_B: int, k_A: int) -> torch.Tensor:
-        """Each task's error bound at this k, from its prior error and the drift of its shared part."""
-        if k_B == 0 or k_A == 0:
-            kept = torch.zeros_like(self.norm2)
-            Eb = Ea = None
-        else:
-            Eb, Ea = self.Eb[:, :k_B], self.Ea[:, :k_A]
-            kept = ((Eb.transpose(-1, -2) @ Eb) * (Ea.transpose(-1, -2) @ Ea)).sum((-1, -2))
-        # the bases are orthonormal: ‖S − P S P‖² = ‖S‖² − ‖P S P‖²
-        drift = (self.norm2 - kept).clamp_min(0).sqrt() * self.scale
-        if not self._tight:
-            return self.prior + drift
-        if Eb is None:  # nothing kept: the drift is the shared part itself, inside the old span
-            outside = torch.zeros_like(drift)
-        else:
-            # ‖(I − Π_old) P S P‖² = ‖P S P‖² − ‖Π_old P S P‖², Π_old the old bases' projection
-            YB, YA = left_batched(self.inside[0][:, :k_B], Eb), left_batched(self.inside[1][:, :k_A], Ea)
-            within = ((YB.transpose(-1, -2) @ YB) * (YA.transpose(-1, -2) @ YA)).sum((-1, -2))
-            outside = (kept - within).clamp_min(0).sqrt() * self.scale
-        return drift_bound(self.prior, drift, outside, self.slack)
-
-    def error_stats(self, k_B: int, k_A: int) -> tuple[float, float]:
-        """(sum, max) of the errors at this k."""
-        key = (k_B, k_A) if k_B and k_A else (0, 0)
-        if key not in self._cache:
-            e = self.errors(*key)
-            self._cache[key] = (float(e.sum()), float(e.max()) if e.numel() else 0.0)
-        return self._cache[key]
-
-    def coef_params(self, k_B: int, k_A: int) -> int:
-        return int(self.ranks.clamp(max=min(k_B, k_A)).sum()) * (k_B + k_A)
-
-
-@dataclass
-class ModulePlan:
-    """The representation chosen for one module.
-
-    ``private_ranks`` and ``predicted_errors`` list the planned (not frozen) tasks; frozen tasks
-    count in ``params``, ``mean_error`` and the totals below.
-    """
-
-    k_B: int
-    k_A: int
-    private_ranks: list[int]
-    predicted_errors: list[float]
-    params: int
-    #: storage (parameters) of the cheapest pure-sharing and no-sharing plans meeting the same target
-    alternatives: dict[str, int | None] | None = None
-    frozen_count: int = 0
-    frozen_error_sum: float = 0.0
-    #: the target could not be met because of errors from earlier checkpoints; it held this step's error
-    target_relaxed: bool = False
-
-    @property
-    def kind(self) -> str:
-        """'shared' (pure Share), 'private' (independent truncation, no sharing) or 'mixed'."""
-        if self.k_B == 0 and self.k_A == 0:
-            return "private"
-        return "shared" if not any(self.private_ranks) else "mixed"
-
-    @property
-    def mean_error(self) -> float:
-        count = len(self.predicted_errors) + self.frozen_count
-        return (sum(self.predicted_errors) + self.frozen_error_sum) / max(count, 1)
-
-
-class ModulePlanner:
-    """Evaluates plans for one module of shape ``n × d`` (out × in).
-
-    The tasks' figures are held as padded tensors (one row per task, columns up to the largest
-    rank), so that evaluating a candidate k is a few batched expressions whatever the number of
-    tasks: no Python loop over tasks on the search path (issue 12).
-    """
-
-    def __init__(self, n: int, d: int, fits: list[TaskFit], frozen: FrozenTasks | None = None):
-        K_B = max([f.Eb.shape[0] for f in fits], default=0)
-        K_A = max([f.Ea.shape[0] for f in fits], default=0)
-        R = max([f.rank for f in fits], default=0)
-        f64, device = torch.float64, fits[0].s.device if fits else torch.device("cpu")
-        self._init(
-            n,
-            d,
-            *_padded(fits, R, K_B, K_A),
-            ranks=torch.tensor([f.rank for f in fits], dtype=torch.int64, device=device),
-            norm2=torch.tensor([f.norm2 for f in fits], dtype=f64, device=device),
-            prior=torch.tensor([f.prior for f in fits], dtype=f64, device=device),
-            ratio=torch.tensor([f.ratio for f in fits], dtype=f64, device=device),
-            slack=torch.tensor([f.slack for f in fits], dtype=f64, device=device),
-            frozen=frozen,
-        )
-        self._fits = fits
-
-    @classmethod
-    def stacked(
-        cls,
-        n: int,
-        d: int,
-        s: torch.Tensor,
-        Eb: torch.Tensor,
-        Ea: torch.Tensor,
-        *,
-        ranks: torch.Tensor,
-        norm2: torch.Tensor,
-        prior: torch.Tensor,
-        ratio: torch.Tensor,
-        slack: torch.Tensor | None = None,
-    ) -> ModulePlanner:
-        """A planner over tasks given as padded stacks: ``s`` (T × R), ``Eb`` (T × K_B × R), ``Ea``
-        (T × K_A × R), float64, zero past each task's rank; ``prior``, ``ratio`` and ``slack`` as in
-        :class:`TaskFit`. No object per task is made unless :attr:`fits` is asked for."""
-        planner = cls.__new__(cls)
-        planner._init(n, d, s, Eb, Ea, ranks=ranks, norm2=norm2, prior=prior, ratio=ratio, slack=slack, frozen=None)
-        planner._fits = None
-        return planner
-
-    def _init(self, n, d, s, Eb, Ea, *, ranks, norm2, prior, ratio, frozen, slack=None) -> None:
-        self.n, self.d = n, d
-        #: tasks whose private rank is fixed at 0 here (old tasks during a continual update)
-        self.frozen = frozen
-        self.K_B = max([Eb.shape[1]] + ([frozen.Eb.shape[1]] if frozen is not None else []))
-        self.K_A = max([Ea.shape[1]] + ([frozen.Ea.shape[1]] if frozen is not None else []))
-        self.ranks, self.norm2, self.prior, self.ratio = ranks, norm2, prior, ratio
-        self.T = int(ranks.numel())
-        self.R = R = int(s.shape[1])
-        #: no task is a reconstruction: planned errors are the errors themselves
-        self._plain = bool(((prior == 0) & (ratio == 1)).all())
-        #: η of drift_bound per task (+inf: the triangle bound), used where a plan keeps each task's own directions
-        self.slack = slack if slack is not None else torch.full_like(prior, math.inf)
-        self._projections = bool(torch.isfinite(self.slack).any())
-        self._s, self._Eb, self._Ea = s, Eb, Ea
-        #: q ≤ rank: which private ranks each task can take (columns 0 … R)
-        self._allowed = torch.arange(R + 1, device=ranks.device)[None, :] <= ranks[:, None]
-        #: the tasks the mean error is over: planned and frozen, but not those whose ΔW is zero here
-        #: (an untrained export's 0% error would let the others' errors grow)
-        self.count = max(int((norm2 > 0).sum()) + (len(frozen) if frozen is not None else 0), 1)
-        self._tails: dict[tuple[int, int], torch.Tensor] = {}
-        #: the stacks' coordinates in the bases (k × columns), when the planner was built from them
-        self.projections: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def inherit(self, narrower: ModulePlanner) -> None:
-        """Reuse the error tails of a planner whose bases are prefixes of this one's (same tasks):
-        a tail is keyed by the prefixes (k_B, k_A) it was computed on, which are unchanged."""
-        self._tails.update(narrower._tails)
-
-    @property
-    def fits(self) -> list[TaskFit]:
-        """The tasks, one :class:`TaskFit` each (views of the stacks when the planner was built from them)."""
-        if self._fits is None:
-            self._fits = [
-                TaskFit(self._s[i, :r], self._Eb[i, :, :r], self._Ea[i, :, :r], float(p), float(q), float(h))
-                for i, (r, p, q, h) in enumerate(
-                    zip(self.ranks.tolist(), self.prior.tolist(), self.ratio.tolist(), self.slack.tolist())
-                )
-            ]
-        return self._fits
-
-    # -- storage ------------------------------------------------------------------------------------
-    def shared_params(self, k_B: int, k_A: int) -> int:
-        """Parameters of the bases (and their k × k Gram matrices) plus every task's coefficients."""
-        if k_B == 0 or k_A == 0:
-            return 0
-        coef = int(self.ranks.clamp(max=min(k_B, k_A)).sum()) * (k_B + k_A)
-        if self.frozen is not None:
-            coef += self.frozen.coef_params(k_B, k_A)
-        return k_B * self.n + k_A * self.d + k_B * k_B + k_A * k_A + coef
-
-    def original_params(self) -> int:
-        frozen = int(self.frozen.ranks.sum()) if self.frozen is not None else 0
-        return (int(self.ranks.sum()) + frozen) * (self.n + self.d)
-
-    def has_priors(self) -> bool:
-        """Whether some task brings an error from an earlier checkpoint."""
-        frozen = self.frozen is not None and bool((self.frozen.prior > 0).any())
-        return frozen or bool((self.prior > 0).any())
-
-    def without_priors(self) -> ModulePlanner:
-        """The same planner with every task's earlier error set aside (errors of this step only)."""
-        fits = [TaskFit(f.s, f.Eb, f.Ea) for f in self.fits]
-        frozen = None
-        if self.frozen is not None:
-            frozen = dataclasses.replace(self.frozen, prior=torch.zeros_like(self.frozen.prior))
-        return ModulePlanner(self.n, self.d, fits, frozen)
-
-    def frozen_stats(self, k_B: int, k_A: int) -> tuple[float, float]:
-        """(sum, max) of the frozen tasks' errors at this k; (0, 0) without frozen tasks."""
-        return self.frozen.error_stats(k_B, k_A) if self.frozen is not None else (0.0, 0.0)
-
-    def sides(self, k: int) -> tuple[int, int]:
-        return min(k, self.K_B), min(k, self.K_A)
-
-    # -- errors --------------------------------------------------------------------------------------
-    def _relative(self, energy: torch.Tensor, inside: bool = False) -> torch.Tensor:
-        """Planned errors from residual energies (``T × …``): √(energy / ‖ΔW‖²), 0 where ΔW = 0,
-        or their bounds for tasks that are reconstructions (prior + ratio × error, spec section 5;
-        :func:`drift_bound` with no outside part where ``inside``: each task keeps its own directions)."""
-        shape = (-1, *([1] * (energy.dim() - 1)))  # per task, broadcast over the other dimensions
-        norm2 = self.norm2.view(shape)
-        errs = torch.where(norm2 > 0, (energy / norm2.clamp_min(1e-300)).clamp_min(0).sqrt(), 0.0)
-        if self._plain:
-            return errs
-        drift = self.ratio.view(shape) * errs
-        if inside and self._projections:
-            prior, slack = self.prior.view(shape).expand_as(drift), self.slack.view(shape).expand_as(drift)
-            return drift_bound(prior, drift, torch.zeros_like(drift), slack)
-        return self.prior.view(shape) + drift
-
-    def shared_error_tensor(self, k_B: int, k_A: int) -> torch.Tensor:
-        """Per task, the error of pure sharing (q = 0): e² = 1 − ‖E_B E_Aᵀ‖² / ‖ΔW‖² (spec, section 4)."""
-        if k_B == 0 or k_A == 0:
-            return self._relative(self.norm2.clone(), inside=True)
-        Eb, Ea = self._Eb[:, :k_B], self._Ea[:, :k_A]
-        kept = ((Eb.transpose(-1, -2) @ Eb) * (Ea.transpose(-1, -2) @ Ea)).sum((-1, -2))
-        return self._relative(self.norm2 - kept)
-
-    def shared_errors(self, k_B: int, k_A: int) -> list[float]:
-        """:meth:`shared_error_tensor` as a list."""
-        return self.shared_error_tensor(k_B, k_A).tolist()
-
-    def tails(self, k_B: int, k_A: int) -> torch.Tensor:
-        """Per task (rows), the relative error for q = 0 … R private directions at this k
-        (``T × (R + 1)``; columns past a task's rank repeat nothing meaningful: see ``_allowed``)."""
-        if k_B == 0 or k_A == 0:
-            k_B = k_A = 0
-        key = (k_B, k_A)
-        if key in self._tails:
-            return self._tails[key]
-        T, R = self.T, self.R
-        if k_B == 0:  # no shared part: the residual is ΔW itself, whose spectrum is known
-            spec = self._s**2
-        else:
-            spec = residual_spectrum(self._s, self._Eb[:, :k_B], self._Ea[:, :k_A])  # (T, 2R) descending
-        # energy left after keeping q private directions, q = 0 … R
-        tail = spec.flip(-1).cumsum(-1).flip(-1)
-        tail = torch.cat([tail, tail.new_zeros(T, 1)], -1)[:, : R + 1]
-        self._tails[key] = out = self._relative(tail, inside=k_B == 0)
-        return out
-
-    def evaluate(self, k_B: int, k_A: int, q) -> ModulePlan:
-        tails = self.tails(k_B, k_A)
-        q = torch.as_tensor(q, dtype=torch.int64, device=tails.device)
-        errs = tails.gather(1, q[:, None]).squeeze(1) if self.T else tails.new_zeros(0)
-        params = self.shared_params(k_B, k_A) + int(q.sum()) * (self.n + self.d)
-        if k_B == 0 or k_A == 0:
-            k_B = k_A = 0
-        return self._plan(k_B, k_A, q.tolist(), errs.tolist(), params)
-
-    def _plan(self, k_B: int, k_A: int, q: list[int], errs: list[float], params: int) -> ModulePlan:
-        frozen_sum = self.frozen_stats(k_B, k_A)[0]
-        count = len(self.frozen) if self.frozen is not None else 0
-        return ModulePlan(k_B, k_A, q, errs, params, frozen_count=count, frozen_error_sum=frozen_sum)
-
-    def grid(self, extra: tuple[int, ...] = ()) -> list[int]:
-        K = max(self.K_B, self.K_A)
-        return sorted({k for k in K_GRID if k <= K} | {K} | {k for k in extra if 0 <= k <= K})
-
-    # -- allocation of private ranks --------------------------------------------------------------------
-    def _greedy(self, tails: torch.Tensor, *, slots: int | None = None, total_at_most: float | None = None):
-        """Private directions added one at a time to the task whose error drops most, until
-        ``slots`` directions are taken or the sum of the errors is ≤ ``total_at_most``.
-
-        Vectorized: taking the largest available drop each time takes the drops in decreasing
-        order of their running minimum along each task's tail (a drop cannot be taken before the
-        ones ahead of it in its task, and never before a larger one elsewhere), so one stable
-        sort replaces the heap; ties go to the earlier task, as they did. Returns q per task.
-        """
-        T = self.T
-        q = torch.zeros(T, dtype=torch.int64, device=tails.device)
-        if T == 0 or self.R == 0:
-            return q
-        drops = tails[:, :-1] - tails[:, 1:]  # T × R: the drop from q to q + 1
-        live = self._allowed[:, 1:]
-        keys = torch.cummin(drops, dim=1).values[live]  # task-major order, within a task by q
-        gains = drops[live]
-        owner = torch.arange(T, device=drops.device)[:, None].expand_as(drops)[live]
-        order = torch.sort(keys, descending=True, stable=True).indices
-        gains, owner = gains[order], owner[order]
-        if slots is not None:
-            taken = min(max(int(slots), 0), int(gains.numel()))
-        else:
-            # the sum of the errors after t directions, t = 0 … all: the first that meets the bound
-            totals = float(tails[:, 0].sum()) - torch.cat([gains.new_zeros(1), gains.cumsum(0)])
-            hit = (totals <= total_at_most).nonzero()
-            taken = int(hit[0]) if hit.numel() else int(gains.numel())
-        return q.index_add_(0, owner[:taken], torch.ones(taken, dtype=torch.int64, device=q.device))
+class ModulePlanner(PlanSpace):
+    """Chooses one module's plan: a fixed k, the least storage meeting an error target, the least
+    error within a budget, and the extremes (pure sharing, truncation) for comparison."""
 
     # -- the three ways of choosing ---------------------------------------------------------------------
     def fixed(self, k: int, private_rank: int = 0) -> ModulePlan:
@@ -478,7 +65,7 @@ class ModulePlanner:
             else:
                 excess = float(errs.sum()) + frozen_sum - error * T
                 movable = float(errs.max()) if errs.numel() else 0.0
-                needed = 0 if excess <= 0 else (math.ceil(excess / movable - 1e-9) if movable > 0 else None)
+                needed = 0 if excess <= 0 else (math.ceil(excess / movable - COUNT_TOL) if movable > 0 else None)
                 if needed is None:
                     continue
             if best is not None and base + needed * step >= best.params:
@@ -515,8 +102,8 @@ class ModulePlanner:
             q = ok.to(torch.int8).argmax(1)  # the first private rank that meets the target
         else:
             # the same tolerance as the check below: a running sum must not tip a plan that sits on the target
-            q = self._greedy(tails, total_at_most=error * T + 1e-12 - frozen_sum)
-            if float(tails.gather(1, q[:, None]).sum()) + frozen_sum > error * T + 1e-12:
+            q = self._greedy(tails, total_at_most=error * T + TARGET_TOL - frozen_sum)
+            if float(tails.gather(1, q[:, None]).sum()) + frozen_sum > error * T + TARGET_TOL:
                 return None
         return self.evaluate(k_B, k_A, q)
 
@@ -528,7 +115,7 @@ class ModulePlanner:
             value = max(float(errs.max()) if errs.numel() else 0.0, frozen_max)
         else:
             value = (float(errs.sum()) + frozen_sum) / self.count
-        return value <= error + 1e-12
+        return value <= error + TARGET_TOL
 
     def pure_sharing_for_target(self, error: float, metric: str = "mean") -> ModulePlan | None:
         """The smallest k whose pure-sharing plan (q = 0) meets the target, or None."""
@@ -602,29 +189,12 @@ class ModulePlanner:
         return self.evaluate(0, 0, self.ranks.clamp(max=h))
 
 
-def _padded(fits: list[TaskFit], R: int, K_B: int, K_A: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The tasks' singular values and coordinates stacked, zero-padded to rank R and to K_B, K_A
-    basis vectors (zero columns change no error, residual spectrum or Gram matrix)."""
-    f64, device = torch.float64, fits[0].s.device if fits else torch.device("cpu")
-    T = len(fits)
-    if T and all(f.rank == R and f.Eb.shape[0] == K_B and f.Ea.shape[0] == K_A for f in fits):
-        stack = [torch.stack([getattr(f, a) for f in fits]).to(f64) for a in ("s", "Eb", "Ea")]
-        return stack[0], stack[1], stack[2]
-    s = torch.zeros(T, R, dtype=f64, device=device)
-    Eb, Ea = torch.zeros(T, K_B, R, dtype=f64, device=device), torch.zeros(T, K_A, R, dtype=f64, device=device)
-    for i, f in enumerate(fits):
-        s[i, : f.rank] = f.s
-        Eb[i, : f.Eb.shape[0], : f.rank] = f.Eb
-        Ea[i, : f.Ea.shape[0], : f.rank] = f.Ea
-    return s, Eb, Ea
-
-
 def energy_k(s: torch.Tensor, total: float, tau: float) -> int:
     """Smallest k whose singular values ``s`` hold a fraction ≥ τ of ``total`` (spec, section 2.5)."""
     if total <= 0 or s.numel() == 0:
         return 0
     cum = (s**2).cumsum(0) / total
-    hits = (cum >= tau * (1 - 1e-9)).nonzero()
+    hits = (cum >= tau * (1 - ENERGY_RTOL)).nonzero()
     return int(hits[0]) + 1 if hits.numel() else s.numel()
 
 
@@ -641,3 +211,33 @@ def task_weights(norms, weighting: str) -> torch.Tensor:
     if weighting != "equal":
         return torch.ones_like(norms)
     return torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
+
+
+@dataclass(frozen=True)
+class BasisSpectra:
+    """What an energy fraction (``--energy``) is measured on: the singular values of a module's two
+    candidate bases and, computed only when asked for, the total energy of each side."""
+
+    s_B: torch.Tensor
+    s_A: torch.Tensor
+    totals: Callable[[], tuple[float, float]]
+
+
+def choose_plan(planner: ModulePlanner, config: ConsolidationConfig, spectra: BasisSpectra) -> ModulePlan:
+    """The plan step of every way a module is computed (merge, the budget pass, add, refits): a
+    fixed k, an energy fraction, or the least storage meeting the error target.
+
+    A ``--budget`` is spent across modules by ``merge`` first (an error target per module) and never
+    reaches one module; ``add`` keeps the error target.
+    """
+    mode = config.mode()
+    if mode == "fixed":
+        return planner.fixed(config.k, config.private_rank)
+    if mode == "energy":
+        total_B, total_A = spectra.totals()
+        kB = energy_k(spectra.s_B, total_B, config.energy)
+        kA = energy_k(spectra.s_A, total_A, config.energy)
+        return planner.evaluate(kB, kA, [0] * planner.T)
+    if mode == "budget":
+        raise ValueError("a --budget is spent across modules by merge(): plan each module at its target")
+    return planner.for_target(config.target_error, config.target_metric)

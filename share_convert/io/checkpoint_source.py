@@ -10,6 +10,7 @@ import torch
 from ..checkpoint.reader import Checkpoint
 from .factors import LoraFactors
 from .provenance import recorded_source
+from .task_source import Prior
 
 
 class CheckpointTask:
@@ -49,9 +50,9 @@ class CheckpointTask:
         """The rank of the adapter this task came from (what it stores here may be less)."""
         return int(self.ckpt.modules[module]["tasks"][self.source_task]["original_rank"])
 
-    def prior(self, module: str) -> tuple[float, float, bool]:
+    def prior(self, module: str) -> Prior:
         t = self.ckpt.modules[module]["tasks"][self.source_task]
-        return t["error"], t["norm"], bool(t.get("bound"))
+        return Prior(t["error"], t["norm"], bool(t.get("bound")))
 
     def task_record(self) -> dict[str, Any]:
         return dict(self.record, from_checkpoint=self.from_checkpoint)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     import torch
 
     from .factors import LoraFactors
+
+
+class Prior(NamedTuple):
+    """What a task that is itself a reconstruction (a task of a checkpoint) brings from there."""
+
+    error: float  # its recorded error relative to its original ΔW
+    norm: float  # ‖ΔW‖ of its original
+    bound: bool  # whether that error is a bound rather than exact
 
 
 class TaskSource(Protocol):
@@ -26,4 +34,4 @@ class TaskSource(Protocol):
     def read_module(self, module: str) -> LoraFactors: ...
     def read_heads(self) -> dict[str, torch.Tensor]: ...
     def task_record(self) -> dict[str, Any]: ...
-    def prior(self, module: str) -> tuple[float, float, bool] | None: ...  # (error, ‖ΔW‖, is_bound) of a reconstruction
+    def prior(self, module: str) -> Prior | None: ...  # of a reconstruction; None for an adapter

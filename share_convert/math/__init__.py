@@ -12,6 +12,11 @@ from typing import Any
 
 #: name -> the module of this package that defines it
 _WHERE = {
+    "block_form": "bounds",
+    "drift_bound": "bounds",
+    "frobenius2": "traces",
+    "quadratic_form": "bounds",
+    "trace_product": "traces",
     "canonicalize": "linalg",
     "canonicalize_padded": "linalg",
     "left_batched": "linalg",

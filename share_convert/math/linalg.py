@@ -12,11 +12,8 @@ from contextlib import contextmanager
 
 import torch
 
-#: Singular values below ``RANK_RTOL × σ_max`` are treated as zero (numerical rank).
-RANK_RTOL = 1e-6
-#: Cholesky-QR is used when the triangular factor's diagonal ratio exceeds this (cond(X) < 1e5);
-#: below it the factorization would lose digits and the Householder route is taken.
-CHOLESKY_MIN_RATIO = 1e-5
+from .tolerances import CANONICAL_RTOL, CHOLESKY_MIN_RATIO, RANK_RTOL
+from .traces import frobenius2, trace_product
 
 
 @contextmanager
@@ -70,7 +67,7 @@ def fix_signs(U: torch.Tensor) -> torch.Tensor:
 
 
 def canonicalize(
-    B: torch.Tensor, A: torch.Tensor, *, max_rank: int | None = None, rtol: float = 1e-10
+    B: torch.Tensor, A: torch.Tensor, *, max_rank: int | None = None, rtol: float = CANONICAL_RTOL
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Balanced SVD form of ΔW = B Aᵀ (spec, section 2, step 2).
 
@@ -152,7 +149,7 @@ def canonicalize_many(
         signs = fix_signs(Bc_all).unsqueeze(-2)  # for the whole chunk at once
         Bc_all.mul_(signs)
         Ac_all.mul_(signs)
-        keeps = ((S > 1e-10 * S[:, :1]) & (S[:, :1] > 0)).sum(-1).tolist()
+        keeps = ((S > CANONICAL_RTOL * S[:, :1]) & (S[:, :1] > 0)).sum(-1).tolist()
         for j, (i, good, keep) in enumerate(zip(idx, ok.tolist(), keeps)):
             if not good:
                 Bc, Ac, sv = canonicalize(Bs[i], As[i])
@@ -163,7 +160,7 @@ def canonicalize_many(
 
 
 def canonicalize_padded(
-    B: torch.Tensor, A: torch.Tensor, rtol: float = 1e-10
+    B: torch.Tensor, A: torch.Tensor, rtol: float = CANONICAL_RTOL
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`canonicalize` of a batch of small factor pairs, zero-padded to a common width.
 
@@ -325,13 +322,13 @@ def left_batched(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
 def frob2(B: torch.Tensor, A: torch.Tensor) -> float:
     """‖B Aᵀ‖²_F = tr((BᵀB)(AᵀA)), in float64 (spec, section 4)."""
     B, A = B.to(torch.float64), A.to(torch.float64)
-    return float(((B.T @ B) * (A.T @ A)).sum())
+    return float(frobenius2(B, A))
 
 
 def inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
     """⟨B1 A1ᵀ, B2 A2ᵀ⟩_F = tr((B1ᵀB2)(A2ᵀA1)), in float64 (spec, section 4)."""
     B1, A1, B2, A2 = (x.to(torch.float64) for x in (B1, A1, B2, A2))
-    return float(((B1.T @ B2) * (A1.T @ A2)).sum())
+    return float(trace_product(B1, A1, B2, A2))
 
 
 def relative_error(B: torch.Tensor, A: torch.Tensor, Bh: torch.Tensor, Ah: torch.Tensor) -> float:

@@ -25,17 +25,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..engine.consolidation import (
-    BUDGET_TARGETS,
-    ConsolidationConfig,
-    ModuleStack,
-    Progress,
-    TaskSource,
-    allocate_budget,
-    check_compatible,
-    prepare_member,
-)
+from ..engine.budget import BUDGET_TARGETS, allocate_budget
 from ..engine.grouping import cluster_tasks
+from ..engine.members import ConsolidationConfig, Progress, TaskSource, check_compatible, prepare_member
+from ..engine.stacks import ModuleStack
 from ..errors import InvalidOptionError
 from .summary import base_model_warning
 

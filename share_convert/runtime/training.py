@@ -53,6 +53,7 @@ from ..files.atomic import publish_dir, temp_dir_beside
 from ..io.export import prepare_output_dir
 from ..io.peft import PEFT_PREFIX
 from ..math.linalg import canonicalize, principal_basis
+from ..math.tolerances import RANK_RTOL
 from ..names import path_under, validate_task_name
 from .model import ShareHead, ShareLayer, model_path
 
@@ -411,7 +412,7 @@ def _orthonormal(basis: torch.Tensor) -> torch.Tensor:
     if (b64.T @ b64 - eye).abs().max() <= _ORTHONORMAL_TOL:
         return basis
     U, S, _ = torch.linalg.svd(b64, full_matrices=False)
-    rank = int((S > 1e-6 * S[0]).sum())
+    rank = int((S > RANK_RTOL * S[0]).sum())
     return U[:, :rank].to(basis.dtype).contiguous()
 
 

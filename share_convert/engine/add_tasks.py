@@ -1,0 +1,190 @@
+"""``add``: new adapters (or another checkpoint's tasks) folded into a checkpoint (spec, section 5).
+
+Old tasks' errors can only be bounded after an update (their originals are gone): the new error
+is at most the old error plus the drift ‖ΔŴ_before − ΔŴ_after‖ / ‖ΔW‖, both recorded, and less
+where the stored task was a projection in the old bases (:func:`share_convert.math.bounds.drift_bound`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace as dc_replace
+from itertools import compress
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint.publish import check_output, same_checkpoint
+from ..checkpoint.reader import Checkpoint
+from ..checkpoint.records import RecordTable
+from ..checkpoint.sharding import DEFAULT_MAX_SHARD_SIZE, parse_size
+from ..checkpoint.writer import CheckpointWriter
+from ..config import ConsolidationConfig
+from ..errors import DuplicateTaskError, IncompatibleAdaptersError, InvalidOptionError
+from ..math.linalg import deterministic, load_linalg
+from .consolidation import consolidate_module
+from .members import Progress, TaskSource, check_compatible, named_dtype, natural_key, read_members, storage_dtype
+from .old_tasks import carry_module
+from .parallel import auto_workers, ordered_map
+from .pipeline import build_manifest, module_record, write_module
+from .refit import refit_module
+from .results import ModuleResult
+from .tasks import KeptTask, config_of
+from .update import update_grouped_module, update_module
+
+
+def add(
+    checkpoint: str | Path | Checkpoint,
+    sources: Sequence[TaskSource],
+    output: str | Path,
+    config: ConsolidationConfig | None = None,
+    *,
+    replace: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+    workers: int | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> dict[str, Any]:
+    """Fold ``sources`` into ``checkpoint`` and write the result to ``output`` (may be the same path).
+
+    ``config`` defaults to the checkpoint's own options. Existing task names are an error unless
+    ``replace``, in which case the old task is dropped first. ``workers`` modules are updated at
+    once, as in :func:`merge` (the output does not depend on it).
+    """
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    config = config or config_of(ckpt)
+    config.validate()
+    max_shard_size = parse_size(max_shard_size)
+    output = Path(output)
+    if not sources:
+        raise InvalidOptionError("no new adapters were given", hint="Pass adapter folders, files, globs or checkpoints")
+    check_output(output, force or same_checkpoint(output, ckpt))
+    clashes = [s.task for s in sources if s.task in ckpt.tasks]
+    if clashes and not replace:
+        raise DuplicateTaskError(
+            f"task {clashes[0]!r} already exists in the checkpoint",
+            path=ckpt.path,
+            hint="Pass --replace to replace it, or rename: NAME=PATH",
+        )
+    old_tasks = [t for t in ckpt.tasks if t not in clashes]
+    clashed = set(clashes)
+    new_shapes = check_compatible(list(sources))
+    for name, (n, d, _) in new_shapes.items():
+        if name in ckpt.modules:
+            info = ckpt.modules[name]
+            if (info["out_features"], info["in_features"]) != (n, d):
+                raise IncompatibleAdaptersError(
+                    f"module {name} is {n}×{d} in the new adapters but {info['out_features']}×{info['in_features']} "
+                    "in the checkpoint: they adapt different base models",
+                    path=ckpt.path,
+                    hint="Add adapters of the checkpoint's base model",
+                )
+    if not set(new_shapes) & set(ckpt.modules):
+        raise IncompatibleAdaptersError(
+            "the new adapters share no module with the checkpoint: they adapt a different base model",
+            path=ckpt.path,
+            hint="Add adapters of the checkpoint's base model",
+        )
+    dtype = storage_dtype(config, [s.weights_dtype for s in sources]) if config.dtype != "auto" else None
+    modules_out: dict[str, Any] = {}
+    all_modules = sorted(set(ckpt.modules) | set(new_shapes), key=natural_key)
+    drifted: set[str] = set()
+    worst = 0.0
+    with deterministic(), CheckpointWriter(output, max_shard_size) as writer:
+        for t in old_tasks:
+            for key in ckpt.task(t).get("heads", []):
+                ckpt.copy_to(writer, f"tasks/{t}/heads/{key}")
+        for src in sources:
+            for key, tensor in src.read_heads().items():
+                writer.add(f"tasks/{src.task}/heads/{key}", tensor)
+        # updates never plan against a budget (budgets are per merge): a new module keeps the error target
+        module_config = dc_replace(config, budget=None) if config.mode() == "budget" else config
+
+        def work(name: str) -> ModuleResult | None:
+            """One module's update (None: no new task has it, it is carried as it is)."""
+            old_info = ckpt.modules.get(name)
+            mdtype = module_dtype(name)
+            members = read_members([s for s in sources if name in s.module_shapes()], name, config)
+            if old_info is None:
+                n, d, _ = new_shapes[name]
+                return consolidate_module(name, n, d, members, module_config, mdtype)
+            if not members:
+                return None
+            # in the module's own order (its stored rows' order), without the replaced tasks
+            kept = [t for t in old_info["tasks"] if t not in clashed]
+            if "groups" in old_info:
+                return update_grouped_module(ckpt, name, kept, clashes, members, module_config, mdtype)
+            res = update_module(ckpt, name, kept, members, module_config, mdtype)
+            n, d = old_info["out_features"], old_info["in_features"]
+            if stored_params(res, n, d) > original_params(res, n, d):
+                # the incremental update keeps the shared bases; here that stores more than the originals
+                # did, so consolidate the module again from the old tasks' reconstructions, as merge
+                # would (it may keep each task's own directions instead), and keep the smaller
+                alternative = refit_module(ckpt, name, kept, members, module_config, mdtype)
+                if stored_params(alternative, n, d) < stored_params(res, n, d):
+                    return alternative
+            return res
+
+        def module_dtype(name: str) -> torch.dtype:
+            old_info = ckpt.modules.get(name)
+            if dtype is not None:
+                return dtype
+            return (
+                named_dtype(old_info["dtype"])
+                if old_info
+                else storage_dtype(config, [s.weights_dtype for s in sources])
+            )
+
+        load_linalg(config.torch_device())
+        shapes = [s.module_shapes() for s in sources]
+        new_params = [sum(sh[m][2] for sh in shapes if m in sh) * (n + d) for m, (n, d, _) in new_shapes.items()]
+        if workers is None:
+            workers = auto_workers(max(new_params, default=0))
+        # modules are computed concurrently and written in order (as in merge)
+        for step, (name, res) in enumerate(zip(all_modules, ordered_map(work, all_modules, workers))):
+            if progress:
+                progress(name, step, len(all_modules))
+            if res is None:
+                carried = carry_module(ckpt, writer, name, old_tasks, clashes, config.weighting)
+                if carried is not None:
+                    modules_out[name] = carried
+                continue
+            table = RecordTable.from_dicts(res.records)
+            moved = table.float_column("drift")
+            drifted.update(compress(table.tasks, (moved >= 0).tolist()))
+            worst = max(worst, float(moved.max(initial=0.0)))
+            write_module(writer, name, res, module_dtype(name), ckpt)
+            modules_out[name] = module_record(*_shape(ckpt, new_shapes, name), res, module_dtype(name))
+        if progress:
+            progress("", len(all_modules), len(all_modules))
+        old_sources = [KeptTask(ckpt, t) for t in old_tasks]
+        manifest = build_manifest(
+            config, [*old_sources, *sources], modules_out, ckpt.history, "add", added=[s.task for s in sources]
+        )
+        entry = manifest["history"][-1]
+        entry["tasks_replaced"] = clashes
+        entry["drift_summary"] = {"tasks": len(drifted), "max": worst}
+        writer.finish(manifest)
+    return manifest
+
+
+def stored_params(res: ModuleResult, n: int, d: int) -> int:
+    """Parameters one module's result stores: bases and their Gram matrices, every task's
+    coefficients and private factors."""
+    table = RecordTable.from_dicts(res.records)
+    k_B, k_A = res.plan.k_B, res.plan.k_A
+    ranks, private = table.int_column("rank"), table.int_column("private_rank")
+    bases = k_B * n + k_A * d + k_B * k_B + k_A * k_A
+    return bases + int(ranks.sum()) * (k_B + k_A) + int(private.sum()) * (n + d)
+
+
+def original_params(res: ModuleResult, n: int, d: int) -> int:
+    """Parameters the originals of one module's tasks had (LoRA factors, r × (n + d) each)."""
+    return int(RecordTable.from_dicts(res.records).int_column("original_rank").sum()) * (n + d)
+
+
+def _shape(ckpt: Checkpoint, new_shapes: dict, name: str) -> tuple[int, int]:
+    if name in ckpt.modules:
+        return ckpt.modules[name]["out_features"], ckpt.modules[name]["in_features"]
+    return new_shapes[name][0], new_shapes[name][1]

@@ -1,0 +1,125 @@
+"""A ``--budget`` spent across modules: an error target per module (a merge's first pass)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace as dc_replace
+
+import torch
+
+from ..config import ConsolidationConfig, parse_budget
+from ..io.stack import OpenFiles
+from .consolidation import plan_group
+from .members import TaskSource, read_members
+from .parallel import ordered_map
+from .stacks import ModuleStack
+
+
+def budget_targets(
+    sources: Sequence[TaskSource],
+    modules: dict[str, tuple[int, int, list[int]]],
+    config: ConsolidationConfig,
+    dtype: torch.dtype,
+    total_original: int,
+    fixed_bytes: int,
+    workers: int,
+    files: OpenFiles | None = None,
+) -> dict[str, float]:
+    """Under ``--budget``, the error target of each module that spends the budget best (else {}).
+
+    A first pass reads every module and plans it at each of ``BUDGET_TARGETS`` (the least storage
+    meeting that mean error); :func:`allocate_budget` then chooses per module. The second pass
+    (``merge``) consolidates each module at its target: a budget merge reads its inputs twice.
+    """
+    if config.mode() != "budget":
+        return {}
+    kind, value = parse_budget(config.budget)
+    size = torch.empty((), dtype=dtype).element_size()
+    budget_params = total_original / value if kind == "ratio" else max((value - fixed_bytes) / size, 0.0)
+
+    def frontier(item: tuple[str, tuple[int, int, list[int]]]) -> list[tuple[int, float]]:
+        name, (n, d, idx) = item
+        members = read_members([sources[i] for i in idx], name, config, files)
+        stack = ModuleStack(n, d, members, config)
+        points = []
+        for eps in BUDGET_TARGETS:
+            at = dc_replace(config, budget=None, target_error=eps, target_metric="mean")
+            plan = plan_group(stack, at)[2]
+            points.append((plan.params, plan.mean_error * len(members)))
+        return points
+
+    frontiers = dict(zip(modules, ordered_map(frontier, list(modules.items()), workers)))
+    return {m: BUDGET_TARGETS[j] for m, j in allocate_budget(frontiers, budget_params).items()}
+
+
+#: The error targets a --budget is allocated among, per module (mean ΔW error over the module's tasks).
+BUDGET_TARGETS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9)
+
+
+def allocate_budget(frontiers: dict[str, list[tuple[int, float]]], budget_params: float) -> dict[str, int]:
+    """Spend a storage budget across modules: per module, which point of its frontier to take.
+
+    ``frontiers[m][j]`` is (parameters, sum of task errors) of module m's least-storage plan at
+    ``BUDGET_TARGETS[j]``. Two allocations are compared and the one with the lower total error is
+    kept: the same target everywhere (the largest spending that fits), and a greedy by marginal error
+    per parameter (each step moves the module whose step lowers the error most per extra parameter,
+    while the total fits; a step may skip points where a frontier is not convex). The first
+    guarantees that at the storage of the default target plan, a budget plan is never worse than
+    it; the second spends storage where it pays most.
+    Returns the index into ``BUDGET_TARGETS`` per module (the cheapest point when nothing fits).
+    """
+    import heapq
+
+    names = list(frontiers)
+    last = len(BUDGET_TARGETS) - 1
+
+    def total(choice: dict[str, int]) -> tuple[float, int]:
+        return (
+            sum(frontiers[m][j][1] for m, j in choice.items()),
+            sum(frontiers[m][j][0] for m, j in choice.items()),
+        )
+
+    fitting = []
+    for j in range(len(BUDGET_TARGETS)):  # the same target everywhere
+        choice = {m: j for m in names}
+        if total(choice)[1] <= budget_params:
+            fitting.append(choice)
+    # greedy: from the cheapest point of every module, the best error drop per parameter first
+    choice = {m: last for m in names}
+    spent = total(choice)[1]
+    heap: list[tuple[float, int, int]] = []
+
+    def push(i: int) -> None:
+        """Module i's steepest step from where it is: the point, among those that cost more, lower
+        the error and still fit, with the largest error drop per parameter (on a frontier that is
+        not convex this may skip points, as walking its lower convex hull does)."""
+        m = names[i]
+        j = choice[m]
+        p0, e0 = frontiers[m][j]
+        best: tuple[float, int] | None = None
+        for nxt in range(j - 1, -1, -1):
+            p1, e1 = frontiers[m][nxt]
+            if e1 < e0 and p1 > p0 and spent + (p1 - p0) <= budget_params:
+                rate = (e0 - e1) / (p1 - p0)
+                if best is None or rate > best[0]:
+                    best = (rate, nxt)
+        if best is not None:
+            heapq.heappush(heap, (-best[0], i, best[1]))
+
+    for i in range(len(names)):
+        push(i)
+    while heap:  # each module has at most one step in the heap
+        _rate, i, nxt = heapq.heappop(heap)
+        m = names[i]
+        extra = frontiers[m][nxt][0] - frontiers[m][choice[m]][0]
+        if spent + extra > budget_params:  # no longer fits: the module's best step that does
+            push(i)
+            continue
+        choice[m] = nxt
+        spent += extra
+        push(i)
+    if spent <= budget_params:
+        fitting.append(choice)
+    if not fitting:  # nothing fits: the least storage each module can have
+        return {m: last for m in names}
+    return min(fitting, key=total)

@@ -1,0 +1,88 @@
+"""One module's result: its plan, the tensors to write and the tasks' records."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..checkpoint.records import TaskRows
+from .planning import ModulePlan, ModulePlanner
+
+
+@dataclass
+class ModuleResult:
+    """One module computed: its plan, the tensors to write (or copy) and each task's record."""
+
+    plan: ModulePlan
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    records: Mapping[str, dict[str, Any]] = field(default_factory=dict)  # a dict, or a RecordTable
+    #: the planner the plan came from (its tasks' fits serve the grouping)
+    planner: ModulePlanner | None = None
+    groups: list[dict[str, Any]] | None = None
+    #: bases and Gram matrices of the source checkpoint kept byte for byte (continual updates)
+    carried: list[str] = field(default_factory=list)
+    #: each task's tensors in this module: coef_B, coef_A, private_B, private_A (those it has)
+    task_parts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    #: the tasks' tensors already stacked (updates of many old tasks); when set, ``task_parts`` is not written
+    rows: TaskRows | None = None
+
+
+@dataclass
+class GroupPart:
+    """One group of bases' share of a module with groups (spec, section 6): what its bases cost and
+    which tasks use them, their records, and its tensors (computed, copied, or already stacked)."""
+
+    k_B: int
+    k_A: int
+    kind: str
+    params: int
+    #: the tasks the group's manifest entry lists, in its order
+    tasks: list[str]
+    records: Mapping[str, dict[str, Any]]
+    #: each task's planned private rank; None: the rank its record shows
+    private_ranks: Mapping[str, int] | None = None
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    task_parts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    carried: list[str] = field(default_factory=list)
+    rows: TaskRows | None = None
+
+    @classmethod
+    def of(cls, res: ModuleResult, tasks: list[str], private_ranks: Mapping[str, int] | None = None) -> GroupPart:
+        """The part of a group computed as a module of its own (its bases under ``g<j>/``)."""
+        plan = res.plan
+        return cls(plan.k_B, plan.k_A, plan.kind, plan.params, tasks, res.records, private_ranks,
+                   res.tensors, res.task_parts, res.carried, res.rows)  # fmt: skip
+
+
+def assemble_groups(
+    parts: list[GroupPart], order: list[str], alternatives: dict[str, int | None] | None, dtype: torch.dtype
+) -> ModuleResult:
+    """One module result from its groups' parts (merge's split, or add's update of some groups):
+    the plan's sizes summed, one manifest entry per group, each task's record marked with its
+    group, in ``order``; the tasks' rows stacked when every part has them stacked."""
+    result = ModuleResult(plan=ModulePlan(0, 0, [], [], 0, alternatives))
+    result.groups = []
+    where: dict[str, tuple[int, dict[str, Any]]] = {}
+    for j, part in enumerate(parts):
+        result.tensors.update(part.tensors)
+        result.task_parts.update(part.task_parts)
+        result.carried += part.carried
+        entry = {"k_B": part.k_B, "k_A": part.k_A, "kind": part.kind, "params": part.params, "tasks": part.tasks}
+        result.groups.append(entry)
+        result.plan.k_B += part.k_B
+        result.plan.k_A += part.k_A
+        result.plan.params += part.params
+        for task, rec in part.records.items():
+            where[task] = (j, rec)
+    for task in order:
+        j, rec = where[task]
+        result.records[task] = dict(rec, group=j)
+        ranks = parts[j].private_ranks
+        result.plan.private_ranks.append(ranks[task] if ranks is not None else rec["private_rank"])
+        result.plan.predicted_errors.append(rec["error"])
+    if parts and all(part.rows is not None for part in parts):
+        result.rows = TaskRows.concat([part.rows for part in parts], dtype)
+    return result

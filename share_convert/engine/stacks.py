@@ -1,0 +1,147 @@
+"""One module's weighted stacks and their principal bases (spec, section 2, steps 3-5)."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ..config import ConsolidationConfig
+from ..math.linalg import extend_basis, principal_basis
+from .members import ModuleMember
+from .planning import ModulePlanner, TaskFit, task_weight
+
+
+class BasisFit(NamedTuple):
+    """Top-K bases of a module's two stacks, their singular values, and a planner over them."""
+
+    beta: torch.Tensor  # n × K_B, the output side's basis (on the compute device)
+    alpha: torch.Tensor  # d × K_A
+    s_B: torch.Tensor  # K_B, float64, on the CPU
+    s_A: torch.Tensor
+    planner: ModulePlanner
+
+
+class ModuleStack:
+    """One module's weighted stacks, ready for decomposition (spec, section 2, steps 3–4)."""
+
+    def __init__(self, n: int, d: int, members: list[ModuleMember], config: ConsolidationConfig):
+        self.n, self.d, self.members, self.config = n, d, members, config
+        #: each task's rank here (its canonical singular values); uniform: one rank, and those columns stacked
+        self.ranks = [int(m.s.numel()) for m in members]
+        self.uniform = len(set(self.ranks)) == 1 and all(
+            m.stacked[0].shape[1] == r for m, r in zip(members, self.ranks)
+        )
+        #: where this module is computed: the members' device
+        self.device = members[0].s.device if members else config.torch_device()
+        if self.uniform and members:  # one batched reduction, the same sums as one per task
+            self.norm2 = (torch.stack([m.s for m in members]) ** 2).sum(1)
+        else:
+            self.norm2 = torch.tensor([float((m.s**2).sum()) for m in members], dtype=torch.float64, device=self.device)
+        self.norms = [x**0.5 for x in self.norm2.tolist()]
+        self.weights = [task_weight(nm, config.weighting) for nm in self.norms]
+        self.stack_B, self.stack_A = (self._weighted(side) for side in (0, 1))
+        m_total = self.stack_B.shape[1]
+        self.cap = config.max_k or m_total
+        #: the most basis vectors either side can have
+        self.full = max(min(n, m_total, self.cap), min(d, m_total, self.cap))
+        #: fit(K) by K, and widen(K, fit) by (the fit's widths, K): each computed once
+        self._fits: dict[int, BasisFit] = {}
+        self._widened: dict[tuple[int, int, int], BasisFit] = {}
+
+    def _weighted(self, side: int) -> torch.Tensor:
+        """One side's stack: every task's columns times √weight, side by side (``n × Σr``)."""
+        parts = [m.stacked[side] for m in self.members]
+        roots = [w**0.5 for w in self.weights]
+        if self.uniform and len(parts) > 1:  # one rank: a batched product, then one copy into place
+            T, rows, r = len(parts), parts[0].shape[0], parts[0].shape[1]
+            scale = torch.tensor(roots, dtype=torch.float32, device=self.device)[:, None, None]
+            return (torch.stack(parts).float() * scale).permute(1, 0, 2).reshape(rows, T * r)
+        return torch.cat([p.float() * w for p, w in zip(parts, roots)], 1)
+
+    def energy_totals(self) -> tuple[float, float]:
+        """Each stack's total energy ‖stack‖² (float64): what an energy fraction is of."""
+        return float(self.stack_B.double().pow(2).sum()), float(self.stack_A.double().pow(2).sum())
+
+    def fit(self, K: int) -> BasisFit:
+        """Top-K bases of both stacks and a planner over them (computed once per K)."""
+        if K not in self._fits:
+            self._fits[K] = self._fit(K)
+        return self._fits[K]
+
+    def widen(self, K: int, fit: BasisFit) -> BasisFit:
+        """``fit`` (the result of :meth:`fit` or :meth:`widen`) widened to K vectors per side.
+
+        The vectors already computed are kept and new ones found in what they leave out
+        (:func:`share_convert.math.linalg.extend_basis`), so widening costs the new vectors only, and
+        the planner keeps every error it computed on the narrower bases (they are prefixes of the new).
+        """
+        beta, alpha, sB, sA, planner = fit
+        if planner.projections is None:  # not built from projections: fit afresh
+            return self.fit(K)
+        key = (beta.shape[1], alpha.shape[1], K)
+        if key not in self._widened:
+            self._widened[key] = self._widen(K, fit)
+        return self._widened[key]
+
+    def _widen(self, K: int, fit: BasisFit) -> BasisFit:
+        beta, alpha, sB, sA, planner = fit
+        projB, projA = planner.projections
+        opts = {"n_oversamples": self.config.n_oversamples, "n_iter": self.config.n_iter}
+        seed = self.config.seed + 2 * beta.shape[1]  # fresh random directions for each widening
+        beta, sB, projB = extend_basis(
+            self.stack_B, beta, sB, projB, min(K, self.cap) - beta.shape[1], seed=seed, **opts
+        )
+        alpha, sA, projA = extend_basis(
+            self.stack_A, alpha, sA, projA, min(K, self.cap) - alpha.shape[1], seed=seed + 1, **opts
+        )
+        wider = self._planner(projB, projA)
+        wider.inherit(planner)
+        return BasisFit(beta, alpha, sB, sA, wider)
+
+    def _fit(self, K: int) -> BasisFit:
+        opts = {"n_oversamples": self.config.n_oversamples, "n_iter": self.config.n_iter}
+        beta, sB, projB = principal_basis(self.stack_B, min(K, self.cap), seed=self.config.seed, **opts)
+        alpha, sA, projA = principal_basis(self.stack_A, min(K, self.cap), seed=self.config.seed + 1, **opts)
+        if self.config.canonicalize and self.uniform:  # every task's coordinates, from the projections
+            return BasisFit(beta, alpha, sB, sA, self._planner(projB, projA))
+        if self.config.canonicalize:  # the projections hold every task's coordinates, weighted
+            fits, off = [], 0
+            for m, w in zip(self.members, self.weights):
+                r = m.stacked[0].shape[1]
+                scale = w**-0.5 if w > 0 else 0.0
+                fits.append(
+                    TaskFit.of(m.s, projB[:, off : off + r] * scale, projA[:, off : off + r] * scale, m.prior, m.slack)
+                )
+                off += r
+        else:
+            b64, a64 = beta.double(), alpha.double()
+            fits = [
+                TaskFit.of(m.s, b64.T @ m.Bc.double(), a64.T @ m.Ac.double(), m.prior, m.slack) for m in self.members
+            ]
+        return BasisFit(beta, alpha, sB, sA, ModulePlanner(self.n, self.d, fits))
+
+    def _planner(self, projB: torch.Tensor, projA: torch.Tensor) -> ModulePlanner:
+        """The planner over tasks of one rank, built from the projections without a Python object per
+        task: the weighted stack's coordinates, unweighted column block by column block."""
+        T, r = len(self.members), self.ranks[0] if self.members else 0
+        f64, device = torch.float64, projB.device
+        scale = torch.tensor([w**-0.5 if w > 0 else 0.0 for w in self.weights], dtype=f64, device=device)
+        Eb = (projB.reshape(projB.shape[0], T, r).permute(1, 0, 2) * scale[:, None, None]).contiguous()
+        Ea = (projA.reshape(projA.shape[0], T, r).permute(1, 0, 2) * scale[:, None, None]).contiguous()
+        prior, ratio, slack = [0.0] * T, [1.0] * T, [math.inf] * T
+        for i, m in enumerate(self.members):  # tasks that are reconstructions (a few, when any)
+            if m.prior is not None:
+                error, norm, _ = m.prior
+                prior[i] = error
+                ratio[i] = self.norms[i] / norm if norm > 0 else 0.0
+                slack[i] = m.slack
+        prior, ratio, slack = (torch.tensor(x, dtype=f64, device=device) for x in (prior, ratio, slack))
+        s = torch.stack([m.s for m in self.members]).to(f64) if T else torch.zeros(0, 0, dtype=f64, device=device)
+        ranks = torch.full((T,), r, dtype=torch.int64, device=device)
+        planner = ModulePlanner.stacked(
+            self.n, self.d, s, Eb, Ea, ranks=ranks, norm2=self.norm2, prior=prior, ratio=ratio, slack=slack
+        )
+        planner.projections = (projB, projA)
+        return planner

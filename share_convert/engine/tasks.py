@@ -1,0 +1,28 @@
+"""A checkpoint's tasks as inputs: the paper's asynchronous continual learning (groups
+consolidated separately, merged later), ``add``'s and ``remove --refit``'s old tasks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..checkpoint.reader import Checkpoint
+from ..config import ConsolidationConfig
+
+
+def config_of(ckpt: Checkpoint) -> ConsolidationConfig:
+    """The options ``ckpt`` was made with, for its updates; where to compute is this machine's
+    choice (``device`` is 'auto'), not the checkpoint's: one made on a GPU is extended on a CPU."""
+    fields = ConsolidationConfig.__dataclass_fields__
+    return ConsolidationConfig(**{k: v for k, v in ckpt.config.items() if k in fields and k != "device"})
+
+
+class KeptTask:
+    """A task kept as it is: only its manifest record travels."""
+
+    def __init__(self, ckpt: Checkpoint, task: str):
+        self.task = task
+        self._rec = ckpt.task(task)
+
+    def task_record(self) -> dict[str, Any]:
+        return self._rec
