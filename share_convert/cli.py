@@ -360,7 +360,7 @@ def merge(
 
 
 def show(summary: dict[str, Any], as_json: bool) -> None:
-    from .report.summary import render
+    from .report.render import render
 
     if as_json:
         emit_json(summary)
@@ -503,7 +503,7 @@ def plan(
     if as_json:
         emit_json(result)
         return
-    from .report.summary import render_plan
+    from .report.render import render_plan
 
     render_plan(result, out)
     if plot is not None:
