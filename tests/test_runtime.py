@@ -30,7 +30,8 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from share_convert import ShareModel, api, continual
+from share_convert import ShareModel, api
+from share_convert.engine import continual
 from share_convert.checkpoint import Checkpoint
 from share_convert.engine import ConsolidationConfig, add, merge
 from share_convert.errors import (
