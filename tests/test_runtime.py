@@ -31,9 +31,8 @@ from transformers import (
 )
 
 from share_convert import ShareModel, api
-from share_convert.engine import continual
 from share_convert.checkpoint import Checkpoint
-from share_convert.engine import ConsolidationConfig, add, merge
+from share_convert.engine import ConsolidationConfig, add, continual, merge
 from share_convert.errors import (
     BatchMismatchError,
     DeviceMismatchError,

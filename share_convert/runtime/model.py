@@ -23,19 +23,17 @@ from torch import nn
 
 from ..checkpoint.file import Checkpoint
 from ..checkpoint.sharding import DEFAULT_MAX_SHARD_SIZE
-from ..errors import BatchMismatchError, InvalidOptionError, UnknownTaskError
+from ..errors import InvalidOptionError
 from .heads import ShareHead
 from .layers import LayerKind, ShareLayer, TaskFactors, layer_kind, replace_module
 from .loading import inject
 from .memory import MemoryReport, memory_report
-from .selection import BASE, TaskSelection
+from .selection import BASE, UNSET, LoadedTasks, TaskSelection
 
 if TYPE_CHECKING:
     from ..config import ConsolidationConfig
     from .training import TrainableTask
 
-#: ``task=`` left out: the merged task when one is merged, an error otherwise.
-_UNSET: Any = object()
 #: Keyword arguments that carry the batch, in the order their first dimension is trusted.
 _BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features", "attention_mask")
 
@@ -61,8 +59,7 @@ class ShareModel(nn.Module):
     ):
         super().__init__()
         self.base_model = base_model
-        self._tasks = list(tasks)
-        self._ids = {t: i for i, t in enumerate(tasks)}
+        self._tasks = LoadedTasks(tasks)
         self._layers = layers
         self._heads = heads
         self._selection = selection
@@ -114,58 +111,25 @@ class ShareModel(nn.Module):
     @property
     def tasks(self) -> list[str]:
         """The loaded tasks, in load order."""
-        return list(self._tasks)
+        return list(self._tasks.names)
 
     @property
     def merged(self) -> str | None:
         """The task merged into the base weights, if any."""
         m = self._selection.merged
-        return None if m is None else self._tasks[m]
+        return None if m is None else self._tasks.names[m]
 
     def heads_of(self, task: str) -> dict[str, nn.Module]:
         """The head modules ``task`` runs, by module name (its own copies, or the base module's)."""
-        tid = self._task_id(task)
+        tid = self._tasks.id_of(task)
         return {name: head.module_for(tid) for name, head in self._heads.items()}
-
-    def _task_id(self, task: str | None) -> int:
-        if task is None:
-            return BASE
-        tid = self._ids.get(task) if isinstance(task, str) else None
-        if tid is None:
-            shown = task if isinstance(task, str) else repr(task)
-            names = ", ".join(self._tasks[:20]) + (", …" if len(self._tasks) > 20 else "")
-            raise UnknownTaskError(
-                f"no task named {shown!r} is loaded", hint=f"Use one of: {names} (or None for the base model)"
-            )
-        return tid
 
     def _resolve(self, task: Any, batch: int | None) -> int | list[int]:
         self._check_loaded()
-        merged = self._selection.merged
-        if task is _UNSET:
-            if merged is None:
-                raise InvalidOptionError(
-                    "no task given", hint="Pass task='name' (one task) or task=[...] (one per row)"
-                )
-            return merged
-        if isinstance(task, (list, tuple)):
-            if batch is not None and len(task) != batch:
-                raise BatchMismatchError(
-                    f"{len(task)} tasks given for a batch of {batch} rows",
-                    hint="Give one task per row, or one task name for the whole batch",
-                )
-            ids: int | list[int] = [self._task_id(t) for t in task]
-        else:
-            ids = self._task_id(task)
-        if merged is not None and set([ids] if isinstance(ids, int) else ids) != {merged}:
-            raise InvalidOptionError(
-                f"task {self._tasks[merged]!r} is merged into the base weights: only it can run",
-                hint="Call unmerge() to serve other tasks",
-            )
-        return ids
+        return self._tasks.resolve(task, batch, self._selection.merged)
 
     @contextmanager
-    def use(self, task: Any = _UNSET, *, batch: int | None = None) -> Iterator[None]:
+    def use(self, task: Any = UNSET, *, batch: int | None = None) -> Iterator[None]:
         """Select ``task`` (a name, None, or one per row) for every call to the base model inside.
 
         For calls that do not go through :meth:`forward`, e.g. ``base_model.generate``. The selection
@@ -179,12 +143,12 @@ class ShareModel(nn.Module):
         finally:
             self._selection.restore(token)
 
-    def forward(self, *args: Any, task: Any = _UNSET, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, task: Any = UNSET, **kwargs: Any) -> Any:
         """The base model's output with ``task`` (a name, None, or one per row) applied."""
         with self.use(task, batch=_batch_size(args, kwargs)):
             return self.base_model(*args, **kwargs)
 
-    def generate(self, *args: Any, task: Any = _UNSET, **kwargs: Any) -> Any:
+    def generate(self, *args: Any, task: Any = UNSET, **kwargs: Any) -> Any:
         """``base_model.generate`` with ``task`` applied (one per row: no beam search)."""
         with self.use(task, batch=_batch_size(args, kwargs)):
             return self.base_model.generate(*args, **kwargs)
@@ -199,7 +163,7 @@ class ShareModel(nn.Module):
         weights. While merged, only that task can run, and ``task=`` may be left out.
         """
         self._check_loaded()
-        tid = self._task_id(task)
+        tid = self._tasks.id_of(task)
         if tid == BASE:
             raise InvalidOptionError("cannot merge the base model", hint="Name a task")
         self.unmerge()
@@ -216,7 +180,7 @@ class ShareModel(nn.Module):
     # reporting and unloading -----------------------------------------------------------------------------
     def memory_report(self) -> MemoryReport:
         """What the loaded tasks hold in memory: bases once per module, then per task."""
-        return memory_report(len(self._tasks), self._layers, self._heads)
+        return memory_report(len(self._tasks.names), self._layers, self._heads)
 
     def unload(self) -> nn.Module:
         """Take every injected module out and return the base model as it was before loading."""
@@ -328,9 +292,7 @@ class ShareModel(nn.Module):
         layer's slot maps get one more zero entry, so stored tasks and mixed batches are unchanged.
         """
         self._check_loaded()
-        tid = len(self._tasks)
-        self._tasks.append(name)
-        self._ids[name] = tid
+        tid = self._tasks.append(name)
         for layer in self._layers.values():
             layer.factors.add_empty_task()
         return tid
