@@ -355,7 +355,8 @@ def plan(
     installed and its folder exists and is writable, as ``merge`` checks its output.
     """
     from .engine.members import only_modules
-    from .report.curves import check_plot_target, plan_collection, plot_curves
+    from .report.curves import plan_collection
+    from .report.plots import check_plot_target, plot_curves
 
     if plot is not None:
         check_plot_target(plot)

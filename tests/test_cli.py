@@ -71,6 +71,22 @@ def test_console_script_runs_as_a_process(tmp_path, real):
     assert proc.stderr == ""  # no progress bar in a pipe
 
 
+@pytest.mark.parametrize("command", [["--help"], ["tasks"], ["info"]])
+def test_light_commands_start_without_importing_torch(command, merged):
+    """--help, tasks and info read no tensor maths: a fresh process running them never imports torch."""
+    args = command if command == ["--help"] else [*command, str(merged("gpt2-c_attn"))]
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = ['share-convert', *{args!r}]\n"
+        "try:\n    runpy.run_module('share_convert.cli', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "False"
+
+
 def test_tasks_lists_task_names(real, merged):
     result = run("tasks", merged("gpt2-c_attn"))
     assert result.output.split() == sorted(p.name for p in (real / "gpt2-c_attn").iterdir())

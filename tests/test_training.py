@@ -515,3 +515,20 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(world: World, options:
 def test_saving_an_unknown_trainable_task_names_the_known_ones(related: dict, tmp_path: Path) -> None:
     with pytest.raises(ShareError, match="no trainable task named 't0'.*new"):
         related["model"].save_task("t0", tmp_path / "x")
+
+
+def test_add_task_and_fold_into_take_the_keywords_of_what_they_call() -> None:
+    """ShareModel.add_task takes add_trainable_task's keywords and fold_into takes add's options, by name
+    and default (no **options: a misspelt option is a TypeError at the call, and IDEs list them)."""
+    import inspect
+
+    from share_convert.runtime import add_trainable_task
+
+    def keywords(fn: Callable, skip: int) -> dict[str, object]:
+        params = list(inspect.signature(fn).parameters.values())[skip:]
+        assert all(p.kind is not p.VAR_KEYWORD for p in params), f"{fn.__qualname__} takes **options"
+        return {p.name: p.default for p in params}
+
+    assert keywords(ShareModel.add_task, 1) == keywords(add_trainable_task, 1)  # after self / model
+    assert keywords(ShareModel.fold_into, 4) == keywords(api.add, 3)  # after (self,) name, checkpoint, output
+    assert inspect.signature(ShareModel.add_task).return_annotation == "TrainableTask"

@@ -12,11 +12,14 @@ from typing import Any
 
 #: name -> the module of this package that defines it
 _WHERE = {
-    "MAX_ROWS": "summary",
+    "MAX_ROWS": "render",
     "plan_collection": "curves",
-    "plot_curves": "curves",
-    "ratio_ticks": "curves",
+    "plot_curves": "plots",
+    "ratio_ticks": "plots",
+    "render": "render",
+    "render_plan": "render",
     "storage_role": "summary",
+    "summarize": "summary",
     "verdict": "summary",
     "why": "summary",
 }

@@ -12,8 +12,8 @@ from typing import Any
 
 #: name -> the module of this package that defines it
 _WHERE = {
-    "ShareHead": "model",
-    "ShareLayer": "model",
+    "ShareHead": "heads",
+    "ShareLayer": "layers",
     "ShareModel": "model",
     "TrainableTask": "training",
     "add_trainable_task": "training",

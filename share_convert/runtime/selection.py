@@ -14,6 +14,7 @@ model's layers (it cannot: the layers are called by the base model's own code). 
   the caller's context for them, and :attr:`TaskSelection.current` reads it there.
 
 Which task is merged into the weights is model-wide (the weights are shared), held beside it.
+:class:`LoadedTasks` turns what a call names (``task=``: a name, None, or one per row) into task ids.
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ from typing import Any
 
 import torch
 
+from ..errors import BatchMismatchError, InvalidOptionError, UnknownTaskError
+
 #: The task id of the base model (no task) in a selection. Negative: as an index into a layer's slot
 #: map it picks the last entry, which is the base model's (always slot 0, no tensors).
 BASE = -1
+#: ``task=`` left out: the merged task when one is merged, an error otherwise.
+UNSET: Any = object()
 
 
 class Selection:
@@ -117,6 +122,60 @@ class TaskSelection:
 #: torch's thread-local objects (absent from older torch versions: then only the caller's thread sees it)
 _IS_KEY_IN_TLS = getattr(torch._C, "_is_key_in_tls", None)
 _GET_OBJ_IN_TLS = getattr(torch._C, "_get_obj_in_tls", None)
+
+
+class LoadedTasks:
+    """The tasks a model serves, by id (their load order; the base model is :data:`BASE`), and what a
+    call's ``task=`` names in ids."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+        self.ids = {t: i for i, t in enumerate(self.names)}
+
+    def append(self, name: str) -> int:
+        """Add ``name`` as the last task; returns its id."""
+        tid = len(self.names)
+        self.names.append(name)
+        self.ids[name] = tid
+        return tid
+
+    def id_of(self, task: str | None) -> int:
+        """The id of task ``task`` (None: the base model); an error naming the loaded tasks otherwise."""
+        if task is None:
+            return BASE
+        tid = self.ids.get(task) if isinstance(task, str) else None
+        if tid is None:
+            shown = task if isinstance(task, str) else repr(task)
+            names = ", ".join(self.names[:20]) + (", …" if len(self.names) > 20 else "")
+            raise UnknownTaskError(
+                f"no task named {shown!r} is loaded", hint=f"Use one of: {names} (or None for the base model)"
+            )
+        return tid
+
+    def resolve(self, task: Any, batch: int | None, merged: int | None) -> int | list[int]:
+        """The ids a call with ``task=`` runs (one, or one per row of a batch of ``batch`` rows); while task
+        ``merged`` is merged into the weights only it can run, and it is the default."""
+        if task is UNSET:
+            if merged is None:
+                raise InvalidOptionError(
+                    "no task given", hint="Pass task='name' (one task) or task=[...] (one per row)"
+                )
+            return merged
+        if isinstance(task, (list, tuple)):
+            if batch is not None and len(task) != batch:
+                raise BatchMismatchError(
+                    f"{len(task)} tasks given for a batch of {batch} rows",
+                    hint="Give one task per row, or one task name for the whole batch",
+                )
+            ids: int | list[int] = [self.id_of(t) for t in task]
+        else:
+            ids = self.id_of(task)
+        if merged is not None and set([ids] if isinstance(ids, int) else ids) != {merged}:
+            raise InvalidOptionError(
+                f"task {self.names[merged]!r} is merged into the base weights: only it can run",
+                hint="Call unmerge() to serve other tasks",
+            )
+        return ids
 
 
 def _in_backward_caller(var: contextvars.ContextVar[Selection]) -> Selection | None:

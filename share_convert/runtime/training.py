@@ -19,25 +19,21 @@ consolidation's ``--k`` or ``--energy``. It is an ordinary input of ``add`` afte
 trained task's factors lie in that subspace, and folding makes it the module's basis.
 
 The trained task is injected through the runtime's layers with forward hooks (no change to the
-runtime's forward): :func:`add_trainable_task` (or :meth:`ShareModel.add_task`) registers it,
-:func:`save_task` writes it as a standard PEFT LoRA adapter (scale folded), and
-:func:`fold_into` folds it into a checkpoint through the same engine as ``share-convert add``.
-The API is documented in docs/training.md.
+runtime's forward): :func:`add_trainable_task` (or :meth:`ShareModel.add_task`) registers it;
+share_convert.runtime.saving writes it as a standard PEFT LoRA adapter (scale folded) or folds it
+into a checkpoint through the same engine as ``share-convert add``. This module depends on the
+runtime's layers, not on its model (which imports it): the model is known here by the members
+training uses (:class:`ServingModel`). The API is documented in docs/training.md.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..engine.planning import energy_k
@@ -47,23 +43,48 @@ from ..errors import (
     InvalidTaskNameError,
     ModelMismatchError,
     UnknownTaskError,
-    UntrainedTaskError,
 )
-from ..files.atomic import publish_dir, temp_dir_beside
-from ..io.export import prepare_output_dir
-from ..io.peft import PEFT_PREFIX
 from ..math.linalg import canonicalize, principal_basis
 from ..math.tolerances import RANK_RTOL
-from ..names import path_under, validate_task_name
-from .model import ShareHead, ShareLayer, model_path
-
-if TYPE_CHECKING:
-    from .model import ShareModel
+from ..names import validate_task_name
+from .heads import ShareHead
+from .layers import ShareLayer, model_path, replace_module
+from .selection import TaskSelection
 
 #: Default energy target of the principal subspace in modules without shared bases.
 DEFAULT_SUBSPACE_ENERGY = 0.9
 #: How far from orthonormal a layer's bases may be and still be used as they are (else QR).
 _ORTHONORMAL_TOL = 1e-4
+
+
+# -- the model training works on ------------------------------------------------------------------------------
+
+
+class ServingModel(Protocol):
+    """The members of a :class:`~share_convert.runtime.model.ShareModel` that training reads and changes.
+
+    Declared here rather than imported, so that training depends on the runtime's layers and heads only
+    and the model can import training (its ``add_task`` and ``train_task`` call this module).
+    """
+
+    base_model: nn.Module
+    #: the injected layers and heads, by model path; the selection they read the running tasks from
+    _layers: dict[str, ShareLayer]
+    _heads: dict[str, ShareHead]
+    _selection: TaskSelection
+    #: the tasks added by this module, by name, and the submodules holding them (``model.trainable``)
+    _trainable: dict[str, TrainableTask]
+    _modules: dict[str, nn.Module | None]
+    trainable: nn.ModuleDict
+
+    @property
+    def tasks(self) -> list[str]: ...
+
+    def _append_task(self, name: str) -> int: ...
+
+    def add_module(self, name: str, module: nn.Module | None) -> None: ...
+
+    def trainable_parameters(self) -> list[nn.Parameter]: ...
 
 
 # -- one module ----------------------------------------------------------------------------------------------
@@ -225,7 +246,7 @@ def _key(name: str) -> str:
 
 
 def add_trainable_task(
-    model: ShareModel,
+    model: ServingModel,
     name: str,
     *,
     rank: int = 8,
@@ -306,7 +327,7 @@ def add_trainable_task(
     return task
 
 
-def set_training(model: ShareModel, names: Sequence[str]) -> list[nn.Parameter]:
+def set_training(model: ServingModel, names: Sequence[str]) -> list[nn.Parameter]:
     """Make the added tasks ``names`` the ones that train; return their parameters (for an optimizer).
 
     Their parameters (coefficients, temporary directions, head copies) require grad; every other
@@ -343,7 +364,7 @@ def _chosen_modules(layers: dict[str, ShareLayer], modules: Sequence[str] | None
     return chosen
 
 
-def _chosen_heads(model: ShareModel, heads: Sequence[str] | None) -> dict[str, nn.Module]:
+def _chosen_heads(model: ServingModel, heads: Sequence[str] | None) -> dict[str, nn.Module]:
     if heads is None:
         return dict(model._heads)
     if isinstance(heads, str):
@@ -365,14 +386,13 @@ def _chosen_heads(model: ShareModel, heads: Sequence[str] | None) -> dict[str, n
     return out
 
 
-def _attach_head(model: ShareModel, path: str, tid: int, module: nn.Module) -> None:
+def _attach_head(model: ServingModel, path: str, tid: int, module: nn.Module) -> None:
     head = model._heads.get(path)
     if head is None:  # no stored task saves this head: wrap it so that only this task's rows use the copy
         base = model.base_model.get_submodule(path)
         pad = next((h.pad_value for h in model._heads.values()), float("-inf"))
         head = ShareHead(base, path, {}, model._selection, pad)
-        parent, _, leaf = path.rpartition(".")
-        setattr(model.base_model.get_submodule(parent) if parent else model.base_model, leaf, head)
+        replace_module(model.base_model, path, head)
         model._heads[path] = head
     head.copies[str(tid)] = module
 
@@ -416,10 +436,11 @@ def _orthonormal(basis: torch.Tensor) -> torch.Tensor:
     return U[:, :rank].to(basis.dtype).contiguous()
 
 
-# -- saving and folding ---------------------------------------------------------------------------------------
+# -- the added tasks -------------------------------------------------------------------------------------------
 
 
-def trainable_task(model: ShareModel, name: str) -> TrainableTask:
+def trainable_task(model: ServingModel, name: str) -> TrainableTask:
+    """The task ``name`` added with :func:`add_trainable_task`; an error naming the added ones otherwise."""
     task = model._trainable.get(name)
     if task is None:
         known = ", ".join(model._trainable) or "none"
@@ -427,134 +448,13 @@ def trainable_task(model: ShareModel, name: str) -> TrainableTask:
     return task
 
 
-@torch.no_grad()
-def check_trained(model: ShareModel, task: TrainableTask) -> None:
-    """Refuse a task that was never trained: E_B starts at zero, so its ΔW is still exactly zero in every
-    module, and its head copies still equal the modules they were copied from."""
-    if any(torch.count_nonzero(m.coef_B) for m in task.layers.values()):  # type: ignore[arg-type]
-        return
-    for path in task.head_names:
-        trained, base = task.heads[_key(path)].state_dict(), model._heads[path].base_module.state_dict()
-        if trained.keys() != base.keys() or any(not torch.equal(v, base[k].to(v)) for k, v in trained.items()):
-            return
-    raise UntrainedTaskError(
-        f"task {task.name!r} was never trained (its ΔW is zero in every module and its heads are the base "
-        "model's): nothing was written",
-        hint=f"Train it first; model.train_task({task.name!r}) makes it the task that trains",
-    )
-
-
-def adapter_config(model: ShareModel, task: TrainableTask) -> dict[str, Any]:
-    """A PEFT LoRA config for the trained task: exact target paths, r = lora_alpha = p (scale 1)."""
-    transposed = any(model._layers[m].kind.transposed for m in task.module_names)
-    cls = type(model.base_model).__name__
-    # PEFT's SEQ_CLS / TOKEN_CLS add the classifier to modules_to_save and expect its tensors:
-    # a task that trains no head is written without a task type (the model's head is used as is).
-    if cls.endswith(("ForCausalLM", "LMHeadModel")):
-        task_type: str | None = "CAUSAL_LM"
-    elif task.head_names and cls.endswith("ForSequenceClassification"):
-        task_type = "SEQ_CLS"
-    elif task.head_names and cls.endswith("ForTokenClassification"):
-        task_type = "TOKEN_CLS"
-    else:
-        task_type = None
-    rank = max(m.rank for m in task.layers.values())  # type: ignore[type-var]
-    config = getattr(model.base_model, "config", None)
-    return {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
-        "target_modules": sorted(task.module_names),
-        "modules_to_save": sorted(task.head_names) or None,
-        "r": rank,
-        "lora_alpha": rank,
-        "lora_dropout": 0.0,
-        "use_rslora": False,
-        "use_dora": False,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "fan_in_fan_out": transposed,
-        "bias": "none",
-        "inference_mode": True,
-    }
-
-
-@torch.no_grad()
-def adapter_tensors(task: TrainableTask) -> dict[str, torch.Tensor]:
-    """The task's PEFT tensors (float32, CPU): lora_A p × d and lora_B n × p per module, then head tensors."""
-    tensors: dict[str, torch.Tensor] = {}
-    for path in task.module_names:
-        B, A = task.module(path).factors()
-        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = A.float().cpu().contiguous()
-        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = B.float().cpu().contiguous()
-    for path in task.head_names:
-        for leaf, value in task.heads[_key(path)].state_dict().items():
-            tensors[f"{PEFT_PREFIX}{path}.{leaf}"] = value.float().cpu().contiguous()
-    return tensors
-
-
-def save_task(model: ShareModel, name: str, path: str | Path, *, force: bool = False) -> Path:
-    """Write trainable task ``name`` to the folder ``path`` as a standard PEFT LoRA adapter (scale folded).
-
-    A task that was never trained is refused (:class:`~share_convert.errors.UntrainedTaskError`).
-    """
-    task = trainable_task(model, name)
-    check_trained(model, task)
-    output = Path(path)
-    prepare_output_dir(output, force)
-    tmp = temp_dir_beside(output)
-    try:
-        save_file(adapter_tensors(task), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        config = adapter_config(model, task)
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        publish_dir(tmp, output)  # with the modes the umask gives (safetensors writes 0600, mkdtemp 0700)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output
-
-
-def fold_into(
-    model: ShareModel,
-    name: str,
-    checkpoint: str | Path,
-    output: str | Path,
-    *,
-    force: bool = False,
-    **options: Any,
-) -> dict[str, Any]:
-    """Fold trainable task ``name`` into ``checkpoint``, writing ``output``: the same engine as ``add``.
-
-    The task is saved as a PEFT adapter in a temporary folder and given to
-    :func:`share_convert.api.add` (``options`` pass through: ``k``, ``target_error``, ``config``...).
-    Returns ``add``'s report; the checkpoint's history records the drift of every old task. A task
-    that was never trained is refused (:class:`~share_convert.errors.UntrainedTaskError`).
-    """
-    from .. import api
-
-    task = trainable_task(model, name)
-    check_trained(model, task)
-    if "k" not in options and "config" not in options:
-        # a fixed-k checkpoint keeps its k in add: grow it by φ so that the temporary directions
-        # become part of the bases instead of being truncated away
-        with api.open_checkpoint(checkpoint) as ckpt:
-            fixed = ckpt.config.get("k")
-        if fixed is not None and task.new_directions:
-            options["k"] = fixed + task.new_directions
-    with tempfile.TemporaryDirectory(prefix="share-train-") as tmp:
-        folder = path_under(tmp, name)
-        save_task(model, name, folder)
-        return api.add(checkpoint, [f"{name}={folder}"], output, force=force, **options)
-
-
 __all__ = [
     "DEFAULT_SUBSPACE_ENERGY",
+    "ServingModel",
     "TrainableCount",
     "TrainableModule",
     "TrainableTask",
     "add_trainable_task",
-    "adapter_config",
-    "fold_into",
-    "save_task",
     "set_training",
+    "trainable_task",
 ]

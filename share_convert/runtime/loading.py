@@ -1,0 +1,266 @@
+"""Reading a checkpoint into a base model: the injected layers and heads of a :class:`ShareModel`.
+
+:func:`inject` checks every module and head of the checkpoint against the base model before it
+changes anything, builds each target layer's :class:`~share_convert.runtime.layers.ShareLayer`
+(bases side by side per group, the tasks' factors stacked and zero-padded) and each saved head's
+:class:`~share_convert.runtime.heads.ShareHead`, then puts them in the model. The checkpoint is read
+only through :class:`~share_convert.checkpoint.file.Checkpoint`'s accessors (``tasks``, ``modules``,
+``bases``, ``task_tensors``, ``heads``).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ..checkpoint.reader import Checkpoint
+from ..errors import (
+    CorruptCheckpointError,
+    DeviceMismatchError,
+    InvalidOptionError,
+    ModelMismatchError,
+    UnknownTaskError,
+)
+from ..io.peft import PEFT_PREFIX
+from .heads import ShareHead
+from .layers import ShareLayer, TaskFactors, layer_kind, model_path, replace_module
+from .selection import TaskSelection
+
+#: PEFT wrapper segments that may appear in a head's key (``score.modules_to_save.default.weight``).
+_WRAPPER_SEGMENT = re.compile(r"\.(?:modules_to_save\.[^.]+|original_module)(?=\.)")
+
+
+class Injection(NamedTuple):
+    """What :func:`inject` put into a base model: the loaded tasks (their ids are their positions),
+    the injected layers and heads by model path, and the selection they all read the running tasks from."""
+
+    tasks: list[str]
+    layers: dict[str, ShareLayer]
+    heads: dict[str, ShareHead]
+    selection: TaskSelection
+
+
+def inject(
+    base_model: nn.Module,
+    ckpt: Checkpoint,
+    tasks: Sequence[str] | None,
+    dtype: torch.dtype | None,
+    device: str | torch.device | None,
+    pad_value: float,
+) -> Injection:
+    """Inject ``tasks`` of ``ckpt`` (default: all) into ``base_model``, in place; see
+    :meth:`ShareModel.from_checkpoint` for the options. Nothing is changed unless every module and head fits."""
+    if isinstance(tasks, str):
+        raise InvalidOptionError("tasks must be a list of names", hint=f"Use tasks=[{tasks!r}]")
+    names = list(ckpt.tasks) if tasks is None else list(tasks)
+    unknown = [t for t in names if t not in ckpt.tasks]
+    if unknown:
+        available = sorted(ckpt.tasks)
+        shown = ", ".join(available[:20]) + (", …" if len(available) > 20 else "")
+        raise UnknownTaskError(f"no task named {unknown[0]!r}", path=ckpt.path, hint=f"Available tasks: {shown}")
+    if len(set(names)) != len(names) or not names:
+        raise InvalidOptionError("tasks must name at least one task, each once", path=ckpt.path)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise InvalidOptionError(
+            f"dtype must be a floating torch dtype, got {dtype!r}", hint="For example torch.float32"
+        )
+    ids = {t: i for i, t in enumerate(names)}
+    selection = TaskSelection()
+    layers: dict[str, ShareLayer] = {}
+    for module, info in ckpt.modules.items():
+        present = [t for t in names if t in info["tasks"]]
+        if not present:
+            continue
+        path = model_path(module)
+        target = _target(base_model, path, module, ckpt)
+        kind = layer_kind(target)
+        if kind is None:
+            raise ModelMismatchError(
+                f"{path} is a {type(target).__name__}; the runtime serves nn.Linear and transformers Conv1D layers",
+                path=ckpt.path,
+                hint="Use 'share-convert extract' and PEFT for this model",
+            )
+        n, d = info["out_features"], info["in_features"]
+        weight = target.weight
+        if tuple(weight.shape) != kind.weight_shape(n, d):
+            raise ModelMismatchError(
+                f"module {path} of the model has weight {tuple(weight.shape)}, the checkpoint's ΔW is {n}×{d} "
+                f"({kind.name} stores {'in×out' if kind.transposed else 'out×in'})",
+                path=ckpt.path,
+                hint=f"Load it into the base model it was made for ({_base_names(ckpt, present)})",
+            )
+        here = _placement(weight, device, path)
+        held = dtype or weight.dtype
+        if not held.is_floating_point:
+            raise DeviceMismatchError(
+                f"{path} has {weight.dtype} weights (quantized?)",
+                path=ckpt.path,
+                hint="Pass dtype=torch.bfloat16 (or float32) for the Share tensors",
+            )
+        basis_A, basis_B, factors = _read_module(ckpt, module, present, ids, len(names), held, here)
+        layers[path] = ShareLayer(target, kind, path, basis_A, basis_B, factors, selection)
+    heads = _read_heads(base_model, ckpt, names, ids, layers, selection, pad_value)
+    for path, layer in layers.items():
+        replace_module(base_model, path, layer)
+    for path, head in heads.items():
+        replace_module(base_model, path, head)
+    return Injection(names, layers, heads, selection)
+
+
+def _target(model: nn.Module, path: str, module: str, ckpt: Checkpoint) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise ModelMismatchError(
+            f"the checkpoint's module {module} has no counterpart {path} in the model ({type(model).__name__})",
+            path=ckpt.path,
+            hint="Load it into the model class the adapters were trained on (the one PEFT wrapped)",
+        ) from None
+
+
+def _base_names(ckpt: Checkpoint, tasks: list[str]) -> str:
+    found = sorted({str((ckpt.tasks[t].get("adapter_config") or {}).get("base_model_name_or_path")) for t in tasks})
+    return ", ".join(found[:3])
+
+
+def _placement(weight: torch.Tensor, device: str | torch.device | None, path: str) -> torch.device:
+    """The device of a layer's Share tensors: the layer's own, or the requested one if it is the same."""
+    if device is None:
+        return weight.device
+    wanted = torch.device(device)
+    same = wanted.type == weight.device.type and (wanted.index is None or wanted.index == weight.device.index)
+    if not same:
+        raise DeviceMismatchError(
+            f"device={str(wanted)!r} was asked for, but {path} of the model is on {weight.device}",
+            hint=f"Move the model first (base_model.to({str(wanted)!r})), or leave device unset",
+        )
+    return weight.device
+
+
+def _read_module(
+    ckpt: Checkpoint,
+    module: str,
+    present: list[str],
+    ids: dict[str, int],
+    count: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, TaskFactors]:
+    """One module's bases (groups side by side) and its tasks' stacked factors."""
+    info = ckpt.modules[module]
+    n, d = info["out_features"], info["in_features"]
+    grouped = "groups" in info
+    bases: dict[Any, tuple[torch.Tensor, torch.Tensor, int, int]] = {}  # group -> β, α, offsets in K_B, K_A
+    k_B = k_A = 0
+    coefs: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
+    privates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for t in present:
+        parts = ckpt.task_tensors(t, module)
+        if "coef_B" in parts and parts["coef_B"].shape[1] > 0:
+            group = info["tasks"][t].get("group") if grouped else None
+            if group not in bases:
+                beta, alpha = ckpt.bases(module, t)
+                if beta is None or alpha is None:
+                    raise CorruptCheckpointError(
+                        f"module {module} has coefficients of task {t!r} but no bases",
+                        path=ckpt.path,
+                        hint="Re-create or re-download the checkpoint",
+                    )
+                bases[group] = (beta, alpha, k_B, k_A)
+                k_B, k_A = k_B + beta.shape[1], k_A + alpha.shape[1]
+            coefs[ids[t]] = (group, parts["coef_B"], parts["coef_A"])
+        if "private_B" in parts and parts["private_B"].shape[1] > 0:
+            privates[ids[t]] = (parts["private_B"], parts["private_A"])
+
+    def new(*shape: int) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    P = max((c[1].shape[1] for c in coefs.values()), default=0)
+    coef_A, coef_B = new(len(coefs) + 1, k_A, P), new(len(coefs) + 1, k_B, P)
+    coef_slot = torch.zeros(count + 1, dtype=torch.long, device=device)
+    spans: dict[int, tuple[int, int, int, int, int, int]] = {}
+    for slot, (tid, (group, cB, cA)) in enumerate(sorted(coefs.items()), start=1):
+        beta, alpha, b0, a0 = bases[group]
+        p = cB.shape[1]
+        coef_B[slot, b0 : b0 + beta.shape[1], :p] = cB.to(dtype)
+        coef_A[slot, a0 : a0 + alpha.shape[1], :p] = cA.to(dtype)
+        coef_slot[tid] = slot
+        spans[tid] = (slot, a0, a0 + alpha.shape[1], b0, b0 + beta.shape[1], p)
+    Q = max((pB.shape[1] for pB, _ in privates.values()), default=0)
+    private_A, private_B = new(len(privates) + 1, Q, d), new(len(privates) + 1, n, Q)
+    private_slot = torch.zeros(count + 1, dtype=torch.long, device=device)
+    ranks: dict[int, tuple[int, int]] = {}
+    for slot, (tid, (pB, pA)) in enumerate(sorted(privates.items()), start=1):
+        q = pB.shape[1]
+        private_B[slot, :, :q] = pB.to(dtype)
+        private_A[slot, :q] = pA.to(dtype)
+        private_slot[tid] = slot
+        ranks[tid] = (slot, q)
+    basis_A = basis_B = None
+    if bases:
+        ordered = sorted(bases.values(), key=lambda b: b[2])
+        basis_B = torch.cat([b[0] for b in ordered], 1).to(device=device, dtype=dtype).contiguous()
+        basis_A = torch.cat([b[1] for b in ordered], 1).to(device=device, dtype=dtype).contiguous()
+    factors = TaskFactors(coef_A, coef_B, coef_slot, private_A, private_B, private_slot, spans, ranks)
+    return basis_A, basis_B, factors
+
+
+def _read_heads(
+    base_model: nn.Module,
+    ckpt: Checkpoint,
+    names: list[str],
+    ids: dict[str, int],
+    layers: dict[str, ShareLayer],
+    selection: TaskSelection,
+    pad_value: float,
+) -> dict[str, ShareHead]:
+    """Per head module, a copy per task that saved one (its tensors replacing the base module's)."""
+    copies: dict[str, dict[int, nn.Module]] = {}
+    for t in names:
+        by_module: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in ckpt.heads(t).items():
+            rel = _WRAPPER_SEGMENT.sub("", model_path(key))
+            path, _, leaf = rel.rpartition(".")
+            by_module.setdefault(path, {})[leaf] = value
+        for path, tensors in by_module.items():
+            if any(path == p or path.startswith(p + ".") or p.startswith(path + ".") for p in layers):
+                raise ModelMismatchError(
+                    f"task {t!r} saves tensors of {path}, which is also a LoRA target",
+                    path=ckpt.path,
+                    hint="Use 'share-convert extract' and PEFT for this task",
+                )
+            base = _target(base_model, path, f"{PEFT_PREFIX}{path}", ckpt) if path else None
+            if base is None or not all(isinstance(getattr(base, leaf, None), torch.Tensor) for leaf in tensors):
+                raise ModelMismatchError(
+                    f"task {t!r} saves head tensors {sorted(tensors)} of {path or 'the model'}, which the model lacks",
+                    path=ckpt.path,
+                    hint="Load it into the model class the adapter was trained with",
+                )
+            copies.setdefault(path, {})[ids[t]] = _head_copy(base, tensors)
+    return {
+        path: ShareHead(base_model.get_submodule(path), path, per_task, selection, pad_value)
+        for path, per_task in copies.items()
+    }
+
+
+def _head_copy(base: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``base`` holding ``tensors`` (in the base module's dtype and device; shapes may differ)."""
+    module = copy.deepcopy(base)
+    for leaf, value in tensors.items():
+        old = getattr(module, leaf)
+        new = value.to(dtype=old.dtype, device=old.device).clone()
+        if isinstance(old, nn.Parameter):
+            setattr(module, leaf, nn.Parameter(new, requires_grad=False))
+        else:
+            module.register_buffer(leaf, new)
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    return module.requires_grad_(False)
+
+
+__all__ = ["Injection", "inject"]

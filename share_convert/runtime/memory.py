@@ -1,0 +1,87 @@
+"""What a :class:`ShareModel` holds in memory beyond its base model: bases once per module, then per task."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .heads import ShareHead
+from .layers import ShareLayer
+
+
+@dataclass
+class MemoryReport:
+    """Bytes held by a :class:`ShareModel` beyond the base model (tensors only, as held).
+
+    ``coefficients`` and ``private`` include the zero padding and the zero slot of the stacks;
+    ``lora_equivalent`` is what the same tasks would hold as plain LoRA factors of rank p + q per
+    module in the same dtype (unpadded), the figure the Share layout is to be compared with.
+    """
+
+    tasks: int
+    modules: int
+    bases: int
+    coefficients: int
+    private: int
+    heads: int
+    index: int
+    merge_backup: int
+    lora_equivalent: int
+
+    @property
+    def adapters(self) -> int:
+        """Everything the tasks add: bases, coefficients, private factors, heads and slot maps."""
+        return self.bases + self.coefficients + self.private + self.heads + self.index
+
+    @property
+    def per_task(self) -> float:
+        """Bytes per task beyond the shared bases."""
+        return (self.adapters - self.bases) / max(self.tasks, 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(asdict(self), adapters=self.adapters, per_task=self.per_task)
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def _tensors_of(module: nn.Module) -> Iterator[torch.Tensor]:
+    yield from module.parameters()
+    yield from module.buffers()
+
+
+def memory_report(tasks: int, layers: dict[str, ShareLayer], heads: dict[str, ShareHead]) -> MemoryReport:
+    """The :class:`MemoryReport` of ``tasks`` loaded tasks served by ``layers`` and ``heads``."""
+    bases = coefficients = private = index = backup = lora = 0
+    for layer in layers.values():
+        f = layer.factors
+        bases += _nbytes(layer.basis_A) + _nbytes(layer.basis_B)
+        coefficients += _nbytes(f.coef_A) + _nbytes(f.coef_B)
+        private += _nbytes(f.private_A) + _nbytes(f.private_B)
+        index += _nbytes(f.coef_slot) + _nbytes(f.private_slot)
+        backup += _nbytes(layer._backup)
+        ranks = {t: s[5] for t, s in f.spans.items()}
+        for t, (_, q) in f.private_ranks.items():
+            ranks[t] = ranks.get(t, 0) + q
+        size = f.coef_A.element_size()
+        lora += sum(ranks.values()) * (layer.out_features + layer.in_features) * size
+    held = sum(_nbytes(t) for head in heads.values() for m in head.copies.values() for t in _tensors_of(m))
+    return MemoryReport(
+        tasks=tasks,
+        modules=len(layers),
+        bases=bases,
+        coefficients=coefficients,
+        private=private,
+        heads=held,
+        index=index,
+        merge_backup=backup,
+        lora_equivalent=lora,
+    )
+
+
+__all__ = ["MemoryReport", "memory_report"]
