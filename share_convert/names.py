@@ -33,14 +33,10 @@ def _shown(name: str, limit: int = 40) -> str:
 
 def task_name_problem(name: object) -> str | None:
     """What is wrong with ``name`` as a task name (``"contains a path separator"``...), or None."""
-    if not isinstance(name, str):
-        return f"is a {type(name).__name__}, not text"
-    if not name:
-        return "is empty"
-    if len(name) > MAX_TASK_NAME:
-        return f"is {len(name)} characters long (at most {MAX_TASK_NAME})"
-    if any(not ch.isprintable() for ch in name):
-        return "contains control characters"
+    problem = _text_problem(name, MAX_TASK_NAME)
+    if problem is not None:
+        return problem
+    assert isinstance(name, str)
     if "/" in name or "\\" in name:
         return "contains a path separator"
     if name.startswith("."):
@@ -64,12 +60,18 @@ def validate_task_name(name: str, *, origin: str | None = None) -> str:
 
 def key_problem(name: object) -> str | None:
     """What is wrong with ``name`` as a module name or a head's tensor key, or None."""
+    return _text_problem(name, MAX_KEY)
+
+
+def _text_problem(name: object, limit: int) -> str | None:
+    """What is wrong with ``name`` as any stored name (text, not empty, at most ``limit`` characters,
+    printable), or None: the rules every name shares."""
     if not isinstance(name, str):
         return f"is a {type(name).__name__}, not text"
     if not name:
         return "is empty"
-    if len(name) > MAX_KEY:
-        return f"is {len(name)} characters long (at most {MAX_KEY})"
+    if len(name) > limit:
+        return f"is {len(name)} characters long (at most {limit})"
     if any(not ch.isprintable() for ch in name):
         return "contains control characters"
     return None

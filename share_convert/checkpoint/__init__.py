@@ -1,14 +1,11 @@
 """The Share checkpoint format: typed entries, records, the writer, the reader, sharding, verification.
 
-This facade names, lazily, what tests, benchmarks and users import (nothing is imported until a
-name is asked for, so that light commands start fast); the package's own modules import each
-other directly, never through it.
+A lazy facade (:mod:`share_convert.facade`): what users, tests and benchmarks import from here.
 """
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from ..facade import lazy_names
 
 #: name -> the module of this package that defines it
 _WHERE = {
@@ -26,10 +23,4 @@ _WHERE = {
     "verify_checkpoint": "verification",
 }
 
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{_WHERE[name]}", __name__), name)
+__getattr__, __all__ = lazy_names(__name__, _WHERE)
