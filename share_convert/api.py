@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint.sharding import DEFAULT_MAX_SHARD_SIZE, check_checkpoint_name, parse_size
-from .errors import CorruptCheckpointError, InvalidOptionError
+from .errors import InvalidOptionError
 from .io import hub
-from .io.peft import CONFIG_NAME, WEIGHT_NAMES
 
 # The engine (consolidation, continual updates, extraction) imports torch: each command imports
 # what it needs when it runs, so that --help, tasks and info start without it.
@@ -49,46 +48,11 @@ def _summary(path: str | Path) -> dict[str, Any]:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a checkpoint from a path or an ``hf://owner/name`` address (downloaded through the cache).
+    """Open a checkpoint from a path or an ``hf://owner/name`` address (downloaded through the cache);
+    see :func:`share_convert.io.sources.open_checkpoint`, where a checkpoint's path is read."""
+    from .io.sources import open_checkpoint as _open_checkpoint
 
-    A folder holding ``share.safetensors`` or its shards' index ``share.safetensors.index.json``
-    (as ``pull`` writes them), or exactly one shard index, stands for that checkpoint; a path whose
-    file does not exist stands for its shard index when that does (``-o share.safetensors`` written
-    in shards). An adapter folder or weights file is named as such, with the commands that take adapters.
-    """
-    from .checkpoint.reader import Checkpoint
-    from .checkpoint.sharding import existing_checkpoint
-
-    if hub.is_hub_address(str(path)):
-        return Checkpoint(hub.checkpoint_path(str(path), progress=_tty()))
-    p = Path(path)
-    if p.is_dir():
-        found = existing_checkpoint(p / hub.CHECKPOINT_NAME)
-        if found is not None and found.is_file():
-            return Checkpoint(found)
-        if len(list(p.glob("*.safetensors.index.json"))) == 1:
-            return Checkpoint(p)
-        raise not_a_checkpoint(p)
-    if p.is_file() and p.suffix == ".bin":
-        raise not_a_checkpoint(p)
-    return Checkpoint(p)
-
-
-def not_a_checkpoint(path: Path) -> CorruptCheckpointError:
-    """The error for an adapter (or a folder) given where a checkpoint is expected."""
-    hint = (
-        "Consolidate adapters with 'share-convert merge ADAPTERS -o share.safetensors', or see what they "
-        "share first with 'share-convert plan ADAPTERS'"
-    )
-    if path.is_dir() and ((path / CONFIG_NAME).is_file() or any((path / n).is_file() for n in WEIGHT_NAMES)):
-        return CorruptCheckpointError("is a PEFT adapter folder, not a Share checkpoint", path=path, hint=hint)
-    if path.is_dir():
-        return CorruptCheckpointError(
-            "is a folder, not a Share checkpoint (a .safetensors file written by 'share-convert merge')",
-            path=path,
-            hint="Pass the checkpoint file itself; for a folder of adapters: " + hint[0].lower() + hint[1:],
-        )
-    return CorruptCheckpointError("is adapter weights, not a Share checkpoint", path=path, hint=hint)
+    return _open_checkpoint(path, progress=_tty())
 
 
 def _tty() -> bool:
@@ -376,7 +340,9 @@ def push(
     written is uploaded once it is published, never half-written; ``wait`` and ``on_wait`` as for :func:`merge`.
     """
     with _turn(checkpoint, wait, on_wait, shared=True):
-        return hub.push(checkpoint, repo_id, **kwargs)
+        from .report.summary import summarize
+
+        return hub.push(checkpoint, repo_id, summarize=summarize, **kwargs)
 
 
 def pull(repo: str, output: str | Path, **kwargs: Any) -> Path:

@@ -1,4 +1,4 @@
-"""Command help that reads the same under every typer the project allows (``typer>=0.12``).
+"""Command help that reads the same under every typer the project allows (``typer>=0.26``).
 
 Typer has drawn plain help (``rich_markup_mode=None``) differently from release to release:
 0.12 wrote click's ``TEXT``/``INTEGER`` placeholders and ``[auto|cpu|cuda]``; 0.16 escaped the

@@ -1,5 +1,5 @@
-"""A checkpoint's tasks as inputs: the paper's asynchronous continual learning (groups
-consolidated separately, merged later), ``add``'s and ``remove --refit``'s old tasks.
+"""What an update keeps of a checkpoint: the options it was made with, and tasks kept as they are.
+(A checkpoint's tasks as inputs are :class:`share_convert.io.checkpoint_source.CheckpointTask`.)
 """
 
 from __future__ import annotations

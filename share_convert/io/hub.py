@@ -17,11 +17,14 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..checkpoint.sharding import INDEX_SUFFIX, shard_name
 from ..errors import HubError, OutputExistsError
 from .provenance import LocalValue, local_path_values, looks_local
+
+if TYPE_CHECKING:
+    from ..checkpoint.reader import Checkpoint
 
 CHECKPOINT_NAME = "share.safetensors"
 #: A checkpoint pushed in shards: this index and share-00001-of-0000N.safetensors ... beside it.
@@ -291,8 +294,12 @@ def push(
     license: str | None = None,
     on_local_paths: Callable[[list[LocalValue]], None] | None = None,
     refuse_local_paths: bool = False,
+    summarize: Callable[[Checkpoint], dict[str, Any]],
 ) -> str:
     """Upload a checkpoint, its config and a model card to ``repo_id`` (created when needed); return the commit URL.
+
+    ``summarize`` gives the checkpoint's report, from which the model card is written (the report
+    layer's :func:`~share_convert.report.summary.summarize`, handed down by the API: io sits below it).
 
     Before anything is uploaded, the manifest's values that look like local paths (an adapter
     config's ``base_model_name_or_path`` that is a folder, kohya metadata naming files, sources
@@ -306,7 +313,6 @@ def push(
     from huggingface_hub import HfApi
 
     from ..checkpoint.reader import Checkpoint
-    from ..report.summary import summarize
 
     ckpt = Checkpoint(checkpoint)
     ckpt.verify_all()
