@@ -49,8 +49,8 @@ def _summary(path: str | Path) -> dict[str, Any]:
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Open a checkpoint from a path or an ``hf://owner/name`` address (downloaded through the cache);
-    see :func:`share_convert.io.sources.open_checkpoint`, where a checkpoint's path is read."""
-    from .io.sources import open_checkpoint as _open_checkpoint
+    see :func:`share_convert.io.checkpoint_path.open_checkpoint`, where a checkpoint's path is read."""
+    from .io.checkpoint_path import open_checkpoint as _open_checkpoint
 
     return _open_checkpoint(path, progress=_tty())
 

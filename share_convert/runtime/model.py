@@ -93,7 +93,7 @@ class ShareModel(nn.Module):
         """
         if isinstance(checkpoint, Checkpoint):
             return cls(base_model, *inject(base_model, checkpoint, tasks, dtype, device, head_pad_value))
-        from ..io.sources import open_checkpoint  # paths, folders and hf:// addresses: read in one place
+        from ..io.checkpoint_path import open_checkpoint  # paths, folders and hf:// addresses: read in one place
 
         with open_checkpoint(checkpoint) as ckpt:
             return cls(base_model, *inject(base_model, ckpt, tasks, dtype, device, head_pad_value))
