@@ -557,7 +557,7 @@ def compare(a: argparse.Namespace) -> int:
             different += not same
             continue
         if ca["inputs"] != cb["inputs"]:
-            rows.append((case, "(inputs)", "DIFFERENT", "the runs did not read the same inputs"))
+            rows.append((case, "(inputs)", "DIFFERENT", "the runs read different inputs (generator or data changed)"))
             different += 1
         for label, c in (("A", ca), ("B", cb)):
             for problem in c.get("self_check", []):
