@@ -1,7 +1,10 @@
 """Smoke tests of the benchmark generator and runners on tiny sizes (the benchmarks themselves are not CI)."""
 
+import hashlib
 import json
+import re
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +125,29 @@ def test_bounds_runner_compares_recorded_and_true_errors(tmp_path):
     assert list(steps) == ["merge 4", "add 3", "add 3 more", "merge 7 at once", "merge 10 at once"]
     for step in steps.values():
         assert all(row["shortfall"] <= 1e-5 for row in step["tasks"].values())  # every recorded error bounds the truth
+
+
+def test_identity_check_records_every_output_and_compare_flags_a_changed_byte(tmp_path):
+    v1, data = BENCH.parent / "tests" / "data" / "v1", tmp_path / "data" / "v1"
+    data.mkdir(parents=True)
+    shutil.copy(v1 / "plain.safetensors", data)  # one old checkpoint and one adapter: the legacy case, small
+    shutil.copytree(v1 / "adapters" / "new-000", data / "adapters" / "new-000")
+    out, work = tmp_path / "a.json", tmp_path / "w"
+    run(BENCH / "identity.py", "run", "--only", "legacy", "--data", data.parent, "--work", work, "--out", out)
+    result = json.loads(out.read_text())
+    steps = result["cases"]["legacy"]["steps"]
+    assert [s.rsplit("/", 1)[-1] for s in steps] == ["info", "verify", "tasks", "extract-all", "add"]
+    assert all(s["rc"] == 0 for s in steps.values())
+    written = steps["v1/add"]["files"]
+    assert written == {
+        "v1/add/s.safetensors": hashlib.sha256((work / "legacy/v1/add/s.safetensors").read_bytes()).hexdigest()
+    }
+    assert len(steps["v1/plain.safetensors/extract-all"]["files"]) == 2 * 3  # config and weights of each task
+    assert run(BENCH / "identity.py", "compare", out, out).stdout.rstrip().endswith("0 DIFFERENT")
+    written["v1/add/s.safetensors"] = "0" * 64
+    (tmp_path / "b.json").write_text(json.dumps(result))
+    proc = subprocess.run(
+        [sys.executable, BENCH / "identity.py", "compare", out, tmp_path / "b.json"], capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert re.search(r"v1/add +DIFFERENT +files v1/add/s.safetensors", proc.stdout), proc.stdout
