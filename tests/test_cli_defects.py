@@ -9,25 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from typer.testing import CliRunner
 
-from share_convert.cli import app
 from share_convert.report import verdict
 
 from .builders.adapters import random_factors, write_adapter, write_kohya
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    return lines[0]
+from .builders.cli import one_error_line, run
 
 
 def adapter(folder: Path, seed: int, **config) -> Path:

@@ -15,29 +15,16 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from share_convert import api
 from share_convert.checkpoint import Checkpoint
-from share_convert.cli import app
 
 from .builders.adapters import random_factors, write_adapter
+from .builders.cli import one_error_line, run
 from .hub_servers import UploadServer
 
-runner = CliRunner()
 GPT2 = "gpt2-c_attn"
 PEFT_FOLDER = "gpt2-c_attn/winkitee__peft-lora-gpt2"
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
