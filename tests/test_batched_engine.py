@@ -15,7 +15,6 @@ from share_convert.engine import (
     coordinates,
     encode_in_bases,
     encode_private_only,
-    encode_task,
     store_bases,
 )
 from share_convert.engine import read_members as read_module_members
@@ -122,11 +121,33 @@ def test_mixed_tasks_encoded_as_a_batch_equal_one_at_a_time(stacks, dtype):
     qs = [1 + i % 3 for i in range(len(members))]
     batch = encode_in_bases(members, qs, bases, dtype, stack.norms, coords)
     for i, m in enumerate(members):
-        tensors, record = encode_task(m, qs[i], bases, dtype, stack.norms[i], coords[i])
+        # one task alone, as add encodes it: float64 coordinates, errors of the stored tensors in float64
+        [(tensors, record)] = encode_in_bases(
+            [m], [qs[i]], bases, dtype, [stack.norms[i]], factors="per_task", errors="stored"
+        )
         assert (record["rank"], record["private_rank"]) == (batch[i][1]["rank"], batch[i][1]["private_rank"])
         assert batch[i][1]["error"] == pytest.approx(record["error"], rel=1e-6, abs=1e-9)
         for key, t in tensors.items():
             assert torch.allclose(batch[i][0][key].double(), t.double(), rtol=1e-2, atol=1e-3 * float(t.abs().max()))
+
+
+@pytest.mark.parametrize("factors", ["batched", "per_task"])
+def test_stored_errors_are_the_errors_of_the_stored_tensors(stacks, factors):
+    stack = max(stacks, key=lambda s: s.full)
+    beta, alpha, _, _, planner = stack.fit(8)
+    plan = ModulePlan(6, 6, [], [], 0)
+    bases = StoredBases.of(*store_bases("m", beta, alpha, plan, torch.bfloat16, type("R", (), {"tensors": {}})()))
+    members = stack.members
+    qs = [i % 3 for i in range(len(members))]
+    out = encode_in_bases(members, qs, bases, torch.bfloat16, stack.norms, factors=factors, errors="stored")
+    for m, (tensors, record) in zip(members, out):
+        B, A = bases.beta.new_zeros(m.Bc.shape[0], 0), bases.alpha.new_zeros(m.Ac.shape[0], 0)
+        if "coef_B" in tensors:
+            B, A = bases.beta @ tensors["coef_B"].double(), bases.alpha @ tensors["coef_A"].double()
+        if "private_B" in tensors:
+            B = torch.cat([B, tensors["private_B"].double()], 1)
+            A = torch.cat([A, tensors["private_A"].double().T], 1)
+        assert record["error"] == pytest.approx(relative_error(m.Bc, m.Ac, B, A), rel=1e-6, abs=1e-9)
 
 
 def test_private_only_errors_are_the_errors_of_the_stored_factors(stacks):

@@ -25,7 +25,7 @@ _WHERE = {
     "drift_bound": "planning",
     "encode_in_bases": "encoding",
     "encode_private_only": "encoding",
-    "encode_task": "encoding",
+    "exact_coordinates": "encoding",
     "merge": "pipeline",
     "only_modules": "members",
     "plan_group": "consolidation",

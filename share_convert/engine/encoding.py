@@ -103,24 +103,165 @@ def coordinates(members: Sequence[ModuleMember], bases: StoredBases | None, chun
 PRECISE_BELOW = 0.02
 
 
-def encode_task(
+def exact_coordinates(members: Sequence[ModuleMember], bases: StoredBases) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(βᵀBc, αᵀAc) of every member in float64, one product per member and side.
+
+    What ``add`` records its new tasks from. Per member, not as one product over the side-by-side
+    factors: a wider product may sum in another order (BLAS picks its kernel by shape), and add's
+    outputs must not change by one bit.
+    """
+    return [(bases.beta.T @ m.Bc.double(), bases.alpha.T @ m.Ac.double()) for m in members]
+
+
+def encode_in_bases(
+    members: Sequence[ModuleMember],
+    qs: Sequence[int],
+    bases: StoredBases | None,
+    dtype: torch.dtype,
+    norms: Sequence[float],
+    coords: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    *,
+    factors: str = "batched",
+    errors: str = "batched",
+) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+    """Many tasks of a module in its shared bases, each with a private rank q (0 for none),
+    batched per (rank, q): their coefficients, private factors and ΔW errors.
+
+    One batched balanced SVD of the coordinates gives the coefficients (spec, section 2, step 7);
+    where q > 0, the best rank-q part of each residual ΔW − ΔŴ_shared = [Bc, −β cB] [Ac, α cA]ᵀ
+    (section 6) comes from one batched QR per side and one batched SVD of the small cores.
+
+    ``coords``: each task's coordinates (βᵀBc, αᵀAc); merge passes :func:`coordinates` (float32
+    products, then float64). ``None``: float64 products per task (:func:`exact_coordinates`), as
+    ``add`` computes them for its new tasks.
+
+    ``factors``: ``"batched"`` (merge): the factorizations above, one per group. ``"per_task"``
+    (add): :func:`canonicalize` of each task's coordinates and of its residual (the Cholesky route
+    where well-conditioned), the factorization ``add`` has always stored. Both are the balanced SVD
+    form, but they round differently: a stored float32 value can differ in its last bit.
+
+    ``errors``: errors are those of the tensors as stored (section 4). ``"batched"`` (merge): by
+    batched traces from the coordinates, in float64 from the canonical factors for tasks below
+    ``PRECISE_BELOW``. ``"stored"`` (add): per task by :func:`stored_error` in float64 throughout,
+    the arithmetic ``add`` has always recorded.
+
+    ``bases`` None (a plan that keeps no shared directions; only with ``errors="stored"``): no
+    coefficients, each task's own best rank-q part by the same QR and SVD. Merge encodes such
+    modules with :func:`encode_private_only`.
+    """
+    if errors not in ("batched", "stored") or factors not in ("batched", "per_task"):
+        raise ValueError(
+            f"factors must be 'batched' or 'per_task', errors 'batched' or 'stored': {factors!r}, {errors!r}"
+        )
+    if bases is None and errors == "batched":
+        raise ValueError("batched errors need shared bases: without them, use encode_private_only")
+    if coords is None and bases is not None:
+        coords = exact_coordinates(members, bases)
+    out: list[tuple[dict[str, torch.Tensor], dict[str, Any]] | None] = [None] * len(members)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (m, q) in enumerate(zip(members, qs)):
+        groups.setdefault((int(m.Bc.shape[1]), int(q)), []).append(i)
+    f64 = torch.float64
+
+    for (r, q), idx in groups.items():
+        if r == 0:  # ΔW = 0: nothing to store, and its error is 0 by definition
+            for i in idx:
+                out[i] = ({}, _record(members[i], {}, 0.0, norms[i]))
+            continue
+        if factors == "per_task":
+            for i in idx:
+                tensors = _task_factors(members[i], q, bases, dtype, coords[i] if bases is not None else None)
+                out[i] = (
+                    tensors,
+                    _record(members[i], tensors, stored_error(members[i], tensors, bases, None), norms[i]),
+                )
+            continue
+        if bases is not None:
+            EB = torch.stack([coords[i][0] for i in idx])  # t × k_B × r, float64
+            EA = torch.stack([coords[i][1] for i in idx])
+            CB, CA, _S, ranks = canonicalize_padded(EB, EA)
+            CB, CA = CB.to(dtype), CA.to(dtype)  # as stored
+            cB, cA = CB.to(f64), CA.to(f64)
+        else:  # no shared bases: no coefficients, each task's own top q directions
+            ranks = torch.zeros(len(idx), dtype=torch.int64)
+        batched = errors == "batched"
+        if batched:
+            ref2 = torch.stack([members[i].s for i in idx]).to(f64).pow(2).sum(-1)  # one reduction, not one per task
+            cross = trace_product(EB, EA, cB, cA)
+            recon2 = trace_product(cB, cA, cB, cA, bases.gram_beta, bases.gram_alpha)
+        keep = torch.zeros(len(idx), dtype=torch.int64, device=members[idx[0]].Bc.device)
+        if q:
+            Bc = torch.stack([members[i].Bc for i in idx]).to(f64)  # t × n × r
+            Ac = torch.stack([members[i].Ac for i in idx]).to(f64)
+            if bases is not None:  # the residual ΔW − ΔŴ_shared as side-by-side factors
+                shared_B, shared_A = left_batched(bases.beta, cB), left_batched(bases.alpha, cA)  # as stored
+                Bc_res, Ac_res = torch.cat([Bc, -shared_B], -1), torch.cat([Ac, shared_A], -1)
+            else:
+                Bc_res, Ac_res = Bc, Ac
+            # its best rank-q part: QR of the side-by-side factors, SVD of the small core
+            QB, RB = torch.linalg.qr(Bc_res)
+            QA, RA = torch.linalg.qr(Ac_res)
+            U, S, Vh = torch.linalg.svd(RB @ RA.transpose(-1, -2))
+            top = S[:, :1]
+            keep = ((S > CANONICAL_RTOL * top) & (top > 0)).sum(-1).clamp(max=q)
+            live = (torch.arange(S.shape[-1], device=S.device) < keep[:, None])[:, :q].to(f64)  # t × q
+            half = (S[:, :q].sqrt() * live).unsqueeze(-2)
+            PB = QB @ (U[:, :, :q] * half)
+            PA = QA @ (Vh.transpose(-1, -2)[:, :, :q] * half)
+            signs = fix_signs(PB).unsqueeze(-2)
+            PB, PA = (PB * signs).to(dtype), (PA * signs).to(dtype)  # as stored
+            if batched:
+                PB64, PA64 = PB.to(f64), PA.to(f64)
+                cross_private = trace_product(Bc, Ac, PB64, PA64)
+                cross = cross + cross_private
+                recon2 = (
+                    recon2 + trace_product(PB64, PA64, PB64, PA64) + 2 * trace_product(shared_B, shared_A, PB64, PA64)
+                )
+        if batched:
+            err = relative_errors(ref2, cross, recon2)
+            close = err < PRECISE_BELOW
+            if bool(close.any()):  # the float32 coordinates are not precise enough there: float64 throughout
+                pick = torch.nonzero(close).flatten()
+                if q:
+                    B, A = Bc[pick], Ac[pick]
+                else:
+                    B = torch.stack([members[idx[j]].Bc for j in pick.tolist()]).to(f64)
+                    A = torch.stack([members[idx[j]].Ac for j in pick.tolist()]).to(f64)
+                Eb, Ea = left_batched(bases.beta.T, B), left_batched(bases.alpha.T, A)
+                precise_cross = trace_product(Eb, Ea, cB[pick], cA[pick])
+                if q:
+                    precise_cross = precise_cross + cross_private[pick]
+                err = err.clone()
+                err[pick] = relative_errors(trace_product(B, A, B, A), precise_cross, recon2[pick])
+            errs = err.tolist()
+        # what is written comes back from the compute device at once, not task by task
+        if bases is not None:
+            CB, CA = CB.cpu(), CA.cpu()
+        PB, PA = (PB.cpu(), PA.cpu()) if q else (None, None)
+        for j, (i, p, k) in enumerate(zip(idx, ranks.tolist(), keep.tolist())):
+            tensors = {"coef_B": CB[j, :, :p], "coef_A": CA[j, :, :p]} if p else {}
+            if k:
+                tensors["private_B"] = PB[j, :, :k]
+                tensors["private_A"] = PA[j, :, :k].T.contiguous()
+            err = errs[j] if batched else stored_error(members[i], tensors, bases, None)
+            out[i] = (tensors, _record(members[i], tensors, err, norms[i]))
+    return out  # type: ignore[return-value]
+
+
+def _task_factors(
     m: ModuleMember,
     q: int,
     bases: StoredBases | None,
     dtype: torch.dtype,
-    norm: float,
-    coords: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """One task's coefficients and private factors in the stored bases, and its ΔW error."""
+    coords: tuple[torch.Tensor, torch.Tensor] | None,
+) -> dict[str, torch.Tensor]:
+    """One task's coefficients and private factors as stored, by :func:`canonicalize` (``factors="per_task"``)."""
     tensors: dict[str, torch.Tensor] = {}
     f64 = torch.float64
-    p = 0
     shared_B = shared_A = None
     if bases is not None:
-        Eb, Ea = coords if coords is not None else (bases.beta.T @ m.Bc.double(), bases.alpha.T @ m.Ac.double())
-        cB, cA, _ = canonicalize(Eb, Ea)  # balanced core E_B E_Aᵀ of rank p ≤ r (spec, section 2.7)
-        p = cB.shape[1]
-        if p:
+        cB, cA, _ = canonicalize(*coords)  # balanced core E_B E_Aᵀ of rank p ≤ r (spec, section 2.7)
+        if cB.shape[1]:
             tensors["coef_B"], tensors["coef_A"] = cB.to(dtype), cA.to(dtype)
             if q:
                 shared_B = bases.beta @ tensors["coef_B"].to(f64)
@@ -131,111 +272,23 @@ def encode_task(
             PB, PA, _ = canonicalize(Bc, Ac, max_rank=q)  # no shared part: the task's own top q
         else:  # residual ΔW − ΔŴ_shared as factors [Bc, −β cB] [Ac, α cA]ᵀ; its best rank-q part (spec, section 6)
             PB, PA, _ = canonicalize(torch.cat([Bc, -shared_B], 1), torch.cat([Ac, shared_A], 1), max_rank=q)
-        q = PB.shape[1]
-        if q:
+        if PB.shape[1]:
             tensors["private_B"], tensors["private_A"] = PB.to(dtype), PA.T.contiguous().to(dtype)
-    err = stored_error(m, tensors, bases, coords)
-    if err < PRECISE_BELOW and coords is not None:
-        err = stored_error(m, tensors, bases, None)
-    record: dict[str, Any] = {"rank": p, "private_rank": q, "original_rank": m.rank, "error": err, "norm": norm}
-    return {key: t.cpu() for key, t in tensors.items()}, _with_prior(m, record)
+    return tensors
 
 
-def encode_in_bases(
-    members: Sequence[ModuleMember],
-    qs: Sequence[int],
-    bases: StoredBases,
-    dtype: torch.dtype,
-    norms: Sequence[float],
-    coords: Sequence[tuple[torch.Tensor, torch.Tensor]],
-) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
-    """:func:`encode_task` of many tasks in a module's shared bases, each with a private rank q
-    (0 for none), batched per (rank, q).
-
-    One batched balanced SVD of the coordinates gives the coefficients (spec, section 2, step 7);
-    where q > 0, the best rank-q part of each residual ΔW − ΔŴ_shared = [Bc, −β cB] [Ac, α cA]ᵀ
-    (section 6) comes from one batched QR per side and one batched SVD of the small cores. Errors are
-    those of the tensors as stored, by batched traces (section 4), in float64 from the canonical
-    factors for tasks below ``PRECISE_BELOW``.
-    """
-    out: list[tuple[dict[str, torch.Tensor], dict[str, Any]] | None] = [None] * len(members)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, (m, q) in enumerate(zip(members, qs)):
-        groups.setdefault((int(m.Bc.shape[1]), int(q)), []).append(i)
-    f64 = torch.float64
-
-    for (r, q), idx in groups.items():
-        if r == 0:
-            for i in idx:
-                out[i] = encode_task(members[i], q, bases, dtype, norms[i], coords[i])
-            continue
-        EB = torch.stack([coords[i][0] for i in idx])  # t × k_B × r, float64
-        EA = torch.stack([coords[i][1] for i in idx])
-        CB, CA, _S, ranks = canonicalize_padded(EB, EA)
-        CB, CA = CB.to(dtype), CA.to(dtype)  # as stored
-        cB, cA = CB.to(f64), CA.to(f64)
-        ref2 = torch.stack([members[i].s for i in idx]).to(f64).pow(2).sum(-1)  # one reduction, not one per task
-        cross = trace_product(EB, EA, cB, cA)
-        recon2 = trace_product(cB, cA, cB, cA, bases.gram_beta, bases.gram_alpha)
-        keep = torch.zeros(len(idx), dtype=torch.int64, device=EB.device)
-        if q:
-            Bc = torch.stack([members[i].Bc for i in idx]).to(f64)  # t × n × r
-            Ac = torch.stack([members[i].Ac for i in idx]).to(f64)
-            shared_B, shared_A = left_batched(bases.beta, cB), left_batched(bases.alpha, cA)  # as stored
-            # the residual's best rank-q part: QR of the side-by-side factors, SVD of the small core
-            QB, RB = torch.linalg.qr(torch.cat([Bc, -shared_B], -1))
-            QA, RA = torch.linalg.qr(torch.cat([Ac, shared_A], -1))
-            U, S, Vh = torch.linalg.svd(RB @ RA.transpose(-1, -2))
-            top = S[:, :1]
-            keep = ((S > CANONICAL_RTOL * top) & (top > 0)).sum(-1).clamp(max=q)
-            live = (torch.arange(S.shape[-1], device=S.device) < keep[:, None])[:, :q].to(f64)  # t × q
-            half = (S[:, :q].sqrt() * live).unsqueeze(-2)
-            PB = QB @ (U[:, :, :q] * half)
-            PA = QA @ (Vh.transpose(-1, -2)[:, :, :q] * half)
-            signs = fix_signs(PB).unsqueeze(-2)
-            PB, PA = (PB * signs).to(dtype), (PA * signs).to(dtype)  # as stored
-            PB64, PA64 = PB.to(f64), PA.to(f64)
-            cross_private = trace_product(Bc, Ac, PB64, PA64)
-            cross = cross + cross_private
-            recon2 = recon2 + trace_product(PB64, PA64, PB64, PA64) + 2 * trace_product(shared_B, shared_A, PB64, PA64)
-        err = relative_errors(ref2, cross, recon2)
-        close = err < PRECISE_BELOW
-        if bool(close.any()):  # the float32 coordinates are not precise enough there: float64 throughout
-            pick = torch.nonzero(close).flatten()
-            if q:
-                B, A = Bc[pick], Ac[pick]
-            else:
-                B = torch.stack([members[idx[j]].Bc for j in pick.tolist()]).to(f64)
-                A = torch.stack([members[idx[j]].Ac for j in pick.tolist()]).to(f64)
-            Eb, Ea = left_batched(bases.beta.T, B), left_batched(bases.alpha.T, A)
-            precise_cross = trace_product(Eb, Ea, cB[pick], cA[pick])
-            if q:
-                precise_cross = precise_cross + cross_private[pick]
-            err = err.clone()
-            err[pick] = relative_errors(trace_product(B, A, B, A), precise_cross, recon2[pick])
-        # what is written comes back from the compute device at once, not task by task
-        CB, CA = CB.cpu(), CA.cpu()
-        PB, PA = (PB.cpu(), PA.cpu()) if q else (None, None)
-        for j, (i, p, k, e) in enumerate(zip(idx, ranks.tolist(), keep.tolist(), err.tolist())):
-            tensors = {"coef_B": CB[j, :, :p], "coef_A": CA[j, :, :p]} if p else {}
-            if k:
-                tensors["private_B"] = PB[j, :, :k]
-                tensors["private_A"] = PA[j, :, :k].T.contiguous()
-            record: dict[str, Any] = {
-                "rank": p,
-                "private_rank": k,
-                "original_rank": members[i].rank,
-                "error": e,
-                "norm": norms[i],
-            }
-            out[i] = (tensors, _with_prior(members[i], record))
-    return out  # type: ignore[return-value]
+def _record(m: ModuleMember, tensors: dict[str, torch.Tensor], error: float, norm: float) -> dict[str, Any]:
+    """A new task's record: its ranks as stored, its error and the norm of its ΔW."""
+    rank = tensors["coef_B"].shape[1] if "coef_B" in tensors else 0
+    private_rank = tensors["private_B"].shape[1] if "private_B" in tensors else 0
+    record = {"rank": rank, "private_rank": private_rank, "original_rank": m.rank, "error": error, "norm": norm}
+    return _with_prior(m, record)
 
 
 def encode_private_only(
     members: Sequence[ModuleMember], qs: Sequence[int], dtype: torch.dtype, norms: Sequence[float]
 ) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
-    """:func:`encode_task` of many tasks in a module without shared bases (k = 0), batched.
+    """:func:`encode_in_bases` of many tasks in a module without shared bases (k = 0), for merge.
 
     Each task keeps its own top q directions (spec, section 6, independent truncation). Its
     canonical factors are already in balanced SVD form, singular values descending, so those are

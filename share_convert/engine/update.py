@@ -22,7 +22,7 @@ from ..math.linalg import canonicalize_padded, fix_signs, left_batched
 from ..math.tolerances import DRIFT_BOUND_ABOVE, RANK_RTOL
 from ..math.traces import frobenius2, trace_product
 from .chain import appended_rows, chain_step
-from .encoding import StoredBases, encode_task, store_bases, store_grams
+from .encoding import StoredBases, encode_in_bases, store_bases, store_grams
 from .members import ModuleMember
 from .old_tasks import OldCoefficients, batch_gram, dropped_here, grams_of
 from .planning import (
@@ -192,9 +192,10 @@ def update_module(
         rank=ranks.numpy(),
         bound=table.int_column("bound") | (drift > DRIFT_BOUND_ABOVE),
     )
+    # the new tasks through the one encoder, with add's float64 coordinates, factorization and errors
+    encoded = encode_in_bases(members, plan.private_ranks, stored, dtype, norms, factors="per_task", errors="stored")
     weighted, new_records = [], {}
-    for j, m in enumerate(members):
-        tensors, rec = encode_task(m, plan.private_ranks[j], stored, dtype, norms[j])
+    for j, (m, (tensors, rec)) in enumerate(zip(members, encoded)):
         result.task_parts[m.task] = tensors
         new_records[m.task] = rec
         weighted.append((m.task, weights[j]))
