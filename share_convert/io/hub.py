@@ -402,7 +402,7 @@ def pull(
     from ..checkpoint.publish import publish_files
     from ..checkpoint.reader import Checkpoint
     from ..errors import ShareError
-    from ..files.atomic import file_mode, temp_file_beside
+    from ..files.atomic import file_mode, publish_file, temp_file_beside
 
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not force:
@@ -448,9 +448,14 @@ def pull(
         for tmp, _ in written:
             tmp.unlink(missing_ok=True)
         raise
-    for name in (CONFIG_NAME, "README.md"):
+    for name in (CONFIG_NAME, "README.md"):  # beside the checkpoint, each published whole
         if (src / name).is_file():
-            tmp = output / f".{name}.tmp"
-            shutil.copyfile(src / name, tmp)
-            os.replace(tmp, output / name)
+            fd, tmp = temp_file_beside(output / name)
+            os.close(fd)
+            try:
+                shutil.copyfile(src / name, tmp)
+                publish_file(Path(tmp), output / name)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
     return output / files[-1]
