@@ -248,7 +248,8 @@ def slacks(path: Path) -> dict[str, float]:
     beta, alpha = (b.double() for b in ckpt.bases(module))
     old = old_tasks.OldCoefficients(ckpt, module, table.tasks, beta.shape[1], alpha.shape[1])
     norm2 = old.form([(1.0, None, None)])
-    return dict(zip(table.tasks, projections.projection_slack(ckpt, info, table, old, beta, alpha, norm2).tolist()))
+    slack = projections.projection_slack(ckpt, ckpt.module(module), table, old, beta, alpha, norm2)
+    return dict(zip(table.tasks, slack.tolist()))
 
 
 def test_only_tasks_encoded_in_the_current_bases_without_private_parts_get_the_tighter_bound(tmp_path):

@@ -86,3 +86,21 @@ def test_adding_to_a_grouped_module_updates_only_the_group_the_new_task_joins(tm
             assert all(info["tasks"][t]["drift"] == 0.0 for t in group["tasks"])
         assert info["tasks"][new]["error"] < 0.05
     assert CliRunner().invoke(app, ["verify", str(tmp_path / "g2.safetensors")]).exit_code == 0
+
+
+def test_a_modules_typed_entry_gives_its_shape_kind_widths_and_groups_with_their_tasks(tmp_path):
+    merge(two_families(tmp_path), tmp_path / "g.safetensors", ConsolidationConfig(target_error=0.02, groups="auto"))
+    ckpt = Checkpoint(tmp_path / "g.safetensors")
+    for name, info in ckpt.modules.items():
+        entry = ckpt.module(name)
+        assert (entry.name, entry.shape, entry.kind, entry.dtype) == (
+            name,
+            (info["out_features"], info["in_features"]),
+            info["kind"],
+            info["dtype"],
+        )
+        assert (entry.k_B, entry.k_A, entry.task_names) == (info["k_B"], info["k_A"], tuple(info["tasks"]))
+        assert entry.grouped
+        stored = [(g["k_B"], g["k_A"], g["kind"], g["params"], tuple(g["tasks"])) for g in info["groups"]]
+        assert [(g.k_B, g.k_A, g.kind, g.params, g.tasks) for g in entry.groups] == stored
+        assert ckpt.module(name) is entry  # read once

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptCheckpointError, UnsupportedFormatError
 from . import coefficients as _coefficients
+from .entries import ModuleEntry
 from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, MANIFEST_SHA_KEY, sha256
 from .manifest import check_manifest, parse_manifest
 from .records import Chain, TaskRows
@@ -86,6 +87,7 @@ class Checkpoint:
         self.records = TaskRecords(self.store, self.manifest, self.version, self._lock, self.path)
         self._history: list[dict[str, Any]] | None = None
         self._chains: dict[str, Chain | None] = {}
+        self._entries: dict[str, ModuleEntry] = {}
 
     # -- files ------------------------------------------------------------------------------------------
     @property
@@ -130,6 +132,15 @@ class Checkpoint:
     def modules(self) -> Mapping[str, dict[str, Any]]:
         """Module name -> its entry, with ``tasks``: task name -> its record in that module."""
         return self.records.modules
+
+    def module(self, name: str) -> ModuleEntry:
+        """Module ``name``'s entry, typed (:class:`~.entries.ModuleEntry`), read once; KeyError if there is none."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                entry = ModuleEntry.of(name, self.modules[name])
+                self._entries[name] = entry
+            return entry
 
     @property
     def config(self) -> dict[str, Any]:

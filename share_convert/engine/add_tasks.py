@@ -72,10 +72,10 @@ def add(
     new_shapes = check_compatible(list(sources))
     for name, (n, d, _) in new_shapes.items():
         if name in ckpt.modules:
-            info = ckpt.modules[name]
-            if (info["out_features"], info["in_features"]) != (n, d):
+            entry = ckpt.module(name)
+            if entry.shape != (n, d):
                 raise IncompatibleAdaptersError(
-                    f"module {name} is {n}×{d} in the new adapters but {info['out_features']}×{info['in_features']} "
+                    f"module {name} is {n}×{d} in the new adapters but {entry.out_features}×{entry.in_features} "
                     "in the checkpoint: they adapt different base models",
                     path=ckpt.path,
                     hint="Add adapters of the checkpoint's base model",
@@ -103,20 +103,20 @@ def add(
 
         def work(name: str) -> ModuleResult | None:
             """One module's update (None: no new task has it, it is carried as it is)."""
-            old_info = ckpt.modules.get(name)
+            old = ckpt.module(name) if name in ckpt.modules else None
             mdtype = module_dtype(name)
             members = read_members([s for s in sources if name in s.module_shapes()], name, config)
-            if old_info is None:
+            if old is None:
                 n, d, _ = new_shapes[name]
                 return consolidate_module(name, n, d, members, module_config, mdtype)
             if not members:
                 return None
             # in the module's own order (its stored rows' order), without the replaced tasks
-            kept = [t for t in old_info["tasks"] if t not in clashed]
-            if "groups" in old_info:
+            kept = [t for t in old.task_names if t not in clashed]
+            if old.grouped:
                 return update_grouped_module(ckpt, name, kept, clashes, members, module_config, mdtype)
             res = update_module(ckpt, name, kept, members, module_config, mdtype)
-            n, d = old_info["out_features"], old_info["in_features"]
+            n, d = old.shape
             if stored_params(res, n, d) > original_params(res, n, d):
                 # the incremental update keeps the shared bases; here that stores more than the originals
                 # did, so consolidate the module again from the old tasks' reconstructions, as merge
@@ -127,14 +127,11 @@ def add(
             return res
 
         def module_dtype(name: str) -> torch.dtype:
-            old_info = ckpt.modules.get(name)
             if dtype is not None:
                 return dtype
-            return (
-                named_dtype(old_info["dtype"])
-                if old_info
-                else storage_dtype(config, [s.weights_dtype for s in sources])
-            )
+            if name in ckpt.modules:
+                return named_dtype(ckpt.module(name).dtype)
+            return storage_dtype(config, [s.weights_dtype for s in sources])
 
         load_linalg(config.torch_device())
         shapes = [s.module_shapes() for s in sources]
@@ -186,5 +183,5 @@ def original_params(res: ModuleResult, n: int, d: int) -> int:
 
 def _shape(ckpt: Checkpoint, new_shapes: dict, name: str) -> tuple[int, int]:
     if name in ckpt.modules:
-        return ckpt.modules[name]["out_features"], ckpt.modules[name]["in_features"]
+        return ckpt.module(name).shape
     return new_shapes[name][0], new_shapes[name][1]

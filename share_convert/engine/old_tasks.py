@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoint.entries import ModuleEntry
 from ..checkpoint.format import CHAIN_PARTS
 from ..checkpoint.reader import Checkpoint
 from ..checkpoint.records import RecordTable
@@ -23,13 +24,14 @@ def carry_module(
     ckpt: Checkpoint, writer: CheckpointWriter, name: str, keep: list[str], dropped: Sequence[str], weighting: str
 ) -> dict[str, Any] | None:
     """Copy one module unchanged for the tasks in ``keep``; recompute its Gram matrices without ``dropped``."""
-    info = ckpt.modules[name]
+    entry = ckpt.module(name)
+    info = ckpt.modules[name]  # the stored entry, carried into the new manifest
     table = RecordTable.from_dicts(info["tasks"])
     kept = set(keep)
     left_tasks = [t for t in table.tasks if t in kept]
     if not left_tasks:
         return None
-    prefixes = sorted({ckpt.bases_prefix(name, t) for t in one_per_group(info, table)} - {None})
+    prefixes = sorted({ckpt.bases_prefix(name, t) for t in one_per_group(entry, table)} - {None})
     for prefix in prefixes:
         for part in ("basis_B", "basis_A"):
             ckpt.copy_to(writer, f"{prefix}{part}")
@@ -51,14 +53,14 @@ def carry_module(
         writer.add_module(name, ckpt.task_rows(name, left_tasks))
     # untouched by this update: no drift
     out = {**info, "tasks": left.updated(error_before=left.float_column("error"), drift=0.0)}
-    if "groups" in info:
+    if entry.grouped:
         out["groups"] = [dict(g, tasks=[t for t in g["tasks"] if t in kept]) for g in info["groups"]]
     return out
 
 
-def one_per_group(info: dict[str, Any], table: RecordTable) -> list[str]:
+def one_per_group(entry: ModuleEntry, table: RecordTable) -> list[str]:
     """One task of each group of bases in a module (the only one when it has no groups)."""
-    if "groups" not in info:
+    if not entry.grouped:
         return table.tasks[:1]
     first: dict[int, str] = {}
     for t, g in zip(table.tasks, table.int_column("group").tolist()):
@@ -67,8 +69,8 @@ def one_per_group(info: dict[str, Any], table: RecordTable) -> list[str]:
 
 
 def dropped_here(ckpt: Checkpoint, name: str, prefix: str, dropped: Sequence[str]) -> bool:
-    info = ckpt.modules[name]
-    return any(t in info["tasks"] and ckpt.bases_prefix(name, t) == prefix for t in dropped)
+    entry = ckpt.module(name)
+    return any(entry.has_task(t) and ckpt.bases_prefix(name, t) == prefix for t in dropped)
 
 
 def grams_of(ckpt: Checkpoint, name: str, prefix: str, tasks: Sequence[str], weighting: str) -> dict[str, torch.Tensor]:
@@ -77,11 +79,10 @@ def grams_of(ckpt: Checkpoint, name: str, prefix: str, tasks: Sequence[str], wei
     Used when tasks leave a basis: subtracting their terms from the stored float32 matrices would
     leave rounding noise that reads as spurious directions in the next update.
     """
-    info = ckpt.modules[name]
     here = [t for t in tasks if ckpt.bases_prefix(name, t) == prefix]
     k_B, k_A = (ckpt.tensor_meta(f"{prefix}basis_{side}")[0][1] for side in ("B", "A"))
     old = OldCoefficients(ckpt, name, here, k_B, k_A, prefix)
-    norms = RecordTable.from_dicts(info["tasks"]).select(here).float_column("norm")
+    norms = RecordTable.from_dicts(ckpt.modules[name]["tasks"]).select(here).float_column("norm")
     root = task_weights(norms, weighting).sqrt()[:, None, None]
     return {"B": batch_gram(old.XB * root), "A": batch_gram(old.XA * root)}
 
@@ -122,9 +123,8 @@ def batch_gram(X: torch.Tensor) -> torch.Tensor:
 
 def prefix_tasks(ckpt: Checkpoint, name: str, prefix: str) -> list[str]:
     """The tasks whose coefficient rows are stored under ``prefix``, in their order in the module."""
-    info = ckpt.modules[name]
-    table = RecordTable.from_dicts(info["tasks"])
-    if "groups" not in info:
+    table = RecordTable.from_dicts(ckpt.modules[name]["tasks"])
+    if not ckpt.module(name).grouped:
         return list(table.tasks)
     group = int(prefix.rstrip("/").rsplit("/g", 1)[1])
     return [t for t, g in zip(table.tasks, table.int_column("group").tolist()) if g == group]

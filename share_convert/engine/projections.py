@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any
 
 import numpy as np
 import torch
 
+from ..checkpoint.entries import ModuleEntry
 from ..checkpoint.reader import Checkpoint
 from ..checkpoint.records import RecordTable
 from ..dtypes import UNIT_ROUNDOFF
@@ -17,7 +17,7 @@ from .planning import task_weights
 
 def projection_slack(
     ckpt: Checkpoint,
-    info: dict[str, Any],
+    entry: ModuleEntry,
     table: RecordTable,
     old: OldCoefficients,
     b_old: torch.Tensor,
@@ -48,8 +48,8 @@ def projection_slack(
     eligible = projection_eligible(ckpt, table)
     if not eligible.any():
         return inf
-    n, d = info["out_features"], info["in_features"]
-    u = UNIT_ROUNDOFF.get(info.get("dtype", "float32"), 2.0**-8) + max(n, d) ** 0.5 * 2.0**-23
+    n, d = entry.shape
+    u = UNIT_ROUNDOFF.get(entry.dtype, 2.0**-8) + max(n, d) ** 0.5 * 2.0**-23
 
     def defect(gram: torch.Tensor) -> float:  # how far the stored basis is from orthonormal
         return float(torch.linalg.eigvalsh(gram - torch.eye(gram.shape[0], dtype=gram.dtype)).abs().max())

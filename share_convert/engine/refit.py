@@ -36,15 +36,16 @@ def refit_module(
     sources = [CheckpointTask(ckpt, t) for t in old_tasks]
     old_members = read_members(sources, name, config)  # on the compute device, where the new join them
     members = [m.to(config.torch_device()) for m in members]
-    info = ckpt.modules[name]
+    entry = ckpt.module(name)
+    records = ckpt.modules[name]["tasks"]
     projections = old_projections(ckpt, name, old_tasks)
     for m in old_members:  # the planner counts the tighter bounds of plans that stay in the old span
         if m.task in projections:
             m.slack = projections[m.task][0]
-    res = consolidate_module(name, info["out_features"], info["in_features"], old_members + members, config, dtype)
+    res = consolidate_module(name, *entry.shape, old_members + members, config, dtype)
     for t in old_tasks:
         rec = res.records[t]
-        before = info["tasks"][t]["error"]
+        before = records[t]["error"]
         rec["error_before"] = before
         rec["drift"] = max(rec["error"] - before, 0.0)
     tighten_refit(res, name, projections)
@@ -54,8 +55,7 @@ def refit_module(
 def old_projections(ckpt: Checkpoint, name: str, old_tasks: list[str]) -> dict[str, tuple[float, OldSpan]]:
     """The old tasks of one module whose stored part is a projection in their bases
     (:func:`projection_slack` finite): task -> (η, β, α of those bases, float64)."""
-    info = ckpt.modules[name]
-    table = RecordTable.from_dicts(info["tasks"]).select(old_tasks)
+    table = RecordTable.from_dicts(ckpt.modules[name]["tasks"]).select(old_tasks)
     by_prefix: dict[str, list[str]] = {}
     for t in old_tasks:
         prefix = ckpt.bases_prefix(name, t)
@@ -69,7 +69,9 @@ def old_projections(ckpt: Checkpoint, name: str, old_tasks: list[str]) -> dict[s
         old = OldCoefficients(ckpt, name, tasks, beta.shape[1], alpha.shape[1], prefix)
         gram_B, gram_A = beta.T @ beta, alpha.T @ alpha
         norm2 = old.form([(1.0, None, None)])
-        slack = projection_slack(ckpt, info, table.select(tasks), old, beta, alpha, norm2, (gram_B, gram_A))
+        slack = projection_slack(
+            ckpt, ckpt.module(name), table.select(tasks), old, beta, alpha, norm2, (gram_B, gram_A)
+        )
         eligible = torch.isfinite(slack).nonzero().flatten().tolist()
         if eligible:  # the Cholesky factors once per set of bases, not once per task
             span = OldSpan(beta, alpha, torch.linalg.cholesky(gram_B), torch.linalg.cholesky(gram_A))

@@ -91,8 +91,8 @@ def update_module(
     it rotates; see :func:`chain_step`) the old rows are rotated, rebalanced and written again,
     chain-free.
     """
-    info = ckpt.modules[name]
-    n, d = info["out_features"], info["in_features"]
+    entry = ckpt.module(name)
+    n, d = entry.shape
     # an incremental update is k-sized products over the old tasks' coefficients as read from the
     # checkpoint, and a few new tasks: CPU work, where a GPU would pay a transfer and a launch per step
     members = [m.to(torch.device("cpu")) for m in members]
@@ -107,7 +107,7 @@ def update_module(
     # matrix E Eᵀ is recomputed from them in float64 (they are read anyway, for the drift): the
     # stored float32 copy would add rounding noise that reads as weak extra directions.
     old = OldCoefficients(ckpt, name, old_tasks, b_old.shape[1], a_old.shape[1], prefix)
-    table = RecordTable.from_dicts(info["tasks"]).select(old_tasks)
+    table = RecordTable.from_dicts(ckpt.modules[name]["tasks"]).select(old_tasks)
     old_norms, old_errors = table.float_column("norm"), table.float_column("error")
     root = task_weights(old_norms, config.weighting).sqrt()[:, None, None]
     GB, GA = batch_gram(old.XB * root), batch_gram(old.XA * root)
@@ -120,7 +120,7 @@ def update_module(
     nb64, na64 = new_beta.double(), new_alpha.double()
     norm2 = old.form([(1.0, None, None)])  # ‖shared part‖², the bases taken as orthonormal (as the planner does)
     gram_B, gram_A = b_old.T @ b_old, a_old.T @ a_old  # the old bases' Grams, used below four times
-    slack = projection_slack(ckpt, info, table, old, b_old, a_old, norm2, (gram_B, gram_A))
+    slack = projection_slack(ckpt, entry, table, old, b_old, a_old, norm2, (gram_B, gram_A))
     inside = None
     if bool(torch.isfinite(slack).any()):
         LB, LA = torch.linalg.cholesky(gram_B), torch.linalg.cholesky(gram_A)
@@ -230,12 +230,13 @@ def update_grouped_module(
     capture most of it, and only those groups are updated (incrementally, as one module each);
     the other groups are copied unchanged. Falls back to :func:`refit_module` when a group would
     be left empty or no group has bases."""
-    info = ckpt.modules[name]
-    groups = info["groups"]
+    entry = ckpt.module(name)
+    records = ckpt.modules[name]["tasks"]  # the tasks' records as stored (dicts, version 1)
+    groups = entry.groups
     kept = set(old_tasks)
     members = [m.to(torch.device("cpu")) for m in members]  # as in update_module
-    prefixes = [f"modules/{name}/g{j}/" if g["k_B"] else None for j, g in enumerate(groups)]
-    if not any(prefixes) or any(not [t for t in g["tasks"] if t in kept] for g in groups):
+    prefixes = [f"modules/{name}/g{j}/" if g.k_B else None for j, g in enumerate(groups)]
+    if not any(prefixes) or any(not [t for t in g.tasks if t in kept] for g in groups):
         return refit_module(ckpt, name, old_tasks, members, config, dtype)
     joins: dict[int, list[ModuleMember]] = {}
     for m in members:
@@ -250,16 +251,14 @@ def update_grouped_module(
         joins.setdefault(max(range(len(groups)), key=lambda j: captured[j]), []).append(m)
     parts: list[GroupPart] = []
     for j, g in enumerate(groups):
-        tasks = [t for t in g["tasks"] if t in kept]
+        tasks = [t for t in g.tasks if t in kept]
         new_tasks = [m.task for m in joins.get(j, [])]
         if j in joins:
             res = update_module(ckpt, name, tasks, joins[j], config, dtype, prefix=prefixes[j])
             parts.append(GroupPart.of(res, tasks + new_tasks))
             continue
         # unchanged: bases and tasks copied; the Gram matrices are recomputed without dropped tasks
-        part = GroupPart(
-            g["k_B"], g["k_A"], g["kind"], g["params"], tasks + new_tasks, {}, rows=ckpt.task_rows(name, tasks)
-        )
+        part = GroupPart(g.k_B, g.k_A, g.kind, g.params, tasks + new_tasks, {}, rows=ckpt.task_rows(name, tasks))
         if prefixes[j] is not None:
             part.carried += [f"{prefixes[j]}basis_B", f"{prefixes[j]}basis_A"]
             if dropped_here(ckpt, name, prefixes[j], dropped):
@@ -268,14 +267,13 @@ def update_grouped_module(
                     part.tensors[f"{prefixes[j]}gram_{side}"] = grams[side].to(torch.float32)
             else:
                 part.carried += [f"{prefixes[j]}gram_B", f"{prefixes[j]}gram_A"]
-        part.records = {t: dict(info["tasks"][t], error_before=info["tasks"][t]["error"], drift=0.0) for t in tasks}
-        gone = [t for t in g["tasks"] if t not in kept]
+        part.records = {t: dict(records[t], error_before=records[t]["error"], drift=0.0) for t in tasks}
+        gone = [t for t in g.tasks if t not in kept]
         part.params -= sum(
-            info["tasks"][t]["rank"] * (g["k_B"] + g["k_A"])
-            + info["tasks"][t]["private_rank"] * (info["out_features"] + info["in_features"])
+            records[t]["rank"] * (g.k_B + g.k_A) + records[t]["private_rank"] * (entry.out_features + entry.in_features)
             for t in gone
         )
         parts.append(part)
     # the records in the module's order of tasks, new ones last
-    order = [t for t in info["tasks"] if t in kept] + [m.task for m in members]
-    return assemble_groups(parts, order, info.get("alternatives"), dtype)
+    order = [t for t in entry.task_names if t in kept] + [m.task for m in members]
+    return assemble_groups(parts, order, entry.alternatives, dtype)
