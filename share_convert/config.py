@@ -105,9 +105,31 @@ class ConsolidationConfig:
     never honesty)."""
     max_k: int | None = None
     """Upper bound on k for every module."""
-    groups: str = "1"
+    groups: str | int = "1"
     """'1' (one basis per module), 'auto' (try 2–4 groups of tasks with separate bases per module,
     kept where cheaper at the same error, or lower error within a budget) or a number of groups."""
+
+    @staticmethod
+    def stored_value_problem(name: str, value: object) -> str | None:
+        """What is wrong with ``value`` as the stored option ``name`` (of the type its field declares:
+        a checkpoint's options are untrusted input), or None; unknown names are ignored (older or
+        newer versions may store others)."""
+        field = ConsolidationConfig.__dataclass_fields__.get(name)
+        if field is None:
+            return None
+        allowed = {part.strip() for part in str(field.type).split("|")}
+        if value is None:
+            return None if "None" in allowed else "is null"
+        if isinstance(value, bool):
+            return None if "bool" in allowed else f"is {value!r}, not a number or text"
+        if isinstance(value, int) and ("int" in allowed or "float" in allowed):
+            return None
+        if isinstance(value, float) and "float" in allowed:
+            return None
+        if isinstance(value, str) and "str" in allowed:
+            return None
+        kinds = " or ".join(sorted(allowed - {"None"}))
+        return f"is {type(value).__name__} {str(value)[:40]!r}, not {kinds}"
 
     def mode(self) -> str:
         if self.k is not None:

@@ -157,6 +157,25 @@ def test_absurd_sizes_and_wrong_types_are_refused_in_one_line(tmp_path, good, ed
     assert all(field in line for line in lines), lines
 
 
+@pytest.mark.parametrize(
+    "option, value", [("k", "abc"), ("weighting", {"x": 1}), ("groups", [1]), ("target_error", "0.05"), ("seed", True)]
+)
+def test_a_stored_option_of_the_wrong_type_is_refused_in_one_line(tmp_path, good, option, value):
+    """The options a checkpoint stores are read back by ``add`` and ``remove``: their types are checked on open."""
+    lines = refused_everywhere(tmp_path, hand_made(tmp_path, good, lambda m, h: m["config"].update({option: value})))
+    assert all(f"config.{option}" in line for line in lines), lines
+
+
+def test_an_update_refuses_stored_options_out_of_range_naming_the_checkpoint(tmp_path, good, real):
+    ckpt = hand_made(tmp_path, good, lambda m, h: m["config"].update(target_error=-5))
+    before = tree(tmp_path)
+    result = runner.invoke(app, ["add", str(ckpt), str(real / "bert-tiny"), "-o", str(tmp_path / "new.safetensors")])
+    text = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(text) == 1, result.output
+    assert "options stored in the checkpoint" in text[0] and str(ckpt) in text[0]
+    assert tree(tmp_path) == before
+
+
 def test_the_manifest_size_is_bounded_before_parsing(tmp_path, good, monkeypatch):
     from share_convert.checkpoint import manifest
 

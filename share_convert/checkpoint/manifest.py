@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import ConsolidationConfig
 from ..errors import CorruptCheckpointError
 from ..names import file_name_problem, key_problem, shown, task_name_problem
 
@@ -163,7 +164,10 @@ def check_manifest(manifest: dict[str, Any], path: str | Path | None) -> None:
     version = manifest.get("format_version")
     tasks = c.obj(manifest.get("tasks"), "tasks")
     modules = c.obj(manifest.get("modules"), "modules")
-    c.obj(manifest.get("config", {}), "config")
+    for option, value in c.obj(manifest.get("config", {}), "config").items():
+        problem = ConsolidationConfig.stored_value_problem(option, value)
+        if problem is not None:
+            raise c.fail(f"config.{option}", problem)
     for task, entry in tasks.items():
         c.name(task, "tasks", task_name_problem, "task")
         where = f"tasks.{task}"

@@ -8,13 +8,23 @@ from typing import Any
 
 from ..checkpoint.reader import Checkpoint
 from ..config import ConsolidationConfig
+from ..errors import CorruptCheckpointError, InvalidOptionError
 
 
 def config_of(ckpt: Checkpoint) -> ConsolidationConfig:
     """The options ``ckpt`` was made with, for its updates; where to compute is this machine's
     choice (``device`` is 'auto'), not the checkpoint's: one made on a GPU is extended on a CPU."""
     fields = ConsolidationConfig.__dataclass_fields__
-    return ConsolidationConfig(**{k: v for k, v in ckpt.config.items() if k in fields and k != "device"})
+    config = ConsolidationConfig(**{k: v for k, v in ckpt.config.items() if k in fields and k != "device"})
+    try:  # the reader checked each stored option's type; their values are checked as options are
+        config.validate()
+    except InvalidOptionError as e:
+        raise CorruptCheckpointError(
+            f"the options stored in the checkpoint are not valid ({e.message})",
+            path=ckpt.path,
+            hint="Re-create or re-download the checkpoint; it is not one share-convert wrote",
+        ) from None
+    return config
 
 
 class KeptTask:
