@@ -139,6 +139,7 @@ def _module(m):
         (lambda m, h: m.update(tasks=[]), "tasks"),
         (lambda m, h: m.update(format_version=True), "format version"),
         (lambda m, h: m.update(history={"op": "merge"}), "history"),
+        (lambda m, h: m["history"][0].pop("op"), "history[0].op"),
     ],
     ids=[
         "huge-features",
@@ -150,6 +151,7 @@ def _module(m):
         "tasks-list",
         "bool-version",
         "history-object",
+        "history-without-op",
     ],
 )
 def test_absurd_sizes_and_wrong_types_are_refused_in_one_line(tmp_path, good, edit, field):

@@ -61,7 +61,10 @@ def mutate(manifest: dict[str, Any], header: dict[str, Any], ops: list[tuple], a
         if kind == "rename_task":
             if manifest.get("tasks") and isinstance(manifest["tasks"], dict):
                 name = NAMES[pick % len(NAMES)]
-                rename_task(manifest, header, next(iter(manifest["tasks"])), abs_name if name == "@abs@" else name)
+                try:
+                    rename_task(manifest, header, next(iter(manifest["tasks"])), abs_name if name == "@abs@" else name)
+                except (AttributeError, TypeError):  # an earlier operation broke what a rename walks: nothing renamed
+                    pass
             continue
         node: Any = manifest
         for step in root:
@@ -99,6 +102,21 @@ def good(merged) -> Path:
 
 
 @pytest.fixture(scope="module")
+def new_adapter(real) -> Path:
+    """An adapter of the checkpoint's model, for ``add`` (under a task name of its own)."""
+    return next((real / "bert-tiny").iterdir())
+
+
+@pytest.fixture(scope="module")
+def first_task(good) -> str:
+    """The task ``remove`` is asked to drop (a mutation may have renamed or removed it)."""
+    from share_convert.checkpoint import Checkpoint
+
+    with Checkpoint(good) as ckpt:
+        return next(iter(ckpt.tasks))
+
+
+@pytest.fixture(scope="module")
 def peak() -> Any:
     start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     yield
@@ -108,7 +126,7 @@ def peak() -> Any:
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(ops=st.lists(operation, min_size=1, max_size=3))
-def test_a_mutated_manifest_is_read_or_refused_in_one_line(good, peak, ops):
+def test_a_mutated_manifest_is_read_or_refused_in_one_line(good, new_adapter, first_task, peak, ops):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         folder = root / "a" / "b"
@@ -117,8 +135,18 @@ def test_a_mutated_manifest_is_read_or_refused_in_one_line(good, peak, ops):
         abs_name = str(root / "abs")
         rewrite_manifest(good, ckpt, lambda m, h: mutate(m, h, ops, abs_name))
         out = folder / "out"
+        updates = folder / "updates"  # add and remove write here
+        updates.mkdir()
         before = files_under(root)
-        for args in (["info", ckpt], ["tasks", ckpt], ["verify", ckpt], ["extract", ckpt, "--all", "-o", out]):
+        commands = (
+            ["info", ckpt],
+            ["tasks", ckpt],
+            ["verify", ckpt],
+            ["extract", ckpt, "--all", "-o", out],
+            ["add", ckpt, f"fuzz-new={new_adapter}", "-o", updates / "added.safetensors"],
+            ["remove", ckpt, "--task", first_task, "--force", "-o", updates / "removed.safetensors"],
+        )
+        for args in commands:
             began = time.monotonic()
             result = runner.invoke(app, [str(a) for a in args])
             took = time.monotonic() - began
@@ -131,5 +159,5 @@ def test_a_mutated_manifest_is_read_or_refused_in_one_line(good, peak, ops):
                 assert len(lines) == 1 and lines[0].startswith("error:"), (args[0], ops, result.output)
             assert took < CASE_SECONDS, f"{args[0]} took {took:.1f} s on {ops!r}"
             new = files_under(root) - before
-            outside = [p for p in new if out not in (p, *p.parents)]
+            outside = [p for p in new if out not in (p, *p.parents) and updates not in p.parents]
             assert not outside, f"{args[0]} wrote outside its output on {ops!r}: {sorted(outside)}"

@@ -190,7 +190,7 @@ def check_manifest(manifest: dict[str, Any], path: str | Path | None) -> None:
             c.optional(entry, key, f"history[{i}]", lambda v, w: c.names(v, w, task_name_problem, "task"))
         for key in ("errors", "drift_summary"):
             c.optional(entry, key, f"history[{i}]", c.obj)
-        c.optional(entry, "op", f"history[{i}]", c.text)
+        c.text(entry.get("op"), f"history[{i}].op")  # every operation names itself (docs/format.md)
     hashes = c.obj(manifest.get("tensors", {}), "tensors")
     if not all(isinstance(v, str) for v in hashes.values()):
         raise c.fail("tensors", "holds a checksum that is not text")
