@@ -345,6 +345,11 @@ def push(
         return hub.push(checkpoint, repo_id, summarize=summarize, **kwargs)
 
 
-def pull(repo: str, output: str | Path, **kwargs: Any) -> Path:
-    """Download a pushed checkpoint; see :func:`share_convert.io.hub.pull`."""
-    return hub.pull(repo, output, progress=_tty(), **kwargs)
+def pull(repo: str, output: str | Path, *, wait: bool = True, on_wait: OnWait | None = None, **kwargs: Any) -> Path:
+    """Download a pushed checkpoint; see :func:`share_convert.io.hub.pull`.
+
+    The checkpoint pulled into ``output`` (``share.safetensors`` there) is written under its lock, as
+    ``add --in-place`` writes it, so that the two take turns; ``wait`` and ``on_wait`` as for :func:`merge`.
+    """
+    with _turn(Path(output) / hub.CHECKPOINT_NAME, wait, on_wait):
+        return hub.pull(repo, output, progress=_tty(), **kwargs)

@@ -102,6 +102,7 @@ WRITERS = {
     "merge --force onto it": lambda c, a, o: ["merge", a[2], a[3], "-o", c, "--force"],
     "add -o onto it": lambda c, a, o: ["add", o, a[2], "-o", c, "--force"],
     "push": lambda c, a, o: ["push", c, "someone/repo"],
+    "pull into its folder": lambda c, a, o: ["pull", "someone/repo", "-o", c.parent, "--force"],
 }
 
 

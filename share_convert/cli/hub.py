@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from .. import api
-from .options import ForceOpt, JsonOpt
+from .options import ForceOpt, JsonOpt, NoWaitOpt
 from .shell import emit_json, fail, out, say_waiting, warn
 
 
@@ -114,6 +114,7 @@ def pull(
     revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit.")] = None,
     token: Annotated[str | None, typer.Option("--token", help="Hub token (default: HF_TOKEN). Never printed.")] = None,
     force: ForceOpt = False,
+    no_wait: NoWaitOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Download a checkpoint pushed with 'share-convert push'.
@@ -122,7 +123,7 @@ def pull(
     """
     if output is None:
         fail("no output folder was given: pass -o DIR")
-    path = api.pull(repo, output, revision=revision, token=token, force=force)
+    path = api.pull(repo, output, revision=revision, token=token, force=force, wait=not no_wait, on_wait=say_waiting)
     if as_json:
         emit_json({"repo": repo, "revision": revision, "checkpoint": str(path)})
         return
