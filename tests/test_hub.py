@@ -148,6 +148,19 @@ def test_push_then_pull_through_olah_is_byte_identical(olah, uploads, tmp_path, 
     assert (tmp_path / "pulled/share_config.json").is_file()
 
 
+def test_pull_into_an_existing_empty_folder_needs_no_force(olah, uploads, tmp_path, merged):
+    ckpt = merged("gpt2-c_attn")
+    assert cli(["push", ckpt, "fay/share"], hub_env(uploads.url, tmp_path / "h1")).returncode == 0
+    (tmp_path / "empty").mkdir()
+    pulled = cli(["pull", "fay/share", "-o", tmp_path / "empty"], hub_env(olah.url, tmp_path / "h2"))
+    assert pulled.returncode == 0, pulled.stderr
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [
+        "README.md",
+        "share.safetensors",
+        "share_config.json",
+    ]
+
+
 def test_hub_checkpoints_work_wherever_a_path_does(olah, uploads, tmp_path, real, merged):
     ckpt = merged("gpt2-c_attn")
     assert cli(["push", ckpt, "erin/share", "--revision", "v2"], hub_env(uploads.url, tmp_path / "h1")).returncode == 0

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..checkpoint.sharding import INDEX_SUFFIX, shard_name
 from ..errors import HubError, OutputExistsError
+from ..files.locking import lock_path
 from .provenance import LocalValue, local_path_values, looks_local
 
 if TYPE_CHECKING:
@@ -405,7 +406,8 @@ def pull(
     from ..files.atomic import file_mode, publish_file, temp_file_beside
 
     output = Path(output)
-    if output.exists() and any(output.iterdir()) and not force:
+    lock = lock_path(output / CHECKPOINT_NAME)  # held by this pull itself (api.pull): not content
+    if output.exists() and any(p != lock for p in output.iterdir()) and not force:
         raise OutputExistsError("exists and is not empty", path=output, hint="Pass --force to replace it")
     addr = parse_address(repo if is_hub_address(repo) else f"hf://{repo}")
     if revision:
