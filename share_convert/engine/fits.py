@@ -108,7 +108,7 @@ class FrozenTasks:
         return int(self.ranks.clamp(max=min(k_B, k_A)).sum()) * (k_B + k_A)
 
 
-def _padded(fits: list[TaskFit], R: int, K_B: int, K_A: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def padded_fits(fits: list[TaskFit], R: int, K_B: int, K_A: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The tasks' singular values and coordinates stacked, zero-padded to rank R and to K_B, K_A
     basis vectors (zero columns change no error, residual spectrum or Gram matrix)."""
     f64, device = torch.float64, fits[0].s.device if fits else torch.device("cpu")

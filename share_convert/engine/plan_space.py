@@ -16,7 +16,7 @@ import torch
 from ..math.bounds import drift_bound
 from ..math.linalg import residual_spectrum
 from ..math.traces import frobenius2
-from .fits import FrozenTasks, TaskFit, _padded
+from .fits import FrozenTasks, TaskFit, padded_fits
 
 #: The k values tried between 0 and the number of basis vectors computed.
 K_GRID = (
@@ -113,7 +113,7 @@ class PlanSpace:
         self._init(
             n,
             d,
-            *_padded(fits, R, K_B, K_A),
+            *padded_fits(fits, R, K_B, K_A),
             ranks=torch.tensor([f.rank for f in fits], dtype=torch.int64, device=device),
             norm2=torch.tensor([f.norm2 for f in fits], dtype=f64, device=device),
             prior=torch.tensor([f.prior for f in fits], dtype=f64, device=device),

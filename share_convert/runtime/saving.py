@@ -24,7 +24,7 @@ from ..files.atomic import publish_dir, temp_dir_beside
 from ..io.export import prepare_output_dir
 from ..io.peft import PEFT_PREFIX
 from ..names import path_under
-from .training import ServingModel, TrainableTask, _key, trainable_task
+from .training import ServingModel, TrainableTask, trainable_task
 
 if TYPE_CHECKING:
     from ..config import ConsolidationConfig
@@ -37,7 +37,7 @@ def check_trained(model: ServingModel, task: TrainableTask) -> None:
     if any(torch.count_nonzero(m.coef_B) for m in task.layers.values()):  # type: ignore[arg-type]
         return
     for path in task.head_names:
-        trained, base = task.heads[_key(path)].state_dict(), model._heads[path].base_module.state_dict()
+        trained, base = task.head(path).state_dict(), model._heads[path].base_module.state_dict()
         if trained.keys() != base.keys() or any(not torch.equal(v, base[k].to(v)) for k, v in trained.items()):
             return
     raise UntrainedTaskError(
@@ -91,7 +91,7 @@ def adapter_tensors(task: TrainableTask) -> dict[str, torch.Tensor]:
         tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = A.float().cpu().contiguous()
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = B.float().cpu().contiguous()
     for path in task.head_names:
-        for leaf, value in task.heads[_key(path)].state_dict().items():
+        for leaf, value in task.head(path).state_dict().items():
             tensors[f"{PEFT_PREFIX}{path}.{leaf}"] = value.float().cpu().contiguous()
     return tensors
 

@@ -208,6 +208,10 @@ class TrainableTask(nn.Module):
     def module(self, name: str) -> TrainableModule:
         return self.layers[_key(name)]  # type: ignore[return-value]
 
+    def head(self, path: str) -> nn.Module:
+        """This task's copy of the head at ``path``."""
+        return self.heads[_key(path)]
+
     def count(self) -> TrainableCount:
         layers = list(self.layers.values())
         return TrainableCount(
