@@ -59,9 +59,9 @@ def handle_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from ..files.atomic import published
+        from ..files.atomic import publication_count, published_since
 
-        before = len(published())
+        before = publication_count()
         try:
             return fn(*args, **kwargs)
         except ShareError as e:
@@ -70,14 +70,14 @@ def handle_errors(fn: Callable) -> Callable:
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
             fail(f"{where}{e.strerror or e}")
         except KeyboardInterrupt:
-            fail(interrupted(published()[before:]), 130)
+            fail(interrupted(published_since(before)), 130)
 
     return wrapper
 
 
 def interrupted(written: list[Path]) -> str:
     """What Ctrl-C left on disk: nothing, or the outputs published before it (whole: a publication
-    is never cut, see share_convert/atomic.py). Temporaries published into, then removed, are not counted."""
+    is never cut, see share_convert/files/atomic.py). Temporaries published into, then removed, are not counted."""
     done = list(dict.fromkeys(str(p) for p in written if os.path.lexists(p)))
     if not done:
         return "interrupted before anything was written"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import errno as _errno
+import itertools
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -120,18 +122,26 @@ def follow_umask(path: Path) -> None:
         os.chmod(path, files)
 
 
-_published: list[Path] = []
+#: The targets this process published most recently (renamed into place), with their running
+#: numbers: a long-lived process that publishes many files keeps only the last few.
+_published: deque[tuple[int, Path]] = deque(maxlen=64)
+_publications = itertools.count()
 
 
-def published() -> list[Path]:
-    """Every target this process has published (renamed into place), oldest first: after an
-    interruption, what is on disk (see ``cli.handle_errors``)."""
-    return list(_published)
+def publication_count() -> int:
+    """How many targets this process has published so far (a mark for :func:`published_since`)."""
+    return _published[-1][0] + 1 if _published else 0
+
+
+def published_since(mark: int) -> list[Path]:
+    """The targets published since ``mark`` (a :func:`publication_count`), oldest first: after an
+    interruption, what is on disk (see ``cli.shell.handle_errors``)."""
+    return [path for number, path in _published if number >= mark]
 
 
 def record_published(target: Path) -> None:
-    """Note that ``target`` has just been published (see :func:`published`)."""
-    _published.append(Path(target))
+    """Note that ``target`` has just been published (see :func:`published_since`)."""
+    _published.append((next(_publications), Path(target)))
 
 
 @contextmanager
