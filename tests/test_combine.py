@@ -327,6 +327,15 @@ def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, checkpoints, arg
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("method", ["ties", "dare"])
+def test_ties_and_dare_are_refused_where_no_task_has_coefficients(tmp_path, checkpoints, method):
+    """The default plan of these small adapters keeps each task's own directions: the rule would apply nowhere."""
+    args = ["--task", "mix", "--weights", "a0=1,a1=1", "--method", method, "--density", "0.5"]
+    line = one_error_line(run("combine", checkpoints["private"], *args, "-o", tmp_path / "out.safetensors"))
+    assert "no module holds any" in line and "--method linear" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("target", [["-o", "out.bin"], [], ["-o", "out.safetensors", "--in-place"]])
 def test_the_output_must_be_one_safetensors_target(tmp_path, checkpoints, target):
     args = [a if a.startswith("-") else str(tmp_path / a) for a in target]

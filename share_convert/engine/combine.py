@@ -160,7 +160,25 @@ def check_options(
         raise InvalidOptionError("--seed applies to --method dare (its random drops)", hint="Leave it out")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
         raise InvalidOptionError(f"--seed {seed!r} is not a non-negative integer", hint="For example --seed 0")
+    if method != "linear" and not has_coefficients(ckpt, list(weights)):
+        named = ", ".join(list(weights)[:3]) + (f" and {len(weights) - 3} more" if len(weights) > 3 else "")
+        raise InvalidOptionError(
+            f"--method {method} applies its rule to the tasks' coefficients in shared bases, and no module holds "
+            f"any for {named} (the plan kept each task's own directions); nothing was written",
+            path=ckpt.path,
+            hint="Use --method linear, or merge the adapters with --k K (shared bases only) and combine there",
+        )
     return (1.0 if density is None else float(density)), (0 if seed is None else seed)
+
+
+def has_coefficients(ckpt: Checkpoint, tasks: list[str]) -> bool:
+    """Whether any of ``tasks`` has coefficients in shared bases in some module (from the records)."""
+    for info in ckpt.modules.values():
+        table = RecordTable.from_dicts(info["tasks"])
+        here = [t for t in tasks if t in table]
+        if here and bool((table.select(here).int_column("rank") > 0).any()):
+            return True
+    return False
 
 
 def heads_source(ckpt: Checkpoint, tasks: list[str], head_from: str | None) -> str:
