@@ -66,7 +66,8 @@ def combine_module(
     ranks = dict(zip(table.tasks, table.int_column("rank").tolist()))
     groups = dict(zip(table.tasks, table.int_column("group").tolist()))
     prefixes = {t: ckpt.bases_prefix(name, t) if ranks[t] else None for t in table.tasks}
-    prefix = _chosen_prefix(ckpt, name, table.tasks, prefixes, weights)
+    stored = {t: ckpt.task_tensors(t, name) for t in table.tasks}  # each input's parts, read once
+    prefix = _chosen_prefix(table.tasks, prefixes, stored, weights)
     ruled = [t for t in table.tasks if prefixes[t] == prefix and prefix is not None]
     # in a module with groups every task names one (the records require it), coefficients or not
     group = groups[(ruled or table.tasks)[0]] if entry.grouped else None
@@ -85,7 +86,7 @@ def combine_module(
         A_def.append(alpha)
     outside_B, outside_A = [torch.zeros(n, 0, dtype=F64)], [torch.zeros(d, 0, dtype=F64)]
     for t in table.tasks:
-        parts = ckpt.task_tensors(t, name)
+        parts = stored[t]
         w = float(weights[t])
         if t not in ruled and "coef_B" in parts:  # another group's bases: its shared part as it is
             b, a = ckpt.bases(name, t)
@@ -133,7 +134,10 @@ def combine_module(
 
 
 def _chosen_prefix(
-    ckpt: Checkpoint, name: str, tasks: list[str], prefixes: Mapping[str, str | None], weights: Mapping[str, float]
+    tasks: list[str],
+    prefixes: Mapping[str, str | None],
+    stored: Mapping[str, Mapping[str, torch.Tensor]],
+    weights: Mapping[str, float],
 ) -> str | None:
     """The set of bases the new task's coefficients use: the one whose inputs weigh most,
     Σ |w_t| ‖C_t‖_F (‖C_t‖ from the stored coefficients); the first such set on a tie."""
@@ -142,8 +146,7 @@ def _chosen_prefix(
         p = prefixes[t]
         if p is None:
             continue
-        parts = ckpt.task_tensors(t, name)
-        cB, cA = parts["coef_B"].to(F64), parts["coef_A"].to(F64)
+        cB, cA = stored[t]["coef_B"].to(F64), stored[t]["coef_A"].to(F64)
         score[p] = score.get(p, 0.0) + abs(float(weights[t])) * float(torch.linalg.matrix_norm(cB @ cA.T))
     best = None
     for p in sorted(score):
