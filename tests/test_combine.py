@@ -371,3 +371,16 @@ def test_rows_kept_under_older_bases_stay_as_stored_with_their_chain(tmp_path, m
     )
     assert rel(B @ A.T, expected) < STORED
     assert api.verify(tmp_path / "out.safetensors")["ok"]
+
+
+def test_a_combined_task_is_an_ordinary_task_for_later_updates(tmp_path, checkpoints):
+    out = tmp_path / "out.safetensors"
+    api.combine(checkpoints["shared"], "mix", WEIGHTS, out)
+    new = {"layers.0.q": random_factors(16, 12, 3, 99), "layers.0.v": random_factors(8, 12, 3, 98)}
+    api.add(out, [str(write_adapter(tmp_path / "new", new, alpha=3))], out, force=True)
+    ckpt = Checkpoint(out)
+    assert list(ckpt.tasks)[-2:] == ["mix", "new"] and api.verify(out)["ok"]
+    for info in ckpt.modules.values():  # the new bases hold it as they hold the others: with a drift
+        assert info["tasks"]["mix"]["drift"] >= 0
+    api.remove(out, ["mix"], out, force=True)
+    assert "mix" not in Checkpoint(out).tasks and api.verify(out)["ok"]
