@@ -304,6 +304,81 @@ def degraded_tasks(before: dict[str, dict[str, Any]], after: list[dict[str, Any]
     return worse
 
 
+def parse_weights(text: str) -> dict[str, float]:
+    """``"a=0.7,b=0.3"`` as ``{"a": 0.7, "b": 0.3}`` (the CLI's ``--weights``); :class:`InvalidOptionError`
+    for anything else: a part without ``=``, a weight that is not a finite number, a task named twice."""
+    import math
+
+    weights: dict[str, float] = {}
+    hint = "Give TASK=WEIGHT pairs separated by commas, for example --weights a=0.7,b=0.3"
+    for part in text.split(","):
+        name, eq, value = part.strip().rpartition("=")
+        name = name.strip()
+        if not eq or not name:
+            raise InvalidOptionError(f"--weights: {part.strip()!r} is not TASK=WEIGHT", hint=hint)
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight):
+            raise InvalidOptionError(f"--weights: the weight of {name!r} is {value.strip()!r}, not a number", hint=hint)
+        if name in weights:
+            raise InvalidOptionError(f"--weights names task {name!r} twice", hint=hint)
+        weights[name] = weight
+    return weights
+
+
+def combine(
+    checkpoint: str | Path,
+    task: str,
+    weights: dict[str, float] | str,
+    output: str | Path,
+    *,
+    method: str = "linear",
+    density: float | None = None,
+    seed: int | None = None,
+    head_from: str | None = None,
+    replace: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    wait: bool = True,
+    on_wait: OnWait | None = None,
+) -> dict[str, Any]:
+    """Add task ``task`` to ``checkpoint``, made from its tasks in coefficient space, writing ``output``;
+    return the report, with what was combined under ``"combined"`` (docs/combine.md).
+
+    ``weights`` maps tasks to weights (or is the CLI's text, ``"a=0.7,b=0.3"``). ``method``:
+    ``linear`` (exactly Σ w_t ΔŴ_t), ``ties`` or ``dare`` on the tasks' coefficients in the shared
+    bases, with ``density`` (the fraction kept) and for ``dare`` ``seed``. ``head_from`` names the
+    task whose heads the new task takes when the inputs' heads differ. An existing ``task`` is an
+    error unless ``replace``. Writers take turns as for :func:`merge`.
+    """
+    from .engine.combine import combine as _combine
+
+    if isinstance(weights, str):
+        weights = parse_weights(weights)
+    max_shard_size = parse_size(max_shard_size)
+    with _turn(output, wait, on_wait):  # from reading the checkpoint (in place: the output) to the report
+        ckpt = open_checkpoint(checkpoint)
+        check_checkpoint_name(output)
+        written = _combine(
+            ckpt,
+            task,
+            weights,
+            output,
+            method=method,
+            density=density,
+            seed=seed,
+            head_from=head_from,
+            replace=replace,
+            force=force,
+            progress=progress,
+            max_shard_size=max_shard_size,
+        )
+        return {**_summary(output), "combined": written["combined"]}
+
+
 def plan(
     inputs: Sequence[str],
     config: ConsolidationConfig | None = None,

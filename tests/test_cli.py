@@ -198,7 +198,8 @@ def test_info_on_a_file_that_is_not_a_checkpoint_fails_cleanly(real):
 
 
 @pytest.mark.parametrize(
-    "command", ["merge", "info", "tasks", "extract", "add", "remove", "verify", "plan", "push", "pull", "demo"]
+    "command",
+    ["merge", "info", "tasks", "extract", "add", "remove", "combine", "verify", "plan", "push", "pull", "demo"],
 )
 def test_every_command_documents_itself(command):
     result = runner.invoke(app, [command, "--help"])

@@ -99,6 +99,7 @@ def sharded(small_adapters: list[Path], tmp_path: Path) -> Path:
 WRITERS = {
     "add --in-place": lambda c, a, o: ["add", c, a[2], "--in-place"],
     "remove --in-place": lambda c, a, o: ["remove", c, "--task", "a0", "--in-place"],
+    "combine --in-place": lambda c, a, o: ["combine", c, "--task", "mix", "--weights", "a0=1,a1=1", "--in-place"],
     "merge --force onto it": lambda c, a, o: ["merge", a[2], a[3], "-o", c, "--force"],
     "add -o onto it": lambda c, a, o: ["add", o, a[2], "-o", c, "--force"],
     "push": lambda c, a, o: ["push", c, "someone/repo"],
@@ -200,6 +201,7 @@ def write_everything(small: list[Path], ckpt: Path, out: Path) -> None:
         ["merge", *small[:2], "-o", out / "sharded.safetensors", "--max-shard-size", "256"],
         ["add", ckpt, small[2], "-o", out / "added.safetensors"],
         ["remove", ckpt, "--task", "a0", "--refit", "--force", "-o", out / "refit.safetensors"],
+        ["combine", ckpt, "--task", "mix", "--weights", "a0=0.5,a1=0.5", "-o", out / "combined.safetensors"],
         ["extract", ckpt, "--task", "a0", "-o", out / "peft"],
         ["extract", ckpt, "--all", "-o", out / "all"],
         ["merge", *kohya, "-o", t2i],

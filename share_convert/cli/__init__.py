@@ -9,6 +9,7 @@ runs :mod:`share_convert.cli.__main__`), so it imports the commands and register
 - :mod:`~share_convert.cli.help`: the help every command draws (the same under every typer allowed);
 - the commands: :mod:`~share_convert.cli.building` (merge, plan), :mod:`~share_convert.cli.reading`
   (info, tasks, extract, verify), :mod:`~share_convert.cli.updating` (add, remove),
+  :mod:`~share_convert.cli.combining` (combine),
   :mod:`~share_convert.cli.hub` (push, pull), :mod:`~share_convert.cli.example` (demo).
 
 Nothing here imports torch: ``--help``, ``tasks`` and ``info`` start fast.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 
 from .building import merge, plan
+from .combining import combine
 from .example import demo
 from .hub import pull, push
 from .reading import extract, info, tasks, verify
@@ -26,7 +28,7 @@ from .shell import app, handle_errors
 from .updating import add, remove
 
 #: The commands, in the order ``--help`` lists them; each turns user errors into one line (handle_errors).
-COMMANDS = (merge, info, tasks, extract, plan, add, remove, verify, push, pull, demo)
+COMMANDS = (merge, info, tasks, extract, plan, add, remove, combine, verify, push, pull, demo)
 for _command in COMMANDS:
     app.command()(handle_errors(_command))
 

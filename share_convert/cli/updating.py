@@ -12,7 +12,7 @@ from .options import AlphaOpt, Device, DeviceOpt, ForceOpt, InputsArg, JsonOpt, 
 from .shell import fail, progress_bar, say_waiting, show
 
 
-def _update_target(checkpoint: str, output: Path | None, in_place: bool) -> Path:
+def update_target(checkpoint: str, output: Path | None, in_place: bool) -> Path:
     if in_place == (output is not None):
         fail("give exactly one of -o OUT or --in-place")
     if in_place and checkpoint.startswith("hf://"):
@@ -54,7 +54,7 @@ def add(
     """
     if not inputs:
         fail("no new adapters were given: pass adapter folders, files, globs or checkpoints")
-    target = _update_target(checkpoint, output, in_place)
+    target = update_target(checkpoint, output, in_place)
     with progress_bar("adding") as progress:
         summary = api.add(
             checkpoint,
@@ -106,7 +106,7 @@ def remove(
 
     Example: share-convert remove share.safetensors --task old-task --in-place
     """
-    target = _update_target(checkpoint, output, in_place)
+    target = update_target(checkpoint, output, in_place)
     with progress_bar("removing") as progress:
         summary = api.remove(
             checkpoint,

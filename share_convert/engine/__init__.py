@@ -20,6 +20,8 @@ _WHERE = {
     "add": "add_tasks",
     "allocate_budget": "budget",
     "check_compatible": "members",
+    "combine": "combine",
+    "combine_module": "combination",
     "consolidate_module": "consolidation",
     "coordinates": "encoding",
     "drift_bound": "planning",

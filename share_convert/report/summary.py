@@ -257,10 +257,14 @@ def why(modules: dict[str, Any], stored: int, last_op: str) -> dict[str, Any]:
             "no_sharing_params": None,
             "modules_target_relaxed": sum(bool(m.get("target_relaxed")) for m in modules.values()),
             "why": (
-                f"after this update ({last_op}) the checkpoint stores {stored:,} LoRA parameters; an update plans "
-                "only the tasks it adds (the others are carried), so it is not compared with pure sharing or "
-                "independent truncation here: merge the checkpoint again, or run 'share-convert plan' on the "
-                "adapters, for that comparison."
+                f"after this update ({last_op}) the checkpoint stores {stored:,} LoRA parameters; "
+                + (
+                    "combine stores its new task exactly in the bases it found (the others are carried), "
+                    if last_op == "combine"
+                    else "an update plans only the tasks it adds (the others are carried), "
+                )
+                + "so it is not compared with pure sharing or independent truncation here: merge the checkpoint "
+                "again, or run 'share-convert plan' on the adapters, for that comparison."
             ),
         }
     shared_missing = sum(a["shared"] is None for a in alts)
