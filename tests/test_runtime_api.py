@@ -8,6 +8,7 @@ partly outside them, or lie entirely outside; PEFT serving the same adapter file
 
 from __future__ import annotations
 
+import copy
 import inspect
 import typing
 from pathlib import Path
@@ -26,11 +27,11 @@ from share_convert.errors import (
     UnknownTaskError,
 )
 from share_convert.report.summary import Report
-from share_convert.runtime import TrainableTask
-from share_convert.runtime.tasks import LoadReport
+from share_convert.runtime import LoadReport, TrainableTask
 
 from .builders.adapters import random_factors, write_adapter
 from .builders.models import bert_classifier, tokens
+from .hub_servers import Olah, hub_env, hub_settings, make_repo
 
 VOCAB, HIDDEN, RANK, ALPHA = 100, 32, 2, 4
 QUERY = "bert.encoder.layer.0.attention.self.query"
@@ -148,6 +149,12 @@ def test_the_active_task_belongs_to_its_model(world):
         logits(other)
 
 
+def test_a_copy_of_the_model_keeps_its_active_task(world):
+    model = share(world)
+    model.set_task("b")
+    assert torch.equal(logits(copy.deepcopy(model)), logits(model))
+
+
 def test_set_task_of_an_unknown_task_names_the_loaded_ones(world):
     with pytest.raises(UnknownTaskError, match="a, b"):
         share(world).set_task("nope")
@@ -206,6 +213,19 @@ def test_a_task_of_another_checkpoint_with_the_same_bases_is_held_as_coefficient
     assert rel(logits(model, task="c"), logits(model, task="a")) < TOLERANCE
 
 
+def test_a_task_on_the_hub_is_loaded_by_its_address(world, tmp_path):
+    folder = adapter(tmp_path / "mix", in_bases(1.0, 1.0))
+    server = Olah(tmp_path / "olah")
+    try:
+        make_repo(server.mirrors, "alice/mix", {f.name: f for f in folder.iterdir()})
+        with hub_settings(hub_env(server.url, tmp_path / "home")):
+            report = share(world).load_task("hf://alice/mix")
+    finally:
+        server.stop()
+    assert (report.task, report.source) == ("mix", "hf://alice/mix")
+    assert {m.placement for m in report.modules} == {"shared"}
+
+
 def test_a_checkpoint_of_several_tasks_must_name_one(world):
     with pytest.raises(InvalidOptionError, match="holds 2 tasks") as e:
         share(world).load_task(world["other"])
@@ -236,6 +256,15 @@ def test_an_adapter_of_another_base_model_is_refused(world, tmp_path):
     )
     with pytest.raises(ModelMismatchError, match="trained on x/gpt2"):
         share(world).load_task(folder)
+
+
+def test_the_base_model_check_can_be_turned_off(world, tmp_path):
+    folder = adapter(
+        tmp_path / "other", {QUERY: random_factors(HIDDEN, HIDDEN, 2, 5)}, base_model_name_or_path="x/gpt2"
+    )
+    model = share(world)
+    model.load_task(folder, check_base_model=False)
+    assert model.tasks == ["a", "b", "other"]
 
 
 def test_a_name_already_loaded_is_refused(world):
@@ -283,6 +312,15 @@ def test_deleting_the_active_task_leaves_no_default(world):
     assert model.active_task is None
     with pytest.raises(InvalidOptionError, match="no task given"):
         logits(model)
+
+
+def test_deleting_the_merged_task_restores_the_base_weights_first(world):
+    model = share(world)
+    model.merge("a")
+    model.delete_task("a")
+    assert model.merged is None
+    original = base().state_dict()
+    assert all(torch.equal(v, original[k]) for k, v in model.unload().state_dict().items())
 
 
 # -- merge_and_unload -----------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ class ShareModel(TrainingMethods, nn.Module):
         self._selection = selection
         self._options = options or ServingOptions()
         self._groups = groups_of(layers)  # per layer, its groups' columns in the bases (for load_task)
-        self._active: Any = UNSET  # set_task's task: a name, None (the base model), or UNSET (none)
+        self._active: tuple[str | None, ...] = ()  # set_task's task (a name, or None: the base model), if set
         self._unloaded = False
         self._trainable: dict[str, TrainableTask] = {}  # the tasks added with add_task, by name
 
@@ -132,7 +132,7 @@ class ShareModel(TrainingMethods, nn.Module):
     @property
     def active_task(self) -> str | None:
         """The task calls without ``task=`` run (:meth:`set_task`); None when it is the base model or none is set."""
-        return None if self._active is UNSET else self._active
+        return self._active[0] if self._active else None
 
     def set_task(self, task: str | None) -> None:
         """Make ``task`` (a loaded task's name, or None: the base model) what calls run when they give no
@@ -144,14 +144,14 @@ class ShareModel(TrainingMethods, nn.Module):
                 f"set_task takes one task name or None, got {task!r}", hint="Use task=[...] per call"
             )
         self._tasks.id_of(task)  # an unknown name: UnknownTaskError, naming the loaded ones
-        self._active = task
+        self._active = (task,)
 
-    def load_task(self, source: str | Path, name: str | None = None) -> LoadReport:
+    def load_task(self, source: str | Path, name: str | None = None, *, check_base_model: bool = True) -> LoadReport:
         """Load a task while serving, held in the shared bases where it lies in them and privately otherwise,
         within the checkpoint's error target; returns how, per module. ``source``: a PEFT adapter folder or
         file, a kohya or diffusers file, an ``hf://`` address, or ``CHECKPOINT::TASK`` (a task of another
         Share checkpoint); see :func:`share_convert.runtime.tasks.load_task`."""
-        return load_task(self, source, name)
+        return load_task(self, source, name, check_base_model=check_base_model)
 
     def delete_task(self, name: str) -> None:
         """Free task ``name``'s rows (coefficients, private factors, heads); unmerged first if merged, and no
@@ -165,8 +165,8 @@ class ShareModel(TrainingMethods, nn.Module):
 
     def _resolve(self, task: Any, batch: int | None) -> int | list[int]:
         self._check_loaded()
-        if task is UNSET:
-            task = self._active
+        if task is UNSET and self._active:
+            task = self._active[0]
         return self._tasks.resolve(task, batch, self._selection.merged)
 
     @contextmanager

@@ -39,7 +39,7 @@ from ..io.task_source import TaskSource
 from ..names import validate_task_name
 from .layers import ShareLayer, layer_kind, model_path, replace_module
 from .loading import head_copies
-from .selection import UNSET, LoadedTasks
+from .selection import LoadedTasks
 from .slots import empty_factors, free_task, put_coefficients, put_private
 from .training import ServingModel, attach_head
 
@@ -126,7 +126,7 @@ class TaskHost(ServingModel, Protocol):
     _tasks: LoadedTasks
     _groups: dict[str, list[Group]]
     _options: ServingOptions
-    _active: Any
+    _active: tuple[str | None, ...]
 
     def _check_loaded(self) -> None: ...
 
@@ -160,9 +160,15 @@ def open_task(source: str | Path) -> TaskSource:
     return found[0]
 
 
-def load_task(model: TaskHost, source: str | Path, name: str | None = None) -> LoadReport:
+def load_task(
+    model: TaskHost, source: str | Path, name: str | None = None, *, check_base_model: bool = True
+) -> LoadReport:
     """Load the task ``source`` names into ``model`` as ``name`` (default: the name the source gives
-    it); see :meth:`ShareModel.load_task`. Nothing changes in the model unless every module and head fits."""
+    it); see :meth:`ShareModel.load_task`. Nothing changes in the model unless every module and head fits.
+
+    ``check_base_model``: refuse an adapter whose config names a base model other than the ones the
+    checkpoint's tasks and the model's config name (compared by their last path component); shapes are
+    always checked."""
     model._check_loaded()
     src = open_task(source)
     name = src.task if name is None else name
@@ -171,7 +177,8 @@ def load_task(model: TaskHost, source: str | Path, name: str | None = None) -> L
     validate_task_name(name)
     if name in model._tasks.ids:
         raise DuplicateTaskError(f"task {name!r} is already loaded", hint="Pass another name=, or delete_task it first")
-    _check_base_model(model, src)
+    if check_base_model:
+        _check_base_model(model, src)
     options = model._options
     plans: dict[str, tuple[ShareLayer | None, nn.Module, LoraFactors]] = {}
     for module, (n, d, _r) in src.module_shapes().items():
@@ -226,7 +233,7 @@ def _check_base_model(model: TaskHost, src: TaskSource) -> None:
         raise ModelMismatchError(
             f"{src.origin} was trained on {base}; this model serves {', '.join(sorted(known)[:3])}",
             path=src.origin,
-            hint="Load adapters of the model's base model",
+            hint="Load adapters of the model's base model, or pass check_base_model=False if it is one",
         )
 
 
@@ -362,8 +369,8 @@ def delete_task(model: TaskHost, name: str) -> None:
             replace_module(model.base_model, path, head.base_module)
             del model._heads[path]
     model._tasks.remove(name)
-    if model._active == name:
-        model._active = UNSET
+    if model._active == (name,):
+        model._active = ()
 
 
 def groups_of(layers: dict[str, ShareLayer]) -> dict[str, list[Group]]:
