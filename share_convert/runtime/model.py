@@ -5,10 +5,13 @@
 holds the module's bases once and every loaded task's coefficients and private factors, and heads
 saved with ``modules_to_save`` are replaced by :class:`~share_convert.runtime.heads.ShareHead`, which
 runs each task's copy on its rows. The model resolves which task each row runs
-(share_convert.runtime.selection), merges a task into the base weights, reports its memory
-(share_convert.runtime.memory) and hands the training of new tasks to share_convert.runtime.training
-and share_convert.runtime.saving, which depend on the layers, never on this module. The API is
-documented in docs/runtime.md.
+(share_convert.runtime.selection: a call's ``task=``, else the innermost ``use`` block's, else the task
+of :meth:`ShareModel.set_task`, else the merged one), loads and deletes tasks while serving
+(share_convert.runtime.tasks, on the layers' stacks through share_convert.runtime.slots), merges a task
+into the base weights or hands the base model back with it (share_convert.runtime.merging), reports its
+memory (share_convert.runtime.memory) and hands the training of new tasks to share_convert.runtime.training
+and share_convert.runtime.saving (its methods for them: share_convert.runtime.training_methods). Those
+modules depend on the layers, never on this one. The API is documented in docs/runtime.md.
 """
 
 from __future__ import annotations
