@@ -282,6 +282,7 @@ def _encode(
         [path], [LoraFactors(factors.B.cpu(), factors.A.cpu())], ConsolidationConfig(device="cpu")
     )
     norm = float(member.s.double().pow(2).sum().sqrt())
+    n, d = factors.B.shape[0], factors.A.shape[1]
     rank = int(member.Bc.shape[1])
 
     def encode(bases: StoredBases | None, q: int) -> Encoded:
@@ -306,27 +307,54 @@ def _encode(
             shared = (group, bases, found)
     if shared is not None and shared[2][1] <= target_error:
         return report("shared", *shared[2]), shared[2][0], shared[0]
-    candidates: list[tuple[Placement, Encoded, Group | None]] = []
-    if shared is not None:
-        group, bases = shared[0], shared[1]
-        candidates.append(("mixed", _fewest(lambda q: encode(bases, q), rank, target_error), group))
-    candidates.append(("private", _fewest(lambda q: encode(None, q), rank, target_error), None))
 
     def key(c: tuple[Placement, Encoded, Group | None]) -> tuple[bool, int, float]:
         tensors, error = c[1]
-        return error > target_error, sum(t.numel() for t in tensors.values()), error
+        return error > target_error, _numel(tensors), error
 
+    candidates: list[tuple[Placement, Encoded, Group | None]] = [
+        ("private", _own_factors(lambda q: encode(None, q), member.s, rank, target_error), None)
+    ]
+    if shared is not None:
+        # coefficients and a correction of rank q store (n + d) q more than the coefficients: only the
+        # q that would store less than the task's own factors are worth trying
+        own = candidates[0][1]
+        spare = _numel(own[0]) - _numel(shared[2][0]) - 1 if own[1] <= target_error else rank * (n + d)
+        group, bases = shared[0], shared[1]
+        mixed = _fewest(lambda q: encode(bases, q), min(rank, spare // (n + d)), target_error)
+        if mixed is not None:
+            candidates.append(("mixed", mixed, group))
     placement, (tensors, error), group = min(candidates, key=key)
     return report(placement, tensors, error), tensors, group
 
 
-def _fewest(encode: Callable[[int], Encoded], rank: int, target: float) -> Encoded:
-    """The encoding with the smallest private rank q ≤ ``rank`` whose error is within ``target`` (the
-    error falls as q grows: a binary search), or the one at q = ``rank`` when none is."""
-    found = {rank: encode(rank)}
-    if found[rank][1] > target:
-        return found[rank]
-    lo, hi = 1, rank
+def _numel(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in tensors.values())
+
+
+def _own_factors(encode: Callable[[int], Encoded], s: torch.Tensor, rank: int, target: float) -> Encoded:
+    """The task's own top-q factors with the smallest q whose error is within ``target``: the error of
+    keeping q singular values is that of the ones left (‖s[q:]‖ / ‖s‖) up to the storage's rounding, so
+    the search starts there."""
+    tail = s.double().pow(2).flip(0).cumsum(0).flip(0)  # tail[j] = Σ_{i ≥ j} s_i²
+    within = (tail[1:] <= (target**2) * tail[0]).nonzero()
+    q = int(within[0]) + 1 if within.numel() else rank
+    while True:
+        found = encode(q)
+        if found[1] <= target or q >= rank:
+            return found
+        q += 1
+
+
+def _fewest(encode: Callable[[int], Encoded], most: int, target: float) -> Encoded | None:
+    """The encoding with the smallest private rank 1 ≤ q ≤ ``most`` whose error is within ``target`` (the
+    error falls as q grows: a binary search), or None when none is."""
+    if most < 1:
+        return None
+    found = {most: encode(most)}
+    if found[most][1] > target:
+        return None
+    lo, hi = 1, most
     while lo < hi:
         mid = (lo + hi) // 2
         found[mid] = encode(mid)
