@@ -26,11 +26,12 @@ from share_convert.errors import (
     ShareError,
     UnknownTaskError,
 )
+from share_convert.io import write_synthetic_adapters
 from share_convert.report.summary import Report
 from share_convert.runtime import LoadReport, TrainableTask
 
 from .builders.adapters import random_factors, write_adapter
-from .builders.models import bert_classifier, tokens
+from .builders.models import bert_classifier, llama, tokens
 from .hub_servers import Olah, hub_env, hub_settings, make_repo
 
 VOCAB, HIDDEN, RANK, ALPHA = 100, 32, 2, 4
@@ -230,6 +231,22 @@ def test_a_checkpoint_of_several_tasks_must_name_one(world):
     with pytest.raises(InvalidOptionError, match="holds 2 tasks") as e:
         share(world).load_task(world["other"])
     assert "::c" in str(e.value)
+
+
+def test_in_a_module_with_groups_a_task_is_held_in_the_group_that_holds_it(tmp_path):
+    families = {
+        f: write_synthetic_adapters(tmp_path / f, count=3, layers=1, shared_rank=6, noise=0.0, seed=seed, prefix=f)
+        for f, seed in (("a", 1), ("b", 2))
+    }
+    checkpoint = tmp_path / "share.safetensors"
+    api.merge([str(p) for paths in families.values() for p in paths], checkpoint, ConsolidationConfig(groups="2"))
+    model = ShareModel.from_checkpoint(llama(layers=1), checkpoint)
+    report = model.load_task(families["b"][0], "again")
+    layer = model._layers["model.layers.0.self_attn.q_proj"]
+    assert len(model._groups[layer.name]) == 2
+    assert {m.placement for m in report.modules} == {"shared"}
+    spans = layer.factors.spans
+    assert spans[model._tasks.id_of("again")][1:5] == spans[model._tasks.id_of(families["b"][0].name)][1:5]
 
 
 def test_a_loaded_task_runs_in_a_mixed_batch_with_the_stored_ones(world):
