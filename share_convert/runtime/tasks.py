@@ -292,8 +292,8 @@ def _encode(
     def report(placement: Placement, tensors: dict[str, torch.Tensor], error: float) -> ModuleLoad:
         p = tensors["coef_B"].shape[1] if "coef_B" in tensors else 0
         q = tensors["private_B"].shape[1] if "private_B" in tensors else 0
-        params = sum(t.numel() for t in tensors.values())
-        return ModuleLoad(path, placement, p, q, error, params, new_layer=layer is None)
+        params = _numel(tensors)
+        return ModuleLoad(path, placement, p, q, error, params, new_layer=layer is None and bool(tensors))
 
     if rank == 0:
         return report("zero", {}, 0.0), {}, None
