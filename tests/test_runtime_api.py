@@ -37,6 +37,7 @@ from .hub_servers import Olah, hub_env, hub_settings, make_repo
 VOCAB, HIDDEN, RANK, ALPHA = 100, 32, 2, 4
 QUERY = "bert.encoder.layer.0.attention.self.query"
 VALUE = "bert.encoder.layer.0.attention.self.value"
+KEY = "bert.encoder.layer.0.attention.self.key"  # not in the checkpoint
 TARGET_ERROR = 1e-5  # the checkpoint's error target: what load_task holds new tasks within
 TOLERANCE = 1e-5
 
@@ -194,6 +195,25 @@ def test_a_task_partly_in_the_bases_gets_a_private_correction_of_what_they_miss(
     assert (module.placement, module.private_rank) == ("mixed", 2)
     assert module.error <= TARGET_ERROR
     assert rel(logits(model, task="part"), peft_logits(folder)) < TOLERANCE
+
+
+def test_a_module_the_checkpoint_lacks_gets_a_layer_of_its_own_and_equals_peft(world, tmp_path):
+    folder = adapter(tmp_path / "key", {KEY: random_factors(HIDDEN, HIDDEN, 2, 50), QUERY: FACTORS["a"][QUERY]})
+    model = share(world)
+    report = model.load_task(folder)
+    assert [(m.module, m.placement, m.new_layer) for m in report.modules] == [
+        (KEY, "private", True),
+        (QUERY, "shared", False),
+    ]
+    assert rel(logits(model, task="key"), peft_logits(folder)) < TOLERANCE
+
+
+def test_deleting_the_last_task_of_an_added_layer_puts_the_models_layer_back(world, tmp_path):
+    model = share(world)
+    original = model.base_model.get_submodule(KEY)
+    model.load_task(adapter(tmp_path / "key", {KEY: random_factors(HIDDEN, HIDDEN, 2, 50)}))
+    model.delete_task("key")
+    assert model.base_model.get_submodule(KEY) is original and KEY not in model._layers
 
 
 def test_the_reported_error_is_the_error_of_what_is_held(world, tmp_path):
