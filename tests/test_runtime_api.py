@@ -427,6 +427,15 @@ def test_a_merged_trained_task_is_frozen(world):
         model.train_task("t")
 
 
+def test_a_deleted_trained_task_leaves_nothing_behind_and_its_name_can_be_added_again(world):
+    model = trained(world)
+    model.delete_task("t")
+    assert model.tasks == ["a", "b"] and model.trainable_parameters() == []
+    assert not any(".trainable_task" in name for name, _ in model.base_model.named_modules())
+    task = model.add_task("t", rank=2)
+    assert task.task_id == 2 and model.tasks == ["a", "b", "t"]
+
+
 def test_an_inexact_merge_of_a_trained_task_is_refused_in_one_line(world):
     with pytest.raises(InvalidOptionError, match="exact=True") as e:
         trained(world).merge("t", exact=False)
