@@ -46,7 +46,9 @@ class ShareModel(TrainingMethods, nn.Module):
     """A base model serving every task of a Share checkpoint, one task per row if need be.
 
     Build it with :meth:`from_checkpoint`; call it like the base model plus ``task=``: one task name
-    for the whole batch, or a list of one name (or None, the base model) per row. The base model is
+    for the whole batch, or a list of one name (or None, the base model) per row; :meth:`set_task` makes
+    one task the default of calls without ``task=``, and :meth:`load_task` / :meth:`delete_task` change
+    the loaded tasks while it serves. The base model is
     changed in place (as PEFT does); :meth:`unload` gives it back untouched. The tasks of the running
     call are not passed through the layers: they are held per thread and asyncio task
     (share_convert.runtime.selection), so that threads serving different tasks do not see each other's and a
