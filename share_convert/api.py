@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .checkpoint.reader import Checkpoint
     from .config import ConsolidationConfig
     from .io.extraction import ExtractedAdapter
+    from .report.summary import Report
 
 Progress = Callable[[str, int, int], None]
 #: Receives one line to show when another process holds the output's lock, before waiting for it.
@@ -38,7 +39,7 @@ def _turn(target: str | Path, wait: bool, on_wait: OnWait | None, *, shared: boo
     return writing(path / hub.CHECKPOINT_NAME if path.is_dir() else path, wait=wait, on_wait=on_wait, shared=shared)
 
 
-def _summary(path: str | Path) -> dict[str, Any]:
+def _summary(path: str | Path) -> Report:
     """The report of the checkpoint just written at ``path`` (its file closed afterwards)."""
     from .checkpoint.reader import Checkpoint
     from .report.summary import summarize
@@ -90,7 +91,7 @@ def merge(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     wait: bool = True,
     on_wait: OnWait | None = None,
-) -> dict[str, Any]:
+) -> Report:
     """Consolidate adapters (paths, globs, folders, checkpoints) into ``output``; return the report.
 
     ``modules`` keeps only the modules whose names match that regular expression; ``timings``
@@ -116,7 +117,7 @@ def merge(
         return _summary(output)
 
 
-def info(checkpoint: str | Path) -> dict[str, Any]:
+def info(checkpoint: str | Path) -> Report:
     """The report of an existing checkpoint (every tensor's checksum is verified first)."""
     from .report.summary import summarize
 
@@ -176,7 +177,7 @@ def add(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     wait: bool = True,
     on_wait: OnWait | None = None,
-) -> dict[str, Any]:
+) -> Report:
     """Fold new adapters (or checkpoints) into ``checkpoint``, writing ``output``; return the report.
 
     ``config`` defaults to the checkpoint's own options, with ``k`` / ``target_error`` / ``device``
@@ -221,7 +222,7 @@ def remove(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     wait: bool = True,
     on_wait: OnWait | None = None,
-) -> dict[str, Any]:
+) -> Report:
     """Drop ``tasks`` from ``checkpoint`` (optionally refitting the bases); return the report.
 
     Without ``refit`` no remaining task changes. With ``refit`` the bases are recomputed from the
@@ -244,7 +245,7 @@ def _remove_locked(
     allow_worse: bool,
     progress: Progress | None,
     max_shard_size: int,
-) -> dict[str, Any]:
+) -> Report:
     """The body of :func:`remove`, under the output's lock."""
     import shutil
 

@@ -8,7 +8,7 @@ tables. ``merge`` and ``info`` use the same two functions, so they always show t
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from ..dtypes import itemsize
 
@@ -131,7 +131,22 @@ def _task_statistics(ckpt: Checkpoint) -> tuple[list[dict[str, Any]], set[str], 
     return tasks, zeros, {m: int(private_total[j]) for j, m in enumerate(ckpt.modules)}
 
 
-def summarize(ckpt: Checkpoint) -> dict[str, Any]:
+class Report(TypedDict):
+    """What :func:`summarize` returns (the ``--json`` output of ``merge``, ``add``, ``remove`` and ``info``):
+    docs/format.md describes each field."""
+
+    checkpoint: str
+    format_version: int
+    plan: dict[str, Any]
+    warnings: list[str]
+    config: dict[str, Any]
+    tasks: list[dict[str, Any]]
+    totals: dict[str, Any]
+    modules: dict[str, dict[str, Any]]
+    history: list[dict[str, Any]]
+
+
+def summarize(ckpt: Checkpoint) -> Report:
     """Everything ``info`` shows, as JSON-ready data."""
     modules = ckpt.modules
     tasks, zeros, private_totals = _task_statistics(ckpt)

@@ -9,6 +9,8 @@ from ..facade import lazy_names
 
 #: name -> the module of this package that defines it
 _WHERE = {
+    "LoadReport": "tasks",
+    "ModuleLoad": "tasks",
     "ShareHead": "heads",
     "ShareLayer": "layers",
     "ShareModel": "model",

@@ -245,18 +245,19 @@ class ShareLayer(nn.Module):
         return delta
 
     @torch.no_grad()
-    def merge(self, task: int, exact: bool = True) -> None:
-        """Add ``task``'s ΔW to the base weight.
+    def merge(self, task: int, exact: bool = True, delta: torch.Tensor | None = None) -> None:
+        """Add ``task``'s ΔW to the base weight (``delta``, n × d, where the task is held elsewhere: a trained task).
 
         ``exact`` keeps a copy of the original weight so that :meth:`unmerge` restores it bit for
         bit; without it, unmerging subtracts ΔW again (as PEFT does), which leaves rounding in the weight.
         """
-        if not self.serves(task):
+        if delta is None and not self.serves(task):
             return
         weight = self.base_layer.weight
         self._merged = task
         self._backup = weight.detach().clone() if exact else None
-        merged = weight.double() + self.kind.as_weight(self.delta_weight(task)).to(weight.device)
+        delta = self.delta_weight(task) if delta is None else delta.double()
+        merged = weight.double() + self.kind.as_weight(delta).to(weight.device)
         weight.copy_(merged.to(weight.dtype))
 
     @torch.no_grad()

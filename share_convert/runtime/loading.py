@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -77,7 +77,7 @@ def inject(
         if not present:
             continue
         path = model_path(module)
-        target = _target(base_model, path, module, ckpt)
+        target = _target(base_model, path, module, ckpt.path)
         kind = layer_kind(target)
         if kind is None:
             raise ModelMismatchError(
@@ -112,13 +112,13 @@ def inject(
     return Injection(names, layers, heads, selection)
 
 
-def _target(model: nn.Module, path: str, module: str, ckpt: Checkpoint) -> nn.Module:
+def _target(model: nn.Module, path: str, module: str, origin: Any) -> nn.Module:
     try:
         return model.get_submodule(path)
     except AttributeError:
         raise ModelMismatchError(
             f"the checkpoint's module {module} has no counterpart {path} in the model ({type(model).__name__})",
-            path=ckpt.path,
+            path=origin,
             hint="Load it into the model class the adapters were trained on (the one PEFT wrapped)",
         ) from None
 
@@ -222,30 +222,44 @@ def _read_heads(
     """Per head module, a copy per task that saved one (its tensors replacing the base module's)."""
     copies: dict[str, dict[int, nn.Module]] = {}
     for t in names:
-        by_module: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in ckpt.heads(t).items():
-            rel = _WRAPPER_SEGMENT.sub("", model_path(key))
-            path, _, leaf = rel.rpartition(".")
-            by_module.setdefault(path, {})[leaf] = value
-        for path, tensors in by_module.items():
-            if any(path == p or path.startswith(p + ".") or p.startswith(path + ".") for p in layers):
-                raise ModelMismatchError(
-                    f"task {t!r} saves tensors of {path}, which is also a LoRA target",
-                    path=ckpt.path,
-                    hint="Use 'share-convert extract' and PEFT for this task",
-                )
-            base = _target(base_model, path, f"{PEFT_PREFIX}{path}", ckpt) if path else None
-            if base is None or not all(isinstance(getattr(base, leaf, None), torch.Tensor) for leaf in tensors):
-                raise ModelMismatchError(
-                    f"task {t!r} saves head tensors {sorted(tensors)} of {path or 'the model'}, which the model lacks",
-                    path=ckpt.path,
-                    hint="Load it into the model class the adapter was trained with",
-                )
-            copies.setdefault(path, {})[ids[t]] = _head_copy(base, tensors)
+        for path, module in head_copies(base_model, t, ckpt.heads(t), layers, ckpt.path).items():
+            copies.setdefault(path, {})[ids[t]] = module
     return {
         path: ShareHead(base_model.get_submodule(path), path, per_task, selection, pad_value)
         for path, per_task in copies.items()
     }
+
+
+def head_copies(
+    base_model: nn.Module, task: str, heads: dict[str, torch.Tensor], layers: Collection[str], origin: Any
+) -> dict[str, nn.Module]:
+    """Per head module path, a copy of the model's module holding ``task``'s saved ``heads`` tensors
+    (PEFT keys); refused when a head is also a LoRA target (one of ``layers``) or the model lacks it.
+    ``origin`` is the file the heads come from, for messages."""
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in heads.items():
+        rel = _WRAPPER_SEGMENT.sub("", model_path(key))
+        path, _, leaf = rel.rpartition(".")
+        by_module.setdefault(path, {})[leaf] = value
+    out: dict[str, nn.Module] = {}
+    for path, tensors in by_module.items():
+        if any(path == p or path.startswith(p + ".") or p.startswith(path + ".") for p in layers):
+            raise ModelMismatchError(
+                f"task {task!r} saves tensors of {path}, which is also a LoRA target",
+                path=origin,
+                hint="Use 'share-convert extract' and PEFT for this task",
+            )
+        base = _target(base_model, path, f"{PEFT_PREFIX}{path}", origin) if path else None
+        if isinstance(base, ShareHead):  # a head already served per task: copy the base model's module
+            base = base.base_module
+        if base is None or not all(isinstance(getattr(base, leaf, None), torch.Tensor) for leaf in tensors):
+            raise ModelMismatchError(
+                f"task {task!r} saves head tensors {sorted(tensors)} of {path or 'the model'}, which the model lacks",
+                path=origin,
+                hint="Load it into the model class the adapter was trained with",
+            )
+        out[path] = _head_copy(base, tensors)
+    return out
 
 
 def _head_copy(base: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
@@ -263,4 +277,4 @@ def _head_copy(base: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
     return module.requires_grad_(False)
 
 
-__all__ = ["Injection", "inject"]
+__all__ = ["Injection", "head_copies", "inject"]

@@ -5,15 +5,18 @@
 holds the module's bases once and every loaded task's coefficients and private factors, and heads
 saved with ``modules_to_save`` are replaced by :class:`~share_convert.runtime.heads.ShareHead`, which
 runs each task's copy on its rows. The model resolves which task each row runs
-(share_convert.runtime.selection), merges a task into the base weights, reports its memory
-(share_convert.runtime.memory) and hands the training of new tasks to share_convert.runtime.training
-and share_convert.runtime.saving, which depend on the layers, never on this module. The API is
-documented in docs/runtime.md.
+(share_convert.runtime.selection: a call's ``task=``, else the innermost ``use`` block's, else the task
+of :meth:`ShareModel.set_task`, else the merged one), loads and deletes tasks while serving
+(share_convert.runtime.tasks, on the layers' stacks through share_convert.runtime.slots), merges a task
+into the base weights or hands the base model back with it (share_convert.runtime.merging), reports its
+memory (share_convert.runtime.memory) and hands the training of new tasks to share_convert.runtime.training
+and share_convert.runtime.saving (its methods for them: share_convert.runtime.training_methods). Those
+modules depend on the layers, never on this one. The API is documented in docs/runtime.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,27 +25,30 @@ import torch
 from torch import nn
 
 from ..checkpoint.reader import Checkpoint
-from ..checkpoint.sharding import DEFAULT_MAX_SHARD_SIZE
 from ..errors import InvalidOptionError
 from .heads import ShareHead
 from .layers import LayerKind, ShareLayer, TaskFactors, layer_kind, replace_module
 from .loading import inject
 from .memory import MemoryReport, memory_report
-from .selection import BASE, UNSET, LoadedTasks, TaskSelection
+from .merging import merge_and_unload, merge_task, unmerge_task
+from .selection import UNSET, LoadedTasks, TaskSelection
+from .tasks import LoadReport, ServingOptions, delete_task, groups_of, load_task
+from .training_methods import TrainingMethods
 
 if TYPE_CHECKING:
-    from ..config import ConsolidationConfig
     from .training import TrainableTask
 
 #: Keyword arguments that carry the batch, in the order their first dimension is trusted.
 _BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features", "attention_mask")
 
 
-class ShareModel(nn.Module):
+class ShareModel(TrainingMethods, nn.Module):
     """A base model serving every task of a Share checkpoint, one task per row if need be.
 
     Build it with :meth:`from_checkpoint`; call it like the base model plus ``task=``: one task name
-    for the whole batch, or a list of one name (or None, the base model) per row. The base model is
+    for the whole batch, or a list of one name (or None, the base model) per row; :meth:`set_task` makes
+    one task the default of calls without ``task=``, and :meth:`load_task` / :meth:`delete_task` change
+    the loaded tasks while it serves. The base model is
     changed in place (as PEFT does); :meth:`unload` gives it back untouched. The tasks of the running
     call are not passed through the layers: they are held per thread and asyncio task
     (share_convert.runtime.selection), so that threads serving different tasks do not see each other's and a
@@ -56,6 +62,7 @@ class ShareModel(nn.Module):
         layers: dict[str, ShareLayer],
         heads: dict[str, ShareHead],
         selection: TaskSelection,
+        options: ServingOptions | None = None,
     ):
         super().__init__()
         self.base_model = base_model
@@ -63,6 +70,9 @@ class ShareModel(nn.Module):
         self._layers = layers
         self._heads = heads
         self._selection = selection
+        self._options = options or ServingOptions()
+        self._groups = groups_of(layers)  # per layer, its groups' columns in the bases (for load_task)
+        self._active: tuple[str | None, ...] = ()  # set_task's task (a name, or None: the base model), if set
         self._unloaded = False
         self._trainable: dict[str, TrainableTask] = {}  # the tasks added with add_task, by name
 
@@ -91,12 +101,17 @@ class ShareModel(nn.Module):
 
         Nothing is changed in ``base_model`` unless every module and head fits.
         """
+
+        def build(ckpt: Checkpoint) -> ShareModel:
+            injected = inject(base_model, ckpt, tasks, dtype, device, head_pad_value)
+            return cls(base_model, *injected, ServingOptions.of(ckpt, dtype, head_pad_value))
+
         if isinstance(checkpoint, Checkpoint):
-            return cls(base_model, *inject(base_model, checkpoint, tasks, dtype, device, head_pad_value))
+            return build(checkpoint)
         from ..io.checkpoint_path import open_checkpoint  # paths, folders and hf:// addresses: read in one place
 
         with open_checkpoint(checkpoint) as ckpt:
-            return cls(base_model, *inject(base_model, ckpt, tasks, dtype, device, head_pad_value))
+            return build(ckpt)
 
     def __getattr__(self, name: str) -> Any:
         """Attributes of the base model (``config``, ``device``...) read through the runtime, as PEFT does."""
@@ -111,13 +126,42 @@ class ShareModel(nn.Module):
     @property
     def tasks(self) -> list[str]:
         """The loaded tasks, in load order."""
-        return list(self._tasks.names)
+        return list(self._tasks.ids)
 
     @property
     def merged(self) -> str | None:
         """The task merged into the base weights, if any."""
         m = self._selection.merged
-        return None if m is None else self._tasks.names[m]
+        return None if m is None else self._tasks.name_of(m)
+
+    @property
+    def active_task(self) -> str | None:
+        """The task calls without ``task=`` run (:meth:`set_task`); None when it is the base model or none is set."""
+        return self._active[0] if self._active else None
+
+    def set_task(self, task: str | None) -> None:
+        """Make ``task`` (a loaded task's name, or None: the base model) what calls run when they give no
+        ``task=``. An explicit ``task=`` and a ``with model.use(...)`` block around the call win over it;
+        without it, a merged task runs, else such a call is refused. It is the model's, for every thread."""
+        self._check_loaded()
+        if task is not None and not isinstance(task, str):
+            raise InvalidOptionError(
+                f"set_task takes one task name or None, got {task!r}", hint="Use task=[...] per call"
+            )
+        self._tasks.id_of(task)  # an unknown name: UnknownTaskError, naming the loaded ones
+        self._active = (task,)
+
+    def load_task(self, source: str | Path, name: str | None = None, *, check_base_model: bool = True) -> LoadReport:
+        """Load a task while serving, held in the shared bases where it lies in them and privately otherwise,
+        within the checkpoint's error target; returns how, per module. ``source``: a PEFT adapter folder or
+        file, a kohya or diffusers file, an ``hf://`` address, or ``CHECKPOINT::TASK`` (a task of another
+        Share checkpoint); see :func:`share_convert.runtime.tasks.load_task`."""
+        return load_task(self, source, name, check_base_model=check_base_model)
+
+    def delete_task(self, name: str) -> None:
+        """Free task ``name``'s rows (coefficients, private factors, heads); unmerged first if merged, and no
+        longer the active task if it was. An unknown name raises :class:`~share_convert.errors.UnknownTaskError`."""
+        delete_task(self, name)
 
     def heads_of(self, task: str) -> dict[str, nn.Module]:
         """The head modules ``task`` runs, by module name (its own copies, or the base module's)."""
@@ -126,6 +170,8 @@ class ShareModel(nn.Module):
 
     def _resolve(self, task: Any, batch: int | None) -> int | list[int]:
         self._check_loaded()
+        if task is UNSET and self._active:
+            task = self._active[0]
         return self._tasks.resolve(task, batch, self._selection.merged)
 
     @contextmanager
@@ -135,7 +181,12 @@ class ShareModel(nn.Module):
         For calls that do not go through :meth:`forward`, e.g. ``base_model.generate``. The selection
         holds in this thread or asyncio task only (threads started inside see none: the base model);
         leaving the block, or a nested selection ending, restores the one that was there before.
+        Which task a call runs: its ``task=``, else the innermost ``use`` block's, else :meth:`set_task`'s,
+        else the merged task's; with none of them the call is refused.
         """
+        if task is UNSET and self._selection.selected_here():  # inside another selection: it stands
+            yield
+            return
         ids = self._resolve(task, batch)
         token = self._selection.select(ids)
         try:
@@ -160,27 +211,26 @@ class ShareModel(nn.Module):
         With ``exact`` (the default) the original weights of the changed layers are kept (reported as
         ``merge_backup``) so that :meth:`unmerge` and :meth:`unload` restore them bit for bit; with
         ``exact=False`` nothing is kept and unmerging subtracts ΔW, leaving float rounding in the
-        weights. While merged, only that task can run, and ``task=`` may be left out.
+        weights. While merged, only that task can run, and ``task=`` may be left out. A task trained
+        here (:meth:`add_task`) merges exactly only, and is frozen while merged
+        (share_convert.runtime.merging).
         """
-        self._check_loaded()
-        tid = self._tasks.id_of(task)
-        if tid == BASE:
-            raise InvalidOptionError("cannot merge the base model", hint="Name a task")
-        self.unmerge()
-        for layer in self._layers.values():
-            layer.merge(tid, exact)
-        self._selection.merged = tid
+        merge_task(self, task, exact)
 
     def unmerge(self) -> None:
         """Restore the original base weights (exactly)."""
-        for layer in self._layers.values():
-            layer.unmerge()
-        self._selection.merged = None
+        unmerge_task(self)
+
+    def merge_and_unload(self, task: str) -> nn.Module:
+        """The base model with ``task``'s ΔW added into its weights (rounded once from float64) and its
+        heads in place: what PEFT's ``merge_and_unload()`` gives for the task's extracted adapter. The
+        ShareModel is unloaded afterwards."""
+        return merge_and_unload(self, task)
 
     # reporting and unloading -----------------------------------------------------------------------------
     def memory_report(self) -> MemoryReport:
         """What the loaded tasks hold in memory: bases once per module, then per task."""
-        return memory_report(len(self._tasks.names), self._layers, self._heads)
+        return memory_report(len(self._tasks.ids), self._layers, self._heads)
 
     def unload(self) -> nn.Module:
         """Take every injected module out and return the base model as it was before loading."""
@@ -197,94 +247,6 @@ class ShareModel(nn.Module):
         if self._unloaded:
             raise InvalidOptionError("this ShareModel was unloaded", hint="Load the checkpoint again")
 
-    # -- training a new task (share_convert.runtime.training; docs/training.md) ----------------------------------
-    def add_task(
-        self,
-        name: str,
-        *,
-        rank: int = 8,
-        new_directions: int = 0,
-        modules: Sequence[str] | None = None,
-        heads: Sequence[str] | None = None,
-        k: int | None = None,
-        energy: float | None = None,
-        seed: int = 0,
-    ) -> TrainableTask:
-        """Add a new task trained in the checkpoint's subspaces (coefficients and ``new_directions``
-        temporary directions only); it becomes the task that trains (others frozen: switch with
-        :meth:`train_task`); see :func:`share_convert.runtime.training.add_trainable_task`."""
-        from .training import add_trainable_task
-
-        return add_trainable_task(
-            self,
-            name,
-            rank=rank,
-            new_directions=new_directions,
-            modules=modules,
-            heads=heads,
-            k=k,
-            energy=energy,
-            seed=seed,
-        )
-
-    def train_task(self, *names: str) -> list[nn.Parameter]:
-        """Make the added tasks ``names`` the ones that train (every other parameter frozen); returns their
-        parameters. :meth:`add_task` makes the new task the one that trains; see
-        :func:`share_convert.runtime.training.set_training`."""
-        from .training import set_training
-
-        return set_training(self, names)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters of the tasks added with :meth:`add_task` that require grad, for an optimizer."""
-        return [p for task in self._trainable.values() for p in task.parameters() if p.requires_grad]
-
-    def save_task(self, name: str, path: str | Path, *, force: bool = False) -> Path:
-        """Write trainable task ``name`` as a standard PEFT LoRA adapter; see :func:`share_convert.runtime.saving.save_task`."""
-        from .saving import save_task
-
-        return save_task(self, name, path, force=force)
-
-    def fold_into(
-        self,
-        name: str,
-        checkpoint: str | Path,
-        output: str | Path,
-        *,
-        config: ConsolidationConfig | None = None,
-        k: int | None = None,
-        target_error: float | None = None,
-        alpha: float | None = None,
-        device: str | None = None,
-        replace: bool = False,
-        force: bool = False,
-        progress: Callable[[str, int, int], None] | None = None,
-        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-        wait: bool = True,
-        on_wait: Callable[[str], None] | None = None,
-    ) -> dict[str, Any]:
-        """Fold trainable task ``name`` into ``checkpoint`` (the engine of ``add``); returns ``add``'s report;
-        see :func:`share_convert.runtime.saving.fold_into`."""
-        from .saving import fold_into
-
-        return fold_into(
-            self,
-            name,
-            checkpoint,
-            output,
-            config=config,
-            k=k,
-            target_error=target_error,
-            alpha=alpha,
-            device=device,
-            replace=replace,
-            force=force,
-            progress=progress,
-            max_shard_size=max_shard_size,
-            wait=wait,
-            on_wait=on_wait,
-        )
-
     def _append_task(self, name: str) -> int:
         """Register ``name`` as a task with nothing stored in the layers; returns its id.
 
@@ -292,9 +254,11 @@ class ShareModel(nn.Module):
         layer's slot maps get one more zero entry, so stored tasks and mixed batches are unchanged.
         """
         self._check_loaded()
+        count = len(self._tasks.names)
         tid = self._tasks.append(name)
-        for layer in self._layers.values():
-            layer.factors.add_empty_task()
+        if len(self._tasks.names) > count:  # a new id, not a deleted task's
+            for layer in self._layers.values():
+                layer.factors.add_empty_task()
         return tid
 
 

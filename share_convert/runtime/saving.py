@@ -28,6 +28,7 @@ from .training import ServingModel, TrainableTask, trainable_task
 
 if TYPE_CHECKING:
     from ..config import ConsolidationConfig
+    from ..report.summary import Report
 
 
 @torch.no_grad()
@@ -134,7 +135,7 @@ def fold_into(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     wait: bool = True,
     on_wait: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+) -> Report:
     """Fold trainable task ``name`` into ``checkpoint``, writing ``output``: the same engine as ``add``.
 
     The task is saved as a PEFT adapter in a temporary folder and given to :func:`share_convert.api.add`

@@ -106,6 +106,10 @@ class TaskSelection:
         """Select ``ids`` (one task id, or one per row) here; :meth:`restore` with the token undoes it."""
         return self._var.set(Selection(ids))
 
+    def selected_here(self) -> bool:
+        """Whether this thread or async task selected tasks (a ``use`` block or a call is running here)."""
+        return self._var.get(None) is not None
+
     def restore(self, token: contextvars.Token[Selection]) -> None:
         """Give back the selection that :meth:`select` replaced (the outer one, or nothing)."""
         self._var.reset(token)
@@ -125,19 +129,41 @@ _GET_OBJ_IN_TLS = getattr(torch._C, "_get_obj_in_tls", None)
 
 
 class LoadedTasks:
-    """The tasks a model serves, by id (their load order; the base model is :data:`BASE`), and what a
-    call's ``task=`` names in ids."""
+    """The tasks a model serves, by id (the base model is :data:`BASE`), and what a call's ``task=``
+    names in ids.
+
+    A task's id is its position in the layers' slot maps, fixed while it is loaded. A deleted task's
+    id is free (``names[id]`` is None) and the next task loaded takes it, so that loading and deleting
+    tasks in a long-running process does not grow the slot maps. :attr:`ids` lists the loaded tasks
+    in load order.
+    """
 
     def __init__(self, names: Sequence[str]):
-        self.names = list(names)
-        self.ids = {t: i for i, t in enumerate(self.names)}
+        self.names: list[str | None] = list(names)
+        self.ids = {t: i for i, t in enumerate(names)}
 
     def append(self, name: str) -> int:
-        """Add ``name`` as the last task; returns its id."""
-        tid = len(self.names)
-        self.names.append(name)
+        """Add ``name`` as the last loaded task, under the lowest free id or a new last one; returns its id."""
+        tid = next((i for i, t in enumerate(self.names) if t is None), len(self.names))
+        if tid == len(self.names):
+            self.names.append(name)
+        else:
+            self.names[tid] = name
         self.ids[name] = tid
         return tid
+
+    def remove(self, name: str) -> int:
+        """Forget task ``name`` (its id becomes free); returns the id it had."""
+        tid = self.id_of(name)
+        del self.ids[name]
+        self.names[tid] = None
+        return tid
+
+    def name_of(self, tid: int) -> str:
+        """The name of the loaded task with id ``tid``."""
+        name = self.names[tid]
+        assert name is not None, f"task id {tid} is free"
+        return name
 
     def id_of(self, task: str | None) -> int:
         """The id of task ``task`` (None: the base model); an error naming the loaded tasks otherwise."""
@@ -146,7 +172,8 @@ class LoadedTasks:
         tid = self.ids.get(task) if isinstance(task, str) else None
         if tid is None:
             shown = task if isinstance(task, str) else repr(task)
-            names = ", ".join(self.names[:20]) + (", …" if len(self.names) > 20 else "")
+            loaded = list(self.ids)
+            names = ", ".join(loaded[:20]) + (", …" if len(loaded) > 20 else "")
             raise UnknownTaskError(
                 f"no task named {shown!r} is loaded", hint=f"Use one of: {names} (or None for the base model)"
             )
@@ -158,7 +185,8 @@ class LoadedTasks:
         if task is UNSET:
             if merged is None:
                 raise InvalidOptionError(
-                    "no task given", hint="Pass task='name' (one task) or task=[...] (one per row)"
+                    "no task given",
+                    hint="Pass task='name' (one task) or task=[...] (one per row), or call set_task('name') once",
                 )
             return merged
         if isinstance(task, (list, tuple)):
@@ -172,7 +200,7 @@ class LoadedTasks:
             ids = self.id_of(task)
         if merged is not None and set([ids] if isinstance(ids, int) else ids) != {merged}:
             raise InvalidOptionError(
-                f"task {self.names[merged]!r} is merged into the base weights: only it can run",
+                f"task {self.name_of(merged)!r} is merged into the base weights: only it can run",
                 hint="Call unmerge() to serve other tasks",
             )
         return ids
@@ -191,4 +219,4 @@ def _in_backward_caller(var: contextvars.ContextVar[Selection]) -> Selection | N
     return caller.get(var) if isinstance(caller, contextvars.Context) else None
 
 
-__all__ = ["BASE", "NOTHING", "Selection", "TaskSelection"]
+__all__ = ["BASE", "NOTHING", "UNSET", "LoadedTasks", "Selection", "TaskSelection"]

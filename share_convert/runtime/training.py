@@ -204,6 +204,8 @@ class TrainableTask(nn.Module):
         self.head_names = list(heads)
         self.new_directions = max((m.new_directions for m in modules.values()), default=0)
         self._hooks: list[Any] = []
+        #: the parameters that merging froze (share_convert.runtime.merging), made trainable again by unmerging
+        self.frozen_by_merge: list[nn.Parameter] = []
 
     def module(self, name: str) -> TrainableModule:
         return self.layers[_key(name)]  # type: ignore[return-value]
@@ -228,7 +230,7 @@ class TrainableTask(nn.Module):
         def add_delta(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
             sel = layer.selection.current
             if sel.single is not None:
-                if sel.single != tid:
+                if sel.single != tid or layer.selection.merged == tid:  # merged: ΔW is in the weights
                     return output
                 return output + trainable.delta(args[0]).to(output.dtype)
             if tid not in sel.distinct:
@@ -316,7 +318,7 @@ def add_trainable_task(
         copies[path] = copy.deepcopy(head.base_module if isinstance(head, ShareHead) else head).requires_grad_(True)
     task = TrainableTask(name, tid, trainables, copies)
     for path, module in copies.items():
-        _attach_head(model, path, tid, module)
+        attach_head(model, path, tid, module)
     # held by the model (moved by .to(), listed by .parameters()), keyed by id: names may hold dots
     if "trainable" not in model._modules:
         model.add_module("trainable", nn.ModuleDict())
@@ -344,6 +346,12 @@ def set_training(model: ServingModel, names: Sequence[str]) -> list[nn.Parameter
         known = ", ".join(model._trainable) or "none"
         raise InvalidOptionError("no task named to train", hint=f"Name one of the added tasks: {known}")
     chosen = [trainable_task(model, n) for n in names]
+    merged = [t.name for t in chosen if t.task_id == model._selection.merged]
+    if merged:
+        raise InvalidOptionError(
+            f"task {merged[0]!r} is merged into the base weights: it cannot train there",
+            hint="Call model.unmerge() first",
+        )
     model.base_model.requires_grad_(False)
     for task in model._trainable.values():
         task.requires_grad_(False)
@@ -390,7 +398,8 @@ def _chosen_heads(model: ServingModel, heads: Sequence[str] | None) -> dict[str,
     return out
 
 
-def _attach_head(model: ServingModel, path: str, tid: int, module: nn.Module) -> None:
+def attach_head(model: ServingModel, path: str, tid: int, module: nn.Module) -> None:
+    """Make ``module`` task ``tid``'s copy of the head at ``path`` (wrapping the model's module in a ShareHead first)."""
     head = model._heads.get(path)
     if head is None:  # no stored task saves this head: wrap it so that only this task's rows use the copy
         base = model.base_model.get_submodule(path)
@@ -459,6 +468,7 @@ __all__ = [
     "TrainableModule",
     "TrainableTask",
     "add_trainable_task",
+    "attach_head",
     "set_training",
     "trainable_task",
 ]

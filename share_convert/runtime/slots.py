@@ -1,0 +1,103 @@
+"""A task's rows in a layer's stacked tensors, put in and freed while the model serves.
+
+A :class:`~share_convert.runtime.layers.TaskFactors` holds every loaded task's coefficients and
+private factors stacked and zero-padded, slot 0 all zeros. :func:`put_coefficients` and
+:func:`put_private` append a task's slot (widening the padding when its rank is larger);
+:func:`free_task` takes its slots out, renumbers the slots above them and trims the padding to the
+largest rank left, so that a model after ``delete_task`` holds what one loaded without the task holds.
+A layer built for a module the checkpoint lacks (:func:`empty_factors`) starts with no slot but the zero one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .layers import TaskFactors
+
+
+def empty_factors(n: int, d: int, count: int, dtype: torch.dtype, device: torch.device) -> TaskFactors:
+    """The factors of a layer that serves no task yet: only the zero slots (``count`` task ids)."""
+
+    def zeros(*shape: int) -> torch.Tensor:
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    slots = torch.zeros(count + 1, dtype=torch.long, device=device)
+    return TaskFactors(zeros(1, 0, 0), zeros(1, 0, 0), slots, zeros(1, 0, d), zeros(1, n, 0), slots.clone(), {}, {})
+
+
+def _padded(stack: torch.Tensor, width: int) -> torch.Tensor:
+    """``stack`` zero-padded in its last dimension to ``width`` (itself when it is that wide)."""
+    return stack if stack.shape[-1] >= width else F.pad(stack, (0, width - stack.shape[-1]))
+
+
+@torch.no_grad()
+def put_coefficients(
+    f: TaskFactors, task: int, coef_B: torch.Tensor, coef_A: torch.Tensor, group: tuple[int, int, int, int]
+) -> None:
+    """Give ``task`` a coefficient slot: ``coef_B`` (k_B × p) and ``coef_A`` (k_A × p) in the rows of its
+    ``group`` (a0, a1, b0, b1: its bases' columns in ``basis_A`` and ``basis_B``)."""
+    a0, a1, b0, b1 = group
+    p = coef_B.shape[1]
+    width = max(f.coef_A.shape[2], p)
+    row_A = f.coef_A.new_zeros(1, f.coef_A.shape[1], width)
+    row_B = f.coef_B.new_zeros(1, f.coef_B.shape[1], width)
+    row_A[0, a0:a1, :p] = coef_A.to(row_A)
+    row_B[0, b0:b1, :p] = coef_B.to(row_B)
+    slot = f.coef_A.shape[0]
+    f.coef_A = torch.cat([_padded(f.coef_A, width), row_A])
+    f.coef_B = torch.cat([_padded(f.coef_B, width), row_B])
+    f.coef_slot[task] = slot
+    f.spans[task] = (slot, a0, a1, b0, b1, p)
+
+
+@torch.no_grad()
+def put_private(f: TaskFactors, task: int, private_B: torch.Tensor, private_A: torch.Tensor) -> None:
+    """Give ``task`` a private slot: ``private_B`` (n × q) and ``private_A`` (q × d)."""
+    q = private_B.shape[1]
+    width = max(f.private_B.shape[2], q)
+    row_B = f.private_B.new_zeros(1, f.private_B.shape[1], width)
+    row_A = f.private_A.new_zeros(1, width, f.private_A.shape[2])
+    row_B[0, :, :q] = private_B.to(row_B)
+    row_A[0, :q] = private_A.to(row_A)
+    slot = f.private_B.shape[0]
+    f.private_B = torch.cat([_padded(f.private_B, width), row_B])
+    pad_A = width - f.private_A.shape[1]
+    f.private_A = torch.cat([F.pad(f.private_A, (0, 0, 0, pad_A)) if pad_A > 0 else f.private_A, row_A])
+    f.private_slot[task] = slot
+    f.private_ranks[task] = (slot, q)
+
+
+@torch.no_grad()
+def free_task(f: TaskFactors, task: int) -> None:
+    """Take ``task``'s slots out of the stacks (its id then maps to the zero slot)."""
+    span = f.spans.pop(task, None)
+    if span is not None:
+        slot = span[0]
+        width = max((s[5] for s in f.spans.values()), default=0)
+        f.coef_A = _without(f.coef_A, slot)[:, :, :width].contiguous()
+        f.coef_B = _without(f.coef_B, slot)[:, :, :width].contiguous()
+        f.coef_slot = _renumbered(f.coef_slot, task, slot)
+        f.spans = {t: (s[0] - (s[0] > slot), *s[1:]) for t, s in f.spans.items()}
+    private = f.private_ranks.pop(task, None)
+    if private is not None:
+        slot = private[0]
+        width = max((q for _, q in f.private_ranks.values()), default=0)
+        f.private_B = _without(f.private_B, slot)[:, :, :width].contiguous()
+        f.private_A = _without(f.private_A, slot)[:, :width].contiguous()
+        f.private_slot = _renumbered(f.private_slot, task, slot)
+        f.private_ranks = {t: (s - (s > slot), q) for t, (s, q) in f.private_ranks.items()}
+
+
+def _without(stack: torch.Tensor, slot: int) -> torch.Tensor:
+    return torch.cat([stack[:slot], stack[slot + 1 :]])
+
+
+def _renumbered(slots: torch.Tensor, task: int, slot: int) -> torch.Tensor:
+    """The slot map once ``slot`` is gone: ``task`` at the zero slot, the slots above it one lower."""
+    out = slots - (slots > slot).to(slots.dtype)
+    out[task] = 0
+    return out
+
+
+__all__ = ["empty_factors", "free_task", "put_coefficients", "put_private"]
