@@ -273,6 +273,7 @@ class AdapterSource:
             self._offsets[spec.key_B],
             self._offsets[spec.key_A],
             self._scales[module],
+            (spec.key_B, spec.key_A),
         )
 
     def read_heads(self) -> dict[str, torch.Tensor]:
