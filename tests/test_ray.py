@@ -8,6 +8,7 @@ output is compared, byte for byte, with the same command run with ``--executor l
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from share_convert.io.sources import open_inputs
 
 from .builders.adapters import random_factors, write_adapter, write_small_adapters
 from .builders.cli import one_error_line, run
+from .hub_servers import CuttingProxy, Olah, hub_env, hub_settings, make_repo
 
 CONFIG = ["--k", "3", "--private-rank", "1"]
 
@@ -109,6 +111,33 @@ def test_progress_runs_over_the_modules_in_order(cluster, adapters, tmp_path):
     modules = [m for m, _, _ in seen[:-1]]
     assert [step for _, step, _ in seen] == list(range(len(seen)))
     assert modules == sorted(modules) and len(modules) == 2 and seen[-1] == ("", 2, 2)
+
+
+def test_hub_inputs_are_read_by_range_on_workers_that_lack_the_download(cluster, adapters, tmp_path):
+    """The workers stand for nodes without the driver's Hub cache: once the driver has opened the
+    ``hf://`` inputs (their headers), the files it downloaded are deleted, and the workers read each
+    module's bytes from the Hub (a proxy that answers ranges as the Hub does), by ranged requests only."""
+    server = Olah(tmp_path / "olah")
+    hub = CuttingProxy(server.url, ranges=True)
+    try:
+        for i, path in enumerate(adapters[:2]):
+            files = {f: path / f for f in ("adapter_config.json", "adapter_model.safetensors")}
+            make_repo(server.mirrors, f"alice/a{i}", files)
+        home = tmp_path / "home"
+        inputs = ["hf://alice/a0", "hf://alice/a1"]
+        with hub_settings(hub_env(hub.url, home)):
+            merge(open_inputs(inputs), tmp_path / "local.safetensors")
+            sources = open_inputs(inputs)
+            for blobs in (home / "hub").glob("models--alice--*/blobs"):
+                shutil.rmtree(blobs)
+            hub.gets.clear()
+            merge(sources, tmp_path / "ray.safetensors", executor="ray")
+    finally:
+        hub.stop()
+        server.stop()
+    assert (tmp_path / "ray.safetensors").read_bytes() == (tmp_path / "local.safetensors").read_bytes()
+    weights = [rng for path, rng in hub.gets if "adapter_model.safetensors" in path]
+    assert weights and all(rng is not None for rng in weights)  # two ranges per module and task, no file
 
 
 def killing_sources(paths: list[Path], marker: Path, *, every_time: bool = False) -> list:

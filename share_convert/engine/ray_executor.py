@@ -31,6 +31,9 @@ EXECUTORS = ("local", "ray")
 MAX_RETRIES = 3
 #: modules in flight per CPU of the cluster: enough to keep every worker busy while the driver writes
 IN_FLIGHT_PER_CPU = 2
+#: the driver's environment a module's task runs with: the Hub its ``hf://`` inputs came from (a
+#: worker that lacks the driver's download reads their bytes from there); never a token
+FORWARDED = ("HF_ENDPOINT",)
 INSTALL_HINT = "Install the extra: pip install 'share-convert[ray]'"
 
 
@@ -103,6 +106,7 @@ def ray_map(fn: Callable[..., Any], calls: Iterable[tuple], *, names: Sequence[s
     ray = import_ray()
     remote = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=MAX_RETRIES)(run_in_worker)
     cwd = os.getcwd()
+    environ = {k: os.environ[k] for k in FORWARDED if k in os.environ}
     limit = max(1, int(IN_FLIGHT_PER_CPU * ray.cluster_resources().get("CPU", 1)))
     pending: deque = deque()
     it = iter(calls)
@@ -112,7 +116,7 @@ def ray_map(fn: Callable[..., Any], calls: Iterable[tuple], *, names: Sequence[s
                 call = next(it, None)
                 if call is None:
                     break
-                pending.append(remote.remote(fn, cwd, *call))
+                pending.append(remote.remote(fn, cwd, environ, *call))
             yield fetch(ray, pending.popleft(), names[step])
     finally:
         for ref in pending:  # an error or an interruption: what is still running is not needed
@@ -139,19 +143,26 @@ def fetch(ray: Any, ref: Any, name: str) -> Any:
         ) from None
 
 
-def run_in_worker(fn: Callable[..., Any], cwd: str, *args: Any) -> Any:
+def run_in_worker(fn: Callable[..., Any], cwd: str, environ: dict[str, str], *args: Any) -> Any:
     """``fn(*args)`` in a Ray worker: on one thread, in the driver's working directory where this
-    node has it (the inputs' relative paths), the device's libraries loaded first."""
+    node has it (the inputs' relative paths), with the driver's Hub endpoint (``environ``: what
+    :data:`FORWARDED` names), the device's libraries loaded first."""
     import torch
 
-    before = os.getcwd()
+    before = os.getcwd(), {k: os.environ.get(k) for k in environ}
     here = os.path.isdir(cwd)
     if here:
         os.chdir(cwd)
+    os.environ.update(environ)
     try:
         with deterministic():
             load_linalg(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
             return fn(*args)
     finally:
         if here:
-            os.chdir(before)
+            os.chdir(before[0])
+        for k, v in before[1].items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -61,7 +61,25 @@ class OpenFiles:
         self._lock = threading.Lock()
 
     def read_into(self, path: Path, offset: int, view: memoryview) -> int:
-        """Read ``len(view)`` bytes of ``path`` at ``offset`` into ``view``; the count read."""
+        """Read ``len(view)`` bytes of ``path`` at ``offset`` into ``view``; the count read.
+
+        A file of huggingface_hub's cache that this machine lacks (a Ray worker on a node other
+        than the one that downloaded an ``hf://`` input) is read from the Hub: those bytes only,
+        one ranged request (:func:`~share_convert.io.hub.read_range`).
+        """
+        try:
+            return self._read_local(path, offset, view)
+        except FileNotFoundError:
+            from .hub import cached_file_address, read_range
+
+            address = cached_file_address(path)
+            if address is None:
+                raise
+            data = read_range(address, offset, len(view))
+            view[: len(data)] = data
+            return len(data)
+
+    def _read_local(self, path: Path, offset: int, view: memoryview) -> int:
         fd = self._fds.get(path)
         if fd is None and self.limit:
             with self._lock:
