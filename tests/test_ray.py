@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,6 +195,17 @@ def test_ray_address_needs_the_ray_executor(adapters, tmp_path):
     line = one_error_line(run("merge", *adapters, "-o", tmp_path / "s.safetensors", "--ray-address", "auto"))
     assert "--ray-address needs --executor ray" in line
     assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_an_address_where_no_cluster_answers_is_one_line(adapters, tmp_path):
+    pytest.importorskip("ray")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "s.safetensors"
+    result = run("merge", *adapters, "-o", out, "--executor", "ray", "--ray-address", f"127.0.0.1:{port}")
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in one_error_line(result)
+    assert not out.exists()
 
 
 def test_without_ray_installed_the_ray_executor_says_how_to_install_it(adapters, tmp_path, monkeypatch):

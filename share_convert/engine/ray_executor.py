@@ -15,6 +15,7 @@ when this executor runs.
 from __future__ import annotations
 
 import os
+import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -34,6 +35,8 @@ IN_FLIGHT_PER_CPU = 2
 #: the driver's environment a module's task runs with: the Hub its ``hf://`` inputs came from (a
 #: worker that lacks the driver's download reads their bytes from there); never a token
 FORWARDED = ("HF_ENDPOINT",)
+#: seconds to wait for a cluster address to accept a connection
+CONNECT_TIMEOUT = 5.0
 INSTALL_HINT = "Install the extra: pip install 'share-convert[ray]'"
 
 
@@ -63,6 +66,7 @@ def ray_session(address: str | None) -> Iterator[Any]:
     to, else ``address``, else Ray's own resolution (``RAY_ADDRESS``, or a local cluster started
     for the run and stopped after it)."""
     ray = import_ray()
+    check_reachable(address)  # Ray itself waits minutes for an address where nothing answers
     if ray.is_initialized():
         yield ray
         return
@@ -78,6 +82,23 @@ def ray_session(address: str | None) -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def check_reachable(address: str | None, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Refuse, in one line, a cluster address ``host:port`` (or ``ray://host:port``) where nothing
+    accepts a connection within ``timeout`` seconds; other addresses ('auto', none) are Ray's to resolve."""
+    if not address or ":" not in address:
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not port.isdigit():
+        raise InvalidOptionError(f"--ray-address {address!r} is not HOST:PORT", hint="For example 10.0.0.1:6379")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ExecutorError(
+            f"no Ray cluster answers at {address} ({first_line(e)})",
+            hint="Start one with 'ray start --head' there, or check the address and port",
+        ) from None
 
 
 def module_reads(sources: Sequence[TaskSource], module: str) -> list[ModuleRead]:
