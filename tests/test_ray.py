@@ -104,6 +104,20 @@ def test_checkpoint_tasks_as_inputs_are_read_on_the_workers(cluster, adapters, n
     assert outputs["ray"] == outputs["local"]
 
 
+def test_bin_adapters_travel_whole_and_are_read_on_the_workers(cluster, tmp_path):
+    """A ``.bin`` file cannot be read by byte ranges: its source is sent (without the tensors loaded here)."""
+    bins = [
+        write_adapter(tmp_path / f"b{i}", {"layers.0.q": random_factors(16, 12, 3, i)}, fmt="bin") for i in range(3)
+    ]
+    outputs = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / executor / "share.safetensors"
+        out.parent.mkdir()
+        ok("merge", *bins, "-o", out, "--executor", executor)
+        outputs[executor] = files_of(out)
+    assert outputs["ray"] == outputs["local"]
+
+
 def test_progress_runs_over_the_modules_in_order(cluster, adapters, tmp_path):
     seen: list[tuple[str, int, int]] = []
     api.merge(
