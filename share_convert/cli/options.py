@@ -190,7 +190,7 @@ RayAddressOpt = Annotated[
     typer.Option(
         "--ray-address",
         metavar="ADDR",
-        help="With --executor ray: the cluster to run on (host:port of 'ray start --head'). "
-        "Default: RAY_ADDRESS, else a local cluster for this run.",
+        help="With --executor ray: the cluster to run on (HOST:PORT of 'ray start --head', or Ray's 'auto' or "
+        "'local'). Default: RAY_ADDRESS, else a cluster 'ray start' started here, else a local one for this run.",
     ),
 ]

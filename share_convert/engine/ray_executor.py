@@ -76,7 +76,8 @@ def ray_session(address: str | None) -> Iterator[Any]:
         where = address or os.environ.get("RAY_ADDRESS") or "a local cluster"
         raise ExecutorError(
             f"cannot connect to the Ray cluster at {where} ({first_line(e)})",
-            hint="Start one with 'ray start --head' and pass its address with --ray-address",
+            hint="Start one with 'ray start --head' and pass its address with --ray-address; a cluster that "
+            "authenticates by token (Ray 2.5x) also needs RAY_AUTH_MODE=token and its token here",
         ) from None
     try:
         yield ray
