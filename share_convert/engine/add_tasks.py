@@ -124,13 +124,17 @@ def add(
             workers = auto_workers(max(new_params, default=0))
         # modules are computed concurrently (or as Ray tasks) and written in order (as in merge)
         if executor == "ray":
+            # only the modules a new task has are sent out; the others are carried as they are
+            readers = {name: [s for s in sources if name in s.module_shapes()] for name in all_modules}
+            todo = [name for name in all_modules if readers[name]]
             calls = (
-                (ckpt, name, module_reads([s for s in sources if name in s.module_shapes()], name), clashes,
-                 config, module_config, module_dtype(name), {name: new_shapes[name]} if name in new_shapes else {})
-                for name in all_modules
+                (ckpt, name, module_reads(readers[name], name), clashes, config, module_config, module_dtype(name),
+                 {name: new_shapes[name]} if name in new_shapes else {})
+                for name in todo
             )  # fmt: skip
             gpus = 1 if config.torch_device().type == "cuda" else 0
-            results = ray_map(update_one_portable, calls, names=all_modules, gpus=gpus)
+            computed = ray_map(update_one_portable, calls, names=todo, gpus=gpus)
+            results = (next(computed) if readers[name] else None for name in all_modules)
         else:
             results = ordered_map(work, all_modules, workers)
         for step, (name, res) in enumerate(zip(all_modules, results)):
