@@ -91,6 +91,15 @@ def test_add_on_ray_writes_the_same_bytes_as_local(cluster, adapters, new_adapte
     assert outputs["ray"] == outputs["local"]
 
 
+def test_add_in_place_on_ray_replaces_the_checkpoint_the_workers_read(cluster, adapters, new_adapters, tmp_path):
+    """The workers open the checkpoint by its path while the driver writes its replacement there."""
+    base = tmp_path / "base.safetensors"
+    ok("merge", *adapters, "-o", base, *CONFIG)
+    ok("add", base, *new_adapters, "-o", tmp_path / "local.safetensors")
+    ok("add", base, *new_adapters, "--in-place", "--executor", "ray")
+    assert base.read_bytes() == (tmp_path / "local.safetensors").read_bytes()
+
+
 def test_checkpoint_tasks_as_inputs_are_read_on_the_workers(cluster, adapters, new_adapters, tmp_path):
     """A task of a checkpoint travels as the checkpoint's path, opened again in the worker."""
     base = tmp_path / "base.safetensors"
