@@ -63,8 +63,8 @@ def import_ray() -> Any:
 @contextmanager
 def ray_session(address: str | None) -> Iterator[Any]:
     """Connected to a Ray cluster for the enclosed work: the one this process is already connected
-    to, else ``address``, else Ray's own resolution (``RAY_ADDRESS``, or a local cluster started
-    for the run and stopped after it)."""
+    to, else ``address``, else Ray's own resolution (``RAY_ADDRESS``, else a cluster ``ray start``
+    started on this machine, else a local cluster started for the run and stopped after it)."""
     ray = import_ray()
     check_reachable(address)  # Ray itself waits minutes for an address where nothing answers
     if ray.is_initialized():
@@ -77,7 +77,7 @@ def ray_session(address: str | None) -> Iterator[Any]:
         raise ExecutorError(
             f"cannot connect to the Ray cluster at {where} ({first_line(e)})",
             hint="Start one with 'ray start --head' and pass its address with --ray-address; a cluster that "
-            "authenticates by token (Ray 2.5x) also needs RAY_AUTH_MODE=token and its token here",
+            "authenticates by token (Ray 2.60) also needs RAY_AUTH_MODE=token and its token here",
         ) from None
     try:
         yield ray
@@ -133,13 +133,13 @@ def ray_map(fn: Callable[..., Any], calls: Iterable[tuple], *, names: Sequence[s
     pending: deque = deque()
     it = iter(calls)
     try:
-        for step, _name in enumerate(names):
+        for name in names:
             while len(pending) < limit:
                 call = next(it, None)
                 if call is None:
                     break
                 pending.append(remote.remote(fn, cwd, environ, *call))
-            yield fetch(ray, pending.popleft(), names[step])
+            yield fetch(ray, pending.popleft(), name)
     finally:
         for ref in pending:  # an error or an interruption: what is still running is not needed
             ray.cancel(ref, force=True)
