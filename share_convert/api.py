@@ -91,6 +91,8 @@ def merge(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     wait: bool = True,
     on_wait: OnWait | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> Report:
     """Consolidate adapters (paths, globs, folders, checkpoints) into ``output``; return the report.
 
@@ -102,10 +104,18 @@ def merge(
     Writers of one output take turns (:mod:`share_convert.files.locking`): while another process writes
     ``output``, ``on_wait`` receives one line and this waits for it, or with ``wait=False`` raises
     :class:`~share_convert.errors.TargetBusyError`. The same holds for :func:`add` and :func:`remove`.
+
+    ``executor="ray"`` computes each module as a task on a Ray cluster: the one at ``ray_address``
+    (``host:port``, ``ray://host:10001``), else Ray's own choice (``RAY_ADDRESS``, or a local cluster
+    for the run); it needs ``pip install 'share-convert[ray]'``, and every node must see the inputs
+    at the same paths. The output is the same, byte for byte, as with ``executor="local"``.
+    The same holds for :func:`add`.
     """
     from .engine.members import only_modules
+    from .engine.parallel import check_executor
     from .engine.pipeline import merge as _merge
 
+    check_executor(executor, ray_address)  # Ray not installed: one line, before any input is read
     check_checkpoint_name(output)
     max_shard_size = parse_size(max_shard_size)
 
@@ -113,7 +123,10 @@ def merge(
         config.validate()  # bad options (and --k 0 alone, which stores nothing) before any input is read
     with _turn(output, wait, on_wait):  # from reading the inputs (one may be the output) to the report
         sources = only_modules(open_inputs(inputs, alpha=alpha), modules)
-        _merge(sources, output, config, force=force, progress=progress, timings=timings, max_shard_size=max_shard_size)
+        _merge(
+            sources, output, config, force=force, progress=progress, timings=timings, max_shard_size=max_shard_size,
+            executor=executor, ray_address=ray_address,
+        )  # fmt: skip
         return _summary(output)
 
 
@@ -177,15 +190,20 @@ def add(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     wait: bool = True,
     on_wait: OnWait | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> Report:
     """Fold new adapters (or checkpoints) into ``checkpoint``, writing ``output``; return the report.
 
     ``config`` defaults to the checkpoint's own options, with ``k`` / ``target_error`` / ``device``
     overriding them (the device defaults to 'auto', whatever the checkpoint was made on).
+    ``executor`` and ``ray_address`` as for :func:`merge`.
     """
     from .engine.add_tasks import add as _add
+    from .engine.parallel import check_executor
     from .engine.tasks import config_of
 
+    check_executor(executor, ray_address)
     max_shard_size = parse_size(max_shard_size)
     with _turn(output, wait, on_wait):  # from reading the old checkpoint (in place: the output) to the report
         ckpt = open_checkpoint(checkpoint)
@@ -206,6 +224,8 @@ def add(
             force=force,
             progress=progress,
             max_shard_size=max_shard_size,
+            executor=executor,
+            ray_address=ray_address,
         )
         return _summary(output)
 

@@ -77,6 +77,11 @@ class HubError(ShareError):
     """A Hugging Face Hub repository that cannot be read or written."""
 
 
+class ExecutorError(ShareError):
+    """The distributed executor (``--executor ray``) cannot run the work: no cluster to connect to,
+    or a module whose worker was lost more times than it is retried."""
+
+
 class ModelMismatchError(ShareError):
     """A checkpoint that does not fit the model it is loaded into: a module it names is missing,
     has other shapes, or is of a layer type the runtime cannot serve."""

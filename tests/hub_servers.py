@@ -208,10 +208,16 @@ class UploadServer:
 class CuttingProxy:
     """A proxy on 127.0.0.1 in front of a local Hub server (``upstream``) that passes requests and
     answers through, except for the cuts armed with :meth:`cut_download` and :meth:`cut_upload`:
-    each fires once, on the next matching request, and closes the connection mid-transfer."""
+    each fires once, on the next matching request, and closes the connection mid-transfer.
 
-    def __init__(self, upstream: str):
+    With ``ranges``, a GET with a ``Range: bytes=A-B`` header is answered as the Hub answers it
+    (206, those bytes only: olah ignores ranges), and ``gets`` lists every GET as (path, its Range
+    header or None)."""
+
+    def __init__(self, upstream: str, *, ranges: bool = False):
         self.upstream = urlsplit(upstream).netloc
+        self.ranges = ranges
+        self.gets: list[tuple[str, str | None]] = []
         self._download: tuple[str, int, int] | None = None  # file name, bytes sent, downloads cut
         self._upload: tuple[str, int] | None = None  # file name, commits cut
         self.cuts: list[str] = []  # the paths of the requests that were cut
@@ -240,7 +246,13 @@ class CuttingProxy:
                 answer = conn.getresponse()
                 data = answer.read()
                 conn.close()
-                self.send_response(answer.status)
+                status, wanted = answer.status, self.headers.get("Range")
+                if self.command == "GET":
+                    proxy.gets.append((self.path, wanted))
+                if proxy.ranges and wanted and status == 200 and self.command == "GET":
+                    first, _, last = wanted.removeprefix("bytes=").partition("-")
+                    data, status = data[int(first) : int(last) + 1], 206
+                self.send_response(status)
                 head = self.command == "HEAD"  # its Content-Length is the file's: passed on as it is
                 for key, value in answer.getheaders():
                     if key.lower() in ("transfer-encoding", "connection", "server", "date"):

@@ -117,6 +117,11 @@ class Checkpoint:
         """Release the files (also done when the reader is garbage-collected)."""
         self.store.files.close()
 
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        """Sent to another process (a Ray worker) as its absolute path and manifest checksum: the
+        receiver opens it again there (:func:`reopened`), never the tensors."""
+        return reopened, (str(self.path.absolute()), str(self.store.files.meta.get(MANIFEST_SHA_KEY)))
+
     def __enter__(self) -> Checkpoint:
         return self
 
@@ -284,3 +289,33 @@ class Checkpoint:
     def heads(self, task: str) -> dict[str, torch.Tensor]:
         """A task's non-LoRA tensors (``tasks/<task>/heads/<key>``), byte for byte."""
         return {k: self.tensor(f"tasks/{task}/heads/{k}") for k in self.task(task).get("heads", [])}
+
+
+#: checkpoints opened by :func:`reopened` in this process, the most recent last (a few are kept)
+_REOPENED: dict[tuple[str, str], Checkpoint] = {}
+_REOPENED_LOCK = threading.Lock()
+REOPENED_KEPT = 4
+
+
+def reopened(path: str, manifest_sha: str) -> Checkpoint:
+    """The checkpoint at ``path`` whose manifest has checksum ``manifest_sha``, as another process sent
+    it (:meth:`Checkpoint.__reduce__`): opened once per process and kept, as a worker receives it for
+    each module. A different checkpoint found there (it was replaced since) is an error, not a silent
+    read of other data."""
+    key = (path, manifest_sha)
+    with _REOPENED_LOCK:
+        ckpt = _REOPENED.pop(key, None)
+        if ckpt is None:
+            ckpt = Checkpoint(path)
+            found = ckpt.store.files.meta.get(MANIFEST_SHA_KEY)
+            if found != manifest_sha:
+                ckpt.close()
+                raise CorruptCheckpointError(
+                    "the checkpoint changed while it was being read (its manifest differs from the one opened first)",
+                    path=path,
+                    hint="Run the command again once nothing else writes it",
+                )
+        _REOPENED[key] = ckpt
+        while len(_REOPENED) > REOPENED_KEPT:
+            _REOPENED.pop(next(iter(_REOPENED))).close()
+        return ckpt

@@ -19,6 +19,8 @@ from .options import (
     Dtype,
     DtypeOpt,
     EnergyOpt,
+    Executor,
+    ExecutorOpt,
     ForceOpt,
     InputsArg,
     JsonOpt,
@@ -28,6 +30,7 @@ from .options import (
     NoWaitOpt,
     OutputOpt,
     PrivOpt,
+    RayAddressOpt,
     SeedOpt,
     ShardOpt,
     TargetMetric,
@@ -66,6 +69,8 @@ def merge(
     force: ForceOpt = False,
     max_shard_size: ShardOpt = "5GB",
     no_wait: NoWaitOpt = False,
+    executor: ExecutorOpt = Executor.local,
+    ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
     timings: Annotated[
         Path | None, typer.Option("--timings", hidden=True, help="Write where the time went (JSON).")
@@ -101,6 +106,8 @@ def merge(
             max_shard_size=max_shard_size,
             wait=not no_wait,
             on_wait=say_waiting,
+            executor=Executor(executor).value,
+            ray_address=ray_address,
         )
     if timings is not None:
         timings.write_text(json.dumps(clock, indent=2) + "\n")

@@ -32,6 +32,11 @@ class TargetMetric(str, enum.Enum):
     max = "max"
 
 
+class Executor(str, enum.Enum):
+    local = "local"
+    ray = "ray"
+
+
 class Dtype(str, enum.Enum):
     auto = "auto"
     float32 = "float32"
@@ -170,5 +175,22 @@ OutputOpt = Annotated[
         metavar="CHECKPOINT",
         help="The Share checkpoint to write (.safetensors).  [required]",
         show_default=False,
+    ),
+]
+ExecutorOpt = Annotated[
+    Executor,
+    typer.Option(
+        "--executor",
+        help="Where modules are computed: 'local' (threads of this process) or 'ray' (one Ray task per module; "
+        "needs pip install 'share-convert[ray]'). The output is the same.",
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        metavar="ADDR",
+        help="With --executor ray: the cluster to run on (HOST:PORT of 'ray start --head', or Ray's 'auto' or "
+        "'local'). Default: RAY_ADDRESS, else a cluster 'ray start' started here, else a local one for this run.",
     ),
 ]

@@ -8,7 +8,20 @@ from typing import Annotated
 import typer
 
 from .. import api
-from .options import AlphaOpt, Device, DeviceOpt, ForceOpt, InputsArg, JsonOpt, KOpt, NoWaitOpt, ShardOpt
+from .options import (
+    AlphaOpt,
+    Device,
+    DeviceOpt,
+    Executor,
+    ExecutorOpt,
+    ForceOpt,
+    InputsArg,
+    JsonOpt,
+    KOpt,
+    NoWaitOpt,
+    RayAddressOpt,
+    ShardOpt,
+)
 from .shell import fail, progress_bar, say_waiting, show
 
 
@@ -44,6 +57,8 @@ def add(
     force: ForceOpt = False,
     max_shard_size: ShardOpt = "5GB",
     no_wait: NoWaitOpt = False,
+    executor: ExecutorOpt = Executor.local,
+    ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fold new adapters (or another checkpoint) into a checkpoint, without the old adapters.
@@ -70,6 +85,8 @@ def add(
             max_shard_size=max_shard_size,
             wait=not no_wait,
             on_wait=say_waiting,
+            executor=Executor(executor).value,
+            ray_address=ray_address,
         )
     show(summary, as_json)
 

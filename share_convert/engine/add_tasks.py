@@ -26,8 +26,9 @@ from ..math.linalg import deterministic, load_linalg
 from .consolidation import consolidate_module
 from .members import Progress, TaskSource, check_compatible, named_dtype, natural_key, read_members, storage_dtype
 from .old_tasks import carry_module
-from .parallel import auto_workers, ordered_map
+from .parallel import auto_workers, check_executor, executor_session, ordered_map
 from .pipeline import build_manifest, module_record, write_module
+from .ray_executor import module_reads, ray_map
 from .refit import refit_module
 from .results import ModuleResult
 from .tasks import KeptTask, config_of
@@ -45,16 +46,20 @@ def add(
     progress: Progress | None = None,
     workers: int | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Fold ``sources`` into ``checkpoint`` and write the result to ``output`` (may be the same path).
 
     ``config`` defaults to the checkpoint's own options. Existing task names are an error unless
     ``replace``, in which case the old task is dropped first. ``workers`` modules are updated at
-    once, as in :func:`merge` (the output does not depend on it).
+    once, as in :func:`merge` (the output does not depend on it); ``executor`` and ``ray_address``
+    as in :func:`merge`.
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     config = config or config_of(ckpt)
     config.validate()
+    check_executor(executor, ray_address)
     max_shard_size = parse_size(max_shard_size)
     output = Path(output)
     if not sources:
@@ -68,7 +73,6 @@ def add(
             hint="Pass --replace to replace it, or rename: NAME=PATH",
         )
     old_tasks = [t for t in ckpt.tasks if t not in clashes]
-    clashed = set(clashes)
     new_shapes = check_compatible(list(sources))
     for name, (n, d, _) in new_shapes.items():
         if name in ckpt.modules:
@@ -91,7 +95,7 @@ def add(
     all_modules = sorted(set(ckpt.modules) | set(new_shapes), key=natural_key)
     drifted: set[str] = set()
     worst = 0.0
-    with deterministic(), CheckpointWriter(output, max_shard_size) as writer:
+    with deterministic(), executor_session(executor, ray_address), CheckpointWriter(output, max_shard_size) as writer:
         for t in old_tasks:
             for key in ckpt.task(t).get("heads", []):
                 ckpt.copy_to(writer, f"tasks/{t}/heads/{key}")
@@ -103,28 +107,8 @@ def add(
 
         def work(name: str) -> ModuleResult | None:
             """One module's update (None: no new task has it, it is carried as it is)."""
-            old = ckpt.module(name) if name in ckpt.modules else None
-            mdtype = module_dtype(name)
-            members = read_members([s for s in sources if name in s.module_shapes()], name, config)
-            if old is None:
-                n, d, _ = new_shapes[name]
-                return consolidate_module(name, n, d, members, module_config, mdtype)
-            if not members:
-                return None
-            # in the module's own order (its stored rows' order), without the replaced tasks
-            kept = [t for t in old.task_names if t not in clashed]
-            if old.grouped:
-                return update_grouped_module(ckpt, name, kept, clashes, members, module_config, mdtype)
-            res = update_module(ckpt, name, kept, members, module_config, mdtype)
-            n, d = old.shape
-            if stored_params(res, n, d) > original_params(res, n, d):
-                # the incremental update keeps the shared bases; here that stores more than the originals
-                # did, so consolidate the module again from the old tasks' reconstructions, as merge
-                # would (it may keep each task's own directions instead), and keep the smaller
-                alternative = refit_module(ckpt, name, kept, members, module_config, mdtype)
-                if stored_params(alternative, n, d) < stored_params(res, n, d):
-                    return alternative
-            return res
+            readers = [s for s in sources if name in s.module_shapes()]
+            return update_one(ckpt, name, readers, clashes, config, module_config, module_dtype(name), new_shapes)
 
         def module_dtype(name: str) -> torch.dtype:
             if dtype is not None:
@@ -138,8 +122,22 @@ def add(
         new_params = [sum(sh[m][2] for sh in shapes if m in sh) * (n + d) for m, (n, d, _) in new_shapes.items()]
         if workers is None:
             workers = auto_workers(max(new_params, default=0))
-        # modules are computed concurrently and written in order (as in merge)
-        for step, (name, res) in enumerate(zip(all_modules, ordered_map(work, all_modules, workers))):
+        # modules are computed concurrently (or as Ray tasks) and written in order (as in merge)
+        if executor == "ray":
+            # only the modules a new task has are sent out; the others are carried as they are
+            readers = {name: [s for s in sources if name in s.module_shapes()] for name in all_modules}
+            todo = [name for name in all_modules if readers[name]]
+            calls = (
+                (ckpt, name, module_reads(readers[name], name), clashes, config, module_config, module_dtype(name),
+                 {name: new_shapes[name]} if name in new_shapes else {})
+                for name in todo
+            )  # fmt: skip
+            gpus = 1 if config.torch_device().type == "cuda" else 0
+            computed = ray_map(update_one_portable, calls, names=todo, gpus=gpus)
+            results = (next(computed) if readers[name] else None for name in all_modules)
+        else:
+            results = ordered_map(work, all_modules, workers)
+        for step, (name, res) in enumerate(zip(all_modules, results)):
             if progress:
                 progress(name, step, len(all_modules))
             if res is None:
@@ -164,6 +162,52 @@ def add(
         entry["drift_summary"] = {"tasks": len(drifted), "max": worst}
         writer.finish(manifest)
     return manifest
+
+
+def update_one(
+    ckpt: Checkpoint,
+    name: str,
+    readers: Sequence[TaskSource],
+    clashes: list[str],
+    config: ConsolidationConfig,
+    module_config: ConsolidationConfig,
+    mdtype: torch.dtype,
+    new_shapes: dict[str, tuple[int, int, list[int]]],
+) -> ModuleResult | None:
+    """One module of ``add``: the new tasks read from ``readers`` folded into the checkpoint's module
+    (None: no new task has it, it is carried as it is), or consolidated where the checkpoint has no
+    such module. The same function whichever process computes it (a thread here, a Ray worker)."""
+    old = ckpt.module(name) if name in ckpt.modules else None
+    members = read_members(readers, name, config)
+    if old is None:
+        n, d, _ = new_shapes[name]
+        return consolidate_module(name, n, d, members, module_config, mdtype)
+    if not members:
+        return None
+    # in the module's own order (its stored rows' order), without the replaced tasks
+    clashed = set(clashes)
+    kept = [t for t in old.task_names if t not in clashed]
+    if old.grouped:
+        return update_grouped_module(ckpt, name, kept, clashes, members, module_config, mdtype)
+    res = update_module(ckpt, name, kept, members, module_config, mdtype)
+    n, d = old.shape
+    if stored_params(res, n, d) > original_params(res, n, d):
+        # the incremental update keeps the shared bases; here that stores more than the originals
+        # did, so consolidate the module again from the old tasks' reconstructions, as merge
+        # would (it may keep each task's own directions instead), and keep the smaller
+        alternative = refit_module(ckpt, name, kept, members, module_config, mdtype)
+        if stored_params(alternative, n, d) < stored_params(res, n, d):
+            return alternative
+    return res
+
+
+def update_one_portable(*args: Any) -> ModuleResult | None:
+    """:func:`update_one` as a Ray task runs it: the result without the planner's fits, which only
+    the module's own computation uses."""
+    res = update_one(*args)
+    if res is not None:
+        res.planner = None
+    return res
 
 
 def stored_params(res: ModuleResult, n: int, d: int) -> int:

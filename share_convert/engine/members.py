@@ -90,6 +90,11 @@ class ModuleFilter:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._source, name)
 
+    @property
+    def inner(self) -> TaskSource:
+        """The source filtered (what reads a module: the filter only hides modules)."""
+        return self._source
+
     def module_shapes(self) -> dict[str, tuple[int, int, int]]:
         """The source's modules that match, filtered once (a merge asks for them per module)."""
         if self._shapes is None:

@@ -1,4 +1,8 @@
-"""Modules computed on a few threads, in order: the worker pool of merge and add."""
+"""Modules computed on a few threads, in order: the worker pool of merge and add.
+
+``--executor local`` (the default) runs modules here; ``--executor ray`` runs each module as a Ray
+task (:mod:`.ray_executor`, imported only then: Ray is an optional dependency).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 
 #: Memory one module may take (bytes) before modules are processed one at a time.
 PARALLEL_MODULE_BYTES = 384 * 2**20
@@ -55,3 +60,19 @@ def prefetched(fn: Callable, items: list, ahead: int = 1) -> Iterator:
                 pending.append(pool.submit(fn, items[nxt]))
                 nxt += 1
             yield result
+
+
+def check_executor(executor: str, ray_address: str | None) -> None:
+    """Refuse an unknown executor, an address without Ray, or Ray where it is not installed (one line each)."""
+    from .ray_executor import check_executor as check
+
+    check(executor, ray_address)
+
+
+def executor_session(executor: str, ray_address: str | None) -> AbstractContextManager:
+    """Connected to the executor's cluster for the enclosed work (nothing to connect to for ``local``)."""
+    if executor != "ray":
+        return nullcontext()
+    from .ray_executor import ray_session
+
+    return ray_session(ray_address)

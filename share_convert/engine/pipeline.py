@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from dataclasses import replace as dc_replace
 from pathlib import Path
@@ -37,7 +37,7 @@ from ..math.linalg import deterministic, load_linalg
 from .budget import budget_targets
 from .consolidation import consolidate_module
 from .members import Progress, TaskSource, check_compatible, original_rank, prepare_members, storage_dtype
-from .parallel import auto_workers, ordered_map, prefetched
+from .parallel import auto_workers, check_executor, executor_session, ordered_map, prefetched
 from .results import ModuleResult
 
 
@@ -53,6 +53,8 @@ def merge(
     timings: dict[str, float] | None = None,
     workers: int | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Consolidate ``sources`` into the Share checkpoint ``output``; return its manifest.
 
@@ -62,9 +64,13 @@ def merge(
     over workers. ``workers`` modules are processed at once (default: one per CPU core, at most
     4); memory holds that many modules' stacks. Tensors taking more than ``max_shard_size`` bytes
     (an int, or text such as '5GB') are written in shards with an index.
+
+    ``executor`` ``"ray"`` computes each module as a task on a Ray cluster (at ``ray_address``, else
+    Ray's own resolution: :func:`.ray_executor.ray_session`); the output is the same, byte for byte.
     """
     config = config or ConsolidationConfig()
     config.validate()
+    check_executor(executor, ray_address)
     max_shard_size = parse_size(max_shard_size)
     output = Path(output)
     if not sources:
@@ -88,10 +94,12 @@ def merge(
         + 2000 * len(modules)
         + 4096
     )
-    with OpenFiles() as files:  # each adapter file opened once for the whole merge (up to a limit)
+    # each adapter file opened once for the whole merge (up to a limit)
+    with OpenFiles() as files, executor_session(executor, ray_address):
         return _merge_into(
             sources, output, config, modules, dtype, workers, total_original, fixed_bytes, files,
             progress=progress, history=history, op=op, timings=timings, max_shard_size=max_shard_size,
+            executor=executor,
         )  # fmt: skip
 
 
@@ -111,6 +119,7 @@ def _merge_into(
     op: str,
     timings: dict[str, float] | None,
     max_shard_size: int | str,
+    executor: str,
 ) -> dict[str, Any]:
     """The body of :func:`merge`, once its inputs are checked: the budget's targets, then every
     module read, consolidated and written in order."""
@@ -123,46 +132,11 @@ def _merge_into(
         for src in sources:
             for key, t in src.read_heads().items():
                 writer.add(f"tasks/{src.task}/heads/{key}", t)
-        lock = threading.Lock()
-        device = config.torch_device()
-
-        def read(item: tuple[str, tuple[int, int, list[int]]]) -> tuple[LoraStack | list[LoraFactors], float]:
-            name, (_n, _d, idx) = item
-            t0 = time.perf_counter()
-            return read_module_stack([sources[i] for i in idx], name, files, device), time.perf_counter() - t0
-
-        def work(
-            item: tuple[str, tuple[int, int, list[int]]], read_ahead: tuple[Any, float] | None = None
-        ) -> ModuleResult:
-            name, (n, d, idx) = item
-            local = dict.fromkeys(clock, 0.0)
-            factors, local["read"] = read_ahead or read(item)
-            t1 = time.perf_counter()
-            here = [sources[i] for i in idx]
-            members = prepare_members(  # read_members, with the reading timed apart
-                [s.task for s in here], factors, config, [s.prior(name) for s in here],
-                [original_rank(s, name) for s in here],
-            )  # fmt: skip
-            del factors
-            local["canonicalize"] += time.perf_counter() - t1
-            module_config = config
-            if targets:  # under --budget: this module's share, as an error target
-                module_config = dc_replace(config, budget=None, target_error=targets[name], target_metric="mean")
-            res = consolidate_module(name, n, d, members, module_config, dtype, local)
-            with lock:
-                for k, v in local.items():
-                    clock[k] += v
-            return res
-
-        # Modules are independent: workers compute them concurrently (each numeric op on one
-        # thread, so results do not depend on the thread count) and the writer takes them in order.
-        # Several workers overlap one's reading with the others' compute; a single one (large
-        # modules) has the next module read on a thread of its own while it computes this one.
         items = list(modules.items())
-        if workers <= 1:
-            results = (work(item, ahead) for item, ahead in zip(items, prefetched(read, items)))
+        if executor == "ray":
+            results = ray_results(sources, items, config, dtype, targets, clock)
         else:
-            results = ordered_map(work, items, workers)
+            results = local_results(sources, items, config, dtype, targets, clock, workers, files)
         for step, (item, res) in enumerate(zip(items, results)):
             name, (n, d, _idx) = item
             if progress:
@@ -182,6 +156,111 @@ def _merge_into(
     if timings is not None:
         timings.update(clock)
     return manifest
+
+
+Item = tuple[str, tuple[int, int, list[int]]]
+
+
+def merge_module(
+    name: str,
+    n: int,
+    d: int,
+    readers: Sequence[TaskSource],
+    config: ConsolidationConfig,
+    dtype: torch.dtype,
+    target: float | None,
+    files: OpenFiles | None = None,
+    read_ahead: tuple[LoraStack | list[LoraFactors], float] | None = None,
+) -> tuple[ModuleResult, dict[str, float]]:
+    """One module of a merge: its members read from ``readers`` (or ``read_ahead``: the stack read
+    and the seconds it took), canonicalized and consolidated, under ``target`` (a ``--budget``'s
+    error target for this module) when given. Returns the result and the seconds each step took.
+    The same function whichever process computes it (a thread here, a Ray worker)."""
+    clock = dict.fromkeys(("read", "canonicalize", "decompose", "encode", "write"), 0.0)
+    t0 = time.perf_counter()
+    factors = read_ahead[0] if read_ahead else read_module_stack(list(readers), name, files, config.torch_device())
+    clock["read"] = read_ahead[1] if read_ahead else time.perf_counter() - t0
+    t1 = time.perf_counter()
+    members = prepare_members(  # read_members, with the reading timed apart
+        [s.task for s in readers], factors, config, [s.prior(name) for s in readers],
+        [original_rank(s, name) for s in readers],
+    )  # fmt: skip
+    del factors
+    clock["canonicalize"] += time.perf_counter() - t1
+    module_config = config
+    if target is not None:  # under --budget: this module's share, as an error target
+        module_config = dc_replace(config, budget=None, target_error=target, target_metric="mean")
+    return consolidate_module(name, n, d, members, module_config, dtype, clock), clock
+
+
+def local_results(
+    sources: Sequence[TaskSource],
+    items: list[Item],
+    config: ConsolidationConfig,
+    dtype: torch.dtype,
+    targets: dict[str, float] | None,
+    clock: dict[str, float],
+    workers: int,
+    files: OpenFiles,
+) -> Iterator[ModuleResult]:
+    """Every module's result in order, computed on ``workers`` threads of this process (the seconds
+    each step took are added to ``clock``)."""
+    lock = threading.Lock()
+    device = config.torch_device()
+
+    def read(item: Item) -> tuple[LoraStack | list[LoraFactors], float]:
+        name, (_n, _d, idx) = item
+        t0 = time.perf_counter()
+        return read_module_stack([sources[i] for i in idx], name, files, device), time.perf_counter() - t0
+
+    def work(item: Item, read_ahead: tuple[Any, float] | None = None) -> ModuleResult:
+        name, (n, d, idx) = item
+        target = targets[name] if targets else None
+        res, local = merge_module(name, n, d, [sources[i] for i in idx], config, dtype, target, files, read_ahead)
+        with lock:
+            for k, v in local.items():
+                clock[k] += v
+        return res
+
+    # Modules are independent: workers compute them concurrently (each numeric op on one
+    # thread, so results do not depend on the thread count) and the writer takes them in order.
+    # Several workers overlap one's reading with the others' compute; a single one (large
+    # modules) has the next module read on a thread of its own while it computes this one.
+    if workers <= 1:
+        return (work(item, ahead) for item, ahead in zip(items, prefetched(read, items)))
+    return ordered_map(work, items, workers)
+
+
+def ray_results(
+    sources: Sequence[TaskSource],
+    items: list[Item],
+    config: ConsolidationConfig,
+    dtype: torch.dtype,
+    targets: dict[str, float] | None,
+    clock: dict[str, float],
+) -> Iterator[ModuleResult]:
+    """Every module's result in order, each computed as a Ray task (:mod:`.ray_executor`): a task is
+    sent where its module's factors lie, not the sources."""
+    from .ray_executor import module_reads, ray_map
+
+    calls = (
+        (name, n, d, module_reads([sources[i] for i in idx], name), config, dtype, targets[name] if targets else None)
+        for name, (n, d, idx) in items
+    )
+    gpus = 1 if config.torch_device().type == "cuda" else 0
+    for res, local in ray_map(merge_module_portable, calls, names=[name for name, _ in items], gpus=gpus):
+        for k, v in local.items():
+            clock[k] += v
+        yield res
+
+
+def merge_module_portable(*args: Any) -> tuple[ModuleResult, dict[str, float]]:
+    """:func:`merge_module` as a Ray task runs it: the result without the planner's fits, which
+    only the module's own computation uses (what returns to the driver is what is written)."""
+    with OpenFiles() as files:
+        res, clock = merge_module(*args, files=files)
+    res.planner = None
+    return res, clock
 
 
 def write_module(

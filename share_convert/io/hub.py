@@ -195,6 +195,47 @@ def download(
     return Path(path) / addr.subfolder if addr.subfolder else Path(path)
 
 
+def cached_file_address(path: str | Path) -> str | None:
+    """The Hub file that ``path``, a file of huggingface_hub's cache, is a copy of, as ``HfFileSystem``
+    names it (``owner/name@commit/file``; ``datasets/…`` for a dataset); None for any other path.
+
+    Read from the path's own parts (``…/models--owner--name/snapshots/<commit>/<file>``), so that a
+    process that lacks that cache (a Ray worker on another node) can still name the file.
+    """
+    parts = Path(path).parts
+    for i in range(len(parts) - 3, 0, -1):
+        if parts[i] != "snapshots":
+            continue
+        kind, _, repo = parts[i - 1].partition("--")
+        prefix = {"models": "", "datasets": "datasets/", "spaces": "spaces/"}.get(kind)
+        if prefix is None or not repo:
+            return None
+        return f"{prefix}{repo.replace('--', '/')}@{parts[i + 1]}/{'/'.join(parts[i + 2 :])}"
+    return None
+
+
+def read_range(address: str, offset: int, length: int) -> bytes:
+    """``length`` bytes at ``offset`` of the Hub file ``address`` (:func:`cached_file_address`): one
+    ranged request to the URL huggingface_hub's ``HfFileSystem`` gives that file, never a download
+    of the whole file from the Hub, which honours ranges (a server that ignores them, as some
+    mirrors do, sends the whole file: the bytes are taken from it, so they are right either way).
+    The endpoint and token are this process's (``HF_ENDPOINT``, ``HF_TOKEN`` or a login)."""
+    if length <= 0:
+        return b""
+    from huggingface_hub import HfFileSystem
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_backoff
+
+    token = _token(None)
+    url = HfFileSystem(endpoint=_endpoint(), token=token).url(address)
+    headers = {**build_hf_headers(token=token), "range": f"bytes={offset}-{offset + length - 1}"}
+    try:
+        r = http_backoff("GET", url, headers=headers)
+        hf_raise_for_status(r)
+    except Exception as e:
+        raise _translate(e, address, token) from None
+    return r.content if r.status_code == 206 else r.content[offset : offset + length]
+
+
 def download_inputs(address: str, *, token: str | None = None, progress: bool = False) -> list[Path]:
     """The local paths of what an ``hf://`` input holds: a PEFT adapter, or Share checkpoints."""
     addr = parse_address(address)

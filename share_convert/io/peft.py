@@ -138,6 +138,11 @@ class AdapterSource:
         #: each module's scale, validated against the config up front
         self._scales = {spec.name: self.scale(spec.name) for spec in self.modules.values()}
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Sent to another process (a Ray worker) without the tensors of a ``.bin`` file loaded
+        here: the receiver loads them from the file when it reads them."""
+        return {**self.__dict__, "_bin": None}
+
     # -- header -------------------------------------------------------------------------------
     def _read_header(self) -> tuple[dict[str, list[int]], dict[str, str]]:
         shapes: dict[str, list[int]] = {}
@@ -273,6 +278,7 @@ class AdapterSource:
             self._offsets[spec.key_B],
             self._offsets[spec.key_A],
             self._scales[module],
+            (spec.key_B, spec.key_A),
         )
 
     def read_heads(self) -> dict[str, torch.Tensor]:

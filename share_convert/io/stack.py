@@ -20,6 +20,8 @@ from .factors import LoraFactors, LoraStack
 if TYPE_CHECKING:  # torch is imported where tensors are read, so that light commands start fast
     import torch
 
+    from .task_source import Prior
+
 
 @dataclass(frozen=True)
 class ModuleLocation:
@@ -32,6 +34,8 @@ class ModuleLocation:
     span_B: tuple[int, int]
     span_A: tuple[int, int]
     scale: float
+    #: the tensors' names (B, A), for messages
+    keys: tuple[str, str] = ("lora_B", "lora_A")
 
 
 class OpenFiles:
@@ -57,7 +61,25 @@ class OpenFiles:
         self._lock = threading.Lock()
 
     def read_into(self, path: Path, offset: int, view: memoryview) -> int:
-        """Read ``len(view)`` bytes of ``path`` at ``offset`` into ``view``; the count read."""
+        """Read ``len(view)`` bytes of ``path`` at ``offset`` into ``view``; the count read.
+
+        A file of huggingface_hub's cache that this machine lacks (a Ray worker on a node other
+        than the one that downloaded an ``hf://`` input) is read from the Hub: those bytes only,
+        one ranged request (:func:`~share_convert.io.hub.read_range`).
+        """
+        try:
+            return self._read_local(path, offset, view)
+        except FileNotFoundError:
+            from .hub import cached_file_address, read_range
+
+            address = cached_file_address(path)
+            if address is None:
+                raise
+            data = read_range(address, offset, len(view))
+            view[: len(data)] = data
+            return len(data)
+
+    def _read_local(self, path: Path, offset: int, view: memoryview) -> int:
         fd = self._fds.get(path)
         if fd is None and self.limit:
             with self._lock:
@@ -146,3 +168,67 @@ def from_bytes(raw: bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> to
     import torch
 
     return torch.frombuffer(raw, dtype=dtype).reshape(shape) if raw else torch.zeros(shape, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class ModuleRead:
+    """One task's module as another process reads it (a Ray worker of ``--executor ray``).
+
+    What is sent is small: where the module's factors lie in the adapter's file (a path, two byte
+    ranges and a scale: :class:`ModuleLocation`) and what consolidation asks of the task there
+    (its name, prior and original rank). The receiver reads those bytes and nothing else of the file.
+    A module that cannot be read as raw bytes (a ``.bin`` file, a task of a checkpoint) travels as
+    its ``source`` instead. It is a task source for one module: :func:`read_module_stack` and
+    ``engine.members.read_members`` read it as they read the source it stands for, to the same values.
+    """
+
+    task: str
+    location: ModuleLocation | None
+    source: Any = None
+    prior_of_task: Prior | None = None
+    rank: int | None = None
+
+    def locate(self, module: str) -> ModuleLocation | None:
+        return self.location
+
+    def read_module(self, module: str) -> LoraFactors:
+        if self.source is not None:
+            return self.source.read_module(module)
+        assert self.location is not None
+        return read_located(self.location)
+
+    def prior(self, module: str) -> Prior | None:
+        return self.prior_of_task
+
+    def original_rank(self, module: str) -> int | None:
+        return self.rank
+
+
+def read_located(place: ModuleLocation) -> LoraFactors:
+    """One module's factors read from where ``place`` says, scale folded, as float32; rejects NaN
+    and Inf. The values and messages of :meth:`~share_convert.io.peft.AdapterSource.read_module`."""
+    import torch
+
+    raw = []
+    try:
+        with OpenFiles(limit=1) as opened:  # the file opened once for both factors
+            for begin, end in (place.span_B, place.span_A):
+                raw.append(bytearray(end - begin))
+                read_exactly(opened, place.path, begin, memoryview(raw[-1]))
+    except Exception as e:
+        raise BadAdapterError(
+            f"cannot read tensors ({first_line(e)})", path=place.path, hint="Re-download the adapter"
+        ) from None
+    dtype = torch_dtype(place.dtype)
+    B = from_bytes(raw[0], dtype, place.shape_B).to(torch.float32) * place.scale
+    A = from_bytes(raw[1], dtype, place.shape_A).to(torch.float32)
+    if bool(torch.isfinite(A.sum() + B.sum())):  # one reduction: finite sums have finite terms
+        return LoraFactors(B=B, A=A)
+    for key, x in ((place.keys[1], A), (place.keys[0], B)):  # which one (or only an overflowing sum)
+        if not torch.isfinite(x).all():
+            raise BadAdapterError(
+                f"tensor {key} contains NaN or Inf",
+                path=place.path,
+                hint="This adapter is broken; retrain or re-export it",
+            )
+    return LoraFactors(B=B, A=A)
