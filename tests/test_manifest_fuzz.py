@@ -152,7 +152,7 @@ def quantized(good, tmp_path_factory) -> Path:
     return requantize(good, tmp_path_factory.mktemp("quantized") / "q.safetensors", MIXED)
 
 
-@settings(max_examples=EXAMPLES // 3, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=EXAMPLES // 4, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(ops=st.lists(operation, max_size=2), header_ops=st.lists(header_operation, max_size=2))
 def test_a_mutated_quantized_checkpoint_is_read_or_refused_in_one_line(
     quantized, new_adapter, first_task, peak, ops, header_ops

@@ -19,7 +19,7 @@ from share_convert.checkpoint import Checkpoint, CheckpointWriter, verify_checkp
 from share_convert.checkpoint.quantized import CODE_DTYPE, ROLES, SCALES
 from share_convert.engine import merge
 from share_convert.errors import CorruptCheckpointError
-from share_convert.io import open_adapters, write_synthetic_adapters
+from share_convert.io import checkpoint_tasks, open_adapters, write_synthetic_adapters
 from share_convert.math.quantize import CODE_PRECISIONS, dequantize, quantize
 
 from .builders.quantized import MIXED, requantize
@@ -249,3 +249,110 @@ def test_appended_rows_keep_the_old_codes_and_scales_byte_for_byte(quantized, tm
         for tensor, fresh in ((name, quantize(extra, "int8").codes), (name + SCALES, quantize(extra, "int8").scales)):
             assert torch.equal(new.get_tensor(tensor)[:rows], old.get_tensor(tensor))
             assert torch.equal(new.get_tensor(tensor)[rows:], fresh)
+
+
+def test_a_reader_that_knows_only_version_3_refuses_a_quantized_checkpoint(quantized, monkeypatch):
+    from share_convert.checkpoint import reader
+    from share_convert.errors import UnsupportedFormatError
+
+    monkeypatch.setattr(reader, "FORMAT_VERSION", 3)
+    with pytest.raises(UnsupportedFormatError, match="format version 4; this share-convert reads versions up to 3"):
+        Checkpoint(quantized["nf4"])
+
+
+def test_remove_keeps_the_other_tasks_codes_and_scales_byte_for_byte(quantized, tmp_path):
+    from share_convert.engine import remove
+
+    remove(quantized["int8"], ["task-005"], tmp_path / "removed.safetensors")
+    old, new = Checkpoint(quantized["int8"]), Checkpoint(tmp_path / "removed.safetensors")
+    assert new.version == 4 and "task-005" not in new.tasks
+    for task in new.tasks:
+        for module, rec in new.task_modules(task).items():
+            was = old.task_modules(task)[module]
+            for part, row, count in (("coefs", "coef_row", "rank"), ("private", "private_row", "private_rank")):
+                for side in "BA":
+                    name = f"modules/{module}/{part}_{side}"
+                    a = old.store.quantized(name, was[row], was[row] + was[count])
+                    b = new.store.quantized(name, rec[row], rec[row] + rec[count])
+                    assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales), (task, name)
+
+
+def test_a_quantized_checkpoint_s_tasks_are_inputs_of_merge_as_their_dequantized_delta(quantized, tmp_path):
+    source = Checkpoint(quantized["nf4"])
+    merge(checkpoint_tasks(source), tmp_path / "again.safetensors", ConsolidationConfig(k=10_000))
+    again = Checkpoint(tmp_path / "again.safetensors")
+    assert again.version == 2 and set(again.tasks) == set(source.tasks)
+    for task in ("task-000", "task-017"):
+        B0, A0 = source.reconstruction(task, MODULE)
+        B1, A1 = again.reconstruction(task, MODULE)
+        want = B0 @ A0.T
+        assert float((B1 @ A1.T - want).norm() / want.norm()) < 1e-5
+
+
+def _small_adapters(root: Path, count: int, seed: int) -> list:
+    from .builders.adapters import random_factors, write_adapter
+
+    paths = [
+        write_adapter(root / f"s{seed}-{i}", {"layers.0.q": random_factors(24, 20, 2, seed=seed + i)}, r=2, alpha=2)
+        for i in range(count)
+    ]
+    return open_adapters([str(p) for p in paths])
+
+
+def test_chained_rows_stored_as_codes_are_read_rotated_and_an_add_appends_after_their_bytes(tmp_path, monkeypatch):
+    """A version-3 file rewritten as int8 keeps its chain: rows are dequantized, then rotated; an add
+    that keeps the rows copies their codes and scales and appends the new task's."""
+    from share_convert.engine import add
+    from share_convert.engine import chain as chains
+
+    monkeypatch.setattr(chains, "CHAIN_MIN_BYTES", 0)
+    module, k4 = "base_model.model.layers.0.q", ConsolidationConfig(k=4)
+    merge(_small_adapters(tmp_path / "old", 12, seed=0), tmp_path / "c0.safetensors", k4)
+    add(tmp_path / "c0.safetensors", _small_adapters(tmp_path / "new", 1, seed=100), tmp_path / "c1.safetensors", k4)
+    floats = Checkpoint(tmp_path / "c1.safetensors")
+    assert floats.version == 3
+    q = Checkpoint(requantize(tmp_path / "c1.safetensors", tmp_path / "q1.safetensors", "int8"))
+    prefix = f"modules/{module}/"
+    assert q.version == 4 and q.chain(prefix) is not None
+    stored = floats.tensor(f"{prefix}coefs_B")  # rows as stored, in the coordinates they were written in
+    want = q.chain(prefix).rotate(expected(stored, "int8").double(), torch.arange(len(stored)).numpy(), "B")
+    rec = q.task_modules("s0-0")[module]
+    got = q.task_tensors("s0-0", module)["coef_B"].T
+    torch.testing.assert_close(got, want[rec["coef_row"] : rec["coef_row"] + rec["rank"]].float())
+    assert verify_checkpoint(q)["ok"]
+    add(q, _small_adapters(tmp_path / "more", 1, seed=200), tmp_path / "q2.safetensors", k4)
+    after = Checkpoint(tmp_path / "q2.safetensors")
+    assert after.version == 4 and after.code_precision(f"{prefix}coefs_B") == "int8"
+    rows = q.tensor_meta(f"{prefix}coefs_B")[0][0]
+    old, new = q.store.quantized(f"{prefix}coefs_B"), after.store.quantized(f"{prefix}coefs_B", 0, rows)
+    assert torch.equal(old.codes, new.codes) and torch.equal(old.scales, new.scales)
+    assert verify_checkpoint(after)["ok"]
+
+
+def test_a_grouped_module_stores_each_group_s_factors_as_codes(tmp_path):
+    for seed, prefix in ((1, "x"), (2, "y")):  # two families from two planted subspaces: two groups of bases
+        write_synthetic_adapters(
+            tmp_path / "a", count=2, layers=1, hidden=48, rank=4, shared_rank=4, noise=0.001, seed=seed, prefix=prefix
+        )
+    config = ConsolidationConfig(target_error=0.02, groups="2")
+    merge(open_adapters([str(tmp_path / "a")]), tmp_path / "g.safetensors", config, workers=1)
+    source = Checkpoint(tmp_path / "g.safetensors")
+    module = next(m for m, info in source.modules.items() if "groups" in info)
+    q = Checkpoint(requantize(tmp_path / "g.safetensors", tmp_path / "q.safetensors", "nf4"))
+    for g in range(len(source.modules[module]["groups"])):
+        name = f"modules/{module}/g{g}/basis_B"
+        assert q.code_precision(name) == "nf4"
+        assert torch.equal(q.tensor(name), expected(source.tensor(name), "nf4"))
+    assert verify_checkpoint(q)["ok"]
+
+
+def test_codes_and_scales_read_back_from_shards(floats, tmp_path):
+    out = requantize(floats, tmp_path / "sharded.safetensors", MIXED, max_shard_size=40_000)
+    ckpt = Checkpoint(out)
+    assert ckpt.sharded and len({ckpt.file_of(n) for n in ckpt.manifest["tensors"]}) > 2
+    source = Checkpoint(floats)
+    name = f"modules/{MODULE}/private_A"
+    assert torch.equal(ckpt.tensor(name), expected(source.tensor(name), "bfloat16"))
+    name = f"modules/{MODULE}/coefs_B"
+    assert torch.equal(ckpt.tensor(name), expected(source.tensor(name), "int8"))
+    assert verify_checkpoint(ckpt)["ok"]

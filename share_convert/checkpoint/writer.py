@@ -52,7 +52,7 @@ class StoredSource(Protocol):
 
 
 class CheckpointWriter:
-    """Writes a version-2 safetensors checkpoint tensor by tensor, without holding the tensors in memory.
+    """Writes a safetensors checkpoint tensor by tensor, without holding the tensors in memory.
 
     Tensor data goes to a temporary file beside the target as it arrives; :meth:`finish` writes
     the header, appends the data and renames the result over the target in one step, so a crash
@@ -62,7 +62,8 @@ class CheckpointWriter:
 
     A module's per-task tensors go in through :meth:`add_module`, which stacks them into a few
     tensors per module; :meth:`finish` turns the manifest's per-(task, module) records into the
-    two ``records/*`` tables.
+    two ``records/*`` tables. Factors may be stored at any precision (:meth:`add`; int8 and NF4
+    codes make the file format version 4, else it is version 2, or 3 with a rotation chain).
     """
 
     def __init__(self, path: str | Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE):
