@@ -302,3 +302,12 @@ def test_an_untouched_quantized_rewrite_still_reads(tmp_path, quantized):
     path = hand_made(tmp_path, quantized, lambda m, h: None)
     result = runner.invoke(app, ["verify", str(path)])
     assert result.exit_code == 0, result.output
+
+
+def test_verify_refuses_a_float_factor_stored_in_another_dtype_than_its_module_says(tmp_path, quantized):
+    """The bfloat16 private rows said to be float16: same bytes, other numbers; the other commands
+    read what is stored, and verify says the two disagree."""
+    path = hand_made(tmp_path, quantized, lambda m, h: _precision(m).update(private_B="float16"))
+    result = runner.invoke(app, ["verify", str(path)])
+    text = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(text) == 1 and "stores private_B as float16" in text[0], result.output

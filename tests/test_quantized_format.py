@@ -356,3 +356,26 @@ def test_codes_and_scales_read_back_from_shards(floats, tmp_path):
     name = f"modules/{MODULE}/coefs_B"
     assert torch.equal(ckpt.tensor(name), expected(source.tensor(name), "int8"))
     assert verify_checkpoint(ckpt)["ok"]
+
+
+def test_rows_read_as_codes_keep_them_when_joined_with_new_float_rows(quantized):
+    """An update stacks old tasks' rows (read from a quantized checkpoint: their codes come along)
+    with new tasks' float rows: the old codes are kept as read, the new rows quantized like them."""
+    from share_convert.checkpoint.records import TaskRows
+
+    ckpt = Checkpoint(quantized["int8"])
+    old = ckpt.task_rows(MODULE, ["task-001", "task-002"])
+    prefix = f"modules/{MODULE}/"
+    k_B, k_A = (ckpt.tensor_meta(f"{prefix}basis_{s}")[0][1] for s in "BA")
+    g = torch.Generator().manual_seed(3)
+    parts = {"coef_B": torch.randn(k_B, 3, generator=g), "coef_A": torch.randn(k_A, 3, generator=g)}
+    new = TaskRows.of_parts([("new", prefix, parts)], torch.float32)
+    rows = TaskRows.concat([old, new], torch.float32)
+    assert rows.precision == old.precision
+    for side in "BA":
+        joined, before = rows.codes[f"{prefix}coefs_{side}"], old.codes[f"{prefix}coefs_{side}"]
+        count = before.shape[0]
+        assert torch.equal(joined.codes[:count], before.codes) and torch.equal(joined.scales[:count], before.scales)
+        fresh = quantize(parts[f"coef_{side}"].T, "int8")
+        assert torch.equal(joined.codes[count:], fresh.codes) and torch.equal(joined.scales[count:], fresh.scales)
+    assert torch.equal(rows.codes["private_B"].codes, old.codes["private_B"].codes)  # the new task has none

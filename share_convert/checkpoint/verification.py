@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from ..dtypes import FLOAT_NAMES
+from ..dtypes import FLOAT_NAMES, ST_OF
 from ..errors import CorruptCheckpointError
 from ..math.linalg import frob2
 from ..math.quantize import relative_rms_error
-from .quantized import SCALES, role_of
+from .quantized import SCALES, role_of, role_tensors
 from .reader import Checkpoint
 
 
@@ -39,6 +39,12 @@ def check_codes(ckpt: Checkpoint) -> None:
             bad(f"tensor {name} holds scales of no factor stored as codes")
         if role_of(name) is not None and name not in codes and ckpt.stored_meta(name)[1] not in FLOAT_NAMES:
             bad(f"tensor {name} is stored as {ckpt.stored_meta(name)[1]}, but its module names a float precision")
+    for module, info in ckpt.manifest["modules"].items():
+        stated = info.get("precision")  # checked against the tensors where a module states it
+        for name, role, _cols in role_tensors(module, info) if stated else ():
+            want = stated.get(role, info.get("dtype", "float32"))
+            if ckpt.has(name) and want in ST_OF and ckpt.stored_meta(name)[1] != ST_OF[want]:
+                bad(f"tensor {name} is stored as {ckpt.stored_meta(name)[1]}, but its module stores {role} as {want}")
     for name, (precision, cols) in sorted(codes.items()):
         if not (ckpt.has(name) or ckpt.has(name + SCALES)):
             continue  # a factor this module does not store (k = 0, no private rows)
