@@ -76,17 +76,32 @@ class TensorStore:
         return check_layout(name, precision, cols, self.stored_meta(name), scales, self.path)
 
     def quantized(self, name: str, start: int | None = None, stop: int | None = None) -> Quantized:
-        """Quantized factor ``name`` (or its rows ``start:stop``) as codes and scales, verified."""
+        """Quantized factor ``name`` (or its rows ``start:stop``) as codes and scales, verified: a
+        large one by the blocks that hold those rows, a small one read whole once (then kept)."""
         from ..math.quantize import BLOCK, Quantized
 
         precision, cols = self.codes[name]
-        rows = self.code_rows(name)
-        if start is None:
-            start, stop = 0, rows
-            codes, scales = self.tensor_as_stored(name), self.tensor_as_stored(name + SCALES)
-        else:
+        if start is not None and name in self._row_blocks:
             codes, scales = self._stored_rows(name, start, stop), self._stored_rows(name + SCALES, start, stop)
-        return Quantized(precision, codes, scales, (stop - start, cols), BLOCK)
+            return Quantized(precision, codes, scales, (stop - start, cols), BLOCK)
+        key = name + "#codes"
+        with self._lock:
+            whole = self._cache.get(key)
+        if whole is None:
+            rows = self.code_rows(name)
+            codes, scales = self.tensor_as_stored(name), self.tensor_as_stored(name + SCALES)
+            whole = Quantized(precision, codes, scales, (rows, cols), BLOCK)
+            self._keep(key, whole)
+        if start is None:
+            return whole
+        return Quantized(precision, whole.codes[start:stop], whole.scales[start:stop], (stop - start, cols), BLOCK)
+
+    def _keep(self, key: str, value: Any) -> None:
+        """Keep a module's tensor (or codes) for the next call, the oldest of 32 dropped."""
+        with self._lock:
+            if len(self._cache) >= 32:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = value
 
     def _entry(self, name: str) -> tuple[dict[str, Any], str]:
         expected = self._hashes.get(name)
@@ -214,10 +229,7 @@ class TensorStore:
             dtype, shape, raw, _ = self.raw(name)
             t = self.as_tensor(name, dtype, shape, raw)
         if name.startswith("modules/"):
-            with self._lock:
-                if len(self._cache) >= 32:
-                    self._cache.pop(next(iter(self._cache)))
-                self._cache[name] = t
+            self._keep(name, t)
         return t
 
     def stacked(self, names: list[str]) -> torch.Tensor:
@@ -237,14 +249,12 @@ class TensorStore:
         """Rows ``start:stop`` of a (stacked) tensor, reading and verifying only the blocks that hold
         them; rows of a factor stored as codes come dequantized, equal to those rows of :meth:`tensor`."""
         if name in self.codes:
-            if name not in self._row_blocks:
-                return self.tensor(name)[start:stop]
             return self.quantized(name, start, stop).dequantize()
         return self._stored_rows(name, start, stop)
 
     def _stored_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         if name not in self._row_blocks:  # small: read whole (verified once, then cached)
-            return self.tensor(name)[start:stop] if name not in self.codes else self.tensor_as_stored(name)[start:stop]
+            return self.tensor(name)[start:stop]
         return self.as_tensor(name, *self.rows_raw(name, start, stop))
 
     def verify_all(self) -> None:
