@@ -379,3 +379,37 @@ def test_rows_read_as_codes_keep_them_when_joined_with_new_float_rows(quantized)
         fresh = quantize(parts[f"coef_{side}"].T, "int8")
         assert torch.equal(joined.codes[count:], fresh.codes) and torch.equal(joined.scales[count:], fresh.scales)
     assert torch.equal(rows.codes["private_B"].codes, old.codes["private_B"].codes)  # the new task has none
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory) -> tuple[Path, Path]:
+    """Four small adapters in k = 3 bases (rows of odd length: NF4 rows end with a padding nibble): (float, nf4)."""
+    from .builders.adapters import write_small_adapters
+
+    folder = tmp_path_factory.mktemp("odd")
+    paths = write_small_adapters(folder)
+    merge(open_adapters([str(p) for p in paths]), folder / "f.safetensors", ConsolidationConfig(k=3, private_rank=1))
+    return folder / "f.safetensors", requantize(folder / "f.safetensors", folder / "q.safetensors", "nf4")
+
+
+def test_nf4_rows_of_odd_length_read_back_and_end_with_a_zero_nibble(odd):
+    floats, nf4 = Checkpoint(odd[0]), Checkpoint(odd[1])
+    module = "base_model.model.layers.0.q"
+    name = f"modules/{module}/coefs_B"
+    (rows, cols), _ = nf4.tensor_meta(name)
+    assert cols == 3 and nf4.stored_meta(name)[0] == [rows, 2]
+    assert not (nf4.store.quantized(name).codes[:, -1] >> 4).any()
+    assert torch.equal(nf4.tensor(name), expected(floats.tensor(name), "nf4"))
+    assert verify_checkpoint(nf4)["ok"]
+
+
+def test_verify_refuses_a_non_zero_padding_nibble(odd, tmp_path):
+    name = "modules/base_model.model.layers.0.q/coefs_B"
+
+    def edit(data: bytearray) -> None:
+        data[1] |= 0xF0  # the high nibble of row 0's last byte: the padding of a 3-number row
+
+    bad = _damaged(odd[1], tmp_path, name, edit)
+    Checkpoint(bad).tensor(name)  # readers ignore the padding
+    with pytest.raises(CorruptCheckpointError, match="non-zero padding nibble"):
+        verify_checkpoint(Checkpoint(bad))
