@@ -57,8 +57,20 @@ def expected(values: torch.Tensor, precision: str) -> torch.Tensor:
     return values.to(getattr(torch, precision))
 
 
-def test_the_code_names_of_the_format_are_the_quantize_module_s():
-    assert tuple(CODE_DTYPE) == CODE_PRECISIONS
+def test_the_format_s_names_and_layout_are_the_quantize_module_s():
+    """checkpoint/quantized.py states them without importing torch: they must be math/quantize.py's."""
+    from share_convert.checkpoint import quantized as layout
+    from share_convert.math import quantize as q
+
+    assert tuple(CODE_DTYPE) == CODE_PRECISIONS and layout.PRECISION_NAMES == q.PRECISIONS
+    assert layout.BLOCK == q.BLOCK
+    for precision in CODE_PRECISIONS:
+        for cols in range(0, 200):
+            codes = quantize(torch.ones(1, cols), precision)
+            assert [layout.code_columns(precision, cols), layout.blocks_per_row(cols)] == [
+                codes.codes.shape[1],
+                codes.scales.shape[1],
+            ]
 
 
 @pytest.mark.parametrize("key", SPECS)

@@ -9,6 +9,8 @@ equal to the dequantized stored values.
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,6 +120,20 @@ def test_an_unknown_dtype_is_refused_in_one_line_before_anything_is_written(bert
     result = run("extract", bert_tiny, "--task", task, "--dtype", "int8", "-o", tmp_path / "out")
     assert result.exit_code == 2 and "--dtype 'int8' is not one of float32, float16, bfloat16" in one_error_line(result)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["tasks", "info"])
+def test_light_commands_on_a_quantized_checkpoint_start_without_importing_torch(bert_tiny, command):
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = ['share-convert', {command!r}, {str(bert_tiny)!r}]\n"
+        "try:\n    runpy.run_module('share_convert.cli', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "False"
 
 
 def test_extract_all_takes_the_dtype_too(bert_tiny, tmp_path):

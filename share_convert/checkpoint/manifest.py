@@ -24,7 +24,7 @@ import numpy as np
 from ..config import ConsolidationConfig
 from ..errors import CorruptCheckpointError
 from ..names import file_name_problem, key_problem, shown, task_name_problem
-from .quantized import CODES_VERSION, ROLES
+from .quantized import CODE_DTYPE, CODES_VERSION, PRECISION_NAMES, ROLES
 
 #: The most a manifest (or a shard index) may take: what safetensors accepts as a whole header.
 MAX_MANIFEST_BYTES = 100_000_000
@@ -245,18 +245,16 @@ def _check_precision(c: _Check, where: str, entry: dict[str, Any], version: Any)
     (int8, nf4) only in a file whose version says that readers must know them."""
     if "precision" not in entry:
         return
-    from ..math.quantize import CODE_PRECISIONS, PRECISIONS  # torch: only for files that name precisions
-
     for role, name in c.obj(entry["precision"], f"{where}.precision").items():
         at = f"{where}.precision.{shown(role)}"
         if role not in ROLES:
             raise c.fail(at, f"names no factor (one of {', '.join(ROLES)})")
-        if name not in PRECISIONS:
+        if name not in PRECISION_NAMES:
             raise c.fail(
                 at,
-                f"is {shown(name) if isinstance(name, str) else repr(name)[:40]}, not one of {', '.join(PRECISIONS)}",
+                f"is {shown(name) if isinstance(name, str) else repr(name)[:40]}, not one of {', '.join(PRECISION_NAMES)}",
             )
-        if name in CODE_PRECISIONS and not (isinstance(version, int) and version >= CODES_VERSION):
+        if name in CODE_DTYPE and not (isinstance(version, int) and version >= CODES_VERSION):
             raise c.fail(at, f"is {name} in a format version {version!r} file (codes need version {CODES_VERSION})")
 
 

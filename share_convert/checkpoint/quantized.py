@@ -1,8 +1,5 @@
 """Quantized factors in a checkpoint (format version 4, docs/format.md): which tensors hold codes, and their layout.
 
-(Imported by the readers of manifests: :mod:`share_convert.math.quantize`, which needs torch, is
-imported where codes are met, so that light commands on float checkpoints never import torch.)
-
 A stored factor (role :data:`ROLES`) kept at a code precision (:data:`~share_convert.math.quantize.CODE_PRECISIONS`)
 is two tensors: its codes under the factor's name (``I8`` rows × cols for int8, ``U8`` rows × ⌈cols / 2⌉
 for nf4) and its per-block scales under the name + :data:`SCALES` (``F32`` rows × ⌈cols / 64⌉). The
@@ -29,9 +26,27 @@ from ..errors import CorruptCheckpointError
 ROLES = ("basis_B", "basis_A", "coefs_B", "coefs_A", "private_B", "private_A")
 #: Suffix of the tensor holding a quantized factor's scales.
 SCALES = ".scales"
-#: The safetensors dtype of each code precision's codes (its keys: math.quantize.CODE_PRECISIONS,
-#: named here so that readers of manifests need not import torch; a test checks they agree).
+#: The safetensors dtype of each code precision's codes. This and the names and layout below are
+#: those of :mod:`share_convert.math.quantize` (CODE_PRECISIONS, PRECISIONS, BLOCK, code_columns,
+#: blocks_per_row), stated here so that reading a manifest and its headers never imports torch
+#: (``tasks`` and ``info`` stay light); tests/test_quantized_format.py checks that they agree.
 CODE_DTYPE = {"int8": "I8", "nf4": "U8"}
+#: Every storage precision a manifest may name.
+PRECISION_NAMES = ("float32", "float16", "bfloat16", "int8", "nf4")
+#: Numbers per scale block, along a row.
+BLOCK = 64
+
+
+def code_columns(precision: str, cols: int) -> int:
+    """Columns of the codes of a row of ``cols`` numbers: one byte each (int8), two per byte (nf4)."""
+    return cols if precision == "int8" else -(-cols // 2)
+
+
+def blocks_per_row(cols: int) -> int:
+    """Scale blocks in a row of ``cols`` numbers (the last may be shorter)."""
+    return -(-cols // BLOCK)
+
+
 #: The first format version that may hold codes.
 CODES_VERSION = 4
 
@@ -83,12 +98,10 @@ def check_layout(
 ) -> int:
     """The rows of quantized tensor ``name``, once its codes' and scales' headers (shape, dtype; None:
     no scales tensor) are what ``precision`` and ``cols`` imply; :class:`CorruptCheckpointError` otherwise."""
-    from ..math.quantize import BLOCK, blocks_per_row, code_columns
-
     shape, dtype = codes
     rows = shape[0] if len(shape) == 2 else -1
     want_codes = ([rows, code_columns(precision, cols)], CODE_DTYPE[precision])
-    want_scales = ([rows, blocks_per_row(cols, BLOCK)], "F32")
+    want_scales = ([rows, blocks_per_row(cols)], "F32")
     problem = None
     if rows < 0 or (list(shape), dtype) != want_codes:
         problem = f"holds {dtype} {list(shape)}, not the {precision} codes of a {cols}-column tensor"
