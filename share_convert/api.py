@@ -152,10 +152,13 @@ def extract(
     rank: int | None = None,
     force: bool = False,
     format: str | None = None,
+    dtype: str | None = None,
 ) -> list[ExtractedAdapter]:
     """Extract one task (``task``) or every task (``all_tasks``) as adapters.
 
     ``format`` is ``peft``, ``kohya`` or ``diffusers``; by default each task in the format it came in.
+    ``dtype`` (``float32``, ``float16``, ``bfloat16``) is the written factors' dtype; by default the
+    dtype of the task's original factors, whatever precision the checkpoint stores.
     With ``rank``, each result's ``truncation_error`` says how much ΔW error the truncation adds.
     """
     from .io.extraction import extract as _extract
@@ -163,9 +166,9 @@ def extract(
 
     ckpt = open_checkpoint(checkpoint)
     if all_tasks:
-        return _extract_all(ckpt, output, rank=rank, force=force, format=format)
+        return _extract_all(ckpt, output, rank=rank, force=force, format=format, dtype=dtype)
     assert task is not None
-    return [_extract(ckpt, task, output, rank=rank, force=force, format=format)]
+    return [_extract(ckpt, task, output, rank=rank, force=force, format=format, dtype=dtype)]
 
 
 def verify(checkpoint: str | Path) -> dict[str, Any]:

@@ -234,3 +234,80 @@ def test_a_record_naming_a_group_the_module_lacks_is_refused_in_one_line(tmp_pat
     rewrite_record(grouped, path, "group", value)
     lines = refused_everywhere(tmp_path, path, ("info", "verify", "extract --all"))
     assert all("a group outside" in line for line in lines), lines
+
+
+@pytest.fixture(scope="module")
+def quantized(good, tmp_path_factory) -> Path:
+    """The small real checkpoint with NF4 bases, int8 coefficients and bfloat16 private rows (format version 4)."""
+    from .builders.quantized import MIXED, requantize
+
+    return requantize(good, tmp_path_factory.mktemp("quantized") / "q.safetensors", MIXED)
+
+
+def _precision(m):
+    return _module(m)["precision"]
+
+
+def _codes(m, h, role="basis_B"):
+    """The first module's tensor of ``role`` in the header (``h``)."""
+    return h[f"modules/{next(iter(m['modules']))}/{role}"]
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda m, h: _module(m).update(precision=["nf4"]), "precision is not an object"),
+        (lambda m, h: _precision(m).update(gram_B="int8"), "'gram_B' names no factor"),
+        (lambda m, h: _precision(m).update(basis_B="int4"), "'basis_B' is 'int4', not one of"),
+        (lambda m, h: _precision(m).update(basis_B=4), "'basis_B' is 4, not one of"),
+        (lambda m, h: m.update(format_version=3), "is nf4 in a format version 3 file"),
+    ],
+    ids=["not-an-object", "unknown-role", "unknown-precision", "number", "codes-in-version-3"],
+)
+def test_a_malformed_precision_field_is_refused_in_one_line(tmp_path, quantized, edit, field):
+    lines = refused_everywhere(tmp_path, hand_made(tmp_path, quantized, edit))
+    assert all(field in line for line in lines), lines
+
+
+def _rename_scales(m, h):
+    name = next(k for k in h if k.endswith("/basis_B.scales"))
+    h[name[:-1] + "z"] = h.pop(name)
+    m["tensors"][name[:-1] + "z"] = m["tensors"].pop(name)
+
+
+def _transpose(m, h):
+    _codes(m, h)["shape"] = _codes(m, h)["shape"][::-1]
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (_transpose, "not the nf4 codes of a"),
+        (lambda m, h: _codes(m, h).update(dtype="I8"), "holds I8"),
+        (lambda m, h: _precision(m).update(basis_B="int8"), "not the int8 codes of a"),
+        (lambda m, h: _precision(m).update(coefs_B="nf4"), "not the nf4 codes of a"),
+        (lambda m, h: _codes(m, h, "coefs_B.scales").update(dtype="I32"), "has scales I32"),
+        (_rename_scales, "has no scales"),
+    ],
+    ids=["transposed", "wrong-dtype", "int8-read-as-nf4", "nf4-read-as-int8", "scales-dtype", "no-scales"],
+)
+def test_codes_or_scales_that_disagree_with_the_manifest_are_refused_in_one_line(tmp_path, quantized, edit, needle):
+    """The codes' and scales' shapes and dtypes follow from the module's shape and precision: a header
+    that says otherwise is refused before a byte of them is read (so never read out of bounds)."""
+    lines = refused_everywhere(tmp_path, hand_made(tmp_path, quantized, edit), ("info", "verify", "extract --all"))
+    assert all(needle in line for line in lines), lines
+
+
+def test_an_untouched_quantized_rewrite_still_reads(tmp_path, quantized):
+    path = hand_made(tmp_path, quantized, lambda m, h: None)
+    result = runner.invoke(app, ["verify", str(path)])
+    assert result.exit_code == 0, result.output
+
+
+def test_verify_refuses_a_float_factor_stored_in_another_dtype_than_its_module_says(tmp_path, quantized):
+    """The bfloat16 private rows said to be float16: same bytes, other numbers; the other commands
+    read what is stored, and verify says the two disagree."""
+    path = hand_made(tmp_path, quantized, lambda m, h: _precision(m).update(private_B="float16"))
+    result = runner.invoke(app, ["verify", str(path)])
+    text = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(text) == 1 and "stores private_B as float16" in text[0], result.output

@@ -127,13 +127,55 @@ def peak() -> Any:
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(ops=st.lists(operation, min_size=1, max_size=3))
 def test_a_mutated_manifest_is_read_or_refused_in_one_line(good, new_adapter, first_task, peak, ops):
+    read_or_refused(good, new_adapter, first_task, ops, [])
+
+
+#: Shapes and dtypes a crafted header may give a tensor (the codes and scales of a quantized factor).
+HEADER_VALUES = [[1, 2], [2, 1], [0, 0], [1 << 20, 4], [3], [], "I8", "U8", "F32", "I32", "BF16"]
+header_operation = st.tuples(st.integers(0, 1000), st.sampled_from(["shape", "dtype"]), st.integers(0, 1000))
+
+
+def mutate_header(header: dict[str, Any], ops: list[tuple]) -> None:
+    """Give the factors' tensors (codes, scales, floats) other shapes or dtypes in the header; their
+    bytes stay where they are (safetensors refuses entries whose size disagrees with their offsets)."""
+    names = sorted(k for k in header if k.startswith("modules/"))
+    for which, key, pick in ops:
+        values = [v for v in HEADER_VALUES if isinstance(v, list) == (key == "shape")]
+        header[names[which % len(names)]][key] = copy.deepcopy(values[pick % len(values)])
+
+
+@pytest.fixture(scope="module")
+def quantized(good, tmp_path_factory) -> Path:
+    """``good`` with NF4 bases, int8 coefficients and bfloat16 private rows (format version 4)."""
+    from .builders.quantized import MIXED, requantize
+
+    return requantize(good, tmp_path_factory.mktemp("quantized") / "q.safetensors", MIXED)
+
+
+@settings(max_examples=EXAMPLES // 4, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(ops=st.lists(operation, max_size=2), header_ops=st.lists(header_operation, max_size=2))
+def test_a_mutated_quantized_checkpoint_is_read_or_refused_in_one_line(
+    quantized, new_adapter, first_task, peak, ops, header_ops
+):
+    """The same for a checkpoint storing codes and scales, its header's shapes and dtypes changed too."""
+    read_or_refused(quantized, new_adapter, first_task, ops, header_ops)
+
+
+def read_or_refused(good: Path, new_adapter: Path, first_task: str, ops: list[tuple], header_ops: list[tuple]) -> None:
+    """Every reading command on ``good`` changed by ``ops`` (manifest) and ``header_ops`` works or
+    refuses it in one line, in bounded time, writing nothing outside its output."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         folder = root / "a" / "b"
         folder.mkdir(parents=True)
         ckpt = folder / "c.safetensors"
         abs_name = str(root / "abs")
-        rewrite_manifest(good, ckpt, lambda m, h: mutate(m, h, ops, abs_name))
+
+        def edit(m: dict[str, Any], h: dict[str, Any]) -> None:
+            mutate(m, h, ops, abs_name)
+            mutate_header(h, header_ops)
+
+        rewrite_manifest(good, ckpt, edit)
         out = folder / "out"
         updates = folder / "updates"  # add and remove write here
         updates.mkdir()

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from .. import api
+from ..io.writers import DTYPES as EXTRACT_DTYPES
 from ..io.writers import FORMATS as EXTRACT_FORMATS
 from .help import choices_metavar
 from .options import ForceOpt, JsonOpt
@@ -77,6 +78,15 @@ def extract(
             "-o may name the .safetensors file.",
         ),
     ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype",
+            metavar=choices_metavar(list(EXTRACT_DTYPES)),
+            help="The dtype of the written LoRA factors. Default: the dtype of the task's original factors "
+            "(float32 for most PEFT adapters), whatever precision the checkpoint stores them at.",
+        ),
+    ] = None,
 ) -> None:
     """Write a task back out as a standard LoRA adapter: a PEFT folder, or a kohya or diffusers file.
 
@@ -84,7 +94,9 @@ def extract(
     """
     if (task is None) == (not all_tasks):
         fail("give exactly one of --task NAME or --all")
-    results = api.extract(checkpoint, output, task=task, all_tasks=all_tasks, rank=rank, force=force, format=format)
+    results = api.extract(
+        checkpoint, output, task=task, all_tasks=all_tasks, rank=rank, force=force, format=format, dtype=dtype
+    )
     if as_json:
         emit_json([r.as_dict() for r in results])
         return

@@ -17,7 +17,7 @@ from ..errors import InvalidOptionError
 from ..files.atomic import publish_dir, temp_dir_beside
 from ..names import path_under
 from .export import prepare_output_dir
-from .writers import writer_for
+from .writers import DTYPES, writer_for
 from .written import Extraction
 
 
@@ -53,18 +53,23 @@ def extract(
     rank: int | None = None,
     force: bool = False,
     format: str | None = None,
+    dtype: str | None = None,
 ) -> ExtractedAdapter:
     """Write task ``task`` of ``checkpoint`` to ``output`` as a LoRA adapter.
 
     ``rank`` re-truncates every module to its best rank-``rank`` approximation. ``format``
     (``peft``, ``kohya``, ``diffusers``; default: the format the task came in) selects the writer.
+    ``dtype`` (``float32``, ``float16``, ``bfloat16``; default: the dtype the task's original
+    factors had) is the dtype of the written factors, whatever precision the checkpoint stores
+    them at (int8 and NF4 factors are read dequantized, in float32).
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     record = ckpt.task(task)
     if rank is not None and rank < 1:
         raise InvalidOptionError(f"--rank must be ≥ 1, got {rank}", hint="For example --rank 16")
+    check_dtype(dtype)
     writer = writer_for(record, format, task)
-    job = Extraction(ckpt, task, record, Path(output), rank, force)
+    job = Extraction(ckpt, task, record, Path(output), rank, force, dtype=dtype)
     w = writer.write(job)
     return ExtractedAdapter(
         task=task,
@@ -74,6 +79,15 @@ def extract(
         warnings=w.warnings,
         truncation_error=_added_error(rank, job.truncation),
     )
+
+
+def check_dtype(dtype: str | None) -> None:
+    """Refuse a ``--dtype`` that is not one of :data:`DTYPES`."""
+    if dtype is not None and dtype not in DTYPES:
+        raise InvalidOptionError(
+            f"--dtype {str(dtype)[:40]!r} is not one of {', '.join(DTYPES)}",
+            hint="Leave it out to write the dtype the task came in, or give e.g. --dtype bfloat16",
+        )
 
 
 def _added_error(rank: int | None, truncation: dict[str, float]) -> dict[str, float] | None:
@@ -91,9 +105,11 @@ def extract_all(
     rank: int | None = None,
     force: bool = False,
     format: str | None = None,
+    dtype: str | None = None,
 ) -> list[ExtractedAdapter]:
     """Every task, one sub-folder each (named after the task), under ``output``."""
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    check_dtype(dtype)
     output = Path(output)
     prepare_output_dir(output, force)
     tmp = temp_dir_beside(output)
@@ -101,7 +117,10 @@ def extract_all(
         for t in ckpt.tasks:  # every format is valid before anything is written
             writer_for(ckpt.task(t), format, t)
         # each task's folder is named after it: joined under the temporary folder, never outside it
-        results = [extract(ckpt, t, path_under(tmp, t, origin=ckpt.path), rank=rank, format=format) for t in ckpt.tasks]
+        results = [
+            extract(ckpt, t, path_under(tmp, t, origin=ckpt.path), rank=rank, format=format, dtype=dtype)
+            for t in ckpt.tasks
+        ]
         publish_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -29,12 +29,12 @@ ENGINE_RANK_LIMIT = 16
 
 def write_peft(job: Extraction) -> Written:
     """Write ``job.task`` to the folder ``job.output``: ``adapter_model.safetensors`` (the factors in
-    the dtype the task came in, and its heads) and ``adapter_config.json``."""
+    the dtype the task came in, or ``job.dtype``, and its heads as stored) and ``adapter_config.json``."""
     ckpt, task, record, output = job.ckpt, job.task, job.record, job.output
     prepare_output_dir(output, job.force)
     with deterministic():
         factors, width = adapter_tensors(ckpt, task, job.rank, job.truncation)
-    dtype = kept_as(record.get("weights_dtype", "F32"))
+    dtype = kept_as(job.weights_dtype)
     tensors: dict[str, torch.Tensor] = {}
     for module, (B, A) in factors.items():
         B, A = padded(B, A, width)

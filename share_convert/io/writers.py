@@ -73,6 +73,8 @@ class T2IWriter:
 WRITERS: dict[str, Writer] = {w.name: w for w in (PeftWriter(), T2IWriter("kohya"), T2IWriter("diffusers"))}
 #: the formats a task can be extracted in
 FORMATS = tuple(WRITERS)
+#: the dtypes ``extract --dtype`` offers for the written factors (default: the original's)
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def writer_for(record: dict[str, Any], requested: str | None, task: str) -> Writer:

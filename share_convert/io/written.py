@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class Extraction:
-    """One task to write out: from which checkpoint, its record, where, at what rank."""
+    """One task to write out: from which checkpoint, its record, where, at what rank and in which dtype."""
 
     ckpt: Checkpoint
     task: str
@@ -22,6 +22,16 @@ class Extraction:
     force: bool  # replace what is at ``output``
     #: receives, per module, the relative ΔW error the truncation to ``rank`` adds
     truncation: dict[str, float] = field(default_factory=dict)
+    #: the factors' dtype (float32, float16, bfloat16); None: the dtype the task came in
+    dtype: str | None = None
+
+    @property
+    def weights_dtype(self) -> str:
+        """The safetensors dtype the factors are written in: ``dtype``'s, else the original's
+        (``weights_dtype`` of the task, F32 where not recorded), whatever precision the checkpoint stores."""
+        from ..dtypes import ST_OF
+
+        return ST_OF[self.dtype] if self.dtype is not None else self.record.get("weights_dtype", "F32")
 
 
 @dataclass

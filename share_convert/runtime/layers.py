@@ -110,6 +110,9 @@ class TaskFactors(nn.Module):
         self.spans = spans
         #: task id -> (its slot, its private rank q > 0)
         self.private_ranks = private_ranks
+        #: the bytes the checkpoint stores these tensors (and the layer's bases) in, for the parts it
+        #: keeps as int8/NF4 codes, by precision: they are held here dequantized (see memory_report)
+        self.dequantized_from: dict[str, int] = {}
 
     def add_empty_task(self) -> None:
         """One more task id with nothing stored here: its slot maps point at the zero slot (a new last id, the

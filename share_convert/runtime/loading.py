@@ -207,7 +207,40 @@ def _read_module(
         basis_B = torch.cat([b[0] for b in ordered], 1).to(device=device, dtype=dtype).contiguous()
         basis_A = torch.cat([b[1] for b in ordered], 1).to(device=device, dtype=dtype).contiguous()
     factors = TaskFactors(coef_A, coef_B, coef_slot, private_A, private_B, private_slot, spans, ranks)
+    factors.dequantized_from = _coded_bytes(ckpt, module, bases, coefs, privates)
     return basis_A, basis_B, factors
+
+
+def _coded_bytes(
+    ckpt: Checkpoint,
+    module: str,
+    bases: dict[Any, tuple[torch.Tensor, torch.Tensor, int, int]],
+    coefs: dict[int, tuple[Any, torch.Tensor, torch.Tensor]],
+    privates: dict[int, tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, int]:
+    """Precision -> the bytes the checkpoint keeps, as int8/NF4 codes and their scales, of what was
+    loaded of ``module`` (its bases, the loaded tasks' coefficient and private rows); read dequantized."""
+    from ..math.quantize import CODE_PRECISIONS, stored_bytes
+
+    precision = ckpt.module(module).precision
+    if not any(p in CODE_PRECISIONS for p in precision.values()):
+        return {}
+    out: dict[str, int] = {}
+
+    def count(role: str, rows: int, cols: int) -> None:
+        if precision[role] in CODE_PRECISIONS and rows:
+            out[precision[role]] = out.get(precision[role], 0) + stored_bytes(rows, cols, precision[role])
+
+    for beta, alpha, _, _ in bases.values():
+        count("basis_B", beta.shape[0], beta.shape[1])
+        count("basis_A", alpha.shape[0], alpha.shape[1])
+    for cB, cA in ((c[1], c[2]) for c in coefs.values()):
+        count("coefs_B", cB.shape[1], cB.shape[0])
+        count("coefs_A", cA.shape[1], cA.shape[0])
+    for pB, pA in privates.values():
+        count("private_B", pB.shape[1], pB.shape[0])
+        count("private_A", pA.shape[0], pA.shape[1])
+    return dict(sorted(out.items()))
 
 
 def _read_heads(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -20,6 +20,11 @@ class MemoryReport:
     ``coefficients`` and ``private`` include the zero padding and the zero slot of the stacks;
     ``lora_equivalent`` is what the same tasks would hold as plain LoRA factors of rank p + q per
     module in the same dtype (unpadded), the figure the Share layout is to be compared with.
+
+    ``dequantized_from``: for a checkpoint that stores factors as int8 or NF4 codes (format version
+    4), the bytes those codes and their scales take in the file, by precision, for what is loaded:
+    the runtime dequantizes them at load and holds them in the layers' dtype (the figures above).
+    Empty for float checkpoints (and then left out of :meth:`as_dict`).
     """
 
     tasks: int
@@ -31,6 +36,7 @@ class MemoryReport:
     index: int
     merge_backup: int
     lora_equivalent: int
+    dequantized_from: dict[str, int] = field(default_factory=dict)
 
     @property
     def adapters(self) -> int:
@@ -43,7 +49,16 @@ class MemoryReport:
         return (self.adapters - self.bases) / max(self.tasks, 1)
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(asdict(self), adapters=self.adapters, per_task=self.per_task)
+        out = dict(asdict(self), adapters=self.adapters, per_task=self.per_task)
+        if not self.dequantized_from:
+            out.pop("dequantized_from")
+        else:
+            out["note"] = (
+                "the checkpoint stores some factors as "
+                + " and ".join(sorted(self.dequantized_from))
+                + " codes (dequantized_from: their bytes in the file); they are held dequantized"
+            )
+        return out
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -58,8 +73,11 @@ def _tensors_of(module: nn.Module) -> Iterator[torch.Tensor]:
 def memory_report(tasks: int, layers: dict[str, ShareLayer], heads: dict[str, ShareHead]) -> MemoryReport:
     """The :class:`MemoryReport` of ``tasks`` loaded tasks served by ``layers`` and ``heads``."""
     bases = coefficients = private = index = backup = lora = 0
+    coded: dict[str, int] = {}
     for layer in layers.values():
         f = layer.factors
+        for precision, size in getattr(f, "dequantized_from", {}).items():
+            coded[precision] = coded.get(precision, 0) + size
         bases += _nbytes(layer.basis_A) + _nbytes(layer.basis_B)
         coefficients += _nbytes(f.coef_A) + _nbytes(f.coef_B)
         private += _nbytes(f.private_A) + _nbytes(f.private_B)
@@ -81,6 +99,7 @@ def memory_report(tasks: int, layers: dict[str, ShareLayer], heads: dict[str, Sh
         index=index,
         merge_backup=backup,
         lora_equivalent=lora,
+        dequantized_from=dict(sorted(coded.items())),
     )
 
 

@@ -40,26 +40,35 @@ Layout = tuple[dict[str, "torch.Tensor"], dict[str, str], int]
 
 
 def write_t2i(job: Extraction, fmt: str) -> Written:
-    """Write ``job.task`` as a ``fmt`` (kohya or diffusers) file, in the dtype it came in.
+    """Write ``job.task`` as a ``fmt`` (kohya or diffusers) file, in the dtype it came in (or ``job.dtype``).
 
     ``job.output`` ending in ``.safetensors`` is the file; otherwise it is a folder that receives
     ``pytorch_lora_weights.safetensors`` (diffusers, so ``load_lora_weights(folder)`` finds it) or
     ``TASK.safetensors`` (kohya).
     """
     record = job.record
-    dtype = kept_as(record.get("weights_dtype", "F32"))
+    dtype = kept_as(job.weights_dtype)
     with deterministic():
         factors, width = adapter_tensors(job.ckpt, job.task, job.rank, job.truncation, dtype=dtype)
     for m, (B, A) in factors.items():  # in place, so one module at a time holds two copies
         factors[m] = padded(B, A, width)
-    return write_lora(factors, width, record, fmt, job.output, job.task, force=job.force)
+    return write_lora(factors, width, record, fmt, job.output, job.task, force=job.force, dtype=dtype)
 
 
 def write_lora(
-    factors: Factors, width: int, record: dict[str, Any], fmt: str, output: Path, task: str, *, force: bool
+    factors: Factors,
+    width: int,
+    record: dict[str, Any],
+    fmt: str,
+    output: Path,
+    task: str,
+    *,
+    force: bool,
+    dtype: torch.dtype | None = None,
 ) -> Written:
-    """Write one task's padded factors as a ``fmt`` file at ``output`` (see :func:`write_t2i`)."""
-    dtype = kept_as(record.get("weights_dtype", "F32"))
+    """Write one task's padded factors as a ``fmt`` file at ``output`` (see :func:`write_t2i`), in
+    ``dtype`` (default: the dtype the task came in)."""
+    dtype = dtype or kept_as(record.get("weights_dtype", "F32"))
     tensors, metadata, modules = _LAYOUTS[fmt](factors, width, record["t2i"], dtype)
     target = output
     if output.suffix != ".safetensors":
