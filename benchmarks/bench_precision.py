@@ -390,6 +390,7 @@ def main() -> None:
     p.add_argument("--only", default="gpt2,cls,time", help="parts to run: gpt2, cls, time (comma-separated)")
     p.add_argument("--work", default="/tmp/bench-precision", help="outputs, trained adapters and generated sets")
     p.add_argument("--out", required=True, help="the JSON file to write")
+    p.add_argument("--update", action="store_true", help="keep the parts of an existing --out this run does not redo")
     p.add_argument("--real-adapters", help="folder of the real adapters (default: $SHARE_REAL_ADAPTERS, ../shared)")
     p.add_argument("--threads", type=int, help="OMP/MKL threads of every CLI command (default: left to the code)")
     c = p.add_argument_group("classification")
@@ -446,6 +447,13 @@ def main() -> None:
             result["time"] = time_part(sides, work, a)
     result["meta"]["wall_s"] = round(time.time() - started, 1)
     result["meta"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["meta"]["parts"] = sorted(parts)
+    if a.update and Path(a.out).is_file():
+        # keep the parts an earlier run wrote and this one did not redo, with that run's meta
+        earlier = json.loads(Path(a.out).read_text())
+        kept = [k for k in ("gpt2", "cls", "time") if k in earlier and k not in parts]
+        result |= {k: earlier[k] for k in kept}
+        result["earlier_runs"] = earlier.get("earlier_runs", []) + [earlier["meta"]] if kept else []
     result["verdicts"] = verdicts(result)
     print(render(result))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
