@@ -313,6 +313,7 @@ def time_part(sides: list[Side], work: Path, a: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         generate(work / "time" / name, params, a.time_count)
         described = {k: (len(v) if k == "modules" else v) for k, v in params.items()}
+        described["module_count"] = described.get("modules") or 2 * params["layers"]  # 7B: q and v per layer
         result["sets"][name] = {"params": described, "generate_s": round(time.perf_counter() - t0, 1), "runs": []}
     for rnd in range(a.rounds):
         order = sides if rnd % 2 == 0 else sides[::-1]

@@ -93,8 +93,11 @@ def time_table(result: dict) -> list[str]:
         rss = {k: max((r["peak_rss_mb"] for r in v), default=0) for k, v in runs.items()}
         med = s.get("median_wall_s", {})
         ratio = f"{s['ratio_after_over_before']:.2f}×" if "ratio_after_over_before" in s else "–"
+        p = s["params"]
+        modules = p.get("module_count") or p.get("modules") or 2 * p["layers"]
         out.append(
-            f"| {name} ({s['params'].get('dtype')}, {result['time']['count']} adapters) | {walls['before']} "
+            f"| {name} ({s['params'].get('dtype')}, {result['time']['count']} adapters × {modules} modules) "
+            f"| {walls['before']} "
             f"| {walls['after']} | {med.get('before', 0):.1f} s | {med.get('after', 0):.1f} s | {ratio} "
             f"| {rss['before']} / {rss['after']} MB |"
         )

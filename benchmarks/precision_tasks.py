@@ -24,6 +24,8 @@ batches of 32, fixed seeds. Trained adapters are cached (a folder per task with 
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib.resources
 import json
 import statistics
@@ -58,8 +60,13 @@ class Corpus:
     train: torch.Tensor
     test: torch.Tensor
 
-    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: v[idx] for k, v in self.tokens.items()}
+    def batch(self, idx: torch.Tensor, trim: bool = False) -> dict[str, torch.Tensor]:
+        """The words ``idx``; ``trim``: cut the columns that are padding in every one of them."""
+        out = {k: v[idx] for k, v in self.tokens.items()}
+        if trim:
+            width = int(out["attention_mask"].sum(1).max())
+            out = {k: v[:, :width] for k, v in out.items()}
+        return out
 
 
 @dataclass
@@ -133,7 +140,10 @@ def load_tasks(only: list[str] | None = None, seed: int = 0) -> dict[str, Task]:
             continue
         perm = torch.randperm(len(words), generator=torch.Generator().manual_seed(seed))
         cut = int(0.8 * len(words))
-        corpus = Corpus(name, words, dict(tokenizer(words, padding=True, return_tensors="pt")), perm[:cut], perm[cut:])
+        tokens = dict(tokenizer(words, padding=True, return_tensors="pt"))
+        # held-out words ordered by length (stable), so that evaluation batches carry little padding
+        test = perm[cut:][torch.argsort(tokens["attention_mask"][perm[cut:]].sum(1), stable=True)]
+        corpus = Corpus(name, words, tokens, perm[:cut], test)
         for t in wanted:
             tasks[t] = Task(t, corpus, torch.tensor(labels[t]))
     missing = set(only or []) - set(tasks)
@@ -142,11 +152,24 @@ def load_tasks(only: list[str] | None = None, seed: int = 0) -> dict[str, Task]:
     return tasks
 
 
+_BASE: list[tuple[nn.Module, torch.Tensor]] = []
+
+
 def build() -> nn.Module:
+    """The base model with a fresh 2-label classifier (seeded: the same one every time).
+
+    Loaded once per process and copied; torch's random state is left as loading it from seed 0
+    leaves it, so that the LoRA factors a training draws next do not depend on what ran before.
+    """
     from transformers import BertForSequenceClassification
 
-    torch.manual_seed(0)
-    return BertForSequenceClassification.from_pretrained(model_dir(), num_labels=2).eval()
+    if not _BASE:
+        torch.manual_seed(0)
+        model = BertForSequenceClassification.from_pretrained(model_dir(), num_labels=2).eval()
+        _BASE.append((model, torch.get_rng_state()))
+    model, state = _BASE[0]
+    torch.set_rng_state(state)
+    return copy.deepcopy(model)
 
 
 def describe(task: Task) -> dict[str, object]:
@@ -192,16 +215,32 @@ def train_adapter(task: Task, folder: Path, steps: int, all_linear: bool) -> dic
     return {**record, "cached": False}
 
 
+_PREDICTIONS: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        if (folder / name).is_file():
+            h.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    return h.hexdigest()
+
+
 @torch.no_grad()
 def predict(folder: Path, task: Task) -> torch.Tensor:
-    """Held-out predictions of the PEFT adapter in ``folder`` (loaded with PEFT on a fresh base model)."""
+    """Held-out predictions of the PEFT adapter in ``folder`` (loaded with PEFT on a fresh base model).
+
+    Adapters with the same bytes give the same predictions: they are computed once per process.
+    """
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(build(), str(folder)).eval()
-    test = task.corpus.test
-    return torch.cat(
-        [model(**task.corpus.batch(test[i : i + 256])).logits.argmax(-1) for i in range(0, len(test), 256)]
-    )
+    key = (_digest(folder), task.name)
+    if key not in _PREDICTIONS:
+        model = PeftModel.from_pretrained(build(), str(folder)).eval()
+        test = task.corpus.test
+        batches = [task.corpus.batch(test[i : i + 256], trim=True) for i in range(0, len(test), 256)]
+        _PREDICTIONS[key] = torch.cat([model(**b).logits.argmax(-1) for b in batches])
+    return _PREDICTIONS[key]
 
 
 def scores(preds: torch.Tensor, task: Task) -> dict[str, float]:
