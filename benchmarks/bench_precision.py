@@ -61,6 +61,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -411,6 +412,7 @@ def main() -> None:
         p.error(f"--only: unknown part(s) {', '.join(sorted(parts - {'gpt2', 'cls', 'time'}))}")
     if not (a.before or a.before_path):
         p.error("give --before REF (a commit or tag) or --before-path DIR")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the temporary worktree is removed
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -437,24 +439,37 @@ def main() -> None:
                 "load_average_start": [round(x, 2) for x in os.getloadavg()],
             }
         }
+        real = None
         if "gpt2" in parts:
             real = find_real_adapters(a.real_adapters)
             if real is None:
                 sys.exit("bench_precision: the real adapters are not found (--real-adapters or $SHARE_REAL_ADAPTERS)")
-            result["gpt2"] = gpt2_part(sides, real, work)
-        if "cls" in parts:
-            result["cls"] = cls_part(sides, work, a)
-        if "time" in parts:
-            result["time"] = time_part(sides, work, a)
+        runners = {
+            "gpt2": lambda: gpt2_part(sides, real, work),
+            "cls": lambda: cls_part(sides, work, a),
+            "time": lambda: time_part(sides, work, a),
+        }
+        for part in ("gpt2", "cls", "time"):
+            if part not in parts:
+                continue
+            t0 = time.time()
+            result[part] = runners[part]()
+            # the part's own record of the run that made it: --update keeps it with the part
+            result[part]["run"] = {
+                "command": result["meta"]["command"],
+                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t0)),
+                "wall_s": round(time.time() - t0, 1),
+                "commits": {s.name: s.code.get("commit") for s in sides},
+                "merge_args": {s.name: s.merge_args for s in sides},
+                "load_average_end": [round(x, 2) for x in os.getloadavg()],
+            }
     result["meta"]["wall_s"] = round(time.time() - started, 1)
     result["meta"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     result["meta"]["parts"] = sorted(parts)
     if a.update and Path(a.out).is_file():
-        # keep the parts an earlier run wrote and this one did not redo, with that run's meta
+        # the parts an earlier run wrote and this one did not redo, each with its own "run" record
         earlier = json.loads(Path(a.out).read_text())
-        kept = [k for k in ("gpt2", "cls", "time") if k in earlier and k not in parts]
-        result |= {k: earlier[k] for k in kept}
-        result["earlier_runs"] = earlier.get("earlier_runs", []) + [earlier["meta"]] if kept else []
+        result |= {k: earlier[k] for k in ("gpt2", "cls", "time") if k in earlier and k not in parts}
     result["verdicts"] = verdicts(result)
     print(render(result))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
