@@ -99,7 +99,9 @@ class Side:
 
     def cli(self, *args: str, merge: bool = False) -> Run:
         extra = self.merge_args if merge else []
-        return measure([sys.executable, "-c", LAUNCHER, self.code["spec"], *args, *extra], self.env)
+        # -P: no current folder on sys.path (``-c`` would put it first, ahead of PYTHONPATH, and a
+        # run from a checkout would import that checkout's share_convert on both sides)
+        return measure([sys.executable, "-P", "-c", LAUNCHER, self.code["spec"], *args, *extra], self.env)
 
     def describe(self) -> dict:
         return {**self.code, "root": str(self.root), "merge_args": self.merge_args}
@@ -132,8 +134,12 @@ def make_side(name: str, root: Path, merge_args: str, threads: int | None) -> Si
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     side = Side(name, root.resolve(), shlex.split(merge_args), env)
     side.code = code_meta(sys.executable, env)
-    if Path(side.code["root"]).resolve() != side.root:
-        sys.exit(f"bench_precision: the {name} side imports share_convert from {side.code['root']}, not {root}")
+    # where the CLI's processes import share_convert from, started as Side.cli starts them
+    probe = [sys.executable, "-P", "-c", "import share_convert; print(share_convert.__file__)"]
+    found = subprocess.run(probe, env=env, capture_output=True, text=True).stdout.strip()
+    for where in (side.code["root"], str(Path(found).parent.parent) if found else "nowhere"):
+        if Path(where).resolve() != side.root:
+            sys.exit(f"bench_precision: the {name} side imports share_convert from {where}, not {root}")
     return side
 
 
