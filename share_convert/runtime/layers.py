@@ -8,8 +8,14 @@ factors (:class:`TaskFactors`), and computes, for the row of task t (spec, secti
 with the LoRA scale already folded into the stored tensors. In a batch whose rows belong to
 different tasks, ``αᵀ x`` and the product with β are computed once for all rows; only the
 k × p coefficient products are per task, gathered per row from zero-padded stacked tensors
-(``index_select`` + ``bmm``), with no Python loop over rows or tasks. :class:`LayerKind` says
-how a base layer's weight is laid out against the checkpoint's ΔW (n out × d in).
+(``index_select`` + ``bmm``), with no Python loop over rows or tasks. In a grouped module
+(``merge --groups``) each row pays its own group's k only: the rows are taken group by group (a
+loop over the groups present in the batch, not over tasks). :class:`LayerKind` says how a base
+layer's weight is laid out against the checkpoint's ΔW (n out × d in).
+
+A ``Conv2d`` layer's ΔW is ``out × (in·kh·kw)`` (a conv LoRA: ``down`` a conv with the layer's kernel,
+stride and padding, ``up`` a 1×1 conv): αᵀ and P_A are applied as convolutions of that kernel, and
+everything after them acts on the channels, as for a linear layer on its last dimension.
 
 This module sits below both the model (share_convert.runtime.model) and training
 (share_convert.runtime.training), which use its layers and never each other's internals.
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BatchMismatchError, DeviceMismatchError
@@ -35,33 +42,61 @@ class LayerKind:
     """How a base layer's weight relates to the checkpoint's ΔW (n out × d in).
 
     ``transposed``: the weight is stored d × n (transformers' ``Conv1D``, PEFT's
-    ``fan_in_fan_out``). A convolution kind would add how its input is unfolded into rows.
+    ``fan_in_fan_out``). ``conv``: a ``Conv2d`` whose weight is n × in × kh × kw, d = in·kh·kw.
     """
 
     name: str
     transposed: bool
+    conv: bool = False
 
-    def weight_shape(self, n: int, d: int) -> tuple[int, int]:
-        return (d, n) if self.transposed else (n, d)
+    def fits(self, weight: torch.Tensor, n: int, d: int) -> bool:
+        """Whether a layer of weight ``weight`` is the module of a ΔW of n × d."""
+        if self.conv:
+            return weight.dim() == 4 and weight.shape[0] == n and weight[0].numel() == d
+        return tuple(weight.shape) == ((d, n) if self.transposed else (n, d))
 
-    def as_weight(self, delta: torch.Tensor) -> torch.Tensor:
-        """ΔW (n × d) laid out like the layer's weight."""
-        return delta.T if self.transposed else delta
+    @property
+    def layout(self) -> str:
+        return "out×in×kh×kw" if self.conv else "in×out" if self.transposed else "out×in"
+
+    def as_weight(self, delta: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """ΔW (n × d) laid out like the layer's weight, of shape ``shape``."""
+        return delta.T if self.transposed else delta.reshape(shape)
 
 
 LINEAR = LayerKind("Linear", transposed=False)
 CONV1D = LayerKind("Conv1D", transposed=True)
+CONV2D = LayerKind("Conv2d", transposed=False, conv=True)
 
 
 def layer_kind(module: nn.Module) -> LayerKind | None:
-    """The kind of a layer the runtime can inject into, or None."""
+    """The kind of a layer the runtime can inject into, or None (see :func:`unsupported_conv` for Conv2d)."""
     if isinstance(module, nn.Linear):
         return LINEAR
+    if isinstance(module, nn.Conv2d):
+        return CONV2D
     try:  # transformers is optional: without it no model holds a Conv1D
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover - transformers is in the test extra
         return None
     return CONV1D if isinstance(module, Conv1D) else None
+
+
+def unsupported_conv(module: nn.Module) -> str | None:
+    """Why a ``Conv2d`` cannot carry a LoRA the way PEFT and diffusers apply one (None: it can).
+
+    Their ``down`` conv has the layer's kernel, stride and padding but no groups, no dilation and
+    zero padding, so ΔW x is a convolution of ΔW only for such layers.
+    """
+    if not isinstance(module, nn.Conv2d):
+        return None
+    if module.groups != 1:
+        return f"groups={module.groups}"
+    if tuple(module.dilation) != (1, 1):
+        return f"dilation={tuple(module.dilation)}"
+    if module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r}"
+    return None
 
 
 def model_path(key: str) -> str:
@@ -148,6 +183,15 @@ class ShareLayer(nn.Module):
         self._backup: torch.Tensor | None = None
         self._merged: int | None = None
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (code that reads ``module.weight``, e.g. for its dtype, still finds it)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     # forward ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         sel = self.selection.current
@@ -159,7 +203,12 @@ class ShareLayer(nn.Module):
         self._check_input(x)
         result = self.base_layer(x, *args, **kwargs)
         delta = self.delta(x, sel)
-        return result if delta is None else result + delta.to(result.dtype)
+        if delta is None:
+            return result
+        delta = delta.to(result.dtype)
+        if torch.is_grad_enabled() and (result.requires_grad or delta.requires_grad):
+            return result + delta
+        return result.add_(delta)  # nothing to differentiate: no second n-wide tensor
 
     def serves(self, task: int) -> bool:
         """Whether ``task`` changes this layer."""
@@ -190,42 +239,76 @@ class ShareLayer(nn.Module):
         dtype = f.coef_A.dtype
         h = x if x.dtype == dtype else x.to(dtype)
         if sel.single is not None:
-            return self._delta_single(h, sel.single)
-        batch = sel.batch
-        if h.dim() < 2 or h.shape[0] != batch:
-            raise BatchMismatchError(
-                f"{self.name} received {tuple(x.shape[:-1])} rows for a batch of {batch} tasks: "
-                "this model reshapes its rows before this layer",
-                hint="Run one task per call for this model",
-            )
-        rows = h.reshape(batch, -1, h.shape[-1])  # (B, L, d)
-        index = sel.index(h.device)  # the base model's rows (id -1) take the last, all-zero slot entry
-        out = None
-        if self.basis_A is not None and any(t in f.spans for t in sel.distinct):
-            slots = f.coef_slot[index]
-            z = rows @ self.basis_A  # αᵀx once for all rows: (B, L, K_A)
-            u = torch.bmm(z, f.coef_A.index_select(0, slots))  # E_A,tᵀ per row: (B, L, P)
-            v = torch.bmm(u, f.coef_B.index_select(0, slots).transpose(1, 2))  # E_B,t: (B, L, K_B)
-            out = v @ self.basis_B.T  # β once for all rows
-        if any(t in f.private_ranks for t in sel.distinct):
-            slots = f.private_slot[index]
-            w = torch.bmm(rows, f.private_A.index_select(0, slots).transpose(1, 2))  # (B, L, Q)
-            w = torch.bmm(w, f.private_B.index_select(0, slots).transpose(1, 2))  # (B, L, n)
-            out = w if out is None else out + w
-        return None if out is None else out.reshape(*x.shape[:-1], out.shape[-1])
+            out = self._delta_single(h, sel.single)
+        else:
+            rows = sel.for_rows(h.shape[0]) if h.dim() >= 2 else None
+            if rows is None:
+                raise BatchMismatchError(
+                    f"{self.name} received {tuple(x.shape[:-1])} rows for a batch of {sel.batch} tasks: "
+                    "this model reshapes its rows before this layer",
+                    hint="Run one task per call for this model",
+                )
+            out = self._delta_mixed(h, rows)
+        return None if out is None else self._up(out)
+
+    def _down(self, h: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        """``Aᵀ x`` for A (d × k) with the features last: (…, k); for a conv, A's columns are kernels."""
+        if not self.kind.conv:
+            return h @ A
+        conv = self.base_layer
+        kernels = A.T.reshape(A.shape[1], *conv.weight.shape[1:])
+        return F.conv2d(h, kernels, None, conv.stride, conv.padding).movedim(1, -1)
+
+    def _up(self, out: torch.Tensor) -> torch.Tensor:
+        """A result with the features last laid out like the layer's output (a conv's channels second)."""
+        return out.movedim(-1, 1) if self.kind.conv else out
 
     def _delta_single(self, h: torch.Tensor, task: int) -> torch.Tensor | None:
         f, out = self.factors, None
         span = f.spans.get(task)
         if span is not None:
             slot, a0, a1, b0, b1, p = span
-            z = h @ self.basis_A[:, a0:a1]
+            z = self._down(h, self.basis_A[:, a0:a1])
             z = (z @ f.coef_A[slot, a0:a1, :p]) @ f.coef_B[slot, b0:b1, :p].T
             out = z @ self.basis_B[:, b0:b1].T
         if task in f.private_ranks:
             slot, q = f.private_ranks[task]
-            w = (h @ f.private_A[slot, :q].T) @ f.private_B[slot, :, :q].T
+            w = self._down(h, f.private_A[slot, :q].T) @ f.private_B[slot, :, :q].T
             out = w if out is None else out + w
+        return out
+
+    def _delta_mixed(self, h: torch.Tensor, sel: Selection) -> torch.Tensor | None:
+        """One task per row (features last): αᵀx and β once per group present, coefficients gathered by row."""
+        f, out = self.factors, None
+        index = sel.index(h.device)  # the base model's rows (id -1) take the last, all-zero slot entry
+        groups: dict[tuple[int, int, int, int], list[int]] = {}
+        for t in sel.distinct:
+            if t in f.spans:
+                groups.setdefault(f.spans[t][1:5], []).append(t)
+        for (a0, a1, b0, b1), tasks in groups.items():
+            # one group: every row (rows of no task here gather the zero slot); several: each its own rows
+            rows = None if len(groups) == 1 else sel.rows(tuple(tasks), h.device)
+            hg, ig = (h, index) if rows is None else (h.index_select(0, rows), index.index_select(0, rows))
+            slots = f.coef_slot[ig]
+            z = self._down(hg, self.basis_A[:, a0:a1])  # αᵀx once for these rows: (R, …, k_A)
+            zr = z.reshape(z.shape[0], -1, z.shape[-1])
+            u = torch.bmm(zr, f.coef_A[:, a0:a1].index_select(0, slots))  # E_A,tᵀ per row: (R, L, P)
+            v = torch.bmm(u, f.coef_B[:, b0:b1].index_select(0, slots).transpose(1, 2))  # E_B,t: (R, L, k_B)
+            part = (v @ self.basis_B[:, b0:b1].T).reshape(*z.shape[:-1], self.out_features)  # β once
+            out = _placed(out, part, rows, h.shape[0])
+        privates = [t for t in sel.distinct if t in f.private_ranks]
+        if privates and not self.kind.conv:
+            slots = f.private_slot[index]
+            rows3 = h.reshape(h.shape[0], -1, h.shape[-1])
+            w = torch.bmm(rows3, f.private_A.index_select(0, slots).transpose(1, 2))  # (B, L, Q)
+            w = torch.bmm(w, f.private_B.index_select(0, slots).transpose(1, 2))  # (B, L, n)
+            w = w.reshape(*h.shape[:-1], self.out_features)
+            out = w if out is None else out + w
+        for t in privates if self.kind.conv else ():  # a kernel per task: taken task by task
+            slot, q = f.private_ranks[t]
+            rows = sel.rows((t,), h.device)
+            w = self._down(h.index_select(0, rows), f.private_A[slot, :q].T) @ f.private_B[slot, :, :q].T
+            out = _placed(out, w, rows, h.shape[0])
         return out
 
     # merging ---------------------------------------------------------------------------------------------
@@ -256,7 +339,7 @@ class ShareLayer(nn.Module):
         weight = self.base_layer.weight
         self._merged = task
         self._backup = weight.detach().clone() if exact else None
-        merged = weight.double() + self.kind.as_weight(self.delta_weight(task)).to(weight.device)
+        merged = weight.double() + self.kind.as_weight(self.delta_weight(task), weight.shape).to(weight.device)
         weight.copy_(merged.to(weight.dtype))
 
     @torch.no_grad()
@@ -265,7 +348,7 @@ class ShareLayer(nn.Module):
         if self._backup is not None:
             weight.copy_(self._backup)
         elif self._merged is not None:
-            delta = self.kind.as_weight(self.delta_weight(self._merged)).to(weight.device)
+            delta = self.kind.as_weight(self.delta_weight(self._merged), weight.shape).to(weight.device)
             weight.copy_((weight.double() - delta).to(weight.dtype))
         self._backup = self._merged = None
 
@@ -275,10 +358,44 @@ class ShareLayer(nn.Module):
         return f"{self.kind.name} {self.out_features}×{self.in_features}, k_B={k_b}, k_A={k_a}"
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` in ``model`` at the submodule path ``name`` (injecting a layer or a head, or taking it out)."""
+def _placed(out: torch.Tensor | None, part: torch.Tensor, rows: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """``out`` with ``part`` added at ``rows`` (all rows when None); a zero ``out`` of ``batch`` rows made on first use."""
+    if rows is None:
+        return part if out is None else out + part
+    if out is None:
+        out = part.new_zeros(batch, *part.shape[1:])
+    return out.index_add_(0, rows, part)
+
+
+def submodule(model: Any, path: str) -> nn.Module:
+    """The module at ``path`` of ``model``: a module, or a diffusers pipeline whose first path segment
+    names a component (``unet.down_blocks.0…``); AttributeError when there is none."""
+    if isinstance(model, nn.Module):
+        return model.get_submodule(path)
+    head, _, rest = path.partition(".")
+    component = getattr(model, head, None)
+    if not isinstance(component, nn.Module):
+        raise AttributeError(f"{type(model).__name__} has no component {head}")
+    return component.get_submodule(rest) if rest else component
+
+
+def replace_module(model: Any, name: str, new: nn.Module) -> None:
+    """Put ``new`` in ``model`` (a module or a pipeline) at the path ``name`` (injecting a layer or a head,
+    or taking it out)."""
     parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    setattr(submodule(model, parent) if parent else model, leaf, new)
 
 
-__all__ = ["CONV1D", "LINEAR", "LayerKind", "ShareLayer", "TaskFactors", "layer_kind", "model_path", "replace_module"]
+__all__ = [
+    "CONV1D",
+    "CONV2D",
+    "LINEAR",
+    "LayerKind",
+    "ShareLayer",
+    "TaskFactors",
+    "layer_kind",
+    "model_path",
+    "replace_module",
+    "submodule",
+    "unsupported_conv",
+]
