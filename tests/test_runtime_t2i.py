@@ -306,3 +306,10 @@ def test_each_row_of_a_grouped_module_pays_its_own_groups_k_only(grouped):
         got = rows([x_task, y_task], h)()
         for i, t in enumerate([x_task, y_task]):
             assert torch.allclose(got[i], rows([t], h[one(i)])()[0], atol=1e-5)
+
+
+def test_training_a_new_task_on_conv_layers_is_refused_in_one_line(sd15):
+    _, model = sd15.runtime(lambda p: p.unet)
+    with pytest.raises(InvalidOptionError, match="Conv2d") as info:
+        model.add_task("new")
+    assert "\n" not in str(info.value) and model.tasks == TASKS
