@@ -278,7 +278,10 @@ def llama_like() -> nn.Module:
 
 
 def flops(run: Callable[[], Any]) -> int:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    """The FLOPs ``run`` does, with grad enabled: the layers then add their Share part out of place, with
+    products FlopCounterMode counts (it leaves out the in-place ``addmm_`` of inference; both paths
+    compute the same pieces)."""
+    with FlopCounterMode(display=False) as counter, torch.enable_grad():
         run()
     return counter.get_total_flops()
 

@@ -23,6 +23,7 @@ This module sits below both the model (share_convert.runtime.model) and training
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +103,11 @@ def unsupported_conv(module: nn.Module) -> str | None:
 def model_path(key: str) -> str:
     """The base model's submodule name for a PEFT key prefix (``base_model.model.`` stripped)."""
     return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+
+
+#: One piece of a layer's Share part, features last: ``(c, up, rows)`` stands for ``c @ up.T`` (``c``
+#: alone when ``up`` is None) added at the batch rows ``rows`` (every row when None)
+Part = tuple[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
 
 
 # -- one target layer --------------------------------------------------------------------------------------
@@ -202,13 +208,33 @@ class ShareLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         self._check_input(x)
         result = self.base_layer(x, *args, **kwargs)
-        delta = self.delta(x, sel)
-        if delta is None:
+        if self._adds_in_place(result):
+            # serving: the Share part goes straight into the base output (β's product fused with the
+            # addition), with no second n-wide tensor
+            flat = result.view(-1, self.out_features)
+            for c, up, rows in self._parts(self._cast(x), sel):
+                if rows is None and up is not None:
+                    flat.addmm_(c.reshape(-1, c.shape[-1]), up.T)
+                else:
+                    part = c if up is None else c @ up.T
+                    result.add_(part) if rows is None else result.index_add_(0, rows, part)
             return result
-        delta = delta.to(result.dtype)
-        if torch.is_grad_enabled() and (result.requires_grad or delta.requires_grad):
-            return result + delta
-        return result.add_(delta)  # nothing to differentiate: no second n-wide tensor
+        delta = self.delta(x, sel)
+        return result if delta is None else result + delta.to(result.dtype)
+
+    def _adds_in_place(self, result: torch.Tensor) -> bool:
+        """Whether the Share part can be added into ``result`` in place: nothing to differentiate, the
+        features last (not a conv) and in the Share tensors' dtype."""
+        return (
+            not torch.is_grad_enabled()
+            and not self.kind.conv
+            and result.dtype == self.factors.coef_A.dtype
+            and result.is_contiguous()
+        )
+
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.factors.coef_A.dtype
+        return x if x.dtype == dtype else x.to(dtype)
 
     def serves(self, task: int) -> bool:
         """Whether ``task`` changes this layer."""
@@ -235,21 +261,24 @@ class ShareLayer(nn.Module):
 
     def delta(self, x: torch.Tensor, sel: Selection | None = None) -> torch.Tensor | None:
         """The Share part of the output for the tasks of ``sel`` (default: the running call's); None when zero."""
-        sel, f = sel if sel is not None else self.selection.current, self.factors
-        dtype = f.coef_A.dtype
-        h = x if x.dtype == dtype else x.to(dtype)
-        if sel.single is not None:
-            out = self._delta_single(h, sel.single)
-        else:
-            rows = sel.for_rows(h.shape[0]) if h.dim() >= 2 else None
-            if rows is None:
-                raise BatchMismatchError(
-                    f"{self.name} received {tuple(x.shape[:-1])} rows for a batch of {sel.batch} tasks: "
-                    "this model reshapes its rows before this layer",
-                    hint="Run one task per call for this model",
-                )
-            out = self._delta_mixed(h, rows)
+        sel = sel if sel is not None else self.selection.current
+        h, out = self._cast(x), None
+        for c, up, rows in self._parts(h, sel):
+            out = _placed(out, c if up is None else c @ up.T, rows, h.shape[0])
         return None if out is None else self._up(out)
+
+    def _parts(self, h: torch.Tensor, sel: Selection) -> Iterator[Part]:
+        """The Share part for ``sel`` as :data:`Part` pieces, features last."""
+        if sel.single is not None:
+            return self._parts_single(h, sel.single)
+        rows = sel.for_rows(h.shape[0]) if h.dim() >= 2 else None
+        if rows is None:
+            raise BatchMismatchError(
+                f"{self.name} received {tuple(h.shape[:-1])} rows for a batch of {sel.batch} tasks: "
+                "this model reshapes its rows before this layer",
+                hint="Run one task per call for this model",
+            )
+        return self._parts_mixed(h, rows)
 
     def _down(self, h: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         """``Aᵀ x`` for A (d × k) with the features last: (…, k); for a conv, A's columns are kernels."""
@@ -263,23 +292,20 @@ class ShareLayer(nn.Module):
         """A result with the features last laid out like the layer's output (a conv's channels second)."""
         return out.movedim(-1, 1) if self.kind.conv else out
 
-    def _delta_single(self, h: torch.Tensor, task: int) -> torch.Tensor | None:
-        f, out = self.factors, None
+    def _parts_single(self, h: torch.Tensor, task: int) -> Iterator[Part]:
+        f = self.factors
         span = f.spans.get(task)
         if span is not None:
             slot, a0, a1, b0, b1, p = span
             z = self._down(h, self.basis_A[:, a0:a1])
-            z = (z @ f.coef_A[slot, a0:a1, :p]) @ f.coef_B[slot, b0:b1, :p].T
-            out = z @ self.basis_B[:, b0:b1].T
+            yield (z @ f.coef_A[slot, a0:a1, :p]) @ f.coef_B[slot, b0:b1, :p].T, self.basis_B[:, b0:b1], None
         if task in f.private_ranks:
             slot, q = f.private_ranks[task]
-            w = self._down(h, f.private_A[slot, :q].T) @ f.private_B[slot, :, :q].T
-            out = w if out is None else out + w
-        return out
+            yield self._down(h, f.private_A[slot, :q].T), f.private_B[slot, :, :q], None
 
-    def _delta_mixed(self, h: torch.Tensor, sel: Selection) -> torch.Tensor | None:
-        """One task per row (features last): αᵀx and β once per group present, coefficients gathered by row."""
-        f, out = self.factors, None
+    def _parts_mixed(self, h: torch.Tensor, sel: Selection) -> Iterator[Part]:
+        """One task per row: αᵀx and β once per group present, the coefficients gathered by row."""
+        f = self.factors
         index = sel.index(h.device)  # the base model's rows (id -1) take the last, all-zero slot entry
         groups: dict[tuple[int, int, int, int], list[int]] = {}
         for t in sel.distinct:
@@ -294,22 +320,18 @@ class ShareLayer(nn.Module):
             zr = z.reshape(z.shape[0], -1, z.shape[-1])
             u = torch.bmm(zr, f.coef_A[:, a0:a1].index_select(0, slots))  # E_A,tᵀ per row: (R, L, P)
             v = torch.bmm(u, f.coef_B[:, b0:b1].index_select(0, slots).transpose(1, 2))  # E_B,t: (R, L, k_B)
-            part = (v @ self.basis_B[:, b0:b1].T).reshape(*z.shape[:-1], self.out_features)  # β once
-            out = _placed(out, part, rows, h.shape[0])
+            yield v.reshape(*z.shape[:-1], v.shape[-1]), self.basis_B[:, b0:b1], rows  # β once for these rows
         privates = [t for t in sel.distinct if t in f.private_ranks]
         if privates and not self.kind.conv:
             slots = f.private_slot[index]
             rows3 = h.reshape(h.shape[0], -1, h.shape[-1])
             w = torch.bmm(rows3, f.private_A.index_select(0, slots).transpose(1, 2))  # (B, L, Q)
             w = torch.bmm(w, f.private_B.index_select(0, slots).transpose(1, 2))  # (B, L, n)
-            w = w.reshape(*h.shape[:-1], self.out_features)
-            out = w if out is None else out + w
+            yield w.reshape(*h.shape[:-1], self.out_features), None, None
         for t in privates if self.kind.conv else ():  # a kernel per task: taken task by task
             slot, q = f.private_ranks[t]
             rows = sel.rows((t,), h.device)
-            w = self._down(h.index_select(0, rows), f.private_A[slot, :q].T) @ f.private_B[slot, :, :q].T
-            out = _placed(out, w, rows, h.shape[0])
-        return out
+            yield self._down(h.index_select(0, rows), f.private_A[slot, :q].T), f.private_B[slot, :, :q], rows
 
     # merging ---------------------------------------------------------------------------------------------
     def delta_weight(self, task: int) -> torch.Tensor:
