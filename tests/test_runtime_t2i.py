@@ -233,6 +233,16 @@ def test_serving_a_unet_leaves_the_text_encoders_loras_out(sd15):
     assert not any(isinstance(m, ShareLayer) for m in pipe.text_encoder.modules())
 
 
+def test_unloading_a_pipeline_gives_each_component_its_own_modules_back(sd15):
+    pipe = copy.deepcopy(sd15.pipe)
+    originals = {(c, n): m for c in ("unet", "text_encoder") for n, m in getattr(pipe, c).named_modules()}
+    model = ShareModel.from_checkpoint(pipe, sd15.checkpoint)
+    assert any(isinstance(m, ShareLayer) for m in pipe.text_encoder.modules())
+    assert model.unload() is pipe
+    after = {(c, n): m for c in ("unet", "text_encoder") for n, m in getattr(pipe, c).named_modules()}
+    assert after.keys() == originals.keys() and all(after[n] is m for n, m in originals.items())
+
+
 def test_two_text_encoders_of_one_shape_need_the_component_named(sdxl):
     encoder = copy.deepcopy(sdxl.pipe.text_encoder_2)
     with pytest.raises(InvalidOptionError, match="component="):
