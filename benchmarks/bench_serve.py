@@ -87,7 +87,9 @@ def overhead(times: dict[str, list[float]], peft: str = "peft_mixed", share: str
     """Each variant's time above the base model's: per round (its call minus the base model's call of the
     same round), median over the rounds; and the runtime's overhead over PEFT's."""
     above = {
-        name: statistics.median(t - b for t, b in zip(ts, times["base"])) for name, ts in times.items() if name != "base"
+        name: statistics.median(t - b for t, b in zip(ts, times["base"]))
+        for name, ts in times.items()
+        if name != "base"
     }
     best = fastest(times)
     return {
@@ -150,7 +152,13 @@ def main() -> None:
     )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
-        "--families", type=int, default=1, help="planted subspaces, one family of adapters each (>1: merged with groups)"
+        "--mixed-only", action="store_true", help="time only the base model and the two mixed batches (whole forward)"
+    )
+    p.add_argument(
+        "--families",
+        type=int,
+        default=1,
+        help="planted subspaces, one family of adapters each (>1: merged with groups)",
     )
     p.add_argument("--work", default="/tmp/share-bench-serve")
     p.add_argument("--out")
@@ -206,7 +214,9 @@ def main() -> None:
             "checkpoint_mean_delta_w_error": mean_error,
             "k": sorted({info["k_B"] for info in report["modules"].values()}),
             "families": a.families,
-            "groups_k": sorted({tuple(g["k_B"] for g in info.get("groups", [])) for info in report["modules"].values()}),
+            "groups_k": sorted(
+                {tuple(g["k_B"] for g in info.get("groups", [])) for info in report["modules"].values()}
+            ),
         },
     }
 
@@ -219,16 +229,16 @@ def main() -> None:
             "base": base_model(),
         }
         m["merged"].merge(tasks[0])
-        seconds = timed(
-            {
-                "base": lambda: m["base"](input_ids=ids),
-                "peft_mixed": lambda: m["peft"](input_ids=ids, adapter_names=rows),
-                "share_mixed": lambda: m["share"](input_ids=ids, task=rows),
-                "share_one_task": lambda: m["share"](input_ids=ids, task=tasks[0]),
-                "share_merged": lambda: m["merged"](input_ids=ids),
-            },
-            a.repeat,
-        )
+        calls = {
+            "base": lambda: m["base"](input_ids=ids),
+            "peft_mixed": lambda: m["peft"](input_ids=ids, adapter_names=rows),
+            "share_mixed": lambda: m["share"](input_ids=ids, task=rows),
+            "share_one_task": lambda: m["share"](input_ids=ids, task=tasks[0]),
+            "share_merged": lambda: m["merged"](input_ids=ids),
+        }
+        if a.mixed_only:  # more rounds in the same time for the overhead of mixed batches
+            calls = {name: calls[name] for name in ("base", "peft_mixed", "share_mixed")}
+        seconds = timed(calls, a.repeat)
         # one injected layer alone (transformer.h.0.attn.c_attn) on hidden states of the batch's shape:
         # the adapter's own cost, which the whole forward pass buries under the base model's
         x = torch.randn(a.rows, a.seq, cfg.n_embd, generator=gen)
