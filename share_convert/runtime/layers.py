@@ -215,9 +215,10 @@ class ShareLayer(nn.Module):
             for c, up, rows in self._parts(self._cast(x), sel):
                 if rows is None and up is not None:
                     flat.addmm_(c.reshape(-1, c.shape[-1]), up.T)
-                else:
-                    part = c if up is None else c @ up.T
-                    result.add_(part) if rows is None else result.index_add_(0, rows, part)
+                elif rows is None:
+                    result.add_(c)
+                else:  # the rows of one group of a grouped module (not contiguous in general)
+                    result.index_add_(0, rows, c if up is None else c @ up.T)
             return result
         delta = self.delta(x, sel)
         return result if delta is None else result + delta.to(result.dtype)
