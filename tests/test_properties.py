@@ -147,3 +147,14 @@ def test_adding_tasks_one_by_one_keeps_every_delta_w_when_nothing_is_truncated(n
             Bh, Ah = result.reconstruction(src.task, module)
             assert float(torch.linalg.norm(Bh @ Ah.T - W)) <= 1e-4 * float(torch.linalg.norm(W))
             assert result.modules[module]["tasks"][src.task]["error"] < 1e-4
+
+
+def test_a_rank_above_a_side_keeps_no_spurious_direction():
+    # found by the property above: n=7, d=4, r=5; the Gram route left a direction of size √ε·σ_max
+    g = torch.Generator().manual_seed(1137)
+    B, A = (
+        torch.randn(7, 5, generator=g, dtype=torch.float64) * 21.0,
+        torch.randn(4, 5, generator=g, dtype=torch.float64) / 21.0,
+    )
+    _, _, s = canonicalize(B, A)
+    assert s.numel() == 4

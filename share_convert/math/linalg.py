@@ -81,7 +81,10 @@ def canonicalize(
     if r == 0:
         z = B64.new_zeros
         return z((n, 0)), z((A64.shape[0], 0)), z((0,))
-    RB, RA = _triangular_factor(B64), _triangular_factor(A64)
+    # a rank above a side is rank-deficient by construction: its Gram matrix is singular, and the Cholesky
+    # route would turn its rounding into a spurious direction of size √ε·σ_max
+    deficient = r > min(n, A64.shape[0])
+    RB, RA = (None, None) if deficient else (_triangular_factor(B64), _triangular_factor(A64))
     if RB is None or RA is None:  # ill-conditioned: the slower, always-stable Householder route
         QB, RB = torch.linalg.qr(B64)
         QA, RA = torch.linalg.qr(A64)
