@@ -231,7 +231,8 @@ def describe_config(config: dict[str, Any]) -> str:
     from ..config import ConsolidationConfig
 
     try:
-        return ConsolidationConfig(**config).describe()
+        # options without a precision are those of a float checkpoint (engine/pipeline.stored_config)
+        return ConsolidationConfig(**{"precision": "float", **config}).describe()
     except TypeError:
         return str(config)
 
