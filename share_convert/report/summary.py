@@ -45,26 +45,94 @@ ROLES = {
 STORAGE_ROLES = ("bases", "grams", "coefficients", "private", "heads", "records")
 
 
+#: Suffix of the tensor that holds a quantized factor's per-block scales (format version 4).
+SCALES = ".scales"
+#: The precision of a float tensor, by its safetensors dtype.
+FLOAT_PRECISION = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+#: The LoRA data: what bits per stored number are counted over.
+FACTOR_ROLES = ("bases", "coefficients", "private")
+
+
 def storage_role(name: str) -> str:
     """bases, grams, coefficients, private (LoRA data), heads, or records (the per-(task, module)
-    figures of format version 2)."""
+    figures of format version 2). A quantized factor's scales count with the factor."""
     if name.startswith("records/"):
         return "records"
     if name.startswith("tasks/") and "/heads/" in name:
         return "heads"
-    return ROLES.get(name.rsplit("/", 1)[-1], "records")
+    return ROLES.get(name.removesuffix(SCALES).rsplit("/", 1)[-1], "records")
 
 
-def storage_breakdown(ckpt: Checkpoint) -> dict[str, dict[str, int]]:
-    """Parameters and bytes of the checkpoint's tensors by role, from the file's header."""
-    parts = {k: {"params": 0, "bytes": 0} for k in STORAGE_ROLES}
+def stored_numbers(ckpt: Checkpoint) -> dict[str, tuple[str, int, int]]:
+    """Per tensor of the file: (precision, numbers it holds, bytes it takes), a quantized factor's
+    codes and scales together under the factor's name (their numbers are the values the codes stand
+    for, as the manifest's module shapes say: docs/format.md)."""
+    codes: dict[str, tuple[str, int]] = {}
+    if int(ckpt.manifest.get("format_version", 0)) >= 4:
+        from ..checkpoint.quantized import code_tensors
+
+        codes = code_tensors(ckpt.modules)
+    out: dict[str, tuple[str, int, int]] = {}
     for name in ckpt.manifest.get("tensors", {}):
         shape, dtype = ckpt.tensor_meta(name)
-        numel = math.prod(shape)
+        numel, size = math.prod(shape), math.prod(shape) * itemsize(dtype)
+        base = name.removesuffix(SCALES)
+        if base in codes:
+            precision, cols = codes[base]
+            numbers = shape[0] * cols if base == name and shape else 0
+            _, had, had_bytes = out.get(base, (precision, 0, 0))
+            out[base] = (precision, had + numbers, had_bytes + size)
+        else:
+            out[name] = (FLOAT_PRECISION.get(dtype, dtype.lower()), numel, size)
+    return out
+
+
+def storage_breakdown(ckpt: Checkpoint, numbers: dict[str, tuple[str, int, int]] | None = None) -> dict[str, dict[str, int]]:
+    """Parameters (numbers stored) and bytes of the checkpoint's tensors by role, from the file's header."""
+    parts = {k: {"params": 0, "bytes": 0} for k in STORAGE_ROLES}
+    for name, (_precision, count, size) in (numbers or stored_numbers(ckpt)).items():
         role = storage_role(name)
-        parts[role]["params"] += numel
-        parts[role]["bytes"] += numel * itemsize(dtype)
+        parts[role]["params"] += count
+        parts[role]["bytes"] += size
     return parts
+
+
+def precision_breakdown(ckpt: Checkpoint, numbers: dict[str, tuple[str, int, int]]) -> dict[str, Any]:
+    """The LoRA data (bases, coefficients, private factors) by precision, and bits per stored number
+    overall and per module (scales included: what each number really costs)."""
+    by_precision: dict[str, dict[str, Any]] = {}
+    per_module: dict[str, list[int]] = {}
+    for name, (precision, count, size) in numbers.items():
+        if storage_role(name) not in FACTOR_ROLES:
+            continue
+        entry = by_precision.setdefault(precision, {"numbers": 0, "bytes": 0})
+        entry["numbers"] += count
+        entry["bytes"] += size
+        module = module_of(name, ckpt.modules)
+        if module is not None:
+            acc = per_module.setdefault(module, [0, 0])
+            acc[0] += count
+            acc[1] += size
+    for entry in by_precision.values():
+        entry["bits_per_number"] = 8 * entry["bytes"] / entry["numbers"] if entry["numbers"] else 0.0
+    total_numbers = sum(e["numbers"] for e in by_precision.values())
+    total_bytes = sum(e["bytes"] for e in by_precision.values())
+    return {
+        "bits_per_number": 8 * total_bytes / total_numbers if total_numbers else 0.0,
+        "by_precision": dict(sorted(by_precision.items())),
+        "modules": {m: 8 * b / n if n else 0.0 for m, (n, b) in per_module.items()},
+    }
+
+
+def module_of(name: str, modules: dict[str, Any]) -> str | None:
+    """The module a factor tensor belongs to (``modules/<module>/…`` or ``modules/<module>/g<j>/…``)."""
+    if not name.startswith("modules/"):
+        return None
+    head = name[len("modules/") :].rsplit("/", 1)[0]
+    if head in modules:
+        return head
+    parent = head.rsplit("/", 1)[0]
+    return parent if parent in modules else None
 
 
 def _task_statistics(ckpt: Checkpoint) -> tuple[list[dict[str, Any]], set[str], dict[str, int]]:
@@ -135,7 +203,9 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
     """Everything ``info`` shows, as JSON-ready data."""
     modules = ckpt.modules
     tasks, zeros, private_totals = _task_statistics(ckpt)
-    parts = storage_breakdown(ckpt)
+    numbers = stored_numbers(ckpt)
+    parts = storage_breakdown(ckpt, numbers)
+    precision = precision_breakdown(ckpt, numbers)
     ckpt_params = sum(p["params"] for p in parts.values())
     ckpt_bytes = sum(p["bytes"] for p in parts.values())
     orig_params = sum(t["original_params"] for t in tasks)
@@ -159,6 +229,9 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
         "mean_error": sum(all_errs) / len(all_errs) if all_errs else 0.0,
         "max_error": max((t["max_error"] for t in tasks), default=0.0),
         "storage": parts,
+        # the LoRA data's bits per stored number (scales included) and bytes by precision
+        "bits_per_number": precision["bits_per_number"],
+        "storage_by_precision": precision["by_precision"],
     }
     last_op = ckpt.history[-1].get("op") if ckpt.history else "merge"
     stored = sum(parts[p]["params"] for p in ("bases", "coefficients", "private"))
@@ -192,6 +265,8 @@ def summarize(ckpt: Checkpoint) -> dict[str, Any]:
                 "k_A": m["k_A"],
                 "kind": m["kind"],
                 "private_rank_total": private_totals[name],
+                "precision": m.get("precision") or {},
+                "bits_per_number": precision["modules"].get(name, 0.0),
             }
             for name, m in modules.items()
         },
