@@ -17,10 +17,13 @@ import numpy as np
 
 from ..errors import CorruptCheckpointError
 from .compat import Reader, v1_coefficients, v1_task_rows, v1_task_tensors
+from .quantized import CODE_DTYPE
 from .records import Chain, RecordTable, TaskRows, gather_rows
 
 if TYPE_CHECKING:
     import torch
+
+    from ..math.quantize import Quantized
 
 #: A pair of bases (β, α), or (None, None) where a module stores none (k = 0).
 Bases = tuple["torch.Tensor | None", "torch.Tensor | None"]
@@ -119,6 +122,7 @@ def task_rows(ckpt: Reader, module: str, tasks: Sequence[str]) -> TaskRows:
     ranks, q = table.int_column("rank"), table.int_column("private_rank")
     coef_row = np.zeros(len(tasks), dtype=np.int64)
     coefs = {}
+    codes: dict[str, Quantized] = {}
     chains: dict[str, Chain] = {}
     for prefix in sorted(set(prefixes)):
         mine = np.array([p == prefix for p in prefixes], dtype=bool)
@@ -127,6 +131,7 @@ def task_rows(ckpt: Reader, module: str, tasks: Sequence[str]) -> TaskRows:
         index = gather_rows(table.int_column("coef_row")[mine], ranks[mine])
         pick = torch.from_numpy(index)
         coefs[prefix] = tuple(ckpt.tensor(f"{prefix}coefs_{side}")[pick] for side in "BA")
+        gather_codes(ckpt, codes, f"{prefix}coefs_", f"{prefix}coefs_", pick)
         chain = ckpt.chain(prefix)
         if chain is not None:  # rows keep the coordinates they were written in, when they can
             kept = chain.select(index)
@@ -138,12 +143,34 @@ def task_rows(ckpt: Reader, module: str, tasks: Sequence[str]) -> TaskRows:
                     chain.rotate(cB.double(), index, "B").to(cB.dtype),
                     chain.rotate(cA.double(), index, "A").to(cA.dtype),
                 )
+                for side in "BA":  # new values: their codes are computed again when written
+                    codes.pop(f"{prefix}coefs_{side}", None)
         coef_row[mine] = np.cumsum(ranks[mine]) - ranks[mine]
     private = None
     if q.any():
         pick = torch.from_numpy(gather_rows(table.int_column("private_row"), q))
         private = tuple(ckpt.tensor(f"modules/{module}/private_{side}")[pick] for side in "BA")
-    return TaskRows(list(tasks), prefixes, coefs, coef_row, private, np.cumsum(q) - q, chains)  # type: ignore[arg-type]
+        gather_codes(ckpt, codes, f"modules/{module}/private_", "private_", pick)
+    rows = TaskRows(list(tasks), prefixes, coefs, coef_row, private, np.cumsum(q) - q, chains)  # type: ignore[arg-type]
+    rows.precision = {r: p for r, p in ckpt.module(module).precision.items() if r in _ROW_ROLES and p in CODE_DTYPE}
+    rows.codes = codes
+    return rows
+
+
+#: The roles of a module's stacked per-task rows.
+_ROW_ROLES = ("coefs_B", "coefs_A", "private_B", "private_A")
+
+
+def gather_codes(ckpt: Reader, codes: dict[str, Quantized], name: str, key: str, pick: torch.Tensor) -> None:
+    """Rows ``pick`` of the codes and scales of ``<name>B`` and ``<name>A`` into ``codes[<key><side>]``,
+    where those factors are stored as codes (so that writing them again writes the same bytes)."""
+    from ..math.quantize import Quantized
+
+    for side in "BA":
+        if ckpt.store.code_precision(name + side) is None:
+            continue
+        q = ckpt.store.quantized(name + side)
+        codes[key + side] = Quantized(q.precision, q.codes[pick], q.scales[pick], (len(pick), q.shape[1]), q.block)
 
 
 def coefficients(ckpt: Reader, module: str, tasks: Sequence[str], side: str, prefix: str | None = None) -> torch.Tensor:

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from .entries import ModuleEntry
+
 
 class Reader(Protocol):
     """What :mod:`.compat` and :mod:`.coefficients` use of a checkpoint reader
@@ -39,6 +41,8 @@ class Reader(Protocol):
     def modules(self) -> Mapping[str, dict[str, Any]]: ...
 
     def has(self, name: str) -> bool: ...
+
+    def module(self, name: str) -> ModuleEntry: ...
 
     def tensor(self, name: str) -> torch.Tensor: ...
 

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .quantized import CODE_DTYPE, ROLES
+
 
 @dataclass(frozen=True)
 class GroupEntry:
@@ -36,8 +38,10 @@ class ModuleEntry:
     """One module of a checkpoint: ``out_features`` × ``in_features`` (n × d), its bases' widths
     (``k_B``, ``k_A``: summed over the groups when it has groups), its plan ``kind``, its storage
     ``dtype`` (a torch dtype name; float32 where the manifest names none, as the format says), its
-    groups (empty: one set of bases), the planner's ``alternatives`` (None if not stored) and its
-    tasks in their stored order."""
+    groups (empty: one set of bases), the planner's ``alternatives`` (None if not stored), its
+    tasks in their stored order and the storage ``precision`` of each factor role (``basis_B`` …
+    ``private_A``: a float dtype name, ``int8`` or ``nf4``; the ``dtype`` where the manifest names
+    none, as in files before format version 4)."""
 
     name: str
     out_features: int
@@ -49,6 +53,7 @@ class ModuleEntry:
     groups: tuple[GroupEntry, ...]
     alternatives: Mapping[str, Any] | None
     task_names: tuple[str, ...]
+    precision: Mapping[str, str] = field(default_factory=dict)
     _task_set: frozenset[str] = field(repr=False, compare=False, default=frozenset())
 
     @classmethod
@@ -56,6 +61,8 @@ class ModuleEntry:
         """The typed entry of module ``name`` from its manifest entry ``info`` (checked on reading:
         :func:`~share_convert.checkpoint.manifest.check_manifest`)."""
         tasks = tuple(info["tasks"])
+        dtype = info.get("dtype", "float32")
+        stored = info.get("precision") or {}
         return cls(
             name=name,
             out_features=info["out_features"],
@@ -63,10 +70,11 @@ class ModuleEntry:
             kind=info["kind"],
             k_B=info.get("k_B", 0),
             k_A=info.get("k_A", 0),
-            dtype=info.get("dtype", "float32"),
+            dtype=dtype,
             groups=tuple(GroupEntry.of(g) for g in info["groups"]) if "groups" in info else (),
             alternatives=info.get("alternatives"),
             task_names=tasks,
+            precision={role: stored.get(role, dtype) for role in ROLES},
             _task_set=frozenset(tasks),
         )
 
@@ -79,6 +87,11 @@ class ModuleEntry:
     def grouped(self) -> bool:
         """Whether the module stores groups of bases (``modules/<name>/g<j>/``) rather than one set."""
         return bool(self.groups)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether any factor of the module is stored as codes (int8, nf4)."""
+        return any(p in CODE_DTYPE for p in self.precision.values())
 
     def has_task(self, task: str) -> bool:
         """Whether ``task`` has a record in this module."""

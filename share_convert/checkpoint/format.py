@@ -26,6 +26,11 @@ Version 3 adds, per set of bases, a basis-rotation chain (``rotations_B``, ``rot
 (:class:`~share_convert.checkpoint.records.Chain`; ``add`` then writes only what changed). Files without a
 chain are written as version 2.
 
+Version 4 may store any factor (bases, coefficients, private rows) as int8 or NF4 codes with
+float32 scales per block of 64 numbers along each row (``<name>`` and ``<name>.scales``; each
+module's ``precision`` names every role's precision): readers return them dequantized
+(:mod:`.quantized`). Files without codes are written as version 2 or 3.
+
 Version 1 (one tensor per task, module and side; figures in JSON) stays readable: the reader
 (:mod:`.reader`) presents every version through the same accessors.
 """
@@ -41,8 +46,9 @@ if TYPE_CHECKING:  # torch is imported where tensors are touched: reading a mani
 
 FORMAT_NAME = "share-convert"
 #: The highest format version this reader knows. Files are written as version 2 unless a module
-#: stores a basis-rotation chain (version 3; see :class:`~share_convert.checkpoint.records.Chain`).
-FORMAT_VERSION = 3
+#: stores a basis-rotation chain (version 3; see :class:`~share_convert.checkpoint.records.Chain`)
+#: or a factor as int8/nf4 codes (version 4; :mod:`~share_convert.checkpoint.quantized`).
+FORMAT_VERSION = 4
 #: The tensors of a chain, beside the bases they lead to: ``<prefix>rotations_B`` and so on.
 CHAIN_PARTS = ("rotations_B", "rotations_A", "chain_rows")
 MANIFEST_KEY = "share_convert"

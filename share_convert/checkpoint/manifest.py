@@ -24,6 +24,7 @@ import numpy as np
 from ..config import ConsolidationConfig
 from ..errors import CorruptCheckpointError
 from ..names import file_name_problem, key_problem, shown, task_name_problem
+from .quantized import CODES_VERSION, ROLES
 
 #: The most a manifest (or a shard index) may take: what safetensors accepts as a whole header.
 MAX_MANIFEST_BYTES = 100_000_000
@@ -213,6 +214,7 @@ def _check_module(c: _Check, module: str, entry: dict[str, Any], tasks: int, ver
     c.optional(entry, "task_count", where, lambda v, w: c.count(v, w, 0, tasks))
     c.text(entry.get("kind"), f"{where}.kind")
     c.optional(entry, "alternatives", where, c.obj)
+    _check_precision(c, where, entry, version)
     bases = [entry]
     if "groups" in entry:
         groups = c.seq(entry["groups"], f"{where}.groups")
@@ -236,6 +238,26 @@ def _check_module(c: _Check, module: str, entry: dict[str, Any], tasks: int, ver
             for key in ("norm", "error"):
                 if not _number(rec.get(key)):
                     raise c.fail(f"{where}.tasks.{task}.{key}", "is not a number")
+
+
+def _check_precision(c: _Check, where: str, entry: dict[str, Any], version: Any) -> None:
+    """A module's ``precision`` (format version 4): factor role -> a storage precision; codes
+    (int8, nf4) only in a file whose version says that readers must know them."""
+    if "precision" not in entry:
+        return
+    from ..math.quantize import CODE_PRECISIONS, PRECISIONS  # torch: only for files that name precisions
+
+    for role, name in c.obj(entry["precision"], f"{where}.precision").items():
+        at = f"{where}.precision.{shown(role)}"
+        if role not in ROLES:
+            raise c.fail(at, f"names no factor (one of {', '.join(ROLES)})")
+        if name not in PRECISIONS:
+            raise c.fail(
+                at,
+                f"is {shown(name) if isinstance(name, str) else repr(name)[:40]}, not one of {', '.join(PRECISIONS)}",
+            )
+        if name in CODE_PRECISIONS and not (isinstance(version, int) and version >= CODES_VERSION):
+            raise c.fail(at, f"is {name} in a format version {version!r} file (codes need version {CODES_VERSION})")
 
 
 def check_index_files(files: list[str], path: str | Path | None) -> None:

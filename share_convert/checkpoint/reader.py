@@ -12,16 +12,19 @@ The reader is assembled from one collaborator per concern, and its methods deleg
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..dtypes import NAME_OF, itemsize
 from ..errors import CorruptCheckpointError, UnsupportedFormatError
 from . import coefficients as _coefficients
 from .entries import ModuleEntry
 from .format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_KEY, MANIFEST_SHA_KEY, sha256
 from .manifest import check_manifest, parse_manifest
+from .quantized import SCALES, role_of
 from .records import Chain, TaskRows
 from .store import CheckpointFiles
 from .tables import TaskRecords, completed_history_entry
@@ -70,7 +73,8 @@ class Checkpoint:
     Every tensor read is checked against the SHA-256 recorded in the manifest (or, for a few rows
     of a large tensor, against the SHA-256 of the blocks holding them), so a flipped byte is
     reported as :class:`CorruptCheckpointError` instead of silently changing a result. Versions 1
-    to 3 are presented through the same accessors.
+    to 4 are presented through the same accessors; factors stored as codes (version 4) are read
+    dequantized, as float32.
     """
 
     def __init__(self, path: str | Path):
@@ -181,7 +185,8 @@ class Checkpoint:
         return self.store.has(name)
 
     def tensor_meta(self, name: str) -> tuple[list[int], str]:
-        """Shape and safetensors dtype of a tensor, from the header (nothing is read)."""
+        """Shape and safetensors dtype of a tensor as :meth:`tensor` returns it, from the header
+        (nothing is read): a factor stored as codes is float32 (:meth:`stored_meta`: as stored)."""
         return self.store.tensor_meta(name)
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -222,8 +227,49 @@ class Checkpoint:
         return self.store.files.file_bytes(name, offset, size)
 
     def copy_to(self, writer: CheckpointWriter, name: str) -> None:
-        """Copy one tensor into ``writer`` byte for byte, verified, keeping its checksum."""
+        """Copy one tensor into ``writer`` byte for byte, verified, keeping its checksum (a factor
+        stored as codes: its codes and its scales)."""
+        code = self.code_precision(name)
+        if code is not None:
+            self.store.code_rows(name)  # its headers checked before they are copied
         writer.add_raw(name, *self.raw(name))
+        if code is not None:
+            writer.add_raw(name + SCALES, *self.raw(name + SCALES), precision=code)
+
+    # -- storage precisions (format version 4) --------------------------------------------------------
+    def code_precision(self, name: str) -> str | None:
+        """The code precision (int8, nf4) of a factor stored as codes; None for any other tensor."""
+        return self.store.code_precision(name)
+
+    def stored_meta(self, name: str) -> tuple[list[int], str]:
+        """Shape and safetensors dtype of a tensor as stored (for a factor kept as codes: the codes'),
+        from the header; :meth:`tensor_meta` gives those of the values every accessor returns."""
+        return self.store.stored_meta(name)
+
+    def stored_size(self, name: str) -> tuple[str, int, int]:
+        """One tensor's storage: its precision (int8 or nf4 for codes, otherwise its dtype's name:
+        float32, bfloat16, …, int64), the numbers it holds, and the bytes they take (scales
+        included). For reports: bits per number, storage split by precision."""
+        shape, dtype = self.tensor_meta(name)
+        numbers = math.prod(shape)
+        code = self.code_precision(name)
+        if code is None:
+            return NAME_OF.get(dtype, dtype.lower()), numbers, numbers * itemsize(dtype)
+        stored = [self.stored_meta(n) for n in (name, name + SCALES)]
+        return code, numbers, sum(math.prod(s) * itemsize(d) for s, d in stored)
+
+    def storage_by_precision(self) -> dict[str, dict[str, int]]:
+        """The stored factors (bases, coefficients, private rows) by precision: the numbers and bytes
+        (scales included) of each; Gram matrices, chains, records and heads left out."""
+        out: dict[str, dict[str, int]] = {}
+        for name in self.manifest.get("tensors", {}):
+            if role_of(name) is None:
+                continue
+            precision, numbers, size = self.stored_size(name)
+            entry = out.setdefault(precision, {"numbers": 0, "bytes": 0})
+            entry["numbers"] += numbers
+            entry["bytes"] += size
+        return dict(sorted(out.items()))
 
     def verify_all(self) -> None:
         """Read every tensor, verifying its checksum and those of its blocks (and the record tables)."""

@@ -26,6 +26,8 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+    from ..math.quantize import Quantized
+
 #: Integer columns of a record; ``position`` is the task's place among the module's tasks,
 #: ``group`` its group of bases (-1: one set), ``coef_row``/``private_row`` where its rows start.
 RECORD_INT = ("position", "rank", "private_rank", "original_rank", "group", "coef_row", "private_row", "bound")
@@ -241,6 +243,13 @@ class TaskRows:
     #: to the copied ones, whose block checksums stay valid)
     base: dict[str, int] = field(default_factory=dict)
     source: Any = None
+    #: role (``coefs_B``, ``coefs_A``, ``private_B``, ``private_A``) -> storage precision
+    #: (:data:`~share_convert.math.quantize.PRECISIONS`); a role not named is stored in the dtype given
+    precision: dict[str, str] = field(default_factory=dict)
+    #: rows already quantized as a checkpoint stores them (read from one: their codes are written
+    #: back as they are, never quantized again): ``<prefix>coefs_<side>`` or ``private_<side>`` ->
+    #: the codes of exactly the rows of ``coefs[prefix]`` / ``private`` on that side
+    codes: dict[str, Quantized] = field(default_factory=dict)
 
     @classmethod
     def of_parts(cls, tasks: Sequence[tuple[str, str, Mapping[str, torch.Tensor]]], dtype: torch.dtype) -> TaskRows:
@@ -294,7 +303,11 @@ class TaskRows:
         chains: dict[str, Chain] = {}
         base: dict[str, int] = {}
         source = None
+        precision: dict[str, str] = {}
+        codes: dict[str, list[tuple[torch.Tensor, Quantized | None]]] = {}  # key -> each part's rows
         for part in parts:
+            for role, p in part.precision.items():
+                precision.setdefault(role, p)
             for key, count in part.base.items():
                 if (filled if key != "private" else {"private": private_filled}).get(key, 0):
                     raise ValueError("copied rows must come first in their stacked tensor")
@@ -303,16 +316,21 @@ class TaskRows:
             shift = np.array([filled.get(p, 0) for p in part.prefixes], dtype=np.int64)
             coef_rows.append(part.coef_row + shift)
             for p, (b, a) in part.coefs.items():
+                rotated = False
                 chain = part.chains.get(p)
                 if chain is not None and filled.get(p, 0):  # behind other rows: rotated now
                     index = np.arange(b.shape[0]) + part.base.get(p, 0)
                     b = chain.rotate(b.double(), index, "B").to(dtype)
                     a = chain.rotate(a.double(), index, "A").to(dtype)
+                    rotated = True
                 elif chain is not None:
                     chains[p] = chain
                 cb, ca = coefs.setdefault(p, ([], []))
                 cb.append(b)
                 ca.append(a)
+                for side, rows in zip("BA", (b, a)):
+                    key = f"{p}coefs_{side}"
+                    codes.setdefault(key, []).append((rows, None if rotated else part.codes.get(key)))
                 filled[p] = filled.get(p, 0) + part.base.get(p, 0) + b.shape[0]
             for p in set(part.base) - set(part.coefs) - {"private"}:
                 filled[p] = filled.get(p, 0) + part.base[p]
@@ -322,17 +340,53 @@ class TaskRows:
                 privates_B.append(part.private[0])
                 privates_A.append(part.private[1])
                 private_filled += part.private[0].shape[0]
+                for side, rows in zip("BA", part.private):
+                    codes.setdefault(f"private_{side}", []).append((rows, part.codes.get(f"private_{side}")))
+        kept = {role: p for role, p in precision.items() if p in ("int8", "nf4")}  # the code precisions
+
+        def cat(items: list[torch.Tensor], role: str) -> torch.Tensor:
+            # rows kept as codes stay in the float32 they were read in (their codes are what is written)
+            return torch.cat(items) if role in kept else torch.cat(items).to(dtype)
+
         return cls(
             tasks=[t for part in parts for t in part.tasks],
             prefixes=[p for part in parts for p in part.prefixes],
-            coefs={p: (torch.cat(b).to(dtype), torch.cat(a).to(dtype)) for p, (b, a) in coefs.items()},
+            coefs={p: (cat(b, "coefs_B"), cat(a, "coefs_A")) for p, (b, a) in coefs.items()},
             coef_row=np.concatenate(coef_rows) if coef_rows else np.zeros(0, dtype=np.int64),
-            private=(torch.cat(privates_B).to(dtype), torch.cat(privates_A).to(dtype)) if privates_B else None,
+            private=(cat(privates_B, "private_B"), cat(privates_A, "private_A")) if privates_B else None,
             private_row=np.concatenate(private_rows) if private_rows else np.zeros(0, dtype=np.int64),
             chains=chains,
             base=base,
             source=source,
+            precision=precision,
+            codes=joined_codes(codes),
         )
+
+
+def joined_codes(parts: Mapping[str, list[tuple[torch.Tensor, Quantized | None]]]) -> dict[str, Quantized]:
+    """The codes of stacked rows from several blocks (key -> each block's rows and their codes, or
+    None): where some blocks' rows are codes, those of the others are quantized at the same
+    precision (rows are quantized one by one, so this is what quantizing the stack gives) and all
+    joined; a key without codes in any block is left out."""
+    import torch
+
+    from ..math.quantize import Quantized, quantize
+
+    out: dict[str, Quantized] = {}
+    for key, items in parts.items():
+        known = [q for _, q in items if q is not None]
+        if not known or len({(q.precision, q.block) for q in known}) > 1:
+            continue
+        first = known[0]
+        done = [q if q is not None else quantize(rows, first.precision, first.block) for rows, q in items]
+        if len(done) == 1:
+            out[key] = done[0]
+            continue
+        rows = sum(q.shape[0] for q in done)
+        codes = torch.cat([q.codes for q in done])
+        scales = torch.cat([q.scales for q in done])
+        out[key] = Quantized(first.precision, codes, scales, (rows, first.shape[1]), first.block)
+    return out
 
 
 def gather_rows(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -15,10 +15,13 @@ import numpy as np
 from ..dtypes import ITEMSIZE, NUMPY_NAME, torch_dtype
 from ..errors import CorruptCheckpointError
 from .format import block_digest, block_digests, sha256
+from .quantized import CODES_VERSION, SCALES, check_layout, code_tensors
 from .store import CheckpointFiles
 
 if TYPE_CHECKING:
     import torch
+
+    from ..math.quantize import Quantized
 
 #: One tensor as stored: safetensors dtype, shape, bytes.
 Stored = tuple[str, list[int], bytes]
@@ -37,6 +40,8 @@ class TensorStore:
         self._lock = lock
         self._cache: dict[str, Any] = {}
         self._verified: set[str] = set()  # tensors whose every byte this reader has verified
+        #: factors stored as codes (format version 4): name -> (precision, columns of the values)
+        self.codes: dict[str, tuple[str, int]] = code_tensors(manifest["modules"]) if version >= CODES_VERSION else {}
 
     def has(self, name: str) -> bool:
         return name in self.files.keys
@@ -45,11 +50,43 @@ class TensorStore:
         return CorruptCheckpointError(f"tensor {name} is missing", path=self.path, hint="Re-create or re-download it")
 
     def tensor_meta(self, name: str) -> tuple[list[int], str]:
-        """Shape and safetensors dtype of a tensor, from the header (nothing is read)."""
+        """Shape and safetensors dtype of a tensor as :meth:`tensor` returns it, from the headers
+        (nothing is read): a factor stored as codes is a float32 rows × columns tensor."""
+        code = self.codes.get(name)
+        if code is not None:
+            return [self.code_rows(name), code[1]], "F32"
+        return self.stored_meta(name)
+
+    def stored_meta(self, name: str) -> tuple[list[int], str]:
+        """Shape and safetensors dtype of a tensor as stored (codes for a quantized factor)."""
         if name not in self.files.keys:
             raise self._missing(name)
         entry = self.files.header(name)
         return list(entry["shape"]), entry["dtype"]
+
+    def code_precision(self, name: str) -> str | None:
+        """The code precision (int8, nf4) of a factor stored as codes; None for any other tensor."""
+        code = self.codes.get(name)
+        return code[0] if code is not None else None
+
+    def code_rows(self, name: str) -> int:
+        """The rows of quantized factor ``name``, once its codes' and scales' headers match the manifest."""
+        precision, cols = self.codes[name]
+        scales = self.stored_meta(name + SCALES) if self.has(name + SCALES) else None
+        return check_layout(name, precision, cols, self.stored_meta(name), scales, self.path)
+
+    def quantized(self, name: str, start: int | None = None, stop: int | None = None) -> Quantized:
+        """Quantized factor ``name`` (or its rows ``start:stop``) as codes and scales, verified."""
+        from ..math.quantize import BLOCK, Quantized
+
+        precision, cols = self.codes[name]
+        rows = self.code_rows(name)
+        if start is None:
+            start, stop = 0, rows
+            codes, scales = self.tensor_as_stored(name), self.tensor_as_stored(name + SCALES)
+        else:
+            codes, scales = self._stored_rows(name, start, stop), self._stored_rows(name + SCALES, start, stop)
+        return Quantized(precision, codes, scales, (stop - start, cols), BLOCK)
 
     def _entry(self, name: str) -> tuple[dict[str, Any], str]:
         expected = self._hashes.get(name)
@@ -165,13 +202,17 @@ class TensorStore:
         return torch.frombuffer(bytearray(raw), dtype=kind).reshape(shape)
 
     def tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor and verify its checksum (module tensors are kept for the next call)."""
+        """Read one tensor and verify its checksum (module tensors are kept for the next call); a
+        factor stored as codes comes dequantized (float32, :func:`~share_convert.math.quantize.dequantize`)."""
         with self._lock:
             cached = self._cache.get(name)
         if cached is not None:
             return cached
-        dtype, shape, raw, _ = self.raw(name)
-        t = self.as_tensor(name, dtype, shape, raw)
+        if name in self.codes:
+            t = self.quantized(name).dequantize()
+        else:
+            dtype, shape, raw, _ = self.raw(name)
+            t = self.as_tensor(name, dtype, shape, raw)
         if name.startswith("modules/"):
             with self._lock:
                 if len(self._cache) >= 32:
@@ -187,10 +228,23 @@ class TensorStore:
             raise ValueError("stacked tensors must share one shape and dtype")
         return self.as_tensor(names[0], dtype, [len(names), *shape], b"".join(p[2] for p in parts))
 
+    def tensor_as_stored(self, name: str) -> torch.Tensor:
+        """One tensor as stored (codes for a quantized factor), verified; not cached."""
+        dtype, shape, raw, _ = self.raw(name)
+        return self.as_tensor(name, dtype, shape, raw)
+
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of a (stacked) tensor, reading and verifying only the blocks that hold them."""
+        """Rows ``start:stop`` of a (stacked) tensor, reading and verifying only the blocks that hold
+        them; rows of a factor stored as codes come dequantized, equal to those rows of :meth:`tensor`."""
+        if name in self.codes:
+            if name not in self._row_blocks:
+                return self.tensor(name)[start:stop]
+            return self.quantized(name, start, stop).dequantize()
+        return self._stored_rows(name, start, stop)
+
+    def _stored_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         if name not in self._row_blocks:  # small: read whole (verified once, then cached)
-            return self.tensor(name)[start:stop]
+            return self.tensor(name)[start:stop] if name not in self.codes else self.tensor_as_stored(name)[start:stop]
         return self.as_tensor(name, *self.rows_raw(name, start, stop))
 
     def verify_all(self) -> None:

@@ -1,4 +1,4 @@
-"""Full checks of a checkpoint: checksums, shapes, orthonormal bases, finite values, stored errors."""
+"""Full checks of a checkpoint: checksums, shapes, orthonormal bases, finite values, stored errors, codes and scales."""
 
 from __future__ import annotations
 
@@ -7,9 +7,48 @@ from typing import Any
 
 import torch
 
+from ..dtypes import FLOAT_NAMES
 from ..errors import CorruptCheckpointError
 from ..math.linalg import frob2
+from ..math.quantize import relative_rms_error
+from .quantized import SCALES, role_of
 from .reader import Checkpoint
+
+
+def basis_tolerance(code: str | None, dtype: torch.dtype) -> float:
+    """How far from the identity βᵀβ of a stored basis may be: rounding of a float dtype, or four
+    times the relative RMS error of its code precision (NF4 moves βᵀβ by up to ~0.1 on 64 × 64
+    bases; a damaged scale or code moves it by far more)."""
+    if code is not None:
+        return 4 * relative_rms_error(code)
+    return 1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
+
+
+def check_codes(ckpt: Checkpoint) -> None:
+    """Every factor stored as codes (format version 4): its codes and scales present with the shapes
+    and dtypes its module implies, scales finite and ≥ 0, codes in the range quantizing writes (int8
+    not −128; NF4 rows of odd length end with a zero nibble); every other factor in a float dtype, and
+    no scales without codes. Raises :class:`CorruptCheckpointError` at the first problem."""
+
+    def bad(msg: str) -> None:
+        raise CorruptCheckpointError(msg, path=ckpt.path, hint="Re-create the checkpoint")
+
+    codes = ckpt.store.codes
+    for name in ckpt.manifest["tensors"]:
+        if name.endswith(SCALES) and name.removesuffix(SCALES) not in codes:
+            bad(f"tensor {name} holds scales of no factor stored as codes")
+        if role_of(name) is not None and name not in codes and ckpt.stored_meta(name)[1] not in FLOAT_NAMES:
+            bad(f"tensor {name} is stored as {ckpt.stored_meta(name)[1]}, but its module names a float precision")
+    for name, (precision, cols) in sorted(codes.items()):
+        if not (ckpt.has(name) or ckpt.has(name + SCALES)):
+            continue  # a factor this module does not store (k = 0, no private rows)
+        q = ckpt.store.quantized(name)
+        if not (torch.isfinite(q.scales).all() and (q.scales >= 0).all()):
+            bad(f"tensor {name}{SCALES} holds a scale that is negative, NaN or Inf")
+        if precision == "int8" and (q.codes == -128).any():
+            bad(f"tensor {name} holds the int8 code -128, which no writer produces (codes are -127 … 127)")
+        if precision == "nf4" and cols % 2 and q.codes.numel() and (q.codes[:, -1] >> 4).any():
+            bad(f"tensor {name} has a non-zero padding nibble at the end of a row")
 
 
 def verify_checkpoint(ckpt: Checkpoint, *, tol: float = 1e-3) -> dict[str, Any]:
@@ -30,6 +69,7 @@ def verify_checkpoint(ckpt: Checkpoint, *, tol: float = 1e-3) -> dict[str, Any]:
     def bad(msg: str) -> None:
         raise CorruptCheckpointError(msg, path=ckpt.path, hint="Re-create the checkpoint")
 
+    check_codes(ckpt)
     for name in ckpt.manifest["tensors"]:
         t = ckpt.tensor(name)
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -49,8 +89,8 @@ def verify_checkpoint(ckpt: Checkpoint, *, tol: float = 1e-3) -> dict[str, Any]:
                 bad(
                     f"bases of {module} have shapes {tuple(beta.shape)}, {tuple(alpha.shape)}; expected ({n}, {kB}), ({d}, {kA})"
                 )
-            eps = 1e-2 if beta.dtype in (torch.bfloat16, torch.float16) else 1e-4
             for side, U in (("B", beta), ("A", alpha)):
+                eps = basis_tolerance(ckpt.code_precision(f"{prefix}basis_{side}"), U.dtype)
                 G = U.double().T @ U.double()
                 if (G - torch.eye(G.shape[0], dtype=G.dtype)).abs().max() > eps:
                     bad(f"basis_{side} of {module} is not orthonormal")
