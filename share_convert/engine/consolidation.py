@@ -150,7 +150,6 @@ def encode_checked(
             retried = False
         nxt = dataclasses.replace(found.plan)
         nxt.precision, nxt.bytes, nxt.structural_target = found.precision, found.bytes, found.target
-        nxt.alternatives = plan.alternatives
         if found.precision.is_float and tries and found is tries[-1]:
             tries = []  # the float plan: as before precisions existed, kept whatever it measures
         result = encode_group(name, members, stack, beta, alpha, nxt, planner, dtype, prefix)
@@ -189,7 +188,10 @@ def encode_group(
 
 
 def plan_group(
-    stack: ModuleStack, config: ConsolidationConfig, dtype: torch.dtype | None = None, precision: Precisions | None = None
+    stack: ModuleStack,
+    config: ConsolidationConfig,
+    dtype: torch.dtype | None = None,
+    precision: Precisions | None = None,
 ):
     """The bases and plan of one stack under ``config``: (β, α, plan, planner). With ``dtype`` (the
     storage dtype), the plan also says where its factors are stored (``config.precision``, or the

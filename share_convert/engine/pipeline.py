@@ -223,8 +223,6 @@ def module_record(n: int, d: int, res: ModuleResult, dtype: torch.dtype) -> dict
         **({"groups": res.groups} if res.groups else {}),
         **({"target_relaxed": True} if res.plan.target_relaxed else {}),
         "dtype": str(dtype).replace("torch.", ""),
-        # each stored role's precision, where some factor is not in the float dtype (format version 4)
-        **({"precision": dict(res.precision)} if res.precision else {}),
         # as arrays: T × M record dicts would hold memory in proportion to the tasks (issue 12)
         "tasks": RecordTable.from_dicts(res.records),
     }

@@ -291,5 +291,4 @@ def _with_precision(
     plan.precision = None if best.precision.is_float else best.precision
     plan.bytes, plan.structural_target = best.bytes, best.target
     plan.fallbacks = found[1:]
-    plan.alternatives = float_plan.alternatives
     return plan

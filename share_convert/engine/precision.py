@@ -99,9 +99,7 @@ class Precisions:
         """Relative RMS error of one number of this part as stored."""
         return relative_rms_error(self.of(part) or dtype_name(dtype))
 
-    def quantization_errors(
-        self, shared_error: torch.Tensor, error: torch.Tensor, dtype: torch.dtype
-    ) -> torch.Tensor:
+    def quantization_errors(self, shared_error: torch.Tensor, error: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Per task, the relative ΔW error rounding adds (module docstring): from each task's error
         with no private directions (``shared_error``, e₀) and its planned error (``error``, e)."""
         shared_share = (1 - shared_error**2).clamp_min(0)

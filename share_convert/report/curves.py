@@ -50,7 +50,7 @@ STRATEGIES = ("shared_unweighted", "shared", "private", "private_allocated", "mi
 DEFAULT_RATIOS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
 MAX_K = 512
 #: The error targets of the precision curves (mean ΔW error per module).
-PRECISION_TARGETS = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
+PRECISION_TARGETS = (0.02, 0.05, 0.1, 0.2, 0.3)
 
 
 def precision_choices(dtype) -> dict[str, Precisions]:
@@ -136,13 +136,17 @@ def plan_collection(
         default = planner.for_target(config.target_error, config.target_metric)
         kinds[default.kind] += 1
         record(chosen, default)
+        at_target = {eps: planner.for_target(eps, "mean") for eps in PRECISION_TARGETS}
         for c, choice in choices.items():
             for eps in PRECISION_TARGETS:
                 bucket = by_precision[c][eps]
                 if choice.is_float:
-                    plan = planner.for_target(eps, "mean")
+                    plan = at_target[eps]
+                elif choice.floor(dtype) >= eps:
+                    bucket["missing"] = True
+                    continue
                 else:
-                    found = plan_for(planner, eps, "mean", choice, dtype)
+                    found = plan_for(planner, eps, "mean", choice, dtype, known=at_target[eps])
                     if found is None:  # out of this precision's reach in this module: no point at this target
                         bucket["missing"] = True
                         continue
@@ -154,7 +158,9 @@ def plan_collection(
         if config.precision == "float":
             best = (default, Precisions())
         else:
-            found = precision_plans(planner, config.target_error, config.target_metric, config.precision, dtype, default)
+            found = precision_plans(
+                planner, config.target_error, config.target_metric, config.precision, dtype, default
+            )
             best = (found[0].plan, found[0].precision)
         chosen_bytes += plan_bytes(planner, best[0], best[1], dtype)
         chosen_precision[best[1].name()] = chosen_precision.get(best[1].name(), 0) + 1

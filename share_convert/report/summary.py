@@ -47,8 +47,6 @@ STORAGE_ROLES = ("bases", "grams", "coefficients", "private", "heads", "records"
 
 #: Suffix of the tensor that holds a quantized factor's per-block scales (format version 4).
 SCALES = ".scales"
-#: The precision of a float tensor, by its safetensors dtype.
-FLOAT_PRECISION = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 #: The LoRA data: what bits per stored number are counted over.
 FACTOR_ROLES = ("bases", "coefficients", "private")
 
@@ -65,29 +63,19 @@ def storage_role(name: str) -> str:
 
 def stored_numbers(ckpt: Checkpoint) -> dict[str, tuple[str, int, int]]:
     """Per tensor of the file: (precision, numbers it holds, bytes it takes), a quantized factor's
-    codes and scales together under the factor's name (their numbers are the values the codes stand
-    for, as the manifest's module shapes say: docs/format.md)."""
-    codes: dict[str, tuple[str, int]] = {}
-    if int(ckpt.manifest.get("format_version", 0)) >= 4:
-        from ..checkpoint.quantized import code_tensors
-
-        codes = code_tensors(ckpt.modules)
+    codes and scales together under the factor's name (its numbers: the values the codes stand for)."""
     out: dict[str, tuple[str, int, int]] = {}
-    for name in ckpt.manifest.get("tensors", {}):
-        shape, dtype = ckpt.tensor_meta(name)
-        numel, size = math.prod(shape), math.prod(shape) * itemsize(dtype)
-        base = name.removesuffix(SCALES)
-        if base in codes:
-            precision, cols = codes[base]
-            numbers = shape[0] * cols if base == name and shape else 0
-            _, had, had_bytes = out.get(base, (precision, 0, 0))
-            out[base] = (precision, had + numbers, had_bytes + size)
-        else:
-            out[name] = (FLOAT_PRECISION.get(dtype, dtype.lower()), numel, size)
+    names = ckpt.manifest.get("tensors", {})
+    for name in names:
+        if name.endswith(SCALES) and ckpt.code_precision(name.removesuffix(SCALES)) is not None:
+            continue  # counted with its codes
+        out[name] = ckpt.stored_size(name)
     return out
 
 
-def storage_breakdown(ckpt: Checkpoint, numbers: dict[str, tuple[str, int, int]] | None = None) -> dict[str, dict[str, int]]:
+def storage_breakdown(
+    ckpt: Checkpoint, numbers: dict[str, tuple[str, int, int]] | None = None
+) -> dict[str, dict[str, int]]:
     """Parameters (numbers stored) and bytes of the checkpoint's tensors by role, from the file's header."""
     parts = {k: {"params": 0, "bytes": 0} for k in STORAGE_ROLES}
     for name, (_precision, count, size) in (numbers or stored_numbers(ckpt)).items():
