@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..math.quantize import FLOAT_PRECISIONS, relative_rms_error, stored_bytes, store, values
+from ..math.quantize import FLOAT_PRECISIONS, relative_rms_error, store, stored_bytes, values
 from ..math.tolerances import TARGET_TOL
 from .plan_space import ModulePlan, PlanSpace
 

@@ -35,9 +35,9 @@ from .planning import (
     task_weight,
     task_weights,
 )
+from .precision import Precisions
 from .projections import projection_slack
 from .refit import refit_module
-from .precision import Precisions
 from .results import GroupPart, ModuleResult, assemble_groups, rows_precision
 
 

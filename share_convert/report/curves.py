@@ -30,9 +30,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from ..dtypes import itemsize
 from ..engine.budget import BUDGET_TARGETS, allocate_budget
 from ..engine.grouping import cluster_tasks
-from ..dtypes import itemsize
 from ..engine.members import (
     ConsolidationConfig,
     Progress,

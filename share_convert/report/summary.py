@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from ..dtypes import itemsize
-
 if TYPE_CHECKING:
     from ..checkpoint.reader import Checkpoint
 
