@@ -90,6 +90,8 @@ class Precisions:
             return x
         if precision in FLOAT_PRECISIONS:
             return x.to(getattr(torch, precision))
+        if x.numel() == 0:
+            return x.float()
         flat = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
         out = values(store(flat, precision))
         return out.reshape(x.shape)
