@@ -59,9 +59,9 @@ def run_merge(code: Path, inputs: list[str], out: Path, extra: list[str]) -> dic
     env = {**os.environ, "PYTHONPATH": str(code), "CUDA_VISIBLE_DEVICES": ""}
     argv = [sys.executable, "-m", "share_convert.cli", "merge", *inputs, "-o", str(out), "--force", *extra]
     m = measure(argv, env=env)
-    if m.status != 0:
-        raise SystemExit(f"merge failed ({code}, {extra}): exit {m.status}")
-    return {"wall_s": m.wall_s, "maxrss_mb": m.maxrss_kb / 1024}
+    if m.returncode != 0:
+        raise SystemExit(f"merge failed ({code}, {extra}): exit {m.returncode}: {m.stderr[-2000:]}")
+    return {"wall_s": m.wall_s, "peak_rss_mb": m.peak_rss_mb}
 
 
 def read_back(out: Path) -> dict:
@@ -90,7 +90,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
+    # each merge runs in the work folder: ``python -m`` puts the current folder first on sys.path, and
+    # the code under test must be the one PYTHONPATH names (not this checkout's, for --before)
+    os.chdir(args.work)
     runs = {"before": (args.before, []), "auto": (HERE, []), "float": (HERE, ["--precision", "float"])}
     results: dict = {"machine": platform.platform(), "cpus": os.cpu_count(), "sets": {}}
     for name in args.sets.split(","):

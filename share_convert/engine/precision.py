@@ -1,4 +1,4 @@
-"""Storage precision as a second axis of a module's plan (issue 24; docs/method.md, section 8).
+"""Storage precision as a second axis of a module's plan (issue 24; docs/precision.md).
 
 A module stores three kinds of factors: its bases (``basis_B``, ``basis_A``), every task's
 coefficient rows (``coefs_*``) and private rows (``private_*``). :class:`Precisions` gives each kind
@@ -8,7 +8,7 @@ structure AND precision: per candidate, the structure is planned at a target tig
 error quantization is expected to add, and costed in bytes; the engine encodes the cheapest and
 measures its exact errors from the dequantized values (:func:`meets`), falling back in order.
 
-Why the tightening is what it is (section 8): with balanced canonical factors and per-row scale
+Why the tightening is what it is (docs/precision.md): with balanced canonical factors and per-row scale
 blocks, rounding the numbers of one factor of a part of ΔŴ (its shared part, or its private part)
 with relative RMS error ρ moves that part by about ρ‖part‖, independently of the structural
 residual and of the other factors' rounding. So a task whose shared part holds a fraction
