@@ -34,6 +34,9 @@ ROLES = {"bases": ("basis_B", "basis_A"), "coefs": ("coefs_B", "coefs_A"), "priv
 
 #: Structural re-plans of one candidate to bring its predicted error under the target.
 PREDICTION_ROUNDS = 6
+#: The rounding error is predicted this much larger than its expectation: a module's measured error
+#: scatters around the prediction, and a plan that misses the target once encoded is encoded again.
+PREDICTION_MARGIN = 1.1
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,7 @@ def predicted_metric(space: PlanSpace, plan: ModulePlan, choice: Precisions, dty
     error = torch.tensor(plan.predicted_errors, dtype=torch.float64, device=device)
     e0 = space.tails(plan.k_B, plan.k_A)[:, 0] if plan.k_B and plan.k_A else error.new_ones(error.shape)
     e0 = torch.maximum(e0, error)
-    added = choice.quantization_errors(e0.clamp(max=1), error.clamp(max=1), dtype)
+    added = PREDICTION_MARGIN * choice.quantization_errors(e0.clamp(max=1), error.clamp(max=1), dtype)
     added = torch.where(space.norm2 > 0, added, 0.0)
     # a task that is itself a reconstruction carries a bound (prior + drift): the rounding adds to its drift
     total = (error**2 + added**2).sqrt() if space.plain else error + added
