@@ -170,7 +170,6 @@ def add(
     target_error: float | None = None,
     alpha: float | None = None,
     device: str | None = None,
-    precision: str | None = None,
     replace: bool = False,
     force: bool = False,
     progress: Progress | None = None,
@@ -180,10 +179,11 @@ def add(
 ) -> dict[str, Any]:
     """Fold new adapters (or checkpoints) into ``checkpoint``, writing ``output``; return the report.
 
-    ``config`` defaults to the checkpoint's own options, with ``k`` / ``target_error`` / ``device`` /
-    ``precision`` overriding them (the device defaults to 'auto', whatever the checkpoint was made on;
-    a checkpoint older than precisions is updated with 'float'). A module the checkpoint has keeps
-    where it stores each kind of factor; ``precision`` applies to the modules an update plans afresh.
+    ``config`` defaults to the checkpoint's own options, with ``k`` / ``target_error`` / ``device``
+    overriding them (the device defaults to 'auto', whatever the checkpoint was made on). Its
+    ``precision`` too: a checkpoint older than precisions is updated with 'float'; a module the
+    checkpoint has keeps where it stores each kind of factor, and the modules an update plans afresh
+    are planned at the checkpoint's ``precision``.
     """
     from .engine.add_tasks import add as _add
     from .engine.tasks import config_of
@@ -197,7 +197,6 @@ def add(
             config.k = k if k is not None else config.k
             config.target_error = target_error if target_error is not None else config.target_error
             config.device = device if device is not None else config.device
-            config.precision = precision if precision is not None else config.precision
         config.validate()  # refuses options that store nothing (--k 0 alone) before any input is read
         sources = open_inputs(inputs, alpha=alpha)
         _add(

@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 
 from .. import api
-from ..config import FIELD_HELP
-from .options import AlphaOpt, Device, DeviceOpt, ForceOpt, InputsArg, JsonOpt, KOpt, NoWaitOpt, Precision, ShardOpt
+from .options import AlphaOpt, Device, DeviceOpt, ForceOpt, InputsArg, JsonOpt, KOpt, NoWaitOpt, ShardOpt
 from .shell import fail, progress_bar, say_waiting, show
 
 
@@ -40,10 +39,6 @@ def add(
     target_error: Annotated[
         float | None, typer.Option("--target-error", help="Error target for this update (default: the checkpoint's).")
     ] = None,
-    precision: Annotated[
-        Precision | None,
-        typer.Option("--precision", help=FIELD_HELP["precision"] + " Default: the checkpoint's."),
-    ] = None,
     alpha: AlphaOpt = None,
     device: DeviceOpt = Device.auto,
     force: ForceOpt = False,
@@ -67,7 +62,6 @@ def add(
             target,
             k=k,
             target_error=target_error,
-            precision=Precision(precision).value if precision is not None else None,
             alpha=alpha,
             device=Device(device).value,
             replace=replace,

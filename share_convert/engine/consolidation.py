@@ -204,19 +204,26 @@ def plan_group(
     else:  # start small; the loop below widens the bases when the best k is at the edge
         K = min(48, full)
     fit = stack.fit(K)
-    # the structure in the float dtype decides how wide the bases are; a plan in fewer bits (a little
-    # more structure) is then chosen on those bases, widened again only if it lands at their edge:
-    # planning every width in every precision would cost a merge its planning time twice over
-    in_bits = dtype is not None and (precision is not None or config.precision != "float")
-    for step in ("float", "precision") if in_bits else ("float",):
-        while True:
+    while True:
+        beta, alpha, sB, sA, planner = fit
+        spectra = BasisSpectra(sB, sA, stack.energy_totals)
+        plan = choose_plan(planner, config, spectra)
+        if config.mode() in ("fixed", "energy") or not _wider_may_pay(planner, plan, K, full):
+            break
+        K = min(2 * K, full)
+        fit = stack.widen(K, fit)
+    if dtype is not None and (precision is not None or config.precision != "float"):
+        # the structure in the float dtype decides how wide the bases are; the plan in fewer bits needs
+        # a little more structure, so where it lands at their edge the bases grow by a quarter (the new
+        # vectors only: doubling them would cost many modules a fit of twice the width), twice at most
+        for _ in range(3):
+            plan = choose_plan(planner, config, spectra, dtype, precision)
+            if config.mode() in ("fixed", "energy") or not _wider_may_pay(planner, plan, K, full) or _ == 2:
+                break
+            K = min(K + max(16, K // 4), full)
+            fit = stack.widen(K, fit)
             beta, alpha, sB, sA, planner = fit
             spectra = BasisSpectra(sB, sA, stack.energy_totals)
-            plan = choose_plan(planner, config, spectra, dtype if step == "precision" else None, precision)
-            if config.mode() in ("fixed", "energy") or not _wider_may_pay(planner, plan, K, full):
-                break
-            K = min(2 * K, full)
-            fit = stack.widen(K, fit)
     return beta, alpha, plan, planner
 
 

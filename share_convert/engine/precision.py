@@ -36,7 +36,7 @@ ROLES = {"bases": ("basis_B", "basis_A"), "coefs": ("coefs_B", "coefs_A"), "priv
 PREDICTION_ROUNDS = 6
 #: The rounding error is predicted this much larger than its expectation: a module's measured error
 #: scatters around the prediction, and a plan that misses the target once encoded is encoded again.
-PREDICTION_MARGIN = 1.1
+PREDICTION_MARGIN = 1.25
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,10 @@ class Precisions:
 
     # -- the estimate -----------------------------------------------------------------------------------
     def rho(self, part: str, dtype: torch.dtype) -> float:
-        """Relative RMS error of one number of this part as stored."""
-        return relative_rms_error(self.of(part) or dtype_name(dtype))
+        """Relative RMS error of one number of this part as stored: the writer is handed the number in
+        the module's dtype (:meth:`to_store`), so a precision of its own rounds that rounding again."""
+        own, base = self.of(part), relative_rms_error(dtype_name(dtype))
+        return base if own is None else math.hypot(relative_rms_error(own), base)
 
     def quantization_errors(self, shared_error: torch.Tensor, error: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Per task, the relative ΔW error rounding adds (module docstring): from each task's error
@@ -209,12 +211,19 @@ def precision_plans(
     out: list[PrecisionPlan] = []
     choices = [c for c in candidates(precision, dtype)[:-1] if c.floor(dtype) < target]
     choices.sort(key=lambda c: plan_bytes(planner, float_plan, c, dtype))
+    shared_only: dict[tuple[str | None, str | None], PrecisionPlan] = {}
     for choice in choices:
         if out and plan_bytes(planner, float_plan, choice, dtype) >= min(p.bytes for p in out):
+            continue
+        same = shared_only.get((choice.bases, choice.coefs))
+        if same is not None:  # a plan without private directions: the private rows' precision changes nothing
+            out.append(PrecisionPlan(same.plan, choice, same.bytes, same.target))
             continue
         found = plan_for(planner, target, metric, choice, dtype, known=float_plan)
         if found is not None:
             out.append(found)
+            if not any(found.plan.private_ranks) and not any(float_plan.private_ranks):
+                shared_only[(choice.bases, choice.coefs)] = found
     out.sort(key=lambda p: p.bytes)
     out.append(PrecisionPlan(float_plan, Precisions(), plan_bytes(planner, float_plan, Precisions(), dtype), target))
     return out

@@ -180,6 +180,15 @@ def plan_collection(
                 bucket["errors"].setdefault(t, []).append(e)
     heads = sum(int(s.task_record().get("head_params") or 0) for s in sources)
 
+    head_bytes = sum(int(s.task_record().get("head_bytes") or 0) for s in sources)
+
+    # the per-(task, module) records a checkpoint stores beside the factors: 64 bytes a pair (as merge's
+    # budget counts them)
+    record_bytes = 64 * sum(len(idx) for (_n, _d, idx) in modules.values())
+
+    def bytes_ratio(stored: int) -> float | None:
+        return (original_bytes + head_bytes) / (stored + head_bytes + record_bytes) if stored else None
+
     def ratio(params: int) -> float | None:
         return (original + heads) / (params + heads) if params else None
 
@@ -193,14 +202,17 @@ def plan_collection(
         table.append(row)
     default_plan = {
         "rule": config.describe(),
-        "ratio": ratio(chosen["params"]),
+        # the ratio merge reports for these options: in bytes with the precisions chosen (heads on
+        # both sides), in parameters with --precision float (as before precisions existed)
+        "ratio": ratio(chosen["params"]) if config.precision == "float" else bytes_ratio(chosen_bytes),
+        "ratio_params": ratio(chosen["params"]),
         "mean_error": _aggregate(chosen["errors"]),
         "modules_by_kind": kinds,
         "modules": len(modules),
         "at_same_storage": {s: _aggregate(v["errors"]) for s, v in at_chosen.items()},
         # in bytes, with the factors stored as --precision chooses (modules by precision chosen)
         "bytes": chosen_bytes,
-        "ratio_bytes": original_bytes / chosen_bytes if chosen_bytes else None,
+        "ratio_bytes": bytes_ratio(chosen_bytes),
         "modules_by_precision": chosen_precision,
     }
     precision_curves = {

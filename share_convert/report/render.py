@@ -247,13 +247,13 @@ def render_plan(result: dict[str, Any], console: Console) -> None:
     dp = result["default_plan"]
     same = dp["at_same_storage"]
     console.print(
-        f"Default plan ({dp['rule']}): {dp['ratio']:.2f}× in parameters with {dp['mean_error']:.1%} mean ΔW error; "
-        f"at the same parameters pure sharing gives {same['shared']:.1%} and no sharing (equal ranks) "
-        f"{same['private']:.1%}."
+        f"Default plan ({dp['rule']}): {dp['ratio']:.2f}× with {dp['mean_error']:.1%} mean ΔW error (the ratio "
+        f"merge reports for these options); at its parameters ({dp.get('ratio_params', dp['ratio']):.2f}× fewer) "
+        f"pure sharing gives {same['shared']:.1%} and no sharing (equal ranks) {same['private']:.1%}."
     )
-    if dp.get("ratio_bytes"):
+    if dp.get("modules_by_precision"):
         chosen = ", ".join(f"{n} modules {p}" for p, n in sorted(dp["modules_by_precision"].items()))
-        console.print(f"  in bytes, stored as --precision chooses: {dp['ratio_bytes']:.2f}× ({chosen}).")
+        console.print(f"  stored as --precision chooses: {chosen}.")
     console.print(result["verdict"])
     for w in result.get("warnings", []):
         console.print(f"[yellow]Warning: {escape(w)}[/yellow]")
