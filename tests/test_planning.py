@@ -226,5 +226,5 @@ def test_the_plan_curve_of_the_mix_is_never_above_the_default_plan(real):
     result = plan_collection(open_adapters([str(real / "gpt2-c_attn"), str(real / "gpt2-c_attn+c_proj")]))
     default = result["default_plan"]
     # every budget with at least the default plan's storage: the mix (spent across modules) errs no more
-    rows = [row for row in result["curves"] if row["budget_ratio"] <= default["ratio"]]
+    rows = [row for row in result["curves"] if row["budget_ratio"] <= default["ratio_params"]]  # curves: parameters
     assert rows and all(row["mixed"]["mean_error"] <= default["mean_error"] + 1e-9 for row in rows)
