@@ -90,7 +90,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    args.work = args.work.resolve()
+    args.work, args.out = args.work.resolve(), args.out.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     # each merge runs in the work folder: ``python -m`` puts the current folder first on sys.path, and
     # the code under test must be the one PYTHONPATH names (not this checkout's, for --before)
