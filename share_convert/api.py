@@ -199,7 +199,10 @@ def add(
     """Fold new adapters (or checkpoints) into ``checkpoint``, writing ``output``; return the report.
 
     ``config`` defaults to the checkpoint's own options, with ``k`` / ``target_error`` / ``device``
-    overriding them (the device defaults to 'auto', whatever the checkpoint was made on).
+    overriding them (the device defaults to 'auto', whatever the checkpoint was made on). Its
+    ``precision`` too: a checkpoint older than precisions is updated with 'float'; a module the
+    checkpoint has keeps where it stores each kind of factor, and the modules an update plans afresh
+    are planned at the checkpoint's ``precision``.
     ``executor`` and ``ray_address`` as for :func:`merge`.
     """
     from .engine.add_tasks import add as _add

@@ -63,6 +63,18 @@ def parse_budget(text: str) -> tuple[str, float]:
 
 DEFAULT_TARGET_ERROR = 0.05
 
+#: ``--precision`` choices: 'auto' (chosen per module with the structure), 'float' (every factor in
+#: ``--dtype``, as before precisions existed) or one storage precision for every factor.
+PRECISION_CHOICES = ("auto", "float", "float32", "float16", "bfloat16", "int8", "nf4")
+
+#: Help of options that is also a field's documentation: written once, read by the CLI.
+FIELD_HELP = {
+    "precision": "How stored factors (bases, coefficients, private factors) keep their numbers: 'auto' "
+    "chooses per module, with k and the private ranks, the least bytes that meet the target (float32, "
+    "a half type, int8 or 4-bit NF4 per role); 'float' keeps every factor in --dtype (as before "
+    "precisions existed); or one of float32, float16, bfloat16, int8, nf4 for every factor.",
+}
+
 
 @dataclass
 class ConsolidationConfig:
@@ -108,6 +120,9 @@ class ConsolidationConfig:
     groups: str | int = "1"
     """'1' (one basis per module), 'auto' (try 2–4 groups of tasks with separate bases per module,
     kept where cheaper at the same error, or lower error within a budget) or a number of groups."""
+    precision: str = "auto"
+    """How stored factors keep their numbers (:data:`FIELD_HELP`): 'auto', 'float' or one precision.
+    A checkpoint whose options lack it (older files) is updated with 'float'."""
 
     @staticmethod
     def stored_value_problem(name: str, value: object) -> str | None:
@@ -167,6 +182,11 @@ class ConsolidationConfig:
             bad("--device cuda was asked for but no CUDA device is available", "Use --device cpu or auto")
         if self.dtype not in ("auto", *STORAGE_DTYPES):
             bad(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}", "Use one of those")
+        if self.precision not in PRECISION_CHOICES:
+            bad(
+                f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}",
+                "For example --precision auto",
+            )
         if self.groups != "auto" and not (str(self.groups).isdigit() and int(self.groups) >= 1):
             bad(f"--groups must be 'auto' or a positive number, got {self.groups!r}", "For example --groups auto")
         if self.budget is not None:
@@ -189,9 +209,11 @@ class ConsolidationConfig:
     def describe(self) -> str:
         mode = self.mode()
         if mode == "fixed":
-            return f"fixed k={self.k}, private rank {self.private_rank}"
-        if mode == "energy":
-            return f"energy ≥ {self.energy:g} of each stack"
-        if mode == "budget":
-            return f"budget {self.budget}, least mean ΔW error"
-        return f"{self.target_metric} ΔW error ≤ {self.target_error:g} per module, least storage"
+            text = f"fixed k={self.k}, private rank {self.private_rank}"
+        elif mode == "energy":
+            text = f"energy ≥ {self.energy:g} of each stack"
+        elif mode == "budget":
+            text = f"budget {self.budget}, least {'worst' if self.target_metric == 'max' else 'mean'} ΔW error"
+        else:
+            text = f"{self.target_metric} ΔW error ≤ {self.target_error:g} per module, least storage"
+        return text if self.precision == "float" else f"{text}, precision {self.precision}"

@@ -97,7 +97,7 @@ def test_predicted_errors_are_the_errors_of_the_stored_tensors(tmp_path, real):
     from share_convert.engine import plan_group
 
     sources = open_adapters([str(real / "gpt2-c_attn")])
-    merge(sources, tmp_path / "c.safetensors", ConsolidationConfig(budget="3x"))
+    merge(sources, tmp_path / "c.safetensors", ConsolidationConfig(budget="3x", precision="float"))
     config = ConsolidationConfig()
     for module, info in Checkpoint(tmp_path / "c.safetensors").modules.items():
         n, d, idx = check_compatible(sources)[module]
@@ -111,8 +111,9 @@ def test_predicted_errors_are_the_errors_of_the_stored_tensors(tmp_path, real):
 
 
 def test_a_budget_plan_is_never_worse_than_the_target_plan_at_the_same_storage(tmp_path, real, merged):
+    # in parameters: --precision float (a budget with precisions counts bytes)
     groups = ("gpt2-c_attn", "gpt2-c_attn+c_proj")
-    default = Checkpoint(merged(*groups))
+    default = Checkpoint(merged(*groups, precision="float"))
     stored = sum(info["params"] for info in default.modules.values())
     original = sum(
         rec["original_rank"] * (info["out_features"] + info["in_features"])
@@ -121,7 +122,7 @@ def test_a_budget_plan_is_never_worse_than_the_target_plan_at_the_same_storage(t
     )
     ratio = original / stored * (1 - 1e-9)  # a budget of the default plan's storage (and a hair more)
     sources = open_adapters([str(real / g) for g in groups])
-    merge(sources, tmp_path / "b.safetensors", ConsolidationConfig(budget=f"{ratio!r}x"))
+    merge(sources, tmp_path / "b.safetensors", ConsolidationConfig(budget=f"{ratio!r}x", precision="float"))
     budget = Checkpoint(tmp_path / "b.safetensors")
     assert sum(info["params"] for info in budget.modules.values()) <= original / ratio
 
@@ -225,5 +226,5 @@ def test_the_plan_curve_of_the_mix_is_never_above_the_default_plan(real):
     result = plan_collection(open_adapters([str(real / "gpt2-c_attn"), str(real / "gpt2-c_attn+c_proj")]))
     default = result["default_plan"]
     # every budget with at least the default plan's storage: the mix (spent across modules) errs no more
-    rows = [row for row in result["curves"] if row["budget_ratio"] <= default["ratio"]]
+    rows = [row for row in result["curves"] if row["budget_ratio"] <= default["ratio_params"]]  # curves: parameters
     assert rows and all(row["mixed"]["mean_error"] <= default["mean_error"] + 1e-9 for row in rows)

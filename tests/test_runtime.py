@@ -148,7 +148,8 @@ def make_case(root: Path, name: str, real: Path, merged: Callable[..., Path]) ->
             folder / "b", count=3, layers=2, hidden=64, shared_rank=6, noise=0.05, seed=2, prefix="b"
         )
         sources = open_adapters([str(p) for p in paths])
-        config, build, inputs, wanted = ConsolidationConfig(groups="2"), llama, tokens(), None
+        # in float: in fewer bits, each group's tasks would keep their own directions (no bases to serve)
+        config, build, inputs, wanted = ConsolidationConfig(groups="2", precision="float"), llama, tokens(), None
     elif name == "llama-chain":  # two adds whose old rows stay in earlier bases (a rotation chain, format v3)
         paths = write_synthetic_adapters(folder / "c", count=6, layers=2, hidden=64, noise=0.05, seed=3, prefix="c")
         sources = open_adapters([str(p) for p in paths])

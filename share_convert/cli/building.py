@@ -29,6 +29,8 @@ from .options import (
     ModulesOpt,
     NoWaitOpt,
     OutputOpt,
+    Precision,
+    PrecisionOpt,
     PrivOpt,
     RayAddressOpt,
     SeedOpt,
@@ -55,6 +57,7 @@ def merge(
     canonicalize: CanonOpt = True,
     device: DeviceOpt = Device.auto,
     dtype: DtypeOpt = Dtype.auto,
+    precision: PrecisionOpt = Precision.auto,
     seed: SeedOpt = 0,
     groups: Annotated[
         str,
@@ -79,8 +82,9 @@ def merge(
     """Consolidate adapters into one Share checkpoint and print the report.
 
     By default each module gets the representation with the least storage whose mean relative
-    ΔW error is at most 5%: shared bases, per-task private corrections, or both. Use --k,
-    --energy or --budget for another rule.
+    ΔW error is at most 5%: shared bases, per-task private corrections, or both, each stored in
+    the fewest bits that keep the error within the target (--precision). Use --k, --energy or
+    --budget for another rule.
 
     Example: share-convert merge adapters/*.safetensors -o share.safetensors
     """
@@ -89,8 +93,9 @@ def merge(
     if output is None:
         fail("no output was given: pass -o CHECKPOINT.safetensors")
     config = config_from_options(
-        k, private_rank, energy, budget, target_error, target_metric, weighting, canonicalize, device, dtype, seed
-    )
+        k, private_rank, energy, budget, target_error, target_metric, weighting, canonicalize, device, dtype, seed,
+        precision,
+    )  # fmt: skip
     config.groups = groups
     with progress_bar("merging") as progress:
         clock: dict[str, float] = {}
@@ -126,6 +131,7 @@ def plan(
     ] = None,
     target_error: TargetOpt = DEFAULT_TARGET_ERROR,
     target_metric: MetricOpt = TargetMetric.mean,
+    precision: PrecisionOpt = Precision.auto,
     device: DeviceOpt = Device.auto,
     alpha: AlphaOpt = None,
     modules: ModulesOpt = None,
@@ -145,7 +151,10 @@ def plan(
     from ..config import ConsolidationConfig
 
     config = ConsolidationConfig(
-        target_error=target_error, target_metric=TargetMetric(target_metric).value, device=Device(device).value
+        target_error=target_error,
+        target_metric=TargetMetric(target_metric).value,
+        device=Device(device).value,
+        precision=Precision(precision).value,
     )
     with progress_bar("planning") as progress:
         result = api.plan(inputs, config, alpha=alpha, modules=modules, plot=plot, progress=progress)

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from ..config import FIELD_HELP
+
 if TYPE_CHECKING:
     from ..config import ConsolidationConfig
 
@@ -35,6 +37,16 @@ class TargetMetric(str, enum.Enum):
 class Executor(str, enum.Enum):
     local = "local"
     ray = "ray"
+
+
+class Precision(str, enum.Enum):
+    auto = "auto"
+    float = "float"
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    int8 = "int8"
+    nf4 = "nf4"
 
 
 class Dtype(str, enum.Enum):
@@ -69,6 +81,7 @@ def config_from_options(
     device: Device,
     dtype: Dtype,
     seed: int,
+    precision: Precision = Precision.auto,
 ) -> ConsolidationConfig:
     from ..config import ConsolidationConfig
 
@@ -84,6 +97,7 @@ def config_from_options(
         device=Device(device).value,
         dtype=Dtype(dtype).value,
         seed=seed,
+        precision=Precision(precision).value,
     )
 
 
@@ -108,7 +122,8 @@ BudgetOpt = Annotated[
     typer.Option(
         "--budget",
         metavar="RATIO|SIZE",
-        help="Storage budget, a ratio ('4x') or a size ('20MB'): least mean error within it.",
+        help="Storage budget in bytes, a ratio ('4x') or a size ('20MB'): least mean error within it "
+        "(with --target-metric max: least worst-task error).",
     ),
 ]
 TargetOpt = Annotated[
@@ -137,6 +152,7 @@ DeviceOpt = Annotated[Device, typer.Option("--device", help="Where the decomposi
 DtypeOpt = Annotated[
     Dtype, typer.Option("--dtype", help="Storage dtype of bases and coefficients; auto: the inputs' dtype.")
 ]
+PrecisionOpt = Annotated[Precision, typer.Option("--precision", help=FIELD_HELP["precision"])]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD.")]
 ModulesOpt = Annotated[
     str | None,

@@ -23,6 +23,7 @@ from ..checkpoint.writer import CheckpointWriter
 from ..config import ConsolidationConfig
 from ..errors import DuplicateTaskError, IncompatibleAdaptersError, InvalidOptionError
 from ..math.linalg import deterministic, load_linalg
+from ..math.quantize import stored_bytes
 from .consolidation import consolidate_module
 from .members import Progress, TaskSource, check_compatible, named_dtype, natural_key, read_members, storage_dtype
 from .old_tasks import carry_module
@@ -191,12 +192,14 @@ def update_one(
         return update_grouped_module(ckpt, name, kept, clashes, members, module_config, mdtype)
     res = update_module(ckpt, name, kept, members, module_config, mdtype)
     n, d = old.shape
-    if stored_params(res, n, d) > original_params(res, n, d):
+    # in bytes once any factor is stored at another precision (parameters, as before, otherwise)
+    in_bytes = bool(res.precision) or module_config.precision != "float"
+    if stored_cost(res, n, d, mdtype, in_bytes) > original_cost(res, n, d, mdtype, in_bytes):
         # the incremental update keeps the shared bases; here that stores more than the originals
         # did, so consolidate the module again from the old tasks' reconstructions, as merge
         # would (it may keep each task's own directions instead), and keep the smaller
         alternative = refit_module(ckpt, name, kept, members, module_config, mdtype)
-        if stored_params(alternative, n, d) < stored_params(res, n, d):
+        if stored_cost(alternative, n, d, mdtype, in_bytes) < stored_cost(res, n, d, mdtype, in_bytes):
             return alternative
     return res
 
@@ -218,6 +221,33 @@ def stored_params(res: ModuleResult, n: int, d: int) -> int:
     ranks, private = table.int_column("rank"), table.int_column("private_rank")
     bases = k_B * n + k_A * d + k_B * k_B + k_A * k_A
     return bases + int(ranks.sum()) * (k_B + k_A) + int(private.sum()) * (n + d)
+
+
+def stored_cost(res: ModuleResult, n: int, d: int, dtype: torch.dtype, in_bytes: bool) -> int:
+    """What an update's result of one module is compared by: :func:`stored_params` (as before
+    precisions existed), or ``in_bytes`` the bytes of its factors, each role at its precision
+    (``dtype`` where it has none; scales included), and of the Gram matrices."""
+    if not in_bytes:
+        return stored_params(res, n, d)
+    table = RecordTable.from_dicts(res.records)
+    k_B, k_A = res.plan.k_B, res.plan.k_A
+    rows, private = int(table.int_column("rank").sum()), int(table.int_column("private_rank").sum())
+    fallback = str(dtype).replace("torch.", "")
+
+    def size(r: int, c: int, role: str) -> int:
+        return stored_bytes(r, c, res.precision.get(role, fallback)) if r and c else 0
+
+    grams = 4 * (k_B * k_B + k_A * k_A)
+    return (
+        size(n, k_B, "basis_B") + size(d, k_A, "basis_A") + grams + size(rows, k_B, "coefs_B")
+        + size(rows, k_A, "coefs_A") + size(private, n, "private_B") + size(private, d, "private_A")
+    )  # fmt: skip
+
+
+def original_cost(res: ModuleResult, n: int, d: int, dtype: torch.dtype, in_bytes: bool) -> int:
+    """The originals of one module's tasks in the unit of :func:`stored_cost` (bytes: in the module's dtype)."""
+    params = original_params(res, n, d)
+    return params * torch.empty((), dtype=dtype).element_size() if in_bytes else params
 
 
 def original_params(res: ModuleResult, n: int, d: int) -> int:

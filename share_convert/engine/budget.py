@@ -8,6 +8,7 @@ from dataclasses import replace as dc_replace
 import torch
 
 from ..config import ConsolidationConfig, parse_budget
+from ..dtypes import itemsize
 from ..io.stack import OpenFiles
 from .consolidation import plan_group
 from .members import TaskSource, read_members
@@ -28,32 +29,70 @@ def budget_targets(
     """Under ``--budget``, the error target of each module that spends the budget best (else {}).
 
     A first pass reads every module and plans it at each of ``BUDGET_TARGETS`` (the least storage
-    meeting that mean error); :func:`allocate_budget` then chooses per module. The second pass
-    (``merge``) consolidates each module at its target: a budget merge reads its inputs twice.
+    meeting that error); then, with ``target_metric`` 'mean', :func:`allocate_budget` chooses per
+    module the least total error, and with 'max', :func:`common_target` the least error target that
+    every module meets within the budget (the worst task's error, rather than the mean, is what is
+    minimized). The second pass (``merge``) consolidates each module at its target: a budget merge
+    reads its inputs twice.
+
+    Storage is counted in parameters with ``--precision float`` (as before precisions existed) and
+    in bytes otherwise (each plan stored at the precision the plan step chooses for it, against the
+    originals' bytes).
     """
     if config.mode() != "budget":
         return {}
     kind, value = parse_budget(config.budget)
+    in_bytes = config.precision != "float"
     size = torch.empty((), dtype=dtype).element_size()
-    budget_params = total_original / value if kind == "ratio" else max((value - fixed_bytes) / size, 0.0)
+    if in_bytes:
+        original = sum(
+            src.module_shapes()[m][2] * (n + d) * itemsize(src.weights_dtype)
+            for m, (n, d, idx) in modules.items()
+            for src in (sources[i] for i in idx)
+        )
+        budget = original / value if kind == "ratio" else max(value - fixed_bytes, 0.0)
+    else:
+        budget = total_original / value if kind == "ratio" else max((value - fixed_bytes) / size, 0.0)
+    worst = config.target_metric == "max"
+    targets = MAX_TARGETS if worst else BUDGET_TARGETS
 
     def frontier(item: tuple[str, tuple[int, int, list[int]]]) -> list[tuple[int, float]]:
         name, (n, d, idx) = item
         members = read_members([sources[i] for i in idx], name, config, files)
         stack = ModuleStack(n, d, members, config)
         points = []
-        for eps in BUDGET_TARGETS:
-            at = dc_replace(config, budget=None, target_error=eps, target_metric="mean")
-            plan = plan_group(stack, at)[2]
-            points.append((plan.params, plan.mean_error * len(members)))
+        for eps in targets:
+            at = dc_replace(config, budget=None, target_error=eps, target_metric="max" if worst else "mean")
+            plan = plan_group(stack, at, dtype if in_bytes else None)[2]
+            cost = plan.bytes if in_bytes and plan.bytes is not None else plan.params * (size if in_bytes else 1)
+            points.append((cost, max(plan.predicted_errors, default=0.0) if worst else plan.mean_error * len(members)))
         return points
 
     frontiers = dict(zip(modules, ordered_map(frontier, list(modules.items()), workers)))
-    return {m: BUDGET_TARGETS[j] for m, j in allocate_budget(frontiers, budget_params).items()}
+    if worst:
+        j = common_target(frontiers, budget)
+        return {m: MAX_TARGETS[j] for m in modules}
+    return {m: BUDGET_TARGETS[j] for m, j in allocate_budget(frontiers, budget).items()}
+
+
+def common_target(frontiers: dict[str, list[tuple[int, float]]], budget: float) -> int:
+    """The least error target (an index into ``MAX_TARGETS``) whose plans fit ``budget`` summed over
+    modules: the worst task's error is then at most that target in every module (the last when
+    nothing fits). Storage falls as the target grows, so the first that fits is the answer; a binary
+    search over the sorted targets would find the same index."""
+    for j in range(len(MAX_TARGETS)):
+        if sum(points[j][0] for points in frontiers.values()) <= budget:
+            return j
+    return len(MAX_TARGETS) - 1
 
 
 #: The error targets a --budget is allocated among, per module (mean ΔW error over the module's tasks).
 BUDGET_TARGETS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9)
+
+#: The common worst-task error targets a --budget with --target-metric max chooses among: 0, then
+#: steps of 30% from 0.2% to 90% (finer than the mean's grid: one target serves every module, so the
+#: step is what the budget may leave unspent).
+MAX_TARGETS = (0.0, *(round(0.002 * 1.3**i, 6) for i in range(24)), 0.9)
 
 
 def allocate_budget(frontiers: dict[str, list[tuple[int, float]]], budget_params: float) -> dict[str, int]:

@@ -9,15 +9,25 @@ splitting the tasks into groups with bases of their own. Only one module's stack
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 
 from ..config import ConsolidationConfig
-from .encoding import StoredBases, coordinates, encode_in_bases, encode_private_only, store_bases, store_grams
+from .encoding import (
+    FLOAT,
+    StoredBases,
+    coordinates,
+    encode_in_bases,
+    encode_private_only,
+    store_bases,
+    store_grams,
+)
 from .grouping import cluster_tasks
 from .members import ModuleMember
 from .planning import BasisSpectra, ModulePlan, ModulePlanner, choose_plan
+from .precision import Precisions, measured_metric, meets, plan_for, tighter
 from .results import GroupPart, ModuleResult, assemble_groups
 from .stacks import ModuleStack
 
@@ -44,6 +54,8 @@ def consolidate_module(
         return single
     options = range(2, min(4, len(members) // 2) + 1) if config.groups == "auto" else [int(config.groups)]
     best = single
+    # the groups of a module share its precisions (docs/format.md): those the whole module chose
+    shared_precision = None if config.precision == "float" else (single.plan.precision or FLOAT)
     for G in options:
         labels = cluster_tasks(single.planner.fits, G)
         found = sorted(set(labels))
@@ -51,7 +63,9 @@ def consolidate_module(
             continue
         parts = [[m for m, lab in zip(members, labels) if lab == g] for g in found]
         results = [
-            consolidate_group(name, n, d, part, config, dtype, clock, prefix=f"modules/{name}/g{j}/")
+            consolidate_group(
+                name, n, d, part, config, dtype, clock, prefix=f"modules/{name}/g{j}/", precision=shared_precision
+            )
             for j, part in enumerate(parts)
         ]
         groups = [
@@ -59,7 +73,7 @@ def consolidate_module(
             for part, res in zip(parts, results)
         ]
         combined = assemble_groups(groups, [m.task for m in members], single.plan.alternatives, dtype)
-        if combined.plan.params < best.plan.params:
+        if combined.cost() < best.cost():
             best = combined
     return best
 
@@ -73,34 +87,115 @@ def consolidate_group(
     dtype: torch.dtype,
     clock: dict[str, float] | None = None,
     prefix: str | None = None,
+    precision: Precisions | None = None,
 ) -> ModuleResult:
-    """One set of shared bases for ``members`` (all of a module's tasks, or one group of them)."""
+    """One set of shared bases for ``members`` (all of a module's tasks, or one group of them).
+
+    The plan step chooses the structure and where to store it (``precision``, when given, is imposed:
+    the groups of a module share their precisions). Under an error target, a plan stored in fewer
+    bits is encoded, its errors measured from the values as read back, and it is kept only where
+    they meet the target: otherwise the structure is planned tighter once, then the next plan in
+    bytes is tried, the float plan last (:func:`encode_checked`).
+    """
     t0 = time.perf_counter()
     stack = ModuleStack(n, d, members, config)
-    beta, alpha, plan, planner = plan_group(stack, config)
-    norms, weights = stack.norms, stack.weights
+    beta, alpha, plan, planner = plan_group(stack, config, dtype, precision)
     t1 = time.perf_counter()
-    result = ModuleResult(plan=plan)
-    result.planner = planner
-    bases = StoredBases.of(*store_bases(name, beta, alpha, plan, dtype, result, prefix))
-    coords = coordinates(members, bases)
-    if bases is None:  # no shared part: every task keeps its own top directions
-        encoded = encode_private_only(members, plan.private_ranks, dtype, norms)
-    else:
-        encoded = encode_in_bases(members, plan.private_ranks, bases, dtype, norms, coords)
-    for i, m in enumerate(members):
-        tensors, record = encoded[i]
-        result.task_parts[m.task] = tensors
-        result.records[m.task] = record
-    store_grams(name, result, [(m.task, weights[i]) for i, m in enumerate(members)], plan, prefix)
+    result = encode_checked(name, members, stack, beta, alpha, plan, planner, config, dtype, prefix)
     if clock is not None:
         clock["decompose"] += t1 - t0
         clock["encode"] += time.perf_counter() - t1
     return result
 
 
-def plan_group(stack: ModuleStack, config: ConsolidationConfig):
-    """The bases and plan of one stack under ``config``: (β, α, plan, planner)."""
+def encode_checked(
+    name: str,
+    members: list[ModuleMember],
+    stack: ModuleStack,
+    beta: torch.Tensor,
+    alpha: torch.Tensor,
+    plan: ModulePlan,
+    planner: ModulePlanner,
+    config: ConsolidationConfig,
+    dtype: torch.dtype,
+    prefix: str | None,
+) -> ModuleResult:
+    """:func:`encode_group` of ``plan``; under an error target, a plan with stored precisions whose
+    measured errors miss it is planned tighter once, then replaced by its fallbacks in order."""
+    checked = config.mode() == "target" and plan.precision is not None and not plan.precision.is_float
+    result = encode_group(name, members, stack, beta, alpha, plan, planner, dtype, prefix)
+    if not checked:
+        return result
+    target, metric = config.target_error, config.target_metric
+    frozen = planner.frozen_stats(plan.k_B, plan.k_A)
+    tries = [None, *plan.fallbacks]
+    retried = False
+    while True:
+        table = result.records
+        errors = [table[m.task]["error"] for m in members]
+        value = measured_metric(errors, stack.norms, metric, frozen, planner.count)
+        if meets(value, target) or not tries:
+            return result
+        current = result.plan
+        found = None
+        if not retried and current.bytes is not None:
+            retried = True
+            start = tighter(planner, current, metric, value, target)
+            found = plan_for(planner, target, metric, current.precision, dtype, start=start)
+        if found is None:
+            tries.pop(0)
+            if not tries:
+                return result
+            found = tries[0]
+            retried = False
+        nxt = dataclasses.replace(found.plan)
+        nxt.precision, nxt.bytes, nxt.structural_target = found.precision, found.bytes, found.target
+        if found.precision.is_float and tries and found is tries[-1]:
+            tries = []  # the float plan: as before precisions existed, kept whatever it measures
+        result = encode_group(name, members, stack, beta, alpha, nxt, planner, dtype, prefix)
+
+
+def encode_group(
+    name: str,
+    members: list[ModuleMember],
+    stack: ModuleStack,
+    beta: torch.Tensor,
+    alpha: torch.Tensor,
+    plan: ModulePlan,
+    planner: ModulePlanner,
+    dtype: torch.dtype,
+    prefix: str | None,
+) -> ModuleResult:
+    """Every task of one set of bases encoded at ``plan`` (its structure and precision)."""
+    precision = plan.precision or FLOAT
+    norms, weights = stack.norms, stack.weights
+    result = ModuleResult(plan=plan)
+    result.planner = planner
+    result.precision = precision.roles(dtype, plan) if not precision.is_float else {}
+    bases = StoredBases.of(*store_bases(name, beta, alpha, plan, dtype, result, prefix, precision))
+    coords = coordinates(members, bases)
+    if bases is None:  # no shared part: every task keeps its own top directions
+        encoded = encode_private_only(members, plan.private_ranks, dtype, norms, precision)
+    else:
+        encoded = encode_in_bases(members, plan.private_ranks, bases, dtype, norms, coords, precision=precision)
+    for i, m in enumerate(members):
+        tensors, record = encoded[i]
+        result.task_parts[m.task] = tensors
+        result.records[m.task] = record
+    weighted = [(m.task, weights[i]) for i, m in enumerate(members)]
+    store_grams(name, result, weighted, plan, prefix, precision=precision)
+    return result
+
+
+def plan_group(
+    stack: ModuleStack,
+    config: ConsolidationConfig,
+    dtype: torch.dtype | None = None,
+    precision: Precisions | None = None,
+):
+    """The bases and plan of one stack under ``config``: (β, α, plan, planner). With ``dtype`` (the
+    storage dtype), the plan also says where its factors are stored (``config.precision``, or the
+    imposed ``precision``) and what that costs in bytes."""
     full = stack.full
     if config.mode() == "fixed":
         K = min(config.k or 0, full)
@@ -111,11 +206,24 @@ def plan_group(stack: ModuleStack, config: ConsolidationConfig):
     fit = stack.fit(K)
     while True:
         beta, alpha, sB, sA, planner = fit
-        plan = choose_plan(planner, config, BasisSpectra(sB, sA, stack.energy_totals))
+        spectra = BasisSpectra(sB, sA, stack.energy_totals)
+        plan = choose_plan(planner, config, spectra)
         if config.mode() in ("fixed", "energy") or not _wider_may_pay(planner, plan, K, full):
             break
         K = min(2 * K, full)
         fit = stack.widen(K, fit)
+    if dtype is not None and (precision is not None or config.precision != "float"):
+        # the structure in the float dtype decides how wide the bases are; the plan in fewer bits needs
+        # a little more structure, so where it lands at their edge the bases grow by a quarter (the new
+        # vectors only: doubling them would cost many modules a fit of twice the width), twice at most
+        for _ in range(3):
+            plan = choose_plan(planner, config, spectra, dtype, precision)
+            if config.mode() in ("fixed", "energy") or not _wider_may_pay(planner, plan, K, full) or _ == 2:
+                break
+            K = min(K + max(16, K // 4), full)
+            fit = stack.widen(K, fit)
+            beta, alpha, sB, sA, planner = fit
+            spectra = BasisSpectra(sB, sA, stack.energy_totals)
     return beta, alpha, plan, planner
 
 

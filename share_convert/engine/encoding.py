@@ -19,21 +19,35 @@ from ..math.tolerances import CANONICAL_RTOL, DRIFT_BOUND_ABOVE
 from ..math.traces import frobenius2, trace_product
 from .members import ModuleMember
 from .planning import ModulePlan
+from .precision import Precisions
 from .results import ModuleResult
+
+#: Every factor in the module's float dtype (as before precisions existed).
+FLOAT = Precisions()
 
 
 def store_bases(
-    name: str, beta, alpha, plan: ModulePlan, dtype: torch.dtype, result: ModuleResult, prefix: str | None = None
+    name: str,
+    beta,
+    alpha,
+    plan: ModulePlan,
+    dtype: torch.dtype,
+    result: ModuleResult,
+    prefix: str | None = None,
+    precision: Precisions = FLOAT,
 ):
     """Round the chosen bases to the storage dtype and add them to ``result`` (on the CPU, to be
-    written); returns the rounded bases on their device, for encoding."""
+    written at ``precision``); returns the bases on their device as a reader gets them back
+    (dequantized where ``precision`` quantizes them), for encoding."""
     if not (plan.k_B and plan.k_A):
         return None, None
     prefix = prefix or f"modules/{name}/"
     beta_s, alpha_s = beta[:, : plan.k_B].to(dtype), alpha[:, : plan.k_A].to(dtype)
     result.tensors[f"{prefix}basis_B"] = beta_s.cpu()
     result.tensors[f"{prefix}basis_A"] = alpha_s.cpu()
-    return beta_s, alpha_s
+    if precision.bases is None:
+        return beta_s, alpha_s
+    return precision.rows_as_stored(beta_s, "bases", dtype), precision.rows_as_stored(alpha_s, "bases", dtype)
 
 
 def store_grams(
@@ -43,10 +57,12 @@ def store_grams(
     plan: ModulePlan,
     prefix: str | None = None,
     known: dict[str, torch.Tensor] | None = None,
+    precision: Precisions = FLOAT,
 ) -> None:
-    """Σ_i w_i E_i E_iᵀ over the stored coefficients, per side: the stack as the checkpoint knows it
-    (spec, section 5). Kept so that later updates cost nothing per old task. ``known`` holds the
-    sum over tasks not in ``weighted_tasks``, per side (the old tasks of an update)."""
+    """Σ_i w_i E_i E_iᵀ over the stored coefficients (as a reader gets them back: dequantized where
+    ``precision`` quantizes them), per side: the stack as the checkpoint knows it (spec, section 5).
+    Kept so that later updates cost nothing per old task. ``known`` holds the sum over tasks not in
+    ``weighted_tasks``, per side (the old tasks of an update)."""
     if not (plan.k_B and plan.k_A):
         return
     for side, k in (("B", plan.k_B), ("A", plan.k_A)):
@@ -54,6 +70,8 @@ def store_grams(
         for task, w in weighted_tasks:
             c = result.task_parts.get(task, {}).get(f"coef_{side}")
             if c is not None:
+                if precision.coefs is not None:  # stored rows are the columns of c
+                    c = precision.rows_as_stored(c.T, "coefs", c.dtype).T
                 coefs.append(c.float())
                 scales.append(torch.full((c.shape[1],), w, dtype=torch.float64))
         # Σ_i w_i c_i c_iᵀ as one product over the side-by-side coefficients
@@ -123,6 +141,7 @@ def encode_in_bases(
     *,
     factors: str = "batched",
     errors: str = "batched",
+    precision: Precisions = FLOAT,
 ) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
     """Many tasks of a module in its shared bases, each with a private rank q (0 for none),
     batched per (rank, q): their coefficients, private factors and ΔW errors.
@@ -148,6 +167,11 @@ def encode_in_bases(
     ``bases`` None (a plan that keeps no shared directions; only with ``errors="stored"``): no
     coefficients, each task's own best rank-q part by the same QR and SVD. Merge encodes such
     modules with :func:`encode_private_only`.
+
+    ``precision``: where coefficients and private factors are stored (``bases`` are already as a
+    reader gets them back). The tensors returned are what the writer is handed (the float dtype);
+    the private part is fitted to the residual of the shared part as read back, and every error
+    is that of the values read back (dequantized), so records say what extraction gives.
     """
     if errors not in ("batched", "stored") or factors not in ("batched", "per_task"):
         raise ValueError(
@@ -170,18 +194,21 @@ def encode_in_bases(
             continue
         if factors == "per_task":
             for i in idx:
-                tensors = _task_factors(members[i], q, bases, dtype, coords[i] if bases is not None else None)
-                out[i] = (
-                    tensors,
-                    _record(members[i], tensors, stored_error(members[i], tensors, bases, None), norms[i]),
+                tensors, vals = _task_factors(
+                    members[i], q, bases, dtype, coords[i] if bases is not None else None, precision
                 )
+                out[i] = (tensors, _record(members[i], tensors, stored_error(members[i], vals, bases, None), norms[i]))
             continue
         if bases is not None:
             EB = torch.stack([coords[i][0] for i in idx])  # t × k_B × r, float64
             EA = torch.stack([coords[i][1] for i in idx])
             CB, CA, _S, ranks = canonicalize_padded(EB, EA)
             CB, CA = CB.to(dtype), CA.to(dtype)  # as stored
-            cB, cA = CB.to(f64), CA.to(f64)
+            if precision.coefs is None:
+                cB, cA = CB.to(f64), CA.to(f64)
+            else:  # as read back: each stored row (a column of E) at the coefficients' precision
+                cB = precision.rows_as_stored(CB.transpose(1, 2), "coefs", dtype).transpose(1, 2).to(f64)
+                cA = precision.rows_as_stored(CA.transpose(1, 2), "coefs", dtype).transpose(1, 2).to(f64)
         else:  # no shared bases: no coefficients, each task's own top q directions
             ranks = torch.zeros(len(idx), dtype=torch.int64)
         batched = errors == "batched"
@@ -212,6 +239,9 @@ def encode_in_bases(
             PB, PA = (PB * signs).to(dtype), (PA * signs).to(dtype)  # as stored
             if batched:
                 PB64, PA64 = PB.to(f64), PA.to(f64)
+                if precision.private is not None:  # as read back: rows of P_Bᵀ and of P_A
+                    PB64 = precision.rows_as_stored(PB.transpose(1, 2), "private", dtype).transpose(1, 2).to(f64)
+                    PA64 = precision.rows_as_stored(PA.transpose(1, 2), "private", dtype).transpose(1, 2).to(f64)
                 cross_private = trace_product(Bc, Ac, PB64, PA64)
                 cross = cross + cross_private
                 recon2 = (
@@ -243,9 +273,25 @@ def encode_in_bases(
             if k:
                 tensors["private_B"] = PB[j, :, :k]
                 tensors["private_A"] = PA[j, :, :k].T.contiguous()
-            err = errs[j] if batched else stored_error(members[i], tensors, bases, None)
+            err = errs[j] if batched else stored_error(members[i], _as_read(tensors, precision), bases, None)
             out[i] = (tensors, _record(members[i], tensors, err, norms[i]))
     return out  # type: ignore[return-value]
+
+
+def _as_read(tensors: dict[str, torch.Tensor], precision: Precisions) -> dict[str, torch.Tensor]:
+    """A task's tensors (coef_B k_B × p, coef_A, private_B n × q, private_A q × d) as a reader gets
+    them back at ``precision`` (its stored rows: columns of the coefficients and of private_B, rows of
+    private_A)."""
+    if precision.is_float:
+        return tensors
+    out = {}
+    for key, x in tensors.items():
+        part = "coefs" if key.startswith("coef") else "private"
+        rows_are_columns = key != "private_A"
+        rows = x.T if rows_are_columns else x
+        back = precision.rows_as_stored(rows, part, x.dtype)
+        out[key] = back.T if rows_are_columns else back
+    return out
 
 
 def _task_factors(
@@ -254,8 +300,10 @@ def _task_factors(
     bases: StoredBases | None,
     dtype: torch.dtype,
     coords: tuple[torch.Tensor, torch.Tensor] | None,
-) -> dict[str, torch.Tensor]:
-    """One task's coefficients and private factors as stored, by :func:`canonicalize` (``factors="per_task"``)."""
+    precision: Precisions = FLOAT,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One task's coefficients and private factors as stored, by :func:`canonicalize` (``factors="per_task"``),
+    and as a reader gets them back at ``precision``."""
     tensors: dict[str, torch.Tensor] = {}
     f64 = torch.float64
     shared_B = shared_A = None
@@ -264,8 +312,9 @@ def _task_factors(
         if cB.shape[1]:
             tensors["coef_B"], tensors["coef_A"] = cB.to(dtype), cA.to(dtype)
             if q:
-                shared_B = bases.beta @ tensors["coef_B"].to(f64)
-                shared_A = bases.alpha @ tensors["coef_A"].to(f64)
+                read = _as_read(tensors, precision)
+                shared_B = bases.beta @ read["coef_B"].to(f64)
+                shared_A = bases.alpha @ read["coef_A"].to(f64)
     if q:
         Bc, Ac = m.Bc.to(f64), m.Ac.to(f64)
         if shared_B is None:
@@ -274,7 +323,7 @@ def _task_factors(
             PB, PA, _ = canonicalize(torch.cat([Bc, -shared_B], 1), torch.cat([Ac, shared_A], 1), max_rank=q)
         if PB.shape[1]:
             tensors["private_B"], tensors["private_A"] = PB.to(dtype), PA.T.contiguous().to(dtype)
-    return tensors
+    return tensors, _as_read(tensors, precision)
 
 
 def _record(m: ModuleMember, tensors: dict[str, torch.Tensor], error: float, norm: float) -> dict[str, Any]:
@@ -286,7 +335,11 @@ def _record(m: ModuleMember, tensors: dict[str, torch.Tensor], error: float, nor
 
 
 def encode_private_only(
-    members: Sequence[ModuleMember], qs: Sequence[int], dtype: torch.dtype, norms: Sequence[float]
+    members: Sequence[ModuleMember],
+    qs: Sequence[int],
+    dtype: torch.dtype,
+    norms: Sequence[float],
+    precision: Precisions = FLOAT,
 ) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
     """:func:`encode_in_bases` of many tasks in a module without shared bases (k = 0), for merge.
 
@@ -307,10 +360,13 @@ def encode_private_only(
         # stored factors (exact in float32): one product X Yᵀ of n- and d-sized factors that holds
         # the difference itself, so its norm (section 4's trace of Gram matrices, in float32, summed
         # in float64) does not cancel large terms, and small errors need no float64 pass.
-        PBf = PB.float()
-        dA = PA.float().transpose(-1, -2) - Ac[:, :, :q]
+        PBf, PAf = PB.float(), PA.float()
+        if precision.private is not None:  # as read back: rows of P_Bᵀ and of P_A
+            PBf = precision.rows_as_stored(PB.transpose(1, 2), "private", dtype).transpose(1, 2).float()
+            PAf = precision.rows_as_stored(PA, "private", dtype).float()
+        dA = PAf.transpose(-1, -2) - Ac[:, :, :q]
         X = torch.cat([Bc, PBf - Bc[:, :, :q]], -1)
-        Y = torch.cat([-dA, Ac[:, :, q:], -PA.float().transpose(-1, -2)], -1)
+        Y = torch.cat([-dA, Ac[:, :, q:], -PAf.transpose(-1, -2)], -1)
         diff2 = frobenius2(X, Y, dtype=torch.float64)
         ref2 = frobenius2(Bc, Ac, dtype=torch.float64)
         err = torch.where(ref2 > 0, (diff2.clamp_min(0) / ref2.clamp_min(1e-300)).sqrt(), 0.0)

@@ -38,7 +38,7 @@ from .budget import budget_targets
 from .consolidation import consolidate_module
 from .members import Progress, TaskSource, check_compatible, original_rank, prepare_members, storage_dtype
 from .parallel import auto_workers, check_executor, executor_session, ordered_map, prefetched
-from .results import ModuleResult
+from .results import ModuleResult, rows_precision
 
 
 def merge(
@@ -189,7 +189,8 @@ def merge_module(
     clock["canonicalize"] += time.perf_counter() - t1
     module_config = config
     if target is not None:  # under --budget: this module's share, as an error target
-        module_config = dc_replace(config, budget=None, target_error=target, target_metric="mean")
+        metric = "max" if config.target_metric == "max" else "mean"
+        module_config = dc_replace(config, budget=None, target_error=target, target_metric=metric)
     return consolidate_module(name, n, d, members, module_config, dtype, clock), clock
 
 
@@ -271,7 +272,11 @@ def write_module(
     ``source`` is the checkpoint that ``res.carried`` tensors are copied from, byte for byte.
     """
     for tname in sorted(res.tensors):
-        writer.add(tname, res.tensors[tname])
+        role = tname.rsplit("/", 1)[-1]
+        if role in res.precision:
+            writer.add(tname, res.tensors[tname], res.precision[role])
+        else:
+            writer.add(tname, res.tensors[tname])
     for tname in res.carried:
         source.copy_to(writer, tname)
     rows = res.rows
@@ -281,6 +286,7 @@ def write_module(
             prefix = f"modules/{name}/g{rec['group']}/" if res.groups else f"modules/{name}/"
             tasks.append((task, prefix, res.task_parts.get(task, {})))
         rows = TaskRows.of_parts(tasks, dtype)
+        rows.precision = rows_precision(res.precision)
     writer.add_module(name, rows)
 
 
@@ -299,6 +305,16 @@ def module_record(n: int, d: int, res: ModuleResult, dtype: torch.dtype) -> dict
         # as arrays: T × M record dicts would hold memory in proportion to the tasks (issue 12)
         "tasks": RecordTable.from_dicts(res.records),
     }
+
+
+def stored_config(config: ConsolidationConfig) -> dict[str, Any]:
+    """The options as the manifest stores them. ``precision`` 'float' is left out: a checkpoint without
+    it (every file older than precisions) stores every factor in its float dtype, so a float checkpoint
+    is byte for byte what it was before precisions existed."""
+    stored = asdict(config)
+    if stored.get("precision") == "float":
+        del stored["precision"]
+    return stored
 
 
 def build_manifest(
@@ -351,7 +367,7 @@ def build_manifest(
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "config": asdict(config),
+        "config": stored_config(config),
         "tasks": tasks,
         "modules": modules,
         "history": [*history, entry],

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -83,6 +84,15 @@ class ModulePlan:
     frozen_error_sum: float = 0.0
     #: the target could not be met because of errors from earlier checkpoints; it held this step's error
     target_relaxed: bool = False
+    #: where each kind of factor is stored (engine/precision.Precisions; None: the float dtype, as before)
+    precision: Any = None
+    #: bytes the plan stores at ``precision`` (None: not costed in bytes)
+    bytes: int | None = None
+    #: the structural target the plan was planned at (tighter than the target where precision adds error)
+    structural_target: float | None = None
+    #: plans of structure and precision to fall back on, in order, if this one misses the target once
+    #: encoded (engine/precision.PrecisionPlan each; the last is the float plan)
+    fallbacks: list[Any] = field(default_factory=list)
 
     @property
     def kind(self) -> str:
@@ -169,6 +179,11 @@ class PlanSpace:
         self._tails: dict[tuple[int, int], torch.Tensor] = {}
         #: the stacks' coordinates in the bases (k × columns), when the planner was built from them
         self.projections: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def plain(self) -> bool:
+        """No task is a reconstruction: planned errors are the errors themselves (not bounds)."""
+        return self._plain
 
     def inherit(self, narrower: PlanSpace) -> None:
         """Reuse the error tails of a planner whose bases are prefixes of this one's (same tasks):

@@ -10,6 +10,7 @@ choose the plan with the least storage that meets a target, or the least error w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from ..math.bounds import drift_bound  # noqa: F401 (re-exported)
 from ..math.tolerances import COUNT_TOL, ENERGY_RTOL, TARGET_TOL
 from .fits import FrozenTasks, TaskFit  # noqa: F401 (re-exported)
 from .plan_space import K_GRID, ModulePlan, PlanSpace  # noqa: F401 (re-exported)
+from .precision import PrecisionPlan, Precisions, plan_bytes, plan_for, precision_plans
 
 
 class ModulePlanner(PlanSpace):
@@ -223,21 +225,70 @@ class BasisSpectra:
     totals: Callable[[], tuple[float, float]]
 
 
-def choose_plan(planner: ModulePlanner, config: ConsolidationConfig, spectra: BasisSpectra) -> ModulePlan:
+def choose_plan(
+    planner: ModulePlanner,
+    config: ConsolidationConfig,
+    spectra: BasisSpectra,
+    dtype: torch.dtype | None = None,
+    precision: Precisions | None = None,
+) -> ModulePlan:
     """The plan step of every way a module is computed (merge, the budget pass, add, refits): a
-    fixed k, an energy fraction, or the least storage meeting the error target.
+    fixed k, an energy fraction, or the least storage meeting the error target; and, given the
+    storage ``dtype``, where its factors are stored (``plan.precision``, ``plan.bytes``).
+
+    Precision (``config.precision``, or an imposed ``precision``: groups of a module, updates of a
+    module whose stored precisions are kept): 'float' stores every factor in ``dtype`` (the plan is
+    the one of before precisions existed, ``plan.precision`` None). Under an error target, 'auto'
+    plans each candidate precision at a tightened target (engine/precision.py) and takes the least
+    bytes, with the others as ``plan.fallbacks`` (the float plan last); a fixed precision is kept,
+    at the tightest structure if the target is out of its reach. Under ``--k`` or ``--energy`` the
+    structure is the user's: 'auto' keeps it in the float dtype, a fixed precision stores it so.
 
     A ``--budget`` is spent across modules by ``merge`` first (an error target per module) and never
     reaches one module; ``add`` keeps the error target.
     """
     mode = config.mode()
+    if mode == "budget":
+        raise ValueError("a --budget is spent across modules by merge(): plan each module at its target")
+    imposed = precision is not None
+    chosen = precision if imposed else None
+    if not imposed and config.precision not in ("auto", "float"):
+        chosen = Precisions.uniform(config.precision)
     if mode == "fixed":
-        return planner.fixed(config.k, config.private_rank)
-    if mode == "energy":
+        plan = planner.fixed(config.k, config.private_rank)
+    elif mode == "energy":
         total_B, total_A = spectra.totals()
         kB = energy_k(spectra.s_B, total_B, config.energy)
         kA = energy_k(spectra.s_A, total_A, config.energy)
-        return planner.evaluate(kB, kA, [0] * planner.T)
-    if mode == "budget":
-        raise ValueError("a --budget is spent across modules by merge(): plan each module at its target")
-    return planner.for_target(config.target_error, config.target_metric)
+        plan = planner.evaluate(kB, kA, [0] * planner.T)
+    else:
+        plan = planner.for_target(config.target_error, config.target_metric)
+        if dtype is not None and not plan.target_relaxed and (chosen is not None or config.precision == "auto"):
+            return _with_precision(planner, plan, config, dtype, chosen)
+    if dtype is not None and chosen is not None and not chosen.is_float:
+        plan.precision, plan.bytes = chosen, plan_bytes(planner, plan, chosen, dtype)
+    return plan
+
+
+def _with_precision(
+    planner: ModulePlanner, float_plan: ModulePlan, config: ConsolidationConfig, dtype: torch.dtype, chosen
+) -> ModulePlan:
+    """Under an error target: the plan of structure and precision with the least bytes (``chosen``:
+    that precision only), its fallbacks in order."""
+    target, metric = config.target_error, config.target_metric
+    if chosen is None:
+        found = precision_plans(planner, target, metric, config.precision, dtype, float_plan)
+    elif chosen.is_float:
+        found = [PrecisionPlan(float_plan, chosen, plan_bytes(planner, float_plan, chosen, dtype), target)]
+    else:
+        one = plan_for(planner, target, metric, chosen, dtype)
+        if one is None:  # out of this precision's reach: the tightest structure, stored as asked
+            tight = planner.for_target(0.0, metric)
+            one = PrecisionPlan(tight, chosen, plan_bytes(planner, tight, chosen, dtype), 0.0)
+        found = [one]
+    best = found[0]
+    plan = dataclasses.replace(best.plan)  # a plan object may stand in several candidates
+    plan.precision = None if best.precision.is_float else best.precision
+    plan.bytes, plan.structural_target = best.bytes, best.target
+    plan.fallbacks = found[1:]
+    return plan

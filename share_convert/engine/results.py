@@ -28,6 +28,13 @@ class ModuleResult:
     task_parts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     #: the tasks' tensors already stacked (updates of many old tasks); when set, ``task_parts`` is not written
     rows: TaskRows | None = None
+    #: stored role (basis_B, coefs_A, private_B, …) -> precision name; a role not in it is stored in
+    #: the module's float dtype, as before precisions existed (docs/format.md)
+    precision: dict[str, str] = field(default_factory=dict)
+
+    def cost(self) -> int:
+        """What plans are compared by: bytes where the plan was costed in bytes, else parameters."""
+        return self.plan.bytes if self.plan.bytes is not None else self.plan.params
 
 
 @dataclass
@@ -48,13 +55,16 @@ class GroupPart:
     task_parts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     carried: list[str] = field(default_factory=list)
     rows: TaskRows | None = None
+    precision: dict[str, str] = field(default_factory=dict)
+    #: bytes of the group's plan, where it was costed in bytes
+    bytes: int | None = None
 
     @classmethod
     def of(cls, res: ModuleResult, tasks: list[str], private_ranks: Mapping[str, int] | None = None) -> GroupPart:
         """The part of a group computed as a module of its own (its bases under ``g<j>/``)."""
         plan = res.plan
         return cls(plan.k_B, plan.k_A, plan.kind, plan.params, tasks, res.records, private_ranks,
-                   res.tensors, res.task_parts, res.carried, res.rows)  # fmt: skip
+                   res.tensors, res.task_parts, res.carried, res.rows, res.precision, plan.bytes)  # fmt: skip
 
 
 def assemble_groups(
@@ -65,11 +75,14 @@ def assemble_groups(
     group, in ``order``; the tasks' rows stacked when every part has them stacked."""
     result = ModuleResult(plan=ModulePlan(0, 0, [], [], 0, alternatives))
     result.groups = []
+    if parts and all(part.bytes is not None for part in parts):
+        result.plan.bytes = sum(part.bytes for part in parts)
     where: dict[str, tuple[int, dict[str, Any]]] = {}
     for j, part in enumerate(parts):
         result.tensors.update(part.tensors)
         result.task_parts.update(part.task_parts)
         result.carried += part.carried
+        result.precision.update(part.precision)  # the groups of a module share their precisions
         entry = {"k_B": part.k_B, "k_A": part.k_A, "kind": part.kind, "params": part.params, "tasks": part.tasks}
         result.groups.append(entry)
         result.plan.k_B += part.k_B
@@ -85,4 +98,11 @@ def assemble_groups(
         result.plan.predicted_errors.append(rec["error"])
     if parts and all(part.rows is not None for part in parts):
         result.rows = TaskRows.concat([part.rows for part in parts], dtype)
+    if result.rows is not None and result.precision:
+        result.rows.precision = rows_precision(result.precision)
     return result
+
+
+def rows_precision(precision: dict[str, str]) -> dict[str, str]:
+    """The precisions of a module's stacked per-task tensors (coefs_*, private_*): TaskRows.precision."""
+    return {role: p for role, p in precision.items() if role.startswith(("coefs_", "private_"))}

@@ -13,9 +13,14 @@ from ..errors import CorruptCheckpointError, InvalidOptionError
 
 def config_of(ckpt: Checkpoint) -> ConsolidationConfig:
     """The options ``ckpt`` was made with, for its updates; where to compute is this machine's
-    choice (``device`` is 'auto'), not the checkpoint's: one made on a GPU is extended on a CPU."""
+    choice (``device`` is 'auto'), not the checkpoint's: one made on a GPU is extended on a CPU.
+    Options without a ``precision`` (files older than precisions) are updated with 'float'."""
     fields = ConsolidationConfig.__dataclass_fields__
-    config = ConsolidationConfig(**{k: v for k, v in ckpt.config.items() if k in fields and k != "device"})
+    stored = {k: v for k, v in ckpt.config.items() if k in fields and k != "device"}
+    # a checkpoint written before precisions existed stores every factor in its float dtype, and so
+    # do its updates: the old tasks' bytes stay as they are
+    stored.setdefault("precision", "float")
+    config = ConsolidationConfig(**stored)
     try:  # the reader checked each stored option's type; their values are checked as options are
         config.validate()
     except InvalidOptionError as e:

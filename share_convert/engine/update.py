@@ -35,9 +35,28 @@ from .planning import (
     task_weight,
     task_weights,
 )
+from .precision import Precisions
 from .projections import projection_slack
 from .refit import refit_module
-from .results import GroupPart, ModuleResult, assemble_groups
+from .results import GroupPart, ModuleResult, assemble_groups, rows_precision
+
+
+def entry_precision(entry) -> dict[str, str]:
+    """A module entry's stored precisions (role -> name; empty in files older than precisions)."""
+    return dict(getattr(entry, "precision", None) or {})
+
+
+def module_precisions(entry, dtype: torch.dtype) -> Precisions:
+    """Where a module of a checkpoint stores each kind of factor, for its update: its manifest's
+    precisions, a role stored in the module's float dtype (or not named) as that dtype."""
+    stored = entry_precision(entry)
+    float_name = str(dtype).replace("torch.", "")
+
+    def of(role: str) -> str | None:
+        name = stored.get(role)
+        return None if name is None or name == float_name else name
+
+    return Precisions(of("basis_B"), of("coefs_B"), of("private_B"))
 
 
 def _updated_basis(
@@ -137,10 +156,15 @@ def update_module(
     )
     fits = [TaskFit.of(m.s, nb64.T @ m.Bc.double(), na64.T @ m.Ac.double(), m.prior) for m in members]
     planner = ModulePlanner(n, d, fits, frozen=frozen)
+    # the module keeps where its factors are stored (its old rows' codes are copied as they are)
+    precision = module_precisions(entry, dtype)
     # the new bases are the update's whole stack: their energy is what a fraction is of
-    plan = choose_plan(planner, config, BasisSpectra(sB, sA, lambda: (float((sB**2).sum()), float((sA**2).sum()))))
+    spectra = BasisSpectra(sB, sA, lambda: (float((sB**2).sum()), float((sA**2).sum())))
+    plan = choose_plan(planner, config, spectra, dtype, None if precision.is_float else precision)
     result = ModuleResult(plan=plan)
-    beta_s, alpha_s = store_bases(name, new_beta, new_alpha, plan, dtype, result, prefix)
+    if not precision.is_float:
+        result.precision = precision.roles(dtype)
+    beta_s, alpha_s = store_bases(name, new_beta, new_alpha, plan, dtype, result, prefix, precision)
     stored = StoredBases.of(beta_s, alpha_s)
     chain = chain_step(ckpt, name, prefix, old_tasks, b_old.shape[1], a_old.shape[1], plan, dtype)
     # drift² = ‖before‖² − 2⟨before, after⟩ + ‖after‖², all from k-sized products (batched); for the
@@ -170,7 +194,9 @@ def update_module(
             EB, EA = left_batched(RB, old.XB), left_batched(RA, old.XA)
             CB, CA, _S, ranks = canonicalize_padded(EB, EA)
             CB, CA = CB.to(dtype), CA.to(dtype)  # as stored
-            CB64, CA64 = CB.double(), CA.double()
+            # as read back (each stored row, a column of E, at the coefficients' precision)
+            CB64 = precision.rows_as_stored(CB.transpose(1, 2), "coefs", dtype).transpose(1, 2).double()
+            CA64 = precision.rows_as_stored(CA.transpose(1, 2), "coefs", dtype).transpose(1, 2).double()
             cross = trace_product(EB, EA, CB64, CA64)
             after2 = quadratic_form(CB64, CA64, [(1.0, stored.gram_beta, stored.gram_alpha)])
             drift2 = old.form([before]) - 2 * cross + after2
@@ -193,14 +219,17 @@ def update_module(
         bound=table.int_column("bound") | (drift > DRIFT_BOUND_ABOVE),
     )
     # the new tasks through the one encoder, with add's float64 coordinates, factorization and errors
-    encoded = encode_in_bases(members, plan.private_ranks, stored, dtype, norms, factors="per_task", errors="stored")
+    encoded = encode_in_bases(
+        members, plan.private_ranks, stored, dtype, norms, factors="per_task", errors="stored", precision=precision
+    )
     weighted, new_records = [], {}
     for j, (m, (tensors, rec)) in enumerate(zip(members, encoded)):
         result.task_parts[m.task] = tensors
         new_records[m.task] = rec
         weighted.append((m.task, weights[j]))
-    store_grams(name, result, weighted, plan, prefix, known=known)
+    store_grams(name, result, weighted, plan, prefix, known=known, precision=precision)
     new_rows = TaskRows.of_parts([(m.task, prefix, result.task_parts[m.task]) for m in members], dtype)
+    new_rows.precision = rows_precision(result.precision)
     if chain is not None:
         result.rows = appended_rows(ckpt, name, prefix, table, new_rows, chain, RB, RA)
     else:
@@ -213,6 +242,7 @@ def update_module(
             coefs[prefix] = (CB.transpose(1, 2)[kept], CA.transpose(1, 2)[kept])
         old_rows = TaskRows(old_tasks, [prefix] * T, coefs, coef_row.numpy(), old_rows.private, old_rows.private_row)
         result.rows = TaskRows.concat([old_rows, new_rows], dtype)
+    result.rows.precision = rows_precision(result.precision)
     result.records = RecordTable.concat([result.records, new_records])
     return result
 
@@ -259,6 +289,7 @@ def update_grouped_module(
             continue
         # unchanged: bases and tasks copied; the Gram matrices are recomputed without dropped tasks
         part = GroupPart(g.k_B, g.k_A, g.kind, g.params, tasks + new_tasks, {}, rows=ckpt.task_rows(name, tasks))
+        part.precision = module_precisions(entry, dtype).roles(dtype) if entry_precision(entry) else {}
         if prefixes[j] is not None:
             part.carried += [f"{prefixes[j]}basis_B", f"{prefixes[j]}basis_A"]
             if dropped_here(ckpt, name, prefixes[j], dropped):

@@ -11,6 +11,12 @@ anything) and, for a range of storage budgets, finds the mean ΔW error of
 - ``groups``: the same, with the tasks of each module also split into 2–4 groups with separate
   bases where that lowers the error (the best of one group and the splits is kept).
 
+``precision_curves`` add the second axis of a plan (issue 24): per way of storing the factors
+(:data:`PRECISION_CHOICES`: the float dtype, a half type, int8, int8 with 4-bit private factors,
+4-bit everywhere) and per error target, the planner's least-bytes structure whose predicted error
+(structure plus rounding, engine/precision.py) meets the target: its size in bytes against the
+originals' bytes, and that predicted mean error. The default plan says where ``--precision`` lands.
+
 Budgets are applied per module in proportion to its original size; errors are aggregated as in
 the report (per task, the mean over its modules; then the mean over tasks). Compression ratios
 count the tasks' heads (``modules_to_save``) on both sides, as ``merge``'s report does, so the
@@ -24,9 +30,18 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from ..dtypes import itemsize
 from ..engine.budget import BUDGET_TARGETS, allocate_budget
 from ..engine.grouping import cluster_tasks
-from ..engine.members import ConsolidationConfig, Progress, TaskSource, check_compatible, prepare_member
+from ..engine.members import (
+    ConsolidationConfig,
+    Progress,
+    TaskSource,
+    check_compatible,
+    prepare_member,
+    storage_dtype,
+)
+from ..engine.precision import Precisions, half_type, plan_bytes, plan_for, precision_plans, predicted_metric
 from ..engine.stacks import ModuleStack
 from ..errors import InvalidOptionError
 from .summary import base_model_warning
@@ -34,6 +49,20 @@ from .summary import base_model_warning
 STRATEGIES = ("shared_unweighted", "shared", "private", "private_allocated", "mixed", "groups")
 DEFAULT_RATIOS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
 MAX_K = 512
+#: The error targets of the precision curves (mean ΔW error per module).
+PRECISION_TARGETS = (0.02, 0.05, 0.1, 0.2, 0.3)
+
+
+def precision_choices(dtype) -> dict[str, Precisions]:
+    """The ways of storing factors the curves compare, by name (bases/coefficients/private)."""
+    half = half_type(dtype)
+    return {
+        "float": Precisions(),
+        half: Precisions.uniform(half),
+        "int8": Precisions.uniform("int8"),
+        "int8/int8/nf4": Precisions("int8", "int8", "nf4"),
+        "nf4": Precisions.uniform("nf4"),
+    }
 
 
 def _aggregate(errors: dict[str, list[float]]) -> float:
@@ -60,6 +89,11 @@ def plan_collection(
     original = 0
     kinds = {"shared": 0, "mixed": 0, "private": 0}
     ladders: dict[str, tuple[list[str], list]] = {}
+    dtype = storage_dtype(config, [s.weights_dtype for s in sources])
+    choices = precision_choices(dtype)
+    by_precision = {c: {eps: {"bytes": 0, "errors": {}} for eps in PRECISION_TARGETS} for c in choices}
+    chosen_bytes, original_bytes = 0, 0
+    chosen_precision: dict[str, int] = {}
     eq_cfg = replace(config, weighting="equal")
     norm_cfg = replace(config, weighting="norm")
     for step, (name, (n, d, idx)) in enumerate(modules.items()):
@@ -73,6 +107,7 @@ def plan_collection(
         plain = ModuleStack(n, d, members, norm_cfg).fit(K)[4]
         orig = planner.original_params()
         original += orig
+        original_bytes += sum(m.rank * (n + d) * itemsize(sources[i].weights_dtype) for m, i in zip(members, idx))
         splits = []
         for G in range(2, min(4, len(members) // 2) + 1):
             labels = cluster_tasks(planner.fits, G)
@@ -101,6 +136,34 @@ def plan_collection(
         default = planner.for_target(config.target_error, config.target_metric)
         kinds[default.kind] += 1
         record(chosen, default)
+        at_target = {eps: planner.for_target(eps, "mean") for eps in PRECISION_TARGETS}
+        for c, choice in choices.items():
+            for eps in PRECISION_TARGETS:
+                bucket = by_precision[c][eps]
+                if choice.is_float:
+                    plan = at_target[eps]
+                elif choice.floor(dtype) >= eps:
+                    bucket["missing"] = True
+                    continue
+                else:
+                    found = plan_for(planner, eps, "mean", choice, dtype, known=at_target[eps])
+                    if found is None:  # out of this precision's reach in this module: no point at this target
+                        bucket["missing"] = True
+                        continue
+                    plan = found.plan
+                bucket["bytes"] += plan_bytes(planner, plan, choice, dtype)
+                error = predicted_metric(planner, plan, choice, dtype, "mean")
+                for t in tasks:
+                    bucket["errors"].setdefault(t, []).append(error)
+        if config.precision == "float":
+            best = (default, Precisions())
+        else:
+            found = precision_plans(
+                planner, config.target_error, config.target_metric, config.precision, dtype, default
+            )
+            best = (found[0].plan, found[0].precision)
+        chosen_bytes += plan_bytes(planner, best[0], best[1], dtype)
+        chosen_precision[best[1].name()] = chosen_precision.get(best[1].name(), 0) + 1
         record(at_chosen["shared"], planner.pure_sharing(default.params))
         record(at_chosen["private"], planner.truncation(default.params))
     if progress:
@@ -117,6 +180,15 @@ def plan_collection(
                 bucket["errors"].setdefault(t, []).append(e)
     heads = sum(int(s.task_record().get("head_params") or 0) for s in sources)
 
+    head_bytes = sum(int(s.task_record().get("head_bytes") or 0) for s in sources)
+
+    # the per-(task, module) records a checkpoint stores beside the factors: 64 bytes a pair (as merge's
+    # budget counts them)
+    record_bytes = 64 * sum(len(idx) for (_n, _d, idx) in modules.values())
+
+    def bytes_ratio(stored: int) -> float | None:
+        return (original_bytes + head_bytes) / (stored + head_bytes + record_bytes) if stored else None
+
     def ratio(params: int) -> float | None:
         return (original + heads) / (params + heads) if params else None
 
@@ -130,18 +202,40 @@ def plan_collection(
         table.append(row)
     default_plan = {
         "rule": config.describe(),
-        "ratio": ratio(chosen["params"]),
+        # the ratio merge reports for these options: in bytes with the precisions chosen (heads on
+        # both sides), in parameters with --precision float (as before precisions existed)
+        "ratio": ratio(chosen["params"]) if config.precision == "float" else bytes_ratio(chosen_bytes),
+        "ratio_params": ratio(chosen["params"]),
         "mean_error": _aggregate(chosen["errors"]),
         "modules_by_kind": kinds,
         "modules": len(modules),
         "at_same_storage": {s: _aggregate(v["errors"]) for s, v in at_chosen.items()},
+        # in bytes, with the factors stored as --precision chooses (modules by precision chosen)
+        "bytes": chosen_bytes,
+        "ratio_bytes": bytes_ratio(chosen_bytes),
+        "modules_by_precision": chosen_precision,
+    }
+    precision_curves = {
+        c: [
+            {
+                "target_error": eps,
+                "bytes": point["bytes"],
+                "ratio": original_bytes / point["bytes"] if point["bytes"] else None,
+                "mean_error": _aggregate(point["errors"]),
+            }
+            for eps, point in by_precision[c].items()
+            if not point.get("missing")
+        ]
+        for c in choices
     }
     return {
         "tasks": len(sources),
         "modules": len(modules),
         "original_params": original,
         "head_params": heads,
+        "original_bytes": original_bytes,
         "curves": table,
+        "precision_curves": precision_curves,
         "default_plan": default_plan,
         "verdict": collection_verdict(table, default_plan),
         "warnings": [w for w in [base_model_warning({s.task: getattr(s, "config", None) for s in sources})] if w],

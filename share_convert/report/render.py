@@ -78,6 +78,15 @@ def render(summary: dict[str, Any], console: Console) -> None:
         if st.get(role, {}).get("params"):
             sizes.add_row(f"  {role}", f"{st[role]['params']:,}", human_bytes(st[role]["bytes"]))
     console.print(sizes)
+    by_precision = tot.get("storage_by_precision") or {}
+    if by_precision:
+        split = ", ".join(
+            f"{name} {human_bytes(e['bytes'])} ({e['bits_per_number']:.1f} bits)" for name, e in by_precision.items()
+        )
+        console.print(
+            f"Stored numbers (bases, coefficients, private factors): {tot['bits_per_number']:.2f} bits each on average, "
+            f"scales included; by precision: {split}"
+        )
     console.print(
         f"Compression: [bold]{tot['ratio']:.2f}×[/bold] (shared bases counted; on disk {human_bytes(tot['checkpoint_file_bytes'])}, every file of the checkpoint)"
     )
@@ -234,16 +243,44 @@ def render_plan(result: dict[str, Any], console: Console) -> None:
             "equal ranks' must drop one direction from every task at once), so compare rules by their reached "
             "compression, not by the row."
         )
+    render_precision_curves(result, console)
     dp = result["default_plan"]
     same = dp["at_same_storage"]
     console.print(
         f"Default plan ({dp['rule']}): {dp['ratio']:.2f}× with {dp['mean_error']:.1%} mean ΔW error (the ratio "
-        f"merge reports for these options); at the same storage pure sharing gives {same['shared']:.1%} and no "
-        f"sharing (equal ranks) {same['private']:.1%}."
+        f"merge reports for these options); at its parameters ({dp.get('ratio_params', dp['ratio']):.2f}× fewer) "
+        f"pure sharing gives {same['shared']:.1%} and no sharing (equal ranks) {same['private']:.1%}."
     )
+    if dp.get("modules_by_precision"):
+        chosen = ", ".join(f"{n} modules {p}" for p, n in sorted(dp["modules_by_precision"].items()))
+        console.print(f"  stored as --precision chooses: {chosen}.")
     console.print(result["verdict"])
     for w in result.get("warnings", []):
         console.print(f"[yellow]Warning: {escape(w)}[/yellow]")
+
+
+def render_precision_curves(result: dict[str, Any], console: Console) -> None:
+    """``plan``'s second axis: per way of storing the factors, bytes against error at each target."""
+    curves = result.get("precision_curves") or {}
+    if not curves:
+        return
+    targets = sorted({p["target_error"] for points in curves.values() for p in points})
+    table = Table(title="Storage precision: compression in bytes at each mean ΔW error target", title_justify="left")
+    table.add_column("target", justify="right")
+    for name in curves:
+        table.add_column(name, justify="right")
+    for eps in targets:
+        cells = [f"{eps:.1%}"]
+        for points in curves.values():
+            point = next((p for p in points if p["target_error"] == eps), None)
+            ok = point is not None and point["ratio"]
+            cells.append(f"{point['ratio']:.2f}× ({point['mean_error']:.1%})" if ok else "–")
+        table.add_row(*cells)
+    console.print(table)
+    console.print(
+        "Each cell: original / stored bytes (scales included) of the least-bytes plan whose predicted error "
+        "(structure plus rounding) meets the row's target, and that error; – : out of that precision's reach."
+    )
 
 
 #: A plan cell whose reached compression is this far (relative) from its row's budget is marked.

@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from ..dtypes import itemsize
-
 if TYPE_CHECKING:
     from ..checkpoint.reader import Checkpoint
 
@@ -45,26 +43,82 @@ ROLES = {
 STORAGE_ROLES = ("bases", "grams", "coefficients", "private", "heads", "records")
 
 
+#: Suffix of the tensor that holds a quantized factor's per-block scales (format version 4).
+SCALES = ".scales"
+#: The LoRA data: what bits per stored number are counted over.
+FACTOR_ROLES = ("bases", "coefficients", "private")
+
+
 def storage_role(name: str) -> str:
     """bases, grams, coefficients, private (LoRA data), heads, or records (the per-(task, module)
-    figures of format version 2)."""
+    figures of format version 2). A quantized factor's scales count with the factor."""
     if name.startswith("records/"):
         return "records"
     if name.startswith("tasks/") and "/heads/" in name:
         return "heads"
-    return ROLES.get(name.rsplit("/", 1)[-1], "records")
+    return ROLES.get(name.removesuffix(SCALES).rsplit("/", 1)[-1], "records")
 
 
-def storage_breakdown(ckpt: Checkpoint) -> dict[str, dict[str, int]]:
-    """Parameters and bytes of the checkpoint's tensors by role, from the file's header."""
+def stored_numbers(ckpt: Checkpoint) -> dict[str, tuple[str, int, int]]:
+    """Per tensor of the file: (precision, numbers it holds, bytes it takes), a quantized factor's
+    codes and scales together under the factor's name (its numbers: the values the codes stand for)."""
+    out: dict[str, tuple[str, int, int]] = {}
+    names = ckpt.manifest.get("tensors", {})
+    for name in names:
+        if name.endswith(SCALES) and ckpt.code_precision(name.removesuffix(SCALES)) is not None:
+            continue  # counted with its codes
+        out[name] = ckpt.stored_size(name)
+    return out
+
+
+def storage_breakdown(
+    ckpt: Checkpoint, numbers: dict[str, tuple[str, int, int]] | None = None
+) -> dict[str, dict[str, int]]:
+    """Parameters (numbers stored) and bytes of the checkpoint's tensors by role, from the file's header."""
     parts = {k: {"params": 0, "bytes": 0} for k in STORAGE_ROLES}
-    for name in ckpt.manifest.get("tensors", {}):
-        shape, dtype = ckpt.tensor_meta(name)
-        numel = math.prod(shape)
+    for name, (_precision, count, size) in (numbers or stored_numbers(ckpt)).items():
         role = storage_role(name)
-        parts[role]["params"] += numel
-        parts[role]["bytes"] += numel * itemsize(dtype)
+        parts[role]["params"] += count
+        parts[role]["bytes"] += size
     return parts
+
+
+def precision_breakdown(ckpt: Checkpoint, numbers: dict[str, tuple[str, int, int]]) -> dict[str, Any]:
+    """The LoRA data (bases, coefficients, private factors) by precision, and bits per stored number
+    overall and per module (scales included: what each number really costs)."""
+    by_precision: dict[str, dict[str, Any]] = {}
+    per_module: dict[str, list[int]] = {}
+    for name, (precision, count, size) in numbers.items():
+        if storage_role(name) not in FACTOR_ROLES:
+            continue
+        entry = by_precision.setdefault(precision, {"numbers": 0, "bytes": 0})
+        entry["numbers"] += count
+        entry["bytes"] += size
+        module = module_of(name, ckpt.modules)
+        if module is not None:
+            acc = per_module.setdefault(module, [0, 0])
+            acc[0] += count
+            acc[1] += size
+    for entry in by_precision.values():
+        entry["bits_per_number"] = 8 * entry["bytes"] / entry["numbers"] if entry["numbers"] else 0.0
+    total_numbers = sum(e["numbers"] for e in by_precision.values())
+    total_bytes = sum(e["bytes"] for e in by_precision.values())
+    return {
+        "bits_per_number": 8 * total_bytes / total_numbers if total_numbers else 0.0,
+        "by_precision": dict(sorted(by_precision.items())),
+        "modules": {m: 8 * b / n if n else 0.0 for m, (n, b) in per_module.items()},
+    }
+
+
+def module_of(name: str, modules: dict[str, Any]) -> str | None:
+    """The module a factor tensor belongs to (``modules/<module>/…`` or ``modules/<module>/g<j>/…``)."""
+    if not name.startswith("modules/"):
+        return None
+    head = name[len("modules/") :].rsplit("/", 1)[0]
+    if head in modules:
+        return head
+    parent = head.rsplit("/", 1)[0]
+    return parent if parent in modules else None
 
 
 def _task_statistics(ckpt: Checkpoint) -> tuple[list[dict[str, Any]], set[str], dict[str, int]]:
@@ -150,7 +204,9 @@ def summarize(ckpt: Checkpoint) -> Report:
     """Everything ``info`` shows, as JSON-ready data."""
     modules = ckpt.modules
     tasks, zeros, private_totals = _task_statistics(ckpt)
-    parts = storage_breakdown(ckpt)
+    numbers = stored_numbers(ckpt)
+    parts = storage_breakdown(ckpt, numbers)
+    precision = precision_breakdown(ckpt, numbers)
     ckpt_params = sum(p["params"] for p in parts.values())
     ckpt_bytes = sum(p["bytes"] for p in parts.values())
     orig_params = sum(t["original_params"] for t in tasks)
@@ -174,6 +230,9 @@ def summarize(ckpt: Checkpoint) -> Report:
         "mean_error": sum(all_errs) / len(all_errs) if all_errs else 0.0,
         "max_error": max((t["max_error"] for t in tasks), default=0.0),
         "storage": parts,
+        # the LoRA data's bits per stored number (scales included) and bytes by precision
+        "bits_per_number": precision["bits_per_number"],
+        "storage_by_precision": precision["by_precision"],
     }
     last_op = ckpt.history[-1].get("op") if ckpt.history else "merge"
     stored = sum(parts[p]["params"] for p in ("bases", "coefficients", "private"))
@@ -207,6 +266,8 @@ def summarize(ckpt: Checkpoint) -> Report:
                 "k_A": m["k_A"],
                 "kind": m["kind"],
                 "private_rank_total": private_totals[name],
+                "precision": m.get("precision") or {},
+                "bits_per_number": precision["modules"].get(name, 0.0),
             }
             for name, m in modules.items()
         },
@@ -246,7 +307,8 @@ def describe_config(config: dict[str, Any]) -> str:
     from ..config import ConsolidationConfig
 
     try:
-        return ConsolidationConfig(**config).describe()
+        # options without a precision are those of a float checkpoint (engine/pipeline.stored_config)
+        return ConsolidationConfig(**{"precision": "float", **config}).describe()
     except TypeError:
         return str(config)
 
