@@ -38,9 +38,9 @@ def checkpoints(tmp_path_factory, adapters) -> dict[str, Path]:
     corrections (k = 4, q = 2), and the default plan (private factors only, at this size)."""
     root = tmp_path_factory.mktemp("ckpt")
     configs = {
-        "shared": ConsolidationConfig(k=6),
-        "mixed": ConsolidationConfig(k=4, private_rank=2),
-        "private": ConsolidationConfig(),
+        "shared": ConsolidationConfig(k=6, precision="float"),
+        "mixed": ConsolidationConfig(k=4, private_rank=2, precision="float"),
+        "private": ConsolidationConfig(precision="float"),
     }
     out = {}
     for label, config in configs.items():
@@ -245,7 +245,11 @@ def test_tasks_in_different_groups_of_bases_combine_exactly(tmp_path):
             tmp_path / "a", count=3, layers=1, hidden=48, rank=4, shared_rank=4, noise=1e-3, seed=seed, prefix=prefix
         )
     ckpt = tmp_path / "g.safetensors"
-    merge(open_adapters([str(tmp_path / "a")]), ckpt, ConsolidationConfig(target_error=0.02, groups="auto"))
+    merge(
+        open_adapters([str(tmp_path / "a")]),
+        ckpt,
+        ConsolidationConfig(target_error=0.02, groups="auto", precision="float"),
+    )
     assert all(len(info["groups"]) == 2 for info in Checkpoint(ckpt).modules.values())
     weights = {"x-000": 0.5, "y-001": -0.25, "x-001": 1.0}
     api.combine(ckpt, "mix", weights, tmp_path / "out.safetensors")

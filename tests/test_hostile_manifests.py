@@ -221,7 +221,12 @@ def grouped(tmp_path_factory) -> Path:
             folder / "a", count=2, layers=1, hidden=48, rank=4, shared_rank=4, noise=0.001, seed=seed, prefix=prefix
         )
     out = folder / "g.safetensors"
-    merge(open_adapters([str(folder / "a")]), out, ConsolidationConfig(target_error=0.02, groups="2"), workers=1)
+    merge(
+        open_adapters([str(folder / "a")]),
+        out,
+        ConsolidationConfig(target_error=0.02, groups="2", precision="float"),
+        workers=1,
+    )
     assert "groups" in next(iter(Checkpoint(out).modules.values()))
     return out
 

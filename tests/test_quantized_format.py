@@ -346,7 +346,7 @@ def test_a_grouped_module_stores_each_group_s_factors_as_codes(tmp_path):
         write_synthetic_adapters(
             tmp_path / "a", count=2, layers=1, hidden=48, rank=4, shared_rank=4, noise=0.001, seed=seed, prefix=prefix
         )
-    config = ConsolidationConfig(target_error=0.02, groups="2")
+    config = ConsolidationConfig(target_error=0.02, groups="2", precision="float")
     merge(open_adapters([str(tmp_path / "a")]), tmp_path / "g.safetensors", config, workers=1)
     source = Checkpoint(tmp_path / "g.safetensors")
     module = next(m for m, info in source.modules.items() if "groups" in info)

@@ -259,4 +259,5 @@ def test_a_task_trains_saves_and_folds_into_a_quantized_checkpoint(trainable, tm
     assert set(folded.tasks) == {"t0", "t1", "t2", "new"}
     served = ShareModel.from_checkpoint(small_bert(), folded)
     with torch.no_grad():
-        torch.testing.assert_close(served(input_ids=x, task="new").logits, trained, rtol=1e-3, atol=1e-3)
+        # the folded task's rows are stored as NF4 like the module's others: equal up to their rounding
+        torch.testing.assert_close(served(input_ids=x, task="new").logits, trained, rtol=0, atol=1e-2)

@@ -84,7 +84,7 @@ def sd15(tmp_path_factory):
 def sd15_private(tmp_path_factory, sd15):
     """The same LoRAs at the default error target: independent random LoRAs are held as private factors.
     Their tasks are the same ΔW as ``sd15``'s, so that fixture's diffusers runs serve as references."""
-    served = serve(tmp_path_factory.mktemp("sd15p"), sd15.pipe, kohya_sd, ConsolidationConfig())
+    served = serve(tmp_path_factory.mktemp("sd15p"), sd15.pipe, kohya_sd, ConsolidationConfig(precision="float"))
     with Checkpoint(served.checkpoint) as ckpt:
         assert all(info["k_B"] == 0 for info in ckpt.modules.values())
     served.loaded = sd15.loaded
@@ -277,7 +277,11 @@ def grouped(tmp_path_factory):
         write_synthetic_adapters(
             tmp / "a", count=4, layers=1, hidden=96, rank=8, shared_rank=8, noise=0.001, seed=seed, prefix=prefix
         )
-    merge(open_adapters([str(tmp / "a")]), tmp / "g.safetensors", ConsolidationConfig(target_error=0.02, groups="2"))
+    merge(
+        open_adapters([str(tmp / "a")]),
+        tmp / "g.safetensors",
+        ConsolidationConfig(target_error=0.02, groups="2", precision="float"),
+    )
     return tmp / "g.safetensors"
 
 
