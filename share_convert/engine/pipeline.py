@@ -34,7 +34,7 @@ from ..errors import InvalidOptionError
 from ..io.factors import LoraFactors, LoraStack
 from ..io.stack import OpenFiles, read_module_stack
 from ..math.linalg import deterministic, load_linalg
-from .budget import budget_targets
+from .budget import KeptStacks, budget_targets
 from .consolidation import consolidate_module
 from .members import Progress, TaskSource, check_compatible, original_rank, prepare_members, storage_dtype
 from .parallel import auto_workers, ordered_map, prefetched
@@ -117,8 +117,9 @@ def _merge_into(
     manifest_modules: dict[str, Any] = {}
     clock = dict.fromkeys(("read", "canonicalize", "decompose", "encode", "write"), 0.0)
     # a --budget is spent across modules: first each module's error against storage, then a target per module
+    kept = KeptStacks()  # what the budget pass built, for the modules it can keep: not read again
     with deterministic():
-        targets = budget_targets(sources, modules, config, dtype, total_original, fixed_bytes, workers, files)
+        targets = budget_targets(sources, modules, config, dtype, total_original, fixed_bytes, workers, files, kept)
     with deterministic(), CheckpointWriter(output, max_shard_size) as writer:
         for src in sources:
             for key, t in src.read_heads().items():
@@ -128,6 +129,8 @@ def _merge_into(
 
         def read(item: tuple[str, tuple[int, int, list[int]]]) -> tuple[LoraStack | list[LoraFactors], float]:
             name, (_n, _d, idx) = item
+            if name in kept:  # the budget pass kept it: nothing to read ahead
+                return [], 0.0
             t0 = time.perf_counter()
             return read_module_stack([sources[i] for i in idx], name, files, device), time.perf_counter() - t0
 
@@ -136,6 +139,16 @@ def _merge_into(
         ) -> ModuleResult:
             name, (n, d, idx) = item
             local = dict.fromkeys(clock, 0.0)
+            module_config = config
+            if targets:  # under --budget: this module's share, as an error target
+                module_config = dc_replace(config, budget=None, target_error=targets[name], target_metric="mean")
+            stack = kept.take(name)
+            if stack is not None:  # the budget pass's stack: read, canonicalized and decomposed already
+                res = consolidate_module(name, n, d, stack.members, module_config, dtype, local, stack=stack)
+                with lock:
+                    for k, v in local.items():
+                        clock[k] += v
+                return res
             factors, local["read"] = read_ahead or read(item)
             t1 = time.perf_counter()
             here = [sources[i] for i in idx]
@@ -145,9 +158,6 @@ def _merge_into(
             )  # fmt: skip
             del factors
             local["canonicalize"] += time.perf_counter() - t1
-            module_config = config
-            if targets:  # under --budget: this module's share, as an error target
-                module_config = dc_replace(config, budget=None, target_error=targets[name], target_metric="mean")
             res = consolidate_module(name, n, d, members, module_config, dtype, local)
             with lock:
                 for k, v in local.items():
