@@ -78,8 +78,8 @@ class KeptStacks:
     same inputs as the second pass would compute them, so keeping changes no output.
     """
 
-    def __init__(self, limit: int = KEEP_BYTES):
-        self.limit, self.used, self.full = limit, 0, False
+    def __init__(self, limit: int | None = None):
+        self.limit, self.used, self.full = KEEP_BYTES if limit is None else limit, 0, False
         self._stacks: dict[str, ModuleStack] = {}
 
     def offer(self, name: str, stack: ModuleStack) -> None:

@@ -334,7 +334,8 @@ class GramDecomposition:
         self._coords: torch.Tensor | None = None
 
     def coordinates(self, k: int) -> torch.Tensor:
-        """Uᵀ·stack for the top ``k`` directions (``k × m``, float64, on the stack's device)."""
+        """Uᵀ·stack for the top ``k`` directions (``k × m``, float64, on the stack's device), each row up
+        to its sign (:meth:`basis` fixes the signs of U; the planner's figures do not depend on them)."""
         k = min(k, self.rank)
         if self._coords is None or self._coords.shape[0] < k:
             if self.tall:  # U = stack·V·S⁻¹, so Uᵀ·stack = S⁻¹·Vᵀ·stackᵀ·stack = S·Vᵀ
