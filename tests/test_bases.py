@@ -103,6 +103,18 @@ def test_sharing_ruled_out_by_the_floor_fits_no_basis_and_plans_as_the_search_do
     assert plan.alternatives["shared_at_least"] > plan.params
 
 
+def test_the_report_of_a_module_ruled_out_says_what_the_floor_found(tmp_path):
+    from share_convert import api
+
+    paths = write_synthetic_adapters(
+        tmp_path / "a", count=1, layers=1, targets=("q_proj",), hidden=160, rank=136, shared_rank=8, noise=0.5
+    )
+    report = api.merge([str(p) for p in paths], tmp_path / "c.safetensors")
+    assert report["plan"]["pure_sharing_params"] is None
+    assert "pure sharing would need at least" in report["plan"]["why"]
+    assert "cannot meet the target" not in report["plan"]["why"]
+
+
 def test_a_plan_wider_than_the_first_fit_comes_from_one_wide_fit(noisy):
     stack = noisy_stack(noisy)
     beta, alpha, plan, _ = plan_group(stack, TARGET)
