@@ -63,7 +63,8 @@ def merge(code: Path, folder: Path, out: Path, *options: str) -> dict:
     """One ``share-convert merge`` with the code at ``code``: wall, peak RSS, its report and timings."""
     timings = out.with_suffix(".timings.json")
     env = {"PYTHONPATH": str(code)}
-    cmd = [sys.executable, "-m", "share_convert.cli", "merge", str(folder), "-o", str(out), "--force", "--json"]
+    # -P: the working directory does not come first on the path (a checkout there would win over PYTHONPATH)
+    cmd = [sys.executable, "-P", "-m", "share_convert.cli", "merge", str(folder), "-o", str(out), "--force", "--json"]
     run = measure([*cmd, "--timings", str(timings), *options], env=env)
     if run.returncode != 0:
         raise SystemExit(run.stderr[-3000:])
@@ -85,8 +86,10 @@ def main() -> None:
     p.add_argument("--sets", default="noisy,1b,tiny")
     p.add_argument("--vlora", default=None, help="the vlora executable (its own environment); omit to skip")
     p.add_argument("--base", default=None, help="a checkout of the code before the change, run side by side")
+    p.add_argument("--runs", default="read_once,floor,default,default_before,k48,vlora", help="which runs to do")
     p.add_argument("--out", required=True)
     a = p.parse_args()
+    runs = set(a.runs.split(","))
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     code = HERE.parent
@@ -106,21 +109,23 @@ def main() -> None:
     for name in a.sets.split(","):
         folder = prepare(work, name)
         out = work / f"{name}.safetensors"
-        if name == "noisy":
+        if name == "noisy" and "read_once" in runs:
             run = measure([sys.executable, str(HERE / "read_once.py"), str(folder)])
             record(name, "read_once", {k: v for k, v in run.summary().items() if k in ("wall_s", "peak_rss_mb")})
-        if name == "1b":
+        if name == "1b" and "floor" in runs:
             env = {"PYTHONPATH": str(code)}
             run = measure([sys.executable, str(HERE / "decomposition_floor.py"), str(folder)], env=env)
             if run.returncode != 0:
                 raise SystemExit(run.stderr[-3000:])
             record(name, "floor", {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb, **json.loads(run.stdout)})
-        record(name, "default", merge(code, folder, out))
-        if a.base and name in ("noisy", "1b"):
+        if "default" in runs:
+            record(name, "default", merge(code, folder, out))
+        if a.base and name in ("noisy", "1b") and "default_before" in runs:
             record(name, "default_before", merge(Path(a.base), folder, out))
         if name == "noisy":
-            record(name, "k48", merge(code, folder, out, "--k", "48"))
-            if a.vlora:
+            if "k48" in runs:
+                record(name, "k48", merge(code, folder, out, "--k", "48"))
+            if a.vlora and "vlora" in runs:
                 vout = work / "vlora-out"
                 t = time.perf_counter()
                 run = measure(
