@@ -6,7 +6,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 total = 0
-for folder in sorted(Path(sys.argv[1]).iterdir()):
+for folder in sorted(p for p in Path(sys.argv[1]).iterdir() if p.is_dir()):
     with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
         for key in f.keys():
             total += f.get_tensor(key).numel()

@@ -1,4 +1,8 @@
-"""A ``--budget`` spent across modules: an error target per module (a merge's first pass)."""
+"""A ``--budget`` spent across modules: an error target per module (a merge's first pass).
+
+The pass reads each module once; what it built is kept for the second pass within a memory bound
+(:class:`KeptStacks`).
+"""
 
 from __future__ import annotations
 
@@ -25,15 +29,18 @@ def budget_targets(
     fixed_bytes: int,
     workers: int,
     files: OpenFiles | None = None,
+    kept: KeptStacks | None = None,
 ) -> dict[str, float]:
     """Under ``--budget``, the error target of each module that spends the budget best (else {}).
 
-    A first pass reads every module and plans it at each of ``BUDGET_TARGETS`` (the least storage
-    meeting that error); then, with ``target_metric`` 'mean', :func:`allocate_budget` chooses per
-    module the least total error, and with 'max', :func:`common_target` the least error target that
-    every module meets within the budget (the worst task's error, rather than the mean, is what is
-    minimized). The second pass (``merge``) consolidates each module at its target: a budget merge
-    reads its inputs twice.
+    A first pass reads every module once and plans it at each of ``BUDGET_TARGETS`` (the least
+    storage meeting that error; the module's bases are fitted once for all of them); then, with
+    ``target_metric`` 'mean', :func:`allocate_budget` chooses per module the least total error, and
+    with 'max', :func:`common_target` the least error target that every module meets within the
+    budget (the worst task's error, rather than the mean, is what is minimized). The second pass
+    (``merge``) consolidates each module at its target. With ``kept``, the stacks of the first pass
+    (members, bases and planners) are handed to the second up to ``kept.limit`` bytes, in module
+    order: those modules are neither read nor decomposed again.
 
     Storage is counted in parameters with ``--precision float`` (as before precisions existed) and
     in bytes otherwise (each plan stored at the precision the plan step chooses for it, against the
@@ -56,19 +63,23 @@ def budget_targets(
     worst = config.target_metric == "max"
     targets = MAX_TARGETS if worst else BUDGET_TARGETS
 
-    def frontier(item: tuple[str, tuple[int, int, list[int]]]) -> list[tuple[int, float]]:
+    def frontier(item: tuple[str, tuple[int, int, list[int]]]) -> tuple[list[tuple[int, float]], ModuleStack]:
         name, (n, d, idx) = item
         members = read_members([sources[i] for i in idx], name, config, files)
         stack = ModuleStack(n, d, members, config)
         points = []
         for eps in targets:
             at = dc_replace(config, budget=None, target_error=eps, target_metric="max" if worst else "mean")
-            plan = plan_group(stack, at, dtype if in_bytes else None)[2]
+            plan = plan_group(stack, at, dtype if in_bytes else None, bases=False)[2]
             cost = plan.bytes if in_bytes and plan.bytes is not None else plan.params * (size if in_bytes else 1)
             points.append((cost, max(plan.predicted_errors, default=0.0) if worst else plan.mean_error * len(members)))
-        return points
+        return points, stack
 
-    frontiers = dict(zip(modules, ordered_map(frontier, list(modules.items()), workers)))
+    frontiers = {}
+    for name, (points, stack) in zip(modules, ordered_map(frontier, list(modules.items()), workers)):
+        frontiers[name] = points
+        if kept is not None:
+            kept.offer(name, stack)
     if worst:
         j = common_target(frontiers, budget)
         return {m: MAX_TARGETS[j] for m in modules}
@@ -84,6 +95,49 @@ def common_target(frontiers: dict[str, list[tuple[int, float]]], budget: float) 
         if sum(points[j][0] for points in frontiers.values()) <= budget:
             return j
     return len(MAX_TARGETS) - 1
+
+
+#: Memory the budget pass may keep for the second pass (bytes): small sets are read once, large
+#: ones keep their first modules and read the rest again.
+KEEP_BYTES = 256 * 2**20
+
+
+class KeptStacks:
+    """The budget pass's module stacks kept for the merge's second pass, up to ``limit`` bytes.
+
+    Modules are offered in order and kept while they fit (then none after: the second pass takes
+    them in the same order, so the memory is released from the start). A kept stack holds its
+    members' canonical factors, both stacks and the bases fitted on them, all computed from the
+    same inputs as the second pass would compute them, so keeping changes no output.
+    """
+
+    def __init__(self, limit: int | None = None):
+        self.limit, self.used, self.full = KEEP_BYTES if limit is None else limit, 0, False
+        self._stacks: dict[str, ModuleStack] = {}
+
+    def offer(self, name: str, stack: ModuleStack) -> None:
+        size = stack_bytes(stack)
+        if self.full or self.used + size > self.limit:
+            self.full = True
+            return
+        self._stacks[name] = stack
+        self.used += size
+
+    def take(self, name: str) -> ModuleStack | None:
+        """The kept stack of module ``name`` (then forgotten here), or None: read it again."""
+        stack = self._stacks.pop(name, None)
+        if stack is not None:
+            self.used -= stack_bytes(stack)
+        return stack
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._stacks
+
+
+def stack_bytes(stack: ModuleStack) -> int:
+    """About what a stack holds in memory: the two weighted stacks, the members' canonical factors
+    (as large), and the bases and Gram decompositions fitted on them (at most as large again)."""
+    return 3 * (stack.stack_B.numel() + stack.stack_A.numel()) * stack.stack_B.element_size()
 
 
 #: The error targets a --budget is allocated among, per module (mean ΔW error over the module's tasks).

@@ -29,6 +29,7 @@ from .members import ModuleMember
 from .planning import BasisSpectra, ModulePlan, ModulePlanner, choose_plan
 from .precision import Precisions, measured_metric, meets, plan_for, tighter
 from .results import GroupPart, ModuleResult, assemble_groups
+from .sharing_floor import SharingFloor
 from .stacks import ModuleStack
 
 
@@ -40,15 +41,18 @@ def consolidate_module(
     config: ConsolidationConfig,
     dtype: torch.dtype,
     clock: dict[str, float] | None = None,
+    stack: ModuleStack | None = None,
 ) -> ModuleResult:
     """Bases, plan, coefficients, private factors and errors for one module.
+
+    ``stack`` is the members' stack when it was built already (the budget pass's, with its bases).
 
     ``config`` has a fixed k, an energy or an error target: a ``--budget`` is turned into an error
     target per module by :func:`merge` first. With ``config.groups`` other than '1', the tasks are
     also split into groups with separate bases (spec, section 6), and the split is kept when it is
     cheaper at the same error target.
     """
-    single = consolidate_group(name, n, d, members, config, dtype, clock)
+    single = consolidate_group(name, n, d, members, config, dtype, clock, stack=stack)
     mode = config.mode()
     if str(config.groups) == "1" or mode in ("fixed", "energy") or len(members) < 4:
         return single
@@ -88,6 +92,7 @@ def consolidate_group(
     clock: dict[str, float] | None = None,
     prefix: str | None = None,
     precision: Precisions | None = None,
+    stack: ModuleStack | None = None,
 ) -> ModuleResult:
     """One set of shared bases for ``members`` (all of a module's tasks, or one group of them).
 
@@ -98,7 +103,8 @@ def consolidate_group(
     bytes is tried, the float plan last (:func:`encode_checked`).
     """
     t0 = time.perf_counter()
-    stack = ModuleStack(n, d, members, config)
+    if stack is None:
+        stack = ModuleStack(n, d, members, config)
     beta, alpha, plan, planner = plan_group(stack, config, dtype, precision)
     t1 = time.perf_counter()
     result = encode_checked(name, members, stack, beta, alpha, plan, planner, config, dtype, prefix)
@@ -192,23 +198,57 @@ def plan_group(
     config: ConsolidationConfig,
     dtype: torch.dtype | None = None,
     precision: Precisions | None = None,
+    *,
+    bases: bool = True,
 ):
     """The bases and plan of one stack under ``config``: (β, α, plan, planner). With ``dtype`` (the
     storage dtype), the plan also says where its factors are stored (``config.precision``, or the
-    imposed ``precision``) and what that costs in bytes."""
+    imposed ``precision``) and what that costs in bytes. With ``bases`` false (the budget pass, which
+    needs plans only) β and α may be None.
+
+    Under an error target, a stack wider than :data:`.stacks.EXACT_COLUMNS` columns is first
+    priced without bases (:class:`.sharing_floor.SharingFloor`): when no shared plan can cost less
+    than independent truncation, no basis is fitted. Otherwise the bases start at 48 vectors, and
+    when a wider basis may pay, they are fitted once at the widest k the bound allows against the
+    plan in hand (:meth:`.stacks.ModuleStack.wide_fit`), not widened step by step.
+    """
     full = stack.full
-    if config.mode() == "fixed":
+    mode = config.mode()
+    if mode == "fixed":
         K = min(config.k or 0, full)
-    elif config.mode() == "energy" or full <= 64:
+    elif mode == "energy" or full <= 64:
         K = full
-    else:  # start small; the loop below widens the bases when the best k is at the edge
+    else:  # start small; wider bases only when they may pay
         K = min(48, full)
+    floor = None
+    if mode == "target" and K < full and stack.bounded:
+        bare = stack.no_basis_planner()
+        if SharingFloor.applies(bare):
+            floor = SharingFloor(bare, config.target_error, config.target_metric)
+            private = bare.for_target(config.target_error, config.target_metric)
+            if str(config.groups) == "1" and floor.rules_out(private.params):
+                if dtype is not None and (precision is not None or config.precision != "float"):
+                    empty = stack.stack_B.new_zeros(0)
+                    private = choose_plan(bare, config, BasisSpectra(empty, empty, stack.energy_totals), dtype, precision)
+                private.alternatives = {**(private.alternatives or {}), "shared_at_least": floor.least()}
+                return stack.stack_B.new_zeros((stack.n, 0)), stack.stack_A.new_zeros((stack.d, 0)), private, bare
     fit = stack.fit(K)
     while True:
         beta, alpha, sB, sA, planner = fit
         spectra = BasisSpectra(sB, sA, stack.energy_totals)
         plan = choose_plan(planner, config, spectra)
         if config.mode() in ("fixed", "energy") or not _wider_may_pay(planner, plan, K, full):
+            break
+        if floor is not None:  # one fit at the widest k that can still beat this plan
+            wide_K = floor.cap(plan.params, full)
+            if wide_K > K:
+                wide = stack.wide_fit(wide_K)
+                wide_plan = choose_plan(wide.planner, config, BasisSpectra(wide.s_B, wide.s_A, stack.energy_totals))
+                if (wide_plan.params, wide_plan.mean_error) < (plan.params, plan.mean_error):
+                    beta, alpha = stack.bases(wide, wide_plan.k_B, wide_plan.k_A) if bases else (None, None)
+                    plan, planner = wide_plan, wide.planner
+                    spectra = BasisSpectra(wide.s_B, wide.s_A, stack.energy_totals)
+                    K = full  # the one wide fit: no widening after it
             break
         K = min(2 * K, full)
         fit = stack.widen(K, fit)

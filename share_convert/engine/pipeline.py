@@ -34,11 +34,12 @@ from ..errors import InvalidOptionError
 from ..io.factors import LoraFactors, LoraStack
 from ..io.stack import OpenFiles, read_module_stack
 from ..math.linalg import deterministic, load_linalg
-from .budget import budget_targets
+from .budget import KeptStacks, budget_targets
 from .consolidation import consolidate_module
 from .members import Progress, TaskSource, check_compatible, original_rank, prepare_members, storage_dtype
 from .parallel import auto_workers, check_executor, executor_session, ordered_map, prefetched
 from .results import ModuleResult, rows_precision
+from .stacks import ModuleStack
 
 
 def merge(
@@ -126,8 +127,10 @@ def _merge_into(
     manifest_modules: dict[str, Any] = {}
     clock = dict.fromkeys(("read", "canonicalize", "decompose", "encode", "write"), 0.0)
     # a --budget is spent across modules: first each module's error against storage, then a target per module
+    # what the budget pass built, for the modules it can keep: not read again (on this process only)
+    kept = KeptStacks() if executor != "ray" else None
     with deterministic():
-        targets = budget_targets(sources, modules, config, dtype, total_original, fixed_bytes, workers, files)
+        targets = budget_targets(sources, modules, config, dtype, total_original, fixed_bytes, workers, files, kept)
     with deterministic(), CheckpointWriter(output, max_shard_size) as writer:
         for src in sources:
             for key, t in src.read_heads().items():
@@ -136,7 +139,7 @@ def _merge_into(
         if executor == "ray":
             results = ray_results(sources, items, config, dtype, targets, clock)
         else:
-            results = local_results(sources, items, config, dtype, targets, clock, workers, files)
+            results = local_results(sources, items, config, dtype, targets, clock, workers, files, kept)
         for step, (item, res) in enumerate(zip(items, results)):
             name, (n, d, _idx) = item
             if progress:
@@ -171,12 +174,20 @@ def merge_module(
     target: float | None,
     files: OpenFiles | None = None,
     read_ahead: tuple[LoraStack | list[LoraFactors], float] | None = None,
+    stack: ModuleStack | None = None,
 ) -> tuple[ModuleResult, dict[str, float]]:
     """One module of a merge: its members read from ``readers`` (or ``read_ahead``: the stack read
     and the seconds it took), canonicalized and consolidated, under ``target`` (a ``--budget``'s
     error target for this module) when given. Returns the result and the seconds each step took.
-    The same function whichever process computes it (a thread here, a Ray worker)."""
+    The same function whichever process computes it (a thread here, a Ray worker). ``stack``: the
+    budget pass's stack of this module (read, canonicalized and decomposed already)."""
     clock = dict.fromkeys(("read", "canonicalize", "decompose", "encode", "write"), 0.0)
+    module_config = config
+    if target is not None:  # under --budget: this module's share, as an error target
+        metric = "max" if config.target_metric == "max" else "mean"
+        module_config = dc_replace(config, budget=None, target_error=target, target_metric=metric)
+    if stack is not None:
+        return consolidate_module(name, n, d, stack.members, module_config, dtype, clock, stack=stack), clock
     t0 = time.perf_counter()
     factors = read_ahead[0] if read_ahead else read_module_stack(list(readers), name, files, config.torch_device())
     clock["read"] = read_ahead[1] if read_ahead else time.perf_counter() - t0
@@ -187,10 +198,6 @@ def merge_module(
     )  # fmt: skip
     del factors
     clock["canonicalize"] += time.perf_counter() - t1
-    module_config = config
-    if target is not None:  # under --budget: this module's share, as an error target
-        metric = "max" if config.target_metric == "max" else "mean"
-        module_config = dc_replace(config, budget=None, target_error=target, target_metric=metric)
     return consolidate_module(name, n, d, members, module_config, dtype, clock), clock
 
 
@@ -203,21 +210,26 @@ def local_results(
     clock: dict[str, float],
     workers: int,
     files: OpenFiles,
+    kept: KeptStacks | None = None,
 ) -> Iterator[ModuleResult]:
     """Every module's result in order, computed on ``workers`` threads of this process (the seconds
-    each step took are added to ``clock``)."""
+    each step took are added to ``clock``); the modules in ``kept`` from the budget pass's stacks."""
     lock = threading.Lock()
     device = config.torch_device()
 
     def read(item: Item) -> tuple[LoraStack | list[LoraFactors], float]:
         name, (_n, _d, idx) = item
+        if kept is not None and name in kept:  # the budget pass kept it: nothing to read ahead
+            return [], 0.0
         t0 = time.perf_counter()
         return read_module_stack([sources[i] for i in idx], name, files, device), time.perf_counter() - t0
 
     def work(item: Item, read_ahead: tuple[Any, float] | None = None) -> ModuleResult:
         name, (n, d, idx) = item
         target = targets[name] if targets else None
-        res, local = merge_module(name, n, d, [sources[i] for i in idx], config, dtype, target, files, read_ahead)
+        stack = kept.take(name) if kept is not None else None
+        readers = [sources[i] for i in idx]
+        res, local = merge_module(name, n, d, readers, config, dtype, target, files, read_ahead, stack)
         with lock:
             for k, v in local.items():
                 clock[k] += v

@@ -8,9 +8,17 @@ from typing import NamedTuple
 import torch
 
 from ..config import ConsolidationConfig
-from ..math.linalg import extend_basis, principal_basis
+from ..math.linalg import GramDecomposition, extend_basis, gram_cost, principal_basis, randomized_cost
 from .members import ModuleMember
 from .planning import ModulePlanner, TaskFit, task_weight
+
+#: The Gram route is taken up to this many times the randomized route's operations: it is exact (the
+#: randomized fit's last directions are its least accurate, and there the planner looks), and its
+#: work is one large product, faster per operation than the range finder's QR factorizations.
+GRAM_PREFERENCE = 2.0
+
+#: Stacks of at most this many columns are fitted exactly by principal_basis (its ``exact_below``).
+EXACT_COLUMNS = 128
 
 
 class BasisFit(NamedTuple):
@@ -48,7 +56,10 @@ class ModuleStack:
         self.full = max(min(n, m_total, self.cap), min(d, m_total, self.cap))
         #: fit(K) by K, and widen(K, fit) by (the fit's widths, K): each computed once
         self._fits: dict[int, BasisFit] = {}
-        self._widened: dict[tuple[int, int, int], BasisFit] = {}
+        self._widened: dict[tuple, BasisFit] = {}
+        #: each side's Gram decomposition (0: B, 1: A), once computed; the planner without bases
+        self._grams: dict[int, GramDecomposition] = {}
+        self._bare: ModulePlanner | None = None
 
     def _weighted(self, side: int) -> torch.Tensor:
         """One side's stack: every task's columns times √weight, side by side (``n × Σr``)."""
@@ -102,8 +113,84 @@ class ModuleStack:
 
     def _fit(self, K: int) -> BasisFit:
         opts = {"n_oversamples": self.config.n_oversamples, "n_iter": self.config.n_iter}
-        beta, sB, projB = principal_basis(self.stack_B, min(K, self.cap), seed=self.config.seed, **opts)
-        alpha, sA, projA = principal_basis(self.stack_A, min(K, self.cap), seed=self.config.seed + 1, **opts)
+        side_B = principal_basis(self.stack_B, min(K, self.cap), seed=self.config.seed, **opts)
+        side_A = principal_basis(self.stack_A, min(K, self.cap), seed=self.config.seed + 1, **opts)
+        return self._assemble(side_B, side_A)
+
+    @property
+    def bounded(self) -> bool:
+        """Whether this stack takes the wide-basis route of :func:`.consolidation.plan_group`: the
+        sharing bound and one fit at the width it allows. Stacks of up to ``EXACT_COLUMNS`` columns
+        are fitted exactly by :func:`principal_basis` anyway and keep the widening they always had
+        (their outputs stay byte for byte); so do tasks that are reconstructions (the bound is
+        about errors of this step alone)."""
+        return (
+            self.stack_B.shape[1] > EXACT_COLUMNS and bool(self.members) and all(m.prior is None for m in self.members)
+        )
+
+    def no_basis_planner(self) -> ModulePlanner:
+        """A planner over these tasks with no bases: independent truncation, priced exactly from each
+        task's own spectrum before any basis is fitted."""
+        if self._bare is None:
+            f64 = torch.float64
+            if self.uniform:  # as the planners over bases are built: the same norms, to the bit
+                T, r = len(self.members), self.ranks[0]
+                none = torch.zeros(T, 0, r, dtype=f64, device=self.device)
+                zeros, ones = (
+                    torch.zeros(T, dtype=f64, device=self.device),
+                    torch.ones(T, dtype=f64, device=self.device),
+                )
+                self._bare = ModulePlanner.stacked(
+                    self.n, self.d, torch.stack([m.s for m in self.members]).to(f64), none, none,
+                    ranks=torch.full((T,), r, dtype=torch.int64, device=self.device), norm2=self.norm2,
+                    prior=zeros, ratio=ones,
+                )  # fmt: skip
+            else:
+                self._bare = ModulePlanner(
+                    self.n, self.d, [TaskFit.of(m.s, m.s.new_zeros((0, m.s.numel())), m.s.new_zeros((0, m.s.numel()))) for m in self.members]
+                )  # fmt: skip
+        return self._bare
+
+    def wide_fit(self, K: int) -> BasisFit:
+        """Bases of K vectors per side in one fit (no widening): per side, the eigendecomposition of
+        the smaller Gram matrix (:class:`GramDecomposition`, every direction at once) where that costs
+        at most ``GRAM_PREFERENCE`` times the randomized range finder at this width, else the range
+        finder at width K.
+
+        A side from a Gram decomposition has ``None`` for its basis in the fit (the planner needs only
+        its coordinates): :meth:`bases` forms the directions a plan keeps.
+        """
+        K = min(K, self.cap)
+        key = ("wide", K)
+        if key not in self._widened:
+            opts = {"n_oversamples": self.config.n_oversamples, "n_iter": self.config.n_iter}
+            sides = []
+            for side, (stack, seed) in enumerate(
+                ((self.stack_B, self.config.seed), (self.stack_A, self.config.seed + 1))
+            ):
+                rows, cols = stack.shape
+                if gram_cost(rows, cols) <= GRAM_PREFERENCE * randomized_cost(rows, cols, K, **opts):
+                    if side not in self._grams:
+                        self._grams[side] = GramDecomposition(stack)
+                    gram = self._grams[side]
+                    # raw factors' planners need the basis itself (:meth:`_assemble`); canonical ones do not
+                    U = None if self.config.canonicalize else gram.basis(K)
+                    sides.append((U, gram.S[:K], gram.coordinates(K)))
+                else:
+                    sides.append(principal_basis(stack, K, seed=seed, **opts))
+            self._widened[key] = self._assemble(*sides)
+        return self._widened[key]
+
+    def bases(self, fit: BasisFit, k_B: int, k_A: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """β and α of ``fit`` with at least the ``k_B`` and ``k_A`` vectors a plan keeps (the sides
+        that :meth:`wide_fit` took from a Gram decomposition are formed here, those vectors only)."""
+        beta = fit.beta if fit.beta is not None else self._grams[0].basis(k_B)
+        alpha = fit.alpha if fit.alpha is not None else self._grams[1].basis(k_A)
+        return beta, alpha
+
+    def _assemble(self, side_B, side_A) -> BasisFit:
+        """A :class:`BasisFit` from each side's (U, S, Uᵀ·stack), with its planner."""
+        (beta, sB, projB), (alpha, sA, projA) = side_B, side_A
         if self.config.canonicalize and self.uniform:  # every task's coordinates, from the projections
             return BasisFit(beta, alpha, sB, sA, self._planner(projB, projA))
         if self.config.canonicalize:  # the projections hold every task's coordinates, weighted

@@ -308,6 +308,93 @@ def extend_basis(
     return torch.cat([U, V], 1), torch.cat([S, T[:keep].cpu()]), torch.cat([proj, extra])
 
 
+class GramDecomposition:
+    """Every principal direction of a stack (``n × m``) at once, from one eigendecomposition of its
+    smaller Gram matrix: ``stackᵀ·stack`` (``m × m``) when m ≤ n, else ``stack·stackᵀ`` (``n × n``).
+
+    What it costs does not depend on how many directions are used: one product of
+    ``n·m·min(n, m)`` operations (:func:`upper_gram`) and one symmetric eigendecomposition of
+    ``min(n, m)³``, where
+    the randomized range finder at width K costs about ``8·n·m·K`` (:func:`gram_cost`,
+    :func:`randomized_cost`). Both run in float32, the precision of the stack; the eigenvalues are
+    accurate to about ``1e-7·σ₁²``, so directions weaker than ``GRAM_RTOL·σ₁`` are not kept.
+
+    The stack's coordinates in the top k directions, ``Uᵀ·stack = S·Vᵀ`` (m ≤ n), come without
+    forming U: the planner searches every width first, and :meth:`basis` forms only the directions
+    of the plan chosen.
+    """
+
+    def __init__(self, stack: torch.Tensor):
+        self.stack = stack
+        n, m = stack.shape
+        self.tall = m <= n
+        evals, vecs = torch.linalg.eigh(upper_gram(stack if self.tall else stack.T), UPLO="U")
+        S = evals.flip(0).clamp_min(0).sqrt().to(torch.float64)
+        #: how many directions are kept: those above GRAM_RTOL × σ₁
+        self.rank = int((S > GRAM_RTOL * S[0]).sum()) if S.numel() and S[0] > 0 else 0
+        #: singular values, descending (float64, on the CPU)
+        self.S = S[: self.rank].cpu()
+        self._vecs = vecs.flip(1)[:, : self.rank]
+        self._coords: torch.Tensor | None = None
+
+    def coordinates(self, k: int) -> torch.Tensor:
+        """Uᵀ·stack for the top ``k`` directions (``k × m``, float64, on the stack's device), each row up
+        to its sign (:meth:`basis` fixes the signs of U; the planner's figures do not depend on them)."""
+        k = min(k, self.rank)
+        if self._coords is None or self._coords.shape[0] < k:
+            if self.tall:  # U = stack·V·S⁻¹, so Uᵀ·stack = S⁻¹·Vᵀ·stackᵀ·stack = S·Vᵀ
+                S = self.S[:k].to(self._vecs.device)
+                self._coords = S[:, None] * self._vecs[:, :k].T.to(torch.float64)
+            else:  # U is the eigenvectors themselves
+                self._coords = (self._vecs[:, :k].T @ self.stack).to(torch.float64)
+        return self._coords[:k]
+
+    def basis(self, k: int) -> torch.Tensor:
+        """The top ``k`` directions, float32, orthonormalized (QR keeps their span and order) and with
+        the sign convention of :func:`fix_signs`."""
+        k = min(k, self.rank)
+        if self.tall:
+            S = self.S[:k].to(device=self.stack.device, dtype=self.stack.dtype)
+            U = self.stack @ (self._vecs[:, :k] / S)
+        else:
+            U = self._vecs[:, :k]
+        if k:  # the products above lose orthogonality in weak directions: restore it, span unchanged
+            Q, R = torch.linalg.qr(U)
+            d = torch.sign(torch.diagonal(R))
+            d[d == 0] = 1
+            U = Q * d
+        return U * fix_signs(U)
+
+
+def upper_gram(Y: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """The upper triangle of Yᵀ·Y (the rest zeros), one block row of columns at a time: about half
+    the operations of the full product, for an eigensolver that reads one triangle."""
+    m = Y.shape[1]
+    G = Y.new_zeros((m, m))
+    for i in range(0, m, block):
+        G[i : i + block, i:] = Y[:, i : i + block].T @ Y[:, i:]
+    return G
+
+
+#: Directions of a :class:`GramDecomposition` weaker than this × σ₁ are not kept: the float32 Gram
+#: matrix holds σ² to about 1e-7·σ₁², so below about 1e-3·σ₁ a singular value is rounding.
+GRAM_RTOL = 1e-3
+
+
+def gram_cost(n: int, m: int) -> float:
+    """Operations of a :class:`GramDecomposition` of an ``n × m`` stack (the Gram product's upper
+    triangle and the eigendecomposition; forming the vectors is left out, as both routes pay it)."""
+    g = min(n, m)
+    return 1.0 * n * m * g + 6.0 * g**3
+
+
+def randomized_cost(n: int, m: int, k: int, n_oversamples: int = 10, n_iter: int = 1) -> float:
+    """Operations of :func:`principal_basis`'s randomized route at width ``k``: ``2 + 2·n_iter``
+    products with the stack, as many QR factorizations of ``n × (k + p)``, and the small SVD."""
+    w = min(k + n_oversamples, m)
+    return (2 + 2 * n_iter) * (2.0 * n * m * w + 2.0 * n * w * w) + 4.0 * w * w * m
+
+
 def _numerical_rank(S: torch.Tensor, k: int) -> int:
     return int((S[:k] > RANK_RTOL * S[0]).sum()) if S.numel() and S[0] > 0 else 0
 

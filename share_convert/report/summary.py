@@ -344,15 +344,22 @@ def why(modules: dict[str, Any], stored: int, last_op: str) -> dict[str, Any]:
                 "again, or run 'share-convert plan' on the adapters, for that comparison."
             ),
         }
-    shared_missing = sum(a["shared"] is None for a in alts)
-    shared = None if shared_missing else sum(a["shared"] for a in alts)
+    # a module where a bound ruled sharing out before any basis was fitted knows only a floor
+    floors = sum(a["shared"] is None and a.get("shared_at_least") is not None for a in alts)
+    shared_missing = sum(a["shared"] is None and a.get("shared_at_least") is None for a in alts)
+    shared = None if shared_missing or floors else sum(a["shared"] for a in alts)
     private = None if any(a["private"] is None for a in alts) else sum(a["private"] for a in alts)
     parts = [f"the cheapest representation meeting the target was chosen per module: {stored:,} LoRA parameters in all"]
-    parts.append(
-        f"pure sharing would need {shared:,}"
-        if shared is not None
-        else f"pure sharing cannot meet the target in {_modules(shared_missing)}"
-    )
+    if shared_missing:
+        parts.append(f"pure sharing cannot meet the target in {_modules(shared_missing)}")
+    elif floors:
+        at_least = sum(a["shared"] if a["shared"] is not None else a["shared_at_least"] for a in alts)
+        parts.append(
+            f"pure sharing would need at least {at_least:,} (in {_modules(floors)} a bound from the tasks' own "
+            "spectra ruled sharing out before any basis was fitted)"
+        )
+    else:
+        parts.append(f"pure sharing would need {shared:,}")
     if private is not None:
         parts.append(f"independent truncation {private:,}")
     relaxed = sum(bool(m.get("target_relaxed")) for m in modules.values())
