@@ -229,7 +229,9 @@ def plan_group(
             if str(config.groups) == "1" and floor.rules_out(private.params):
                 if dtype is not None and (precision is not None or config.precision != "float"):
                     empty = stack.stack_B.new_zeros(0)
-                    private = choose_plan(bare, config, BasisSpectra(empty, empty, stack.energy_totals), dtype, precision)
+                    private = choose_plan(
+                        bare, config, BasisSpectra(empty, empty, stack.energy_totals), dtype, precision
+                    )
                 private.alternatives = {**(private.alternatives or {}), "shared_at_least": floor.least()}
                 return stack.stack_B.new_zeros((stack.n, 0)), stack.stack_A.new_zeros((stack.d, 0)), private, bare
     fit = stack.fit(K)
