@@ -1,27 +1,32 @@
-"""Serving mixed-task batches: the Share runtime against PEFT's mixed-adapter batches (issue 14).
+"""Serving mixed-task batches: the Share runtime against PEFT's mixed-adapter batches (issues 14 and 25).
 
 A GPT-2-sized model (GPT2Config defaults: 12 layers, 768 wide, random weights) and synthetic
 adapters on every ``attn.c_attn`` (Conv1D, 2304 × 768, r = 8) with a planted shared subspace
-(``share_convert.io.synthetic``). The adapters are merged once into a Share checkpoint (default
-options: 5% mean ΔW error target) and every task is extracted back as a PEFT adapter; both sides
-serve the same extracted tasks, so their outputs are compared too.
+(``share_convert.io.synthetic``; ``--families N``: N families of adapters, each from its own planted
+subspace, merged with ``groups=N`` so that each module holds one basis per family). The adapters are
+merged once into a Share checkpoint (default options: 5% mean ΔW error target) and every task is
+extracted back as a PEFT adapter; both sides serve the same extracted tasks, so their outputs are
+compared too.
 
 - Throughput: one forward pass of a batch of ``--rows`` rows × ``--seq`` tokens whose rows cycle
   over ``--serve`` tasks, with those tasks loaded on both sides: PEFT with ``adapter_names=``,
   the runtime with ``task=[...]``. Also the base model alone, and the runtime with one task for
-  the whole batch and with that task merged. Fastest (and median) of ``--repeat`` timed passes after one warm-up,
-  in this process, under ``torch.no_grad()``, the variants taken in turn in each round; one intra-op
-  thread by default (``--threads``), because the machine's 2 cores are shared and spinning OpenMP
-  threads under contention distort every timing. The same three ways (base, PEFT, runtime) are also
-  timed on one injected layer alone (``--layer-repeat`` rounds), where the adapter's own cost is
-  not buried under the base model's.
+  the whole batch and with that task merged. One warm-up, then ``--repeat`` rounds taking the
+  variants in turn, under ``torch.no_grad()``; one intra-op thread by default (``--threads``).
+  Each call is timed in wall time and in this thread's CPU time (``time.thread_time``): with one
+  intra-op thread torch computes in the calling thread, so CPU time leaves out the time other
+  processes of a shared machine take the core away, which wall time counts.
+- Overhead: the time a variant takes above the bare base model, per round (the variant's call minus
+  the base model's call of the same round), median over the rounds; and the runtime's overhead over
+  PEFT's (target: ≤ 0.5). Given for the whole forward pass and for one injected layer alone
+  (``--layer-repeat`` rounds), where the adapter's own cost is not buried under the base model's.
 - Memory with ``--tasks`` tasks loaded: the bytes of the adapter tensors held (PEFT: every
   ``lora_`` parameter; runtime: ``memory_report().adapters``: bases, coefficients, private factors,
   heads, slot maps); and, whole process, three fresh processes that build the base model and load
   nothing / the PEFT adapters / the Share tasks (``--load``), each measured for its peak resident
   memory (``measure.py``) and its resident memory once loaded.
 
-    python benchmarks/bench_serve.py --work /tmp/bench-serve --out benchmarks/results/serve.json
+    python benchmarks/bench_serve.py --tasks 32 --serve 32 --work /tmp/bench-serve --out benchmarks/results/serve-32.json
 """
 
 from __future__ import annotations
@@ -58,23 +63,41 @@ def rss() -> int:
         return int(f.read().split()[1]) * 4096
 
 
-def timed(calls: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
-    """Seconds of each call of each variant: one warm-up each, then ``repeat`` rounds taking the
-    variants in turn, so that load from other processes falls on all of them alike."""
+def timed(calls: dict[str, Callable[[], object]], repeat: int) -> dict[str, dict[str, list[float]]]:
+    """Wall and CPU seconds of each call of each variant: one warm-up each, then ``repeat`` rounds taking
+    the variants in turn, so that load from other processes falls on all of them alike."""
     for call in calls.values():
         call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
+    times: dict[str, dict[str, list[float]]] = {"wall": {n: [] for n in calls}, "cpu": {n: [] for n in calls}}
     for _ in range(repeat):
         for name, call in calls.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             call()
-            times[name].append(time.perf_counter() - t)
+            times["cpu"][name].append(time.thread_time() - c)
+            times["wall"][name].append(time.perf_counter() - t)
     return times
 
 
 def fastest(times: dict[str, list[float]]) -> dict[str, float]:
     """The fastest call of each variant: load from other processes only ever adds time."""
     return {name: min(ts) for name, ts in times.items()}
+
+
+def overhead(times: dict[str, list[float]], peft: str = "peft_mixed", share: str = "share_mixed") -> dict:
+    """Each variant's time above the base model's: per round (its call minus the base model's call of the
+    same round), median over the rounds; and the runtime's overhead over PEFT's."""
+    above = {
+        name: statistics.median(t - b for t, b in zip(ts, times["base"]))
+        for name, ts in times.items()
+        if name != "base"
+    }
+    best = fastest(times)
+    return {
+        "seconds_above_base_median_of_rounds": above,
+        "seconds_above_base_fastest": {n: best[n] - best["base"] for n in above},
+        "share_over_peft_median_of_rounds": above[share] / above[peft],
+        "share_over_peft_fastest": (best[share] - best["base"]) / (best[peft] - best["base"]),
+    }
 
 
 #: The model's size: GPT-2's by default; ``--layers``/``--hidden`` shrink it for smoke tests.
@@ -128,6 +151,15 @@ def main() -> None:
         "--hidden", type=int, default=768, help="GPT-2 width, a multiple of its 12 heads (768: GPT-2's size)"
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--mixed-only", action="store_true", help="time only the base model and the two mixed batches (whole forward)"
+    )
+    p.add_argument(
+        "--families",
+        type=int,
+        default=1,
+        help="planted subspaces, one family of adapters each (>1: merged with groups)",
+    )
     p.add_argument("--work", default="/tmp/share-bench-serve")
     p.add_argument("--out")
     p.add_argument("--load", choices=["base", "peft", "share"], help=argparse.SUPPRESS)
@@ -141,21 +173,29 @@ def main() -> None:
         p.error("--out is required")
     cfg = GPT2Config(**SIZE)
     modules = {f"transformer.h.{i}.attn.c_attn": (3 * cfg.n_embd, cfg.n_embd) for i in range(cfg.n_layer)}
-    paths = write_synthetic_adapters(
-        work / "adapters",
-        count=a.tasks,
-        rank=a.rank,
-        shared_rank=a.shared_rank,
-        modules=modules,
-        fan_in_fan_out=True,
-        task_type=None,
-        base_model="gpt2",
-    )
+    paths = []
+    for family in range(a.families):  # tasks of family f: every f-th (so that a mixed batch holds them all)
+        paths += write_synthetic_adapters(
+            work / "adapters",
+            count=len(range(family, a.tasks, a.families)),
+            rank=a.rank,
+            shared_rank=a.shared_rank,
+            modules=modules,
+            fan_in_fan_out=True,
+            task_type=None,
+            base_model="gpt2",
+            seed=family,
+            prefix=f"family{family}-task" if a.families > 1 else "task",
+        )
     ckpt = work / "share.safetensors"
+    config = ConsolidationConfig(groups=str(a.families)) if a.families > 1 else ConsolidationConfig()
     t = time.perf_counter()
-    report = merge(open_adapters([str(p) for p in paths]), ckpt, ConsolidationConfig(), force=True)
+    report = merge(open_adapters([str(p) for p in paths]), ckpt, config, force=True)
     merge_s = time.perf_counter() - t
     extracted = [r.path for r in api.extract(ckpt, work / "extracted", all_tasks=True, force=True)]
+    if a.families > 1:  # interleave the families, so that the tasks served cover every group
+        by_family = [[p for p in extracted if p.name.startswith(f"family{f}-")] for f in range(a.families)]
+        extracted = [p for group in zip(*by_family) for p in group]
     tasks = [r.name for r in extracted]
     mean_error = statistics.mean(rec["error"] for info in report["modules"].values() for rec in info["tasks"].values())
 
@@ -173,6 +213,10 @@ def main() -> None:
             "merge_seconds": round(merge_s, 2),
             "checkpoint_mean_delta_w_error": mean_error,
             "k": sorted({info["k_B"] for info in report["modules"].values()}),
+            "families": a.families,
+            "groups_k": sorted(
+                {tuple(g["k_B"] for g in info.get("groups", [])) for info in report["modules"].values()}
+            ),
         },
     }
 
@@ -185,16 +229,16 @@ def main() -> None:
             "base": base_model(),
         }
         m["merged"].merge(tasks[0])
-        seconds = timed(
-            {
-                "base": lambda: m["base"](input_ids=ids),
-                "peft_mixed": lambda: m["peft"](input_ids=ids, adapter_names=rows),
-                "share_mixed": lambda: m["share"](input_ids=ids, task=rows),
-                "share_one_task": lambda: m["share"](input_ids=ids, task=tasks[0]),
-                "share_merged": lambda: m["merged"](input_ids=ids),
-            },
-            a.repeat,
-        )
+        calls = {
+            "base": lambda: m["base"](input_ids=ids),
+            "peft_mixed": lambda: m["peft"](input_ids=ids, adapter_names=rows),
+            "share_mixed": lambda: m["share"](input_ids=ids, task=rows),
+            "share_one_task": lambda: m["share"](input_ids=ids, task=tasks[0]),
+            "share_merged": lambda: m["merged"](input_ids=ids),
+        }
+        if a.mixed_only:  # more rounds in the same time for the overhead of mixed batches
+            calls = {name: calls[name] for name in ("base", "peft_mixed", "share_mixed")}
+        seconds = timed(calls, a.repeat)
         # one injected layer alone (transformer.h.0.attn.c_attn) on hidden states of the batch's shape:
         # the adapter's own cost, which the whole forward pass buries under the base model's
         x = torch.randn(a.rows, a.seq, cfg.n_embd, generator=gen)
@@ -218,21 +262,30 @@ def main() -> None:
         m.clear()
         gc.collect()
     tokens = a.rows * a.seq
-    best, layer_best = fastest(seconds), fastest(layer_seconds)
+    wall, cpu, layer_wall, layer_cpu = seconds["wall"], seconds["cpu"], layer_seconds["wall"], layer_seconds["cpu"]
+    best, layer_best = fastest(wall), fastest(layer_wall)
     results["throughput"] = {
-        "unit": "tokens per second, one forward pass, fastest of the rounds",
+        "unit": "tokens per second, one forward pass, fastest of the rounds (wall time)",
         "tokens_per_second": {name: tokens / s for name, s in best.items()},
         "share_mixed_over_peft_mixed": best["peft_mixed"] / best["share_mixed"],
         "seconds_fastest": best,
-        "seconds_median": {name: statistics.median(ts) for name, ts in seconds.items()},
-        "seconds_all": seconds,
+        "seconds_median": {name: statistics.median(ts) for name, ts in wall.items()},
+        "seconds_all": wall,
+        "cpu_seconds_all": cpu,
         "logits_relative_difference_share_vs_peft": float((y_share - y_peft).norm() / y_peft.norm()),
         "one_layer_seconds_fastest": layer_best,
-        "one_layer_seconds_median": {name: statistics.median(ts) for name, ts in layer_seconds.items()},
+        "one_layer_seconds_median": {name: statistics.median(ts) for name, ts in layer_wall.items()},
         "one_layer_adapter_seconds": {
             "peft_mixed": layer_best["peft_mixed"] - layer_best["base"],
             "share_mixed": layer_best["share_mixed"] - layer_best["base"],
         },
+        "one_layer_seconds_all": layer_wall,
+        "one_layer_cpu_seconds_all": layer_cpu,
+    }
+    results["overhead"] = {
+        "note": "time above the bare base model; 'cpu' is this thread's CPU time, 'wall' includes waiting for a core",
+        "whole_forward": {"cpu": overhead(cpu), "wall": overhead(wall)},
+        "one_layer": {"cpu": overhead(layer_cpu), "wall": overhead(layer_wall)},
     }
 
     # memory, `tasks` tasks loaded

@@ -113,6 +113,9 @@ def test_serve_runner_compares_the_runtime_with_peft_and_writes_its_results(tmp_
         "share_merged",
     }
     assert results["throughput"]["logits_relative_difference_share_vs_peft"] < 1e-5
+    for level in ("whole_forward", "one_layer"):
+        assert set(results["overhead"][level]) == {"cpu", "wall"}
+        assert results["overhead"][level]["cpu"]["share_over_peft_median_of_rounds"] != 0
     memory = results["memory"]
     assert memory["share_adapter_bytes"] == memory["share_report"]["adapters"] > 0
     assert set(memory["whole_process_mb"]) == {"base", "peft", "share"}

@@ -54,11 +54,13 @@ class ShareHead(nn.Module):
             groups.setdefault(id(self.module_for(t)), []).append(t)
         if len(groups) == 1:
             return self.module_for(sel.distinct[0])(x, *args, **kwargs)
-        if x.shape[0] != sel.batch:
+        rows_of = sel.for_rows(x.shape[0])
+        if rows_of is None:
             raise BatchMismatchError(
                 f"{self.name} received {x.shape[0]} rows for a batch of {sel.batch} tasks",
                 hint="Run one task per call for this model",
             )
+        sel = rows_of
         parts = []
         for tasks in groups.values():
             rows = sel.rows(tuple(tasks), x.device)

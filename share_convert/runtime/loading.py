@@ -27,8 +27,9 @@ from ..errors import (
     UnknownTaskError,
 )
 from ..io.peft import PEFT_PREFIX
+from .components import module_paths
 from .heads import ShareHead
-from .layers import ShareLayer, TaskFactors, layer_kind, model_path, replace_module
+from .layers import ShareLayer, TaskFactors, layer_kind, model_path, replace_module, submodule, unsupported_conv
 from .selection import TaskSelection
 
 #: PEFT wrapper segments that may appear in a head's key (``score.modules_to_save.default.weight``).
@@ -46,15 +47,17 @@ class Injection(NamedTuple):
 
 
 def inject(
-    base_model: nn.Module,
+    base_model: Any,
     ckpt: Checkpoint,
     tasks: Sequence[str] | None,
     dtype: torch.dtype | None,
     device: str | torch.device | None,
     pad_value: float,
+    component: str | None = None,
 ) -> Injection:
-    """Inject ``tasks`` of ``ckpt`` (default: all) into ``base_model``, in place; see
-    :meth:`ShareModel.from_checkpoint` for the options. Nothing is changed unless every module and head fits."""
+    """Inject ``tasks`` of ``ckpt`` (default: all) into ``base_model`` (a model, a pipeline or one of its
+    components: share_convert.runtime.components), in place; see :meth:`ShareModel.from_checkpoint` for
+    the options. Nothing is changed unless every module and head fits."""
     if isinstance(tasks, str):
         raise InvalidOptionError("tasks must be a list of names", hint=f"Use tasks=[{tasks!r}]")
     names = list(ckpt.tasks) if tasks is None else list(tasks)
@@ -72,25 +75,36 @@ def inject(
     ids = {t: i for i, t in enumerate(names)}
     selection = TaskSelection()
     layers: dict[str, ShareLayer] = {}
-    for module, info in ckpt.modules.items():
+    served = [m for m, info in ckpt.modules.items() if any(t in info["tasks"] for t in names)]
+    paths = module_paths(base_model, ckpt, served, component)
+    for module in served:
+        if module not in paths:
+            continue  # another component's (a text encoder's, when a UNet is served)
+        info = ckpt.modules[module]
         present = [t for t in names if t in info["tasks"]]
-        if not present:
-            continue
-        path = model_path(module)
+        path = paths[module]
         target = _target(base_model, path, module, ckpt.path)
         kind = layer_kind(target)
         if kind is None:
             raise ModelMismatchError(
-                f"{path} is a {type(target).__name__}; the runtime serves nn.Linear and transformers Conv1D layers",
+                f"{path} is a {type(target).__name__}; the runtime serves nn.Linear, nn.Conv2d and transformers "
+                "Conv1D layers",
                 path=ckpt.path,
                 hint="Use 'share-convert extract' and PEFT for this model",
             )
+        why = unsupported_conv(target)
+        if why is not None:
+            raise ModelMismatchError(
+                f"{path} is a Conv2d with {why}, which a LoRA cannot adapt as PEFT and diffusers apply one",
+                path=ckpt.path,
+                hint="Use 'share-convert extract' for this model",
+            )
         n, d = info["out_features"], info["in_features"]
         weight = target.weight
-        if tuple(weight.shape) != kind.weight_shape(n, d):
+        if not kind.fits(weight, n, d):
             raise ModelMismatchError(
                 f"module {path} of the model has weight {tuple(weight.shape)}, the checkpoint's ΔW is {n}×{d} "
-                f"({kind.name} stores {'in×out' if kind.transposed else 'out×in'})",
+                f"({kind.name} stores {kind.layout})",
                 path=ckpt.path,
                 hint=f"Load it into the base model it was made for ({_base_names(ckpt, present)})",
             )
@@ -112,9 +126,9 @@ def inject(
     return Injection(names, layers, heads, selection)
 
 
-def _target(model: nn.Module, path: str, module: str, origin: Any) -> nn.Module:
+def _target(model: Any, path: str, module: str, origin: Any) -> nn.Module:
     try:
-        return model.get_submodule(path)
+        return submodule(model, path)
     except AttributeError:
         raise ModelMismatchError(
             f"the checkpoint's module {module} has no counterpart {path} in the model ({type(model).__name__})",
@@ -258,7 +272,7 @@ def _read_heads(
         for path, module in head_copies(base_model, t, ckpt.heads(t), layers, ckpt.path).items():
             copies.setdefault(path, {})[ids[t]] = module
     return {
-        path: ShareHead(base_model.get_submodule(path), path, per_task, selection, pad_value)
+        path: ShareHead(submodule(base_model, path), path, per_task, selection, pad_value)
         for path, per_task in copies.items()
     }
 

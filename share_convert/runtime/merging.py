@@ -96,7 +96,7 @@ def merge_and_unload(model: MergingHost, task: str) -> nn.Module:
         layer: ShareLayer = model._layers[path]
         delta = layer.delta_weight(tid) if delta is None else delta
         weight = layer.base_layer.weight
-        weight.copy_((weight.double() + layer.kind.as_weight(delta).to(weight.device)).to(weight.dtype))
+        weight.copy_((weight.double() + layer.kind.as_weight(delta, weight.shape).to(weight.device)).to(weight.dtype))
     for path, layer in model._layers.items():
         replace_module(model.base_model, path, layer.base_layer)
     for path, head in model._heads.items():

@@ -80,15 +80,21 @@ class ShareModel(TrainingMethods, nn.Module):
     @classmethod
     def from_checkpoint(
         cls,
-        base_model: nn.Module,
+        base_model: Any,
         checkpoint: str | Path | Checkpoint,
         *,
         tasks: Sequence[str] | None = None,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         head_pad_value: float = float("-inf"),
+        component: str | None = None,
     ) -> ShareModel:
         """Inject ``checkpoint`` (a path, ``hf://`` address or open :class:`Checkpoint`) into ``base_model``.
+
+        ``base_model`` is the model the adapters were trained on; for a checkpoint of text-to-image
+        LoRAs, a diffusers pipeline (every component the checkpoint adapts: UNet or transformer and
+        text encoders) or one component of it (``pipe.unet``, ``pipe.transformer``, ``pipe.text_encoder``:
+        the other components' modules are left out); see share_convert.runtime.components.
 
         Args:
             tasks: the tasks to load (default: all of them).
@@ -98,12 +104,15 @@ class ShareModel(TrainingMethods, nn.Module):
             device: where the Share tensors go; default: each target layer's device. Given, it must
                 be the model's device (move the model first).
             head_pad_value: fills the missing columns when heads of different widths meet in one batch.
+            component: which pipeline component ``base_model`` is (``"unet"``, ``"transformer"``,
+                ``"text_encoder"``, ``"text_encoder_2"``), for a text-to-image checkpoint; default: the one
+                whose modules and shapes ``base_model`` has (two text encoders of one width need it).
 
         Nothing is changed in ``base_model`` unless every module and head fits.
         """
 
         def build(ckpt: Checkpoint) -> ShareModel:
-            injected = inject(base_model, ckpt, tasks, dtype, device, head_pad_value)
+            injected = inject(base_model, ckpt, tasks, dtype, device, head_pad_value, component)
             return cls(base_model, *injected, ServingOptions.of(ckpt, dtype, head_pad_value))
 
         if isinstance(checkpoint, Checkpoint):

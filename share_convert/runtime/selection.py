@@ -42,11 +42,12 @@ class Selection:
     and reused by every layer of the call.
     """
 
-    __slots__ = ("single", "ids", "distinct", "_cache")
+    __slots__ = ("single", "ids", "distinct", "_cache", "_doubled")
 
     def __init__(self, ids: int | Sequence[int]):
         self.ids: tuple[int, ...] | None = None
         self._cache: dict[Any, torch.Tensor] = {}
+        self._doubled: Selection | None = None
         if isinstance(ids, int):
             self.single: int | None = ids
             self.distinct: tuple[int, ...] = (ids,)
@@ -61,6 +62,21 @@ class Selection:
     def batch(self) -> int:
         """The number of rows of a mixed batch (0 when every row uses one task)."""
         return len(self.ids) if self.ids is not None else 0
+
+    def for_rows(self, rows: int) -> Selection | None:
+        """This mixed selection as it applies to a tensor of ``rows`` rows, or None when it cannot.
+
+        ``rows`` equal to the batch: itself. Twice the batch: classifier-free guidance, which runs
+        the unconditional and the conditional halves in one batch ([uncond, cond], diffusers'
+        order): every row's task applies to its row in both halves.
+        """
+        if rows == self.batch:
+            return self
+        if rows != 2 * self.batch or self.ids is None:
+            return None
+        if self._doubled is None:
+            self._doubled = Selection(self.ids + self.ids)
+        return self._doubled
 
     def index(self, device: torch.device) -> torch.Tensor:
         """The task id of every row (:data:`BASE` for the base model's), as a long tensor on ``device``."""

@@ -296,6 +296,12 @@ def add_trainable_task(
         raise DuplicateTaskError(f"task {name!r} already exists in the model", hint="Choose another name")
     layers: dict[str, ShareLayer] = model._layers
     chosen = _chosen_modules(layers, modules)
+    convs = [path for path in chosen if layers[path].kind.conv]
+    if convs:  # a trainable task computes ΔW x as a matrix product: no conv layer
+        raise InvalidOptionError(
+            f"{convs[0]} is a Conv2d: new tasks train on linear layers only",
+            hint="Pass modules= with the model's linear layers",
+        )
     head_modules = _chosen_heads(model, heads)
     gen = torch.Generator().manual_seed(seed)
     trainables: dict[str, TrainableModule] = {}
