@@ -135,6 +135,8 @@ def fold_into(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     wait: bool = True,
     on_wait: Callable[[str], None] | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> Report:
     """Fold trainable task ``name`` into ``checkpoint``, writing ``output``: the same engine as ``add``.
 
@@ -176,6 +178,8 @@ def fold_into(
             max_shard_size=max_shard_size,
             wait=wait,
             on_wait=on_wait,
+            executor=executor,
+            ray_address=ray_address,
         )
 
 

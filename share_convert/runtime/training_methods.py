@@ -91,6 +91,8 @@ class TrainingMethods:
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
         wait: bool = True,
         on_wait: Callable[[str], None] | None = None,
+        executor: str = "local",
+        ray_address: str | None = None,
     ) -> Report:
         """Fold trainable task ``name`` into ``checkpoint`` (the engine of ``add``); returns ``add``'s report;
         see :func:`share_convert.runtime.saving.fold_into`."""
@@ -112,6 +114,8 @@ class TrainingMethods:
             max_shard_size=max_shard_size,
             wait=wait,
             on_wait=on_wait,
+            executor=executor,
+            ray_address=ray_address,
         )
 
 
