@@ -186,7 +186,7 @@ def load_task(
         layer = model._layers.get(path)
         target = layer.base_layer if layer is not None else _new_target(model, path, src.origin)
         kind = layer_kind(target)
-        if kind is None or tuple(target.weight.shape) != kind.weight_shape(n, d):
+        if kind is None or not kind.fits(target.weight, n, d):
             shape = tuple(target.weight.shape)
             raise ModelMismatchError(
                 f"{src.origin} adapts {path} as {n}×{d}; the model's {path} is a {type(target).__name__} of "
