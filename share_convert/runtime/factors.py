@@ -20,7 +20,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..math.quantize import BLOCK, CODE_PRECISIONS, Quantized, blocks_per_row, code_columns, dequantize, quantize
+from ..math.quantize import (
+    BLOCK,
+    CODE_PRECISIONS,
+    NF4_VALUES,
+    Quantized,
+    blocks_per_row,
+    code_columns,
+    dequantize,
+    quantize,
+)
 
 
 class RowStore(nn.Module):
@@ -66,10 +75,17 @@ class RowStore(nn.Module):
         """Rows ``start:stop`` as ``dtype`` values (a view for a float store; dequantized for codes)."""
         if self.precision is None:
             return self.values[start:stop]
-        q = Quantized(
-            self.precision, self.codes[start:stop], self.scales[start:stop].float(), (stop - start, self.cols)
-        )
-        return dequantize(q).to(dtype)
+        codes, scales = self.codes[start:stop], self.scales[start:stop].float()
+        if self.cols % BLOCK:  # a short last block: the reference path (pads the rows to whole blocks)
+            return dequantize(Quantized(self.precision, codes, scales, (stop - start, self.cols))).to(dtype)
+        # whole blocks: the same float32 products as math.quantize.dequantize, without its padded copy
+        if self.precision == "int8":
+            values = codes.to(torch.float32)
+        else:
+            levels = torch.tensor(NF4_VALUES, dtype=torch.float32, device=codes.device)
+            values = levels[torch.stack([codes & 0x0F, codes >> 4], -1).view(codes.shape[0], -1).long()]
+        values = values.view(stop - start, -1, BLOCK) * scales[..., None]
+        return values.view(stop - start, self.cols).to(dtype)
 
     @torch.no_grad()
     def append(self, rows: torch.Tensor | Quantized) -> int:
