@@ -75,7 +75,17 @@ class RowStore(nn.Module):
         """Rows ``start:stop`` as ``dtype`` values (a view for a float store; dequantized for codes)."""
         if self.precision is None:
             return self.values[start:stop]
-        codes, scales = self.codes[start:stop], self.scales[start:stop].float()
+        return self._decoded(self.codes[start:stop], self.scales[start:stop], dtype)
+
+    def take_index(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The rows at ``index`` (a long tensor on the store's device) as ``dtype`` values, in one piece."""
+        if self.precision is None:
+            return self.values.index_select(0, index)
+        return self._decoded(self.codes.index_select(0, index), self.scales.index_select(0, index), dtype)
+
+    def _decoded(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows of codes and their scales dequantized, as ``dtype``."""
+        start, stop, scales = 0, codes.shape[0], scales.float()
         if self.cols % BLOCK:  # a short last block: the reference path (pads the rows to whole blocks)
             return dequantize(Quantized(self.precision, codes, scales, (stop - start, self.cols))).to(dtype)
         # whole blocks: the same float32 products as math.quantize.dequantize, without its padded copy
@@ -157,6 +167,8 @@ class TaskFactors(nn.Module):
         #: the bytes the checkpoint stores these tensors (and the layer's bases) in, for the parts it
         #: keeps as int8/NF4 codes that are held here dequantized, by precision (see memory_report)
         self.dequantized_from: dict[str, int] = {}
+        #: tasks of a mixed batch -> the rows of their private factors (for rows kept as codes)
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
 
     @property
     def out_features(self) -> int:
@@ -171,6 +183,33 @@ class TaskFactors(nn.Module):
         offset, q = self.private_ranks[task]
         dtype = self.coef_A.dtype
         return self.private_Bt.take(offset, offset + q, dtype).T, self.private_A.take(offset, offset + q, dtype)
+
+    def privates(self, tasks: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`private` of each of ``tasks``; for rows kept as codes, the rows of all of them are
+        dequantized in one piece (one call per side, not one per task)."""
+        if len(tasks) < 2 or (self.private_A.precision is None and self.private_Bt.precision is None):
+            return [self.private(t) for t in tasks]
+        key = tuple(tasks)
+        index = self._indices.get(key)
+        if index is None or index.device != self.coef_slot.device:  # (the model was moved since)
+            spans = [self.private_ranks[t] for t in tasks]
+            rows = [r for offset, q in spans for r in range(offset, offset + q)]
+            index = torch.tensor(rows, dtype=torch.long, device=self.coef_slot.device)
+            if len(self._indices) >= 64:  # a few batch compositions recur; keep the last ones
+                self._indices.pop(next(iter(self._indices)))
+            self._indices[key] = index
+        dtype = self.coef_A.dtype
+        A, Bt = self.private_A.take_index(index, dtype), self.private_Bt.take_index(index, dtype)
+        out, start = [], 0
+        for t in tasks:
+            q = self.private_ranks[t][1]
+            out.append((Bt[start : start + q].T, A[start : start + q]))
+            start += q
+        return out
+
+    def rows_changed(self) -> None:
+        """Forget the row indices of batch compositions (a task's private rows were put in or taken out)."""
+        self._indices.clear()
 
     def add_empty_task(self) -> None:
         """One more task id with nothing stored here: its slot map points at the zero slot (a new last id, the

@@ -280,11 +280,10 @@ class ShareLayer(nn.Module):
             v = torch.bmm(u, f.coef_B[:, b0:b1].index_select(0, slots).transpose(1, 2))  # E_B,t: (R, L, k_B)
             yield v.reshape(*z.shape[:-1], v.shape[-1]), self.basis_B[:, b0:b1], rows  # β once for these rows
         # private factors, ragged (no padding): task by task, each on its own rows (one matmul per side)
-        for t in sel.distinct:
-            if t in f.private_ranks:
-                B, A = f.private(t)
-                rows = sel.rows((t,), h.device)
-                yield self._down(h.index_select(0, rows), A.T), B, rows
+        privates = [t for t in sel.distinct if t in f.private_ranks]
+        for t, (B, A) in zip(privates, f.privates(privates)):
+            rows = sel.rows((t,), h.device)
+            yield self._down(h.index_select(0, rows), A.T), B, rows
 
     # merging ---------------------------------------------------------------------------------------------
     def delta_weight(self, task: int) -> torch.Tensor:

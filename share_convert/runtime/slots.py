@@ -60,6 +60,7 @@ def put_private(f: TaskFactors, task: int, private_B: torch.Tensor, private_A: t
     offset = f.private_A.append(private_A)
     f.private_Bt.append(private_B.T)
     f.private_ranks[task] = (offset, private_B.shape[1])
+    f.rows_changed()
 
 
 @torch.no_grad()
@@ -79,6 +80,7 @@ def free_task(f: TaskFactors, task: int) -> None:
         f.private_A.remove(offset, offset + q)
         f.private_Bt.remove(offset, offset + q)
         f.private_ranks = {t: (o - q * (o > offset), r) for t, (o, r) in f.private_ranks.items()}
+        f.rows_changed()
 
 
 def _without(stack: torch.Tensor, slot: int) -> torch.Tensor:
