@@ -18,6 +18,8 @@ from torch import nn
 
 from share_convert import ConsolidationConfig, ShareModel, api
 from share_convert.checkpoint.reader import Checkpoint
+from share_convert.math.quantize import dequantize, quantize
+from share_convert.runtime.factors import RowStore
 
 from .builders.adapters import random_factors, write_adapter
 from .builders.models import bert_classifier, gpt2_classifier, tokens
@@ -193,3 +195,13 @@ def _factor_tensors(ckpt: Checkpoint) -> list[str]:
     from share_convert.checkpoint.quantized import role_of
 
     return [name for name in ckpt.manifest["tensors"] if role_of(name) is not None]
+
+
+@pytest.mark.parametrize("precision", ["int8", "nf4"])
+@pytest.mark.parametrize("cols", [128, 100])  # whole blocks of 64, and a short last block
+def test_rows_kept_as_codes_read_back_as_the_format_dequantizes_them(precision, cols):
+    x = torch.randn(10, cols, generator=torch.Generator().manual_seed(cols))
+    store, codes = RowStore(cols, torch.float32, precision=precision), quantize(x, precision)
+    store.append(codes)
+    assert torch.equal(store.take(2, 7, torch.float32), dequantize(codes)[2:7])
+    assert torch.equal(store.take_index(torch.tensor([9, 0, 4]), torch.float32), dequantize(codes)[[9, 0, 4]])

@@ -91,9 +91,8 @@ class RowStore(nn.Module):
         # whole blocks: the same float32 products as math.quantize.dequantize, without its padded copy
         if self.precision == "int8":
             values = codes.to(torch.float32)
-        else:
-            levels = torch.tensor(NF4_VALUES, dtype=torch.float32, device=codes.device)
-            values = levels[torch.stack([codes & 0x0F, codes >> 4], -1).view(codes.shape[0], -1).long()]
+        else:  # one lookup per byte: its low and high nibble's levels
+            values = _nf4_pairs(codes.device)[codes.long()].view(codes.shape[0], -1)
         values = values.view(stop - start, -1, BLOCK) * scales[..., None]
         return values.view(stop - start, self.cols).to(dtype)
 
@@ -124,6 +123,19 @@ class RowStore(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.rows}×{self.cols}, {self.held_as}"
+
+
+_NF4_PAIRS: dict[torch.device, torch.Tensor] = {}
+
+
+def _nf4_pairs(device: torch.device) -> torch.Tensor:
+    """256 × 2: for each byte of NF4 codes, the levels of its low nibble (first) and high nibble."""
+    table = _NF4_PAIRS.get(device)
+    if table is None:
+        levels = torch.tensor(NF4_VALUES, dtype=torch.float32)
+        byte = torch.arange(256)
+        table = _NF4_PAIRS[device] = torch.stack([levels[byte & 0x0F], levels[byte >> 4]], 1).to(device)
+    return table
 
 
 class TaskFactors(nn.Module):
