@@ -156,6 +156,16 @@ def test_kept_quantized_rows_are_held_as_their_codes(world, precision):
     assert kept.private * (8 if precision == "nf4" else 4) > plain.private > kept.private * 2
 
 
+def test_converting_a_kept_model_leaves_its_codes_and_scales_as_stored(world):
+    kept = ShareModel.from_checkpoint(base(), world["nf4"], keep_quantized=True)
+    store = kept._layers[VALUE].factors.private_A
+    before = (store.codes.clone(), store.scales.clone())
+    kept.to(torch.float64)
+    assert torch.equal(store.codes, before[0]) and torch.equal(store.scales, before[1])
+    plain = ShareModel.from_checkpoint(base(), world["nf4"]).to(torch.float64)
+    assert rel(logits(kept, task="b"), logits(plain, task="b")) < 1e-12
+
+
 def test_a_quantized_task_merged_equals_its_dequantized_merge(world):
     kept = ShareModel.from_checkpoint(base(), world["int8"], keep_quantized=True)
     plain = ShareModel.from_checkpoint(base(), world["int8"])

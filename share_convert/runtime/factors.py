@@ -54,7 +54,8 @@ class RowStore(nn.Module):
             self.register_buffer(
                 "codes", torch.zeros(0, code_columns(precision, cols), dtype=code_dtype, device=device)
             )
-            self.register_buffer("scales", torch.zeros(0, blocks_per_row(cols), dtype=torch.float32, device=device))
+            # float32 scales held as their bits (int32), so that model.to(dtype) leaves them as they are
+            self.register_buffer("scales", torch.zeros(0, blocks_per_row(cols), dtype=torch.int32, device=device))
 
     @property
     def rows(self) -> int:
@@ -85,7 +86,7 @@ class RowStore(nn.Module):
 
     def _decoded(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows of codes and their scales dequantized, as ``dtype``."""
-        start, stop, scales = 0, codes.shape[0], scales.float()
+        start, stop, scales = 0, codes.shape[0], scales.view(torch.float32)
         if self.cols % BLOCK:  # a short last block: the reference path (pads the rows to whole blocks)
             return dequantize(Quantized(self.precision, codes, scales, (stop - start, self.cols))).to(dtype)
         # whole blocks: the same float32 products as math.quantize.dequantize, without its padded copy
@@ -110,7 +111,8 @@ class RowStore(nn.Module):
             values = rows.dequantize() if isinstance(rows, Quantized) else rows
             rows = quantize(values.float().cpu(), self.precision)
         self.codes = torch.cat([self.codes, rows.codes.to(self.codes)])
-        self.scales = torch.cat([self.scales, rows.scales.to(self.scales)])
+        bits = rows.scales.to(device=self.scales.device, dtype=torch.float32).contiguous().view(torch.int32)
+        self.scales = torch.cat([self.scales, bits])
         return offset
 
     @torch.no_grad()
@@ -208,7 +210,7 @@ class TaskFactors(nn.Module):
             rows = [r for offset, q in spans for r in range(offset, offset + q)]
             index = torch.tensor(rows, dtype=torch.long, device=self.coef_slot.device)
             if len(self._indices) >= 64:  # a few batch compositions recur; keep the last ones
-                self._indices.pop(next(iter(self._indices)))
+                self._indices.pop(next(iter(self._indices), None), None)
             self._indices[key] = index
         dtype = self.coef_A.dtype
         A, Bt = self.private_A.take_index(index, dtype), self.private_Bt.take_index(index, dtype)
