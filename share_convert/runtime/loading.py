@@ -2,7 +2,8 @@
 
 :func:`inject` checks every module and head of the checkpoint against the base model before it
 changes anything, builds each target layer's :class:`~share_convert.runtime.layers.ShareLayer`
-(bases side by side per group, the tasks' coefficients stacked and zero-padded, their private rows ragged: runtime.factors) and each saved head's
+(bases side by side per group, the tasks' coefficients stacked and zero-padded, their private rows
+ragged: share_convert.runtime.factors) and each saved head's
 :class:`~share_convert.runtime.heads.ShareHead`, then puts them in the model. The checkpoint is read
 only through :class:`~share_convert.checkpoint.file.Checkpoint`'s accessors (``tasks``, ``modules``,
 ``bases``, ``task_tensors``, ``heads``).
