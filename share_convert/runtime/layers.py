@@ -8,7 +8,9 @@ factors (:class:`TaskFactors`), and computes, for the row of task t (spec, secti
 with the LoRA scale already folded into the stored tensors. In a batch whose rows belong to
 different tasks, ``αᵀ x`` and the product with β are computed once for all rows; only the
 k × p coefficient products are per task, gathered per row from zero-padded stacked tensors
-(``index_select`` + ``bmm``), with no Python loop over rows or tasks. In a grouped module
+(``index_select`` + ``bmm``), with no Python loop over rows or tasks. Private factors are held
+without padding (share_convert.runtime.factors): a mixed batch applies them task by task, to the
+rows of that task (a loop over the tasks present in the batch). In a grouped module
 (``merge --groups``) each row pays its own group's k only: the rows are taken group by group (a
 loop over the groups present in the batch, not over tasks). :class:`LayerKind` says how a base
 layer's weight is laid out against the checkpoint's ΔW (n out × d in).
@@ -33,6 +35,7 @@ from torch import nn
 
 from ..errors import BatchMismatchError, DeviceMismatchError
 from ..io.peft import PEFT_PREFIX
+from .factors import TaskFactors
 from .selection import Selection, TaskSelection
 
 # -- which layers can be served ---------------------------------------------------------------------------
@@ -113,55 +116,6 @@ Part = tuple[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
 # -- one target layer --------------------------------------------------------------------------------------
 
 
-class TaskFactors(nn.Module):
-    """Every loaded task's tensors for one layer, stacked so that a batch gathers them by row.
-
-    Slot 0 of each stack is all zeros (tasks without that part, and the base model); a task's
-    slot is ``coef_slot[task id]`` / ``private_slot[task id]``. Shapes (S tasks with coefficients
-    here, S' with a private correction, P and Q the largest ranks, zero-padded):
-
-    - ``coef_A`` (S+1, K_A, P) and ``coef_B`` (S+1, K_B, P): E_A and E_B; with groups, K is the sum
-      of the groups' k and a task's rows outside its group are zero;
-    - ``private_A`` (S'+1, Q, d) and ``private_B`` (S'+1, n, Q): P_A and P_B.
-
-    They are buffers; ``index_select`` and ``bmm`` are differentiable, so a training feature can
-    register a stack (or a task's slot of it) as an ``nn.Parameter`` without changing the forward.
-    """
-
-    def __init__(
-        self,
-        coef_A: torch.Tensor,
-        coef_B: torch.Tensor,
-        coef_slot: torch.Tensor,
-        private_A: torch.Tensor,
-        private_B: torch.Tensor,
-        private_slot: torch.Tensor,
-        spans: dict[int, tuple[int, int, int, int, int, int]],
-        private_ranks: dict[int, tuple[int, int]],
-    ):
-        super().__init__()
-        self.register_buffer("coef_A", coef_A)
-        self.register_buffer("coef_B", coef_B)
-        self.register_buffer("coef_slot", coef_slot)
-        self.register_buffer("private_A", private_A)
-        self.register_buffer("private_B", private_B)
-        self.register_buffer("private_slot", private_slot)
-        #: task id -> (its slot, rows of its group in K_A: a0, a1 and in K_B: b0, b1, its rank p);
-        #: kept on the host so that a single-task call reads no device tensor
-        self.spans = spans
-        #: task id -> (its slot, its private rank q > 0)
-        self.private_ranks = private_ranks
-        #: the bytes the checkpoint stores these tensors (and the layer's bases) in, for the parts it
-        #: keeps as int8/NF4 codes, by precision: they are held here dequantized (see memory_report)
-        self.dequantized_from: dict[str, int] = {}
-
-    def add_empty_task(self) -> None:
-        """One more task id with nothing stored here: its slot maps point at the zero slot (a new last id, the
-        base model's moving up by one), so that stored tasks and mixed batches are unchanged."""
-        self.coef_slot = torch.cat([self.coef_slot, self.coef_slot.new_zeros(1)])
-        self.private_slot = torch.cat([self.private_slot, self.private_slot.new_zeros(1)])
-
-
 class ShareLayer(nn.Module):
     """A base layer plus the Share update of every loaded task (the bases held once).
 
@@ -188,7 +142,7 @@ class ShareLayer(nn.Module):
         self.register_buffer("basis_B", basis_B)
         self.factors = factors
         self.selection = selection
-        self.out_features, self.in_features = factors.private_B.shape[1], factors.private_A.shape[2]
+        self.out_features, self.in_features = factors.out_features, factors.in_features
         self._backup: torch.Tensor | None = None
         self._merged: int | None = None
 
@@ -304,8 +258,8 @@ class ShareLayer(nn.Module):
             z = self._down(h, self.basis_A[:, a0:a1])
             yield (z @ f.coef_A[slot, a0:a1, :p]) @ f.coef_B[slot, b0:b1, :p].T, self.basis_B[:, b0:b1], None
         if task in f.private_ranks:
-            slot, q = f.private_ranks[task]
-            yield self._down(h, f.private_A[slot, :q].T), f.private_B[slot, :, :q], None
+            B, A = f.private(task)
+            yield self._down(h, A.T), B, None
 
     def _parts_mixed(self, h: torch.Tensor, sel: Selection) -> Iterator[Part]:
         """One task per row: αᵀx and β once per group present, the coefficients gathered by row."""
@@ -325,17 +279,11 @@ class ShareLayer(nn.Module):
             u = torch.bmm(zr, f.coef_A[:, a0:a1].index_select(0, slots))  # E_A,tᵀ per row: (R, L, P)
             v = torch.bmm(u, f.coef_B[:, b0:b1].index_select(0, slots).transpose(1, 2))  # E_B,t: (R, L, k_B)
             yield v.reshape(*z.shape[:-1], v.shape[-1]), self.basis_B[:, b0:b1], rows  # β once for these rows
+        # private factors, ragged (no padding): task by task, each on its own rows (one matmul per side)
         privates = [t for t in sel.distinct if t in f.private_ranks]
-        if privates and not self.kind.conv:
-            slots = f.private_slot[index]
-            rows3 = h.reshape(h.shape[0], -1, h.shape[-1])
-            w = torch.bmm(rows3, f.private_A.index_select(0, slots).transpose(1, 2))  # (B, L, Q)
-            w = torch.bmm(w, f.private_B.index_select(0, slots).transpose(1, 2))  # (B, L, n)
-            yield w.reshape(*h.shape[:-1], self.out_features), None, None
-        for t in privates if self.kind.conv else ():  # a kernel per task: taken task by task
-            slot, q = f.private_ranks[t]
+        for t, (B, A) in zip(privates, f.privates(privates)):
             rows = sel.rows((t,), h.device)
-            yield self._down(h.index_select(0, rows), f.private_A[slot, :q].T), f.private_B[slot, :, :q], rows
+            yield self._down(h.index_select(0, rows), A.T), B, rows
 
     # merging ---------------------------------------------------------------------------------------------
     def delta_weight(self, task: int) -> torch.Tensor:
@@ -349,8 +297,8 @@ class ShareLayer(nn.Module):
             A = self.basis_A[:, a0:a1].double() @ f.coef_A[slot, a0:a1, :p].double()
             delta += B @ A.T
         if task in f.private_ranks:
-            slot, q = f.private_ranks[task]
-            delta += f.private_B[slot, :, :q].double() @ f.private_A[slot, :q].double()
+            B, A = f.private(task)
+            delta += B.double() @ A.double()
         return delta
 
     @torch.no_grad()

@@ -2,7 +2,8 @@
 
 :func:`inject` checks every module and head of the checkpoint against the base model before it
 changes anything, builds each target layer's :class:`~share_convert.runtime.layers.ShareLayer`
-(bases side by side per group, the tasks' factors stacked and zero-padded) and each saved head's
+(bases side by side per group, the tasks' coefficients stacked and zero-padded, their private rows
+ragged: share_convert.runtime.factors) and each saved head's
 :class:`~share_convert.runtime.heads.ShareHead`, then puts them in the model. The checkpoint is read
 only through :class:`~share_convert.checkpoint.file.Checkpoint`'s accessors (``tasks``, ``modules``,
 ``bases``, ``task_tensors``, ``heads``).
@@ -28,8 +29,9 @@ from ..errors import (
 )
 from ..io.peft import PEFT_PREFIX
 from .components import module_paths
+from .factors import RowStore, TaskFactors
 from .heads import ShareHead
-from .layers import ShareLayer, TaskFactors, layer_kind, model_path, replace_module, submodule, unsupported_conv
+from .layers import ShareLayer, layer_kind, model_path, replace_module, submodule, unsupported_conv
 from .selection import TaskSelection
 
 #: PEFT wrapper segments that may appear in a head's key (``score.modules_to_save.default.weight``).
@@ -54,6 +56,7 @@ def inject(
     device: str | torch.device | None,
     pad_value: float,
     component: str | None = None,
+    keep_quantized: bool = False,
 ) -> Injection:
     """Inject ``tasks`` of ``ckpt`` (default: all) into ``base_model`` (a model, a pipeline or one of its
     components: share_convert.runtime.components), in place; see :meth:`ShareModel.from_checkpoint` for
@@ -116,7 +119,7 @@ def inject(
                 path=ckpt.path,
                 hint="Pass dtype=torch.bfloat16 (or float32) for the Share tensors",
             )
-        basis_A, basis_B, factors = _read_module(ckpt, module, present, ids, len(names), held, here)
+        basis_A, basis_B, factors = _read_module(ckpt, module, present, ids, len(names), held, here, keep_quantized)
         layers[path] = ShareLayer(target, kind, path, basis_A, basis_B, factors, selection)
     heads = _read_heads(base_model, ckpt, names, ids, layers, selection, pad_value)
     for path, layer in layers.items():
@@ -164,8 +167,10 @@ def _read_module(
     count: int,
     dtype: torch.dtype,
     device: torch.device,
+    keep_quantized: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, TaskFactors]:
-    """One module's bases (groups side by side) and its tasks' stacked factors."""
+    """One module's bases (groups side by side), its tasks' stacked coefficients and ragged private rows
+    (kept as int8/NF4 codes where the checkpoint stores them so and ``keep_quantized``)."""
     info = ckpt.modules[module]
     n, d = info["out_features"], info["in_features"]
     grouped = "groups" in info
@@ -205,24 +210,50 @@ def _read_module(
         coef_A[slot, a0 : a0 + alpha.shape[1], :p] = cA.to(dtype)
         coef_slot[tid] = slot
         spans[tid] = (slot, a0, a0 + alpha.shape[1], b0, b0 + beta.shape[1], p)
-    Q = max((pB.shape[1] for pB, _ in privates.values()), default=0)
-    private_A, private_B = new(len(privates) + 1, Q, d), new(len(privates) + 1, n, Q)
-    private_slot = torch.zeros(count + 1, dtype=torch.long, device=device)
-    ranks: dict[int, tuple[int, int]] = {}
-    for slot, (tid, (pB, pA)) in enumerate(sorted(privates.items()), start=1):
-        q = pB.shape[1]
-        private_B[slot, :, :q] = pB.to(dtype)
-        private_A[slot, :q] = pA.to(dtype)
-        private_slot[tid] = slot
-        ranks[tid] = (slot, q)
+    private_A, private_Bt, ranks = _private_stores(ckpt, module, privates, ids, n, d, dtype, device, keep_quantized)
     basis_A = basis_B = None
     if bases:
         ordered = sorted(bases.values(), key=lambda b: b[2])
         basis_B = torch.cat([b[0] for b in ordered], 1).to(device=device, dtype=dtype).contiguous()
         basis_A = torch.cat([b[1] for b in ordered], 1).to(device=device, dtype=dtype).contiguous()
-    factors = TaskFactors(coef_A, coef_B, coef_slot, private_A, private_B, private_slot, spans, ranks)
-    factors.dequantized_from = _coded_bytes(ckpt, module, bases, coefs, privates)
+    factors = TaskFactors(coef_A, coef_B, coef_slot, private_A, private_Bt, spans, ranks)
+    kept = {private_A.precision, private_Bt.precision} - {None}
+    factors.dequantized_from = _coded_bytes(ckpt, module, bases, coefs, privates, kept)
     return basis_A, basis_B, factors
+
+
+def _private_stores(
+    ckpt: Checkpoint,
+    module: str,
+    privates: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    ids: dict[str, int],
+    n: int,
+    d: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    keep_quantized: bool,
+) -> tuple[RowStore, RowStore, dict[int, tuple[int, int]]]:
+    """The ragged stores of P_A's and P_Bᵀ's rows of the tasks in ``privates`` (task id -> (P_B, P_A)),
+    in task-id order, and task id -> (first row, q). With ``keep_quantized``, a side the checkpoint
+    stores as int8/NF4 codes keeps its codes and scales as stored (read by rows, not dequantized)."""
+    name_of = {i: t for t, i in ids.items()}
+    stores: dict[str, RowStore] = {}
+    for side, cols in (("A", d), ("B", n)):
+        stored = f"modules/{module}/private_{side}"
+        code = ckpt.code_precision(stored) if keep_quantized and ckpt.has(stored) else None
+        stores[side] = RowStore(cols, dtype, device, code)
+    ranks: dict[int, tuple[int, int]] = {}
+    for tid, (pB, pA) in sorted(privates.items()):
+        q = pB.shape[1]
+        rows: dict[str, Any] = {"A": pA, "B": pB.T}
+        for side, store in stores.items():
+            if store.precision is not None:  # the codes of this task's rows, as stored
+                row = ckpt.task_modules(name_of[tid])[module]["private_row"]
+                rows[side] = ckpt.store.quantized(f"modules/{module}/private_{side}", row, row + q)
+        offset = stores["A"].append(rows["A"])
+        stores["B"].append(rows["B"])
+        ranks[tid] = (offset, q)
+    return stores["A"], stores["B"], ranks
 
 
 def _coded_bytes(
@@ -231,6 +262,7 @@ def _coded_bytes(
     bases: dict[Any, tuple[torch.Tensor, torch.Tensor, int, int]],
     coefs: dict[int, tuple[Any, torch.Tensor, torch.Tensor]],
     privates: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    kept: set[str | None] = frozenset(),
 ) -> dict[str, int]:
     """Precision -> the bytes the checkpoint keeps, as int8/NF4 codes and their scales, of what was
     loaded of ``module`` (its bases, the loaded tasks' coefficient and private rows); read dequantized."""
@@ -252,8 +284,10 @@ def _coded_bytes(
         count("coefs_B", cB.shape[1], cB.shape[0])
         count("coefs_A", cA.shape[1], cA.shape[0])
     for pB, pA in privates.values():
-        count("private_B", pB.shape[1], pB.shape[0])
-        count("private_A", pA.shape[0], pA.shape[1])
+        if precision["private_B"] not in kept:
+            count("private_B", pB.shape[1], pB.shape[0])
+        if precision["private_A"] not in kept:
+            count("private_A", pA.shape[0], pA.shape[1])
     return dict(sorted(out.items()))
 
 

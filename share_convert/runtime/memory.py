@@ -17,14 +17,19 @@ from .layers import ShareLayer
 class MemoryReport:
     """Bytes held by a :class:`ShareModel` beyond the base model (tensors only, as held).
 
-    ``coefficients`` and ``private`` include the zero padding and the zero slot of the stacks;
+    ``coefficients`` include the zero padding and the zero slot of their stacks; ``private`` holds
+    each task's private rows once, unpadded (as codes and scales where they are kept quantized);
     ``lora_equivalent`` is what the same tasks would hold as plain LoRA factors of rank p + q per
     module in the same dtype (unpadded), the figure the Share layout is to be compared with.
 
     ``dequantized_from``: for a checkpoint that stores factors as int8 or NF4 codes (format version
     4), the bytes those codes and their scales take in the file, by precision, for what is loaded:
     the runtime dequantizes them at load and holds them in the layers' dtype (the figures above).
-    Empty for float checkpoints (and then left out of :meth:`as_dict`).
+    Empty for float checkpoints, and for the parts kept as codes (``keep_quantized=True``; left out of
+    :meth:`as_dict` when empty).
+
+    ``held``: the bytes of ``adapters`` by the precision they are held at (``float32``, ``bfloat16``…,
+    or ``int8`` / ``nf4`` for codes with their scales).
     """
 
     tasks: int
@@ -37,6 +42,7 @@ class MemoryReport:
     merge_backup: int
     lora_equivalent: int
     dequantized_from: dict[str, int] = field(default_factory=dict)
+    held: dict[str, int] = field(default_factory=dict)
 
     @property
     def adapters(self) -> int:
@@ -65,6 +71,10 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
+def _precision(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
 def _tensors_of(module: nn.Module) -> Iterator[torch.Tensor]:
     yield from module.parameters()
     yield from module.buffers()
@@ -74,32 +84,46 @@ def memory_report(tasks: int, layers: dict[str, ShareLayer], heads: dict[str, Sh
     """The :class:`MemoryReport` of ``tasks`` loaded tasks served by ``layers`` and ``heads``."""
     bases = coefficients = private = index = backup = lora = 0
     coded: dict[str, int] = {}
+    held: dict[str, int] = {}
+
+    def hold(precision: str, size: int) -> None:
+        if size:
+            held[precision] = held.get(precision, 0) + size
+
     for layer in layers.values():
         f = layer.factors
         for precision, size in getattr(f, "dequantized_from", {}).items():
             coded[precision] = coded.get(precision, 0) + size
         bases += _nbytes(layer.basis_A) + _nbytes(layer.basis_B)
         coefficients += _nbytes(f.coef_A) + _nbytes(f.coef_B)
-        private += _nbytes(f.private_A) + _nbytes(f.private_B)
-        index += _nbytes(f.coef_slot) + _nbytes(f.private_slot)
+        private += f.private_A.nbytes + f.private_Bt.nbytes
+        index += _nbytes(f.coef_slot)
+        for t in (layer.basis_A, layer.basis_B, f.coef_A, f.coef_B, f.coef_slot):
+            if t is not None:
+                hold(_precision(t), _nbytes(t))
+        for store in (f.private_A, f.private_Bt):
+            hold(store.held_as, store.nbytes)
         backup += _nbytes(layer._backup)
         ranks = {t: s[5] for t, s in f.spans.items()}
         for t, (_, q) in f.private_ranks.items():
             ranks[t] = ranks.get(t, 0) + q
         size = f.coef_A.element_size()
         lora += sum(ranks.values()) * (layer.out_features + layer.in_features) * size
-    held = sum(_nbytes(t) for head in heads.values() for m in head.copies.values() for t in _tensors_of(m))
+    head_tensors = [t for head in heads.values() for m in head.copies.values() for t in _tensors_of(m)]
+    for t in head_tensors:
+        hold(_precision(t), _nbytes(t))
     return MemoryReport(
         tasks=tasks,
         modules=len(layers),
         bases=bases,
         coefficients=coefficients,
         private=private,
-        heads=held,
+        heads=sum(_nbytes(t) for t in head_tensors),
         index=index,
         merge_backup=backup,
         lora_equivalent=lora,
         dequantized_from=dict(sorted(coded.items())),
+        held=dict(sorted(held.items())),
     )
 
 

@@ -88,6 +88,7 @@ class ShareModel(TrainingMethods, nn.Module):
         device: str | torch.device | None = None,
         head_pad_value: float = float("-inf"),
         component: str | None = None,
+        keep_quantized: bool = False,
     ) -> ShareModel:
         """Inject ``checkpoint`` (a path, ``hf://`` address or open :class:`Checkpoint`) into ``base_model``.
 
@@ -107,12 +108,15 @@ class ShareModel(TrainingMethods, nn.Module):
             component: which pipeline component ``base_model`` is (``"unet"``, ``"transformer"``,
                 ``"text_encoder"``, ``"text_encoder_2"``), for a text-to-image checkpoint; default: the one
                 whose modules and shapes ``base_model`` has (two text encoders of one width need it).
+            keep_quantized: private factors the checkpoint stores as int8/NF4 codes stay codes in
+                memory (with their scales); each call dequantizes the rows of the tasks it runs, layer
+                by layer. Default: dequantized at load (faster calls, more memory); see memory_report.
 
         Nothing is changed in ``base_model`` unless every module and head fits.
         """
 
         def build(ckpt: Checkpoint) -> ShareModel:
-            injected = inject(base_model, ckpt, tasks, dtype, device, head_pad_value, component)
+            injected = inject(base_model, ckpt, tasks, dtype, device, head_pad_value, component, keep_quantized)
             return cls(base_model, *injected, ServingOptions.of(ckpt, dtype, head_pad_value))
 
         if isinstance(checkpoint, Checkpoint):

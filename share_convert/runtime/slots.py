@@ -1,10 +1,11 @@
 """A task's rows in a layer's stacked tensors, put in and freed while the model serves.
 
-A :class:`~share_convert.runtime.layers.TaskFactors` holds every loaded task's coefficients and
-private factors stacked and zero-padded, slot 0 all zeros. :func:`put_coefficients` and
-:func:`put_private` append a task's slot (widening the padding when its rank is larger);
-:func:`free_task` takes its slots out, renumbers the slots above them and trims the padding to the
-largest rank left, so that a model after ``delete_task`` holds what one loaded without the task holds.
+A :class:`~share_convert.runtime.factors.TaskFactors` holds every loaded task's coefficients
+stacked and zero-padded, slot 0 all zeros, and their private factors as ragged rows (no padding).
+:func:`put_coefficients` appends a task's slot (widening the padding when its rank is larger) and
+:func:`put_private` its private rows; :func:`free_task` takes its slot and rows out, renumbers the
+slots and moves the rows above them down and trims the padding to the largest rank left, so that a
+model after ``delete_task`` holds what one loaded without the task holds.
 A layer built for a module the checkpoint lacks (:func:`empty_factors`) starts with no slot but the zero one.
 """
 
@@ -13,17 +14,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .layers import TaskFactors
+from .factors import RowStore, TaskFactors
 
 
 def empty_factors(n: int, d: int, count: int, dtype: torch.dtype, device: torch.device) -> TaskFactors:
-    """The factors of a layer that serves no task yet: only the zero slots (``count`` task ids)."""
+    """The factors of a layer that serves no task yet: only the zero slot (``count`` task ids)."""
 
     def zeros(*shape: int) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, device=device)
 
     slots = torch.zeros(count + 1, dtype=torch.long, device=device)
-    return TaskFactors(zeros(1, 0, 0), zeros(1, 0, 0), slots, zeros(1, 0, d), zeros(1, n, 0), slots.clone(), {}, {})
+    return TaskFactors(
+        zeros(1, 0, 0), zeros(1, 0, 0), slots, RowStore(d, dtype, device), RowStore(n, dtype, device), {}, {}
+    )
 
 
 def _padded(stack: torch.Tensor, width: int) -> torch.Tensor:
@@ -53,19 +56,11 @@ def put_coefficients(
 
 @torch.no_grad()
 def put_private(f: TaskFactors, task: int, private_B: torch.Tensor, private_A: torch.Tensor) -> None:
-    """Give ``task`` a private slot: ``private_B`` (n × q) and ``private_A`` (q × d)."""
-    q = private_B.shape[1]
-    width = max(f.private_B.shape[2], q)
-    row_B = f.private_B.new_zeros(1, f.private_B.shape[1], width)
-    row_A = f.private_A.new_zeros(1, width, f.private_A.shape[2])
-    row_B[0, :, :q] = private_B.to(row_B)
-    row_A[0, :q] = private_A.to(row_A)
-    slot = f.private_B.shape[0]
-    f.private_B = torch.cat([_padded(f.private_B, width), row_B])
-    pad_A = width - f.private_A.shape[1]
-    f.private_A = torch.cat([F.pad(f.private_A, (0, 0, 0, pad_A)) if pad_A > 0 else f.private_A, row_A])
-    f.private_slot[task] = slot
-    f.private_ranks[task] = (slot, q)
+    """Give ``task`` its private rows after the others: ``private_B`` (n × q) and ``private_A`` (q × d)."""
+    offset = f.private_A.append(private_A)
+    f.private_Bt.append(private_B.T)
+    f.private_ranks[task] = (offset, private_B.shape[1])
+    f.rows_changed()
 
 
 @torch.no_grad()
@@ -81,12 +76,11 @@ def free_task(f: TaskFactors, task: int) -> None:
         f.spans = {t: (s[0] - (s[0] > slot), *s[1:]) for t, s in f.spans.items()}
     private = f.private_ranks.pop(task, None)
     if private is not None:
-        slot = private[0]
-        width = max((q for _, q in f.private_ranks.values()), default=0)
-        f.private_B = _without(f.private_B, slot)[:, :, :width].contiguous()
-        f.private_A = _without(f.private_A, slot)[:, :width].contiguous()
-        f.private_slot = _renumbered(f.private_slot, task, slot)
-        f.private_ranks = {t: (s - (s > slot), q) for t, (s, q) in f.private_ranks.items()}
+        offset, q = private
+        f.private_A.remove(offset, offset + q)
+        f.private_Bt.remove(offset, offset + q)
+        f.private_ranks = {t: (o - q * (o > offset), r) for t, (o, r) in f.private_ranks.items()}
+        f.rows_changed()
 
 
 def _without(stack: torch.Tensor, slot: int) -> torch.Tensor:

@@ -424,8 +424,9 @@ def _subspace(layer: ShareLayer, k: int | None, energy: float | None) -> tuple[t
     # k = 0 here: the principal subspace of the stored tasks' (private) factors, per side
     f = layer.factors
     Bs, As = [], []
-    for slot, q in f.private_ranks.values():
-        Bc, Ac, _ = canonicalize(f.private_B[slot, :, :q], f.private_A[slot, :q].T)
+    for task in f.private_ranks:
+        B, A = f.private(task)
+        Bc, Ac, _ = canonicalize(B, A.T)
         Bs.append(Bc)
         As.append(Ac)
     if not Bs:
