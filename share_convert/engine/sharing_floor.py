@@ -5,7 +5,7 @@ Before a module's bases are fitted, the planner can already price independent tr
 below the storage of every plan with a shared basis of width k that meets the same error target,
 for every k; where every such bound exceeds truncation's storage, sharing cannot pay and no basis
 is fitted, and where a plan is in hand, no basis wider than :meth:`SharingFloor.cap` can beat it.
-docs/method.md ("Ruling sharing out, and how wide a basis can pay") derives the bound.
+docs/bases.md ("Ruling sharing out, and how wide a basis can pay") derives the bound.
 """
 
 from __future__ import annotations
