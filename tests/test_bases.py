@@ -126,6 +126,18 @@ def test_a_plan_wider_than_the_first_fit_comes_from_one_wide_fit(noisy):
     assert plan.params <= exact.params * 1.01  # as small as the exact search's, within rounding of k
 
 
+def test_a_wide_fit_plan_in_fewer_bits_encodes_with_bases_as_wide_as_it_uses(noisy):
+    # a wide fit forms only the vectors a plan keeps: the plan in int8 (and its fallbacks) may keep more
+    stack = noisy_stack(noisy)
+    from share_convert.engine.consolidation import consolidate_group
+
+    res = consolidate_group("m", stack.n, stack.d, stack.members, TARGET, torch.float32, stack=stack)
+    assert [key[0] for key in stack._widened] == ["wide"] and res.plan.k_B > 48
+    assert res.tensors["modules/m/basis_B"].shape[1] == res.plan.k_B
+    assert res.precision  # stored in fewer bits than float32
+    assert sum(r["error"] for r in res.records.values()) / len(res.records) <= TARGET.target_error + 1e-9
+
+
 def test_a_budget_merge_reads_each_module_once_and_writes_what_two_reads_write(tmp_path, monkeypatch):
     paths = write_synthetic_adapters(tmp_path / "a", count=6, hidden=32, rank=4, shared_rank=4, noise=0.1)
     reads: list[str] = []

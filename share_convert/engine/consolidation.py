@@ -220,7 +220,7 @@ def plan_group(
         K = full
     else:  # start small; wider bases only when they may pay
         K = min(48, full)
-    floor = None
+    floor, wide_used = None, None
     if mode == "target" and K < full and stack.bounded:
         bare = stack.no_basis_planner()
         if SharingFloor.applies(bare):
@@ -247,14 +247,19 @@ def plan_group(
                 wide = stack.wide_fit(wide_K)
                 wide_plan = choose_plan(wide.planner, config, BasisSpectra(wide.s_B, wide.s_A, stack.energy_totals))
                 if (wide_plan.params, wide_plan.mean_error) < (plan.params, plan.mean_error):
-                    beta, alpha = stack.bases(wide, wide_plan.k_B, wide_plan.k_A) if bases else (None, None)
-                    plan, planner = wide_plan, wide.planner
+                    plan, planner, wide_used = wide_plan, wide.planner, wide
                     spectra = BasisSpectra(wide.s_B, wide.s_A, stack.energy_totals)
                     K = full  # the one wide fit: no widening after it
             break
         K = min(2 * K, full)
         fit = stack.widen(K, fit)
-    if dtype is not None and (precision is not None or config.precision != "float"):
+    in_bits = dtype is not None and (precision is not None or config.precision != "float")
+    if wide_used is not None:
+        # the vectors of a wide fit are formed only as far as a plan may use them: the float plan's, or
+        # with stored precisions every vector fitted (the precision plan, its retries and fallbacks)
+        widths = (planner.K_B, planner.K_A) if in_bits else (plan.k_B, plan.k_A)
+        beta, alpha = stack.bases(wide_used, *widths) if bases else (None, None)
+    if in_bits:
         # the structure in the float dtype decides how wide the bases are; the plan in fewer bits needs
         # a little more structure, so where it lands at their edge the bases grow by a quarter (the new
         # vectors only: doubling them would cost many modules a fit of twice the width), twice at most
