@@ -65,6 +65,21 @@ def core(ckpt: Checkpoint, task: str, module: str) -> torch.Tensor:
     return parts["coef_B"].double() @ parts["coef_A"].double().T
 
 
+@pytest.mark.parametrize("precision", ["int8", "nf4"])
+def test_in_a_module_kept_in_fewer_bits_the_recorded_error_is_that_of_the_stored_rows(tmp_path, adapters, precision):
+    ckpt, out = tmp_path / "q.safetensors", tmp_path / "out.safetensors"
+    api.merge([str(p) for p in adapters], ckpt, ConsolidationConfig(k=4, private_rank=2, precision=precision))
+    api.combine(ckpt, "mix", WEIGHTS, out)
+    for task in ("mix", "a0", "a1"):
+        api.extract(out, tmp_path / task, task=task)
+    stored = Checkpoint(out)
+    for module in stored.modules:
+        expected = 0.7 * delta(tmp_path / "a0", module) + 0.3 * delta(tmp_path / "a1", module)
+        measured = rel(delta(tmp_path / "mix", module), expected)
+        assert measured > STORED  # the rows are rounded like the module's others
+        assert stored.modules[module]["tasks"]["mix"]["error"] == pytest.approx(measured, rel=1e-3, abs=1e-7)
+
+
 @pytest.mark.parametrize("kind", ["shared", "mixed", "private"])
 def test_linear_is_exactly_the_weighted_sum_of_the_extracted_tasks(tmp_path, checkpoints, kind):
     out = tmp_path / "out.safetensors"

@@ -27,6 +27,8 @@ from ..checkpoint.reader import Checkpoint
 from ..checkpoint.records import RecordTable
 from ..math.linalg import canonicalize
 from ..math.merging import dare_seed, factored_norm, merge_cores
+from ..math.quantize import FLOAT_PRECISIONS, values
+from ..math.quantize import store as store_at
 
 F64 = torch.float64
 
@@ -118,7 +120,8 @@ def combine_module(
     out.parts = {k: v.to(dtype).contiguous() for k, v in split.items()}
 
     norm = float(whole_S.pow(2).sum().sqrt())  # ‖ΔW_new‖: its singular values
-    stored_B, stored_A = _factors(out.parts, beta, alpha, n, d)
+    # the error of what is stored: in a module kept in fewer bits, the new rows are stored like the others
+    stored_B, stored_A = _factors(as_stored(out.parts, entry.precision), beta, alpha, n, d)
     error = factored_norm(torch.cat([B_def, -stored_B], 1), torch.cat([A_def, stored_A], 1))
     out.record = {
         "rank": _rank(out.parts, "coef_B"),
@@ -171,3 +174,23 @@ def _factors(
         Bs.append(parts["private_B"].to(F64))
         As.append(parts["private_A"].to(F64).T)
     return torch.cat(Bs, 1), torch.cat(As, 1)
+
+
+#: A task's part -> the role of the stacked tensor its rows are stored in.
+PART_ROLES = {"coef_B": "coefs_B", "coef_A": "coefs_A", "private_B": "private_B", "private_A": "private_A"}
+
+
+def as_stored(parts: Mapping[str, torch.Tensor], precision: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """Each part with the values a reader gets back once its rows are stored at the module's
+    ``precision`` (role -> precision): cast, or quantized along the stored rows and dequantized
+    (coef_B, coef_A and private_B are stored transposed: a row per direction)."""
+    out = {}
+    for key, part in parts.items():
+        p = precision.get(PART_ROLES[key])
+        if p is None or (p in FLOAT_PRECISIONS and getattr(torch, p) == part.dtype):
+            out[key] = part
+            continue
+        rows = part if key == "private_A" else part.T
+        got = values(store_at(rows, p)).to(part.dtype)
+        out[key] = got if key == "private_A" else got.T
+    return out
