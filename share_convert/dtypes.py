@@ -78,3 +78,29 @@ def kept_as(st: str) -> torch.dtype:
     import torch
 
     return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(st, torch.float32)
+
+
+# -- storage precisions of stored factors (docs/format.md, version 4; math/quantize.py codes them) --------
+
+#: Precisions that keep each number itself, cast.
+FLOAT_PRECISIONS = ("float32", "float16", "bfloat16")
+#: Precisions that keep codes plus a float32 scale per block of :data:`BLOCK` numbers along a row.
+CODE_PRECISIONS = ("int8", "nf4")
+#: Every storage precision a manifest may name.
+PRECISIONS = FLOAT_PRECISIONS + CODE_PRECISIONS
+#: Bits of one stored number (without scales).
+BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "int8": 8, "nf4": 4}
+#: The safetensors dtype of each code precision's codes.
+CODE_DTYPE = {"int8": "I8", "nf4": "U8"}
+#: Numbers per scale block, along a row (the block size of QLoRA and bitsandbytes' default).
+BLOCK = 64
+
+
+def blocks_per_row(cols: int, block: int = BLOCK) -> int:
+    """Scale blocks in a row of ``cols`` numbers (the last may be shorter)."""
+    return -(-cols // block) if cols else 0
+
+
+def code_columns(precision: str, cols: int) -> int:
+    """Columns of the codes of a row of ``cols`` numbers: one byte each (int8), two per byte (nf4)."""
+    return cols if precision == "int8" else -(-cols // 2)

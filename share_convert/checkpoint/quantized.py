@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..dtypes import NAME_OF
+from ..dtypes import BLOCK, CODE_DTYPE, NAME_OF, PRECISIONS, blocks_per_row, code_columns  # noqa: F401 (re-exported)
 from ..errors import CorruptCheckpointError
 
 #: The stored factors of a module that may be kept at any precision (Gram matrices, rotations,
@@ -26,25 +26,9 @@ from ..errors import CorruptCheckpointError
 ROLES = ("basis_B", "basis_A", "coefs_B", "coefs_A", "private_B", "private_A")
 #: Suffix of the tensor holding a quantized factor's scales.
 SCALES = ".scales"
-#: The safetensors dtype of each code precision's codes. This and the names and layout below are
-#: those of :mod:`share_convert.math.quantize` (CODE_PRECISIONS, PRECISIONS, BLOCK, code_columns,
-#: blocks_per_row), stated here so that reading a manifest and its headers never imports torch
-#: (``tasks`` and ``info`` stay light); tests/test_quantized_format.py checks that they agree.
-CODE_DTYPE = {"int8": "I8", "nf4": "U8"}
-#: Every storage precision a manifest may name.
-PRECISION_NAMES = ("float32", "float16", "bfloat16", "int8", "nf4")
-#: Numbers per scale block, along a row.
-BLOCK = 64
-
-
-def code_columns(precision: str, cols: int) -> int:
-    """Columns of the codes of a row of ``cols`` numbers: one byte each (int8), two per byte (nf4)."""
-    return cols if precision == "int8" else -(-cols // 2)
-
-
-def blocks_per_row(cols: int) -> int:
-    """Scale blocks in a row of ``cols`` numbers (the last may be shorter)."""
-    return -(-cols // BLOCK)
+#: The precision names and the codes' layout are :mod:`share_convert.dtypes`' (the one table that
+#: math/quantize.py codes by), so that reading a manifest and its headers never imports torch.
+PRECISION_NAMES = PRECISIONS
 
 
 #: The first format version that may hold codes.

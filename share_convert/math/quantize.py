@@ -35,8 +35,16 @@ from dataclasses import dataclass
 
 import torch
 
-#: Numbers per scale block, along a row (the block size of QLoRA and bitsandbytes' default).
-BLOCK = 64
+# the precision names and the codes' layout, one table for the format's torch-free readers and this module
+from ..dtypes import (  # noqa: F401 (re-exported)
+    BITS,
+    BLOCK,
+    CODE_PRECISIONS,
+    FLOAT_PRECISIONS,
+    PRECISIONS,
+    blocks_per_row,
+    code_columns,
+)
 
 #: The 16 NormalFloat-4 levels, ascending (QLoRA, appendix E): the averages of adjacent quantiles of
 #: N(0, 1) at 16 + 1 evenly spaced probabilities on each side of 0 (8 positive, 7 negative levels and an
@@ -60,15 +68,6 @@ NF4_VALUES = (
     0.7229567170143127,
     1.0,
 )
-
-#: Float precisions: the manifest's name -> torch dtype name.
-FLOAT_PRECISIONS = ("float32", "float16", "bfloat16")
-#: Code precisions: stored as codes plus per-block scales.
-CODE_PRECISIONS = ("int8", "nf4")
-PRECISIONS = FLOAT_PRECISIONS + CODE_PRECISIONS
-
-#: Bits of one stored number (without scales).
-BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "int8": 8, "nf4": 4}
 
 
 @dataclass(frozen=True)
@@ -100,16 +99,6 @@ def check_precision(name: str) -> str:
     if name not in PRECISIONS:
         raise ValueError(f"unknown precision {name!r}: one of {', '.join(PRECISIONS)}")
     return name
-
-
-def blocks_per_row(cols: int, block: int = BLOCK) -> int:
-    """Scale blocks in a row of ``cols`` numbers."""
-    return -(-cols // block) if cols else 0
-
-
-def code_columns(precision: str, cols: int) -> int:
-    """Columns of the code tensor for a row of ``cols`` numbers."""
-    return cols if precision == "int8" else -(-cols // 2)
 
 
 def stored_bytes(rows: int, cols: int, precision: str, block: int = BLOCK) -> int:
