@@ -22,7 +22,7 @@ import torch
 from ..checkpoint.format import FORMAT_NAME, FORMAT_VERSION
 from ..checkpoint.publish import check_output
 from ..checkpoint.reader import Checkpoint
-from ..checkpoint.records import RecordTable, TaskRows
+from ..checkpoint.records import RecordTable
 from ..checkpoint.sharding import DEFAULT_MAX_SHARD_SIZE, parse_size
 from ..checkpoint.writer import CheckpointWriter
 from ..config import (
@@ -38,7 +38,7 @@ from .budget import KeptStacks, budget_targets
 from .consolidation import consolidate_module
 from .members import Progress, TaskSource, check_compatible, original_rank, prepare_members, storage_dtype
 from .parallel import auto_workers, check_executor, executor_session, ordered_map, prefetched
-from .results import ModuleResult, rows_precision
+from .results import ModuleResult, module_rows, quantize_for_writing
 from .stacks import ModuleStack
 
 
@@ -187,7 +187,8 @@ def merge_module(
         metric = "max" if config.target_metric == "max" else "mean"
         module_config = dc_replace(config, budget=None, target_error=target, target_metric=metric)
     if stack is not None:
-        return consolidate_module(name, n, d, stack.members, module_config, dtype, clock, stack=stack), clock
+        res = consolidate_module(name, n, d, stack.members, module_config, dtype, clock, stack=stack)
+        return _ready_to_write(name, res, dtype, clock), clock
     t0 = time.perf_counter()
     factors = read_ahead[0] if read_ahead else read_module_stack(list(readers), name, files, config.torch_device())
     clock["read"] = read_ahead[1] if read_ahead else time.perf_counter() - t0
@@ -198,7 +199,16 @@ def merge_module(
     )  # fmt: skip
     del factors
     clock["canonicalize"] += time.perf_counter() - t1
-    return consolidate_module(name, n, d, members, module_config, dtype, clock), clock
+    res = consolidate_module(name, n, d, members, module_config, dtype, clock)
+    return _ready_to_write(name, res, dtype, clock), clock
+
+
+def _ready_to_write(name: str, res: ModuleResult, dtype: torch.dtype, clock: dict[str, float]) -> ModuleResult:
+    """``res`` stacked and quantized for the writer here, on the worker (timed as writing)."""
+    t0 = time.perf_counter()
+    quantize_for_writing(name, res, dtype)
+    clock["write"] += time.perf_counter() - t0
+    return res
 
 
 def local_results(
@@ -291,15 +301,7 @@ def write_module(
             writer.add(tname, res.tensors[tname])
     for tname in res.carried:
         source.copy_to(writer, tname)
-    rows = res.rows
-    if rows is None:
-        tasks = []
-        for task, rec in res.records.items():
-            prefix = f"modules/{name}/g{rec['group']}/" if res.groups else f"modules/{name}/"
-            tasks.append((task, prefix, res.task_parts.get(task, {})))
-        rows = TaskRows.of_parts(tasks, dtype)
-        rows.precision = rows_precision(res.precision)
-    writer.add_module(name, rows)
+    writer.add_module(name, module_rows(name, res, dtype))
 
 
 def module_record(n: int, d: int, res: ModuleResult, dtype: torch.dtype) -> dict[str, Any]:

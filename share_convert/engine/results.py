@@ -106,3 +106,41 @@ def assemble_groups(
 def rows_precision(precision: dict[str, str]) -> dict[str, str]:
     """The precisions of a module's stacked per-task tensors (coefs_*, private_*): TaskRows.precision."""
     return {role: p for role, p in precision.items() if role.startswith(("coefs_", "private_"))}
+
+
+def module_rows(name: str, res: ModuleResult, dtype: torch.dtype) -> TaskRows:
+    """The module's per-task tensors stacked as the format stores them (``res.rows`` when an update
+    stacked them already), with the precisions of its stacked roles."""
+    if res.rows is not None:
+        return res.rows
+    tasks = []
+    for task, rec in res.records.items():
+        prefix = f"modules/{name}/g{rec['group']}/" if res.groups else f"modules/{name}/"
+        tasks.append((task, prefix, res.task_parts.get(task, {})))
+    rows = TaskRows.of_parts(tasks, dtype)
+    rows.precision = rows_precision(res.precision)
+    return rows
+
+
+def quantize_for_writing(name: str, res: ModuleResult, dtype: torch.dtype) -> None:
+    """Stack the module's rows and quantize what it stores as codes, on the thread (or Ray worker) that
+    computed the module, so that the writer, which takes modules one at a time, only writes bytes.
+    Quantizing is deterministic and row by row: the codes are those the writer would compute."""
+    from ..math.quantize import CODE_PRECISIONS, quantize
+
+    if not any(p in CODE_PRECISIONS for p in res.precision.values()):
+        return
+    for tname, tensor in res.tensors.items():
+        precision = res.precision.get(tname.rsplit("/", 1)[-1])
+        if precision in CODE_PRECISIONS and isinstance(tensor, torch.Tensor):
+            res.tensors[tname] = quantize(tensor, precision)
+    rows = module_rows(name, res, dtype)
+    stacked = [(f"{prefix}coefs_{side}", f"coefs_{side}", part) for prefix, pair in rows.coefs.items()
+               for side, part in zip("BA", pair)]  # fmt: skip
+    if rows.private is not None:
+        stacked += [(f"private_{side}", f"private_{side}", part) for side, part in zip("BA", rows.private)]
+    for key, role, part in stacked:
+        precision = rows.precision.get(role)
+        if precision in CODE_PRECISIONS and key not in rows.codes:
+            rows.codes[key] = quantize(part, precision)
+    res.rows = rows
