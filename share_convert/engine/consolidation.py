@@ -27,7 +27,7 @@ from .encoding import (
 from .grouping import cluster_tasks
 from .members import ModuleMember
 from .planning import BasisSpectra, ModulePlan, ModulePlanner, choose_plan
-from .precision import Precisions, measured_metric, meets, plan_for, tighter
+from .precision import Precisions, TaskCodes, measured_metric, meets, plan_for, tighter
 from .results import GroupPart, ModuleResult, assemble_groups
 from .sharing_floor import SharingFloor
 from .stacks import ModuleStack
@@ -180,10 +180,13 @@ def encode_group(
     result.precision = precision.roles(dtype, plan) if not precision.is_float else {}
     bases = StoredBases.of(*store_bases(name, beta, alpha, plan, dtype, result, prefix, precision))
     coords = coordinates(members, bases)
+    codes = TaskCodes()  # the codes made to measure errors, kept for the writer
     if bases is None:  # no shared part: every task keeps its own top directions
-        encoded = encode_private_only(members, plan.private_ranks, dtype, norms, precision)
+        encoded = encode_private_only(members, plan.private_ranks, dtype, norms, precision, codes)
     else:
-        encoded = encode_in_bases(members, plan.private_ranks, bases, dtype, norms, coords, precision=precision)
+        encoded = encode_in_bases(members, plan.private_ranks, bases, dtype, norms, coords, precision=precision,
+                                  codes=codes)  # fmt: skip
+    result.task_codes = codes
     for i, m in enumerate(members):
         tensors, record = encoded[i]
         result.task_parts[m.task] = tensors

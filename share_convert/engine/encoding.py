@@ -19,7 +19,7 @@ from ..math.tolerances import CANONICAL_RTOL, DRIFT_BOUND_ABOVE
 from ..math.traces import frobenius2, trace_product
 from .members import ModuleMember
 from .planning import ModulePlan
-from .precision import Precisions
+from .precision import Precisions, TaskCodes
 from .results import ModuleResult
 
 #: Every factor in the module's float dtype (as before precisions existed).
@@ -142,6 +142,7 @@ def encode_in_bases(
     factors: str = "batched",
     errors: str = "batched",
     precision: Precisions = FLOAT,
+    codes: TaskCodes | None = None,
 ) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
     """Many tasks of a module in its shared bases, each with a private rank q (0 for none),
     batched per (rank, q): their coefficients, private factors and ΔW errors.
@@ -172,6 +173,7 @@ def encode_in_bases(
     reader gets them back). The tensors returned are what the writer is handed (the float dtype);
     the private part is fitted to the residual of the shared part as read back, and every error
     is that of the values read back (dequantized), so records say what extraction gives.
+    ``codes``, when given, receives the codes of the rows stored as codes (:class:`TaskCodes`).
     """
     if errors not in ("batched", "stored") or factors not in ("batched", "per_task"):
         raise ValueError(
@@ -204,11 +206,14 @@ def encode_in_bases(
             EA = torch.stack([coords[i][1] for i in idx])
             CB, CA, _S, ranks = canonicalize_padded(EB, EA)
             CB, CA = CB.to(dtype), CA.to(dtype)  # as stored
+            codes_cB = codes_cA = None
             if precision.coefs is None:
                 cB, cA = CB.to(f64), CA.to(f64)
             else:  # as read back: each stored row (a column of E) at the coefficients' precision
-                cB = precision.rows_as_stored(CB.transpose(1, 2), "coefs", dtype).transpose(1, 2).to(f64)
-                cA = precision.rows_as_stored(CA.transpose(1, 2), "coefs", dtype).transpose(1, 2).to(f64)
+                rows_B, rows_A = CB.transpose(1, 2), CA.transpose(1, 2)
+                codes_cB, codes_cA = precision.codes(rows_B, "coefs", dtype), precision.codes(rows_A, "coefs", dtype)
+                cB = precision.rows_as_stored(rows_B, "coefs", dtype, codes_cB).transpose(1, 2).to(f64)
+                cA = precision.rows_as_stored(rows_A, "coefs", dtype, codes_cA).transpose(1, 2).to(f64)
         else:  # no shared bases: no coefficients, each task's own top q directions
             ranks = torch.zeros(len(idx), dtype=torch.int64)
         batched = errors == "batched"
@@ -217,6 +222,7 @@ def encode_in_bases(
             cross = trace_product(EB, EA, cB, cA)
             recon2 = trace_product(cB, cA, cB, cA, bases.gram_beta, bases.gram_alpha)
         keep = torch.zeros(len(idx), dtype=torch.int64, device=members[idx[0]].Bc.device)
+        codes_PB = codes_PA = None
         if q:
             Bc = torch.stack([members[i].Bc for i in idx]).to(f64)  # t × n × r
             Ac = torch.stack([members[i].Ac for i in idx]).to(f64)
@@ -240,8 +246,11 @@ def encode_in_bases(
             if batched:
                 PB64, PA64 = PB.to(f64), PA.to(f64)
                 if precision.private is not None:  # as read back: rows of P_Bᵀ and of P_A
-                    PB64 = precision.rows_as_stored(PB.transpose(1, 2), "private", dtype).transpose(1, 2).to(f64)
-                    PA64 = precision.rows_as_stored(PA.transpose(1, 2), "private", dtype).transpose(1, 2).to(f64)
+                    rows_B, rows_A = PB.transpose(1, 2), PA.transpose(1, 2)
+                    codes_PB = precision.codes(rows_B, "private", dtype)
+                    codes_PA = precision.codes(rows_A, "private", dtype)
+                    PB64 = precision.rows_as_stored(rows_B, "private", dtype, codes_PB).transpose(1, 2).to(f64)
+                    PA64 = precision.rows_as_stored(rows_A, "private", dtype, codes_PA).transpose(1, 2).to(f64)
                 cross_private = trace_product(Bc, Ac, PB64, PA64)
                 cross = cross + cross_private
                 recon2 = (
@@ -273,6 +282,12 @@ def encode_in_bases(
             if k:
                 tensors["private_B"] = PB[j, :, :k]
                 tensors["private_A"] = PA[j, :, :k].T.contiguous()
+            if codes is not None and bases is not None:  # rows j·r … of the coefficients, j·q … of private factors
+                codes.keep(members[i].task, "coef_B", codes_cB, j * CB.shape[-1], j * CB.shape[-1] + p)
+                codes.keep(members[i].task, "coef_A", codes_cA, j * CA.shape[-1], j * CA.shape[-1] + p)
+            if codes is not None and k:
+                codes.keep(members[i].task, "private_B", codes_PB, j * q, j * q + k)
+                codes.keep(members[i].task, "private_A", codes_PA, j * q, j * q + k)
             err = errs[j] if batched else stored_error(members[i], _as_read(tensors, precision), bases, None)
             out[i] = (tensors, _record(members[i], tensors, err, norms[i]))
     return out  # type: ignore[return-value]
@@ -340,12 +355,14 @@ def encode_private_only(
     dtype: torch.dtype,
     norms: Sequence[float],
     precision: Precisions = FLOAT,
+    codes: TaskCodes | None = None,
 ) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
     """:func:`encode_in_bases` of many tasks in a module without shared bases (k = 0), for merge.
 
     Each task keeps its own top q directions (spec, section 6, independent truncation). Its
     canonical factors are already in balanced SVD form, singular values descending, so those are
     their first q columns; errors by batched traces of the tensors as stored (section 4).
+    ``codes``, when given, receives the codes of the rows stored as codes (:class:`TaskCodes`).
     """
     out: list[tuple[dict[str, torch.Tensor], dict[str, Any]] | None] = [None] * len(members)
     groups: dict[tuple[int, int], list[int]] = {}
@@ -361,9 +378,14 @@ def encode_private_only(
         # the difference itself, so its norm (section 4's trace of Gram matrices, in float32, summed
         # in float64) does not cancel large terms, and small errors need no float64 pass.
         PBf, PAf = PB.float(), PA.float()
+        codes_B = codes_A = None
         if precision.private is not None:  # as read back: rows of P_Bᵀ and of P_A
-            PBf = precision.rows_as_stored(PB.transpose(1, 2), "private", dtype).transpose(1, 2).float()
-            PAf = precision.rows_as_stored(PA, "private", dtype).float()
+            codes_B, codes_A = (
+                precision.codes(PB.transpose(1, 2), "private", dtype),
+                precision.codes(PA, "private", dtype),
+            )
+            PBf = precision.rows_as_stored(PB.transpose(1, 2), "private", dtype, codes_B).transpose(1, 2).float()
+            PAf = precision.rows_as_stored(PA, "private", dtype, codes_A).float()
         dA = PAf.transpose(-1, -2) - Ac[:, :, :q]
         X = torch.cat([Bc, PBf - Bc[:, :, :q]], -1)
         Y = torch.cat([-dA, Ac[:, :, q:], -PAf.transpose(-1, -2)], -1)
@@ -374,6 +396,9 @@ def encode_private_only(
         for j, (i, e) in enumerate(zip(idx, err.tolist())):
             m = members[i]
             tensors = {"private_B": PB[j], "private_A": PA[j]} if q else {}
+            if codes is not None:
+                codes.keep(m.task, "private_B", codes_B, j * q, (j + 1) * q)
+                codes.keep(m.task, "private_A", codes_A, j * q, (j + 1) * q)
             record: dict[str, Any] = {
                 "rank": 0,
                 "private_rank": q,

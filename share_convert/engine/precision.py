@@ -24,7 +24,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..math.quantize import FLOAT_PRECISIONS, relative_rms_error, store, stored_bytes, values
+from ..math.quantize import (
+    CODE_PRECISIONS,
+    FLOAT_PRECISIONS,
+    Quantized,
+    quantize,
+    relative_rms_error,
+    stored_bytes,
+    stored_values,
+)
 from ..math.tolerances import TARGET_TOL
 from .plan_space import ModulePlan, PlanSpace
 
@@ -82,11 +90,13 @@ class Precisions:
         casts or quantizes it at the role's precision (docs/format.md)."""
         return x.to(dtype)
 
-    def rows_as_stored(self, rows: torch.Tensor, part: str, dtype: torch.dtype) -> torch.Tensor:
+    def rows_as_stored(
+        self, rows: torch.Tensor, part: str, dtype: torch.dtype, codes: Quantized | None = None
+    ) -> torch.Tensor:
         """The values a reader gets back of ``rows`` (…× cols, one stored row per last-dimension row),
         stored at this part's precision: ``rows.to(dtype)`` for the float dtype, else the cast or
         the dequantized codes of that (rows are quantized independently, so a batch of tasks
-        gives each task's rows exactly)."""
+        gives each task's rows exactly). ``codes``: those rows' codes, already computed (:meth:`codes`)."""
         x = rows.to(dtype)
         precision = self.of(part)
         if precision is None:
@@ -95,9 +105,20 @@ class Precisions:
             return x.to(getattr(torch, precision))
         if x.numel() == 0:
             return x.float()
+        if codes is not None:
+            return codes.dequantize().reshape(x.shape)
         flat = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-        out = values(store(flat, precision))
+        out = stored_values(flat, precision)
         return out.reshape(x.shape)
+
+    def codes(self, rows: torch.Tensor, part: str, dtype: torch.dtype) -> Quantized | None:
+        """``rows`` (…× cols) flattened to stored rows and quantized, where this part is stored as codes
+        (None otherwise): computed once, they give both the values errors are measured on
+        (:meth:`rows_as_stored`) and what the writer stores (:class:`TaskCodes`)."""
+        precision = self.of(part)
+        if precision not in CODE_PRECISIONS or rows.numel() == 0:
+            return None
+        return quantize(rows.to(dtype).reshape(-1, rows.shape[-1]), precision)
 
     # -- the estimate -----------------------------------------------------------------------------------
     def rho(self, part: str, dtype: torch.dtype) -> float:
@@ -118,6 +139,18 @@ class Precisions:
         """The least error this choice can add to a task (the whole of it shared, or private)."""
         shared_rho2 = self.rho("bases", dtype) ** 2 + self.rho("coefs", dtype) ** 2
         return math.sqrt(2 * min(shared_rho2, self.rho("private", dtype) ** 2))
+
+
+class TaskCodes(dict):
+    """Per task, the codes its stored rows already have (task -> role -> :class:`Quantized`; roles as
+    the encoder names them: ``coef_B``, ``coef_A``, ``private_B``, ``private_A``). The encoder fills it
+    as it measures errors on dequantized values, and the writer stacks these codes instead of
+    quantizing the same rows again (:func:`share_convert.engine.results.quantize_for_writing`)."""
+
+    def keep(self, task: str, role: str, codes: Quantized | None, start: int, stop: int) -> None:
+        """Rows ``start:stop`` of ``codes`` are ``task``'s stored rows of ``role``."""
+        if codes is not None and stop > start:
+            self.setdefault(task, {})[role] = codes.rows(start, stop)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

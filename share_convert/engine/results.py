@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..checkpoint.records import TaskRows
+from ..math.quantize import CODE_PRECISIONS, Quantized, quantize
 from .planning import ModulePlan, ModulePlanner
 
 
@@ -31,6 +32,8 @@ class ModuleResult:
     #: stored role (basis_B, coefs_A, private_B, …) -> precision name; a role not in it is stored in
     #: the module's float dtype, as before precisions existed (docs/format.md)
     precision: dict[str, str] = field(default_factory=dict)
+    #: the codes the encoder already made of tasks' rows stored as codes (engine/precision.TaskCodes)
+    task_codes: dict[str, dict[str, Quantized]] = field(default_factory=dict)
 
     def cost(self) -> int:
         """What plans are compared by: bytes where the plan was costed in bytes, else parameters."""
@@ -56,6 +59,7 @@ class GroupPart:
     carried: list[str] = field(default_factory=list)
     rows: TaskRows | None = None
     precision: dict[str, str] = field(default_factory=dict)
+    task_codes: dict[str, dict[str, Quantized]] = field(default_factory=dict)
     #: bytes of the group's plan, where it was costed in bytes
     bytes: int | None = None
 
@@ -64,7 +68,8 @@ class GroupPart:
         """The part of a group computed as a module of its own (its bases under ``g<j>/``)."""
         plan = res.plan
         return cls(plan.k_B, plan.k_A, plan.kind, plan.params, tasks, res.records, private_ranks,
-                   res.tensors, res.task_parts, res.carried, res.rows, res.precision, plan.bytes)  # fmt: skip
+                   res.tensors, res.task_parts, res.carried, res.rows, res.precision, res.task_codes,
+                   plan.bytes)  # fmt: skip
 
 
 def assemble_groups(
@@ -81,6 +86,7 @@ def assemble_groups(
     for j, part in enumerate(parts):
         result.tensors.update(part.tensors)
         result.task_parts.update(part.task_parts)
+        result.task_codes.update(part.task_codes)
         result.carried += part.carried
         result.precision.update(part.precision)  # the groups of a module share their precisions
         entry = {"k_B": part.k_B, "k_A": part.k_A, "kind": part.kind, "params": part.params, "tasks": part.tasks}
@@ -125,22 +131,48 @@ def module_rows(name: str, res: ModuleResult, dtype: torch.dtype) -> TaskRows:
 def quantize_for_writing(name: str, res: ModuleResult, dtype: torch.dtype) -> None:
     """Stack the module's rows and quantize what it stores as codes, on the thread (or Ray worker) that
     computed the module, so that the writer, which takes modules one at a time, only writes bytes.
-    Quantizing is deterministic and row by row: the codes are those the writer would compute."""
-    from ..math.quantize import CODE_PRECISIONS, quantize
-
+    Quantizing is deterministic and row by row: the codes are those the writer would compute, and a
+    stacked tensor whose every task's rows the encoder already quantized (``res.task_codes``) is the
+    stack of those codes."""
     if not any(p in CODE_PRECISIONS for p in res.precision.values()):
         return
     for tname, tensor in res.tensors.items():
         precision = res.precision.get(tname.rsplit("/", 1)[-1])
         if precision in CODE_PRECISIONS and isinstance(tensor, torch.Tensor):
             res.tensors[tname] = quantize(tensor, precision)
+    fresh = res.rows is None  # stacked from res.task_parts below, in the order of res.records
     rows = module_rows(name, res, dtype)
-    stacked = [(f"{prefix}coefs_{side}", f"coefs_{side}", part) for prefix, pair in rows.coefs.items()
+    stacked = [(f"{prefix}coefs_{side}", f"coefs_{side}", part, prefix) for prefix, pair in rows.coefs.items()
                for side, part in zip("BA", pair)]  # fmt: skip
     if rows.private is not None:
-        stacked += [(f"private_{side}", f"private_{side}", part) for side, part in zip("BA", rows.private)]
-    for key, role, part in stacked:
+        stacked += [(f"private_{side}", f"private_{side}", part, None) for side, part in zip("BA", rows.private)]
+    for key, role, part, prefix in stacked:
         precision = rows.precision.get(role)
         if precision in CODE_PRECISIONS and key not in rows.codes:
-            rows.codes[key] = quantize(part, precision)
+            known = _known_codes(name, res, role, prefix, precision) if fresh else None
+            rows.codes[key] = (
+                known if known is not None and known.shape == tuple(part.shape) else quantize(part, precision)
+            )
     res.rows = rows
+    res.task_codes = {}
+
+
+def _known_codes(name: str, res: ModuleResult, role: str, prefix: str | None, precision: str) -> Quantized | None:
+    """The codes of the stacked ``role`` (coefs_B of the tasks under ``prefix``, or private_A, …) as the
+    stack of the tasks' own codes, in :meth:`TaskRows.of_parts`'s order; None when a task lacks them."""
+    key = role.replace("coefs_", "coef_")
+    parts = []
+    for task, rec in res.records.items():
+        if key not in res.task_parts.get(task, {}):
+            continue
+        if prefix is not None and res.groups and prefix != f"modules/{name}/g{rec['group']}/":
+            continue
+        known = res.task_codes.get(task, {}).get(key)
+        if known is None or known.precision != precision:
+            return None
+        parts.append(known)
+    return Quantized.stack([q if q.codes.device.type == "cpu" else _on_cpu(q) for q in parts]) if parts else None
+
+
+def _on_cpu(q: Quantized) -> Quantized:
+    return Quantized(q.precision, q.codes.cpu(), q.scales.cpu(), q.shape, q.block)

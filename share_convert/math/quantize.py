@@ -93,6 +93,21 @@ class Quantized:
         """The values as every reader gets them (float32)."""
         return dequantize(self)
 
+    def rows(self, start: int, stop: int) -> Quantized:
+        """Rows ``start:stop`` alone: blocks never cross rows, so these are the codes and scales that
+        quantizing those rows by themselves gives."""
+        return Quantized(self.precision, self.codes[start:stop], self.scales[start:stop], (stop - start, self.shape[1]),
+                         self.block)  # fmt: skip
+
+    @staticmethod
+    def stack(parts: list[Quantized]) -> Quantized:
+        """Rows of several tensors of one precision and width, one after another (row-wise, so equal to
+        quantizing the stacked values)."""
+        first = parts[0]
+        rows = sum(q.shape[0] for q in parts)
+        codes, scales = torch.cat([q.codes for q in parts]), torch.cat([q.scales for q in parts])
+        return Quantized(first.precision, codes, scales, (rows, first.shape[1]), first.block)
+
 
 def check_precision(name: str) -> str:
     """``name`` if it is a storage precision; ValueError otherwise."""
@@ -115,43 +130,86 @@ def bits_per_number(rows: int, cols: int, precision: str, block: int = BLOCK) ->
     return 8 * stored_bytes(rows, cols, precision, block) / count if count else float(BITS[precision])
 
 
-def _blocked(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
-    """``x`` (rows × cols, float64) zero-padded to whole blocks: (rows × blocks × block, cols)."""
+def _blocked(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x`` (rows × cols) as float64 blocks (rows × blocks × block), a fresh tensor the caller may
+    overwrite; a row whose length is not a whole number of blocks is zero-padded."""
     rows, cols = x.shape
     nb = blocks_per_row(cols, block)
+    if cols == nb * block:  # whole blocks: the float64 copy itself, no padded buffer
+        return x.to(torch.float64, memory_format=torch.contiguous_format, copy=True).view(rows, nb, block)
     padded = torch.zeros(rows, nb * block, dtype=torch.float64, device=x.device)
     padded[:, :cols] = x
-    return padded.view(rows, nb, block), cols
+    return padded.view(rows, nb, block)
 
 
-def quantize(x: torch.Tensor, precision: str, block: int = BLOCK) -> Quantized:
-    """``x`` (2-D, any float dtype) as codes and per-block scales at ``precision`` (int8 or nf4)."""
-    if precision not in CODE_PRECISIONS:
-        raise ValueError(f"quantize() takes {' or '.join(CODE_PRECISIONS)}, got {precision!r}")
-    if x.dim() != 2:
-        raise ValueError(f"quantize() takes a 2-D tensor, got shape {tuple(x.shape)}")
+def _absmax(x: torch.Tensor, block: int) -> torch.Tensor:
+    """max |x| of every block (rows × blocks, float64): taken on ``x`` as given (exact in any float
+    dtype), so no float64 copy of |x| is made."""
     rows, cols = x.shape
-    blocks, _ = _blocked(x.detach().to(torch.float64), block)
-    absmax = blocks.abs().amax(-1)
+    nb = blocks_per_row(cols, block)
+    if cols != nb * block:
+        x = torch.nn.functional.pad(x, (0, nb * block - cols))
+    blocks = x.detach().reshape(rows, nb, block)
+    return torch.maximum(blocks.amax(-1), blocks.amin(-1).neg()).to(torch.float64)
+
+
+def _codes(x: torch.Tensor, precision: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes of ``x`` (rows × blocks × block: int8 codes as integral float64 values, NF4 level
+    indices as int64) and the float32 scales (rows × blocks), before packing."""
+    absmax = _absmax(x, block)
+    blocks = _blocked(x.detach(), block)
     if precision == "int8":
         scales = (absmax / 127).to(torch.float32)
         # divide by the float32 scale as stored, so that code × scale is the nearest value a reader can form
         div = torch.where(scales > 0, scales, 1).to(torch.float64)
-        codes = torch.round(blocks / div[..., None]).clamp_(-127, 127)
-        codes = codes.view(rows, -1)[:, :cols].to(torch.int8).contiguous()
-        return Quantized(precision, codes, scales, (rows, cols), block)
+        return torch.round_(blocks.div_(div[..., None])).clamp_(-127, 127), scales
     scales = absmax.to(torch.float32)
     div = torch.where(scales > 0, scales, 1).to(torch.float64)
-    levels = torch.tensor(NF4_VALUES, dtype=torch.float64, device=x.device)
     # the nearest level: the number of midpoints strictly below the value (ties go to the lower level)
-    mids = (levels[1:] + levels[:-1]) / 2
-    idx = torch.bucketize((blocks / div[..., None]).clamp_(-1, 1), mids, right=False)
-    idx = idx.view(rows, -1)[:, :cols].to(torch.uint8)
+    idx = torch.bucketize(blocks.div_(div[..., None]).clamp_(-1, 1), _nf4_midpoints(x.device), right=False)
+    return idx, scales
+
+
+def _nf4_midpoints(device: torch.device) -> torch.Tensor:
+    levels = torch.tensor(NF4_VALUES, dtype=torch.float64, device=device)
+    return (levels[1:] + levels[:-1]) / 2
+
+
+def _check_quantizable(x: torch.Tensor, precision: str, caller: str) -> None:
+    if precision not in CODE_PRECISIONS:
+        raise ValueError(f"{caller}() takes {' or '.join(CODE_PRECISIONS)}, got {precision!r}")
+    if x.dim() != 2:
+        raise ValueError(f"{caller}() takes a 2-D tensor, got shape {tuple(x.shape)}")
+
+
+def quantize(x: torch.Tensor, precision: str, block: int = BLOCK) -> Quantized:
+    """``x`` (2-D, any float dtype) as codes and per-block scales at ``precision`` (int8 or nf4)."""
+    _check_quantizable(x, precision, "quantize")
+    rows, cols = x.shape
+    codes, scales = _codes(x, precision, block)
+    if precision == "int8":
+        codes = codes.view(rows, -1)[:, :cols].to(torch.int8).contiguous()
+        return Quantized(precision, codes, scales, (rows, cols), block)
+    idx = codes.view(rows, -1)[:, :cols].to(torch.uint8)
     if cols % 2:
         idx = torch.cat([idx, torch.zeros(rows, 1, dtype=torch.uint8, device=x.device)], 1)
     pairs = idx.view(rows, -1, 2)
     codes = (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
     return Quantized(precision, codes, scales, (rows, cols), block)
+
+
+def round_trip(x: torch.Tensor, precision: str, block: int = BLOCK) -> torch.Tensor:
+    """``dequantize(quantize(x, precision))``, equal to it number for number, without packing the
+    codes: what the engine measures errors on (float32)."""
+    _check_quantizable(x, precision, "round_trip")
+    rows, cols = x.shape
+    codes, scales = _codes(x, precision, block)
+    if precision == "int8":
+        values = codes.to(torch.float32)
+    else:
+        values = torch.tensor(NF4_VALUES, dtype=torch.float32, device=x.device)[codes]
+    # the reader's product: float32 value × float32 scale
+    return values.mul_(scales[..., None]).view(rows, -1)[:, :cols].contiguous()
 
 
 def dequantize(q: Quantized) -> torch.Tensor:
@@ -161,15 +219,25 @@ def dequantize(q: Quantized) -> torch.Tensor:
     if q.precision == "int8":
         values = q.codes.to(torch.float32)
     elif q.precision == "nf4":
-        low, high = q.codes & 0x0F, q.codes >> 4
-        idx = torch.stack([low, high], -1).view(rows, -1)[:, :cols].long()
-        values = torch.tensor(NF4_VALUES, dtype=torch.float32, device=q.codes.device)[idx]
+        # one lookup per byte: its two levels (low nibble first), from a 256 × 2 table
+        pairs = _nf4_pairs(q.codes.device)[q.codes.long()]
+        values = pairs.view(rows, -1)[:, :cols]
     else:
         raise ValueError(f"unknown code precision {q.precision!r}")
+    if cols == nb * q.block:  # whole blocks: scale in place, no padded buffer
+        values = values.contiguous()  # a fresh tensor: the codes are never written
+        return values.view(rows, nb, q.block).mul_(q.scales.to(torch.float32)[..., None]).view(rows, cols)
     padded = torch.zeros(rows, nb * q.block, dtype=torch.float32, device=values.device)
     padded[:, :cols] = values
     out = padded.view(rows, nb, q.block) * q.scales.to(torch.float32)[..., None]
     return out.view(rows, -1)[:, :cols].contiguous()
+
+
+def _nf4_pairs(device: torch.device) -> torch.Tensor:
+    """Byte -> its two NF4 levels (float32, 256 × 2: low nibble, high nibble)."""
+    levels = torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
+    byte = torch.arange(256, device=device)
+    return torch.stack([levels[byte & 0x0F], levels[byte >> 4]], -1)
 
 
 def store(x: torch.Tensor, precision: str, block: int = BLOCK) -> torch.Tensor | Quantized:
@@ -177,6 +245,13 @@ def store(x: torch.Tensor, precision: str, block: int = BLOCK) -> torch.Tensor |
     if precision in FLOAT_PRECISIONS:
         return x.to(getattr(torch, precision))
     return quantize(x, precision, block)
+
+
+def stored_values(x: torch.Tensor, precision: str, block: int = BLOCK) -> torch.Tensor:
+    """What a reader gets back of ``x`` (2-D) stored at ``precision``: ``values(store(x, precision))``."""
+    if precision in FLOAT_PRECISIONS:
+        return x.to(getattr(torch, precision))
+    return round_trip(x, precision, block)
 
 
 def values(stored: torch.Tensor | Quantized) -> torch.Tensor:
