@@ -233,7 +233,7 @@ def plan_group(
                 if dtype is not None and (precision is not None or config.precision != "float"):
                     empty = stack.stack_B.new_zeros(0)
                     private = choose_plan(
-                        bare, config, BasisSpectra(empty, empty, stack.energy_totals), dtype, precision
+                        bare, config, BasisSpectra(empty, empty, stack.energy_totals), dtype, precision, known=private
                     )
                 private.alternatives = {**(private.alternatives or {}), "shared_at_least": floor.least()}
                 return stack.stack_B.new_zeros((stack.n, 0)), stack.stack_A.new_zeros((stack.d, 0)), private, bare
@@ -267,7 +267,8 @@ def plan_group(
         # a little more structure, so where it lands at their edge the bases grow by a quarter (the new
         # vectors only: doubling them would cost many modules a fit of twice the width), twice at most
         for _ in range(3):
-            plan = choose_plan(planner, config, spectra, dtype, precision)
+            known = plan if _ == 0 and config.mode() == "target" else None  # this planner's plan at the target
+            plan = choose_plan(planner, config, spectra, dtype, precision, known=known)
             if config.mode() in ("fixed", "energy") or not _wider_may_pay(planner, plan, K, full) or _ == 2:
                 break
             K = min(K + max(16, K // 4), full)

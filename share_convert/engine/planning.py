@@ -231,6 +231,7 @@ def choose_plan(
     spectra: BasisSpectra,
     dtype: torch.dtype | None = None,
     precision: Precisions | None = None,
+    known: ModulePlan | None = None,
 ) -> ModulePlan:
     """The plan step of every way a module is computed (merge, the budget pass, add, refits): a
     fixed k, an energy fraction, or the least storage meeting the error target; and, given the
@@ -245,7 +246,8 @@ def choose_plan(
     structure is the user's: 'auto' keeps it in the float dtype, a fixed precision stores it so.
 
     A ``--budget`` is spent across modules by ``merge`` first (an error target per module) and never
-    reaches one module; ``add`` keeps the error target.
+    reaches one module; ``add`` keeps the error target. ``known``: this planner's plan at the error
+    target, where the caller has it already (the search is not repeated).
     """
     mode = config.mode()
     if mode == "budget":
@@ -262,7 +264,7 @@ def choose_plan(
         kA = energy_k(spectra.s_A, total_A, config.energy)
         plan = planner.evaluate(kB, kA, [0] * planner.T)
     else:
-        plan = planner.for_target(config.target_error, config.target_metric)
+        plan = known if known is not None else planner.for_target(config.target_error, config.target_metric)
         if dtype is not None and not plan.target_relaxed and (chosen is not None or config.precision == "auto"):
             return _with_precision(planner, plan, config, dtype, chosen)
     if dtype is not None and chosen is not None and not chosen.is_float:
