@@ -158,6 +158,7 @@ def encode_checked(
         nxt.precision, nxt.bytes, nxt.structural_target = found.precision, found.bytes, found.target
         if found.precision.is_float and tries and found is tries[-1]:
             tries = []  # the float plan: as before precisions existed, kept whatever it measures
+        beta, alpha = stack.at_least(beta, alpha, nxt.k_B, nxt.k_A)
         result = encode_group(name, members, stack, beta, alpha, nxt, planner, dtype, prefix)
 
 
@@ -257,11 +258,6 @@ def plan_group(
         K = min(2 * K, full)
         fit = stack.widen(K, fit)
     in_bits = dtype is not None and (precision is not None or config.precision != "float")
-    if wide_used is not None:
-        # the vectors of a wide fit are formed only as far as a plan may use them: the float plan's, or
-        # with stored precisions every vector fitted (the precision plan, its retries and fallbacks)
-        widths = (planner.K_B, planner.K_A) if in_bits else (plan.k_B, plan.k_A)
-        beta, alpha = stack.bases(wide_used, *widths) if bases else (None, None)
     if in_bits:
         # the structure in the float dtype decides how wide the bases are; the plan in fewer bits needs
         # a little more structure, so where it lands at their edge the bases grow by a quarter (the new
@@ -275,6 +271,12 @@ def plan_group(
             fit = stack.widen(K, fit)
             beta, alpha, sB, sA, planner = fit
             spectra = BasisSpectra(sB, sA, stack.energy_totals)
+    if wide_used is not None:
+        # the vectors of a wide fit are formed only as far as a plan uses them: the plan's and, with
+        # stored precisions, its fallbacks' (a retry that needs more forms them: encode_checked)
+        plans = [plan, *(p.plan for p in plan.fallbacks)] if in_bits else [plan]
+        widths = (max(p.k_B for p in plans), max(p.k_A for p in plans))
+        beta, alpha = stack.bases(wide_used, *widths) if bases else (None, None)
     return beta, alpha, plan, planner
 
 

@@ -188,6 +188,17 @@ class ModuleStack:
         alpha = fit.alpha if fit.alpha is not None else self._grams[1].basis(k_A)
         return beta, alpha
 
+    def at_least(
+        self, beta: torch.Tensor, alpha: torch.Tensor, k_B: int, k_A: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``beta`` and ``alpha`` with at least ``k_B`` and ``k_A`` vectors: a side that a wide fit took
+        from a Gram decomposition and formed narrower (:meth:`bases`) is formed again at that width."""
+        if beta.shape[1] < k_B and 0 in self._grams:
+            beta = self._grams[0].basis(k_B)
+        if alpha.shape[1] < k_A and 1 in self._grams:
+            alpha = self._grams[1].basis(k_A)
+        return beta, alpha
+
     def _assemble(self, side_B, side_A) -> BasisFit:
         """A :class:`BasisFit` from each side's (U, S, Uᵀ·stack), with its planner."""
         (beta, sB, projB), (alpha, sA, projA) = side_B, side_A

@@ -142,22 +142,12 @@ def _blocked(x: torch.Tensor, block: int) -> torch.Tensor:
     return padded.view(rows, nb, block)
 
 
-def _absmax(x: torch.Tensor, block: int) -> torch.Tensor:
-    """max |x| of every block (rows × blocks, float64): taken on ``x`` as given (exact in any float
-    dtype), so no float64 copy of |x| is made."""
-    rows, cols = x.shape
-    nb = blocks_per_row(cols, block)
-    if cols != nb * block:
-        x = torch.nn.functional.pad(x, (0, nb * block - cols))
-    blocks = x.detach().reshape(rows, nb, block)
-    return torch.maximum(blocks.amax(-1), blocks.amin(-1).neg()).to(torch.float64)
-
-
 def _codes(x: torch.Tensor, precision: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The codes of ``x`` (rows × blocks × block: int8 codes as integral float64 values, NF4 level
     indices as int64) and the float32 scales (rows × blocks), before packing."""
-    absmax = _absmax(x, block)
     blocks = _blocked(x.detach(), block)
+    # max |x| per block, without a copy of |x| (exact: the padding zeros never exceed it)
+    absmax = torch.maximum(blocks.amax(-1), blocks.amin(-1).neg())
     if precision == "int8":
         scales = (absmax / 127).to(torch.float32)
         # divide by the float32 scale as stored, so that code × scale is the nearest value a reader can form
