@@ -106,7 +106,7 @@ class Precisions:
         if x.numel() == 0:
             return x.float()
         if codes is not None:
-            return codes.dequantize().reshape(x.shape)
+            return codes.dequantize().reshape(x.shape).to(x.device)
         flat = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
         out = stored_values(flat, precision)
         return out.reshape(x.shape)
