@@ -158,3 +158,21 @@ def test_an_unknown_precision_is_refused(tmp_path, real):
     result = run("merge", real / "gpt2-c_attn", "-o", tmp_path / "o.safetensors", "--precision", "int3")
     assert result.exit_code == 2 and "'int3' is not one of" in result.output  # as every option with choices
     assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("options", [{"k": 4, "private_rank": 2, "precision": "nf4"}, {"precision": "auto"}])
+def test_the_writer_stores_the_codes_of_the_rows_whose_errors_were_measured(
+    tmp_path, real, merged, monkeypatch, options
+):
+    """The encoder quantizes each task's rows once to measure errors on the values read back, and the
+    writer stacks those codes (engine/results.quantize_for_writing); quantizing the stacked rows again,
+    as the writer did before, must give the same file byte for byte."""
+    import share_convert.engine.results as results
+
+    reused = merged("gpt2-c_attn", "gpt2-c_attn+c_proj", **options)
+    assert Checkpoint(reused).storage_by_precision().keys() & {"int8", "nf4"}, "no codes were stored"
+    monkeypatch.setattr(results, "_known_codes", lambda *args: None)
+    again = tmp_path / "again.safetensors"
+    merge(open_adapters([str(real / "gpt2-c_attn"), str(real / "gpt2-c_attn+c_proj")]), again,
+          ConsolidationConfig(**options))  # fmt: skip
+    assert again.read_bytes() == reused.read_bytes()

@@ -11,10 +11,12 @@ import torch
 from share_convert.math.quantize import (
     BLOCK,
     NF4_VALUES,
+    Quantized,
     bits_per_number,
     dequantize,
     quantize,
     relative_rms_error,
+    round_trip,
     store,
     stored_bytes,
     values,
@@ -119,3 +121,31 @@ def test_quantize_refuses_what_it_cannot_code():
         quantize(torch.zeros(2, 2), "float16")
     with pytest.raises(ValueError):
         quantize(torch.zeros(2), "int8")
+
+
+@pytest.mark.parametrize("precision", ["int8", "nf4"])
+@pytest.mark.parametrize(
+    "shape, dtype, transposed",
+    [((5, 128), torch.float32, False), ((4, 150), torch.float32, False), ((3, 77), torch.bfloat16, False),
+     ((96, 40), torch.float32, True)],
+)  # fmt: skip
+def test_round_trip_gives_exactly_the_values_the_codes_give_back(precision, shape, dtype, transposed):
+    """The engine measures errors on round_trip(x) without packing codes: it must be what a reader of
+    the codes gets, number for number (whole and partial blocks, odd rows, bfloat16, strided input)."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    x = x.T if transposed else x
+    assert torch.equal(round_trip(x, precision), dequantize(quantize(x, precision)))
+    assert torch.equal(dequantize(quantize(x, precision)).double(), reference(x.double(), precision))
+
+
+@pytest.mark.parametrize("precision", ["int8", "nf4"])
+def test_rows_of_codes_and_stacked_codes_are_the_codes_of_those_rows(gaussian, precision):
+    """The writer stacks the codes the encoder made of each task's rows instead of quantizing the
+    stacked rows again: both must give the same bytes."""
+    whole = quantize(gaussian, precision)
+    part = whole.rows(1, 4)
+    alone = quantize(gaussian[1:4], precision)
+    assert torch.equal(part.codes, alone.codes) and torch.equal(part.scales, alone.scales)
+    assert part.shape == alone.shape
+    stacked = Quantized.stack([whole.rows(0, 2), whole.rows(2, 6)])
+    assert torch.equal(stacked.codes, whole.codes) and torch.equal(stacked.scales, whole.scales)
