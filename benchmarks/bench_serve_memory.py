@@ -1,5 +1,5 @@
-"""Serving memory and mixed-batch time: the Share runtime (ragged private factors, float or kept quantized)
-against PEFT, side by side in one run (issue 27).
+"""Serving memory and mixed-batch time on the default precision plan: the Share runtime (kept quantized or
+dequantized at load) against PEFT, side by side in one run (issue 27).
 
 Two sets of tasks on a GPT-2-sized model (GPT2Config defaults, random weights, 12 layers × 768):
 
@@ -8,14 +8,18 @@ Two sets of tasks on a GPT-2-sized model (GPT2Config defaults, random weights, 1
 - ``planted``: ``--tasks`` synthetic adapters on every ``attn.c_attn`` (r = 8) with a planted shared
   subspace of rank 16 (share_convert.io.synthetic).
 
-Each set is merged with the default options (the float plan: 5% mean ΔW error target), then rewritten
-with every factor as int8 codes and as NF4 codes (tests/builders/quantized.requantize: the stand-in for
-the precision planner's default plan, which is not merged yet). Served, per set:
+Each set is merged twice: with the default options (``precision="auto"``: the precision planner's
+default plan, what ``share-convert merge`` writes) and with ``precision="float"`` (every factor float32,
+the plan before precisions). Served, per set:
 
 - ``peft``: every adapter loaded in one PeftModel, a mixed batch with ``adapter_names=``;
-- ``share``: the float checkpoint; ``int8`` / ``nf4``: the rewrites, dequantized at load;
-  ``int8_kept`` / ``nf4_kept``: the rewrites with ``keep_quantized=True`` (private rows kept as codes,
-  dequantized per call per layer; bases and coefficients are dequantized at load in this version).
+- ``float_plan``: the float checkpoint;
+- ``default``: the default plan's checkpoint dequantized at load (``keep_quantized=False``), and
+  ``default_kept``: the same checkpoint held as its codes (``keep_quantized=True``: bases,
+  coefficients and private rows stay int8/NF4, each call dequantizes what it uses, per layer);
+- stand-ins, labelled so: the float plan rewritten with every factor as int8 (``int8_all``) or NF4
+  (``nf4_all``) codes (tests/builders/quantized.requantize), dequantized and ``*_kept``: they exercise
+  a precision the default plan may not pick for a set (NF4 everywhere).
 
 Memory: adapter tensor bytes (PEFT: every ``lora_`` parameter; runtime: ``memory_report().adapters``).
 Time: a mixed batch of ``--rows`` rows × ``--seq`` tokens, the rows cycling over the tasks; the time
@@ -23,17 +27,14 @@ above the bare base model per round, median over ``--repeat`` rounds taking the 
 intra-op thread); for the whole forward pass and for one injected layer (``h.0.attn.c_attn``) alone.
 The machine is shared with other processes: read the ratios, not the seconds.
 
-Also, on the ``real`` set's float runtime, one layer: the ragged private factors applied task by task
-on their rows (what the runtime does) against a gather with index tensors into the same store (per
-row, zero-masked to the largest rank: ``bmm``), the alternative the issue asked to measure.
-
-    python benchmarks/bench_serve_memory.py --work /tmp/bench-serve-memory --out benchmarks/results/serve-memory.json
+    python benchmarks/bench_serve_memory.py --work /tmp/bench-serve-memory --out benchmarks/results/serve-memory-default-plan.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -96,56 +97,71 @@ def peft_with(paths: list[Path]) -> PeftModel:
     return model.eval()
 
 
-def gathered(layer, x: torch.Tensor, task_of_row: list[int]) -> torch.Tensor:
-    """The private part of ``layer``'s output gathered with index tensors from its ragged store: per row,
-    its task's rows (zero-masked to the largest rank) and two ``bmm``."""
-    f = layer.factors
-    spans = [f.private_ranks.get(t, (0, 0)) for t in task_of_row]
-    width = max(q for _, q in spans)
-    offsets = torch.tensor([o for o, _ in spans])[:, None] + torch.arange(width)
-    mask = (torch.arange(width) < torch.tensor([q for _, q in spans])[:, None]).to(x.dtype)
-    index = offsets.clamp(max=f.private_A.rows - 1)
-    A = f.private_A.values[index] * mask[..., None]  # (R, Q, d)
-    Bt = f.private_Bt.values[index] * mask[..., None]  # (R, Q, n)
-    return torch.bmm(torch.bmm(x, A.transpose(1, 2)), Bt)
+#: variant -> (checkpoint, keep_quantized)
+VARIANTS = {
+    "float_plan": ("float", False),
+    "default": ("default", False),
+    "default_kept": ("default", True),
+    "int8_all": ("int8_all", False),
+    "int8_all_kept": ("int8_all", True),
+    "nf4_all": ("nf4_all", False),
+    "nf4_all_kept": ("nf4_all", True),
+}
+#: kept variant -> the same checkpoint dequantized at load (the unquantized runtime it is compared with)
+KEPT_OVER = {"default_kept": "default", "int8_all_kept": "int8_all", "nf4_all_kept": "nf4_all"}
+
+
+def plan_of(path: Path) -> dict:
+    """The stored plan: per role, the precisions it is stored at (modules counted), and k_B."""
+    from share_convert.checkpoint.reader import Checkpoint
+
+    roles: dict[str, dict[str, int]] = {}
+    with Checkpoint(path) as ckpt:
+        for module in ckpt.modules:
+            for role, precision in ckpt.module(module).precision.items():
+                roles.setdefault(role, {}).setdefault(precision, 0)
+                roles[role][precision] += 1
+        k = sorted({info["k_B"] for info in ckpt.modules.values()})
+        return {"roles": roles, "k_B": k, "stored_factor_bytes": ckpt.storage_by_precision()}
 
 
 def run_set(kind: str, a: argparse.Namespace) -> dict:
     work = Path(a.work) / kind
     paths = adapters(kind, work, a.tasks)
-    ckpt = work / "share.safetensors"
+    sources = [str(p) for p in paths]
+    ckpts = {"default": work / "default.safetensors", "float": work / "float.safetensors"}
     t = time.perf_counter()
-    report = merge(open_adapters([str(p) for p in paths]), ckpt, ConsolidationConfig(), force=True)
+    report = merge(open_adapters(sources), ckpts["default"], ConsolidationConfig(), force=True)
     merge_s = time.perf_counter() - t
+    merge(open_adapters(sources), ckpts["float"], ConsolidationConfig(precision="float"), force=True)
     for precision in ("int8", "nf4"):
-        requantize(ckpt, work / f"{precision}.safetensors", precision)
+        ckpts[f"{precision}_all"] = requantize(ckpts["float"], work / f"{precision}_all.safetensors", precision)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 50257, (a.rows, a.seq), generator=gen)
     out: dict = {
         "tasks": len(paths),
-        "merge_seconds": round(merge_s, 1),
-        "k_B": sorted({info["k_B"] for info in report["modules"].values()}),
-        "mean_delta_w_error": statistics.mean(
+        "default_merge_seconds": round(merge_s, 1),
+        "default_plan": plan_of(ckpts["default"]),
+        "mean_delta_w_error_default_plan": statistics.mean(
             rec["error"] for info in report["modules"].values() for rec in info["tasks"].values()
         ),
     }
     with torch.no_grad():
         models = {"base": base_model(), "peft": peft_with(paths)}
-        for name, path, keep in (
-            ("share", ckpt, False),
-            ("int8", work / "int8.safetensors", False),
-            ("int8_kept", work / "int8.safetensors", True),
-            ("nf4", work / "nf4.safetensors", False),
-            ("nf4_kept", work / "nf4.safetensors", True),
-        ):
-            models[name] = ShareModel.from_checkpoint(base_model(), path, keep_quantized=keep)
-        tasks = models["share"].tasks
+        for name, (ckpt, keep) in VARIANTS.items():
+            models[name] = ShareModel.from_checkpoint(base_model(), ckpts[ckpt], keep_quantized=keep)
+        tasks = models["default"].tasks
         rows = [tasks[i % len(tasks)] for i in range(a.rows)]
         peft_bytes = sum(p.numel() * p.element_size() for n, p in models["peft"].named_parameters() if "lora_" in n)
-        memory = {"peft_lora_bytes": peft_bytes}
-        for name in ("share", "int8", "int8_kept", "nf4", "nf4_kept"):
+        memory: dict = {"peft_lora_bytes": peft_bytes}
+        for name in VARIANTS:
             r = models[name].memory_report()
-            memory[name] = {"adapters": r.adapters, "held": r.held, "peft_over_this": peft_bytes / r.adapters}
+            memory[name] = {
+                "adapters": r.adapters,
+                "by_role": r.by_role,
+                "coefficient_padding": r.coefficient_padding,
+                "peft_over_this": peft_bytes / r.adapters,
+            }
         out["memory"] = memory
 
         def call(name: str):
@@ -155,15 +171,15 @@ def run_set(kind: str, a: argparse.Namespace) -> dict:
                 return lambda: models["peft"](input_ids=ids, adapter_names=rows)
             return lambda: models[name](input_ids=ids, task=rows)
 
-        names = ["base", "peft", "share", "int8", "int8_kept", "nf4_kept"]
+        names = ["base", "peft", *VARIANTS]
         whole = timed({n: call(n) for n in names}, a.repeat)["cpu"]
         x = torch.randn(a.rows, a.seq, SIZE["n_embd"], generator=gen)
-        layers = {n: models[n].base_model.transformer.h[0].attn.c_attn for n in names[2:]}
+        layers = {n: models[n].base_model.transformer.h[0].attn.c_attn for n in VARIANTS}
         peft_layer = models["peft"].base_model.model.transformer.h[0].attn.c_attn
 
         def layer_call(name: str):
             if name == "base":
-                return lambda: layers["share"].base_layer(x)
+                return lambda: layers["default"].base_layer(x)
             if name == "peft":
                 return lambda: peft_layer(x, adapter_names=rows)
 
@@ -173,16 +189,8 @@ def run_set(kind: str, a: argparse.Namespace) -> dict:
 
             return run
 
-        calls = {n: layer_call(n) for n in names}
-        f = layers["share"].factors
-        if f.private_ranks and not f.spans:  # private only: the gather alternative on the same store
-            ids_of_rows = [tasks.index(t) for t in rows]
-            calls["share_gather"] = lambda: layers["share"].base_layer(x) + gathered(layers["share"], x, ids_of_rows)
-            with models["share"].use(rows):
-                segmented = layers["share"](x) - layers["share"].base_layer(x)
-            out["gather_equals_segments"] = float((gathered(layers["share"], x, ids_of_rows) - segmented).abs().max())
-        one = timed(calls, a.layer_repeat)["cpu"]
-        y = {n: models[n](input_ids=ids, task=rows).logits for n in ("share", "int8", "int8_kept", "nf4", "nf4_kept")}
+        one = timed({n: layer_call(n) for n in names}, a.layer_repeat)["cpu"]
+        y = {n: models[n](input_ids=ids, task=rows).logits for n in VARIANTS}
         y["peft"] = models["peft"](input_ids=ids, adapter_names=rows).logits
 
     def above(times: dict[str, list[float]]) -> dict[str, float]:
@@ -190,23 +198,30 @@ def run_set(kind: str, a: argparse.Namespace) -> dict:
             n: statistics.median(t - b for t, b in zip(ts, times["base"])) for n, ts in times.items() if n != "base"
         }
 
+    def spread(times: dict[str, list[float]], name: str) -> list[float]:
+        """The quartiles of a variant's time above the base model over the rounds (the noise)."""
+        diffs = sorted(t - b for t, b in zip(times[name], times["base"]))
+        q = statistics.quantiles(diffs, n=4)
+        return [q[0], q[2]]
+
     whole_above, one_above = above(whole), above(one)
     out["time"] = {
         "unit": "CPU seconds of this thread above the base model, median of rounds",
+        "rounds": {"whole_forward": a.repeat, "one_layer": a.layer_repeat},
         "whole_forward": whole_above,
         "one_layer": one_above,
+        "one_layer_quartiles": {n: spread(one, n) for n in names if n != "base"},
         "kept_over_dequantized": {
-            "whole_forward_int8": whole_above["int8_kept"] / whole_above["int8"],
-            "one_layer_int8": one_above["int8_kept"] / one_above["int8"],
-            "one_layer_nf4": one_above["nf4_kept"] / one_above["int8"],
+            "one_layer": {k: one_above[k] / one_above[v] for k, v in KEPT_OVER.items()},
+            "whole_forward": {k: whole_above[k] / whole_above[v] for k, v in KEPT_OVER.items()},
         },
-        "share_over_peft_one_layer": one_above["share"] / one_above["peft"],
+        "over_peft_one_layer": {n: one_above[n] / one_above["peft"] for n in VARIANTS},
         "base_forward_seconds_median": statistics.median(whole["base"]),
     }
     out["outputs"] = {
-        "share_vs_peft": float((y["share"] - y["peft"]).norm() / y["peft"].norm()),
-        "int8_kept_vs_int8": float((y["int8_kept"] - y["int8"]).norm() / y["int8"].norm()),
-        "nf4_kept_vs_nf4": float((y["nf4_kept"] - y["nf4"]).norm() / y["nf4"].norm()),
+        "float_plan_vs_peft": float((y["float_plan"] - y["peft"]).norm() / y["peft"].norm()),
+        "default_vs_peft": float((y["default"] - y["peft"]).norm() / y["peft"].norm()),
+        **{f"{k}_vs_{v}": float((y[k] - y[v]).norm() / y[v].norm()) for k, v in KEPT_OVER.items()},
     }
     return out
 
@@ -216,19 +231,26 @@ def main() -> None:
     p.add_argument("--tasks", type=int, default=32, help="planted tasks")
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--seq", type=int, default=16)
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--layer-repeat", type=int, default=30)
+    p.add_argument("--repeat", type=int, default=30)
+    p.add_argument("--layer-repeat", type=int, default=100)
     p.add_argument("--sets", default="real,planted")
     p.add_argument("--work", default="/tmp/bench-serve-memory")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     torch.set_num_threads(1)
     results = {
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": 1, "note": "shared"},
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": 1,
+            "note": "shared with other sessions (2 cores); CPU only, no GPU lent",
+            "load_average_start": os.getloadavg(),
+        },
         "batch": {"rows": a.rows, "tokens_per_row": a.seq},
     }
     for kind in a.sets.split(","):
         results[kind] = run_set(kind, a)
+    results["machine"]["load_average_end"] = os.getloadavg()
     Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 

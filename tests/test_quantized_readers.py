@@ -205,12 +205,13 @@ def test_the_runtime_gives_peft_s_outputs_on_the_extracted_task(bert_tiny, tmp_p
 
 
 def test_memory_report_says_what_was_dequantized(bert_tiny, merged):
-    report = ShareModel.from_checkpoint(bert_classifier(), bert_tiny).memory_report()
+    report = ShareModel.from_checkpoint(bert_classifier(), bert_tiny, keep_quantized=False).memory_report()
     assert set(report.dequantized_from) == {"nf4", "int8"}  # the bfloat16 private rows are not codes
     assert all(size > 0 for size in report.dequantized_from.values())
     shown = report.as_dict()
     assert shown["dequantized_from"] == report.dequantized_from and "dequantized" in shown["note"]
-    plain = ShareModel.from_checkpoint(bert_classifier(), merged("bert-tiny", k=4, private_rank=1)).memory_report()
+    float_ckpt = merged("bert-tiny", k=4, private_rank=1)
+    plain = ShareModel.from_checkpoint(bert_classifier(), float_ckpt, keep_quantized=False).memory_report()
     assert plain.dequantized_from == {} and "dequantized_from" not in plain.as_dict()
 
 

@@ -32,6 +32,7 @@ from share_convert.io import open_adapters, write_synthetic_adapters
 from share_convert.runtime import ShareHead, ShareLayer
 
 from .builders.models import bert_classifier, distilbert, gpt2_classifier, gpt2_lm, llama, pixels, tokens, vit
+from .builders.quantized import requantize
 
 TOLERANCE = 1e-5
 
@@ -249,6 +250,38 @@ def test_grouped_modules_are_served(case_of):
     assert isinstance(layer, ShareLayer)
     # both groups' bases side by side, held once
     assert layer.basis_A.shape[1] == sum(g["k_A"] for g in _module_groups(case, "model.layers.0.self_attn.q_proj"))
+
+
+def test_grouped_bases_and_coefficients_kept_as_codes_serve_as_dequantized(case_of, tmp_path):
+    """Each group's bases and coefficients kept as NF4 codes: a batch mixing both groups' tasks and the
+    base model gives the checkpoint's outputs dequantized at load."""
+    case = case_of("llama")
+    coded = requantize(case.checkpoint, tmp_path / "nf4.safetensors", "nf4")
+    kept = ShareModel.from_checkpoint(copy.deepcopy(case.base), coded, keep_quantized=True)
+    plain = ShareModel.from_checkpoint(copy.deepcopy(case.base), coded, keep_quantized=False)
+    assert len(kept.base_model.model.layers[0].self_attn.q_proj.coded_A.parts) == 2  # one per group
+    rows = [case.tasks[0], case.tasks[-1], None, case.tasks[1]]  # one family, the other, none
+    torch.testing.assert_close(run(kept, case.inputs, task=rows)[1], run(plain, case.inputs, task=rows)[1])
+
+
+def test_coefficients_under_a_rotation_chain_are_held_dequantized_beside_kept_bases(tmp_path, monkeypatch):
+    """int8 rows written under older bases are read rotated (format version 3's chain), so they are
+    held as values; the bases stay codes, and the outputs are the checkpoint's dequantized."""
+    paths = write_synthetic_adapters(tmp_path / "c", count=6, layers=1, hidden=64, noise=0.05, seed=3, prefix="c")
+    sources, path, config = (
+        open_adapters([str(p) for p in paths]),
+        tmp_path / "s.safetensors",
+        ConsolidationConfig(k=8, precision="int8"),
+    )
+    merge(sources[:4], path, config)
+    monkeypatch.setattr(chain, "CHAIN_MIN_BYTES", 0)  # chain these small tensors too
+    add(path, sources[4:], path, config)
+    kept = ShareModel.from_checkpoint(llama(), path, keep_quantized=True)
+    plain = ShareModel.from_checkpoint(llama(), path, keep_quantized=False)
+    held = kept.memory_report().by_role
+    assert set(held["bases"]) == {"int8"} and set(held["coefficients"]) == {"float32"}
+    rows = [kept.tasks[0], kept.tasks[5], None, kept.tasks[2]]
+    torch.testing.assert_close(run(kept, tokens(), task=rows)[1], run(plain, tokens(), task=rows)[1])
 
 
 def _module_groups(case: Case, path: str) -> list[dict]:

@@ -4,7 +4,9 @@ One query/value layer pair of a tiny BERT holds three tasks' private factors onl
 rank 2 in both modules, ``b`` of rank 8 in both, ``c`` of rank 2 in ``value`` only (private rank 0 in
 ``query``). PEFT serving each adapter is the reference for single-task, mixed and merged calls; the
 same checkpoint with int8 / NF4 private rows, served with ``keep_quantized=True``, is compared with
-itself served dequantized.
+itself served dequantized. A second checkpoint of the same adapters with shared bases (k = 4) and
+private rows, every role rewritten as int8 / NF4 codes (and the mixed plan: NF4 bases, int8
+coefficients), checks bases and coefficients kept as codes the same way.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from share_convert.runtime.factors import RowStore
 
 from .builders.adapters import random_factors, write_adapter
 from .builders.models import bert_classifier, gpt2_classifier, tokens
-from .builders.quantized import requantize
+from .builders.quantized import MIXED, requantize
 
 VOCAB, HIDDEN, ALPHA = 100, 32, 4
 QUERY = "bert.encoder.layer.0.attention.self.query"
@@ -56,6 +58,10 @@ def world(tmp_path_factory) -> dict[str, Path]:
     for precision in ("int8", "nf4"):
         spec = {"private_B": precision, "private_A": precision}
         out[precision] = requantize(out["checkpoint"], root / f"{precision}.safetensors", spec)
+    shared = ConsolidationConfig(k=4, private_rank=2, device="cpu")
+    api.merge([f"{t}={out[t]}" for t in RANKS], root / "shared.safetensors", shared)
+    for name, spec in {"shared-int8": "int8", "shared-nf4": "nf4", "shared-mixed": MIXED}.items():
+        out[name] = requantize(root / "shared.safetensors", root / f"{name}.safetensors", spec)
     return out
 
 
@@ -139,7 +145,7 @@ def test_a_task_loaded_again_after_a_deletion_runs_with_the_others(world):
 @pytest.mark.parametrize("precision", ["int8", "nf4"])
 def test_kept_quantized_outputs_equal_the_dequantized_checkpoints(world, precision):
     kept = ShareModel.from_checkpoint(base(), world[precision], keep_quantized=True)
-    plain = ShareModel.from_checkpoint(base(), world[precision])
+    plain = ShareModel.from_checkpoint(base(), world[precision], keep_quantized=False)
     rows = ["b", None, "a", "c"]
     assert rel(logits(kept, task=rows), logits(plain, task=rows)) < TOLERANCE
     for task in RANKS:
@@ -149,7 +155,7 @@ def test_kept_quantized_outputs_equal_the_dequantized_checkpoints(world, precisi
 @pytest.mark.parametrize("precision", ["int8", "nf4"])
 def test_kept_quantized_rows_are_held_as_their_codes(world, precision):
     kept = ShareModel.from_checkpoint(base(), world[precision], keep_quantized=True).memory_report()
-    plain = ShareModel.from_checkpoint(base(), world[precision]).memory_report()
+    plain = ShareModel.from_checkpoint(base(), world[precision], keep_quantized=False).memory_report()
     assert set(kept.held) == {precision, "int64"} and set(plain.held) == {"float32", "int64"}
     assert kept.held[precision] == kept.private == plain.dequantized_from[precision]
     assert kept.dequantized_from == {}
@@ -162,13 +168,13 @@ def test_converting_a_kept_model_leaves_its_codes_and_scales_as_stored(world):
     before = (store.codes.clone(), store.scales.clone())
     kept.to(torch.float64)
     assert torch.equal(store.codes, before[0]) and torch.equal(store.scales, before[1])
-    plain = ShareModel.from_checkpoint(base(), world["nf4"]).to(torch.float64)
+    plain = ShareModel.from_checkpoint(base(), world["nf4"], keep_quantized=False).to(torch.float64)
     assert rel(logits(kept, task="b"), logits(plain, task="b")) < 1e-12
 
 
 def test_a_quantized_task_merged_equals_its_dequantized_merge(world):
     kept = ShareModel.from_checkpoint(base(), world["int8"], keep_quantized=True)
-    plain = ShareModel.from_checkpoint(base(), world["int8"])
+    plain = ShareModel.from_checkpoint(base(), world["int8"], keep_quantized=False)
     assert rel(logits(kept.merge_and_unload("b")), logits(plain.merge_and_unload("b"))) < TOLERANCE
 
 
@@ -180,6 +186,75 @@ def test_a_task_loaded_into_a_quantized_model_is_quantized_like_the_others(world
     assert rel(logits(model, task="a"), peft_logits(world["a"])) < 0.05  # int8 rows: ~1% error
     c = ShareModel.from_checkpoint(base(), world["int8"], tasks=["c"], keep_quantized=True)
     assert torch.equal(logits(model, task="c"), logits(c, task="c"))
+
+
+# -- bases and coefficients kept as codes ----------------------------------------------------------------------
+
+SHARED = ["shared-int8", "shared-nf4", "shared-mixed"]
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_kept_bases_and_coefficients_serve_each_task_as_the_dequantized_checkpoint(world, name):
+    kept = ShareModel.from_checkpoint(base(), world[name], keep_quantized=True)
+    plain = ShareModel.from_checkpoint(base(), world[name], keep_quantized=False)
+    for task in RANKS:
+        assert rel(logits(kept, task=task), logits(plain, task=task)) < TOLERANCE, task
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_kept_bases_and_coefficients_serve_a_mixed_batch_as_the_dequantized_checkpoint(world, name):
+    kept = ShareModel.from_checkpoint(base(), world[name], keep_quantized=True)
+    plain = ShareModel.from_checkpoint(base(), world[name], keep_quantized=False)
+    rows = ["b", None, "a", "c", "b", "a"]
+    assert rel(logits(kept, rows=6, task=rows), logits(plain, rows=6, task=rows)) < TOLERANCE
+
+
+def test_a_task_merged_from_kept_bases_and_coefficients_equals_its_dequantized_merge(world):
+    kept = ShareModel.from_checkpoint(base(), world["shared-nf4"], keep_quantized=True)
+    plain = ShareModel.from_checkpoint(base(), world["shared-nf4"], keep_quantized=False)
+    assert rel(logits(kept.merge_and_unload("b")), logits(plain.merge_and_unload("b"))) < TOLERANCE
+
+
+def test_every_role_kept_as_codes_holds_what_the_file_stores_and_nothing_dequantized(world):
+    kept = ShareModel.from_checkpoint(base(), world["shared-mixed"], keep_quantized=True).memory_report()
+    plain = ShareModel.from_checkpoint(base(), world["shared-mixed"], keep_quantized=False).memory_report()
+    assert kept.by_role["bases"] == {"nf4": kept.bases} and kept.by_role["coefficients"] == {"int8": kept.coefficients}
+    assert kept.by_role["private"] == plain.by_role["private"] == {"float32": plain.private}  # bfloat16 in the file
+    assert kept.dequantized_from == {}
+    assert kept.held["nf4"] + kept.held["int8"] == sum(plain.dequantized_from.values())
+
+
+def test_coefficients_kept_as_codes_are_held_without_padding(world):
+    """Ranks 2 and 4 in one module: the float stacks pad to 4 (and hold a zero slot), the codes do not."""
+    kept = ShareModel.from_checkpoint(base(), world["shared-int8"], keep_quantized=True).memory_report()
+    plain = ShareModel.from_checkpoint(base(), world["shared-int8"], keep_quantized=False).memory_report()
+    assert kept.coefficient_padding == 0 < plain.coefficient_padding
+    with Checkpoint(world["shared-int8"]) as ckpt:  # every task loaded: the file's coefficient codes and scales
+        stored = sum(ckpt.stored_size(name)[2] for name in _factor_tensors(ckpt) if "/coefs_" in name)
+    assert kept.coefficients == stored
+
+
+def test_deleting_a_task_with_kept_coefficients_leaves_the_others_as_loaded_without_it(world):
+    model = ShareModel.from_checkpoint(base(), world["shared-int8"], keep_quantized=True)
+    model.delete_task("a")
+    without = ShareModel.from_checkpoint(base(), world["shared-int8"], tasks=["b", "c"], keep_quantized=True)
+    assert model.memory_report().coefficients == without.memory_report().coefficients
+    rows = ["c", "b", None, "c"]
+    assert torch.equal(logits(model, task=rows), logits(without, task=rows))
+
+
+@pytest.mark.parametrize("name", ["shared-int8", "shared-nf4"])
+def test_a_task_loaded_into_kept_codes_reports_the_error_of_what_is_held(world, name):
+    """``load_task`` quantizes the new task's rows like the stored ones, and encodes it knowing so: the
+    error it reports per module is that of the rows held, against the adapter's ΔW."""
+    model = ShareModel.from_checkpoint(base(), world[name], tasks=["b", "c"], keep_quantized=True)
+    report = model.load_task(world["a"], "a")
+    merged = PeftModel.from_pretrained(base(), str(world["a"])).merge_and_unload()
+    for module in report.modules:
+        layer = model._layers[module.module]
+        delta = merged.get_submodule(module.module).weight.double() - layer.base_layer.weight.double()
+        held = layer.delta_weight(model.tasks.index("a"))
+        assert rel(held, delta) == pytest.approx(module.error, rel=1e-3, abs=1e-6), module
 
 
 # -- real adapters ---------------------------------------------------------------------------------------------

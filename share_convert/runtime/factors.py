@@ -1,18 +1,16 @@
-"""Ragged row stores: the private factors of every task of a layer, concatenated without padding.
+"""A layer's per-task tensors: coefficients (stacked and padded, or ragged) and ragged private factors.
 
-A layer's tasks have private ranks of their own (0, 2, 8, …). Padding them to the largest rank made
-the runtime hold more than the checkpoint (and than PEFT) on real adapters, which share little. A
-:class:`RowStore` holds one side's rows of every task one after the other: a task's rows are
-``[offset, offset + q)``, found in the layer's ``private_ranks`` map (task id -> (offset, q)).
+Private factors are held without padding in :class:`~share_convert.runtime.rows.RowStore` s:
 
 - ``private_A`` rows are P_A's rows (q × d);
 - ``private_Bt`` rows are P_Bᵀ's rows (q × n), the layout the checkpoint stores them in, so that a
   task's rows of either side are one contiguous slice, and int8/NF4 codes (whose scale blocks run
   along a row, share_convert.math.quantize) can be kept as they are stored.
 
-A store holds float values in the serving dtype, or, for a checkpoint loaded with
-``keep_quantized=True``, the codes and per-block scales of its int8/NF4 rows: :meth:`RowStore.take`
-then dequantizes only the rows a call uses (one task's, in one layer).
+Coefficients are stacked and zero-padded to the largest rank (float, the fast gather of a mixed
+batch), or, where the checkpoint stores them as codes and they are kept so (``keep_quantized``),
+held ragged as codes (:class:`~share_convert.runtime.coded.RaggedCoefficients`): a mixed batch then
+dequantizes the rows of the tasks it holds and pads them for that call only.
 """
 
 from __future__ import annotations
@@ -20,124 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..math.quantize import (
-    BLOCK,
-    CODE_PRECISIONS,
-    NF4_VALUES,
-    Quantized,
-    blocks_per_row,
-    code_columns,
-    dequantize,
-    quantize,
-)
-
-
-class RowStore(nn.Module):
-    """Rows of ``cols`` numbers of several tasks, concatenated: float ``values``, or ``codes`` and ``scales``.
-
-    ``precision`` is None for float values (held in ``dtype``), or ``"int8"`` / ``"nf4"`` for codes
-    (uint8/int8 codes, float32 scales per block of :data:`~share_convert.math.quantize.BLOCK` numbers).
-    """
-
-    def __init__(
-        self, cols: int, dtype: torch.dtype, device: torch.device | str | None = None, precision: str | None = None
-    ):
-        super().__init__()
-        if precision is not None and precision not in CODE_PRECISIONS:
-            raise ValueError(f"a row store keeps codes of {CODE_PRECISIONS}, not {precision!r}")
-        self.cols = cols
-        self.precision = precision
-        if precision is None:
-            self.register_buffer("values", torch.zeros(0, cols, dtype=dtype, device=device))
-        else:
-            code_dtype = torch.int8 if precision == "int8" else torch.uint8
-            self.register_buffer(
-                "codes", torch.zeros(0, code_columns(precision, cols), dtype=code_dtype, device=device)
-            )
-            # float32 scales held as their bits (int32), so that model.to(dtype) leaves them as they are
-            self.register_buffer("scales", torch.zeros(0, blocks_per_row(cols), dtype=torch.int32, device=device))
-
-    @property
-    def rows(self) -> int:
-        return (self.values if self.precision is None else self.codes).shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held (codes and scales for a coded store)."""
-        held = (self.values,) if self.precision is None else (self.codes, self.scales)
-        return sum(t.numel() * t.element_size() for t in held)
-
-    @property
-    def held_as(self) -> str:
-        """The precision the rows are held at: a code precision, or the float values' dtype name."""
-        return self.precision or str(self.values.dtype).removeprefix("torch.")
-
-    def take(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows ``start:stop`` as ``dtype`` values (a view for a float store; dequantized for codes)."""
-        if self.precision is None:
-            return self.values[start:stop]
-        return self._decoded(self.codes[start:stop], self.scales[start:stop], dtype)
-
-    def take_index(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The rows at ``index`` (a long tensor on the store's device) as ``dtype`` values, in one piece."""
-        if self.precision is None:
-            return self.values.index_select(0, index)
-        return self._decoded(self.codes.index_select(0, index), self.scales.index_select(0, index), dtype)
-
-    def _decoded(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Rows of codes and their scales dequantized, as ``dtype``."""
-        start, stop, scales = 0, codes.shape[0], scales.view(torch.float32)
-        if self.cols % BLOCK:  # a short last block: the reference path (pads the rows to whole blocks)
-            return dequantize(Quantized(self.precision, codes, scales, (stop - start, self.cols))).to(dtype)
-        # whole blocks: the same float32 products as math.quantize.dequantize, without its padded copy
-        if self.precision == "int8":
-            values = codes.to(torch.float32)
-        else:  # one lookup per byte: its low and high nibble's levels
-            values = _nf4_pairs(codes.device)[codes.long()].view(codes.shape[0], -1)
-        values = values.view(stop - start, -1, BLOCK) * scales[..., None]
-        return values.view(stop - start, self.cols).to(dtype)
-
-    @torch.no_grad()
-    def append(self, rows: torch.Tensor | Quantized) -> int:
-        """Put ``rows`` (q × cols: values, or codes of this store's precision) after the others; their offset.
-
-        Float rows put into a coded store are quantized (blocks along each row, as the format does)."""
-        offset = self.rows
-        if self.precision is None:
-            values = rows.dequantize() if isinstance(rows, Quantized) else rows
-            self.values = torch.cat([self.values, values.to(self.values)])
-            return offset
-        if not isinstance(rows, Quantized) or rows.precision != self.precision or rows.block != BLOCK:
-            values = rows.dequantize() if isinstance(rows, Quantized) else rows
-            rows = quantize(values.float().cpu(), self.precision)
-        self.codes = torch.cat([self.codes, rows.codes.to(self.codes)])
-        bits = rows.scales.to(device=self.scales.device, dtype=torch.float32).contiguous().view(torch.int32)
-        self.scales = torch.cat([self.scales, bits])
-        return offset
-
-    @torch.no_grad()
-    def remove(self, start: int, stop: int) -> None:
-        """Take rows ``start:stop`` out (the rows after them move down by ``stop - start``)."""
-        names = ("values",) if self.precision is None else ("codes", "scales")
-        for name in names:
-            t = getattr(self, name)
-            setattr(self, name, torch.cat([t[:start], t[stop:]]))
-
-    def extra_repr(self) -> str:
-        return f"{self.rows}×{self.cols}, {self.held_as}"
-
-
-_NF4_PAIRS: dict[torch.device, torch.Tensor] = {}
-
-
-def _nf4_pairs(device: torch.device) -> torch.Tensor:
-    """256 × 2: for each byte of NF4 codes, the levels of its low nibble (first) and high nibble."""
-    table = _NF4_PAIRS.get(device)
-    if table is None:
-        levels = torch.tensor(NF4_VALUES, dtype=torch.float32)
-        byte = torch.arange(256)
-        table = _NF4_PAIRS[device] = torch.stack([levels[byte & 0x0F], levels[byte >> 4]], 1).to(device)
-    return table
+from .coded import RaggedCoefficients
+from .rows import RowStore
 
 
 class TaskFactors(nn.Module):
@@ -166,6 +48,7 @@ class TaskFactors(nn.Module):
         private_Bt: RowStore,
         spans: dict[int, tuple[int, int, int, int, int, int]],
         private_ranks: dict[int, tuple[int, int]],
+        ragged: RaggedCoefficients | None = None,
     ):
         super().__init__()
         self.register_buffer("coef_A", coef_A)
@@ -173,6 +56,9 @@ class TaskFactors(nn.Module):
         self.register_buffer("coef_slot", coef_slot)
         self.private_A = private_A
         self.private_Bt = private_Bt
+        #: the coefficients held ragged (as codes), or None: then they are the stacks ``coef_A``/``coef_B``
+        #: (which are then empty, (1, K, 0), and only carry the serving dtype and device)
+        self.ragged = ragged
         #: task id -> (its slot, rows of its group in K_A: a0, a1 and in K_B: b0, b1, its rank p);
         #: kept on the host so that a single-task call reads no device tensor
         self.spans = spans
@@ -185,6 +71,28 @@ class TaskFactors(nn.Module):
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The serving dtype: the Share part is computed in it."""
+        return self.coef_A.dtype
+
+    def coefficients(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``task``'s E_B (k_B × p) and E_A (k_A × p) in its group's columns of the bases, in the serving dtype."""
+        slot, a0, a1, b0, b1, p = self.spans[task]
+        if self.ragged is not None:
+            return self.ragged.task(task, self.dtype)
+        return self.coef_B[slot, b0:b1, :p], self.coef_A[slot, a0:a1, :p]
+
+    def mixed_coefficients(
+        self, tasks: tuple[int, ...], group: tuple[int, int, int, int], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a mixed batch whose ``tasks`` use ``group``'s bases: the map from task id (-1: the base
+        model) to an entry of the stacks, and the stacks of E_A (entries × k_A × P) and E_B, entry 0 zeros."""
+        if self.ragged is not None:
+            return self.ragged.batch(tasks, self.coef_slot.shape[0] - 1, self.dtype, device)
+        a0, a1, b0, b1 = group
+        return self.coef_slot, self.coef_A[:, a0:a1], self.coef_B[:, b0:b1]
+
+    @property
     def out_features(self) -> int:
         return self.private_Bt.cols
 
@@ -195,7 +103,7 @@ class TaskFactors(nn.Module):
     def private(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``task``'s private factors in the serving dtype: P_B (n × q, a transposed view) and P_A (q × d)."""
         offset, q = self.private_ranks[task]
-        dtype = self.coef_A.dtype
+        dtype = self.dtype
         return self.private_Bt.take(offset, offset + q, dtype).T, self.private_A.take(offset, offset + q, dtype)
 
     def privates(self, tasks: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -212,7 +120,7 @@ class TaskFactors(nn.Module):
             if len(self._indices) >= 64:  # a few batch compositions recur; keep the last ones
                 self._indices.pop(next(iter(self._indices), None), None)
             self._indices[key] = index
-        dtype = self.coef_A.dtype
+        dtype = self.dtype
         A, Bt = self.private_A.take_index(index, dtype), self.private_Bt.take_index(index, dtype)
         out, start = [], 0
         for t in tasks:
@@ -231,4 +139,4 @@ class TaskFactors(nn.Module):
         self.coef_slot = torch.cat([self.coef_slot, self.coef_slot.new_zeros(1)])
 
 
-__all__ = ["RowStore", "TaskFactors"]
+__all__ = ["RaggedCoefficients", "RowStore", "TaskFactors"]

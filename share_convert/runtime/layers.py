@@ -35,6 +35,7 @@ from torch import nn
 
 from ..errors import BatchMismatchError, DeviceMismatchError
 from ..io.peft import PEFT_PREFIX
+from .coded import BasisStore
 from .factors import TaskFactors
 from .selection import Selection, TaskSelection
 
@@ -120,8 +121,10 @@ class ShareLayer(nn.Module):
     """A base layer plus the Share update of every loaded task (the bases held once).
 
     ``basis_A`` (d × K_A) and ``basis_B`` (n × K_B) are buffers (None where no loaded task has
-    coefficients here). The Share part is computed in the dtype of these tensors: the input is cast
-    to it and the result back to the base layer's output dtype.
+    coefficients here, or where they are held as codes: then ``coded_A`` / ``coded_B``, a
+    :class:`~share_convert.runtime.coded.BasisStore`, hold them and each call decodes the columns it
+    uses; :meth:`basis` reads either). The Share part is computed in the factors' dtype: the input
+    is cast to it and the result back to the base layer's output dtype.
     """
 
     def __init__(
@@ -133,6 +136,7 @@ class ShareLayer(nn.Module):
         basis_B: torch.Tensor | None,
         factors: TaskFactors,
         selection: TaskSelection,
+        coded: tuple[BasisStore | None, BasisStore | None] = (None, None),
     ):
         super().__init__()
         self.base_layer = base_layer
@@ -140,6 +144,7 @@ class ShareLayer(nn.Module):
         self.name = name
         self.register_buffer("basis_A", basis_A)
         self.register_buffer("basis_B", basis_B)
+        self.coded_A, self.coded_B = coded
         self.factors = factors
         self.selection = selection
         self.out_features, self.in_features = factors.out_features, factors.in_features
@@ -154,6 +159,28 @@ class ShareLayer(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
+
+    @property
+    def has_bases(self) -> bool:
+        """Whether the layer holds bases (as values or as codes)."""
+        return self.basis_A is not None or self.coded_A is not None
+
+    def basis(self, side: str, c0: int, c1: int) -> torch.Tensor:
+        """Columns ``c0:c1`` of ``basis_<side>`` ("A" or "B") in the serving dtype (decoded if held as codes)."""
+        coded = self.coded_A if side == "A" else self.coded_B
+        if coded is not None:
+            return coded.take(c0, c1, self.factors.dtype)
+        return (self.basis_A if side == "A" else self.basis_B)[:, c0:c1]
+
+    def bases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The whole bases (β n × K_B, α d × K_A) in the serving dtype; (None, None) without bases."""
+        if not self.has_bases:
+            return None, None
+        widths = [
+            c.shape[1] if c is not None else b.shape[1]
+            for c, b in ((self.coded_B, self.basis_B), (self.coded_A, self.basis_A))
+        ]
+        return self.basis("B", 0, widths[0]), self.basis("A", 0, widths[1])
 
     # forward ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -254,9 +281,10 @@ class ShareLayer(nn.Module):
         f = self.factors
         span = f.spans.get(task)
         if span is not None:
-            slot, a0, a1, b0, b1, p = span
-            z = self._down(h, self.basis_A[:, a0:a1])
-            yield (z @ f.coef_A[slot, a0:a1, :p]) @ f.coef_B[slot, b0:b1, :p].T, self.basis_B[:, b0:b1], None
+            _, a0, a1, b0, b1, _ = span
+            E_B, E_A = f.coefficients(task)
+            z = self._down(h, self.basis("A", a0, a1))
+            yield (z @ E_A) @ E_B.T, self.basis("B", b0, b1), None
         if task in f.private_ranks:
             B, A = f.private(task)
             yield self._down(h, A.T), B, None
@@ -273,12 +301,14 @@ class ShareLayer(nn.Module):
             # one group: every row (rows of no task here gather the zero slot); several: each its own rows
             rows = None if len(groups) == 1 else sel.rows(tuple(tasks), h.device)
             hg, ig = (h, index) if rows is None else (h.index_select(0, rows), index.index_select(0, rows))
-            slots = f.coef_slot[ig]
-            z = self._down(hg, self.basis_A[:, a0:a1])  # αᵀx once for these rows: (R, …, k_A)
+            # task id -> entry of the stacks (all loaded tasks, padded; or, held ragged, the batch's own)
+            entry, stack_A, stack_B = f.mixed_coefficients(tuple(tasks), (a0, a1, b0, b1), h.device)
+            slots = entry[ig]
+            z = self._down(hg, self.basis("A", a0, a1))  # αᵀx once for these rows: (R, …, k_A)
             zr = z.reshape(z.shape[0], -1, z.shape[-1])
-            u = torch.bmm(zr, f.coef_A[:, a0:a1].index_select(0, slots))  # E_A,tᵀ per row: (R, L, P)
-            v = torch.bmm(u, f.coef_B[:, b0:b1].index_select(0, slots).transpose(1, 2))  # E_B,t: (R, L, k_B)
-            yield v.reshape(*z.shape[:-1], v.shape[-1]), self.basis_B[:, b0:b1], rows  # β once for these rows
+            u = torch.bmm(zr, stack_A.index_select(0, slots))  # E_A,tᵀ per row: (R, L, P)
+            v = torch.bmm(u, stack_B.index_select(0, slots).transpose(1, 2))  # E_B,t: (R, L, k_B)
+            yield v.reshape(*z.shape[:-1], v.shape[-1]), self.basis("B", b0, b1), rows  # β once for these rows
         # private factors, ragged (no padding): task by task, each on its own rows (one matmul per side)
         privates = [t for t in sel.distinct if t in f.private_ranks]
         for t, (B, A) in zip(privates, f.privates(privates)):
@@ -292,9 +322,10 @@ class ShareLayer(nn.Module):
         delta = torch.zeros(self.out_features, self.in_features, dtype=torch.float64, device=f.coef_A.device)
         span = f.spans.get(task)
         if span is not None:
-            slot, a0, a1, b0, b1, p = span
-            B = self.basis_B[:, b0:b1].double() @ f.coef_B[slot, b0:b1, :p].double()
-            A = self.basis_A[:, a0:a1].double() @ f.coef_A[slot, a0:a1, :p].double()
+            _, a0, a1, b0, b1, _ = span
+            E_B, E_A = f.coefficients(task)
+            B = self.basis("B", b0, b1).double() @ E_B.double()
+            A = self.basis("A", a0, a1).double() @ E_A.double()
             delta += B @ A.T
         if task in f.private_ranks:
             B, A = f.private(task)
@@ -328,8 +359,12 @@ class ShareLayer(nn.Module):
         self._backup = self._merged = None
 
     def extra_repr(self) -> str:
-        k_a = 0 if self.basis_A is None else self.basis_A.shape[1]
-        k_b = 0 if self.basis_B is None else self.basis_B.shape[1]
+        k_a = (
+            self.coded_A.shape[1] if self.coded_A is not None else 0 if self.basis_A is None else self.basis_A.shape[1]
+        )
+        k_b = (
+            self.coded_B.shape[1] if self.coded_B is not None else 0 if self.basis_B is None else self.basis_B.shape[1]
+        )
         return f"{self.kind.name} {self.out_features}×{self.in_features}, k_B={k_b}, k_A={k_a}"
 
 

@@ -3,7 +3,8 @@
 :func:`inject` checks every module and head of the checkpoint against the base model before it
 changes anything, builds each target layer's :class:`~share_convert.runtime.layers.ShareLayer`
 (bases side by side per group, the tasks' coefficients stacked and zero-padded, their private rows
-ragged: share_convert.runtime.factors) and each saved head's
+ragged: share_convert.runtime.factors; with ``keep_quantized``, the default, every role the
+checkpoint stores as int8/NF4 codes is held as its codes: share_convert.runtime.coded) and each saved head's
 :class:`~share_convert.runtime.heads.ShareHead`, then puts them in the model. The checkpoint is read
 only through :class:`~share_convert.checkpoint.file.Checkpoint`'s accessors (``tasks``, ``modules``,
 ``bases``, ``task_tensors``, ``heads``).
@@ -28,6 +29,7 @@ from ..errors import (
     UnknownTaskError,
 )
 from ..io.peft import PEFT_PREFIX
+from .coded import BasisStore, RaggedCoefficients
 from .components import module_paths
 from .factors import RowStore, TaskFactors
 from .heads import ShareHead
@@ -56,7 +58,7 @@ def inject(
     device: str | torch.device | None,
     pad_value: float,
     component: str | None = None,
-    keep_quantized: bool = False,
+    keep_quantized: bool = True,
 ) -> Injection:
     """Inject ``tasks`` of ``ckpt`` (default: all) into ``base_model`` (a model, a pipeline or one of its
     components: share_convert.runtime.components), in place; see :meth:`ShareModel.from_checkpoint` for
@@ -119,8 +121,10 @@ def inject(
                 path=ckpt.path,
                 hint="Pass dtype=torch.bfloat16 (or float32) for the Share tensors",
             )
-        basis_A, basis_B, factors = _read_module(ckpt, module, present, ids, len(names), held, here, keep_quantized)
-        layers[path] = ShareLayer(target, kind, path, basis_A, basis_B, factors, selection)
+        basis_A, basis_B, factors, coded = _read_module(
+            ckpt, module, present, ids, len(names), held, here, keep_quantized
+        )
+        layers[path] = ShareLayer(target, kind, path, basis_A, basis_B, factors, selection, coded)
     heads = _read_heads(base_model, ckpt, names, ids, layers, selection, pad_value)
     for path, layer in layers.items():
         replace_module(base_model, path, layer)
@@ -168,15 +172,18 @@ def _read_module(
     dtype: torch.dtype,
     device: torch.device,
     keep_quantized: bool = False,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, TaskFactors]:
-    """One module's bases (groups side by side), its tasks' stacked coefficients and ragged private rows
-    (kept as int8/NF4 codes where the checkpoint stores them so and ``keep_quantized``)."""
+) -> tuple[torch.Tensor | None, torch.Tensor | None, TaskFactors, tuple[BasisStore | None, BasisStore | None]]:
+    """One module's bases (groups side by side), its tasks' coefficients (stacked and padded; ragged
+    where kept as codes) and ragged private rows; with ``keep_quantized``, every role the checkpoint
+    stores as int8/NF4 codes is kept as its codes (the bases then as :class:`BasisStore` s, last)."""
     info = ckpt.modules[module]
     n, d = info["out_features"], info["in_features"]
     grouped = "groups" in info
     bases: dict[Any, tuple[torch.Tensor, torch.Tensor, int, int]] = {}  # group -> β, α, offsets in K_B, K_A
     k_B = k_A = 0
     coefs: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
+    prefixes: dict[Any, str | None] = {}  # group -> where its bases and coefficients are stored
+    name_of = {i: t for t, i in ids.items()}
     privates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for t in present:
         parts = ckpt.task_tensors(t, module)
@@ -191,6 +198,7 @@ def _read_module(
                         hint="Re-create or re-download the checkpoint",
                     )
                 bases[group] = (beta, alpha, k_B, k_A)
+                prefixes[group] = ckpt.bases_prefix(module, t)
                 k_B, k_A = k_B + beta.shape[1], k_A + alpha.shape[1]
             coefs[ids[t]] = (group, parts["coef_B"], parts["coef_A"])
         if "private_B" in parts and parts["private_B"].shape[1] > 0:
@@ -199,27 +207,74 @@ def _read_module(
     def new(*shape: int) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, device=device)
 
-    P = max((c[1].shape[1] for c in coefs.values()), default=0)
-    coef_A, coef_B = new(len(coefs) + 1, k_A, P), new(len(coefs) + 1, k_B, P)
+    code = _kept_codes(ckpt, module, keep_quantized, [prefixes[g] for g in bases])
     coef_slot = torch.zeros(count + 1, dtype=torch.long, device=device)
     spans: dict[int, tuple[int, int, int, int, int, int]] = {}
-    for slot, (tid, (group, cB, cA)) in enumerate(sorted(coefs.items()), start=1):
-        beta, alpha, b0, a0 = bases[group]
-        p = cB.shape[1]
-        coef_B[slot, b0 : b0 + beta.shape[1], :p] = cB.to(dtype)
-        coef_A[slot, a0 : a0 + alpha.shape[1], :p] = cA.to(dtype)
-        coef_slot[tid] = slot
-        spans[tid] = (slot, a0, a0 + alpha.shape[1], b0, b0 + beta.shape[1], p)
+    ragged = None
+    if code["coefs_B"] or code["coefs_A"]:  # held ragged, as stored: no padding to the largest rank
+        groups = [(a0, a0 + al.shape[1], b0, b0 + be.shape[1]) for be, al, b0, a0 in sorted(bases.values(), key=_by_b0)]
+        ragged = RaggedCoefficients(groups, code["coefs_B"], code["coefs_A"], dtype, device)
+        coef_A, coef_B = new(1, k_A, 0), new(1, k_B, 0)
+        for tid, (group, cB, cA) in sorted(coefs.items()):
+            beta, alpha, b0, a0 = bases[group]
+            g = (a0, a0 + alpha.shape[1], b0, b0 + beta.shape[1])
+            p, rows = cB.shape[1], {"B": cB.T, "A": cA.T}
+            row = ckpt.task_modules(name_of[tid])[module]["coef_row"]
+            for side in rows:
+                if code[f"coefs_{side}"]:  # this task's rows as codes, as stored
+                    rows[side] = ckpt.store.quantized(f"{prefixes[group]}coefs_{side}", row, row + p)
+            ragged.append(tid, g, rows["B"], rows["A"])
+            spans[tid] = (-1, *g, p)
+    else:
+        P = max((c[1].shape[1] for c in coefs.values()), default=0)
+        coef_A, coef_B = new(len(coefs) + 1, k_A, P), new(len(coefs) + 1, k_B, P)
+        for slot, (tid, (group, cB, cA)) in enumerate(sorted(coefs.items()), start=1):
+            beta, alpha, b0, a0 = bases[group]
+            p = cB.shape[1]
+            coef_B[slot, b0 : b0 + beta.shape[1], :p] = cB.to(dtype)
+            coef_A[slot, a0 : a0 + alpha.shape[1], :p] = cA.to(dtype)
+            coef_slot[tid] = slot
+            spans[tid] = (slot, a0, a0 + alpha.shape[1], b0, b0 + beta.shape[1], p)
     private_A, private_Bt, ranks = _private_stores(ckpt, module, privates, ids, n, d, dtype, device, keep_quantized)
-    basis_A = basis_B = None
+    held: dict[str, torch.Tensor | None] = {"A": None, "B": None}
+    coded: dict[str, BasisStore | None] = {"A": None, "B": None}
     if bases:
-        ordered = sorted(bases.values(), key=lambda b: b[2])
-        basis_B = torch.cat([b[0] for b in ordered], 1).to(device=device, dtype=dtype).contiguous()
-        basis_A = torch.cat([b[1] for b in ordered], 1).to(device=device, dtype=dtype).contiguous()
-    factors = TaskFactors(coef_A, coef_B, coef_slot, private_A, private_Bt, spans, ranks)
-    kept = {private_A.precision, private_Bt.precision} - {None}
+        ordered = sorted(bases.items(), key=lambda item: _by_b0(item[1]))
+        for side, at in (("B", 0), ("A", 1)):
+            if code[f"basis_{side}"]:  # each group's basis as its codes, as stored
+                parts = []
+                for group, b in ordered:
+                    part = RowStore(b[at].shape[1], dtype, device, code[f"basis_{side}"])
+                    part.append(ckpt.store.quantized(f"{prefixes[group]}basis_{side}"))
+                    parts.append(part)
+                coded[side] = BasisStore(parts)
+            else:
+                held[side] = torch.cat([b[at] for _, b in ordered], 1).to(device=device, dtype=dtype).contiguous()
+    factors = TaskFactors(coef_A, coef_B, coef_slot, private_A, private_Bt, spans, ranks, ragged)
+    kept = {role for role, c in code.items() if c} | {
+        f"private_{side}" for side, store in (("A", private_A), ("B", private_Bt)) if store.precision
+    }
     factors.dequantized_from = _coded_bytes(ckpt, module, bases, coefs, privates, kept)
-    return basis_A, basis_B, factors
+    return held["A"], held["B"], factors, (coded["A"], coded["B"])
+
+
+def _by_b0(b: tuple[torch.Tensor, torch.Tensor, int, int]) -> int:
+    return b[2]
+
+
+def _kept_codes(ckpt: Checkpoint, module: str, keep_quantized: bool, prefixes: list[str | None]) -> dict[str, Any]:
+    """Role of the bases and coefficients -> the code precision it is kept at (None: held as values).
+
+    Coefficients written under older bases (a rotation chain, format version 3) are read rotated,
+    so a module with a chain holds its coefficients as values."""
+    from ..math.quantize import CODE_PRECISIONS
+
+    roles = ("basis_B", "basis_A", "coefs_B", "coefs_A")
+    precision = ckpt.module(module).precision if keep_quantized else {}
+    out = {role: precision.get(role) if precision.get(role) in CODE_PRECISIONS else None for role in roles}
+    if any(prefix is not None and ckpt.chain(prefix) is not None for prefix in prefixes):
+        out["coefs_B"] = out["coefs_A"] = None
+    return out
 
 
 def _private_stores(
@@ -262,10 +317,11 @@ def _coded_bytes(
     bases: dict[Any, tuple[torch.Tensor, torch.Tensor, int, int]],
     coefs: dict[int, tuple[Any, torch.Tensor, torch.Tensor]],
     privates: dict[int, tuple[torch.Tensor, torch.Tensor]],
-    kept: set[str | None] = frozenset(),
+    kept: Collection[str] = frozenset(),
 ) -> dict[str, int]:
     """Precision -> the bytes the checkpoint keeps, as int8/NF4 codes and their scales, of what was
-    loaded of ``module`` (its bases, the loaded tasks' coefficient and private rows); read dequantized."""
+    loaded of ``module`` (its bases, the loaded tasks' coefficient and private rows) and is held
+    dequantized: the roles in ``kept`` (held as codes) left out."""
     from ..math.quantize import CODE_PRECISIONS, stored_bytes
 
     precision = ckpt.module(module).precision
@@ -274,7 +330,7 @@ def _coded_bytes(
     out: dict[str, int] = {}
 
     def count(role: str, rows: int, cols: int) -> None:
-        if precision[role] in CODE_PRECISIONS and rows:
+        if precision[role] in CODE_PRECISIONS and rows and role not in kept:
             out[precision[role]] = out.get(precision[role], 0) + stored_bytes(rows, cols, precision[role])
 
     for beta, alpha, _, _ in bases.values():
@@ -284,10 +340,8 @@ def _coded_bytes(
         count("coefs_B", cB.shape[1], cB.shape[0])
         count("coefs_A", cA.shape[1], cA.shape[0])
     for pB, pA in privates.values():
-        if precision["private_B"] not in kept:
-            count("private_B", pB.shape[1], pB.shape[0])
-        if precision["private_A"] not in kept:
-            count("private_A", pA.shape[0], pA.shape[1])
+        count("private_B", pB.shape[1], pB.shape[0])
+        count("private_A", pA.shape[0], pA.shape[1])
     return dict(sorted(out.items()))
 
 

@@ -88,7 +88,7 @@ class ShareModel(TrainingMethods, nn.Module):
         device: str | torch.device | None = None,
         head_pad_value: float = float("-inf"),
         component: str | None = None,
-        keep_quantized: bool = False,
+        keep_quantized: bool = True,
     ) -> ShareModel:
         """Inject ``checkpoint`` (a path, ``hf://`` address or open :class:`Checkpoint`) into ``base_model``.
 
@@ -108,9 +108,14 @@ class ShareModel(TrainingMethods, nn.Module):
             component: which pipeline component ``base_model`` is (``"unet"``, ``"transformer"``,
                 ``"text_encoder"``, ``"text_encoder_2"``), for a text-to-image checkpoint; default: the one
                 whose modules and shapes ``base_model`` has (two text encoders of one width need it).
-            keep_quantized: private factors the checkpoint stores as int8/NF4 codes stay codes in
-                memory (with their scales); each call dequantizes the rows of the tasks it runs, layer
-                by layer. Default: dequantized at load (faster calls, more memory); see memory_report.
+            keep_quantized: factors the checkpoint stores as int8/NF4 codes (bases, coefficients,
+                private rows: the default precision plan's) stay codes in memory, with their scales;
+                each call dequantizes, layer by layer, what it uses (that layer's bases, the rows of
+                the tasks it runs), with outputs equal to the checkpoint dequantized at load. The
+                default: measured on the CPU it costs ≤ 1.5× the dequantized runtime's mixed-batch
+                time above the base model (benchmarks/RESULTS.md, section 23) for 2–11× less adapter
+                memory. ``False`` dequantizes at load (more memory, no per-call dequantization).
+                A float checkpoint is held the same either way; see :meth:`memory_report`.
 
         Nothing is changed in ``base_model`` unless every module and head fits.
         """
@@ -242,7 +247,11 @@ class ShareModel(TrainingMethods, nn.Module):
 
     # reporting and unloading -----------------------------------------------------------------------------
     def memory_report(self) -> MemoryReport:
-        """What the loaded tasks hold in memory: bases once per module, then per task."""
+        """What the loaded tasks hold in memory: bases once per module, then per task, in bytes as held,
+        by role and by precision (``by_role``, ``held``: ``int8`` / ``nf4`` for codes kept with their
+        scales, the float dtype's name for values); ``dequantized_from``: what the file stores as codes
+        but is held dequantized (``keep_quantized=False``); ``coefficient_padding``: the zero padding of
+        coefficient stacks held as values (see :class:`MemoryReport`)."""
         return memory_report(len(self._tasks.ids), self._layers, self._heads)
 
     def unload(self) -> nn.Module:

@@ -1,7 +1,7 @@
 """A task's rows in a layer's stacked tensors, put in and freed while the model serves.
 
 A :class:`~share_convert.runtime.factors.TaskFactors` holds every loaded task's coefficients
-stacked and zero-padded, slot 0 all zeros, and their private factors as ragged rows (no padding).
+stacked and zero-padded, slot 0 all zeros, (or, held as codes, ragged: share_convert.runtime.coded) and their private factors as ragged rows (no padding).
 :func:`put_coefficients` appends a task's slot (widening the padding when its rank is larger) and
 :func:`put_private` its private rows; :func:`free_task` takes its slot and rows out, renumbers the
 slots and moves the rows above them down and trims the padding to the largest rank left, so that a
@@ -42,6 +42,10 @@ def put_coefficients(
     ``group`` (a0, a1, b0, b1: its bases' columns in ``basis_A`` and ``basis_B``)."""
     a0, a1, b0, b1 = group
     p = coef_B.shape[1]
+    if f.ragged is not None:  # held ragged (as codes): its rows after the others of its group
+        f.ragged.append(task, group, coef_B.T, coef_A.T)
+        f.spans[task] = (-1, a0, a1, b0, b1, p)
+        return
     width = max(f.coef_A.shape[2], p)
     row_A = f.coef_A.new_zeros(1, f.coef_A.shape[1], width)
     row_B = f.coef_B.new_zeros(1, f.coef_B.shape[1], width)
@@ -67,7 +71,9 @@ def put_private(f: TaskFactors, task: int, private_B: torch.Tensor, private_A: t
 def free_task(f: TaskFactors, task: int) -> None:
     """Take ``task``'s slots out of the stacks (its id then maps to the zero slot)."""
     span = f.spans.pop(task, None)
-    if span is not None:
+    if span is not None and f.ragged is not None:
+        f.ragged.remove(task)
+    elif span is not None:
         slot = span[0]
         width = max((s[5] for s in f.spans.values()), default=0)
         f.coef_A = _without(f.coef_A, slot)[:, :, :width].contiguous()

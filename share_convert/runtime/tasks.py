@@ -26,6 +26,7 @@ from ..checkpoint.reader import Checkpoint
 from ..config import DEFAULT_TARGET_ERROR, ConsolidationConfig
 from ..engine.encoding import StoredBases, encode_in_bases
 from ..engine.members import prepare_members
+from ..engine.precision import Precisions
 from ..errors import (
     DuplicateTaskError,
     InvalidOptionError,
@@ -285,8 +286,12 @@ def _encode(
     n, d = factors.B.shape[0], factors.A.shape[1]
     rank = int(member.Bc.shape[1])
 
+    held = _held_precision(layer)
+
     def encode(bases: StoredBases | None, q: int) -> Encoded:
-        tensors, record = encode_in_bases([member], [q], bases, dtype, [norm], factors="per_task", errors="stored")[0]
+        tensors, record = encode_in_bases(
+            [member], [q], bases, dtype, [norm], factors="per_task", errors="stored", precision=held
+        )[0]
         return tensors, float(record["error"])
 
     def report(placement: Placement, tensors: dict[str, torch.Tensor], error: float) -> ModuleLoad:
@@ -301,7 +306,7 @@ def _encode(
     shared: tuple[Group, StoredBases, Encoded] | None = None
     for group in model._groups.get(path, []) if layer is not None else []:
         a0, a1, b0, b1 = group
-        bases = StoredBases.of(layer.basis_B[:, b0:b1].cpu(), layer.basis_A[:, a0:a1].cpu())
+        bases = StoredBases.of(layer.basis("B", b0, b1).cpu(), layer.basis("A", a0, a1).cpu())
         found = encode(bases, 0)
         if shared is None or found[1] < shared[2][1]:
             shared = (group, bases, found)
@@ -326,6 +331,16 @@ def _encode(
             candidates.append(("mixed", mixed, group))
     placement, (tensors, error), group = min(candidates, key=key)
     return report(placement, tensors, error), tensors, group
+
+
+def _held_precision(layer: ShareLayer | None) -> Precisions:
+    """The precisions a layer holds a new task's coefficients and private rows at: the codes of its
+    stores where it keeps a checkpoint's codes (``keep_quantized``), so that the task is encoded, and its
+    error measured, as it will be held; the serving dtype (None) elsewhere."""
+    if layer is None:
+        return Precisions()
+    f = layer.factors
+    return Precisions(None, f.ragged.rows_B[0].precision if f.ragged is not None else None, f.private_A.precision)
 
 
 def _numel(tensors: dict[str, torch.Tensor]) -> int:
@@ -386,7 +401,7 @@ def delete_task(model: TaskHost, name: str) -> None:
     for path, layer in list(model._layers.items()):
         free_task(layer.factors, tid)
         idle = not layer.factors.spans and not layer.factors.private_ranks
-        if idle and layer.basis_A is None and not any(k.startswith("trainable_task") for k in layer._modules):
+        if idle and not layer.has_bases and not any(k.startswith("trainable_task") for k in layer._modules):
             replace_module(model.base_model, path, layer.base_layer)  # a layer load_task added, now unused
             del model._layers[path]
             model._groups.pop(path, None)

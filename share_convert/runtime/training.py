@@ -419,8 +419,9 @@ def attach_head(model: ServingModel, path: str, tid: int, module: nn.Module) -> 
 def _subspace(layer: ShareLayer, k: int | None, energy: float | None) -> tuple[torch.Tensor, torch.Tensor, str]:
     """The orthonormal subspaces (β n × k_B, α d × k_A) a new task trains in, at one layer."""
     dtype = layer.factors.coef_A.dtype
-    if layer.basis_B is not None and layer.basis_B.shape[1] and layer.basis_A.shape[1]:
-        return _orthonormal(layer.basis_B), _orthonormal(layer.basis_A), "shared"
+    beta, alpha = layer.bases()
+    if beta is not None and beta.shape[1] and alpha.shape[1]:
+        return _orthonormal(beta), _orthonormal(alpha), "shared"
     # k = 0 here: the principal subspace of the stored tasks' (private) factors, per side
     f = layer.factors
     Bs, As = [], []
