@@ -210,7 +210,7 @@ def dequantize(q: Quantized) -> torch.Tensor:
         values = q.codes.to(torch.float32)
     elif q.precision == "nf4":
         # one lookup per byte: its two levels (low nibble first), from a 256 × 2 table
-        pairs = _nf4_pairs(q.codes.device)[q.codes.long()]
+        pairs = nf4_pairs(q.codes.device).index_select(0, q.codes.reshape(-1).to(torch.int32))
         values = pairs.view(rows, -1)[:, :cols]
     else:
         raise ValueError(f"unknown code precision {q.precision!r}")
@@ -223,11 +223,19 @@ def dequantize(q: Quantized) -> torch.Tensor:
     return out.view(rows, -1)[:, :cols].contiguous()
 
 
-def _nf4_pairs(device: torch.device) -> torch.Tensor:
-    """Byte -> its two NF4 levels (float32, 256 × 2: low nibble, high nibble)."""
-    levels = torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
-    byte = torch.arange(256, device=device)
-    return torch.stack([levels[byte & 0x0F], levels[byte >> 4]], -1)
+_NF4_PAIRS: dict[torch.device, torch.Tensor] = {}
+
+
+def nf4_pairs(device: torch.device) -> torch.Tensor:
+    """256 × 2 float32, made once per device: for each byte of NF4 codes, the levels of its low nibble
+    (first) and of its high nibble, so that one lookup per byte decodes two numbers."""
+    table = _NF4_PAIRS.get(device)
+    if table is None:
+        levels = torch.tensor(NF4_VALUES, dtype=torch.float32)
+        byte = torch.arange(256)
+        table = torch.stack([levels[byte & 0x0F], levels[byte >> 4]], 1).to(device).contiguous()
+        _NF4_PAIRS[device] = table
+    return table
 
 
 def store(x: torch.Tensor, precision: str, block: int = BLOCK) -> torch.Tensor | Quantized:

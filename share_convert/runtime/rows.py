@@ -20,10 +20,10 @@ from torch import nn
 from ..math.quantize import (
     BLOCK,
     CODE_PRECISIONS,
-    NF4_VALUES,
     Quantized,
     blocks_per_row,
     code_columns,
+    nf4_pairs,
     quantize,
 )
 
@@ -87,7 +87,7 @@ class RowStore(nn.Module):
         if self.precision == "int8":
             values = codes.to(torch.float32)
         else:  # one lookup per byte: its low and high nibble's levels (int32 indices: no int64 copy)
-            pairs = _nf4_pairs(codes.device).index_select(0, codes.reshape(-1).to(torch.int32))
+            pairs = nf4_pairs(codes.device).index_select(0, codes.reshape(-1).to(torch.int32))
             values = pairs.view(rows, 2 * codes.shape[1])[:, :cols]
         if scales.shape[1] == 1:  # one block per row (short rows: the bases' and coefficients' k columns)
             values.mul_(scales)
@@ -125,20 +125,6 @@ class RowStore(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.rows}×{self.cols}, {self.held_as}"
-
-
-_NF4_PAIRS: dict[torch.device, torch.Tensor] = {}
-
-
-def _nf4_pairs(device: torch.device) -> torch.Tensor:
-    """256 × 2 float32: for each byte of NF4 codes, the levels of its low nibble (first) and high nibble."""
-    table = _NF4_PAIRS.get(device)
-    if table is None:
-        levels = torch.tensor(NF4_VALUES, dtype=torch.float32)
-        byte = torch.arange(256)
-        table = torch.stack([levels[byte & 0x0F], levels[byte >> 4]], 1).to(device).contiguous()
-        _NF4_PAIRS[device] = table
-    return table
 
 
 __all__ = ["RowStore"]
