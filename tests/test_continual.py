@@ -104,8 +104,11 @@ def test_an_update_needs_only_the_checkpoint_not_the_old_adapters(tmp_path, real
 
 
 def test_merging_two_checkpoints_equals_consolidating_their_reconstructions(tmp_path, merged):
+    """Two checkpoints of three and two GPT-2 adapters (the second also has c_proj modules, which the
+    first has not): more tasks of the same kinds would check nothing more."""
     cfg = ConsolidationConfig(k=6)
-    g1, g2 = merged("gpt2-c_attn", k=6), merged("gpt2-c_attn+c_proj", k=6)
+    g1 = merged(*GPT2_FIRST_THREE, k=6)
+    g2 = merged("gpt2-c_attn+c_proj/Nitin-Mane__gpt-lora", "gpt2-c_attn+c_proj/parikshit-06__legal", k=6)
     api.merge([str(g1), str(g2)], tmp_path / "both.safetensors", cfg)
     api.extract(g1, tmp_path / "x1", all_tasks=True)
     api.extract(g2, tmp_path / "x2", all_tasks=True)
