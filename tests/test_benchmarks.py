@@ -43,20 +43,8 @@ def main(monkeypatch):
 
 
 def test_generator_writes_peft_adapters_with_a_planted_subspace(tmp_path, main):
-    args = [
-        tmp_path / "a",
-        "--count",
-        "3",
-        "--layers",
-        "1",
-        "--hidden",
-        "32",
-        "--rank",
-        "4",
-        "--shared-rank",
-        "4",
-    ]
-    assert main(BENCH / "generate.py", *args) == 0
+    sizes = ("--count", "3", "--layers", "1", "--hidden", "32", "--rank", "4", "--shared-rank", "4")
+    assert main(BENCH / "generate.py", tmp_path / "a", *sizes) == 0
     folders = sorted((tmp_path / "a").iterdir())
     assert [f.name for f in folders] == ["task-000", "task-001", "task-002"]
     assert json.loads((folders[0] / "adapter_config.json").read_text())["r"] == 4
@@ -64,30 +52,9 @@ def test_generator_writes_peft_adapters_with_a_planted_subspace(tmp_path, main):
 
 def test_merge_runner_measures_both_tools_and_writes_its_results(tmp_path, main):
     out = tmp_path / "r.json"
-    assert (
-        main(
-            BENCH / "bench_merge.py",
-            "--counts",
-            "2,3",
-            "--layers",
-            "1",
-            "--hidden",
-            "32",
-            "--rank",
-            "4",
-            "--shared-rank",
-            "4",
-            "--work",
-            tmp_path / "w",
-            "--reference-modules",
-            "1",
-            "--out",
-            out,
-            "--plot",
-            tmp_path / "p.png",
-        )
-        == 0
-    )
+    sizes = ("--counts", "2,3", "--layers", "1", "--hidden", "32", "--rank", "4", "--shared-rank", "4")
+    where = ("--work", tmp_path / "w", "--reference-modules", "1", "--out", out, "--plot", tmp_path / "p.png")
+    assert main(BENCH / "bench_merge.py", *sizes, *where) == 0
     result = json.loads(out.read_text())
     assert [r["adapters"] for r in result["rows"]] == [2, 3]
     for r in result["rows"]:
@@ -100,26 +67,8 @@ def test_merge_runner_measures_both_tools_and_writes_its_results(tmp_path, main)
 
 def test_add_runner_times_updates_of_growing_checkpoints(tmp_path, main):
     out = tmp_path / "a.json"
-    assert (
-        main(
-            BENCH / "bench_add.py",
-            "--tasks",
-            "2,4",
-            "--layers",
-            "1",
-            "--hidden",
-            "32",
-            "--rank",
-            "4",
-            "--repeat",
-            "1",
-            "--work",
-            tmp_path / "w",
-            "--out",
-            out,
-        )
-        == 0
-    )
+    sizes = ("--tasks", "2,4", "--layers", "1", "--hidden", "32", "--rank", "4", "--repeat", "1")
+    assert main(BENCH / "bench_add.py", *sizes, "--work", tmp_path / "w", "--out", out) == 0
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert [r["old_tasks"] for r in rows] == [2, 4] and all(r["wall_s_best"] > 0 for r in rows)
@@ -128,26 +77,9 @@ def test_add_runner_times_updates_of_growing_checkpoints(tmp_path, main):
 
 def test_serve_runner_compares_the_runtime_with_peft_and_writes_its_results(tmp_path, main):
     out = tmp_path / "serve.json"
-    assert (
-        main(
-            *(BENCH / "bench_serve.py", "--layers", "2", "--hidden", "96", "--tasks", "4", "--serve", "3"),
-            *(
-                "--rows",
-                "6",
-                "--seq",
-                "4",
-                "--repeat",
-                "1",
-                "--layer-repeat",
-                "1",
-                "--work",
-                tmp_path / "w",
-                "--out",
-                out,
-            ),
-        )
-        == 0
-    )
+    sizes = ("--layers", "2", "--hidden", "96", "--tasks", "4", "--serve", "3", "--rows", "6", "--seq", "4")
+    rounds = ("--repeat", "1", "--layer-repeat", "1")
+    assert main(BENCH / "bench_serve.py", *sizes, *rounds, "--work", tmp_path / "w", "--out", out) == 0
     results = json.loads(out.read_text())
     assert set(results["throughput"]["tokens_per_second"]) == {
         "base",
