@@ -1,6 +1,6 @@
 """Adding one adapter to checkpoints of growing size: the cost must not grow with the old tasks.
 
-Builds checkpoints with N old tasks (merged once, untimed), then times the whole process
+Builds checkpoints with N old tasks (merged once, untimed, in this process), then times the whole process
 ``share-convert add CKPT NEW -o OUT`` for each N, side by side in one run, together with the
 start-up of the CLI alone (``share-convert --help``: Python, torch and the CLI imported) as the floor.
 Also times the library call alone (``share_convert.engine.add_tasks.add`` timed inside a fresh process,
@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from measure import measure  # noqa: E402
 
+from share_convert import api  # noqa: E402
 from share_convert.io import write_synthetic_adapters  # noqa: E402
 
 #: Times the library call alone in a fresh process (this one stays small: a child's peak RSS
@@ -73,7 +74,7 @@ def main() -> None:
         folder.mkdir()
         for x in sorted(pool.iterdir())[:n]:
             (folder / x.name).symlink_to(x.resolve())
-        subprocess.run([*sc, "merge", str(folder), "-o", str(ckpt), "--force"], check=True, capture_output=True)
+        api.merge([str(folder)], ckpt, force=True)  # what `share-convert merge FOLDER -o CKPT --force` writes
         checkpoints[n] = ckpt
     # Round-robin: every repeat times the start-up and each N once, so that a slower spell of the
     # machine falls on all of them alike.

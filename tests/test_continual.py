@@ -37,7 +37,19 @@ def close(W1, W2, rtol=1e-4):
 
 
 def test_adding_one_by_one_equals_consolidating_all_at_once_without_truncation(tmp_path, real):
+    """Four of the nine GPT-2 adapters, chosen so that the adds meet every case: the first add goes
+    into the merged modules with another rank (4, then 8) and another file format (.bin, not
+    fan-in-fan-out), the second brings modules the checkpoint does not have (c_proj), and the third
+    adds to modules that an add created. The other five add no case (more tasks of the same kinds)
+    and cost most of the time: an add's work grows with the old tasks."""
     sources = open_adapters([str(real / "gpt2-c_attn"), str(real / "gpt2-c_attn+c_proj")])
+    sources = sources[:2] + sources[5:7]
+    assert [s.task for s in sources] == [
+        "ShutterStack__peft_model",
+        "gsj-rifat__tmp",
+        "Nitin-Mane__gpt-lora",
+        "parikshit-06__legal",
+    ]
     merge(sources, tmp_path / "all.safetensors", FULL)
     merge(sources[:1], tmp_path / "step.safetensors", FULL)
     for src in sources[1:]:
@@ -92,8 +104,11 @@ def test_an_update_needs_only_the_checkpoint_not_the_old_adapters(tmp_path, real
 
 
 def test_merging_two_checkpoints_equals_consolidating_their_reconstructions(tmp_path, merged):
+    """Two checkpoints of three and two GPT-2 adapters (the second also has c_proj modules, which the
+    first has not): more tasks of the same kinds would check nothing more."""
     cfg = ConsolidationConfig(k=6)
-    g1, g2 = merged("gpt2-c_attn", k=6), merged("gpt2-c_attn+c_proj", k=6)
+    g1 = merged(*GPT2_FIRST_THREE, k=6)
+    g2 = merged("gpt2-c_attn+c_proj/Nitin-Mane__gpt-lora", "gpt2-c_attn+c_proj/parikshit-06__legal", k=6)
     api.merge([str(g1), str(g2)], tmp_path / "both.safetensors", cfg)
     api.extract(g1, tmp_path / "x1", all_tasks=True)
     api.extract(g2, tmp_path / "x2", all_tasks=True)

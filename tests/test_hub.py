@@ -284,7 +284,30 @@ def test_pull_of_a_damaged_checkpoint_writes_nothing(olah, tmp_path, merged, dam
     assert not (tmp_path / "p").exists()
 
 
-def test_a_pull_cut_off_mid_file_writes_nothing_and_a_rerun_completes(olah, uploads, tmp_path, merged):
+@pytest.fixture
+def quick_retries(monkeypatch):
+    """huggingface_hub's retries of a cut-off transfer, with waits a hundred times shorter.
+
+    huggingface_hub tries a failed request five times more before it gives up: a request through
+    utils.http_backoff after waits of 1, 2, 4, 8 and 8 s, a download (file_download.http_get) after
+    1 s each. Those waits are what a test of a cut would spend most of its time on; here they are
+    10 ms to 80 ms. The tries themselves still happen and are cut: the client and the servers are
+    the real ones, only the pauses between tries are shorter.
+    """
+    import inspect
+    import time
+    import types
+
+    from huggingface_hub import file_download
+    from huggingface_hub.utils import _http
+
+    for function in (_http.http_backoff, inspect.unwrap(_http.http_stream_backoff)):
+        monkeypatch.setattr(function, "__kwdefaults__", {**function.__kwdefaults__, "base_wait_time": 0.01})
+    # file_download uses its module `time` for this sleep alone
+    monkeypatch.setattr(file_download, "time", types.SimpleNamespace(sleep=lambda seconds: time.sleep(seconds / 100)))
+
+
+def test_a_pull_cut_off_mid_file_writes_nothing_and_a_rerun_completes(olah, uploads, tmp_path, merged, quick_retries):
     ckpt = merged(GOOD)
     assert cli(["push", ckpt, "kate/share"], hub_env(uploads.url, tmp_path / "h1")).returncode == 0
     proxy = CuttingProxy(olah.url)
@@ -302,7 +325,7 @@ def test_a_pull_cut_off_mid_file_writes_nothing_and_a_rerun_completes(olah, uplo
         proxy.stop()
 
 
-def test_a_push_cut_off_mid_upload_leaves_the_repository_as_it_was(olah, uploads, tmp_path, merged):
+def test_a_push_cut_off_mid_upload_leaves_the_repository_as_it_was(olah, uploads, tmp_path, merged, quick_retries):
     first, second = merged(GOOD), merged("gpt2-c_attn")
     assert cli(["push", first, "leo/share"], hub_env(uploads.url, tmp_path / "h")).returncode == 0
     repo = olah.mirrors / "models/leo/share"

@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 
 from share_convert.cli import app
 
+from .builders.cli import command_built_once
 from .manifest_tools import rename_task, rewrite_manifest
 
 EXAMPLES = int(os.environ.get("MANIFEST_FUZZ_EXAMPLES", "60"))
@@ -94,6 +95,13 @@ def _keys(node: dict | list) -> list[Any]:
 
 def files_under(root: Path) -> set[Path]:
     return set(root.rglob("*"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cli_built_once() -> Any:
+    """The CLI's click command built once for the hundreds of commands run here (builders.cli)."""
+    with command_built_once():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,20 @@ def gpt2_planners(real):
     return list(planners(sources))
 
 
+@pytest.fixture(scope="module")
+def plan_of(real):
+    """``plan_of(*groups)``: plan_collection of the real adapters of ``groups`` (default ratios), made
+    once per module: several tests read the same plans (nine GPT-2 adapters take seconds)."""
+    plans: dict[tuple[str, ...], dict] = {}
+
+    def get(*groups: str) -> dict:
+        if groups not in plans:
+            plans[groups] = plan_collection(open_adapters([str(real / g) for g in groups]))
+        return plans[groups]
+
+    return get
+
+
 @pytest.mark.parametrize("ratio", [1.1, 1.5, 2, 3, 4, 8, 16])
 def test_at_any_budget_the_plan_is_never_worse_than_either_extreme(gpt2_planners, ratio):
     for _name, planner in gpt2_planners:
@@ -133,17 +147,15 @@ def test_a_budget_plan_is_never_worse_than_the_target_plan_at_the_same_storage(t
     assert mean_error(budget) <= mean_error(default) + 1e-6
 
 
-def test_default_merge_is_never_worse_than_the_extremes_at_the_same_storage(real):
+def test_default_merge_is_never_worse_than_the_extremes_at_the_same_storage(plan_of):
     for groups in (["gpt2-c_attn"], ["gpt2-c_attn", "gpt2-c_attn+c_proj"]):
-        sources = open_adapters([str(real / g) for g in groups])
-        result = plan_collection(sources)
-        dp = result["default_plan"]
+        dp = plan_of(*groups)["default_plan"]
         assert dp["mean_error"] <= dp["at_same_storage"]["shared"] + 1e-9
         assert dp["mean_error"] <= dp["at_same_storage"]["private"] + 1e-9
 
 
-def test_plan_curves_show_the_planner_below_both_extremes(real):
-    result = plan_collection(open_adapters([str(real / "gpt2-c_attn")]), ratios=(2.0, 4.0))
+def test_plan_curves_show_the_planner_below_both_extremes(plan_of):
+    result = plan_of("gpt2-c_attn")
     for row in result["curves"]:
         assert row["mixed"]["mean_error"] <= row["shared"]["mean_error"] + 1e-9
         assert row["mixed"]["mean_error"] <= row["private"]["mean_error"] + 1e-9
@@ -174,15 +186,18 @@ def test_private_corrections_survive_extract(tmp_path, real):
 
 
 def test_plan_command_prints_curves_and_a_verdict_and_draws_a_png(tmp_path, real):
+    """On two of the GPT-2 adapters: the command's output is what is tested (the plans' figures are
+    tested above, on all of them)."""
     from typer.testing import CliRunner
 
     from share_convert.cli import app
 
-    r = CliRunner().invoke(app, ["plan", str(real / "gpt2-c_attn"), "--plot", str(tmp_path / "c.png")])
+    two = [str(real / "gpt2-c_attn" / name) for name in ("winkitee__imdb-checkpoint-125", "winkitee__peft-lora-gpt2")]
+    r = CliRunner().invoke(app, ["plan", *two, "--plot", str(tmp_path / "c.png")])
     assert r.exit_code == 0, r.output
     assert "These adapters share" in r.output
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    data = json.loads(CliRunner().invoke(app, ["plan", str(real / "gpt2-c_attn"), "--json"]).output)
+    data = json.loads(CliRunner().invoke(app, ["plan", *two, "--json"]).output)
     assert {"curves", "default_plan", "verdict"} <= set(data)
 
 
@@ -220,10 +235,8 @@ def test_a_task_merged_again_from_a_checkpoint_keeps_its_original_rank(tmp_path)
     assert all(r["rank"] <= 3 for r in info["tasks"].values())
 
 
-def test_the_plan_curve_of_the_mix_is_never_above_the_default_plan(real):
-    from share_convert.report import plan_collection
-
-    result = plan_collection(open_adapters([str(real / "gpt2-c_attn"), str(real / "gpt2-c_attn+c_proj")]))
+def test_the_plan_curve_of_the_mix_is_never_above_the_default_plan(plan_of):
+    result = plan_of("gpt2-c_attn", "gpt2-c_attn+c_proj")
     default = result["default_plan"]
     # every budget with at least the default plan's storage: the mix (spent across modules) errs no more
     rows = [row for row in result["curves"] if row["budget_ratio"] <= default["ratio_params"]]  # curves: parameters
