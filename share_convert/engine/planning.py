@@ -42,7 +42,6 @@ class ModulePlanner(PlanSpace):
         (its bases and coefficients, plus the fewest private directions that could meet the
         target) is no better than the best plan found so far.
         """
-        T = self.count
         step = self.n + self.d
         # the most private directions the bound below can ask for, where it is known without the
         # errors at k: then a k that costs less than best even with that many is searched without them
