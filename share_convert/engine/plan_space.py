@@ -183,6 +183,7 @@ class PlanSpace:
         self._shared_stats: dict[tuple[int, int], tuple[float, float]] = {}
         self._orders: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._all_finite: bool | None = None
+        self._full_ranks: bool | None = None
         #: the stacks' coordinates in the bases (k × columns), when the planner was built from them
         self.projections: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -360,15 +361,25 @@ class PlanSpace:
             taken = int(hit[0]) if hit.numel() else int(owner.numel())
         return q.index_add_(0, owner[:taken], torch.ones(taken, dtype=torch.int64, device=q.device))
 
+    def _every_rank_full(self) -> bool:
+        """Whether every task has the largest rank R (every private rank 0 … R is allowed)."""
+        if self._full_ranks is None:
+            self._full_ranks = bool(self._allowed.all())
+        return self._full_ranks
+
     def _order(self, tails: torch.Tensor, key: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The greedy order of :meth:`_greedy`: which task each drop belongs to, in the order they
         are taken, and the sum of the errors after t drops (t = 0 … all); kept under ``key``."""
         T = self.T
         drops = tails[:, :-1] - tails[:, 1:]  # T × R: the drop from q to q + 1
-        live = self._allowed[:, 1:]
-        keys = torch.cummin(drops, dim=1).values[live]  # task-major order, within a task by q
-        gains = drops[live]
-        owner = torch.arange(T, device=drops.device)[:, None].expand_as(drops)[live]
+        keys = torch.cummin(drops, dim=1).values  # task-major order, within a task by q
+        if self._every_rank_full():  # every drop is live: the rows as they lie, no mask
+            keys, gains = keys.reshape(-1), drops.reshape(-1)
+            owner = torch.arange(T, device=drops.device).repeat_interleave(self.R)
+        else:
+            live = self._allowed[:, 1:]
+            keys, gains = keys[live], drops[live]
+            owner = torch.arange(T, device=drops.device)[:, None].expand_as(drops)[live]
         order = torch.sort(keys, descending=True, stable=True).indices
         gains, owner = gains[order], owner[order]
         totals = float(tails[:, 0].sum()) - torch.cat([gains.new_zeros(1), gains.cumsum(0)])
