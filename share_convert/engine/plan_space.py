@@ -356,10 +356,18 @@ class PlanSpace:
         if slots is not None:
             taken = min(max(int(slots), 0), int(owner.numel()))
         else:
-            # the sum of the errors after t directions, t = 0 … all: the first that meets the bound
-            hit = (totals <= total_at_most).nonzero()
-            taken = int(hit[0]) if hit.numel() else int(owner.numel())
+            taken = self._taken(tails, total_at_most, key)
         return q.index_add_(0, owner[:taken], torch.ones(taken, dtype=torch.int64, device=q.device))
+
+    def _taken(self, tails: torch.Tensor, total_at_most: float, key: tuple[int, int] | None) -> int:
+        """How many private directions :meth:`_greedy` takes to bring the sum of the errors to
+        ``total_at_most`` (all of them when it cannot)."""
+        if self.T == 0 or self.R == 0:
+            return 0
+        owner, totals = self._orders[key] if key in self._orders else self._order(tails, key)
+        # the sum of the errors after t directions, t = 0 … all: the first that meets the bound
+        hit = (totals <= total_at_most).nonzero()
+        return int(hit[0]) if hit.numel() else int(owner.numel())
 
     def _every_rank_full(self) -> bool:
         """Whether every task has the largest rank R (every private rank 0 … R is allowed)."""

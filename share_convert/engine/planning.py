@@ -65,7 +65,7 @@ class ModulePlanner(PlanSpace):
                 k_B, k_A, error, metric, room
             ):
                 continue
-            plan = self._target_at(k_B, k_A, error, metric)
+            plan = self._target_at(k_B, k_A, error, metric, None if best is None else best.params)
             if plan is not None and (best is None or (plan.params, plan.mean_error) < (best.params, best.mean_error)):
                 best = plan
         if best is None and self.has_priors():
@@ -118,11 +118,15 @@ class ModulePlanner(PlanSpace):
             self._all_finite = all(bool(torch.isfinite(x).all()) for x in (self._s, self._Eb, self._Ea, self.norm2))
         return self._all_finite
 
-    def _target_at(self, k_B: int, k_A: int, error: float, metric: str) -> ModulePlan | None:
-        """At this k, the fewest private directions that meet the target, or None."""
+    def _target_at(
+        self, k_B: int, k_A: int, error: float, metric: str, at_most: int | None = None
+    ) -> ModulePlan | None:
+        """At this k, the fewest private directions that meet the target, or None; None too when that
+        plan would store more than ``at_most`` parameters (it could not replace a plan of that size)."""
         T = self.count
         tails = self.tails(k_B, k_A)
         frozen_sum, frozen_max = self.frozen_stats(k_B, k_A)
+        step = self.n + self.d
         if metric == "max":
             if frozen_max > error:
                 return None
@@ -130,10 +134,15 @@ class ModulePlanner(PlanSpace):
             if not bool(ok.any(1).all()):
                 return None
             q = ok.to(torch.int8).argmax(1)  # the first private rank that meets the target
+            if at_most is not None and self.shared_params(k_B, k_A) + int(q.sum()) * step > at_most:
+                return None
         else:
             # the same tolerance as the check below: a running sum must not tip a plan that sits on the target
             bound = error * T + TARGET_TOL - frozen_sum
-            q = self._greedy(tails, total_at_most=bound, key=self.tails_key(k_B, k_A))
+            key = self.tails_key(k_B, k_A)
+            if at_most is not None and self.shared_params(k_B, k_A) + self._taken(tails, bound, key) * step > at_most:
+                return None
+            q = self._greedy(tails, total_at_most=bound, key=key)
             if float(tails.gather(1, q[:, None]).sum()) + frozen_sum > error * T + TARGET_TOL:
                 return None
         return self.evaluate(k_B, k_A, q)
