@@ -184,6 +184,7 @@ class PlanSpace:
         self._orders: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._all_finite: bool | None = None
         self._full_ranks: bool | None = None
+        self._S: torch.Tensor | None = None  # diag(s) per task, for the residual spectra
         #: the stacks' coordinates in the bases (k × columns), when the planner was built from them
         self.projections: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -304,7 +305,9 @@ class PlanSpace:
         if k_B == 0:  # no shared part: the residual is ΔW itself, whose spectrum is known
             spec = self._s**2
         else:
-            spec = residual_spectrum(self._s, self._Eb[:, :k_B], self._Ea[:, :k_A])  # (T, 2R) descending
+            if self._S is None:
+                self._S = torch.diag_embed(self._s)
+            spec = residual_spectrum(self._s, self._Eb[:, :k_B], self._Ea[:, :k_A], self._S)  # (T, 2R) descending
         # energy left after keeping q private directions, q = 0 … R
         tail = spec.flip(-1).cumsum(-1).flip(-1)
         tail = torch.cat([tail, tail.new_zeros(T, 1)], -1)[:, : R + 1]

@@ -463,15 +463,19 @@ def _psd_sqrt(M: torch.Tensor) -> torch.Tensor:
     return (V * evals.clamp_min(0).sqrt().unsqueeze(-2)) @ V.transpose(-1, -2)
 
 
-def residual_spectrum(s: torch.Tensor, Eb: torch.Tensor, Ea: torch.Tensor) -> torch.Tensor:
+def residual_spectrum(
+    s: torch.Tensor, Eb: torch.Tensor, Ea: torch.Tensor, S: torch.Tensor | None = None
+) -> torch.Tensor:
     """Squared singular values (descending) of R = ΔW − P_β ΔW P_α, for canonical factors.
 
     ``s``: the canonical singular values (``… × r``); ``Eb = βᵀB'`` and ``Ea = αᵀA'``
     (``… × k × r``), batched over tasks of equal rank. With B⊥ = (I − P_β)B' and
     A⊥ = (I − P_α)A', R = [B⊥, βE_B] [A', A⊥]ᵀ and, because B'ᵀB' = A'ᵀA' = S, both Gram
     matrices are 2r × 2r expressions in S, E_BᵀE_B and E_AᵀE_A: no n- or d-sized work.
+    ``S``: ``diag_embed(s)``, when the caller keeps it (a planner asks for many k on the same tasks).
     """
-    S = torch.diag_embed(s)
+    if S is None:
+        S = torch.diag_embed(s)
     Gb = Eb.transpose(-1, -2) @ Eb
     Ga = Ea.transpose(-1, -2) @ Ea
     # The left Gram matrix is block-diagonal, diag(S − G_B, G_B). With any factor of it,
