@@ -70,7 +70,7 @@ def merge(code: Path, folder: Path, out: Path, *options: str) -> dict:
         raise SystemExit(run.stderr[-3000:])
     report = json.loads(run.stdout)
     return {
-        **{k: v for k, v in run.summary().items() if k in ("wall_s", "peak_rss_mb")},
+        **{k: v for k, v in run.summary().items() if k in ("wall_s", "peak_rss_mb", "cpu_s")},
         "options": list(options),
         "code": str(code),
         "mean_error": report["totals"]["mean_error"],

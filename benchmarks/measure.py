@@ -16,7 +16,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
-#: Runs argv[2:], writes {"wall_s", "maxrss_kb", "status"} as JSON to the file argv[1].
+#: Runs argv[2:], writes {"wall_s", "maxrss_kb", "cpu_s", "status"} as JSON to the file argv[1].
 LAUNCHER = """
 import json, os, sys, time
 t0 = time.perf_counter()
@@ -24,7 +24,8 @@ pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
 _, status, usage = os.wait4(pid, 0)
 wall = time.perf_counter() - t0
 with open(sys.argv[1], "w") as f:
-    json.dump({"wall_s": wall, "maxrss_kb": usage.ru_maxrss, "status": os.waitstatus_to_exitcode(status)}, f)
+    json.dump({"wall_s": wall, "maxrss_kb": usage.ru_maxrss, "cpu_s": usage.ru_utime + usage.ru_stime,
+               "status": os.waitstatus_to_exitcode(status)}, f)
 """
 
 
@@ -36,6 +37,9 @@ class Run:
     returncode: int
     stdout: str
     stderr: str
+    #: user + system CPU seconds of the command (all its threads): less sensitive than wall time to
+    #: other work sharing the machine
+    cpu_s: float = 0.0
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -62,4 +66,5 @@ def measure(command: list[str], env: dict | None = None) -> Run:
         result["status"],
         proc.stdout.decode(errors="replace"),
         proc.stderr.decode(errors="replace"),
+        result.get("cpu_s", 0.0),
     )

@@ -51,11 +51,16 @@ def heap_greedy(tails: list[list[float]], slots: int) -> list[int]:
 
 @pytest.mark.parametrize("k", [0, 2, 8])
 @pytest.mark.parametrize("slots", [1, 5, 17, 40, 1000])
-def test_private_directions_go_one_at_a_time_where_the_error_drops_most(stacks, k, slots):
-    planner = stacks[0].fit(stacks[0].full)[4]
+@pytest.mark.parametrize("module", [0, 1], ids=["ranks-4-and-8", "one-rank"])
+def test_private_directions_go_one_at_a_time_where_the_error_drops_most(stacks, k, slots, module):
+    planner = stacks[module].fit(stacks[module].full)[4]
     tails = planner.tails(*planner.sides(k))
     lists = [tails[i, : int(r) + 1].tolist() for i, r in enumerate(planner.ranks)]
     assert planner._greedy(tails, slots=slots).tolist() == heap_greedy(lists, slots)
+    # the order kept for this k (what later searches at other targets reuse) gives the same
+    key = planner.tails_key(*planner.sides(k))
+    assert planner._greedy(tails, slots=slots, key=key).tolist() == heap_greedy(lists, slots)
+    assert planner._greedy(tails, slots=slots, key=key).tolist() == heap_greedy(lists, slots)
 
 
 def test_a_mean_target_takes_the_fewest_directions_the_greedy_order_needs(stacks):

@@ -59,6 +59,25 @@ def case_truncated(tmp, real):
     return [p], "not a readable safetensors file"
 
 
+def case_truncated_copy_of_a_good_adapter(tmp, real):
+    # the same header as the good adapter before it (read once for both), but the file is shorter
+    good = copy_good(real, tmp / "good")
+    p = copy_good(real, tmp / "t")
+    data = (p / "adapter_model.safetensors").read_bytes()
+    (p / "adapter_model.safetensors").write_bytes(data[: len(data) - 1000])
+    return [good, p], "not a readable safetensors file"
+
+
+def case_config_rank_of_a_copy_disagrees(tmp, real):
+    # the same header as the good adapter before it, with a config whose r disagrees with the weights
+    good = copy_good(real, tmp / "good")
+    p = copy_good(real, tmp / "t")
+    config = json.loads((p / "adapter_config.json").read_text())
+    config["r"] = config["r"] + 1
+    (p / "adapter_config.json").write_text(json.dumps(config))
+    return [good, p], "in the weights but r="
+
+
 def case_offsets_past_end(tmp, real):
     p = copy_good(real, tmp / "t")
     header, body = st_header(p / "adapter_model.safetensors")

@@ -10,6 +10,7 @@ from share_convert.math import (
     relative_error,
     residual_spectrum,
 )
+from share_convert.math.linalg import canonicalize_many
 
 
 def dense(B, A):
@@ -56,6 +57,18 @@ def test_padded_canonicalization_equals_one_pair_at_a_time():
         assert torch.allclose(Bc[j, :, :r], b, atol=1e-10) and torch.allclose(Ac[j, :, :r], a, atol=1e-10)
         assert torch.allclose(S[j, :r], s, atol=1e-10)
         assert not Bc[j, :, r:].any() and not Ac[j, :, r:].any()
+
+
+def test_a_pair_is_canonicalized_the_same_whatever_batch_it_is_in():
+    """Small modules are canonicalized in large batches: each pair's result, to the bit, is the one
+    it gets alone (so the batch size never changes an output)."""
+    g = torch.Generator().manual_seed(5)
+    B, A = torch.randn(300, 16, 4, generator=g), torch.randn(300, 12, 4, generator=g)
+    B[7, :, 3] = B[7, :, 2]  # a rank-deficient pair (the route for ill-conditioned pairs)
+    batched = canonicalize_many(B, A)
+    for i in (0, 7, 150, 299):
+        (alone,) = canonicalize_many(B[i : i + 1], A[i : i + 1])
+        assert all(torch.equal(x, y) for x, y in zip(batched[i], alone))
 
 
 def test_relative_error_matches_dense():

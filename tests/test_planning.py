@@ -68,6 +68,22 @@ def test_the_target_plan_is_the_cheapest_of_the_extremes_or_cheaper(gpt2_planner
         assert plan.params <= planner.original_params()
 
 
+@pytest.mark.parametrize("metric", ["mean", "max"])
+def test_a_search_at_one_target_does_not_change_the_plan_at_another(real, metric):
+    """A planner keeps what it computed per k between searches (a precision plan searches at many
+    targets): its plans are those a fresh planner finds, whatever was searched before."""
+    sources = open_adapters([str(real / "gpt2-c_attn"), str(real / "gpt2-c_attn+c_proj")])
+    targets = [0.3, 0.02, 0.1, 0.05, 0.3, 0.0]
+    for _name, planner in list(planners(sources))[:3]:
+        fresh = [next(p for n, p in planners(sources) if n == _name).for_target(e, metric) for e in targets]
+        for error, alone in zip(targets, fresh):
+            plan = planner.for_target(error, metric)
+            assert (plan.k_B, plan.k_A, plan.private_ranks, plan.params) == (
+                alone.k_B, alone.k_A, alone.private_ranks, alone.params
+            )  # fmt: skip
+            assert plan.predicted_errors == alone.predicted_errors
+
+
 def frozen_of(fits, prior=0.0):
     """The tasks of ``fits`` as frozen tasks (zero-padded to one rank), each with error ``prior`` so far."""
     r = max(f.rank for f in fits)

@@ -181,6 +181,12 @@ def prepare_members(
         canon = canonicalize_many([f.B for f in factors], [f.A.T for f in factors])
     priors = priors or [None] * len(tasks)
     originals = original_ranks or [None] * len(tasks)
+    if isinstance(factors, LoraStack) and config.canonicalize:  # one rank; no per-task views of the factors
+        rank = int(factors.B.shape[2])
+        return [
+            ModuleMember(t, rank if o is None else o, Bc, Ac, s, None, p)
+            for t, (Bc, Ac, s), p, o in zip(tasks, canon, priors, originals)
+        ]
     return [
         ModuleMember(
             t,

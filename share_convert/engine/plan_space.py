@@ -176,7 +176,15 @@ class PlanSpace:
         #: the tasks the mean error is over: planned and frozen, but not those whose ΔW is zero here
         #: (an untrained export's 0% error would let the others' errors grow)
         self.count = max(int((norm2 > 0).sum()) + (len(frozen) if frozen is not None else 0), 1)
+        #: what a search asks for again and again, per (k_B, k_A): the plan space is fixed, only the
+        #: target changes between searches (a precision plan searches at up to dozens of targets)
         self._tails: dict[tuple[int, int], torch.Tensor] = {}
+        self._shared: dict[tuple[int, int], torch.Tensor] = {}
+        self._shared_stats: dict[tuple[int, int], tuple[float, float]] = {}
+        self._orders: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._all_finite: bool | None = None
+        self._full_ranks: bool | None = None
+        self._S: torch.Tensor | None = None  # diag(s) per task, for the residual spectra
         #: the stacks' coordinates in the bases (k × columns), when the planner was built from them
         self.projections: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -253,29 +261,53 @@ class PlanSpace:
         return self.prior.view(shape) + drift
 
     def shared_error_tensor(self, k_B: int, k_A: int) -> torch.Tensor:
-        """Per task, the error of pure sharing (q = 0): e² = 1 − ‖E_B E_Aᵀ‖² / ‖ΔW‖² (spec, section 4)."""
-        if k_B == 0 or k_A == 0:
-            return self._relative(self.norm2.clone(), inside=True)
-        kept = frobenius2(self._Eb[:, :k_B], self._Ea[:, :k_A])
-        return self._relative(self.norm2 - kept)
+        """Per task, the error of pure sharing (q = 0): e² = 1 − ‖E_B E_Aᵀ‖² / ‖ΔW‖² (spec, section 4).
+
+        Computed once per k (callers must not modify it)."""
+        key = (k_B, k_A)
+        out = self._shared.get(key)
+        if out is None:
+            if k_B == 0 or k_A == 0:
+                out = self._relative(self.norm2.clone(), inside=True)
+            else:
+                kept = frobenius2(self._Eb[:, :k_B], self._Ea[:, :k_A])
+                out = self._relative(self.norm2 - kept)
+            self._shared[key] = out
+        return out
+
+    def shared_error_stats(self, k_B: int, k_A: int) -> tuple[float, float]:
+        """(sum, max) of :meth:`shared_error_tensor` (max 0 without tasks), once per k."""
+        key = (k_B, k_A)
+        stats = self._shared_stats.get(key)
+        if stats is None:
+            errs = self.shared_error_tensor(k_B, k_A)
+            stats = self._shared_stats[key] = (float(errs.sum()), float(errs.max()) if errs.numel() else 0.0)
+        return stats
 
     def shared_errors(self, k_B: int, k_A: int) -> list[float]:
         """:meth:`shared_error_tensor` as a list."""
         return self.shared_error_tensor(k_B, k_A).tolist()
 
+    @staticmethod
+    def tails_key(k_B: int, k_A: int) -> tuple[int, int]:
+        """The k that :meth:`tails` computes for (k_B, k_A): (0, 0) when either side is empty."""
+        return (0, 0) if k_B == 0 or k_A == 0 else (k_B, k_A)
+
     def tails(self, k_B: int, k_A: int) -> torch.Tensor:
         """Per task (rows), the relative error for q = 0 … R private directions at this k
-        (``T × (R + 1)``; columns past a task's rank repeat nothing meaningful: see ``_allowed``)."""
-        if k_B == 0 or k_A == 0:
-            k_B = k_A = 0
-        key = (k_B, k_A)
+        (``T × (R + 1)``; columns past a task's rank repeat nothing meaningful: see ``_allowed``).
+        Computed once per k (callers must not modify it)."""
+        key = self.tails_key(k_B, k_A)
+        k_B, k_A = key
         if key in self._tails:
             return self._tails[key]
         T, R = self.T, self.R
         if k_B == 0:  # no shared part: the residual is ΔW itself, whose spectrum is known
             spec = self._s**2
         else:
-            spec = residual_spectrum(self._s, self._Eb[:, :k_B], self._Ea[:, :k_A])  # (T, 2R) descending
+            if self._S is None:
+                self._S = torch.diag_embed(self._s)
+            spec = residual_spectrum(self._s, self._Eb[:, :k_B], self._Ea[:, :k_A], self._S)  # (T, 2R) descending
         # energy left after keeping q private directions, q = 0 … R
         tail = spec.flip(-1).cumsum(-1).flip(-1)
         tail = torch.cat([tail, tail.new_zeros(T, 1)], -1)[:, : R + 1]
@@ -301,7 +333,14 @@ class PlanSpace:
         return sorted({k for k in K_GRID if k <= K} | {K} | {k for k in extra if 0 <= k <= K})
 
     # -- allocation of private ranks --------------------------------------------------------------------
-    def _greedy(self, tails: torch.Tensor, *, slots: int | None = None, total_at_most: float | None = None):
+    def _greedy(
+        self,
+        tails: torch.Tensor,
+        *,
+        slots: int | None = None,
+        total_at_most: float | None = None,
+        key: tuple[int, int] | None = None,
+    ):
         """Private directions added one at a time to the task whose error drops most, until
         ``slots`` directions are taken or the sum of the errors is ≤ ``total_at_most``.
 
@@ -309,23 +348,52 @@ class PlanSpace:
         order of their running minimum along each task's tail (a drop cannot be taken before the
         ones ahead of it in its task, and never before a larger one elsewhere), so one stable
         sort replaces the heap; ties go to the earlier task, as they did. Returns q per task.
+        ``key``: the (k_B, k_A) that ``tails`` are of (:meth:`tails`): the order, which does not
+        depend on the target, is then sorted once per k and kept.
         """
         T = self.T
         q = torch.zeros(T, dtype=torch.int64, device=tails.device)
         if T == 0 or self.R == 0:
             return q
+        owner, totals = self._orders[key] if key in self._orders else self._order(tails, key)
+        if slots is not None:
+            taken = min(max(int(slots), 0), int(owner.numel()))
+        else:
+            taken = self._taken(tails, total_at_most, key)
+        return q.index_add_(0, owner[:taken], torch.ones(taken, dtype=torch.int64, device=q.device))
+
+    def _taken(self, tails: torch.Tensor, total_at_most: float, key: tuple[int, int] | None) -> int:
+        """How many private directions :meth:`_greedy` takes to bring the sum of the errors to
+        ``total_at_most`` (all of them when it cannot)."""
+        if self.T == 0 or self.R == 0:
+            return 0
+        owner, totals = self._orders[key] if key in self._orders else self._order(tails, key)
+        # the sum of the errors after t directions, t = 0 … all: the first that meets the bound
+        hit = (totals <= total_at_most).nonzero()
+        return int(hit[0]) if hit.numel() else int(owner.numel())
+
+    def _every_rank_full(self) -> bool:
+        """Whether every task has the largest rank R (every private rank 0 … R is allowed)."""
+        if self._full_ranks is None:
+            self._full_ranks = bool(self._allowed.all())
+        return self._full_ranks
+
+    def _order(self, tails: torch.Tensor, key: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The greedy order of :meth:`_greedy`: which task each drop belongs to, in the order they
+        are taken, and the sum of the errors after t drops (t = 0 … all); kept under ``key``."""
+        T = self.T
         drops = tails[:, :-1] - tails[:, 1:]  # T × R: the drop from q to q + 1
-        live = self._allowed[:, 1:]
-        keys = torch.cummin(drops, dim=1).values[live]  # task-major order, within a task by q
-        gains = drops[live]
-        owner = torch.arange(T, device=drops.device)[:, None].expand_as(drops)[live]
+        keys = torch.cummin(drops, dim=1).values  # task-major order, within a task by q
+        if self._every_rank_full():  # every drop is live: the rows as they lie, no mask
+            keys, gains = keys.reshape(-1), drops.reshape(-1)
+            owner = torch.arange(T, device=drops.device).repeat_interleave(self.R)
+        else:
+            live = self._allowed[:, 1:]
+            keys, gains = keys[live], drops[live]
+            owner = torch.arange(T, device=drops.device)[:, None].expand_as(drops)[live]
         order = torch.sort(keys, descending=True, stable=True).indices
         gains, owner = gains[order], owner[order]
-        if slots is not None:
-            taken = min(max(int(slots), 0), int(gains.numel()))
-        else:
-            # the sum of the errors after t directions, t = 0 … all: the first that meets the bound
-            totals = float(tails[:, 0].sum()) - torch.cat([gains.new_zeros(1), gains.cumsum(0)])
-            hit = (totals <= total_at_most).nonzero()
-            taken = int(hit[0]) if hit.numel() else int(gains.numel())
-        return q.index_add_(0, owner[:taken], torch.ones(taken, dtype=torch.int64, device=q.device))
+        totals = float(tails[:, 0].sum()) - torch.cat([gains.new_zeros(1), gains.cumsum(0)])
+        if key is not None:
+            self._orders[key] = (owner, totals)
+        return owner, totals

@@ -42,8 +42,10 @@ class ModulePlanner(PlanSpace):
         (its bases and coefficients, plus the fewest private directions that could meet the
         target) is no better than the best plan found so far.
         """
-        T = self.count
         step = self.n + self.d
+        # the most private directions the bound below can ask for, where it is known without the
+        # errors at k: then a k that costs less than best even with that many is searched without them
+        most_needed = self._most_needed(error)
         pure = self.pure_sharing_for_target(error, metric)
         best = pure
         no_sharing = self._target_at(0, 0, error, metric)
@@ -58,21 +60,12 @@ class ModulePlanner(PlanSpace):
             base = self.shared_params(k_B, k_A)
             if best is not None and base >= best.params:
                 break  # costs only grow with k
-            errs = self.shared_error_tensor(k_B, k_A)
-            frozen_sum, frozen_max = self.frozen_stats(k_B, k_A)
-            if metric == "max":
-                if frozen_max > error:
-                    continue
-                needed = int((errs > error).sum())
-            else:
-                excess = float(errs.sum()) + frozen_sum - error * T
-                movable = float(errs.max()) if errs.numel() else 0.0
-                needed = 0 if excess <= 0 else (math.ceil(excess / movable - COUNT_TOL) if movable > 0 else None)
-                if needed is None:
-                    continue
-            if best is not None and base + needed * step >= best.params:
+            room = None if best is None else best.params - base
+            if (most_needed is None or (room is not None and most_needed * step >= room)) and self._skipped(
+                k_B, k_A, error, metric, room
+            ):
                 continue
-            plan = self._target_at(k_B, k_A, error, metric)
+            plan = self._target_at(k_B, k_A, error, metric, None if best is None else best.params)
             if plan is not None and (best is None or (plan.params, plan.mean_error) < (best.params, best.mean_error)):
                 best = plan
         if best is None and self.has_priors():
@@ -90,11 +83,50 @@ class ModulePlanner(PlanSpace):
         }
         return best
 
-    def _target_at(self, k_B: int, k_A: int, error: float, metric: str) -> ModulePlan | None:
-        """At this k, the fewest private directions that meet the target, or None."""
+    def _skipped(self, k_B: int, k_A: int, error: float, metric: str, room: int | None) -> bool:
+        """Whether a lower bound on the cost of meeting the target at this k (its bases and
+        coefficients, plus the fewest private directions that could meet it) leaves no ``room``
+        (the storage the best plan so far leaves above the bases; None: no plan yet)."""
+        T = self.count
+        frozen_sum, frozen_max = self.frozen_stats(k_B, k_A)
+        if metric == "max":
+            if frozen_max > error:
+                return True
+            needed = int((self.shared_error_tensor(k_B, k_A) > error).sum())
+        else:
+            errs_sum, movable = self.shared_error_stats(k_B, k_A)
+            excess = errs_sum + frozen_sum - error * T
+            if excess <= 0:
+                needed = 0
+            elif movable > 0:
+                needed = math.ceil(excess / movable - COUNT_TOL)
+            else:
+                return True
+        return room is not None and needed * (self.n + self.d) >= room
+
+    def _most_needed(self, error: float) -> int | None:
+        """An upper bound on the private directions :meth:`_skipped` asks for at any k, when one is
+        known without the errors: no frozen tasks and plain, finite errors (each in [0, the max], so
+        their excess over a target ≥ 0 is at most every task's max, plus one for the sum's rounding)."""
+        if self.frozen is not None or not self._plain or not error >= 0 or not self._finite():
+            return None
+        return self.T + 1
+
+    def _finite(self) -> bool:
+        """Whether every figure the errors come from is finite (the readers refuse inputs that are not)."""
+        if self._all_finite is None:
+            self._all_finite = all(bool(torch.isfinite(x).all()) for x in (self._s, self._Eb, self._Ea, self.norm2))
+        return self._all_finite
+
+    def _target_at(
+        self, k_B: int, k_A: int, error: float, metric: str, at_most: int | None = None
+    ) -> ModulePlan | None:
+        """At this k, the fewest private directions that meet the target, or None; None too when that
+        plan would store more than ``at_most`` parameters (it could not replace a plan of that size)."""
         T = self.count
         tails = self.tails(k_B, k_A)
         frozen_sum, frozen_max = self.frozen_stats(k_B, k_A)
+        step = self.n + self.d
         if metric == "max":
             if frozen_max > error:
                 return None
@@ -102,21 +134,27 @@ class ModulePlanner(PlanSpace):
             if not bool(ok.any(1).all()):
                 return None
             q = ok.to(torch.int8).argmax(1)  # the first private rank that meets the target
+            if at_most is not None and self.shared_params(k_B, k_A) + int(q.sum()) * step > at_most:
+                return None
         else:
             # the same tolerance as the check below: a running sum must not tip a plan that sits on the target
-            q = self._greedy(tails, total_at_most=error * T + TARGET_TOL - frozen_sum)
+            bound = error * T + TARGET_TOL - frozen_sum
+            key = self.tails_key(k_B, k_A)
+            if at_most is not None and self.shared_params(k_B, k_A) + self._taken(tails, bound, key) * step > at_most:
+                return None
+            q = self._greedy(tails, total_at_most=bound, key=key)
             if float(tails.gather(1, q[:, None]).sum()) + frozen_sum > error * T + TARGET_TOL:
                 return None
         return self.evaluate(k_B, k_A, q)
 
     def _meets(self, k_B: int, k_A: int, error: float, metric: str) -> bool:
         """Whether pure sharing at this k meets the target, frozen tasks included."""
-        errs = self.shared_error_tensor(k_B, k_A)
+        errs_sum, errs_max = self.shared_error_stats(k_B, k_A)
         frozen_sum, frozen_max = self.frozen_stats(k_B, k_A)
         if metric == "max":
-            value = max(float(errs.max()) if errs.numel() else 0.0, frozen_max)
+            value = max(errs_max, frozen_max)
         else:
-            value = (float(errs.sum()) + frozen_sum) / self.count
+            value = (errs_sum + frozen_sum) / self.count
         return value <= error + TARGET_TOL
 
     def pure_sharing_for_target(self, error: float, metric: str = "mean") -> ModulePlan | None:
@@ -164,7 +202,7 @@ class ModulePlanner(PlanSpace):
             if base > params:
                 continue
             slots = (params - base) // step
-            q = self._greedy(self.tails(k_B, k_A), slots=slots)
+            q = self._greedy(self.tails(k_B, k_A), slots=slots, key=self.tails_key(k_B, k_A))
             plan = self.evaluate(k_B, k_A, q)
             if best is None or (plan.mean_error, plan.params) < (best.mean_error, best.params):
                 best = plan
@@ -180,7 +218,7 @@ class ModulePlanner(PlanSpace):
     def truncation_allocated(self, params: int) -> ModulePlan:
         """No sharing, with each task's rank allocated greedily where it lowers the mean error most."""
         slots = params // (self.n + self.d)
-        return self.evaluate(0, 0, self._greedy(self.tails(0, 0), slots=slots))
+        return self.evaluate(0, 0, self._greedy(self.tails(0, 0), slots=slots, key=(0, 0)))
 
     def truncation(self, params: int) -> ModulePlan:
         """No sharing: every task keeps the same number h of its own top directions."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 import sys
@@ -33,6 +34,10 @@ if TYPE_CHECKING:  # torch is imported where tensors are read, so that light com
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+#: A safetensors header is at most 100 MB (safetensors' own limit): no more is read before it refuses it.
+HEADER_LIMIT = 100_000_000
+#: Entries of the dictionary shared by adapters opened together, past which headers are no longer kept.
+SHARED_LIMIT = 1_000_000
 
 
 def _st_name(dtype: torch.dtype) -> str:
@@ -70,12 +75,20 @@ def task_name_for(path: Path) -> str:
     return path.name.split(".")[0] if path.name.endswith(".safetensors") else path.stem
 
 
-def _data_offsets(path: Path, shared: dict[tuple, tuple]) -> dict[str, tuple[int, int]]:
-    """Where each tensor's bytes lie in a safetensors file (absolute offsets), from its header."""
+def _raw_header(path: Path) -> tuple[bytes, int]:
+    """A safetensors file's header as stored (its length prefix and JSON text), and the file's size."""
     with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    start = 8 + size
+        prefix = f.read(8)
+        (size,) = struct.unpack("<Q", prefix) if len(prefix) == 8 else (0,)
+        raw = prefix + f.read(min(size, HEADER_LIMIT))
+        return raw, os.fstat(f.fileno()).st_size
+
+
+def _data_offsets(raw: bytes, shared: dict[tuple, tuple]) -> dict[str, tuple[int, int]]:
+    """Where each tensor's bytes lie in a safetensors file (absolute offsets), from its header
+    (``raw``: the length prefix and the JSON text)."""
+    header = json.loads(raw[8:])
+    start = len(raw)
     # names interned: many adapters of one base share them, and a merge holds every adapter's header
     return {
         sys.intern(k): _one_copy(shared, (start + v["data_offsets"][0], start + v["data_offsets"][1]))
@@ -111,8 +124,9 @@ class AdapterSource:
     ):
         path = Path(path)
         self.origin = origin or str(path)
-        #: equal tuples (shapes, offsets) kept once among adapters opened together (``open_adapters``)
-        self._shared: dict[tuple, tuple] = shared if shared is not None else {}
+        #: equal tuples (shapes, offsets) kept once among adapters opened together (``open_adapters``),
+        #: and what was read from each distinct header (adapters of one base share their headers)
+        shared = shared if shared is not None else {}
         self.config, self.weights_path, self.config_path = _locate(path, self.origin)
         self.alpha_assumed: float | None = None
         if self.config is None:
@@ -130,13 +144,20 @@ class AdapterSource:
         _check_config(self.config, self.config_path)
         self.task = validate_task_name(task if task is not None else task_name_for(path), origin=self.origin)
         self._bin: dict[str, torch.Tensor] | None = None
-        shapes, dtypes = self._read_header()
-        self.modules, self.head_keys = _parse_keys(shapes, dtypes, self.weights_path)
+        shapes, dtypes, raw = self._read_header(shared)
+        parsed = shared.get(("keys", raw)) if raw is not None else None
+        if parsed is None:
+            modules, heads = _parse_keys(shapes, dtypes, self.weights_path)
+            weights_dtype = dominant_dtype({dtypes[k] for s in modules.values() for k in (s.key_A, s.key_B)})
+            parsed = (modules, tuple(heads), weights_dtype)
+            if raw is not None:
+                shared[("keys", raw)] = parsed
+        modules, heads, self.weights_dtype = parsed
+        self.modules, self.head_keys = dict(modules), list(heads)
         self.dtypes = dtypes
         self.shapes = shapes
-        self.weights_dtype = dominant_dtype({dtypes[k] for s in self.modules.values() for k in (s.key_A, s.key_B)})
         #: each module's scale, validated against the config up front
-        self._scales = {spec.name: self.scale(spec.name) for spec in self.modules.values()}
+        self._scales = self._module_scales()
 
     def __getstate__(self) -> dict[str, Any]:
         """Sent to another process (a Ray worker) without the tensors of a ``.bin`` file loaded
@@ -144,29 +165,46 @@ class AdapterSource:
         return {**self.__dict__, "_bin": None}
 
     # -- header -------------------------------------------------------------------------------
-    def _read_header(self) -> tuple[dict[str, list[int]], dict[str, str]]:
-        shapes: dict[str, list[int]] = {}
+    def _read_header(self, shared: dict[tuple, tuple]) -> tuple[dict[str, Any], dict[str, str], bytes | None]:
+        """Shapes and dtypes by tensor key (and the offsets, in ``_offsets``), and the header as stored
+        (None for a ``.bin`` file). A header seen before in ``shared`` (adapters of one base have the
+        same bytes there) is not parsed again: safetensors' checks depend only on the header and the
+        file's size, so a file of the same size with the same header passes them as the first did.
+        The dictionaries are then shared between those adapters: they are read, never changed."""
+        shapes: dict[str, Any] = {}
         dtypes: dict[str, str] = {}
         if self.weights_path.suffix == ".bin":
             for key, tensor in self._load_bin().items():
                 shapes[key] = list(tensor.shape)
                 dtypes[key] = _st_name(tensor.dtype)
-            return shapes, dtypes
+            return shapes, dtypes, None
+        try:
+            raw, file_size = _raw_header(self.weights_path)
+        except OSError:  # safetensors says why, below
+            raw, file_size = None, None
+        seen = shared.get(("header", raw)) if raw is not None else None
+        if seen is not None and seen[0] == file_size:
+            _, shapes, dtypes, self._offsets = seen
+            return shapes, dtypes, raw
         try:
             with safe_open(self.weights_path, framework="pt") as f:  # validates the header and offsets
                 for key in f.keys():
                     sl = f.get_slice(key)
                     key = sys.intern(key)
-                    shapes[key] = _one_copy(self._shared, tuple(sl.get_shape()))
+                    shapes[key] = _one_copy(shared, tuple(sl.get_shape()))
                     dtypes[key] = sys.intern(sl.get_dtype())
-            self._offsets = _data_offsets(self.weights_path, self._shared)
+            if raw is None:
+                raw, file_size = _raw_header(self.weights_path)
+            self._offsets = _data_offsets(raw, shared)
         except Exception as e:  # safetensors raises several types for malformed files
             raise BadAdapterError(
                 f"not a readable safetensors file ({first_line(e)})",
                 path=self.weights_path,
                 hint="Re-download or re-save the adapter",
             ) from None
-        return shapes, dtypes
+        if len(shared) < SHARED_LIMIT:  # inputs with thousands of layouts keep the old cost, not the memory
+            shared[("header", raw)] = (file_size, shapes, dtypes, self._offsets)
+        return shapes, dtypes, raw
 
     def _load_bin(self) -> dict[str, torch.Tensor]:
         import torch
@@ -197,6 +235,21 @@ class AdapterSource:
         return self._bin
 
     # -- scale ----------------------------------------------------------------------------------
+    def _module_scales(self) -> dict[str, float]:
+        """:meth:`scale` of every module (the first whose rank disagrees with the config raises).
+        Without rank or alpha patterns a module's scale depends on its rank alone: computed once per rank."""
+        cfg = self.config
+        if cfg is not None and (cfg.get("rank_pattern") or cfg.get("alpha_pattern")):
+            return {spec.name: self.scale(spec.name) for spec in self.modules.values()}
+        by_rank: dict[int, float] = {}
+        out: dict[str, float] = {}
+        for spec in self.modules.values():
+            value = by_rank.get(spec.rank)
+            if value is None:
+                value = by_rank[spec.rank] = self.scale(spec.name)
+            out[spec.name] = value
+        return out
+
     def scale(self, module: str) -> float:
         """s = lora_alpha / r (or / sqrt(r) with rsLoRA), with rank/alpha patterns applied."""
         spec = self.modules[module]

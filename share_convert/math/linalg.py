@@ -98,8 +98,21 @@ def canonicalize(
     return Bc * signs, Ac * signs, S
 
 
+#: Pairs canonicalized in one batch hold at most about this many bytes of float64 copies of their
+#: factors (64 pairs of a 7B model's 4096 × 16 factors), and never fewer than 64 pairs.
+CANONICAL_CHUNK_BYTES = 64 * 2**20
+CANONICAL_CHUNK_PAIRS = (64, 1024)
+
+
+def canonical_chunk(n: int, d: int, r: int) -> int:
+    """How many pairs of factors (``n × r`` and ``d × r``) :func:`canonicalize_many` takes at once:
+    small modules in large batches (the per-batch work is what costs there), large ones 64 at a time."""
+    least, most = CANONICAL_CHUNK_PAIRS
+    return max(least, min(most, CANONICAL_CHUNK_BYTES // max(8 * (n + d) * r, 1)))
+
+
 def canonicalize_many(
-    Bs: list[torch.Tensor] | torch.Tensor, As: list[torch.Tensor] | torch.Tensor, chunk: int = 64
+    Bs: list[torch.Tensor] | torch.Tensor, As: list[torch.Tensor] | torch.Tensor, chunk: int | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """:func:`canonicalize` of many factor pairs at once, batched over pairs of equal shape.
 
@@ -107,7 +120,8 @@ def canonicalize_many(
     of one shape. The small cores are float64 as in :func:`canonicalize`; the n-sized canonical
     factors are returned in float32 (the precision of the inputs), which halves the memory
     traffic of the step that touches every input. Ill-conditioned pairs go through the
-    Householder route.
+    Householder route. ``chunk``: pairs per batch (default :func:`canonical_chunk`); every step is
+    per pair, so a pair's result does not depend on the batch it is in.
     """
     out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * len(Bs)
     groups: dict[tuple, list[int]] = {}
@@ -116,7 +130,10 @@ def canonicalize_many(
     else:
         for i, (B, A) in enumerate(zip(Bs, As)):
             groups.setdefault((tuple(B.shape), tuple(A.shape)), []).append(i)
-    chunks = [(shape, idx[j : j + chunk]) for shape, idx in groups.items() for j in range(0, len(idx), chunk)]
+    sizes = {shape: chunk or canonical_chunk(shape[0][0], shape[1][0], shape[0][1]) for shape in groups}
+    chunks = [
+        (shape, idx[j : j + sizes[shape]]) for shape, idx in groups.items() for j in range(0, len(idx), sizes[shape])
+    ]
     for (bshape, _), idx in chunks:  # chunks bound the float64 temporaries
         if bshape[1] == 0:
             for i in idx:
@@ -153,7 +170,13 @@ def canonicalize_many(
         Bc_all.mul_(signs)
         Ac_all.mul_(signs)
         keeps = ((S > CANONICAL_RTOL * S[:, :1]) & (S[:, :1] > 0)).sum(-1).tolist()
-        for j, (i, good, keep) in enumerate(zip(idx, ok.tolist(), keeps)):
+        goods = ok.tolist()
+        full = S.shape[-1]
+        if all(goods) and all(keep == full for keep in keeps):  # the common case: views made in one call each
+            for i, Bc, Ac, sv in zip(idx, Bc_all.unbind(0), Ac_all.unbind(0), S.unbind(0)):
+                out[i] = (Bc, Ac, sv)
+            continue
+        for j, (i, good, keep) in enumerate(zip(idx, goods, keeps)):
             if not good:
                 Bc, Ac, sv = canonicalize(Bs[i], As[i])
                 out[i] = (Bc.float(), Ac.float(), sv)
@@ -440,15 +463,19 @@ def _psd_sqrt(M: torch.Tensor) -> torch.Tensor:
     return (V * evals.clamp_min(0).sqrt().unsqueeze(-2)) @ V.transpose(-1, -2)
 
 
-def residual_spectrum(s: torch.Tensor, Eb: torch.Tensor, Ea: torch.Tensor) -> torch.Tensor:
+def residual_spectrum(
+    s: torch.Tensor, Eb: torch.Tensor, Ea: torch.Tensor, S: torch.Tensor | None = None
+) -> torch.Tensor:
     """Squared singular values (descending) of R = ΔW − P_β ΔW P_α, for canonical factors.
 
     ``s``: the canonical singular values (``… × r``); ``Eb = βᵀB'`` and ``Ea = αᵀA'``
     (``… × k × r``), batched over tasks of equal rank. With B⊥ = (I − P_β)B' and
     A⊥ = (I − P_α)A', R = [B⊥, βE_B] [A', A⊥]ᵀ and, because B'ᵀB' = A'ᵀA' = S, both Gram
     matrices are 2r × 2r expressions in S, E_BᵀE_B and E_AᵀE_A: no n- or d-sized work.
+    ``S``: ``diag_embed(s)``, when the caller keeps it (a planner asks for many k on the same tasks).
     """
-    S = torch.diag_embed(s)
+    if S is None:
+        S = torch.diag_embed(s)
     Gb = Eb.transpose(-1, -2) @ Eb
     Ga = Ea.transpose(-1, -2) @ Ea
     # The left Gram matrix is block-diagonal, diag(S − G_B, G_B). With any factor of it,
