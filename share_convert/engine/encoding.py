@@ -71,7 +71,7 @@ def store_grams(
             c = result.task_parts.get(task, {}).get(f"coef_{side}")
             if c is not None:
                 if precision.coefs is not None:  # stored rows are the columns of c (their codes, where made)
-                    codes = result.task_codes.get(task, {}).get(f"coef_{side}")
+                    codes = result.task_codes.rows(task, f"coef_{side}")
                     c = precision.rows_as_stored(c.T, "coefs", c.dtype, codes).T
                 coefs.append(c.float())
                 scales.append(torch.full((c.shape[1],), w, dtype=torch.float64))

@@ -142,15 +142,21 @@ class Precisions:
 
 
 class TaskCodes(dict):
-    """Per task, the codes its stored rows already have (task -> role -> :class:`Quantized`; roles as
-    the encoder names them: ``coef_B``, ``coef_A``, ``private_B``, ``private_A``). The encoder fills it
-    as it measures errors on dequantized values, and the writer stacks these codes instead of
-    quantizing the same rows again (:func:`share_convert.engine.results.quantize_for_writing`)."""
+    """Per task, where the codes of its stored rows already are (task -> role -> (codes, start, stop):
+    rows ``start:stop`` of a batch's :class:`Quantized`; roles as the encoder names them: ``coef_B``,
+    ``coef_A``, ``private_B``, ``private_A``). The encoder fills it as it measures errors on dequantized
+    values, and the writer gathers these rows instead of quantizing the same rows again
+    (:func:`share_convert.engine.results.quantize_for_writing`)."""
 
     def keep(self, task: str, role: str, codes: Quantized | None, start: int, stop: int) -> None:
         """Rows ``start:stop`` of ``codes`` are ``task``'s stored rows of ``role``."""
         if codes is not None and stop > start:
-            self.setdefault(task, {})[role] = codes.rows(start, stop)
+            self.setdefault(task, {})[role] = (codes, start, stop)
+
+    def rows(self, task: str, role: str) -> Quantized | None:
+        """``task``'s codes of ``role`` alone (None where the encoder made none)."""
+        where = self.get(task, {}).get(role)
+        return where[0].rows(where[1], where[2]) if where is not None else None
 
 
 def dtype_name(dtype: torch.dtype) -> str:

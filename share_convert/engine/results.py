@@ -11,6 +11,7 @@ import torch
 from ..checkpoint.records import TaskRows
 from ..math.quantize import CODE_PRECISIONS, Quantized, quantize
 from .planning import ModulePlan, ModulePlanner
+from .precision import TaskCodes
 
 
 @dataclass
@@ -33,7 +34,7 @@ class ModuleResult:
     #: the module's float dtype, as before precisions existed (docs/format.md)
     precision: dict[str, str] = field(default_factory=dict)
     #: the codes the encoder already made of tasks' rows stored as codes (engine/precision.TaskCodes)
-    task_codes: dict[str, dict[str, Quantized]] = field(default_factory=dict)
+    task_codes: TaskCodes = field(default_factory=TaskCodes)
 
     def cost(self) -> int:
         """What plans are compared by: bytes where the plan was costed in bytes, else parameters."""
@@ -59,7 +60,7 @@ class GroupPart:
     carried: list[str] = field(default_factory=list)
     rows: TaskRows | None = None
     precision: dict[str, str] = field(default_factory=dict)
-    task_codes: dict[str, dict[str, Quantized]] = field(default_factory=dict)
+    task_codes: TaskCodes = field(default_factory=TaskCodes)
     #: bytes of the group's plan, where it was costed in bytes
     bytes: int | None = None
 
@@ -154,24 +155,47 @@ def quantize_for_writing(name: str, res: ModuleResult, dtype: torch.dtype) -> No
                 known if known is not None and known.shape == tuple(part.shape) else quantize(part, precision)
             )
     res.rows = rows
-    res.task_codes = {}
+    res.task_codes = TaskCodes()
 
 
 def _known_codes(name: str, res: ModuleResult, role: str, prefix: str | None, precision: str) -> Quantized | None:
-    """The codes of the stacked ``role`` (coefs_B of the tasks under ``prefix``, or private_A, …) as the
-    stack of the tasks' own codes, in :meth:`TaskRows.of_parts`'s order; None when a task lacks them."""
+    """The codes of the stacked ``role`` (coefs_B of the tasks under ``prefix``, or private_A, …) gathered
+    from the batches the encoder quantized, in :meth:`TaskRows.of_parts`'s order; None when a task
+    lacks them. One gather of rows, not one object per task (a module may have thousands)."""
     key = role.replace("coefs_", "coef_")
-    parts = []
+    batches: dict[int, int] = {}  # id of a batch's Quantized -> its index in `sources`
+    sources: list[Quantized] = []
+    runs: list[list[int]] = []  # [source, start, stop], consecutive rows of one source merged
     for task, rec in res.records.items():
         if key not in res.task_parts.get(task, {}):
             continue
         if prefix is not None and res.groups and prefix != f"modules/{name}/g{rec['group']}/":
             continue
-        known = res.task_codes.get(task, {}).get(key)
-        if known is None or known.precision != precision:
+        where = res.task_codes.get(task, {}).get(key)
+        if where is None or where[0].precision != precision:
             return None
-        parts.append(known)
-    return Quantized.stack([q if q.codes.device.type == "cpu" else _on_cpu(q) for q in parts]) if parts else None
+        codes, start, stop = where
+        source = batches.setdefault(id(codes), len(sources))
+        if source == len(sources):
+            sources.append(codes)
+        if runs and runs[-1][0] == source and runs[-1][2] == start:
+            runs[-1][2] = stop
+        else:
+            runs.append([source, start, stop])
+    if not runs:
+        return None
+    sources = [q if q.codes.device.type == "cpu" else _on_cpu(q) for q in sources]
+    if len(runs) == 1:
+        source, start, stop = runs[0]
+        return sources[source].rows(start, stop)
+    offsets = [0]
+    for q in sources:
+        offsets.append(offsets[-1] + q.shape[0])
+    index = torch.cat([torch.arange(offsets[s] + a, offsets[s] + b) for s, a, b in runs])
+    whole = Quantized.stack(sources) if len(sources) > 1 else sources[0]
+    rows = int(index.numel())
+    return Quantized(precision, whole.codes.index_select(0, index), whole.scales.index_select(0, index),
+                     (rows, whole.shape[1]), whole.block)  # fmt: skip
 
 
 def _on_cpu(q: Quantized) -> Quantized:
