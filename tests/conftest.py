@@ -32,17 +32,17 @@ REPO = Path(__file__).resolve().parents[1]
 # The test files that take longest, longest first. The default run spreads whole files over
 # pytest-xdist workers in collection order (pyproject.toml: -n, --dist loadfile); starting with the
 # longest keeps one worker from running a long file alone at the end. The order of the tests inside each file is kept, and every other file follows in pytest's order.
-LONGEST_FIRST = (  # seconds per file in one process, summed --durations (2-core machine, shared)
-    "test_benchmarks.py",  # 194
-    "test_continual.py",  # 187
-    "test_device_path.py",  # 155
-    "test_extraction.py",  # 125
-    "test_integrity.py",  # 114
-    "test_sharding.py",  # 93
-    "test_runtime.py",  # 87
-    "test_t2i.py",  # 80
-    "test_planning.py",  # 71
-    "test_hub.py",  # 56
+LONGEST_FIRST = (  # seconds per file, summed --durations of a 2-worker run (2-core machine, 2026-12-07)
+    "test_benchmarks.py",  # 37
+    "test_t2i.py",  # 27
+    "test_training.py",  # 22
+    "test_device_path.py",  # 21
+    "test_integrity.py",  # 19
+    "test_sharding.py",  # 18
+    "test_runtime.py",  # 16
+    "test_ray.py",  # 15
+    "test_hub.py",  # 13
+    "test_writers.py",  # 12
 )
 
 
