@@ -67,8 +67,9 @@ class ModuleStack:
         roots = [w**0.5 for w in self.weights]
         if self.uniform and len(parts) > 1:  # one rank: a batched product, then one copy into place
             T, rows, r = len(parts), parts[0].shape[0], parts[0].shape[1]
-            scale = torch.tensor(roots, dtype=torch.float32, device=self.device)[:, None, None]
-            return (torch.stack(parts).float() * scale).permute(1, 0, 2).reshape(rows, T * r)
+            scale = torch.tensor(roots, dtype=torch.float32, device=self.device)[None, :, None]
+            # stacked straight into the n × T × r layout (one copy), scaled in place: the same products
+            return torch.stack(parts, 1).float().mul_(scale).view(rows, T * r)
         return torch.cat([p.float() * w for p, w in zip(parts, roots)], 1)
 
     def energy_totals(self) -> tuple[float, float]:
