@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ..errors import BadAdapterError
 
 if TYPE_CHECKING:  # torch is imported where tensors are read, so that light commands start fast
     import torch
@@ -20,6 +23,23 @@ class LoraFactors:
 
     B: torch.Tensor
     A: torch.Tensor
+
+    @classmethod
+    def checked(cls, B: torch.Tensor, A: torch.Tensor, keys: tuple[str, str], path: str | Path) -> LoraFactors:
+        """``LoraFactors(B, A)`` of tensors read from ``path`` under ``keys`` (B's, A's), or one line
+        naming the tensor that holds a NaN or Inf."""
+        import torch
+
+        if bool(torch.isfinite(A.sum() + B.sum())):  # one reduction: finite sums have finite terms
+            return cls(B=B, A=A)
+        for key, x in ((keys[1], A), (keys[0], B)):  # which one (or only an overflowing sum)
+            if not torch.isfinite(x).all():
+                raise BadAdapterError(
+                    f"tensor {key} contains NaN or Inf",
+                    path=path,
+                    hint="This adapter is broken; retrain or re-export it",
+                )
+        return cls(B=B, A=A)
 
 
 @dataclass

@@ -303,16 +303,7 @@ class AdapterSource:
         t = self._get([spec.key_A, spec.key_B])
         A = t[spec.key_A].to(torch.float32)
         B = t[spec.key_B].to(torch.float32) * self._scales[module]
-        if bool(torch.isfinite(A.sum() + B.sum())):  # one reduction: finite sums have finite terms
-            return LoraFactors(B=B, A=A)
-        for key, x in ((spec.key_A, A), (spec.key_B, B)):  # which one (or only an overflowing sum)
-            if not torch.isfinite(x).all():
-                raise BadAdapterError(
-                    f"tensor {key} contains NaN or Inf",
-                    path=self.weights_path,
-                    hint="This adapter is broken; retrain or re-export it",
-                )
-        return LoraFactors(B=B, A=A)
+        return LoraFactors.checked(B, A, (spec.key_B, spec.key_A), self.weights_path)
 
     def locate(self, module: str) -> ModuleLocation | None:
         """Where ``module``'s factors lie in the weights file, for :func:`read_module_stack`;

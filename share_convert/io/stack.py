@@ -222,13 +222,4 @@ def read_located(place: ModuleLocation) -> LoraFactors:
     dtype = torch_dtype(place.dtype)
     B = from_bytes(raw[0], dtype, place.shape_B).to(torch.float32) * place.scale
     A = from_bytes(raw[1], dtype, place.shape_A).to(torch.float32)
-    if bool(torch.isfinite(A.sum() + B.sum())):  # one reduction: finite sums have finite terms
-        return LoraFactors(B=B, A=A)
-    for key, x in ((place.keys[1], A), (place.keys[0], B)):  # which one (or only an overflowing sum)
-        if not torch.isfinite(x).all():
-            raise BadAdapterError(
-                f"tensor {key} contains NaN or Inf",
-                path=place.path,
-                hint="This adapter is broken; retrain or re-export it",
-            )
-    return LoraFactors(B=B, A=A)
+    return LoraFactors.checked(B, A, place.keys, place.path)
