@@ -67,14 +67,20 @@ def ok(*args: object) -> None:
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.parametrize("shards", ["5GB", "2KB"], ids=["single-file", "sharded"])
-def test_merge_on_ray_writes_the_same_bytes_as_local(cluster, adapters, tmp_path, shards):
+def on_each_executor(tmp_path: Path, command: str, *args: object) -> dict[str, dict[str, bytes]]:
+    """``command *args -o OUT --executor E`` for E local and ray, each into its own folder: E -> the files written."""
     outputs = {}
     for executor in ("local", "ray"):
         out = tmp_path / executor / "share.safetensors"
         out.parent.mkdir()
-        ok("merge", *adapters, "-o", out, *CONFIG, "--max-shard-size", shards, "--executor", executor)
+        ok(command, *args, "-o", out, "--executor", executor)
         outputs[executor] = files_of(out)
+    return outputs
+
+
+@pytest.mark.parametrize("shards", ["5GB", "2KB"], ids=["single-file", "sharded"])
+def test_merge_on_ray_writes_the_same_bytes_as_local(cluster, adapters, tmp_path, shards):
+    outputs = on_each_executor(tmp_path, "merge", *adapters, *CONFIG, "--max-shard-size", shards)
     assert len(outputs["ray"]) == 1 if shards == "5GB" else len(outputs["ray"]) > 2  # or an index and shards
     assert outputs["ray"] == outputs["local"]
 
@@ -82,12 +88,7 @@ def test_merge_on_ray_writes_the_same_bytes_as_local(cluster, adapters, tmp_path
 def test_add_on_ray_writes_the_same_bytes_as_local(cluster, adapters, new_adapters, tmp_path):
     base = tmp_path / "base.safetensors"
     ok("merge", *adapters, "-o", base, *CONFIG)
-    outputs = {}
-    for executor in ("local", "ray"):
-        out = tmp_path / executor / "share.safetensors"
-        out.parent.mkdir()
-        ok("add", base, *new_adapters, "-o", out, "--executor", executor)
-        outputs[executor] = files_of(out)
+    outputs = on_each_executor(tmp_path, "add", base, *new_adapters)
     assert outputs["ray"] == outputs["local"]
 
 
@@ -104,12 +105,7 @@ def test_checkpoint_tasks_as_inputs_are_read_on_the_workers(cluster, adapters, n
     """A task of a checkpoint travels as the checkpoint's path, opened again in the worker."""
     base = tmp_path / "base.safetensors"
     ok("merge", *adapters, "-o", base, *CONFIG)
-    outputs = {}
-    for executor in ("local", "ray"):
-        out = tmp_path / executor / "share.safetensors"
-        out.parent.mkdir()
-        ok("merge", base, *new_adapters, "-o", out, "--executor", executor)
-        outputs[executor] = files_of(out)
+    outputs = on_each_executor(tmp_path, "merge", base, *new_adapters)
     assert outputs["ray"] == outputs["local"]
 
 
@@ -118,12 +114,7 @@ def test_bin_adapters_travel_whole_and_are_read_on_the_workers(cluster, tmp_path
     bins = [
         write_adapter(tmp_path / f"b{i}", {"layers.0.q": random_factors(16, 12, 3, i)}, fmt="bin") for i in range(3)
     ]
-    outputs = {}
-    for executor in ("local", "ray"):
-        out = tmp_path / executor / "share.safetensors"
-        out.parent.mkdir()
-        ok("merge", *bins, "-o", out, "--executor", executor)
-        outputs[executor] = files_of(out)
+    outputs = on_each_executor(tmp_path, "merge", *bins)
     assert outputs["ray"] == outputs["local"]
 
 
