@@ -212,9 +212,8 @@ def encode_in_bases(
                 cB, cA = CB.to(f64), CA.to(f64)
             else:  # as read back: each stored row (a column of E) at the coefficients' precision
                 rows_B, rows_A = CB.transpose(1, 2), CA.transpose(1, 2)
-                codes_cB, codes_cA = precision.codes(rows_B, "coefs", dtype), precision.codes(rows_A, "coefs", dtype)
-                cB = precision.rows_as_stored(rows_B, "coefs", dtype, codes_cB).transpose(1, 2).to(f64)
-                cA = precision.rows_as_stored(rows_A, "coefs", dtype, codes_cA).transpose(1, 2).to(f64)
+                (cB, codes_cB), (cA, codes_cA) = (precision.read_back(x, "coefs", dtype) for x in (rows_B, rows_A))
+                cB, cA = cB.transpose(1, 2).to(f64), cA.transpose(1, 2).to(f64)
         else:  # no shared bases: no coefficients, each task's own top q directions
             ranks = torch.zeros(len(idx), dtype=torch.int64)
         batched = errors == "batched"
@@ -248,10 +247,10 @@ def encode_in_bases(
                 PB64, PA64 = PB.to(f64), PA.to(f64)
                 if precision.private is not None:  # as read back: rows of P_Bᵀ and of P_A
                     rows_B, rows_A = PB.transpose(1, 2), PA.transpose(1, 2)
-                    codes_PB = precision.codes(rows_B, "private", dtype)
-                    codes_PA = precision.codes(rows_A, "private", dtype)
-                    PB64 = precision.rows_as_stored(rows_B, "private", dtype, codes_PB).transpose(1, 2).to(f64)
-                    PA64 = precision.rows_as_stored(rows_A, "private", dtype, codes_PA).transpose(1, 2).to(f64)
+                    (PB64, codes_PB), (PA64, codes_PA) = (
+                        precision.read_back(x, "private", dtype) for x in (rows_B, rows_A)
+                    )
+                    PB64, PA64 = PB64.transpose(1, 2).to(f64), PA64.transpose(1, 2).to(f64)
                 cross_private = trace_product(Bc, Ac, PB64, PA64)
                 cross = cross + cross_private
                 recon2 = (
@@ -381,12 +380,10 @@ def encode_private_only(
         PBf, PAf = PB.float(), PA.float()
         codes_B = codes_A = None
         if precision.private is not None:  # as read back: rows of P_Bᵀ and of P_A
-            codes_B, codes_A = (
-                precision.codes(PB.transpose(1, 2), "private", dtype),
-                precision.codes(PA, "private", dtype),
+            (PBf, codes_B), (PAf, codes_A) = (
+                precision.read_back(x, "private", dtype) for x in (PB.transpose(1, 2), PA)
             )
-            PBf = precision.rows_as_stored(PB.transpose(1, 2), "private", dtype, codes_B).transpose(1, 2).float()
-            PAf = precision.rows_as_stored(PA, "private", dtype, codes_A).float()
+            PBf, PAf = PBf.transpose(1, 2).float(), PAf.float()
         dA = PAf.transpose(-1, -2) - Ac[:, :, :q]
         X = torch.cat([Bc, PBf - Bc[:, :, :q]], -1)
         Y = torch.cat([-dA, Ac[:, :, q:], -PAf.transpose(-1, -2)], -1)

@@ -96,7 +96,7 @@ class Precisions:
         """The values a reader gets back of ``rows`` (…× cols, one stored row per last-dimension row),
         stored at this part's precision: ``rows.to(dtype)`` for the float dtype, else the cast or
         the dequantized codes of that (rows are quantized independently, so a batch of tasks
-        gives each task's rows exactly). ``codes``: those rows' codes, already computed (:meth:`codes`)."""
+        gives each task's rows exactly). ``codes``: those rows' codes, already computed (:meth:`read_back`)."""
         x = rows.to(dtype)
         precision = self.of(part)
         if precision is None:
@@ -111,14 +111,15 @@ class Precisions:
         out = stored_values(flat, precision)
         return out.reshape(x.shape)
 
-    def codes(self, rows: torch.Tensor, part: str, dtype: torch.dtype) -> Quantized | None:
-        """``rows`` (…× cols) flattened to stored rows and quantized, where this part is stored as codes
-        (None otherwise): computed once, they give both the values errors are measured on
-        (:meth:`rows_as_stored`) and what the writer stores (:class:`TaskCodes`)."""
+    def read_back(self, rows: torch.Tensor, part: str, dtype: torch.dtype) -> tuple[torch.Tensor, Quantized | None]:
+        """:meth:`rows_as_stored` of ``rows``, and their codes where this part is stored as codes (None
+        otherwise): quantized once, they give both the values errors are measured on and what the
+        writer stores (:class:`TaskCodes`)."""
         precision = self.of(part)
         if precision not in CODE_PRECISIONS or rows.numel() == 0:
-            return None
-        return quantize(rows.to(dtype).reshape(-1, rows.shape[-1]), precision)
+            return self.rows_as_stored(rows, part, dtype), None
+        codes = quantize(rows.to(dtype).reshape(-1, rows.shape[-1]), precision)
+        return self.rows_as_stored(rows, part, dtype, codes), codes
 
     # -- the estimate -----------------------------------------------------------------------------------
     def rho(self, part: str, dtype: torch.dtype) -> float:
