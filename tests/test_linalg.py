@@ -10,7 +10,7 @@ from share_convert.math import (
     relative_error,
     residual_spectrum,
 )
-from share_convert.math.linalg import canonicalize_many
+from share_convert.math.linalg import canonicalize_many, orthonormalized
 
 
 def dense(B, A):
@@ -69,6 +69,21 @@ def test_a_pair_is_canonicalized_the_same_whatever_batch_it_is_in():
     for i in (0, 7, 150, 299):
         (alone,) = canonicalize_many(B[i : i + 1], A[i : i + 1])
         assert all(torch.equal(x, y) for x, y in zip(batched[i], alone))
+
+
+def test_orthonormalized_columns_span_the_same_prefixes_as_householder_qr():
+    """Nearly orthonormal columns (Cholesky QR) and far from it (Householder): orthonormal, and each
+    column the one QR with a positive diagonal gives (span and order of every prefix kept)."""
+    g = torch.Generator().manual_seed(6)
+    Q0 = torch.linalg.qr(torch.randn(400, 60, generator=g, dtype=torch.float64)).Q
+    near = (Q0 + 1e-3 * torch.randn(400, 60, generator=g, dtype=torch.float64)).float()
+    far = (Q0 * torch.logspace(0, -3, 60, dtype=torch.float64)).float()  # condition number 1e3
+    for U in (near, far):
+        Q = orthonormalized(U)
+        Qh, R = torch.linalg.qr(U.double())
+        Qh = Qh * torch.sign(torch.diagonal(R))
+        assert torch.allclose(Q.T @ Q, torch.eye(60), atol=2e-6)
+        assert torch.allclose(Q.double(), Qh, atol=1e-4)
 
 
 def test_relative_error_matches_dense():

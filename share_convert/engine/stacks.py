@@ -169,8 +169,7 @@ class ModuleStack:
             for side, (stack, seed) in enumerate(
                 ((self.stack_B, self.config.seed), (self.stack_A, self.config.seed + 1))
             ):
-                rows, cols = stack.shape
-                if gram_cost(rows, cols) <= GRAM_PREFERENCE * randomized_cost(rows, cols, K, **opts):
+                if self._exact(stack, K):
                     if side not in self._grams:
                         self._grams[side] = GramDecomposition(stack)
                     gram = self._grams[side]
@@ -181,6 +180,18 @@ class ModuleStack:
                     sides.append(principal_basis(stack, K, seed=seed, **opts))
             self._widened[key] = self._assemble(*sides)
         return self._widened[key]
+
+    def _exact(self, stack: torch.Tensor, K: int) -> bool:
+        """Whether :meth:`wide_fit` takes ``stack``'s Gram decomposition at width K (by cost)."""
+        opts = {"n_oversamples": self.config.n_oversamples, "n_iter": self.config.n_iter}
+        rows, cols = stack.shape
+        return gram_cost(rows, cols) <= GRAM_PREFERENCE * randomized_cost(rows, cols, K, **opts)
+
+    def exact_at(self, K: int) -> bool:
+        """Whether :meth:`wide_fit` at width K decomposes both sides exactly (its cost then does not
+        depend on K, and it gives every narrower fit too)."""
+        K = min(K, self.cap)
+        return self._exact(self.stack_B, K) and self._exact(self.stack_A, K)
 
     def bases(self, fit: BasisFit, k_B: int, k_A: int) -> tuple[torch.Tensor, torch.Tensor]:
         """β and α of ``fit`` with at least the ``k_B`` and ``k_A`` vectors a plan keeps (the sides
