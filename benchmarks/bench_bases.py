@@ -112,7 +112,7 @@ def main() -> None:
         if name == "noisy" and "read_once" in runs:
             run = measure([sys.executable, str(HERE / "read_once.py"), str(folder)])
             record(name, "read_once", {k: v for k, v in run.summary().items() if k in ("wall_s", "peak_rss_mb")})
-        if name == "1b" and "floor" in runs:
+        if name in ("1b", "noisy") and "floor" in runs:
             env = {"PYTHONPATH": str(code)}
             run = measure([sys.executable, str(HERE / "decomposition_floor.py"), str(folder)], env=env)
             if run.returncode != 0:

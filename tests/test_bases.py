@@ -126,20 +126,6 @@ def test_a_plan_wider_than_the_first_fit_comes_from_one_wide_fit(noisy):
     assert plan.params <= exact.params * 1.01  # as small as the exact search's, within rounding of k
 
 
-def test_a_basis_the_bound_allows_far_wider_is_fitted_exactly_without_a_first_fit(tmp_path):
-    # 16 noisy adapters (256 stacked columns): truncation costs as much as a basis of over 96 vectors
-    stack = one_module(tmp_path, count=16, hidden=256, rank=16, shared_rank=48, noise=0.05, seed=3)
-    _, _, plan, _ = plan_group(stack, TARGET)
-    assert not stack._fits  # no 48-vector fit before the wide one
-    assert [key[0] for key in stack._widened] == ["wide"] and plan.k_B > 48
-
-
-def test_a_basis_the_bound_keeps_near_the_first_fit_starts_from_the_first_fit(noisy):
-    stack = noisy_stack(noisy)  # 12 adapters: the bound allows under twice the first fit's width
-    plan_group(stack, TARGET)
-    assert list(stack._fits) == [48]
-
-
 def test_a_wide_fit_plan_in_fewer_bits_encodes_with_bases_as_wide_as_it_uses(noisy):
     # a wide fit forms only the vectors a plan keeps: the plan in int8 (and its fallbacks) may keep more
     stack = noisy_stack(noisy)

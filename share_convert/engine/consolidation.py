@@ -238,20 +238,14 @@ def plan_group(
                     )
                 private.alternatives = {**(private.alternatives or {}), "shared_at_least": floor.least()}
                 return stack.stack_B.new_zeros((stack.n, 0)), stack.stack_A.new_zeros((stack.d, 0)), private, bare
-            # a basis far wider than the first fit's may pay against truncation, and would be fitted
-            # exactly (every width at once): fit it now, not 48 vectors first (docs/bases.md)
-            reach = floor.cap(private.params, full)
-            if reach >= 2 * K and stack.exact_at(reach):
-                wide_used = stack.wide_fit(reach)
-                K = full
-    fit = wide_used if wide_used is not None else stack.fit(K)
+    fit = stack.fit(K)
     while True:
         beta, alpha, sB, sA, planner = fit
         spectra = BasisSpectra(sB, sA, stack.energy_totals)
         plan = choose_plan(planner, config, spectra)
         if config.mode() in ("fixed", "energy") or not _wider_may_pay(planner, plan, K, full):
             break
-        if floor is not None and wide_used is None:  # one fit at the widest k that can still beat this plan
+        if floor is not None:  # one fit at the widest k that can still beat this plan
             wide_K = floor.cap(plan.params, full)
             if wide_K > K:
                 wide = stack.wide_fit(wide_K)

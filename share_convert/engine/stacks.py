@@ -187,12 +187,6 @@ class ModuleStack:
         rows, cols = stack.shape
         return gram_cost(rows, cols) <= GRAM_PREFERENCE * randomized_cost(rows, cols, K, **opts)
 
-    def exact_at(self, K: int) -> bool:
-        """Whether :meth:`wide_fit` at width K decomposes both sides exactly (its cost then does not
-        depend on K, and it gives every narrower fit too)."""
-        K = min(K, self.cap)
-        return self._exact(self.stack_B, K) and self._exact(self.stack_A, K)
-
     def bases(self, fit: BasisFit, k_B: int, k_A: int) -> tuple[torch.Tensor, torch.Tensor]:
         """β and α of ``fit`` with at least the ``k_B`` and ``k_A`` vectors a plan keeps (the sides
         that :meth:`wide_fit` took from a Gram decomposition are formed here, those vectors only)."""
