@@ -94,6 +94,20 @@ def test_relative_error_matches_dense():
     assert abs(relative_error(B, A, Bh, Ah) - float(expected)) < 1e-10
 
 
+def test_a_basis_of_a_stack_of_few_rows_and_many_columns_is_its_top_singular_directions():
+    """Many tasks of a narrow module (n rows ≤ m columns, k covering the rows): the exact route."""
+    g = torch.Generator().manual_seed(8)
+    stack = torch.randn(40, 6, generator=g) @ torch.randn(6, 900, generator=g) + 1e-2 * torch.randn(
+        40, 900, generator=g
+    )
+    U, s, proj = principal_basis(stack, 40)
+    U_svd, s_svd, _ = torch.linalg.svd(stack.double(), full_matrices=False)
+    assert torch.allclose(s, s_svd, rtol=1e-9)
+    assert torch.allclose(U.double().abs(), U_svd.abs(), atol=1e-5)  # the same directions, up to sign
+    assert torch.allclose(U.T @ U, torch.eye(40), atol=1e-6)
+    assert torch.allclose(proj, U.double().T @ stack.double())
+
+
 def test_randomized_basis_matches_exact_on_a_low_rank_stack():
     g = torch.Generator().manual_seed(4)
     stack = torch.randn(300, 6, generator=g) @ torch.randn(6, 700, generator=g)

@@ -243,7 +243,8 @@ def principal_basis(
     """Top-``k`` left singular vectors U and values S of ``stack`` (``n × m``), uncentered.
 
     Exact when ``m ≤ exact_below`` (eigh of the ``m × m`` Gram matrix in float64) or when
-    ``k + n_oversamples`` covers the stack; otherwise the randomized range finder of Halko,
+    ``k + n_oversamples`` covers the stack (eigh of the ``n × n`` Gram matrix in float64 when
+    n ≤ m: many tasks of a narrow module; else an SVD); otherwise the randomized range finder of Halko,
     Martinsson & Tropp (2011) with ``n_oversamples`` extra columns and ``n_iter`` power
     iterations re-orthonormalized by QR, from a fixed ``seed`` (spec, section 2, step 4).
     The result is clamped to the numerical rank (spec, section 2, step 5) and has the sign
@@ -266,6 +267,10 @@ def principal_basis(
             S = evals.flip(0).clamp_min(0).sqrt()
             V = V.flip(1)
             U = (s64 @ V[:, :k]) / torch.where(S[:k] > 0, S[:k], 1)
+        elif n <= m:  # few rows, many columns: U are the eigenvectors of the n × n Gram matrix itself
+            evals, W = torch.linalg.eigh(s64 @ s64.T)
+            S = evals.flip(0).clamp_min(0).sqrt()
+            U = W.flip(1)[:, :k]
         else:
             U64, S, _ = torch.linalg.svd(s64, full_matrices=False)
             U = U64[:, :k]
