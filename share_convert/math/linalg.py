@@ -277,10 +277,7 @@ def principal_basis(
         rank = _numerical_rank(S, k)
         U = U[:, :rank]
         if rank:  # re-orthonormalize (the Gram route loses orthogonality in weak directions)
-            Q, R = torch.linalg.qr(U)
-            d = torch.sign(torch.diagonal(R))
-            d[d == 0] = 1
-            U = Q * d
+            U = qr_positive(U)
         U = (U * fix_signs(U)).to(torch.float32)
         proj = U.to(torch.float64).T @ s64
         return U, S[:rank].cpu(), proj
@@ -411,6 +408,12 @@ def orthonormalized(U: torch.Tensor) -> torch.Tensor:
     diag = torch.diagonal(L)
     if int(info) == 0 and float(diag.min()) > CHOLESKY_QR_MIN_RATIO * float(diag.max()):
         return torch.linalg.solve_triangular(L.T.to(U.dtype), U, upper=True, left=False)
+    return qr_positive(U)
+
+
+def qr_positive(U: torch.Tensor) -> torch.Tensor:
+    """Q of U = Q·R by Householder QR, each column's sign set so that R's diagonal is non-negative
+    (the orthonormal columns with U's span and order that :func:`orthonormalized` also gives)."""
     Q, R = torch.linalg.qr(U)
     d = torch.sign(torch.diagonal(R))
     d[d == 0] = 1
