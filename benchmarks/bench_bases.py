@@ -86,7 +86,9 @@ def main() -> None:
     p.add_argument("--sets", default="noisy,1b,tiny")
     p.add_argument("--vlora", default=None, help="the vlora executable (its own environment); omit to skip")
     p.add_argument("--base", default=None, help="a checkout of the code before the change, run side by side")
-    p.add_argument("--runs", default="read_once,floor,default,default_before,k48,vlora", help="which runs to do")
+    p.add_argument(
+        "--runs", default="read_once,floor,floor_k48,default,default_before,k48,vlora", help="which runs to do"
+    )
     p.add_argument("--out", required=True)
     a = p.parse_args()
     runs = set(a.runs.split(","))
@@ -112,12 +114,15 @@ def main() -> None:
         if name == "noisy" and "read_once" in runs:
             run = measure([sys.executable, str(HERE / "read_once.py"), str(folder)])
             record(name, "read_once", {k: v for k, v in run.summary().items() if k in ("wall_s", "peak_rss_mb")})
-        if name in ("1b", "noisy") and "floor" in runs:
+        floors = [("floor", [])] if name in ("1b", "noisy") and "floor" in runs else []
+        if name == "noisy" and "floor_k48" in runs:  # the floor of a merge at --k 48
+            floors.append(("floor_k48", ["--k", "48"]))
+        for key, extra in floors:
             env = {"PYTHONPATH": str(code)}
-            run = measure([sys.executable, str(HERE / "decomposition_floor.py"), str(folder)], env=env)
+            run = measure([sys.executable, str(HERE / "decomposition_floor.py"), str(folder), *extra], env=env)
             if run.returncode != 0:
                 raise SystemExit(run.stderr[-3000:])
-            record(name, "floor", {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb, **json.loads(run.stdout)})
+            record(name, key, {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb, **json.loads(run.stdout)})
         if "default" in runs:
             record(name, "default", merge(code, folder, out))
         if a.base and name in ("noisy", "1b") and "default_before" in runs:

@@ -10,6 +10,11 @@ engine's numerics (``linalg.deterministic``); modules on as many worker threads 
 would use (``parallel.auto_workers``).
 
     python benchmarks/decomposition_floor.py DIR_OF_ADAPTERS
+    python benchmarks/decomposition_floor.py DIR_OF_ADAPTERS --k 48
+
+With ``--k K`` the floor of a fixed-k merge instead: one randomized fit of K vectors per module side
+(the engine's ``linalg.principal_basis`` with its default oversampling and power iteration), the
+least work a merge at ``--k K`` does besides reading.
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ from share_convert.engine.members import check_compatible
 from share_convert.engine.parallel import auto_workers, ordered_map
 from share_convert.io.sources import open_inputs
 from share_convert.io.stack import OpenFiles, read_module_stack
-from share_convert.math.linalg import deterministic
+from share_convert.math.linalg import deterministic, principal_basis
 
 
 def main() -> None:
     t0 = time.perf_counter()
+    k = int(sys.argv[sys.argv.index("--k") + 1]) if "--k" in sys.argv else None
     sources = open_inputs([sys.argv[1]])
     modules = check_compatible(sources)
     shapes = [s.module_shapes() for s in sources]
@@ -47,7 +53,10 @@ def main() -> None:
             B, A = stack.B.permute(1, 0, 2).flatten(1), stack.A.permute(2, 0, 1).flatten(1)
         t1 = time.perf_counter()
         top = 0.0
-        for side in (B, A):
+        for seed, side in enumerate((B, A)):
+            if k is not None:
+                top += float(principal_basis(side, k, seed=seed)[1][0] ** 2)
+                continue
             gram = side.T @ side if side.shape[1] <= side.shape[0] else side @ side.T
             evals, _vecs = torch.linalg.eigh(gram)
             top += float(evals[-1])
