@@ -390,10 +390,11 @@ def encode_private_only(
         diff2 = frobenius2(X, Y, dtype=torch.float64)
         ref2 = frobenius2(Bc, Ac, dtype=torch.float64)
         err = torch.where(ref2 > 0, (diff2.clamp_min(0) / ref2.clamp_min(1e-300)).sqrt(), 0.0)
-        PB, PA = PB.cpu(), PA.cpu()  # what is written, back from the compute device at once
+        # what is written, back from the compute device at once (one view per task, made in one call)
+        PBs, PAs = PB.cpu().unbind(0), PA.cpu().unbind(0)
         for j, (i, e) in enumerate(zip(idx, err.tolist())):
             m = members[i]
-            tensors = {"private_B": PB[j], "private_A": PA[j]} if q else {}
+            tensors = {"private_B": PBs[j], "private_A": PAs[j]} if q else {}
             if codes is not None:
                 codes.keep(m.task, "private_B", codes_B, j * q, (j + 1) * q)
                 codes.keep(m.task, "private_A", codes_A, j * q, (j + 1) * q)

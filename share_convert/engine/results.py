@@ -191,7 +191,11 @@ def _known_codes(name: str, res: ModuleResult, role: str, prefix: str | None, pr
     offsets = [0]
     for q in sources:
         offsets.append(offsets[-1] + q.shape[0])
-    index = torch.cat([torch.arange(offsets[s] + a, offsets[s] + b) for s, a, b in runs])
+    # rows start … stop − 1 of each run, as rows of the sources stacked: one index for them all
+    first = torch.tensor([offsets[s] + a for s, a, _ in runs], dtype=torch.int64)
+    length = torch.tensor([b - a for _, a, b in runs], dtype=torch.int64)
+    before = torch.cumsum(length, 0) - length  # where each run's rows begin in the index
+    index = torch.arange(int(length.sum())) + torch.repeat_interleave(first - before, length)
     whole = Quantized.stack(sources) if len(sources) > 1 else sources[0]
     rows = int(index.numel())
     return Quantized(precision, whole.codes.index_select(0, index), whole.scales.index_select(0, index),
