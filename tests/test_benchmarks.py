@@ -50,6 +50,17 @@ def test_generator_writes_peft_adapters_with_a_planted_subspace(tmp_path, main):
     assert json.loads((folders[0] / "adapter_config.json").read_text())["r"] == 4
 
 
+@pytest.mark.parametrize("fixed_k", [None, 3], ids=["exact", "k3"])
+def test_the_floor_decomposes_every_module_side_once(tmp_path, main, capsys, fixed_k):
+    sizes = ("--count", "3", "--layers", "1", "--hidden", "32", "--rank", "4", "--shared-rank", "4")
+    assert main(BENCH / "generate.py", tmp_path / "a", *sizes) == 0
+    capsys.readouterr()
+    k = ("--k", fixed_k) if fixed_k else ()
+    assert main(BENCH / "decomposition_floor.py", tmp_path / "a", *k) == 0
+    floor = json.loads(capsys.readouterr().out)
+    assert floor["modules"] == 2 and floor["checksum"] > 0  # q and v: each side's top σ², summed
+
+
 def test_merge_runner_measures_both_tools_and_writes_its_results(tmp_path, main):
     out = tmp_path / "r.json"
     sizes = ("--counts", "2,3", "--layers", "1", "--hidden", "32", "--rank", "4", "--shared-rank", "4")
