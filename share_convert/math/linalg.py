@@ -267,7 +267,7 @@ def principal_basis(
             S = evals.flip(0).clamp_min(0).sqrt()
             V = V.flip(1)
             U = (s64 @ V[:, :k]) / torch.where(S[:k] > 0, S[:k], 1)
-        elif n <= m:  # few rows, many columns: U are the eigenvectors of the n × n Gram matrix itself
+        elif n <= m:  # few rows, many columns: the columns of U are the n × n Gram matrix's eigenvectors
             evals, W = torch.linalg.eigh(s64 @ s64.T)
             S = evals.flip(0).clamp_min(0).sqrt()
             U = W.flip(1)[:, :k]
