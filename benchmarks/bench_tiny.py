@@ -18,7 +18,6 @@ a checkout there instead.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -30,6 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from bench_bases import merge, prepare  # noqa: E402
+from identity import sha256_file  # noqa: E402
 
 OPTIONS = {"default": (), "float": ("--precision", "float")}
 
@@ -42,14 +42,6 @@ def baseline(work: Path, commit: str) -> Path:
         archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", commit], check=True, capture_output=True)
         subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
     return folder
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def main() -> None:
@@ -78,7 +70,7 @@ def main() -> None:
                 out = work / f"tiny-{code_name}-{option}.safetensors"
                 load = os.getloadavg()[0]
                 run = merge(code, folder, out, *OPTIONS[option])
-                run.update(code_name=code_name, option=option, sha256=sha256(out))
+                run.update(code_name=code_name, option=option, sha256=sha256_file(out))
                 run.update(load_1min_before=load, load_1min_after=os.getloadavg()[0])
                 results["runs"].append(run)
                 print(option, code_name, {k: run[k] for k in ("wall_s", "cpu_s", "peak_rss_mb")}, flush=True)
