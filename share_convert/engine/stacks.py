@@ -72,6 +72,11 @@ class ModuleStack:
             return torch.stack(parts, 1).float().mul_(scale).view(rows, T * r)
         return torch.cat([p.float() * w for p, w in zip(parts, roots)], 1)
 
+    @property
+    def _fit_options(self) -> dict[str, int]:
+        """The randomized range finder's settings (:func:`principal_basis`), from the config."""
+        return {"n_oversamples": self.config.n_oversamples, "n_iter": self.config.n_iter}
+
     def energy_totals(self) -> tuple[float, float]:
         """Each stack's total energy ‖stack‖² (float64): what an energy fraction is of."""
         return float(self.stack_B.double().pow(2).sum()), float(self.stack_A.double().pow(2).sum())
@@ -100,22 +105,20 @@ class ModuleStack:
     def _widen(self, K: int, fit: BasisFit) -> BasisFit:
         beta, alpha, sB, sA, planner = fit
         projB, projA = planner.projections
-        opts = {"n_oversamples": self.config.n_oversamples, "n_iter": self.config.n_iter}
         seed = self.config.seed + 2 * beta.shape[1]  # fresh random directions for each widening
         beta, sB, projB = extend_basis(
-            self.stack_B, beta, sB, projB, min(K, self.cap) - beta.shape[1], seed=seed, **opts
+            self.stack_B, beta, sB, projB, min(K, self.cap) - beta.shape[1], seed=seed, **self._fit_options
         )
         alpha, sA, projA = extend_basis(
-            self.stack_A, alpha, sA, projA, min(K, self.cap) - alpha.shape[1], seed=seed + 1, **opts
+            self.stack_A, alpha, sA, projA, min(K, self.cap) - alpha.shape[1], seed=seed + 1, **self._fit_options
         )
         wider = self._planner(projB, projA)
         wider.inherit(planner)
         return BasisFit(beta, alpha, sB, sA, wider)
 
     def _fit(self, K: int) -> BasisFit:
-        opts = {"n_oversamples": self.config.n_oversamples, "n_iter": self.config.n_iter}
-        side_B = principal_basis(self.stack_B, min(K, self.cap), seed=self.config.seed, **opts)
-        side_A = principal_basis(self.stack_A, min(K, self.cap), seed=self.config.seed + 1, **opts)
+        side_B = principal_basis(self.stack_B, min(K, self.cap), seed=self.config.seed, **self._fit_options)
+        side_A = principal_basis(self.stack_A, min(K, self.cap), seed=self.config.seed + 1, **self._fit_options)
         return self._assemble(side_B, side_A)
 
     @property
@@ -164,7 +167,6 @@ class ModuleStack:
         K = min(K, self.cap)
         key = ("wide", K)
         if key not in self._widened:
-            opts = {"n_oversamples": self.config.n_oversamples, "n_iter": self.config.n_iter}
             sides = []
             for side, (stack, seed) in enumerate(
                 ((self.stack_B, self.config.seed), (self.stack_A, self.config.seed + 1))
@@ -177,15 +179,14 @@ class ModuleStack:
                     U = None if self.config.canonicalize else gram.basis(K)
                     sides.append((U, gram.S[:K], gram.coordinates(K)))
                 else:
-                    sides.append(principal_basis(stack, K, seed=seed, **opts))
+                    sides.append(principal_basis(stack, K, seed=seed, **self._fit_options))
             self._widened[key] = self._assemble(*sides)
         return self._widened[key]
 
     def _exact(self, stack: torch.Tensor, K: int) -> bool:
         """Whether :meth:`wide_fit` takes ``stack``'s Gram decomposition at width K (by cost)."""
-        opts = {"n_oversamples": self.config.n_oversamples, "n_iter": self.config.n_iter}
         rows, cols = stack.shape
-        return gram_cost(rows, cols) <= GRAM_PREFERENCE * randomized_cost(rows, cols, K, **opts)
+        return gram_cost(rows, cols) <= GRAM_PREFERENCE * randomized_cost(rows, cols, K, **self._fit_options)
 
     def bases(self, fit: BasisFit, k_B: int, k_A: int) -> tuple[torch.Tensor, torch.Tensor]:
         """β and α of ``fit`` with at least the ``k_B`` and ``k_A`` vectors a plan keeps (the sides
