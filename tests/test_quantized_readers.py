@@ -9,8 +9,6 @@ equal to the dequantized stored values.
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,7 @@ from share_convert.io import extract, open_adapters
 from share_convert.runtime.layers import model_path
 
 from .builders.adapters import random_factors, write_adapter
-from .builders.cli import one_error_line, run
+from .builders.cli import imports_torch, one_error_line, run
 from .builders.models import bert_classifier
 from .builders.quantized import MIXED, requantize
 
@@ -124,16 +122,7 @@ def test_an_unknown_dtype_is_refused_in_one_line_before_anything_is_written(bert
 
 @pytest.mark.parametrize("command", ["tasks", "info"])
 def test_light_commands_on_a_quantized_checkpoint_start_without_importing_torch(bert_tiny, command):
-    probe = (
-        "import runpy, sys\n"
-        f"sys.argv = ['share-convert', {command!r}, {str(bert_tiny)!r}]\n"
-        "try:\n    runpy.run_module('share_convert.cli', run_name='__main__')\n"
-        "except SystemExit as e:\n    assert not e.code, e.code\n"
-        "print('torch' in sys.modules)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[-1] == "False"
+    assert not imports_torch(command, bert_tiny)
 
 
 def test_extract_all_takes_the_dtype_too(bert_tiny, tmp_path):

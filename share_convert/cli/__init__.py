@@ -7,6 +7,7 @@ runs :mod:`share_convert.cli.__main__`), so it imports the commands and register
 - :mod:`~share_convert.cli.shell`: the typer app, errors as one line (exit 2), consoles, progress bar;
 - :mod:`~share_convert.cli.options`: the options and arguments several commands share;
 - :mod:`~share_convert.cli.help`: the help every command draws (the same under every typer allowed);
+- :mod:`~share_convert.cli.process`: the process around a command (allocator settings, a fast exit);
 - the commands: :mod:`~share_convert.cli.building` (merge, plan), :mod:`~share_convert.cli.reading`
   (info, tasks, extract, verify), :mod:`~share_convert.cli.updating` (add, remove),
   :mod:`~share_convert.cli.combining` (combine),
@@ -23,6 +24,7 @@ from .building import merge, plan
 from .combining import combine
 from .example import demo
 from .hub import pull, push
+from .process import exit_now, keep_freed_memory
 from .reading import extract, info, tasks, verify
 from .shell import app, handle_errors
 from .updating import add, remove
@@ -34,9 +36,14 @@ for _command in COMMANDS:
 
 
 def main() -> None:
-    """The console script ``share-convert``."""
+    """The console script ``share-convert``: the command, in a process tuned for it (:mod:`.process`)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
+    keep_freed_memory()
+    try:
+        app()
+    except SystemExit as done:
+        exit_now(done.code)
+    exit_now(0)
 
 
 __all__ = ["COMMANDS", "app", "main"]

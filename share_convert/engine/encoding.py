@@ -111,10 +111,18 @@ def coordinates(members: Sequence[ModuleMember], bases: StoredBases | None, chun
     for start in range(0, len(members), chunk):
         part = members[start : start + chunk]
         widths = [m.Bc.shape[1] for m in part]
-        Eb = (bases.beta32.T @ torch.cat([m.Bc for m in part], 1)).double().split(widths, 1)
-        Ea = (bases.alpha32.T @ torch.cat([m.Ac for m in part], 1)).double().split(widths, 1)
+        Eb = (bases.beta32.T @ _side_by_side([m.Bc for m in part])).double().split(widths, 1)
+        Ea = (bases.alpha32.T @ _side_by_side([m.Ac for m in part])).double().split(widths, 1)
         out += list(zip(Eb, Ea))
     return out
+
+
+def _side_by_side(factors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(factors, 1)``; factors of one width are stacked instead, which lays out the same
+    values twice as fast (one strided copy instead of one per factor)."""
+    if len({f.shape[1] for f in factors}) == 1:
+        return torch.stack(factors, 1).view(factors[0].shape[0], -1)
+    return torch.cat(factors, 1)
 
 
 #: Below this error, the float32 coordinates are not precise enough (e² = 1 − ‖C‖²/‖ΔW‖² cancels):

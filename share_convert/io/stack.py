@@ -135,8 +135,9 @@ def read_module_stack(
         return [s.read_module(module) for s in sources]
     T = len(places)
     size_B, size_A = first.span_B[1] - first.span_B[0], first.span_A[1] - first.span_A[0]
-    raw_B, raw_A = bytearray(T * size_B), bytearray(T * size_A)
-    view_B, view_A = memoryview(raw_B), memoryview(raw_A)
+    # uninitialized buffers (a bytearray would be zero-filled first: a pass over every byte read)
+    raw_B, raw_A = torch.empty(T * size_B, dtype=torch.uint8), torch.empty(T * size_A, dtype=torch.uint8)
+    view_B, view_A = memoryview(raw_B.numpy()), memoryview(raw_A.numpy())
     files = files or OpenFiles(limit=0)
     for i, p in enumerate(places):
         try:
@@ -148,7 +149,8 @@ def read_module_stack(
             ) from None
     dtype = torch_dtype(first.dtype)
     scales = torch.tensor([p.scale for p in places], dtype=torch.float32, device=device)[:, None, None]
-    B = from_bytes(raw_B, dtype, (T, *first.shape_B)).to(device).to(torch.float32) * scales
+    # scaled in place: the buffer just read is this function's own (or a converted copy of it)
+    B = from_bytes(raw_B, dtype, (T, *first.shape_B)).to(device).to(torch.float32).mul_(scales)
     A = from_bytes(raw_A, dtype, (T, *first.shape_A)).to(device).to(torch.float32)
     finite = torch.isfinite(B.sum((1, 2)) + A.sum((1, 2)))  # one reduction per task and side
     if not bool(finite.all()):
@@ -163,11 +165,16 @@ def read_exactly(files: OpenFiles, path: Path, offset: int, view: memoryview) ->
         raise ValueError("the file is shorter than its header says: it changed since it was opened")
 
 
-def from_bytes(raw: bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """A tensor over ``raw`` (no copy), of ``dtype`` and ``shape``; zeros when ``raw`` is empty."""
+def from_bytes(raw: bytearray | torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor over ``raw`` (bytes, or a uint8 tensor; no copy), of ``dtype`` and ``shape``; zeros when
+    ``raw`` is empty."""
     import torch
 
-    return torch.frombuffer(raw, dtype=dtype).reshape(shape) if raw else torch.zeros(shape, dtype=dtype)
+    if not len(raw):
+        return torch.zeros(shape, dtype=dtype)
+    if isinstance(raw, torch.Tensor):
+        return raw.view(dtype).reshape(shape)
+    return torch.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
 @dataclass(frozen=True)

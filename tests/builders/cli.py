@@ -1,7 +1,9 @@
-"""Running the CLI in-process, as the tests that check its messages do."""
+"""Running the CLI in-process, as the tests that check its messages do (and as a process where that is the point)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -26,6 +28,23 @@ def one_error_line(result: Result) -> str:
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     return lines[0]
+
+
+def imports_torch(*args: object) -> bool:
+    """Whether ``share-convert ARGS...``, run as a fresh process, imports torch (it must succeed).
+
+    The console script ends its process itself (``cli.process.exit_now``): what the probe prints, it
+    prints from an exit handler, which still runs.
+    """
+    probe = (
+        "import atexit, runpy, sys\n"
+        "atexit.register(lambda: print('torch' in sys.modules))\n"
+        f"sys.argv = ['share-convert', *{[str(a) for a in args]!r}]\n"
+        "runpy.run_module('share_convert.cli', run_name='__main__')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()[-1] == "True"
 
 
 @contextmanager
