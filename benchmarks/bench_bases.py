@@ -59,6 +59,10 @@ def prepare(work: Path, name: str) -> Path:
     return folder
 
 
+#: What is kept of every measured process (benchmarks/measure.py)
+PROCESS_FIGURES = ("wall_s", "peak_rss_mb", "cpu_s", "system_s", "minor_faults")
+
+
 def merge(code: Path, folder: Path, out: Path, *options: str) -> dict:
     """One ``share-convert merge`` with the code at ``code``: wall, peak RSS, its report and timings."""
     timings = out.with_suffix(".timings.json")
@@ -70,7 +74,7 @@ def merge(code: Path, folder: Path, out: Path, *options: str) -> dict:
         raise SystemExit(run.stderr[-3000:])
     report = json.loads(run.stdout)
     return {
-        **{k: v for k, v in run.summary().items() if k in ("wall_s", "peak_rss_mb", "cpu_s")},
+        **{k: v for k, v in run.summary().items() if k in PROCESS_FIGURES},
         "options": list(options),
         "code": str(code),
         "mean_error": report["totals"]["mean_error"],
@@ -113,7 +117,7 @@ def main() -> None:
         out = work / f"{name}.safetensors"
         if name == "noisy" and "read_once" in runs:
             run = measure([sys.executable, str(HERE / "read_once.py"), str(folder)])
-            record(name, "read_once", {k: v for k, v in run.summary().items() if k in ("wall_s", "peak_rss_mb")})
+            record(name, "read_once", {k: v for k, v in run.summary().items() if k in PROCESS_FIGURES})
         floors = [("floor", [])] if name in ("1b", "noisy") and "floor" in runs else []
         if name == "noisy" and "floor_k48" in runs:  # the floor of a merge at --k 48
             floors.append(("floor_k48", ["--k", "48"]))
@@ -122,7 +126,8 @@ def main() -> None:
             run = measure([sys.executable, str(HERE / "decomposition_floor.py"), str(folder), *extra], env=env)
             if run.returncode != 0:
                 raise SystemExit(run.stderr[-3000:])
-            record(name, key, {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb, **json.loads(run.stdout)})
+            figures = {k: v for k, v in run.summary().items() if k in PROCESS_FIGURES}
+            record(name, key, {**figures, **json.loads(run.stdout)})
         if "default" in runs:
             record(name, "default", merge(code, folder, out))
         if a.base and name in ("noisy", "1b") and "default_before" in runs:
@@ -141,7 +146,10 @@ def main() -> None:
                 record(
                     name,
                     "vlora",
-                    {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb, "outer_s": time.perf_counter() - t},
+                    {
+                        **{k: v for k, v in run.summary().items() if k in PROCESS_FIGURES},
+                        "outer_s": time.perf_counter() - t,
+                    },
                 )
     results["load_after"] = os.getloadavg()
     Path(a.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -15,6 +15,10 @@ would use (``parallel.auto_workers``).
 With ``--k K`` the floor of a fixed-k merge instead: one randomized fit of K vectors per module side
 (the engine's ``linalg.principal_basis`` with its default oversampling and power iteration), the
 least work a merge at ``--k K`` does besides reading.
+
+The process is treated as the console script treats its own (``cli.process``): malloc keeps freed
+memory for reuse and the process ends without the interpreter's teardown, so that the floor
+contains nothing that a merge avoids.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 
 import torch
 
+from share_convert.cli.process import exit_now, keep_freed_memory
 from share_convert.engine.members import check_compatible
 from share_convert.engine.parallel import auto_workers, ordered_map
 from share_convert.io.sources import open_inputs
@@ -34,6 +39,7 @@ from share_convert.math.linalg import deterministic, principal_basis
 
 def main() -> None:
     t0 = time.perf_counter()
+    keep_freed_memory()
     k = int(sys.argv[sys.argv.index("--k") + 1]) if "--k" in sys.argv else None
     sources = open_inputs([sys.argv[1]])
     modules = check_compatible(sources)
@@ -72,3 +78,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now(0)

@@ -16,7 +16,8 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
-#: Runs argv[2:], writes {"wall_s", "maxrss_kb", "cpu_s", "status"} as JSON to the file argv[1].
+#: Runs argv[2:], writes {"wall_s", "maxrss_kb", "cpu_s", "system_s", "minor_faults", "status"} as JSON
+#: to the file argv[1].
 LAUNCHER = """
 import json, os, sys, time
 t0 = time.perf_counter()
@@ -25,6 +26,7 @@ _, status, usage = os.wait4(pid, 0)
 wall = time.perf_counter() - t0
 with open(sys.argv[1], "w") as f:
     json.dump({"wall_s": wall, "maxrss_kb": usage.ru_maxrss, "cpu_s": usage.ru_utime + usage.ru_stime,
+               "system_s": usage.ru_stime, "minor_faults": usage.ru_minflt,
                "status": os.waitstatus_to_exitcode(status)}, f)
 """
 
@@ -40,6 +42,9 @@ class Run:
     #: user + system CPU seconds of the command (all its threads): less sensitive than wall time to
     #: other work sharing the machine
     cpu_s: float = 0.0
+    #: of which in the kernel (page faults, reads), and the page faults that found the page in memory
+    system_s: float = 0.0
+    minor_faults: int = 0
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -67,4 +72,6 @@ def measure(command: list[str], env: dict | None = None) -> Run:
         proc.stdout.decode(errors="replace"),
         proc.stderr.decode(errors="replace"),
         result.get("cpu_s", 0.0),
+        result.get("system_s", 0.0),
+        result.get("minor_faults", 0),
     )
