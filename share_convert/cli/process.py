@@ -7,9 +7,9 @@ skips them behaves the same, byte for byte.
 - :func:`keep_freed_memory`: glibc's malloc returns large freed blocks to the kernel at once, so
   a merge, which frees and reallocates a module's stacks (tens of MB) hundreds of times, pays a
   page fault and a zeroed page for every 4 KiB of every reallocation. Keeping freed memory for
-  reuse took the noisy 7B set's ``--k 48`` merge from 500,000 page faults (1.7 s of system time) to
-  120,000 (1.0 s), and the 1B-shaped set's from 1.6 million (4 s) to 0.4 million (2 s), for about
-  40–100 MB more peak memory (RESULTS.md, section 26).
+  reuse took the noisy 7B set's ``--k 48`` merge from 440,000–770,000 page faults (1.6–2.1 s of
+  system time) to about 120,000 (1.0 s), and the 1B-shaped set's default merge from 2.8 million
+  (6.2 s) to 0.27 million (2.1 s), for 0.15 GB more peak memory there (RESULTS.md, section 26).
 - :func:`exit_now`: once a command has finished and its output is flushed, tearing the interpreter
   down (collecting torch's object graph module by module) takes about 0.45 s on the project's
   machine and does nothing a finished command needs; the process ends without it.
