@@ -123,7 +123,8 @@ def main() -> None:
             floors.append(("floor_k48", ["--k", "48"]))
         for key, extra in floors:
             env = {"PYTHONPATH": str(code)}
-            run = measure([sys.executable, str(HERE / "decomposition_floor.py"), str(folder), *extra], env=env)
+            floor = [sys.executable, str(HERE / "decomposition_floor.py"), str(folder), *extra, "--exit-now"]
+            run = measure(floor, env=env)
             if run.returncode != 0:
                 raise SystemExit(run.stderr[-3000:])
             figures = {k: v for k, v in run.summary().items() if k in PROCESS_FIGURES}

@@ -17,8 +17,9 @@ With ``--k K`` the floor of a fixed-k merge instead: one randomized fit of K vec
 least work a merge at ``--k K`` does besides reading.
 
 The process is treated as the console script treats its own (``cli.process``): malloc keeps freed
-memory for reuse and the process ends without the interpreter's teardown, so that the floor
-contains nothing that a merge avoids.
+memory for reuse, and with ``--exit-now`` (what ``bench_bases.py`` passes) the process ends without
+the interpreter's teardown, so that the floor contains nothing that a merge avoids. (Without it,
+the script can run inside another process, as the tests run it.)
 """
 
 from __future__ import annotations
@@ -78,4 +79,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    exit_now(0)
+    if "--exit-now" in sys.argv:
+        exit_now(0)
