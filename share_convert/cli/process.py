@@ -56,7 +56,7 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def exit_now(code: int | str | None) -> NoReturn:
+def exit_now(code: object) -> NoReturn:
     """End the process with ``code`` (as ``SystemExit`` would take it) without tearing the interpreter down.
 
     The exit handlers registered with :mod:`atexit` still run (a Ray session's shutdown, logging's
@@ -66,14 +66,16 @@ def exit_now(code: int | str | None) -> NoReturn:
     """
     if any(t is not threading.main_thread() and not t.daemon and t.is_alive() for t in threading.enumerate()):
         raise SystemExit(code)
-    if isinstance(code, str):  # SystemExit's rule: a message goes to stderr, and the status is 1
+    if code is None or isinstance(code, int):
+        status = code or 0
+    else:  # SystemExit's rule: anything else is printed to stderr, and the status is 1
         print(code, file=sys.stderr)
-        code = 1
+        status = 1
     atexit._run_exitfuncs()
     try:
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:
                 stream.flush()
     except (OSError, ValueError):
-        raise SystemExit(code) from None
-    os._exit(code or 0)
+        raise SystemExit(status) from None
+    os._exit(status)
