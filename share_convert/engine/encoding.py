@@ -118,8 +118,9 @@ def coordinates(members: Sequence[ModuleMember], bases: StoredBases | None, chun
 
 
 def _side_by_side(factors: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.cat(factors, 1)``; factors of one width are stacked instead, which lays out the same
-    values twice as fast (one strided copy instead of one per factor)."""
+    """``torch.cat(factors, 1)``; factors of one width are stacked instead: the same values in the
+    same layout, in one strided copy instead of one per factor (64 factors of 4096 × 16: 3.2–4.3
+    against 4.6–6.3 ms here)."""
     if len({f.shape[1] for f in factors}) == 1:
         return torch.stack(factors, 1).view(factors[0].shape[0], -1)
     return torch.cat(factors, 1)
