@@ -31,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from bench_scale import LAYERS, TARGETS, layout_1b  # noqa: E402
-from measure import measure  # noqa: E402
+from measure import Run, measure  # noqa: E402
 
 from share_convert.io import write_synthetic_adapters  # noqa: E402
 
@@ -63,6 +63,11 @@ def prepare(work: Path, name: str) -> Path:
 PROCESS_FIGURES = ("wall_s", "peak_rss_mb", "cpu_s", "system_s", "minor_faults")
 
 
+def figures(run: Run) -> dict:
+    """The :data:`PROCESS_FIGURES` of one measured process."""
+    return {k: v for k, v in run.summary().items() if k in PROCESS_FIGURES}
+
+
 def merge(code: Path, folder: Path, out: Path, *options: str) -> dict:
     """One ``share-convert merge`` with the code at ``code``: wall, peak RSS, its report and timings."""
     timings = out.with_suffix(".timings.json")
@@ -74,7 +79,7 @@ def merge(code: Path, folder: Path, out: Path, *options: str) -> dict:
         raise SystemExit(run.stderr[-3000:])
     report = json.loads(run.stdout)
     return {
-        **{k: v for k, v in run.summary().items() if k in PROCESS_FIGURES},
+        **figures(run),
         "options": list(options),
         "code": str(code),
         "mean_error": report["totals"]["mean_error"],
@@ -117,18 +122,17 @@ def main() -> None:
         out = work / f"{name}.safetensors"
         if name == "noisy" and "read_once" in runs:
             run = measure([sys.executable, str(HERE / "read_once.py"), str(folder)])
-            record(name, "read_once", {k: v for k, v in run.summary().items() if k in PROCESS_FIGURES})
+            record(name, "read_once", figures(run))
         floors = [("floor", [])] if name in ("1b", "noisy") and "floor" in runs else []
         if name == "noisy" and "floor_k48" in runs:  # the floor of a merge at --k 48
             floors.append(("floor_k48", ["--k", "48"]))
         for key, extra in floors:
             env = {"PYTHONPATH": str(code)}
-            floor = [sys.executable, str(HERE / "decomposition_floor.py"), str(folder), *extra, "--exit-now"]
+            floor = [sys.executable, str(HERE / "decomposition_floor.py"), str(folder), *extra, "--tuned-process"]
             run = measure(floor, env=env)
             if run.returncode != 0:
                 raise SystemExit(run.stderr[-3000:])
-            figures = {k: v for k, v in run.summary().items() if k in PROCESS_FIGURES}
-            record(name, key, {**figures, **json.loads(run.stdout)})
+            record(name, key, {**figures(run), **json.loads(run.stdout)})
         if "default" in runs:
             record(name, "default", merge(code, folder, out))
         if a.base and name in ("noisy", "1b") and "default_before" in runs:
@@ -148,7 +152,7 @@ def main() -> None:
                     name,
                     "vlora",
                     {
-                        **{k: v for k, v in run.summary().items() if k in PROCESS_FIGURES},
+                        **figures(run),
                         "outer_s": time.perf_counter() - t,
                     },
                 )

@@ -16,10 +16,11 @@ With ``--k K`` the floor of a fixed-k merge instead: one randomized fit of K vec
 (the engine's ``linalg.principal_basis`` with its default oversampling and power iteration), the
 least work a merge at ``--k K`` does besides reading.
 
-The process is treated as the console script treats its own (``cli.process``): malloc keeps freed
-memory for reuse, and with ``--exit-now`` (what ``bench_bases.py`` passes) the process ends without
-the interpreter's teardown, so that the floor contains nothing that a merge avoids. (Without it,
-the script can run inside another process, as the tests run it.)
+With ``--tuned-process`` (what ``bench_bases.py`` passes) the process is treated as the console
+script treats its own (``cli.process``): malloc keeps freed memory for reuse, and the process ends
+without the interpreter's teardown, so that the floor contains nothing that a merge avoids.
+(Without it the script changes no process-wide setting and can run inside another process, as the
+tests run it.)
 """
 
 from __future__ import annotations
@@ -37,10 +38,14 @@ from share_convert.io.sources import open_inputs
 from share_convert.io.stack import OpenFiles, read_module_stack
 from share_convert.math.linalg import deterministic, principal_basis
 
+#: the process treated as the console script's (see the module's docstring)
+TUNED = "--tuned-process" in sys.argv
+
 
 def main() -> None:
     t0 = time.perf_counter()
-    keep_freed_memory()
+    if TUNED:
+        keep_freed_memory()
     k = int(sys.argv[sys.argv.index("--k") + 1]) if "--k" in sys.argv else None
     sources = open_inputs([sys.argv[1]])
     modules = check_compatible(sources)
@@ -79,5 +84,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    if "--exit-now" in sys.argv:
+    if TUNED:
         exit_now(0)
